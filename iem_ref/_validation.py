@@ -1,0 +1,132 @@
+"""Input validation shared by every public function (reference, exact, accel).
+
+Public functions call these once at the boundary, then compute on clean
+float arrays.  The rules (README, "API conventions"):
+
+- float32 stays float32, float64 stays float64; integers are promoted to
+  float64; a mix of float32 and float64 (or integers) gives float64.
+- bool is accepted only as a mask; complex, object, string, float16 and
+  longdouble inputs raise ``TypeError`` naming the argument.
+- ``tau`` is a real scalar with ``tau > 0``; ``tau = inf`` is allowed (the
+  uniform limit); ``tau <= 0`` or NaN raise ``ValueError`` (the hard limit has
+  its own functions).
+- shape errors are ``ValueError`` naming the arguments and their shapes.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_float_array(x, name):
+    """Return ``x`` as a float32/float64 ndarray, or raise ``TypeError``.
+
+    Integers (and Python ints/floats) become float64; float32 and float64 are
+    kept.  Everything else (bool, complex, object, strings, float16,
+    longdouble) is refused with a message naming ``name``.
+    """
+    arr = np.asarray(x)
+    dt = arr.dtype
+    if dt in _FLOATS:
+        return arr
+    if dt.kind in "iu":
+        return arr.astype(np.float64)
+    if dt.kind == "b":
+        raise TypeError(f"{name} must be a real float array; got dtype bool (bool is accepted only as a mask)")
+    raise TypeError(f"{name} must be a real float32/float64 (or integer) array; got dtype {dt}")
+
+
+def result_dtype(*arrays):
+    """float32 if every input is float32, else float64."""
+    if all(a.dtype == np.float32 for a in arrays):
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def check_tau(tau, name="tau"):
+    """Return ``tau`` as a Python float; ``0 < tau <= inf``."""
+    if isinstance(tau, (bool, np.bool_)) or not isinstance(tau, (numbers.Real, np.floating, np.integer)):
+        if isinstance(tau, np.ndarray) and tau.ndim == 0 and tau.dtype.kind in "fiu":
+            tau = tau.item()
+        else:
+            raise TypeError(f"{name} must be a real scalar; got {type(tau).__name__}")
+    tau = float(tau)
+    if not tau > 0:  # also catches NaN
+        raise ValueError(
+            f"{name} must be > 0 (tau = inf gives the uniform limit; use the hard_* functions "
+            f"for the zero-temperature limit); got {tau!r}"
+        )
+    return tau
+
+
+def check_scale(scale, head_dim, name="scale"):
+    """Attention's inverse temperature: ``None`` means ``1/sqrt(D)``; ``0 <= scale < inf``.
+
+    Returns the temperature ``tau = 1/scale`` (``inf`` for ``scale = 0``).
+    """
+    if scale is None:
+        if head_dim == 0:
+            raise ValueError("scale=None needs a feature dimension D > 0 to form 1/sqrt(D); got D = 0")
+        return float(np.sqrt(head_dim))
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real scalar or None; got {type(scale).__name__}")
+    scale = float(scale)
+    if not (scale >= 0 and np.isfinite(scale)):
+        raise ValueError(
+            f"{name} must be finite and >= 0 (scale = 0 gives uniform weights; use hard_attention "
+            f"for the zero-temperature limit); got {scale!r}"
+        )
+    return np.inf if scale == 0 else 1.0 / scale
+
+
+def check_axis(axis, ndim, name="axis"):
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be an integer; got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an array with {ndim} dimension(s)")
+    return int(axis) % ndim
+
+
+def check_choice(value, name, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}; got {value!r}")
+    return value
+
+
+def as_mask(mask, shape, name="mask"):
+    """Broadcast a boolean mask (True = the hypothesis takes part) to ``shape``."""
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.dtype != np.bool_:
+        raise TypeError(f"{name} must be a boolean array (True = takes part); got dtype {m.dtype}")
+    try:
+        return np.broadcast_to(m, shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {m.shape} does not broadcast to the energies' shape {tuple(shape)}") from None
+
+
+def need_ndim(x, name, ndim, what):
+    if x.ndim < ndim:
+        raise ValueError(f"{name} must have at least {ndim} dimension(s) {what}; got shape {x.shape}")
+
+
+def broadcast_batch(named, trailing):
+    """Broadcast the leading (batch) axes of several arrays.
+
+    ``named`` is a list of ``(name, array)``; ``trailing`` the number of
+    trailing core axes of each.  Returns the arrays with common batch shape,
+    or raises ``ValueError`` naming every argument and its shape.
+    """
+    batches = [a.shape[: a.ndim - t] for (_, a), t in zip(named, trailing)]
+    try:
+        batch = np.broadcast_shapes(*batches)
+    except ValueError:
+        desc = ", ".join(f"{n} {a.shape}" for n, a in named)
+        raise ValueError(f"leading (batch) axes do not broadcast: {desc}") from None
+    out = [np.broadcast_to(a, batch + a.shape[a.ndim - t :]) for (_, a), t in zip(named, trailing)]
+    return batch, out

@@ -1,0 +1,304 @@
+"""Energies: how compatible a hypothesis is with an input (lower is better).
+
+Equations A1 (attention's dot-product energy), K1-K8 (kernels) and the signed
+energies of S1/S4.
+
+Shape legend for the vector kernels: ``x (..., N, D)`` inputs (queries),
+``mu (..., M, D)`` hypothesis centres (keys); the result ``d (..., N, M)``
+has hypotheses on the last axis, and leading axes broadcast.  A 1-D ``x``
+of shape ``(D,)`` is one input and gives ``(..., M)``.  The scalar kernels
+(K8, S4) take ``z (...)`` and give ``(..., K)``.
+
+Every kernel computes in float64 from the inputs' exact values and returns
+the common float dtype of its inputs (float32 only if all are float32).
+Distances are formed from differences ``x - mu`` (not from the expansion
+``|x|^2 - 2<x, mu> + |mu|^2``, which cancels): this costs ``O(N M D)``
+memory, which is the price of an oracle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validation import as_float_array, broadcast_batch, need_ndim, result_dtype
+
+__all__ = [
+    "dot_energy",
+    "scaled_dot_energy",
+    "sqeuclidean_energy",
+    "mahalanobis_energy",
+    "laplace_energy",
+    "cosine_energy",
+    "student_t_energy",
+    "huber_energy",
+    "pseudo_huber_energy",
+    "logistic_energy",
+    "SIGNS",
+    "signed_gaussian_energies",
+    "signed_linear_energies",
+    "ENERGIES",
+]
+
+#: S1: the two hypotheses of a scalar unit, in the order used on the last axis.
+SIGNS = np.array([+1.0, -1.0])
+
+
+def _pair(x, mu, names=("x", "mu")):
+    """Validate ``x (..., N, D)`` / ``mu (..., M, D)``; return float64 views and the output dtype."""
+    x = as_float_array(x, names[0])
+    mu = as_float_array(mu, names[1])
+    dtype = result_dtype(x, mu)
+    need_ndim(mu, names[1], 2, "(..., M, D)")
+    single = x.ndim == 1
+    if single:
+        x = x[None, :]
+    if x.shape[-1] != mu.shape[-1]:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must share the feature dimension D: "
+            f"{names[0]} has shape {x.shape}, {names[1]} has shape {mu.shape}"
+        )
+    _, (x, mu) = broadcast_batch([(names[0], x), (names[1], mu)], [2, 2])
+    return x.astype(np.float64), mu.astype(np.float64), dtype, single
+
+
+def _done(d, dtype, single):
+    d = np.asarray(d).astype(dtype, copy=False)
+    return d[..., 0, :] if single else d
+
+
+def _differences(x, mu):
+    """``x_n - mu_m`` for every pair: (..., N, M, D)."""
+    return x[..., :, None, :] - mu[..., None, :, :]
+
+
+def dot_energy(x, mu):
+    """A1 / K1: ``d_j(x) = -<x, mu_j>``.
+
+    Examples
+    --------
+    >>> dot_energy([[1.0, 2.0]], [[1.0, 0.0], [0.0, 1.0]])
+    array([[-1., -2.]])
+    """
+    x, mu, dtype, single = _pair(x, mu, ("q", "k"))
+    d = -(x @ np.swapaxes(mu, -1, -2))
+    return _done(d, dtype, single)
+
+
+def scaled_dot_energy(x, mu, scale=None):
+    """A1 (scaled variant) / T1: ``d_j(x) = -<x, mu_j> * scale``, default ``scale = 1/sqrt(D)``.
+
+    ``softmin(scaled_dot_energy(q, k))`` is scaled dot-product attention (T1).
+
+    Examples
+    --------
+    >>> scaled_dot_energy([[2.0, 2.0, 2.0, 2.0]], [[1.0, 0.0, 0.0, 0.0]])
+    array([[-1.]])
+    """
+    x, mu, dtype, single = _pair(x, mu, ("q", "k"))
+    scale = 1.0 / np.sqrt(x.shape[-1]) if scale is None else float(scale)
+    d = -(x @ np.swapaxes(mu, -1, -2)) * scale
+    return _done(d, dtype, single)
+
+
+def sqeuclidean_energy(x, mu, sigma=1.0):
+    """K2: Gaussian kernel energy ``d_j(x) = ||x - mu_j||^2 / (2 sigma^2)``.
+
+    Examples
+    --------
+    >>> sqeuclidean_energy([[0.0, 0.0]], [[3.0, 4.0]])
+    array([[12.5]])
+    """
+    x, mu, dtype, single = _pair(x, mu)
+    diff = _differences(x, mu)
+    d = (diff**2).sum(axis=-1) / (2.0 * sigma**2)
+    return _done(d, dtype, single)
+
+
+def mahalanobis_energy(x, mu, cov, *, half=False, log_det=False):
+    """K3: ``d_j(x) = (x - mu_j)^T Sigma_j^{-1} (x - mu_j)``.
+
+    With ``half=True`` the quadratic form is halved, and ``log_det=True`` adds
+    ``1/2 log det Sigma_j``: together they give the energy of a Gaussian
+    mixture component up to a shared constant (G5).
+
+    Parameters
+    ----------
+    x : (..., N, D)
+    mu : (M, D)
+    cov : (M, D, D) or (D, D)
+        Symmetric positive-definite covariances (per component or shared).
+
+    Examples
+    --------
+    >>> mahalanobis_energy([[2.0, 0.0]], [[0.0, 0.0]], [[4.0, 0.0], [0.0, 1.0]])
+    array([[1.]])
+    """
+    x, mu, dtype, single = _pair(x, mu)
+    cov = as_float_array(cov, "cov").astype(np.float64)
+    M, D = mu.shape[-2:]
+    if cov.shape == (D, D):
+        cov = np.broadcast_to(cov, (M, D, D))
+    if cov.shape != (M, D, D):
+        raise ValueError(f"cov must have shape (M, D, D) = {(M, D, D)} or (D, D); got {cov.shape}")
+    diff = _differences(x, mu)  # (..., N, M, D)
+    solved = np.linalg.solve(cov, diff[..., None])[..., 0]  # Sigma^{-1} (x - mu)
+    d = (diff * solved).sum(axis=-1)
+    if half:
+        d = d / 2.0
+    if log_det:
+        sign, logdet = np.linalg.slogdet(cov)
+        if np.any(sign <= 0):
+            raise ValueError("cov must be positive definite (a determinant is <= 0)")
+        d = d + logdet / 2.0
+    return _done(d, dtype, single)
+
+
+def laplace_energy(x, mu, b=1.0):
+    """K4: Laplace kernel energy ``d_j(x) = ||x - mu_j||_1 / b``.
+
+    Examples
+    --------
+    >>> laplace_energy([[0.0, 0.0]], [[3.0, -4.0]])
+    array([[7.]])
+    """
+    x, mu, dtype, single = _pair(x, mu)
+    d = np.abs(_differences(x, mu)).sum(axis=-1) / b
+    return _done(d, dtype, single)
+
+
+def cosine_energy(x, mu):
+    """K5: angular energy ``d_j(x) = 1 - <x, mu_j> / (||x|| ||mu_j||)``, in [0, 2].
+
+    A zero vector has no direction: its energies are NaN (and, by the NaN
+    policy, so is every row it takes part in).
+
+    Examples
+    --------
+    >>> cosine_energy([[1.0, 0.0]], [[0.0, 2.0], [-3.0, 0.0]])
+    array([[1., 2.]])
+    """
+    x, mu, dtype, single = _pair(x, mu)
+    norms = np.linalg.norm(x, axis=-1)[..., :, None] * np.linalg.norm(mu, axis=-1)[..., None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = 1.0 - (x @ np.swapaxes(mu, -1, -2)) / np.where(norms == 0, np.nan, norms)
+    return _done(d, dtype, single)
+
+
+def student_t_energy(x, mu, nu=1.0, sigma=1.0, *, exact_scale=False):
+    """K6: Student-t energy ``d_j(x) = log(1 + ||x - mu_j||^2 / (nu sigma^2))``.
+
+    With ``exact_scale=True`` the energy is multiplied by ``(nu + D)/2``, the
+    negative log-density of a multivariate t up to a constant.
+
+    Examples
+    --------
+    >>> student_t_energy([[0.0]], [[1.0]])  # log 2
+    array([[0.69314718]])
+    """
+    x, mu, dtype, single = _pair(x, mu)
+    sq = (_differences(x, mu) ** 2).sum(axis=-1)
+    d = np.log1p(sq / (nu * sigma**2))
+    if exact_scale:
+        d = d * (nu + x.shape[-1]) / 2.0
+    return _done(d, dtype, single)
+
+
+def huber_energy(x, mu, delta=1.0):
+    """K7: Huber energy of the distance ``r = ||x - mu_j||``.
+
+    ``0.5 r^2`` for ``r <= delta``, else ``delta (r - delta/2)``: quadratic near
+    the centre, linear (robust) far away.
+
+    Examples
+    --------
+    >>> huber_energy([[0.0], [3.0]], [[0.0], [0.5]])[:, 1]
+    array([0.125, 2.   ])
+    """
+    x, mu, dtype, single = _pair(x, mu)
+    r = np.sqrt((_differences(x, mu) ** 2).sum(axis=-1))
+    d = np.where(r <= delta, 0.5 * r**2, delta * (r - delta / 2.0))
+    return _done(d, dtype, single)
+
+
+def pseudo_huber_energy(x, mu, delta=1.0):
+    """K7: pseudo-Huber energy ``delta^2 (sqrt(1 + (r/delta)^2) - 1)``, ``r = ||x - mu_j||``.
+
+    Examples
+    --------
+    >>> pseudo_huber_energy([[0.0]], [[0.0], [1.0]])
+    array([[0.        , 0.41421356]])
+    """
+    x, mu, dtype, single = _pair(x, mu)
+    r2 = (_differences(x, mu) ** 2).sum(axis=-1)
+    # sqrt(1 + t) - 1 = t / (sqrt(1 + t) + 1): no cancellation for small r.
+    t = r2 / delta**2
+    d = delta**2 * t / (np.sqrt(1.0 + t) + 1.0)
+    return _done(d, dtype, single)
+
+
+def logistic_energy(z, mu=0.0, alpha=1.0):
+    """K8: logistic / softplus energy ``d(z) = log(1 + exp(-alpha (z - mu)))``.
+
+    A scalar kernel: ``z (...)`` against centres ``mu (K,)`` (or a scalar)
+    gives ``(..., K)`` (or ``z``'s shape).  Evaluated as
+    ``logaddexp(0, -alpha (z - mu))`` so it never overflows.
+
+    Examples
+    --------
+    >>> float(logistic_energy(0.0))  # log 2
+    0.6931471805599453
+    """
+    z = as_float_array(z, "z")
+    mu_arr = as_float_array(mu, "mu")
+    dtype = result_dtype(z, mu_arr)
+    z64 = z.astype(np.float64)
+    if mu_arr.ndim:
+        z64 = z64[..., None]
+    d = np.logaddexp(0.0, -alpha * (z64 - mu_arr.astype(np.float64)))
+    return np.asarray(d, dtype=dtype)[()]
+
+
+def signed_gaussian_energies(z, m=1.0, sigma=1.0):
+    """S1 / S4: energies of the signs ``s in {+1, -1}``: ``d_s(z) = (z - s m)^2 / (2 sigma^2)``.
+
+    Returns ``(..., 2)``: ``[d_+, d_-]`` (the order of :data:`SIGNS`).
+    Their difference is linear, ``d_+ - d_- = -2 m z / sigma^2``: the quadratic
+    parts are shared and cancel in the softmin (T3).
+
+    Examples
+    --------
+    >>> signed_gaussian_energies(1.0)
+    array([0., 2.])
+    """
+    z = as_float_array(z, "z")
+    z64 = z.astype(np.float64)[..., None]
+    d = (z64 - SIGNS * m) ** 2 / (2.0 * sigma**2)
+    return d.astype(z.dtype, copy=False)
+
+
+def signed_linear_energies(z, alpha=1.0):
+    """S4 (linear form): ``d_+(z) = -alpha z``, ``d_-(z) = +alpha z``.
+
+    The signed Gaussian energies minus their shared quadratic part, with
+    ``alpha = m / sigma^2``: the same responsibilities (T3).
+
+    Examples
+    --------
+    >>> signed_linear_energies(2.0, alpha=0.5)
+    array([-1.,  1.])
+    """
+    z = as_float_array(z, "z")
+    d = -alpha * z.astype(np.float64)[..., None] * SIGNS
+    return d.astype(z.dtype, copy=False)
+
+
+#: Vector kernels selectable by name in :func:`iem_ref.attention` (``energy=``).
+ENERGIES = {
+    "dot": dot_energy,
+    "sqeuclidean": sqeuclidean_energy,
+    "laplace": laplace_energy,
+    "cosine": cosine_energy,
+    "student_t": student_t_energy,
+    "huber": huber_energy,
+    "pseudo_huber": pseudo_huber_energy,
+}

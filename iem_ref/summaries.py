@@ -1,0 +1,212 @@
+"""Summaries: posterior statistics of the responsibilities (the note's spectrum).
+
+Equations A4 and P1-P4, and the fused "softmin summary" (energies ->
+responsibilities -> posterior mean, with the log-partition) that the
+accelerated paths implement.
+
+Shape legend: ``r (..., N, K)`` responsibilities (hypotheses last), ``g``
+the statistic attached to each hypothesis, either ``(K,)`` (a scalar per
+hypothesis, e.g. the signs of S) or ``(..., K, Dv)`` (a vector per hypothesis,
+e.g. attention's values).  ``r @ g`` semantics: the result is ``(..., N)`` or
+``(..., N, Dv)``.
+
+Hypotheses that do not take part (``mask`` False) contribute nothing, even if
+their statistic is NaN or inf: masks select, they never multiply.  A NaN or
+inf statistic of a participating hypothesis propagates to the rows that see
+it, and only to them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validation import as_float_array, as_mask, check_choice, need_ndim, result_dtype
+from .competition import hard_responsibilities, log_partition, responsibilities
+
+__all__ = [
+    "posterior_mean",
+    "posterior_mode",
+    "posterior_variance",
+    "posterior_entropy",
+    "softmin_summary",
+]
+
+
+def _weighted_sum(r, g, take):
+    """``sum_j r_j g_j`` over participating ``j`` only (float64, ``r @ g`` shapes).
+
+    The finite values go through one matmul; the rare non-finite values are
+    added separately, and only where the hypothesis takes part, so a NaN in a
+    masked value cannot leak.
+    """
+    one_row = r.ndim == 1
+    vector = g.ndim >= 2
+    if one_row:
+        r = r[None, :]
+        take = None if take is None else take[None, :]
+    if not vector:
+        g = g[:, None]
+    finite = np.isfinite(g)
+    out = r @ np.where(finite, g, 0.0)  # (..., N, Dv)
+    if not finite.all():
+        other_axes = tuple(i for i in range(g.ndim) if i != g.ndim - 2)
+        bad = np.nonzero(~finite.all(axis=other_axes))[0]  # hypotheses with a non-finite value
+        g_bad = np.where(finite, 0.0, g)[..., bad, :]  # (..., J, Dv)
+        with np.errstate(invalid="ignore"):
+            terms = r[..., bad][..., None] * g_bad[..., None, :, :]  # (..., N, J, Dv)
+        if take is not None:
+            terms = np.where(take[..., bad][..., None], terms, 0.0)
+        out = out + terms.sum(axis=-2)
+    if not vector:
+        out = out[..., 0]
+    return out[0] if one_row else out
+
+
+def _check_r_g(r, g):
+    r = as_float_array(r, "r")
+    g = as_float_array(g, "g")
+    need_ndim(r, "r", 1, "(..., K)")
+    K = r.shape[-1]
+    if g.ndim == 0 or g.shape[-2 if g.ndim >= 2 else -1] != K:
+        raise ValueError(
+            f"g must have shape (K,) or (..., K, Dv) with K = {K} hypotheses (r has shape {r.shape}); got {g.shape}"
+        )
+    return r, g
+
+
+def posterior_mean(r, g, *, mask=None):
+    """A4 / P2: the posterior mean ``a = sum_j r_j g_j``.
+
+    Attention's output (``g = v``), tanh (``g = s``), a mixture mean (``g = mu``).
+
+    Parameters
+    ----------
+    r : array_like, float (..., K)
+        Responsibilities.
+    g : array_like, float (K,) or (..., K, Dv)
+        Statistic per hypothesis.
+    mask : array_like of bool, optional, broadcast to ``r``'s shape
+        True = takes part; other hypotheses contribute nothing.
+
+    Returns
+    -------
+    a : ndarray, (...) or (..., Dv)
+
+    Examples
+    --------
+    >>> float(posterior_mean([0.75, 0.25], [1.0, -1.0]))
+    0.5
+    """
+    r, g = _check_r_g(r, g)
+    take = as_mask(mask, r.shape, "mask")
+    a = _weighted_sum(r.astype(np.float64), g.astype(np.float64), take)
+    return np.asarray(a, dtype=result_dtype(r, g))[()]
+
+
+def posterior_mode(d, g, *, mask=None, ties="split"):
+    """P3: the posterior mode ``g(argmin_h d_h)`` (hard attention, step, ReLU-like gating).
+
+    The hypothesis of lowest energy wins (H1).  With ``ties="split"`` tied
+    winners are averaged (the ``tau -> 0`` limit of the posterior mean);
+    ``ties="first"`` takes the first.
+
+    Examples
+    --------
+    >>> float(posterior_mode([0.3, -2.0], [1.0, -1.0]))
+    -1.0
+    """
+    d = as_float_array(d, "d")
+    _, g = _check_r_g(d, g)
+    r = hard_responsibilities(d.astype(np.float64), mask=mask, ties=ties)
+    take = as_mask(mask, d.shape, "mask")
+    a = _weighted_sum(r, g.astype(np.float64), take)
+    return np.asarray(a, dtype=result_dtype(d, g))[()]
+
+
+def posterior_variance(r, g, *, mask=None):
+    """P4: the posterior variance ``sum_h r_h g_h^2 - (sum_h r_h g_h)^2``.
+
+    Evaluated in the centred form ``sum_h r_h (g_h - a)^2`` (equal in exact
+    arithmetic, free of the cancellation of the raw form); per feature for a
+    vector statistic.  Memory ``O(N K Dv)``.
+
+    Examples
+    --------
+    >>> float(posterior_variance([0.5, 0.5], [1.0, -1.0]))  # a fair sign: variance 1
+    1.0
+    """
+    r, g = _check_r_g(r, g)
+    take = as_mask(mask, r.shape, "mask")
+    r64, g64 = r.astype(np.float64), g.astype(np.float64)
+    a = _weighted_sum(r64, g64, take)
+    if g64.ndim == 1:
+        centred_sq = (g64 - a[..., None]) ** 2  # (..., K)
+        var = np.where(take if take is not None else True, r64 * centred_sq, 0.0).sum(axis=-1)
+    else:
+        centred_sq = (g64[..., None, :, :] - a[..., :, None, :]) ** 2  # (..., N, K, Dv)
+        weighted = r64[..., None] * centred_sq
+        if take is not None:
+            weighted = np.where(take[..., None], weighted, 0.0)
+        var = weighted.sum(axis=-2)
+    return np.asarray(var, dtype=result_dtype(r, g))[()]
+
+
+def posterior_entropy(r, axis=-1):
+    """P4: the posterior entropy ``H = -sum_h r_h log r_h`` (nats; ``0 log 0 = 0``).
+
+    ``0`` for a hard (collapsed) posterior, ``log K`` for a uniform one.
+
+    Examples
+    --------
+    >>> float(posterior_entropy([0.5, 0.5]))  # log 2
+    0.6931471805599453
+    """
+    r = as_float_array(r, "r")
+    r64 = r.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(r64 > 0, -r64 * np.log(r64), np.where(np.isnan(r64), np.nan, 0.0))
+    return np.asarray(terms.sum(axis=axis), dtype=r.dtype)[()]
+
+
+def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
+    """A3 + A4 fused: posterior mean and log-partition from precomputed energies.
+
+    ``a_i = sum_j softmin(d_i / tau)_j v_j`` and ``L_i = log sum_j exp(-d_ij / tau)``:
+    the hot loop the accelerated paths implement in one pass (M1-M2).
+
+    Parameters
+    ----------
+    d : array_like, float (..., N, M)
+        Energies, hypotheses on the last axis.
+    v : array_like, float (..., M, Dv)
+        Values.
+    tau : float, default 1
+    mask : array_like of bool, optional, broadcast to ``d``'s shape
+    empty : {"zero", "nan"}
+        Output of a row with no participating hypothesis (``L`` is ``-inf`` either way).
+
+    Returns
+    -------
+    a : ndarray (..., N, Dv)
+    L : ndarray (..., N)
+
+    Examples
+    --------
+    >>> a, L = softmin_summary([[0.0, 0.0]], [[1.0], [3.0]])
+    >>> a, L
+    (array([[2.]]), array([0.69314718]))
+    """
+    check_choice(empty, "empty", {"zero", "nan"})
+    d = as_float_array(d, "d")
+    v = as_float_array(v, "v")
+    need_ndim(d, "d", 2, "(..., N, M)")
+    need_ndim(v, "v", 2, "(..., M, Dv)")
+    if d.shape[-1] != v.shape[-2]:
+        raise ValueError(f"d (..., N, M) and v (..., M, Dv) disagree on M: d has shape {d.shape}, v has shape {v.shape}")
+    take = as_mask(mask, d.shape, "mask")
+    r = responsibilities(d.astype(np.float64), tau, mask=take, empty=empty)
+    participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
+    a = _weighted_sum(r, v.astype(np.float64), participates)
+    L = log_partition(d.astype(np.float64), tau, mask=take)
+    dtype = result_dtype(d, v)
+    return a.astype(dtype), np.asarray(L, dtype=dtype)
