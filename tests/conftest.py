@@ -1,0 +1,37 @@
+"""Shared test set-up: the CUDA back end choice, seeds and tolerances.
+
+The CUDA simulator must be chosen before anything imports numba, so it is
+decided here, at collection time: the real GPU when ``libcuda.so.1`` loads,
+otherwise ``NUMBA_ENABLE_CUDASIM=1`` (numba-cuda runs the kernels on the CPU,
+one Python thread per CUDA thread: tests keep its shapes small).
+"""
+
+import ctypes
+import os
+
+import numpy as np
+import pytest
+
+
+def _have_gpu_driver():
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not _have_gpu_driver():
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+CUDA_SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+# float64 / float32 unit roundoff: every tolerance in the suite is a multiple
+# of these, with the multiple argued next to the test.
+U64 = np.finfo(np.float64).eps / 2
+U32 = np.finfo(np.float32).eps / 2
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261129)
