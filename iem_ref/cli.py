@@ -1,0 +1,54 @@
+"""The ``iem-ref`` command: ``check`` (the main job) and ``equations`` (the map)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _equations(args):
+    from .equations import GROUPS, REGISTRY, derivation_path, tests_for
+
+    tests = tests_for()
+    print(f"{'ID':<4} {'function(s)':<58} {'derivation':<36} tests")
+    last = None
+    for eq_id, eq in REGISTRY.items():
+        if eq.group != last:
+            print(f"-- {eq.group}: {GROUPS[eq.group][0]}")
+            last = eq.group
+        mark = "" if derivation_path(eq_id).exists() else " (missing)"
+        print(f"{eq_id:<4} {', '.join(eq.functions):<58} {eq.derivation + mark:<36} {len(tests[eq_id])}")
+        if args.verbose:
+            print(f"     {eq.statement}")
+            for t in tests[eq_id]:
+                print(f"       {t}")
+    return 0
+
+
+def _check(args):
+    from .checks import run_checks
+
+    rows = run_checks()
+    print(f"{'ID':<4} {'function':<40} {'checked against':<56} {'max error':>10} {'bound':>10}  result")
+    failed = 0
+    for eq_id, fn, against, err, tol, ok in rows:
+        failed += not ok
+        print(f"{eq_id:<4} {fn:<40} {against[:56]:<56} {err:>10.3g} {tol:>10.3g}  {'pass' if ok else 'FAIL'}")
+    print(f"{len(rows) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="iem-ref", description="The implicit-EM reference: check every equation, list the map.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_check = sub.add_parser("check", help="evaluate every equation against an independent computation")
+    p_check.set_defaults(func=_check)
+    p_eq = sub.add_parser("equations", help="list equation ID -> function -> derivation -> tests")
+    p_eq.add_argument("-v", "--verbose", action="store_true", help="also print each statement and test")
+    p_eq.set_defaults(func=_equations)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
