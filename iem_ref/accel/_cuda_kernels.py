@@ -1,0 +1,520 @@
+"""CUDA kernels of the online softmin (M1-M2) and its backward pass (G4).
+
+Shape legend: ``N`` queries, ``M`` keys, ``D`` features of queries and keys,
+``Dv`` features of values, ``Bf`` the flattened (broadcast) batch.
+
+Every operand reaches a kernel as a *strided view*: a flat 1-D device array
+``X``, a per-batch element offset ``xo (Bf,)`` and two element strides
+``(xr, xc)`` for its two trailing axes, so element ``[b, i, c]`` is
+``X[xo[b] + i * xr + c * xc]``.  Broadcast axes have stride 0, so batch
+broadcasting, transposed layouts and CuPy / torch views need no copy.
+
+The block layout (all kernels): ``NT = 128`` threads as a 16 x 8 grid
+``(tx, ty)``; a block owns ``BR = 32`` *rows* (queries in the forward and
+dq kernels, keys in the dk/dv kernel) and walks over tiles of ``BC = 32``
+*columns* (keys, resp. queries).  Per column tile:
+
+1. ``_tile_dot``: the 32 x 32 score tile, each thread a 4 x 2 register
+   micro-tile, the row and column operands staged through shared memory in
+   chunks of ``DC = 16`` features (a plain shared-memory GEMM);
+2. the scores are classified (mask, causal, +-inf, NaN: the edge-case
+   policy) and written to the shared tile ``S``;
+3. the row statistics of the online softmin (M2: running maximum ``m``,
+   rescale factor ``alpha``, sum ``l``) are updated by one thread per row;
+4. ``_tile_accum``: the weights ``W`` times the value tile (staged in key
+   chunks of ``KC = 16``) are added to the register accumulator, 4 rows x 8
+   columns per thread, ``CW = 128`` output columns per pass (wider outputs
+   take several passes, each recomputing the scores).
+
+Nothing of size N x M is ever written to global memory.  Every
+``cuda.syncthreads()`` is reached by all threads of the block: barriers sit
+outside conditionals, inside loops whose trip counts are the same for the
+whole block.
+
+Encoding of the shared score tile ``S`` (the policy of the README):
+``-inf`` = the key does not take part (masked, causal, outside the arrays, or
+energy ``+inf``): its value is never used; ``+inf`` = energy ``-inf``, a
+certain key; NaN propagates; finite = the scaled score ``x = -d * scale``.
+In the weight tile, ``SENT = -1`` marks "not a hypothesis" (weights are
+``>= 0`` or NaN otherwise).
+
+Kernels are built per dtype and energy by :func:`build` (float32 kernels
+compute in float32: every constant is made with the kernel's dtype, so
+nothing is promoted to float64 on the GPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+from numba import cuda
+
+NT = 128  # threads per block (16 x 8)
+BR = 32  # rows per block
+BC = 32  # columns per tile
+DC = 16  # feature chunk of the score GEMM
+KC = 16  # key chunk of the value GEMM
+CW = 128  # output columns per pass (16 threads x 8)
+RS, CS, OC = 4, 2, 8  # per-thread micro-tiles: 4 rows x 2 score columns, 4 rows x 8 output columns
+
+DOT, SQEUCLIDEAN, PRECOMPUTED = 0, 1, 2
+ENERGY_CODES = {"dot": DOT, "sqeuclidean": SQEUCLIDEAN}
+
+_CACHE = {}
+
+
+def build(dtype_name, energy):
+    """The kernels for one dtype (``"float32"``/``"float64"``) and energy code; cached."""
+    key = (dtype_name, energy)
+    if key not in _CACHE:
+        _CACHE[key] = _build(dtype_name, energy)
+    return _CACHE[key]
+
+
+class Kernels:
+    """The compiled kernels of one (dtype, energy): ``forward``, ``dq``, ``dkv``, ``rowdot``."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def all(self):
+        return dict(forward=self.forward, dq=self.dq, dkv=self.dkv, rowdot=self.rowdot)
+
+
+def _build(dtype_name, energy):
+    ft = getattr(numba, dtype_name)  # the kernel's float type: every constant is made with it
+    ZERO = ft(0.0)
+    ONE = ft(1.0)
+    HALF = ft(0.5)
+    INF = ft(math.inf)
+    NINF = ft(-math.inf)
+    NAN = ft(math.nan)
+    SENT = ft(-1.0)
+    ENERGY = energy
+
+    @cuda.jit(device=True, inline=True)
+    def _tile_dot(A, ao, ar, ac, r0, nr, Bm, bo, br, bc, c0, nc, K, As, Bs, acc, tid, tx, ty):
+        """acc[a, c] = sum_k A[r0 + 4 ty + a, k] * B[c0 + tx + 16 c, k]  (or sum (A - B)^2 for SQEUCLIDEAN)."""
+        for a in range(RS):
+            for c in range(CS):
+                acc[a, c] = ZERO
+        for k0 in range(0, K, DC):  # same trip count for the whole block: the barriers below are safe
+            for e in range(tid, BR * DC, NT):
+                r = e // DC
+                kk = e - r * DC
+                val = ZERO
+                if r0 + r < nr and k0 + kk < K:
+                    val = A[ao + (r0 + r) * ar + (k0 + kk) * ac]
+                As[r, kk] = val
+            for e in range(tid, BC * DC, NT):
+                r = e // DC
+                kk = e - r * DC
+                val = ZERO
+                if c0 + r < nc and k0 + kk < K:
+                    val = Bm[bo + (c0 + r) * br + (k0 + kk) * bc]
+                Bs[r, kk] = val
+            cuda.syncthreads()  # the chunk is staged
+            kmax = min(DC, K - k0)
+            for kk in range(kmax):
+                for a in range(RS):
+                    qa = As[ty * RS + a, kk]
+                    for c in range(CS):
+                        kb = Bs[tx + 16 * c, kk]
+                        if ENERGY == SQEUCLIDEAN:
+                            diff = qa - kb
+                            acc[a, c] += diff * diff
+                        else:
+                            acc[a, c] += qa * kb
+            cuda.syncthreads()  # everyone is done with the chunk before it is overwritten
+
+    @cuda.jit(device=True, inline=True)
+    def _tile_dot_plain(A, ao, ar, ac, r0, nr, Bm, bo, br, bc, c0, nc, K, As, Bs, acc, tid, tx, ty):
+        """The plain inner-product tile (``<u_i, v_j>``), whatever the energy."""
+        for a in range(RS):
+            for c in range(CS):
+                acc[a, c] = ZERO
+        for k0 in range(0, K, DC):
+            for e in range(tid, BR * DC, NT):
+                r = e // DC
+                kk = e - r * DC
+                val = ZERO
+                if r0 + r < nr and k0 + kk < K:
+                    val = A[ao + (r0 + r) * ar + (k0 + kk) * ac]
+                As[r, kk] = val
+            for e in range(tid, BC * DC, NT):
+                r = e // DC
+                kk = e - r * DC
+                val = ZERO
+                if c0 + r < nc and k0 + kk < K:
+                    val = Bm[bo + (c0 + r) * br + (k0 + kk) * bc]
+                Bs[r, kk] = val
+            cuda.syncthreads()  # the chunk is staged
+            kmax = min(DC, K - k0)
+            for kk in range(kmax):
+                for a in range(RS):
+                    qa = As[ty * RS + a, kk]
+                    for c in range(CS):
+                        acc[a, c] += qa * Bs[tx + 16 * c, kk]
+            cuda.syncthreads()  # done with the chunk
+
+    @cuda.jit(device=True, inline=True)
+    def _classify(t, take, scale):
+        """Score ``t = -d`` of a pair -> the encoded scaled score (module docstring)."""
+        if not take:
+            return NINF
+        if t != t:
+            return NAN
+        if t == INF:
+            return INF  # energy -inf: certain
+        if t == NINF:
+            return NINF  # energy +inf: weight 0, value not read
+        return t * scale
+
+    @cuda.jit(device=True, inline=True)
+    def _takes_part(b, i, j, n, m, MK, mob, mr, mc, has_mask, causal, coff):
+        """Query ``i`` sees key ``j``: inside the arrays, the mask (True = takes part) and causality."""
+        if i >= n or j >= m:
+            return False
+        if causal and j > i + coff:
+            return False
+        if has_mask and MK[mob + i * mr + j * mc] == 0:
+            return False
+        return True
+
+    @cuda.jit(device=True, inline=True)
+    def _tile_accum(W, S, X, xo, xr, xc, c0, nc, p0, ncol, Xs, acc, tx, ty):
+        """acc[a, o] += sum_k W[4 ty + a, k] * X[c0 + k, p0 + tx + 16 o] over the tile's taking-part k.
+
+        ``S[r, k] == SENT`` marks a pair that does not take part: skipped, so
+        its value (possibly NaN or inf) is never used.
+        """
+        tid = ty * 16 + tx
+        for k0 in range(0, BC, KC):
+            for e in range(tid, KC * CW, NT):
+                kk = e // CW
+                col = e - kk * CW
+                val = ZERO
+                if c0 + k0 + kk < nc and p0 + col < ncol:
+                    val = X[xo + (c0 + k0 + kk) * xr + (p0 + col) * xc]
+                Xs[kk, col] = val
+            cuda.syncthreads()  # the value chunk is staged
+            for kk in range(KC):
+                for a in range(RS):
+                    if S[ty * RS + a, k0 + kk] != SENT:
+                        w = W[ty * RS + a, k0 + kk]
+                        for o in range(OC):
+                            acc[a, o] += w * Xs[kk, tx + 16 * o]
+            cuda.syncthreads()  # done with the chunk
+
+    @cuda.jit(device=True, inline=True)
+    def _pair_score(acc_ac, D_or_d, do, dr, dc, b, i, j):
+        """The score ``t = -d`` of one pair from the tile GEMM (or read from ``d`` when precomputed)."""
+        if ENERGY == PRECOMPUTED:
+            return -D_or_d[do + i * dr + j * dc]
+        if ENERGY == SQEUCLIDEAN:
+            return -(HALF * acc_ac)
+        return acc_ac
+
+    @cuda.jit
+    def forward(Q, qo, qr, qc, K, ko, kr, kc, V, vo, vr, vc, MK, mo, mr, mc, has_mask, causal, coff,
+                n, m, d, dv, scale, empty_nan, nqb, O, LSE, CNT):
+        """M1-M2: one block per (batch, 32 queries); online softmin over key tiles.
+
+        For ``PRECOMPUTED`` the energies ``d (Bf, N, M)`` come in as the ``Q``
+        operand (``K`` unused).  Writes ``O (Bf, N, Dv)``, ``LSE (Bf, N)`` and
+        ``CNT (Bf, N)`` (number of certain keys; 0 for an ordinary row).
+        """
+        tid = cuda.threadIdx.x
+        tx = tid % 16
+        ty = tid // 16
+        b = cuda.blockIdx.x // nqb
+        r0 = (cuda.blockIdx.x - b * nqb) * BR
+        As = cuda.shared.array((BR, DC + 1), ft)
+        Bs = cuda.shared.array((BC, DC + 1), ft)
+        S = cuda.shared.array((BR, BC), ft)
+        Xs = cuda.shared.array((KC, CW), ft)
+        m_s = cuda.shared.array(BR, ft)
+        l_s = cuda.shared.array(BR, ft)
+        al_s = cuda.shared.array(BR, ft)
+        sacc = cuda.local.array((RS, CS), ft)
+        oacc = cuda.local.array((RS, OC), ft)
+        qob = qo[b]
+        kob = ko[b]
+        vob = vo[b]
+        # Causal: the block's last query sees keys j <= r0 + BR - 1 + coff; later tiles are skipped.
+        m_end = m
+        if causal:
+            m_end = min(m, max(0, r0 + BR + coff))
+        n_pass = max(1, (dv + CW - 1) // CW)
+        for p in range(n_pass):
+            p0 = p * CW
+            if tid < BR:
+                m_s[tid] = NINF
+                l_s[tid] = ZERO
+            for a in range(RS):
+                for o in range(OC):
+                    oacc[a, o] = ZERO
+            cuda.syncthreads()  # row state initialised
+            for c0 in range(0, m_end, BC):
+                if ENERGY != PRECOMPUTED:
+                    _tile_dot(Q, qob, qr, qc, r0, n, K, kob, kr, kc, c0, m, d, As, Bs, sacc, tid, tx, ty)
+                for a in range(RS):
+                    i = r0 + ty * RS + a
+                    for c in range(CS):
+                        j = c0 + tx + 16 * c
+                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, causal, coff)
+                        t = ZERO
+                        if take:
+                            t = _pair_score(sacc[a, c], Q, qob, qr, qc, b, i, j)
+                        S[ty * RS + a, tx + 16 * c] = _classify(t, take, scale)
+                cuda.syncthreads()  # S holds the tile's encoded scores
+                if tid < BR:  # M2: the new running maximum and the rescale factor of the old state
+                    mt = NINF
+                    ncert = 0
+                    for c in range(BC):
+                        x = S[tid, c]
+                        if x == INF:
+                            ncert += 1
+                        elif x > mt:
+                            mt = x
+                    m_old = m_s[tid]
+                    if m_old == INF or ncert > 0:  # certain keys: only they keep mass
+                        m_new = INF
+                        alpha = ONE if m_old == INF else ZERO
+                    else:
+                        m_new = max(m_old, mt)
+                        alpha = ONE if m_new == NINF else math.exp(m_old - m_new)
+                    m_s[tid] = m_new
+                    al_s[tid] = alpha
+                cuda.syncthreads()  # m_s, al_s ready
+                for a in range(RS):
+                    r = ty * RS + a
+                    mrow = m_s[r]
+                    for c in range(CS):
+                        x = S[r, tx + 16 * c]
+                        if x != x:
+                            w = NAN
+                        elif x == NINF:
+                            w = SENT
+                        elif mrow == INF:
+                            w = ONE if x == INF else ZERO
+                        else:
+                            w = math.exp(x - mrow)
+                        S[r, tx + 16 * c] = w  # the same thread wrote this entry: no race
+                    alpha = al_s[r]
+                    for o in range(OC):
+                        oacc[a, o] *= alpha
+                cuda.syncthreads()  # S holds the weights
+                if tid < BR:
+                    lsum = l_s[tid] * al_s[tid]
+                    for c in range(BC):
+                        w = S[tid, c]
+                        if w != SENT:
+                            lsum += w
+                    l_s[tid] = lsum
+                _tile_accum(S, S, V, vob, vr, vc, c0, m, p0, dv, Xs, oacc, tx, ty)
+            cuda.syncthreads()  # l_s final
+            for a in range(RS):
+                r = ty * RS + a
+                i = r0 + r
+                if i < n:
+                    lrow = l_s[r]
+                    for o in range(OC):
+                        col = p0 + tx + 16 * o
+                        if col < dv:
+                            if lrow == ZERO:  # empty row: no key takes part
+                                val = NAN if empty_nan else ZERO
+                            else:
+                                val = oacc[a, o] / lrow
+                            O[b, i, col] = val
+            if p == 0 and tid < BR and r0 + tid < n:
+                lrow = l_s[tid]
+                mrow = m_s[tid]
+                if lrow != lrow:
+                    lse = NAN
+                elif mrow == INF:
+                    lse = INF
+                elif lrow == ZERO:
+                    lse = NINF
+                else:
+                    lse = mrow + math.log(lrow)
+                LSE[b, r0 + tid] = lse
+                CNT[b, r0 + tid] = lrow if mrow == INF else ZERO
+            cuda.syncthreads()  # before the next pass resets the row state
+
+    @cuda.jit(device=True, inline=True)
+    def _weight(x, lse, cnt):
+        """r_ij from the encoded score and the saved log-partition (and certain-key count)."""
+        if x != x:
+            return NAN
+        if x == NINF:
+            return SENT
+        if cnt > ZERO:
+            return ONE / cnt if x == INF else ZERO
+        return math.exp(x - lse)
+
+    @cuda.jit
+    def dq(Q, qo, qr, qc, K, ko, kr, kc, V, vo, vr, vc, U, uo, ur, uc, MK, mo, mr, mc, has_mask, causal, coff,
+           n, m, d, dv, scale, nqb, LSE, CNT, DEL, DQ):
+        """G4, dq_i = scale * sum_j dS_ij k_j with dS_ij = r_ij (<u_i, v_j> - delta_i); block per 32 queries."""
+        tid = cuda.threadIdx.x
+        tx = tid % 16
+        ty = tid // 16
+        b = cuda.blockIdx.x // nqb
+        r0 = (cuda.blockIdx.x - b * nqb) * BR
+        As = cuda.shared.array((BR, DC + 1), ft)
+        Bs = cuda.shared.array((BC, DC + 1), ft)
+        S = cuda.shared.array((BR, BC), ft)
+        Wt = cuda.shared.array((BR, BC), ft)
+        Xs = cuda.shared.array((KC, CW), ft)
+        sacc = cuda.local.array((RS, CS), ft)
+        bacc = cuda.local.array((RS, CS), ft)
+        oacc = cuda.local.array((RS, OC), ft)
+        m_end = m
+        if causal:
+            m_end = min(m, max(0, r0 + BR + coff))
+        n_pass = (d + CW - 1) // CW
+        for p in range(n_pass):
+            p0 = p * CW
+            for a in range(RS):
+                for o in range(OC):
+                    oacc[a, o] = ZERO
+            for c0 in range(0, m_end, BC):
+                _tile_dot(Q, qo[b], qr, qc, r0, n, K, ko[b], kr, kc, c0, m, d, As, Bs, sacc, tid, tx, ty)
+                _tile_dot_plain(U, uo[b], ur, uc, r0, n, V, vo[b], vr, vc, c0, m, dv, As, Bs, bacc, tid, tx, ty)
+                for a in range(RS):
+                    i = r0 + ty * RS + a
+                    lse = ZERO
+                    cnt = ZERO
+                    dl = ZERO
+                    if i < n:
+                        lse = LSE[b, i]
+                        cnt = CNT[b, i]
+                        dl = DEL[b, i]
+                    for c in range(CS):
+                        j = c0 + tx + 16 * c
+                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, causal, coff)
+                        t = ZERO
+                        if take:
+                            t = _pair_score(sacc[a, c], Q, qo[b], qr, qc, b, i, j)
+                        w = _weight(_classify(t, take, scale), lse, cnt)
+                        S[ty * RS + a, tx + 16 * c] = w
+                        Wt[ty * RS + a, tx + 16 * c] = w * (bacc[a, c] - dl)
+                cuda.syncthreads()  # S (flags) and Wt (dS) ready
+                _tile_accum(Wt, S, K, ko[b], kr, kc, c0, m, p0, d, Xs, oacc, tx, ty)
+            for a in range(RS):
+                i = r0 + ty * RS + a
+                if i < n:
+                    for o in range(OC):
+                        col = p0 + tx + 16 * o
+                        if col < d:
+                            DQ[b, i, col] = scale * oacc[a, o]
+
+    @cuda.jit
+    def dkv(Q, qo, qr, qc, K, ko, kr, kc, V, vo, vr, vc, U, uo, ur, uc, MK, mo, mr, mc, has_mask, causal, coff,
+            n, m, d, dv, scale, nkb, LSE, CNT, DEL, DK, DV):
+        """G4, per block of 32 keys: dv_j = sum_i r_ij u_i and dk_j = scale * sum_i dS_ij q_i.
+
+        For ``SQEUCLIDEAN`` also ``- scale * k_j * sum_i dS_ij`` (``k_j`` taken as 0 where not finite).
+        Passes ``0 .. ceil(D/CW) - 1`` produce dk columns, the following ones dv columns.
+        """
+        tid = cuda.threadIdx.x
+        tx = tid % 16
+        ty = tid // 16
+        b = cuda.blockIdx.x // nkb
+        r0 = (cuda.blockIdx.x - b * nkb) * BR  # first key of the block
+        As = cuda.shared.array((BR, DC + 1), ft)
+        Bs = cuda.shared.array((BC, DC + 1), ft)
+        S = cuda.shared.array((BR, BC), ft)
+        Wt = cuda.shared.array((BR, BC), ft)
+        Xs = cuda.shared.array((KC, CW), ft)
+        rs_s = cuda.shared.array(BR, ft)
+        sacc = cuda.local.array((RS, CS), ft)
+        bacc = cuda.local.array((RS, CS), ft)
+        oacc = cuda.local.array((RS, OC), ft)
+        # Causal: key j is seen by queries i >= j - coff; earlier query tiles are skipped.
+        n_start = 0
+        if causal:
+            n_start = min(n, max(0, r0 - coff))
+        n_dk = (d + CW - 1) // CW
+        n_pass = n_dk + (dv + CW - 1) // CW
+        for p in range(n_pass):
+            is_dk = p < n_dk
+            p0 = p * CW if is_dk else (p - n_dk) * CW
+            kb = dv if is_dk else 0  # <u_i, v_j> is only needed for dS (the dk passes)
+            if tid < BR:
+                rs_s[tid] = ZERO
+            for a in range(RS):
+                for o in range(OC):
+                    oacc[a, o] = ZERO
+            for c0 in range(n_start, n, BC):
+                _tile_dot(K, ko[b], kr, kc, r0, m, Q, qo[b], qr, qc, c0, n, d, As, Bs, sacc, tid, tx, ty)
+                _tile_dot_plain(V, vo[b], vr, vc, r0, m, U, uo[b], ur, uc, c0, n, kb, As, Bs, bacc, tid, tx, ty)
+                for a in range(RS):
+                    j = r0 + ty * RS + a
+                    for c in range(CS):
+                        i = c0 + tx + 16 * c
+                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, causal, coff)
+                        t = ZERO
+                        lse = ZERO
+                        cnt = ZERO
+                        dl = ZERO
+                        if take:
+                            t = _pair_score(sacc[a, c], Q, qo[b], qr, qc, b, i, j)
+                            lse = LSE[b, i]
+                            cnt = CNT[b, i]
+                            dl = DEL[b, i]
+                        w = _weight(_classify(t, take, scale), lse, cnt)
+                        S[ty * RS + a, tx + 16 * c] = w
+                        Wt[ty * RS + a, tx + 16 * c] = w * (bacc[a, c] - dl) if is_dk else w
+                cuda.syncthreads()  # S (flags) and Wt ready
+                if tid < BR:
+                    s = rs_s[tid]
+                    for c in range(BC):
+                        if S[tid, c] != SENT:
+                            s += Wt[tid, c]
+                    rs_s[tid] = s
+                if is_dk:
+                    _tile_accum(Wt, S, Q, qo[b], qr, qc, c0, n, p0, d, Xs, oacc, tx, ty)
+                else:
+                    _tile_accum(Wt, S, U, uo[b], ur, uc, c0, n, p0, dv, Xs, oacc, tx, ty)
+            cuda.syncthreads()  # rs_s final
+            for a in range(RS):
+                r = ty * RS + a
+                j = r0 + r
+                if j < m:
+                    for o in range(OC):
+                        col = p0 + tx + 16 * o
+                        if is_dk and col < d:
+                            val = scale * oacc[a, o]
+                            if ENERGY == SQEUCLIDEAN:
+                                kv = K[ko[b] + j * kr + col * kc]
+                                if kv - kv != ZERO:  # not finite: the reference takes it as 0
+                                    kv = ZERO
+                                val -= scale * kv * rs_s[r]
+                            DK[b, j, col] = val
+                        elif (not is_dk) and col < dv:
+                            DV[b, j, col] = oacc[a, o]
+            cuda.syncthreads()  # before the next pass resets rs_s
+
+    @cuda.jit
+    def rowdot(U, uo, ur, uc, O, oo, orr, oc, n, dv, DEL):
+        """delta_i = <u_i, a_i> (= sum_j r_ij <u_i, v_j>), one thread per row."""
+        g = cuda.grid(1)
+        b = g // max(n, 1)
+        i = g - b * max(n, 1)
+        if b < DEL.shape[0] and i < n:
+            s = ZERO
+            for c in range(dv):
+                s += U[uo[b] + i * ur + c * uc] * O[oo[b] + i * orr + c * oc]
+            DEL[b, i] = s
+
+    @cuda.jit
+    def cast(src, dst):
+        """dst[i] = src[i] in dst's dtype (a device array of another dtype, cast once)."""
+        g = cuda.grid(1)
+        if g < dst.shape[0]:
+            dst[g] = src[g]
+
+    return Kernels(forward=forward, dq=dq, dkv=dkv, rowdot=rowdot, cast=cast, ft=ft)

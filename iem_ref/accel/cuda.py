@@ -1,0 +1,436 @@
+"""Numba CUDA path: the fused softmin summary (M1-M2) and its backward pass (G4) on the GPU.
+
+Same public functions, signatures and edge-case policy as the reference
+(:func:`iem_ref.attention.attention`, :func:`iem_ref.summaries.softmin_summary`,
+:func:`iem_ref.gradients.attention_vjp`; README, "Edge-case policy").
+
+Shape legend: ``B...`` leading (batch, head) axes, which broadcast; ``N``
+queries, ``M`` keys, ``D`` features of queries and keys, ``Dv`` features of
+values.
+
+Inputs and outputs:
+
+- NumPy arrays (or anything ``np.asarray`` takes) are copied to the device
+  and the results copied back: NumPy in, NumPy out.
+- Device arrays (anything exposing ``__cuda_array_interface__``: Numba device
+  arrays, CuPy arrays, torch CUDA tensors; under the simulator the arrays of
+  ``numba.cuda.to_device``) are read in place, whatever their strides
+  (transposed layouts, broadcast axes with stride 0); the results are new
+  Numba device arrays (wrap them with ``cupy.asarray`` or
+  ``torch.as_tensor(..., device="cuda")``, zero-copy).  If any of q, k, v,
+  mask (or d, v) is a device array the results stay on the device.  A device
+  array whose dtype is not the computation dtype (float32 only when every
+  input is float32, else float64; integers become float64) is cast once on
+  the device.  Kernels run on the default stream; the producer's stream is
+  synchronised by ``numba.cuda.as_cuda_array`` first.
+
+Arithmetic: float32 inputs compute in float32 (products, exp, sums),
+float64 in float64; the online softmin uses the plain shifted exponent
+``exp(x_j - m)`` (not the reference's error-free split), so the error
+against the reference grows with ``|x| u`` and the reduction lengths ``D``
+and ``M``: the bound is derived in ``tests/test_cuda.py``.
+
+Backend: without a GPU, set ``NUMBA_ENABLE_CUDASIM=1`` before numba is
+imported and the same kernels run in Numba's CUDA simulator (one Python
+thread per CUDA thread: small shapes only).  :data:`BACKEND` says which ran,
+:data:`launches` counts kernel launches per kernel name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda
+from numba.cuda.core import config as _nb_config
+
+from .._validation import as_float_array, as_mask, check_choice, check_tau, need_ndim, result_dtype
+from ..attention import prepare_attention
+from . import _cuda_kernels as _k
+
+__all__ = ["attention", "softmin_summary", "attention_vjp", "BACKEND", "SUPPORTED_ENERGIES", "launches"]
+
+SIMULATED = bool(_nb_config.ENABLE_CUDASIM)
+BACKEND = "simulator" if SIMULATED else "gpu"
+SUPPORTED_ENERGIES = tuple(sorted(_k.ENERGY_CODES))
+launches = {}
+
+if SIMULATED:
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _FakeCUDAArray
+else:
+    _FakeCUDAArray = None
+
+
+# --------------------------------------------------------------------------
+# Device arrays: recognising them, validating them through shape proxies, and
+# turning any array into the strided view the kernels take.
+
+
+def _is_device(x):
+    if x is None:
+        return False
+    if SIMULATED:
+        return isinstance(x, _FakeCUDAArray)
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def _device_meta(x):
+    """``(shape, dtype)`` of a device array without touching its data."""
+    if SIMULATED:
+        return tuple(x.shape), np.dtype(x.dtype)
+    iface = x.__cuda_array_interface__
+    return tuple(iface["shape"]), np.dtype(iface["typestr"])
+
+
+def _proxy(x):
+    """What validation sees: NumPy inputs as they are, device arrays as a zero-stride array of their shape.
+
+    Integer device arrays are validated as float64 (their computation dtype),
+    so no host array of their size is ever made.
+    """
+    if not _is_device(x):
+        return x
+    shape, dtype = _device_meta(x)
+    if dtype.kind in "iu":
+        dtype = np.dtype(np.float64)
+    return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
+
+class _Iface:
+    """A minimal ``__cuda_array_interface__`` (1-D, contiguous) over memory owned by ``owner``."""
+
+    def __init__(self, ptr, n, typestr, owner):
+        self.__cuda_array_interface__ = {"shape": (n,), "strides": None, "typestr": typestr, "data": (ptr, False), "version": 3}
+        self._owner = owner
+
+
+class _Operand:
+    """A strided view for the kernels: element ``[b, i, c]`` is ``flat[off[b] + i * rs + c * cs]``."""
+
+    def __init__(self, flat, off, rs, cs, real=True):
+        self.flat, self.off, self.rs, self.cs = flat, off, rs, cs
+        self.real = real  # False for the placeholder of an absent mask
+
+    def args(self):
+        return (self.flat, self.off, self.rs, self.cs)
+
+
+def _span(shape, strides):
+    """``(lo, hi)`` element offsets of the first and last byte-wise extreme elements of a strided array."""
+    lo = sum(min(0, (n - 1) * s) for n, s in zip(shape, strides))
+    hi = sum(max(0, (n - 1) * s) for n, s in zip(shape, strides))
+    return lo, hi
+
+
+def _flat_device(x, dtype):
+    """A 1-D device array over the span of device array ``x`` (no copy unless a cast is needed).
+
+    Returns ``(flat, shape, strides, base)``: element ``idx`` of ``x`` is
+    ``flat[base + sum(idx * strides)]``.  ``dtype`` None keeps the dtype; a
+    bool array is read as uint8.
+    """
+    if SIMULATED:
+        arr = x._ary
+    else:
+        arr = cuda.as_cuda_array(x)  # synchronises the producer's stream if it exported one
+    shape = tuple(arr.shape)
+    src_dtype = np.dtype(arr.dtype)
+    item = src_dtype.itemsize
+    strides = tuple(s // item for s in arr.strides) if arr.strides is not None else None
+    if strides is None or any(s * item != sb for s, sb in zip(strides, arr.strides)):
+        raise ValueError(f"device array strides {arr.strides} are not a multiple of its itemsize {item}")
+    if 0 in shape:
+        flat_dtype = np.uint8 if src_dtype == np.bool_ else (dtype or src_dtype)
+        return cuda.to_device(np.zeros(1, dtype=flat_dtype)), shape, strides, 0
+    lo, hi = _span(shape, strides)
+    n = hi - lo + 1
+    if SIMULATED:
+        flips = tuple(slice(None, None, -1) if s < 0 else slice(None) for s in strides)
+        first = arr[flips]  # its data pointer is the lowest address of arr
+        flat_np = np.lib.stride_tricks.as_strided(first, shape=(n,), strides=(item,))
+        if src_dtype == np.bool_:
+            flat_np = flat_np.view(np.uint8)
+        elif dtype is not None and src_dtype != dtype:
+            flat_np = flat_np.astype(dtype)
+        flat = _FakeCUDAArray(flat_np)
+    else:
+        typestr = "|u1" if src_dtype == np.bool_ else src_dtype.str
+        ptr = arr.device_ctypes_pointer.value + lo * item
+        flat = cuda.as_cuda_array(_Iface(ptr, n, typestr, arr))
+        if src_dtype != np.bool_ and dtype is not None and src_dtype != dtype:
+            cast = cuda.device_array(n, dtype=dtype)
+            _launch(_k.build("float64", _k.DOT).cast, (n + 255) // 256, 256, flat, cast)
+            flat = cast
+    return flat, shape, strides, -lo
+
+
+def _operand(x, batch, dtype, mask=False):
+    """The kernel view of ``x`` broadcast to ``batch + x.shape[-2:]`` (its own two trailing axes)."""
+    if _is_device(x):
+        flat, shape, strides, base = _flat_device(x, None if mask else dtype)
+    else:
+        a = np.asarray(x)
+        a = np.ascontiguousarray(a, dtype=np.uint8 if mask else dtype)
+        shape = a.shape
+        strides = tuple(s // a.itemsize for s in a.strides)
+        flat = cuda.to_device(a.reshape(-1) if a.size else np.zeros(1, dtype=a.dtype))
+        base = 0
+    nd = len(batch) + 2
+    pad = nd - len(shape)
+    shape = (1,) * pad + tuple(shape)
+    strides = (0,) * pad + tuple(strides)
+    strides = tuple(0 if n == 1 else s for n, s in zip(shape, strides))  # a length-1 axis broadcasts
+    off = np.full(shape[: len(batch)], base, dtype=np.int64)
+    for ax, (n, s) in enumerate(zip(shape[: len(batch)], strides[: len(batch)])):
+        if n > 1:
+            off = off + (np.arange(n, dtype=np.int64) * s).reshape((1,) * ax + (n,) + (1,) * (len(batch) - ax - 1))
+    off = np.ascontiguousarray(np.broadcast_to(off, batch)).reshape(-1)
+    off_dev = cuda.to_device(off if off.size else np.zeros(1, dtype=np.int64))
+    return _Operand(flat, off_dev, int(strides[-2]), int(strides[-1]))
+
+
+def _no_mask(bf):
+    return _Operand(cuda.to_device(np.zeros(1, dtype=np.uint8)), cuda.to_device(np.zeros(max(bf, 1), dtype=np.int64)), 0, 0, real=False)
+
+
+def _launch(kernel, grid, block, *args):
+    name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "py_func", None), "__name__", "kernel")
+    launches[name] = launches.get(name, 0) + 1
+    kernel[grid, block](*args)
+
+
+def _finish(arrays, shapes, device):
+    """Reshape the kernels' (Bf, ...) outputs to the public shapes; copy to the host unless ``device``."""
+    out = []
+    for a, shape in zip(arrays, shapes):
+        if device:
+            out.append(a.reshape(shape))
+        else:
+            out.append(a.copy_to_host().reshape(shape))
+    return out
+
+
+def _check_energy(energy):
+    if callable(energy) or energy not in _k.ENERGY_CODES:
+        raise ValueError(
+            f"iem_ref.accel.cuda supports energy in {list(SUPPORTED_ENERGIES)}; got {energy!r} "
+            "(iem_ref.attention computes every kernel of iem_ref.energies)"
+        )
+
+
+def _scale_value(scale, tau, dtype):
+    """The scale the kernels multiply by: the user's scale, ``1/sqrt(D)`` by default, 0 for ``tau = inf``."""
+    if math.isinf(tau):
+        return dtype.type(0.0)
+    if scale is not None:
+        return dtype.type(float(scale))
+    return dtype.type(1.0 / tau)
+
+
+# --------------------------------------------------------------------------
+# The forward pass, shared by attention and softmin_summary.
+
+
+def _forward(kern, rows, cols, vals, mask_op, *, n, m, d, dv, bf, causal, coff, scale, empty_nan, dtype):
+    O = cuda.device_array((bf, n, dv), dtype=dtype)
+    LSE = cuda.device_array((bf, n), dtype=dtype)
+    CNT = cuda.device_array((bf, n), dtype=dtype)
+    nqb = (n + _k.BR - 1) // _k.BR
+    if bf * nqb > 0:
+        _launch(
+            kern.forward, bf * nqb, _k.NT,
+            *rows.args(), *cols.args(), *vals.args(), *mask_op.args(), int(mask_op.real),
+            int(causal), int(coff), n, m, d, dv, scale, int(empty_nan), nqb, O, LSE, CNT,
+        )
+    return O, LSE, CNT
+
+
+def _mask_operand(mask, batch, bf):
+    if mask is None:
+        return _no_mask(bf)
+    return _operand(mask, batch, None, mask=True)
+
+
+def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero", return_lse=False):
+    """A1-A4 on the GPU: ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one tiled pass (M1-M2).
+
+    Parameters
+    ----------
+    q : array (B..., N, D), NumPy or device
+    k : array (B..., M, D)
+    v : array (B..., M, Dv)
+    scale : float, optional
+        Default ``1/sqrt(D)``; ``0`` gives uniform weights over the keys that take part.
+    mask : bool array broadcast to (B..., N, M), optional
+        True = the key takes part (removed by selection: masked keys and values are never used).
+    is_causal : bool
+    causal_alignment : {"top_left", "bottom_right"}
+    energy : {"dot", "sqeuclidean"}
+        ``d = -<q, k>`` (A1, K1) or ``d = ||q - k||^2 / 2`` (K2); anything else is a ``ValueError``.
+    empty : {"zero", "nan"}
+        Output of a row with no key that takes part (its log-partition is ``-inf``).
+    return_lse : bool
+        Also return ``L_i = log sum_j exp(-d_ij * scale)`` (B..., N).
+
+    Returns
+    -------
+    a : (B..., N, Dv), NumPy or device array (see the module docstring)
+    lse : (B..., N), if ``return_lse``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> q = np.array([[1.0, 0.0]]); k = np.array([[1.0, 0.0], [0.0, 1.0]]); v = np.array([[1.0], [0.0]])
+    >>> attention(q, k, v, scale=np.log(3.0))  # r = (3/4, 1/4)
+    array([[0.75]])
+    """
+    check_choice(empty, "empty", {"zero", "nan"})
+    _check_energy(energy)
+    inp = prepare_attention(
+        _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
+        causal_alignment=causal_alignment, energy=energy,
+    )
+    device = any(_is_device(x) for x in (q, k, v, mask))
+    dtype = np.dtype(inp.dtype)
+    batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
+    d = inp.q.shape[-1]
+    bf = int(np.prod(batch, dtype=np.int64))
+    kern = _k.build(dtype.name, _k.ENERGY_CODES[energy])
+    qo, ko, vo = (_operand(x, batch, dtype) for x in (q, k, v))
+    O, LSE, _ = _forward(
+        kern, qo, ko, vo, _mask_operand(mask, batch, bf), n=n, m=m, d=d, dv=dv, bf=bf, causal=inp.is_causal,
+        coff=inp.causal_offset, scale=_scale_value(scale, inp.tau, dtype), empty_nan=(empty == "nan"), dtype=dtype,
+    )
+    a, lse = _finish([O, LSE], [batch + (n, dv), batch + (n,)], device)
+    return (a, lse) if return_lse else a
+
+
+def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
+    """A3 + A4 fused on the GPU: ``a_i = sum_j softmin(d_i / tau)_j v_j`` and ``L_i = log sum_j exp(-d_ij / tau)``.
+
+    Parameters
+    ----------
+    d : array (..., N, M), energies, NumPy or device
+    v : array (..., M, Dv)
+    tau : float, ``0 < tau <= inf``
+    mask : bool array broadcast to ``d``'s shape, optional (True = takes part)
+    empty : {"zero", "nan"}
+
+    Returns
+    -------
+    a : (..., N, Dv)
+    L : (..., N)
+
+    Examples
+    --------
+    >>> a, L = softmin_summary([[0.0, 0.0]], [[1.0], [3.0]])
+    >>> a, L
+    (array([[2.]]), array([0.69314718]))
+    """
+    check_choice(empty, "empty", {"zero", "nan"})
+    dp = as_float_array(_proxy(d), "d")
+    vp = as_float_array(_proxy(v), "v")
+    need_ndim(dp, "d", 2, "(..., N, M)")
+    need_ndim(vp, "v", 2, "(..., M, Dv)")
+    if dp.shape[-1] != vp.shape[-2]:
+        raise ValueError(f"d (..., N, M) and v (..., M, Dv) disagree on M: d has shape {dp.shape}, v has shape {vp.shape}")
+    as_mask(_proxy(mask), dp.shape, "mask")
+    tau = check_tau(tau)
+    try:
+        batch = np.broadcast_shapes(dp.shape[:-2], vp.shape[:-2])
+    except ValueError:
+        raise ValueError(f"leading (batch) axes do not broadcast: d {dp.shape}, v {vp.shape}") from None
+    device = any(_is_device(x) for x in (d, v, mask))
+    dtype = result_dtype(dp, vp)
+    n, m, dv = dp.shape[-2], dp.shape[-1], vp.shape[-1]
+    bf = int(np.prod(batch, dtype=np.int64))
+    kern = _k.build(dtype.name, _k.PRECOMPUTED)
+    do = _operand(d, batch, dtype)
+    vo = _operand(v, batch, dtype)
+    scale = dtype.type(0.0) if math.isinf(tau) else dtype.type(1.0 / tau)
+    O, LSE, _ = _forward(
+        kern, do, do, vo, _mask_operand(mask, batch, bf), n=n, m=m, d=0, dv=dv, bf=bf, causal=False, coff=0,
+        scale=scale, empty_nan=(empty == "nan"), dtype=dtype,
+    )
+    a, L = _finish([O, LSE], [batch + (n, dv), batch + (n,)], device)
+    return a, L
+
+
+def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", out=None, lse=None):
+    """G4 on the GPU: ``(dq, dk, dv)`` for the upstream gradient ``u = dLoss/da``.
+
+    ``b_ij = <u_i, v_j>``, ``delta_i = sum_j r_ij b_ij = <u_i, a_i>``,
+    ``dS_ij = r_ij (b_ij - delta_i)``, ``dv_j = sum_i r_ij u_i``,
+    ``dq_i = scale sum_j dS_ij k_j``, ``dk_j = scale sum_i dS_ij q_i``
+    (``- scale k_j sum_i dS_ij`` for ``"sqeuclidean"``), with
+    ``r_ij = exp(x_ij - L_i)`` recomputed from the saved log-partition.
+
+    Parameters
+    ----------
+    q, k, v, scale, mask, is_causal, causal_alignment : as :func:`attention`
+    grad_out : array (B..., N, Dv)
+    energy : {"dot", "sqeuclidean"}
+    out, lse : the forward's output (B..., N, Dv) and log-partition (B..., N), optional
+        Given both, the forward pass is not recomputed (except for rows with
+        a certain key, ``lse = +inf``, whose key count it needs).
+
+    Returns
+    -------
+    dq (B..., N, D), dk (B..., M, D), dv (B..., M, Dv)
+
+    Examples
+    --------
+    >>> dq, dk, dv = attention_vjp([[0.0]], [[1.0], [2.0]], [[1.0], [3.0]], [[1.0]])
+    >>> dv
+    array([[0.5],
+           [0.5]])
+    """
+    check_choice(energy, "energy", {"dot", "sqeuclidean"})
+    inp = prepare_attention(
+        _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
+        causal_alignment=causal_alignment, energy=energy,
+    )
+    up = as_float_array(_proxy(grad_out), "grad_out")
+    batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
+    if up.shape[-2:] != (n, dv):
+        raise ValueError(f"grad_out must have shape (B..., N, Dv) = (..., {n}, {dv}); got {up.shape}")
+    np.broadcast_to(up, batch + (n, dv))  # raises ValueError if the batch axes do not broadcast
+    device = any(_is_device(x) for x in (q, k, v, grad_out, mask))
+    dtype = result_dtype(inp.q, inp.k, inp.v, up)
+    d = inp.q.shape[-1]
+    bf = int(np.prod(batch, dtype=np.int64))
+    kern = _k.build(dtype.name, _k.ENERGY_CODES[energy])
+    qo, ko, vo, uo = (_operand(x, batch, dtype) for x in (q, k, v, grad_out))
+    mask_op = _mask_operand(mask, batch, bf)
+    scale_ = _scale_value(scale, inp.tau, dtype)
+    fwd = dict(n=n, m=m, d=d, dv=dv, bf=bf, causal=inp.is_causal, coff=inp.causal_offset, scale=scale_, empty_nan=False, dtype=dtype)
+
+    LSE = CNT = None
+    if out is not None and lse is not None:
+        lse_h = np.asarray(lse.copy_to_host() if _is_device(lse) else lse)
+        if lse_h.shape[-1:] != (n,):
+            raise ValueError(f"lse must have shape (B..., N) = (..., {n}); got {lse_h.shape}")
+        if not np.isposinf(lse_h).any():  # else the certain rows need their key counts: recompute below
+            LSE = cuda.to_device(np.ascontiguousarray(np.broadcast_to(lse_h, batch + (n,)), dtype=dtype).reshape(bf, n))
+            CNT = cuda.to_device(np.zeros((bf, n), dtype=dtype))
+            oo = _operand(out, batch, dtype)
+    if LSE is None:
+        O, LSE, CNT = _forward(kern, qo, ko, vo, mask_op, **fwd)
+        oo = _Operand(O.reshape(-1) if O.size else cuda.to_device(np.zeros(1, dtype=dtype)),
+                      cuda.to_device(np.arange(bf, dtype=np.int64) * n * dv if bf else np.zeros(1, np.int64)), dv, 1)
+
+    DEL = cuda.device_array((bf, n), dtype=dtype)
+    DQ = cuda.device_array((bf, n, d), dtype=dtype)
+    DK = cuda.device_array((bf, m, d), dtype=dtype)
+    DV = cuda.device_array((bf, m, dv), dtype=dtype)
+    if bf * n > 0:
+        _launch(kern.rowdot, (bf * n + 127) // 128, 128, *uo.args(), *oo.args(), n, dv, DEL)
+    common = (*qo.args(), *ko.args(), *vo.args(), *uo.args(), *mask_op.args(), int(mask is not None), int(inp.is_causal), int(inp.causal_offset), n, m, d, dv, scale_)
+    nqb = (n + _k.BR - 1) // _k.BR
+    nkb = (m + _k.BR - 1) // _k.BR
+    if bf * nqb > 0 and d > 0:
+        _launch(kern.dq, bf * nqb, _k.NT, *common, nqb, LSE, CNT, DEL, DQ)
+    if bf * nkb > 0 and d + dv > 0:
+        _launch(kern.dkv, bf * nkb, _k.NT, *common, nkb, LSE, CNT, DEL, DK, DV)
+    dq, dk, dv_ = _finish([DQ, DK, DV], [batch + (n, d), batch + (m, d), batch + (m, dv)], device)
+    return dq, dk, dv_
