@@ -1,0 +1,468 @@
+"""Assertion helpers for other people's test suites, in the spirit of ``numpy.testing``.
+
+Compare the array your kernel (PyTorch, JAX, Triton, CUDA, NumPy) produced
+with the oracle's answer for the same inputs::
+
+    from iem_ref.testing import assert_softmax_close, assert_attention_close
+
+    def test_my_softmax():
+        x = np.random.default_rng(0).normal(0, 30, (4, 1000)).astype(np.float32)
+        assert_softmax_close(my_softmax(x), x)          # default tolerances from float32, M = 1000
+
+    def test_my_attention():
+        assert_attention_close(my_attention(q, k, v), q, k, v, is_causal=True)
+
+The oracle is the float64 reference (:mod:`iem_ref`, a few ulps of float64
+from the truth), or the exact tier (``exact=True``, :mod:`iem_ref.exact`,
+correctly rounded; small inputs only).  The helpers follow the README's
+edge-case policy: NaN must appear exactly where the oracle has NaN, an
+infinity exactly where the oracle has the same infinity.
+
+Default tolerances: an error argument, not a guess
+--------------------------------------------------
+``u`` is the unit roundoff of the dtype of ``actual`` (``2**-24`` for
+float32, ``2**-53`` for float64), ``M`` the reduction length (hypotheses per
+row) and ``lg = ceil(log2 M)``.  The model is the standard algorithm a
+kernel implements, each step rounded once in ``u``: shift by the row
+maximum and divide by ``tau`` (exponents ``t_j = (d_j - min d)/tau``,
+relative error ``<= 2u``), ``exp`` accurate to one ulp (``2u``), a tree
+(pairwise) sum of ``M`` terms (``lg u``), one division (``u``).  To first
+order this gives, componentwise,
+
+* responsibilities / softmax:
+  ``|r_j - r_j*| <= r_j* u (2 |t_j| + 2 tbar + 5 + lg)``,
+  ``tbar = sum_k r_k* |t_k|`` (the ``2|t_j| + 2 tbar`` is the condition
+  number of ``r_j`` with respect to the rounding of the exponents: spread
+  inputs make every kernel lose digits, and the report prints it);
+* log-partition (absolute):
+  ``|L - L*| <= u (|m/tau| + 2 |log S| + |L*| + 2 tbar + 2 + lg)``,
+  ``m = min d``, ``S = sum_j exp(-t_j)``.  An absolute bound: a plain
+  ``max + log(sum)`` kernel that returns 0 for ``[0, -40]`` (true 4.2e-18)
+  is within it; ask for more with ``rtol``;
+* attention output (absolute, per element):
+  ``|a_ic - a_ic*| <= sum_j |v_jc| r_j* (rtol_j + eta_j + sum_k r_k* eta_k)
+  + u (lg + 2) sum_j r_j* |v_jc| + u |a_ic*|``, with ``rtol_j`` the
+  softmax term above and ``eta_j`` the error of the scaled energy
+  (``D u scale sum_l |q_l k_jl|`` for ``dot``, ``(D + 2) u scale (|q|^2 + |k_j|^2)``
+  for ``sqeuclidean``, which allows the expanded ``|q|^2 - 2<q,k> + |k|^2``).
+
+Second-order terms are covered by a factor ``1 + 2**-10``; every bound gets
+``+ 8 u64`` relative for the float64 oracle's own error (at most 3 ulps) and
+an absolute floor of ``M * tiny`` (``tiny`` the dtype's smallest normal, times
+``max(1, max|v|)`` for attention) for kernels that flush subnormals to zero.
+An ``exp`` worse than one ulp (``__expf``, fast-math) or a sequential sum
+(``lg`` becomes ``M``) needs explicit ``rtol``/``atol``: when given, the
+check is numpy's ``|actual - expected| <= atol + rtol |expected|``.
+
+On failure the ``AssertionError`` names the worst element (largest error
+relative to its tolerance), its index, the actual and expected values, the
+absolute, relative and ulp errors, the tolerance, how many elements fail,
+and for that element's row the entropy of the responsibilities and the
+condition number (``kappa`` of the log-partition, ``2|t_j| + 2 tbar`` for
+``r``).
+
+Examples
+--------
+>>> import numpy as np
+>>> from iem_ref.testing import assert_softmax_close
+>>> x = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
+>>> e = np.exp(x - x.max(axis=-1, keepdims=True))
+>>> assert_softmax_close(e / e.sum(axis=-1, keepdims=True), x)   # passes silently
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+
+import numpy as np
+
+from . import exact as _exact
+from ._validation import as_float_array, as_mask, check_axis
+from .attention import attention, prepare_attention
+from .competition import log_partition, responsibilities
+
+__all__ = [
+    "ulp_error",
+    "assert_close_to_reference",
+    "assert_responsibilities_close",
+    "assert_softmin_close",
+    "assert_softmax_close",
+    "assert_log_partition_close",
+    "assert_attention_close",
+]
+
+_U64 = np.finfo(np.float64).eps / 2
+_SECOND_ORDER = 1.0 + 2.0**-10
+
+
+def _unit_roundoff(dtype):
+    return float(np.finfo(dtype).eps) / 2
+
+
+def _lg(M):
+    return math.ceil(math.log2(M)) if M > 1 else 0
+
+
+def ulp_error(actual, expected, dtype=None):
+    """Elementwise error of ``actual`` in ulps of ``dtype`` at the expected value.
+
+    ``expected`` may hold floats or Decimals (the exact tier); with Decimals
+    the difference is formed exactly.  The ulp is the spacing of ``dtype``
+    (default: ``actual``'s float dtype) at ``expected`` rounded to ``dtype``;
+    at 0 it is the smallest subnormal.  Matching NaNs and matching
+    infinities count as 0 ulps, any other non-finite pair as ``inf``.
+
+    Examples
+    --------
+    >>> float(ulp_error(np.float32(1.0) + np.float32(2**-23), 1.0))
+    1.0
+    """
+    a = np.asarray(actual)
+    if dtype is None:
+        dtype = a.dtype if a.dtype.kind == "f" else np.dtype(np.float64)
+    dtype = np.dtype(dtype)
+    e_obj = np.asarray(expected)
+    a, e_obj = np.broadcast_arrays(a, e_obj)
+    out = np.empty(a.size, dtype=np.float64)
+    flat_a = a.reshape(-1)
+    flat_e = e_obj.reshape(-1)
+    for i, (x, y) in enumerate(zip(flat_a.tolist(), flat_e.tolist())):
+        x = float(x)
+        yd = y if isinstance(y, Decimal) else Decimal(float(y))
+        if math.isnan(x) or yd.is_nan() or math.isinf(x) or yd.is_infinite():
+            same = (math.isnan(x) and yd.is_nan()) or (math.isinf(x) and yd.is_infinite() and (x > 0) == (yd > 0))
+            out[i] = 0.0 if same else np.inf
+            continue
+        yr = _exact.to_float([yd], dtype)[0]
+        with np.errstate(over="ignore"):
+            sp = float(np.spacing(abs(yr))) if np.isfinite(yr) else float(np.spacing(np.finfo(dtype).max))
+        out[i] = float(abs(Decimal(x) - yd) / Decimal(sp))
+    out = out.reshape(a.shape)
+    return out[()] if out.ndim == 0 else out
+
+
+def _nonfinite_mismatch(a, e):
+    """Indices where the non-finite pattern differs (NaN vs NaN, inf vs same inf)."""
+    a_nan, e_nan = np.isnan(a), np.isnan(e)
+    bad = a_nan != e_nan
+    inf_e = np.isinf(e)
+    bad |= inf_e & ~(a == e)
+    bad |= np.isinf(a) & ~inf_e & ~e_nan
+    return bad
+
+
+def _fmt_index(idx):
+    return "(" + ", ".join(str(int(i)) for i in idx) + ")" if len(idx) != 1 else f"({int(idx[0])},)"
+
+
+def _report_and_raise(what, actual, expected, tol, row_info, header, err_msg):
+    """Raise an AssertionError describing the failures (or return if none)."""
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    dtype = np.asarray(actual).dtype if np.asarray(actual).dtype.kind == "f" else np.dtype(np.float64)
+    lines = []
+    nonfinite_bad = _nonfinite_mismatch(a, e)
+    finite = np.isfinite(a) & np.isfinite(e)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(finite, np.abs(a - e), 0.0)
+        ratio = np.where(finite, diff / np.maximum(tol, np.finfo(np.float64).tiny), 0.0)
+    bad = (finite & (diff > tol)) | nonfinite_bad
+    if not bad.any():
+        return
+    lines.append(f"{what}: arrays are not close ({header})")
+    lines.append(f"  mismatched elements: {int(bad.sum())} / {bad.size} ({100.0 * bad.sum() / max(bad.size, 1):.3g}%)")
+    if nonfinite_bad.any():
+        idx = np.argwhere(nonfinite_bad)
+        first = tuple(idx[0])
+        kinds = []
+        n_nan = int((np.isnan(a) & ~np.isnan(e)).sum())
+        n_inf = int((np.isinf(a) & ~np.isinf(e) & ~np.isnan(e)).sum())
+        if n_nan:
+            kinds.append(f"{n_nan} NaN where the oracle is not NaN (overflow or 0/0 in the kernel?)")
+        if n_inf:
+            kinds.append(f"{n_inf} inf where the oracle is finite (overflow?)")
+        rest = int(nonfinite_bad.sum()) - n_nan - n_inf
+        if rest:
+            kinds.append(f"{rest} finite/NaN where the oracle has NaN or inf (the edge-case policy: README)")
+        lines.append("  non-finite mismatch: " + "; ".join(kinds))
+        lines.append(f"    first at index {_fmt_index(first)}: actual {float(a[first])!r}, expected {float(e[first])!r}")
+        if row_info is not None:
+            lines.append("    " + row_info(first))
+    if (finite & (diff > tol)).any():
+        worst = np.unravel_index(np.argmax(np.where(finite & (diff > tol), ratio, -1.0)), a.shape)
+        ae, ee, t = a[worst], e[worst], tol[worst]
+        rel = abs(ae - ee) / abs(ee) if ee != 0 else np.inf
+        ulp = float(ulp_error(np.asarray(actual)[worst], ee, dtype))
+        lines.append(f"  worst element (error / tolerance = {ratio[worst]:.3g}) at index {_fmt_index(worst)}:")
+        lines.append(f"    actual   {float(ae)!r}")
+        lines.append(f"    expected {float(ee)!r}")
+        lines.append(f"    abs err {abs(ae - ee):.3e}, rel err {rel:.3e}, {ulp:.4g} ulp ({dtype}); tolerance {t:.3e} (abs)")
+        if row_info is not None:
+            lines.append("    " + row_info(worst))
+    if err_msg:
+        lines.append("  " + err_msg)
+    raise AssertionError("\n".join(lines))
+
+
+def _check_shape(actual, expected_shape, what):
+    a = np.asarray(actual)
+    if a.shape != tuple(expected_shape):
+        raise AssertionError(f"{what}: shape mismatch: actual {a.shape}, expected {tuple(expected_shape)}")
+    if a.dtype.kind != "f":
+        raise AssertionError(f"{what}: actual must be a float array; got dtype {a.dtype}")
+    return a
+
+
+def _explicit_tol(e, rtol, atol):
+    rtol = 0.0 if rtol is None else float(rtol)
+    atol = 0.0 if atol is None else float(atol)
+    with np.errstate(invalid="ignore"):
+        return atol + rtol * np.abs(np.where(np.isfinite(e), e, 0.0))
+
+
+def assert_close_to_reference(actual, expected, *, dtype=None, reduction_length=1, rtol=None, atol=None, err_msg=""):
+    """General check of ``actual`` against an oracle value ``expected`` (floats or Decimals).
+
+    Default tolerance (``rtol``, ``atol`` None): ``|actual - expected| <=
+    u (4 + ceil(log2 n)) |expected| + 8 u64 |expected| + n tiny``, ``u`` the
+    unit roundoff of ``dtype`` (default ``actual``'s), ``n =
+    reduction_length``: a result rounded once, from a well-conditioned
+    reduction of ``n`` terms summed as a tree, each term a few correctly
+    rounded operations.  Ill-conditioned quantities need the specific helpers
+    (which add the condition number) or explicit tolerances.  NaN and inf
+    must match exactly.
+
+    Examples
+    --------
+    >>> assert_close_to_reference(np.float32(0.1), 0.1)
+    """
+    e_in = np.asarray(expected)
+    e = _exact.to_float(e_in) if e_in.dtype == object else np.asarray(e_in, dtype=np.float64)
+    a = _check_shape(actual, e.shape, "assert_close_to_reference")
+    dt = np.dtype(dtype) if dtype is not None else a.dtype
+    u = _unit_roundoff(dt)
+    n = max(int(reduction_length), 1)
+    if rtol is None and atol is None:
+        mag = np.abs(np.where(np.isfinite(e), e, 0.0))
+        tol = (u * (4 + _lg(n)) + 8 * _U64) * _SECOND_ORDER * mag + n * float(np.finfo(dt).tiny)
+    else:
+        tol = _explicit_tol(e, rtol, atol)
+    header = f"{dt}, u = {u:.3g}, reduction length {n}"
+    _report_and_raise("assert_close_to_reference", a, e, tol, None, header, err_msg)
+
+
+# ----------------------------------------------------------------------------
+# softmin / softmax / log-partition
+# ----------------------------------------------------------------------------
+
+
+def _row_stats(d64, tau, take, r):
+    """Per-row exponents t_j = (d_j - min d)/tau and tbar = sum r_j |t_j| (hypotheses last)."""
+    with np.errstate(all="ignore"):
+        part = ~np.isposinf(d64) if take is None else take & ~np.isposinf(d64)
+        dm = np.where(part & np.isfinite(d64), d64, np.inf)
+        m = dm.min(axis=-1, keepdims=True, initial=np.inf)
+        m = np.where(np.isfinite(m), m, 0.0)
+        t = np.where(part & np.isfinite(d64), (d64 - m) / tau if np.isfinite(tau) else 0.0, 0.0)
+        rr = np.where(np.isfinite(r), r, 0.0)
+        tbar = (rr * np.abs(t)).sum(axis=-1, keepdims=True)
+        H = -(np.where(rr > 0, rr * np.log(np.where(rr > 0, rr, 1.0)), 0.0)).sum(axis=-1)
+    return t, tbar, m[..., 0], H
+
+
+def _softmin_expected(d, tau, axis, mask, empty, exact):
+    d = as_float_array(d, "d")
+    axis = check_axis(axis, d.ndim)
+    if exact:
+        r = _exact.to_float(_exact.responsibilities(d, tau, axis, mask, empty=empty))
+    else:
+        r = np.asarray(responsibilities(d.astype(np.float64), tau, axis, mask, empty=empty), dtype=np.float64)
+    return d, axis, r
+
+
+def assert_responsibilities_close(actual, d, tau=1.0, axis=-1, mask=None, *, empty="zero", rtol=None, atol=None, exact=False, err_msg=""):
+    """Check a softmin (A3 / T2) of energies ``d`` computed by your kernel.
+
+    ``actual`` must have ``d``'s shape; the arguments after it are those of
+    :func:`iem_ref.responsibilities`.  Default tolerance: module docstring
+    (``r_j u (2|t_j| + 2 tbar + 5 + lg)`` plus the floors).  ``exact=True``
+    takes the expected values from the exact tier.
+
+    Examples
+    --------
+    >>> assert_responsibilities_close(np.array([0.75, 0.25]), [0.0, np.log(3.0)])
+    """
+    d, axis, r = _softmin_expected(d, tau, axis, mask, empty, exact)
+    a = _check_shape(actual, d.shape, "assert_responsibilities_close")
+    take = as_mask(mask, d.shape, "mask")
+    d_l = np.moveaxis(d.astype(np.float64), axis, -1)
+    take_l = None if take is None else np.moveaxis(take, axis, -1)
+    r_l = np.moveaxis(r, axis, -1)
+    t, tbar, _, H = _row_stats(d_l, float(tau), take_l, r_l)
+    M = d.shape[axis]
+    u = _unit_roundoff(a.dtype)
+    tiny = float(np.finfo(a.dtype).tiny)
+    cond = 2 * np.abs(t) + 2 * tbar
+    if rtol is None and atol is None:
+        rel = (u * (cond + 5 + _lg(M)) + 8 * _U64) * _SECOND_ORDER
+        tol_l = rel * np.abs(np.where(np.isfinite(r_l), r_l, 0.0)) + M * tiny
+        tol = np.moveaxis(tol_l, -1, axis)
+    else:
+        tol = _explicit_tol(r, rtol, atol)
+    cond_full = np.moveaxis(cond, -1, axis)
+
+    def row_info(idx):
+        row = tuple(i for k, i in enumerate(idx) if k != axis)
+        return (
+            f"row {_fmt_index(row) if row else '()'}: entropy of r = {H[row]:.4g} nats (max log M = {math.log(max(M, 1)):.4g}); "
+            f"exponent spread max t = {np.max(t[row]) if M else 0:.4g}; condition 2|t_j| + 2 tbar = {cond_full[idx]:.4g}"
+        )
+
+    header = f"{a.dtype}, u = {u:.3g}, M = {M} hypotheses per row, {'exact tier' if exact else 'float64 reference'}"
+    _report_and_raise("responsibilities", a, r, tol, row_info, header, err_msg)
+
+
+#: The same check, under the name softmin.
+assert_softmin_close = assert_responsibilities_close
+
+
+def assert_softmax_close(actual, x, axis=-1, *, mask=None, rtol=None, atol=None, exact=False, err_msg=""):
+    """Check ``softmax(x)`` (scores, higher is better) computed by your kernel: A3 with ``d = -x``.
+
+    Examples
+    --------
+    >>> x = np.array([0.0, 1.0])
+    >>> assert_softmax_close(np.exp(x) / np.exp(x).sum(), x)
+    """
+    x = as_float_array(x, "x")
+    return assert_responsibilities_close(actual, -x, 1.0, axis, mask, rtol=rtol, atol=atol, exact=exact, err_msg=err_msg)
+
+
+def assert_log_partition_close(actual, d, tau=1.0, axis=-1, mask=None, *, rtol=None, atol=None, exact=False, err_msg=""):
+    """Check a log-partition ``L = log sum_j exp(-d_j/tau)`` (G1; a logsumexp of ``-d/tau``).
+
+    Default absolute tolerance ``u (|m/tau| + 2|log S| + |L| + 2 tbar + 2 + lg)``
+    (module docstring).  The report gives the row's ``kappa = sum_j r_j
+    |d_j/tau| / |L|``, the relative condition number.
+
+    Examples
+    --------
+    >>> assert_log_partition_close(np.log(2.0), [0.0, 0.0])
+    """
+    d = as_float_array(d, "d")
+    axis = check_axis(axis, d.ndim)
+    if exact:
+        L = _exact.to_float(_exact.log_partition(d, tau, axis, mask))
+    else:
+        L = np.asarray(log_partition(d.astype(np.float64), tau, axis, mask), dtype=np.float64)
+    L = np.asarray(L, dtype=np.float64)
+    a = _check_shape(actual, L.shape, "assert_log_partition_close")
+    take = as_mask(mask, d.shape, "mask")
+    d_l = np.moveaxis(d.astype(np.float64), axis, -1)
+    take_l = None if take is None else np.moveaxis(take, axis, -1)
+    r_l = np.asarray(responsibilities(d_l, tau, -1, take_l), dtype=np.float64)
+    t, tbar, m, H = _row_stats(d_l, float(tau), take_l, r_l)
+    M = d.shape[axis]
+    u = _unit_roundoff(a.dtype)
+    with np.errstate(all="ignore"):
+        logS = np.where(np.isfinite(L), L + m / tau, 0.0)
+        mt = np.abs(np.where(np.isfinite(m), m, 0.0) / tau)
+        kappa = (np.where(np.isfinite(r_l), r_l, 0.0) * np.abs(np.where(np.isfinite(d_l), d_l, 0.0) / tau)).sum(axis=-1) / np.abs(L)
+    Lf = np.where(np.isfinite(L), L, 0.0)
+    if rtol is None and atol is None:
+        tol = (u * (mt + 2 * np.abs(logS) + np.abs(Lf) + 2 * tbar[..., 0] + 2 + _lg(M)) + 8 * _U64 * np.abs(Lf)) * _SECOND_ORDER
+    else:
+        tol = _explicit_tol(L, rtol, atol)
+    tol = np.asarray(tol, dtype=np.float64).reshape(L.shape)
+
+    def row_info(idx):
+        return f"row {_fmt_index(idx) if idx else '()'}: kappa = {np.asarray(kappa)[idx]:.4g}; entropy of r = {np.asarray(H)[idx]:.4g} nats"
+
+    header = f"{a.dtype}, u = {u:.3g}, M = {M} hypotheses per row, {'exact tier' if exact else 'float64 reference'}"
+    _report_and_raise("log_partition", a, L, tol, row_info, header, err_msg)
+
+
+# ----------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------
+
+
+def assert_attention_close(
+    actual,
+    q,
+    k,
+    v,
+    *,
+    scale=None,
+    mask=None,
+    is_causal=False,
+    causal_alignment="top_left",
+    energy="dot",
+    empty="zero",
+    rtol=None,
+    atol=None,
+    exact=False,
+    err_msg="",
+):
+    """Check an attention output ``a (B..., N, Dv)`` (A1-A4, T1) computed by your kernel.
+
+    The keyword arguments are those of :func:`iem_ref.attention`.  Default
+    tolerance per element (module docstring): the softmax term of each
+    weight, the energies' rounding amplified by ``scale``, a tree sum of
+    ``M`` products, the final rounding, floors.  ``exact=True``: exact tier
+    (``energy`` ``"dot"`` or ``"sqeuclidean"``, small inputs).
+
+    Examples
+    --------
+    >>> q = np.ones((1, 2)); k = np.eye(2); v = np.array([[1.0], [3.0]])
+    >>> assert_attention_close(np.array([[2.0]]), q, k, v)
+    """
+    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
+    inp = prepare_attention(q, k, v, **kw)
+    if exact:
+        a_e, r_d = _exact.attention(q, k, v, empty=empty, return_responsibilities=True, **kw)
+        expected = _exact.to_float(a_e)
+        r = _exact.to_float(r_d)
+    else:
+        expected, r = attention(q, k, v, empty=empty, return_responsibilities=True, **kw)
+        expected = np.asarray(expected, dtype=np.float64)
+        r = np.asarray(r, dtype=np.float64)
+    a = _check_shape(actual, expected.shape, "assert_attention_close")
+    d = inp.energies()  # (B..., N, M)
+    take = inp.takes_part()
+    beta = 0.0 if np.isinf(inp.tau) else 1.0 / inp.tau
+    t, tbar, _, H = _row_stats(d, inp.tau, take, r)
+    M, D = inp.m, inp.q.shape[-1]
+    u = _unit_roundoff(a.dtype)
+    q64, k64, v64 = (x.astype(np.float64) for x in (inp.q, inp.k, inp.v))
+    with np.errstate(all="ignore"):
+        if energy == "sqeuclidean":
+            nq = (q64**2).sum(-1)[..., :, None]
+            nk = (k64**2).sum(-1)[..., None, :]
+            eta = (D + 2) * u * beta * (nq + nk)
+        else:
+            eta = D * u * beta * (np.abs(q64) @ np.swapaxes(np.abs(k64), -1, -2))
+        rr = np.where(np.isfinite(r), r, 0.0)
+        eta = np.where(rr > 0, np.where(np.isfinite(eta), eta, 0.0), 0.0)
+        rel_r = u * (2 * np.abs(t) + 2 * tbar + 5 + _lg(M)) + eta + (rr * eta).sum(-1, keepdims=True) + 8 * _U64
+        vabs = np.abs(np.where(np.isfinite(v64), v64, 0.0))
+        absum = rr @ vabs  # sum_j r_j |v_jc|   (B..., N, Dv)
+        spread = (rr * rel_r) @ vabs
+        ef = np.abs(np.where(np.isfinite(expected), expected, 0.0))
+        floor = M * float(np.finfo(a.dtype).tiny) * max(1.0, float(vabs.max()) if vabs.size else 1.0)
+        if rtol is None and atol is None:
+            tol = (spread + u * (_lg(M) + 2) * absum + u * ef) * _SECOND_ORDER + floor
+        else:
+            tol = _explicit_tol(expected, rtol, atol)
+    cond = (2 * np.abs(t) + 2 * tbar).max(axis=-1, initial=0.0)
+
+    def row_info(idx):
+        row = idx[:-1]
+        return (
+            f"query {_fmt_index(row)}: entropy of r = {H[row]:.4g} nats (max log M = {math.log(max(M, 1)):.4g}); "
+            f"max exponent spread t = {np.max(t[row], initial=0.0):.4g}; worst weight condition 2|t_j| + 2 tbar = {cond[row]:.4g}"
+        )
+
+    header = f"{a.dtype}, u = {u:.3g}, M = {M} keys, D = {D}, energy {energy!r}, {'exact tier' if exact else 'float64 reference'}"
+    _report_and_raise("attention", a, expected, tol, row_info, header, err_msg)
