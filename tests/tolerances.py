@@ -29,6 +29,7 @@ def assert_within(actual, expected, bound, what=""):
     inf_e = np.isinf(expected)
     assert np.array_equal(actual[inf_e], expected[inf_e]), f"{what}: infinities differ"
     ok = ~(nan_e | inf_e)
+    assert not np.isnan(bound[ok]).any(), f"{what}: the bound is NaN somewhere (a defect of the test)"
     err = np.where(ok, np.abs(actual - expected), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(ok, err / bound, 0.0)
