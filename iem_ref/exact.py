@@ -107,7 +107,7 @@ def _dec(x):
 # Correct rounding of Decimal values to float64 / float32
 # ----------------------------------------------------------------------------
 
-_F32_OVER = Decimal(2) ** 128  # stands for float32 inf when comparing distances
+_F32_OVER = Decimal(2**128)  # stands for float32 inf when comparing distances
 
 
 def round_to_float32(x):
