@@ -27,7 +27,7 @@ def mixture_energies(x, means, covariances, weights):
     array([[0.69314718, 1.19314718]])
     """
     w = as_float_array(weights, "weights")
-    if w.ndim != 1 or np.any(w < 0) or not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-12):
+    if w.ndim != 1 or np.any(w < 0) or not np.isclose(w.sum(), 1.0, rtol=0, atol=max(1e-12, w.size * np.finfo(w.dtype).eps)):
         raise ValueError(f"weights must be a 1-D probability vector (non-negative, summing to 1); got {np.asarray(weights)!r}")
     d = mahalanobis_energy(x, means, covariances, half=True, log_det=True)
     with np.errstate(divide="ignore"):
