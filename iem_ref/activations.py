@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import as_float_array, check_tau, result_dtype
+from ._validation import as_float_array, check_scale, check_tau, result_dtype
 from .attention import attention
 from .competition import free_energy, responsibilities
 from .energies import SIGNS, signed_gaussian_energies
@@ -99,6 +99,7 @@ def tanh_as_attention(z, alpha=1.0):
     (0.7615941559557649, 0.7615941559557649)
     """
     z = as_float_array(z, "z")
+    check_scale(alpha, 1, "alpha")  # so that errors name this function's argument
     q = z.astype(np.float64)[..., None, None]  # (..., N=1, D=1)
     keys = SIGNS[:, None]  # (M=2, D=1)
     values = SIGNS[:, None]  # (M=2, Dv=1)

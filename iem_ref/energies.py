@@ -147,8 +147,8 @@ def mahalanobis_energy(x, mu, cov, *, half=False, log_det=False):
         d = d / 2.0
     if log_det:
         sign, logdet = np.linalg.slogdet(cov)
-        if np.any(sign <= 0):
-            raise ValueError("cov must be positive definite (a determinant is <= 0)")
+        if np.any(sign <= 0) or np.any(np.linalg.eigvalsh(cov)[..., 0] <= 0):
+            raise ValueError("cov must be positive definite (an eigenvalue is <= 0)")
         d = d + logdet / 2.0
     return _done(d, dtype, single)
 
