@@ -119,7 +119,14 @@ class AttentionInputs:
 
 
 def prepare_attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot"):
-    """Validate attention arguments once (the boundary every path shares)."""
+    """Validate attention arguments once (the boundary every path shares).
+
+    Examples
+    --------
+    >>> inp = prepare_attention(np.zeros((2, 3)), np.zeros((4, 3)), np.zeros((4, 1)))
+    >>> inp.batch, inp.n, inp.m, inp.dv, float(inp.tau)  # tau = sqrt(D)
+    ((), 2, 4, 1, 1.7320508075688772)
+    """
     return AttentionInputs(q, k, v, scale, mask, is_causal, causal_alignment, energy)
 
 
