@@ -54,6 +54,7 @@ NT = 128  # threads per block (16 x 8)
 BR = 32  # rows per block
 BC = 32  # columns per tile
 DC = 16  # feature chunk of the score GEMM
+DCP = DC + 1  # its shared row length, padded against bank conflicts (a literal: shared shapes must be constants)
 KC = 16  # key chunk of the value GEMM
 CW = 128  # output columns per pass (16 threads x 8)
 RS, CS, OC = 4, 2, 8  # per-thread micro-tiles: 4 rows x 2 score columns, 4 rows x 8 output columns
@@ -230,8 +231,8 @@ def _build(dtype_name, energy):
         ty = tid // 16
         b = cuda.blockIdx.x // nqb
         r0 = (cuda.blockIdx.x - b * nqb) * BR
-        As = cuda.shared.array((BR, DC + 1), ft)
-        Bs = cuda.shared.array((BC, DC + 1), ft)
+        As = cuda.shared.array((BR, DCP), ft)
+        Bs = cuda.shared.array((BC, DCP), ft)
         S = cuda.shared.array((BR, BC), ft)
         Xs = cuda.shared.array((KC, CW), ft)
         m_s = cuda.shared.array(BR, ft)
@@ -363,8 +364,8 @@ def _build(dtype_name, energy):
         ty = tid // 16
         b = cuda.blockIdx.x // nqb
         r0 = (cuda.blockIdx.x - b * nqb) * BR
-        As = cuda.shared.array((BR, DC + 1), ft)
-        Bs = cuda.shared.array((BC, DC + 1), ft)
+        As = cuda.shared.array((BR, DCP), ft)
+        Bs = cuda.shared.array((BC, DCP), ft)
         S = cuda.shared.array((BR, BC), ft)
         Wt = cuda.shared.array((BR, BC), ft)
         Xs = cuda.shared.array((KC, CW), ft)
@@ -424,8 +425,8 @@ def _build(dtype_name, energy):
         ty = tid // 16
         b = cuda.blockIdx.x // nkb
         r0 = (cuda.blockIdx.x - b * nkb) * BR  # first key of the block
-        As = cuda.shared.array((BR, DC + 1), ft)
-        Bs = cuda.shared.array((BC, DC + 1), ft)
+        As = cuda.shared.array((BR, DCP), ft)
+        Bs = cuda.shared.array((BC, DCP), ft)
         S = cuda.shared.array((BR, BC), ft)
         Wt = cuda.shared.array((BR, BC), ft)
         Xs = cuda.shared.array((KC, CW), ft)
@@ -518,3 +519,44 @@ def _build(dtype_name, energy):
             dst[g] = src[g]
 
     return Kernels(forward=forward, dq=dq, dkv=dkv, rowdot=rowdot, cast=cast, ft=ft)
+
+
+def signatures(dtype_name, energy):
+    """The argument types each kernel is launched with by :mod:`iem_ref.accel.cuda` (for ``compile_ptx``)."""
+    from numba import types
+
+    ft = getattr(types, dtype_name)
+    i64 = types.int64
+    flat = types.Array(ft, 1, "C")
+    off = types.Array(i64, 1, "C")
+    mk = types.Array(types.uint8, 1, "C")
+    a2 = types.Array(ft, 2, "C")
+    a3 = types.Array(ft, 3, "C")
+    op = (flat, off, i64, i64)
+    mask = (mk, off, i64, i64, i64, i64, i64)
+    sizes = (i64, i64, i64, i64, ft)
+    sigs = {
+        "forward": (*op, *op, *op, *mask, *sizes, i64, i64, a3, a2, a2),
+        "rowdot": (*op, *op, i64, i64, a2),
+    }
+    if energy != PRECOMPUTED:
+        sigs["dq"] = (*op, *op, *op, *op, *mask, *sizes, i64, a2, a2, a2, a3)
+        sigs["dkv"] = (*op, *op, *op, *op, *mask, *sizes, i64, a2, a2, a2, a3, a3)
+    return {name: types.void(*args) for name, args in sigs.items()}
+
+
+def compile_all_ptx(cc=(9, 0)):
+    """PTX of every kernel, dtype and energy for compute capability ``cc``: ``{(name, dtype, energy): ptx}``.
+
+    Needs the real numba-cuda (not the simulator) and NVVM/NVRTC, no GPU:
+    catches the typing and lowering errors the simulator cannot see (it runs
+    the Python source).  Feed the PTX to ``ptxas -v`` for register counts.
+    """
+    out = {}
+    for dtype_name in ("float32", "float64"):
+        for energy in (DOT, SQEUCLIDEAN, PRECOMPUTED):
+            kern = build(dtype_name, energy)
+            for name, sig in signatures(dtype_name, energy).items():
+                ptx, _ = cuda.compile_ptx(getattr(kern, name).py_func, sig, cc=cc)
+                out[(name, dtype_name, energy)] = ptx
+    return out

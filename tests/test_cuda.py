@@ -1,0 +1,410 @@
+"""CUDA-specific tests of ``iem_ref.accel.cuda`` (the shared agreement suite is tests/test_agreement.py).
+
+Without a GPU the kernels run in Numba's CUDA simulator (``conftest`` sets
+``NUMBA_ENABLE_CUDASIM=1`` before numba is imported), one Python thread per
+CUDA thread: about 1-5 s per call at the shapes below, so the shapes are
+small there and larger on a GPU.  What the simulator cannot check (typing
+and lowering for the device, registers) is covered by the PTX test, which
+compiles the kernels for sm_90 in a subprocess with the real numba-cuda.
+
+Error bounds (derived, not fitted).  ``u`` is the unit roundoff of the
+kernel's dtype (float32 kernels compute in float32), ``gamma_n = n u / (1 - n u)``.
+
+Forward, row ``i`` (``x_ij = t_ij * scale`` the scaled score, ``t = -d``):
+
+* score: ``|dt_ij| <= gamma_{D+3} S_ij`` with ``S_ij = sum_d |q_id k_jd|``
+  (dot) or ``|t_ij|`` (squared differences are summed directly); the
+  reference's own float64 score has the same form, hence the factor 2 below;
+* exponent ``x_ij - m_i``: ``+ u |x_ij| + u |x_ij - m_i|``; ``exp`` within 2 ulps
+  (CUDA ``exp``: 1 ulp in float64, ``expf``: 2 ulps) ``= 4u``; each of the
+  ``ceil(M / 32)`` rescalings by ``alpha`` multiplies ``o`` and ``l`` by the
+  same rounded factor (cancels in ``o / l``) and rounds each product once.
+  So every weight is ``w_j (1 + e_j)`` with
+  ``|e_j| <= E_i = max_j (2 scale gamma_{D+3} S_ij + u|x_ij| + u|x_ij - m_i|) + (4 + ceil(M/32)) u``;
+* ``a = sum_j w_j v_j / sum_j w_j``: perturbing the weights by ``1 + e_j``
+  moves ``a`` by ``sum_j r_j e_j (v_j - a)``, at most ``2 E_i max_j|v_j|``; the
+  two ``M``-term sums add ``2 gamma_M max_j|v_j|``, the division and the
+  output rounding ``2u|a|``; the float64 reference itself is within
+  ``(3u64 + gamma_M) max|v|``.
+
+  ``|a - a_ref| <= max_j|v_j| (2 E_i + 2 gamma_M + 4u) + 3u |a_ref|``.
+
+* ``L = m + log(l)``: ``|L - L_ref| <= E_i + 2 gamma_M + 3u |L_ref| + 2u``.
+
+Backward: ``r_ij = exp(x_ij - L_i)`` recomputed has relative error
+``F_i = E_i + (bound of L_i) + u |x_ij - L_i|``; ``b_ij = <u_i, v_j>`` and
+``delta_i = <u_i, a_i>`` are ``Dv``-term dot products
+(``gamma_Dv sum|u||v|``, resp. ``gamma_Dv sum|u||a| + sum_c |u_ic| da_ic``);
+``dS_ij = r_ij (b_ij - delta_i)`` then has
+``|ddS_ij| <= r_ij (F_i |b_ij - delta_i| + db_ij + ddelta_i) + u |dS_ij|``, and the
+``M``- (or ``N``-) term sums add ``gamma_M sum_j |dS_ij| |k_j|``.  The test
+evaluates these sums with the reference's ``r`` (first order in ``u``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tests.conftest import CUDA_SIMULATED, U32, U64
+from tests.tolerances import assert_within
+
+C = pytest.importorskip("iem_ref.accel.cuda")
+from numba import cuda  # noqa: E402  (after conftest chose the backend)
+
+from iem_ref.attention import attention as ref_attention  # noqa: E402
+from iem_ref.attention import causal_mask  # noqa: E402
+from iem_ref.gradients import attention_vjp as ref_vjp  # noqa: E402
+from iem_ref.summaries import softmin_summary as ref_summary  # noqa: E402
+
+BIG = not CUDA_SIMULATED  # a real GPU: larger shapes (several blocks and tiles in every direction)
+
+
+def _u(dtype):
+    return U32 if np.dtype(dtype) == np.float32 else U64
+
+
+def _gamma(n, u):
+    return n * u / (1 - n * u)
+
+
+def _scores(q, k, energy):
+    q = q.astype(np.float64)
+    k = k.astype(np.float64)
+    if energy == "dot":
+        return q @ np.swapaxes(k, -1, -2), np.abs(q) @ np.abs(np.swapaxes(k, -1, -2))
+    t = -0.5 * ((q[..., :, None, :] - k[..., None, :, :]) ** 2).sum(-1)
+    return t, np.abs(t)
+
+
+def forward_bounds(q, k, v, scale, energy, dtype, take=None):
+    """The bounds of the module docstring: ``(bound_a (B..., N, 1), bound_L (B..., N), E (B..., N))``."""
+    u = _u(dtype)
+    D, M = q.shape[-1], k.shape[-2]
+    t, S = _scores(q, k, energy)
+    x = t * scale
+    part = np.ones(x.shape, bool) if take is None else np.broadcast_to(take, x.shape)
+    xm = np.where(part, x, -np.inf)
+    m = xm.max(-1, keepdims=True)
+    e = np.where(part, 2 * scale * _gamma(D + 3, u) * S + u * np.abs(x) + u * np.abs(x - m), 0.0)
+    E = e.max(-1) + (4 + math.ceil(M / 32)) * u
+    gM = _gamma(max(M, 1), u)
+    vmax = np.abs(v.astype(np.float64)).max(-2, keepdims=True).max(-1, keepdims=True)  # (B..., 1, 1)
+    a_ref, L_ref = ref_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), scale=scale,
+                                 energy=energy, mask=take, return_lse=True)
+    bound_a = vmax * (2 * E[..., None] + 2 * gM + 4 * u) + 3 * u * np.abs(a_ref)
+    bound_L = E + 2 * gM + 3 * u * np.abs(L_ref) + 2 * u
+    return bound_a, bound_L, E
+
+
+def _host(x):
+    return x.copy_to_host() if hasattr(x, "copy_to_host") else np.asarray(x)
+
+
+def _inputs(rng, batch, n, m, d, dv, dtype, spread=1.0):
+    q = (spread * rng.standard_normal(batch + (n, d))).astype(dtype)
+    k = (spread * rng.standard_normal(batch + (m, d))).astype(dtype)
+    v = rng.standard_normal(batch + (m, dv)).astype(dtype)
+    return q, k, v
+
+
+# ---------------------------------------------------------------- which path ran
+
+
+def test_backend_is_the_one_conftest_chose():
+    assert C.BACKEND == ("simulator" if CUDA_SIMULATED else "gpu")
+    assert cuda.is_available()
+
+
+def test_kernels_really_run(rng):
+    q, k, v = _inputs(rng, (), 3, 5, 2, 2, np.float64)
+    before = dict(C.launches)
+    C.attention(q, k, v)
+    assert C.launches.get("forward", 0) == before.get("forward", 0) + 1
+
+
+def test_unsupported_energy_is_an_error_naming_the_supported_ones():
+    q = np.zeros((2, 3))
+    for energy in ("laplace", "cosine", lambda a, b: a @ b.T):
+        with pytest.raises(ValueError, match=r"\['dot', 'sqeuclidean'\]"):
+            C.attention(q, q, q, energy=energy)
+
+
+def test_importing_iem_ref_does_not_import_numba_cuda():
+    code = "import sys, iem_ref; print(any(m.startswith('numba.cuda') or m == 'numba_cuda' for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- forward agreement
+
+
+@pytest.mark.equation("A1", "A3", "A4", "M1", "M2")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
+def test_forward_agrees_with_reference(rng, dtype, energy):
+    # Odd sizes, not multiples of the 32 x 32 tiles; batch axes that broadcast (k, v shared over heads).
+    n, m, d, dv = (70, 131, 67, 130) if BIG else (33, 37, 5, 3)
+    q = rng.standard_normal((2, 1, n, d)).astype(dtype)
+    k = rng.standard_normal((1, m, d)).astype(dtype)
+    v = rng.standard_normal((1, m, dv)).astype(dtype)
+    scale = 1 / math.sqrt(d) if energy == "dot" else 0.7
+    a, L = C.attention(q, k, v, scale=scale if energy == "sqeuclidean" else None, energy=energy, return_lse=True)
+    assert a.dtype == dtype and a.shape == (2, 1, n, dv) and L.shape == (2, 1, n)
+    bound_a, bound_L, _ = forward_bounds(q, k, v, scale, energy, dtype)
+    a_ref, L_ref = ref_attention(q, k, v, scale=scale if energy == "sqeuclidean" else None, energy=energy, return_lse=True)
+    assert_within(a, a_ref, bound_a, f"a {energy} {np.dtype(dtype)}")
+    assert_within(L, L_ref, bound_L, f"L {energy} {np.dtype(dtype)}")
+
+
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+def test_mask_and_causal(rng, alignment):
+    n, m, d, dv = (45, 100, 16, 8) if BIG else (20, 36, 4, 3)
+    q, k, v = _inputs(rng, (), n, m, d, dv, np.float64)
+    mask = rng.random((n, m)) < 0.6
+    mask[3] = False  # a fully masked row
+    a, L = C.attention(q, k, v, mask=mask, is_causal=True, causal_alignment=alignment, return_lse=True)
+    a_ref, L_ref = ref_attention(q, k, v, mask=mask, is_causal=True, causal_alignment=alignment, return_lse=True)
+    take = mask & causal_mask(n, m, alignment)
+    bound_a, bound_L, _ = forward_bounds(q, k, v, 1 / math.sqrt(d), "dot", np.float64, take)
+    assert_within(a, a_ref, bound_a, "a")
+    assert_within(L, L_ref, bound_L, "L")
+    assert np.all(a[3] == 0) and L[3] == -np.inf
+
+
+# ---------------------------------------------------------------- edge cases (README policy)
+
+
+def test_masked_nan_and_inf_never_leak(rng):
+    q, k, v = _inputs(rng, (), 6, 9, 3, 2, np.float64)
+    k[4] = np.nan
+    v[4] = np.inf
+    v[7] = np.nan
+    mask = np.ones((6, 9), bool)
+    mask[:, [4, 7]] = False
+    a = C.attention(q, k, v, mask=mask)
+    assert np.isfinite(a).all()
+    np.testing.assert_allclose(a, ref_attention(q, k, v, mask=mask), rtol=0, atol=1e-14)
+
+
+def test_nan_stays_in_its_rows(rng):
+    q, k, v = _inputs(rng, (), 5, 7, 3, 2, np.float64)
+    q[2, 1] = np.nan
+    a, L = C.attention(q, k, v, return_lse=True)
+    assert np.isnan(a[2]).all() and np.isnan(L[2])
+    others = [0, 1, 3, 4]
+    assert np.isfinite(a[others]).all() and np.isfinite(L[others]).all()
+
+
+def test_infinite_energies_and_empty_rows_in_softmin_summary(rng):
+    d = rng.standard_normal((6, 5))
+    v = rng.standard_normal((5, 3))
+    d[0, 2] = -np.inf  # one certain hypothesis: its value, L = +inf
+    d[1, [1, 3]] = -np.inf  # two certain: they share the mass
+    d[2, 4] = np.inf  # weight 0, value not read
+    d[3] = np.inf  # empty row: 0 (or NaN), L = -inf
+    d[4, 0] = np.nan  # NaN row only
+    v_bad = v.copy()
+    v_bad[4] = np.nan  # read by every row in which key 4 takes part, and only by them
+    for vals in (v, v_bad):
+        for empty in ("zero", "nan"):
+            a, L = C.softmin_summary(d, vals, 0.8, empty=empty)
+            a_ref, L_ref = ref_summary(d, vals, 0.8, empty=empty)
+            # float64, M = 5: a few roundings per weight (|x| <= 5) and per sum: 16 ulps of max(1, |ref|).
+            assert_within(a, a_ref, 16 * U64 * (1 + np.abs(a_ref)), f"a empty={empty}")
+            assert_within(L, L_ref, 16 * U64 * (1 + np.abs(L_ref)), f"L empty={empty}")
+    a, L = C.softmin_summary(d, v, 0.8)
+    assert L[0] == np.inf and np.array_equal(a[0], v[2])
+    assert L[1] == np.inf and np.array_equal(a[1], (v[1] + v[3]) / 2)
+    assert np.all(a[3] == 0) and L[3] == -np.inf
+    assert np.isnan(a[4]).all() and np.isnan(L[4]) and np.isfinite(a[[0, 1, 2, 5]]).all()
+    a, L = C.softmin_summary(d, v_bad, 0.8)
+    assert np.isfinite(a[2]).all()  # key 4 has energy +inf in row 2: its NaN value is not read
+    assert np.isnan(a[[0, 1, 4, 5]]).all() and np.all(a[3] == 0)
+
+
+def test_no_keys_and_no_queries():
+    q = np.ones((3, 2))
+    k = np.ones((0, 2))
+    v = np.ones((0, 4))
+    a, L = C.attention(q, k, v, return_lse=True)
+    assert a.shape == (3, 4) and np.all(a == 0) and np.all(L == -np.inf)
+    assert np.isnan(C.attention(q, k, v, empty="nan")).all()
+    assert C.attention(np.ones((0, 2)), np.ones((5, 2)), np.ones((5, 1))).shape == (0, 1)
+
+
+def test_scale_zero_is_uniform_over_the_keys_that_take_part(rng):
+    q, k, v = _inputs(rng, (), 4, 6, 3, 2, np.float64, spread=30.0)
+    mask = np.ones((4, 6), bool)
+    mask[:, 5] = False
+    a = C.attention(q, k, v, scale=0.0, mask=mask)
+    assert_within(a, np.broadcast_to(v[:5].mean(0), a.shape), 8 * U64 * np.abs(v).max(), "uniform")
+
+
+# ---------------------------------------------------------------- backward (G4)
+
+
+def backward_bounds(q, k, v, g, scale, energy, dtype, take=None):
+    u = _u(dtype)
+    D, M, N, Dv = q.shape[-1], k.shape[-2], q.shape[-2], v.shape[-1]
+    q64, k64, v64, g64 = (x.astype(np.float64) for x in (q, k, v, g))
+    a, L, r = ref_attention(q64, k64, v64, scale=scale, energy=energy, mask=take, return_lse=True, return_responsibilities=True)
+    bound_a, bound_L, E = forward_bounds(q, k, v, scale, energy, dtype, take)
+    t, _ = _scores(q, k, energy)
+    with np.errstate(invalid="ignore"):
+        F = (E + bound_L)[..., None] + u * np.abs(t * scale - L[..., None]) + 4 * u  # relative error of r_ij
+    F = np.where(np.isfinite(F), F, 0.0)  # rows with no key (L = -inf) have r = 0: nothing to bound
+    b = g64 @ np.swapaxes(v64, -1, -2)
+    db = _gamma(Dv, u) * (np.abs(g64) @ np.abs(np.swapaxes(v64, -1, -2)))
+    delta = (g64 * a).sum(-1)
+    ddelta = _gamma(Dv, u) * (np.abs(g64) * np.abs(a)).sum(-1) + (np.abs(g64) * bound_a).sum(-1)
+    dS = r * (b - delta[..., None])
+    ddS = r * (F * np.abs(b - delta[..., None]) + db + ddelta[..., None]) + u * np.abs(dS)
+    sT = lambda x: np.swapaxes(x, -1, -2)  # noqa: E731
+    bq = scale * ((ddS + _gamma(M, u) * np.abs(dS)) @ np.abs(k64))
+    bk = scale * (sT(ddS + _gamma(N, u) * np.abs(dS)) @ np.abs(q64))
+    if energy == "sqeuclidean":
+        bk = bk + scale * np.abs(k64) * sT(ddS + _gamma(N, u) * np.abs(dS)).sum(-1, keepdims=True)
+    bv = sT(r * F + _gamma(N, u) * r) @ np.abs(g64)
+    return bq, bk, bv
+
+
+@pytest.mark.equation("G4")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
+def test_backward_agrees_with_reference(rng, dtype, energy):
+    n, m, d, dv = (67, 97, 33, 140) if BIG else (20, 34, 3, 2)
+    q, k, v = _inputs(rng, (), n, m, d, dv, dtype)
+    g = rng.standard_normal((n, dv)).astype(dtype)
+    mask = rng.random((n, m)) < 0.8
+    scale = 0.5
+    got = C.attention_vjp(q, k, v, g, scale=scale, mask=mask, energy=energy)
+    want = ref_vjp(q, k, v, g, scale=scale, mask=mask, energy=energy)
+    bounds = backward_bounds(q, k, v, g, scale, energy, dtype, mask)
+    for name, x, y, bnd in zip(("dq", "dk", "dv"), got, want, bounds):
+        assert x.dtype == dtype
+        assert_within(x, y, bnd + 4 * _u(dtype) * np.abs(y), f"{name} {energy} {np.dtype(dtype)}")
+
+
+def test_backward_reuses_out_and_lse(rng):
+    q, k, v = _inputs(rng, (), 9, 12, 3, 2, np.float64)
+    g = rng.standard_normal((9, 2))
+    a, L = C.attention(q, k, v, return_lse=True, is_causal=True)
+    before = C.launches.get("forward", 0)
+    got = C.attention_vjp(q, k, v, g, is_causal=True, out=a, lse=L)
+    assert C.launches.get("forward", 0) == before  # no forward recomputation
+    want = ref_vjp(q, k, v, g, is_causal=True)
+    bounds = backward_bounds(q, k, v, g, 1 / math.sqrt(3), "dot", np.float64, causal_mask(9, 12))
+    for name, x, y, bnd in zip(("dq", "dk", "dv"), got, want, bounds):
+        assert_within(x, y, bnd + 4 * U64 * np.abs(y), f"{name} with the saved out and lse")
+
+
+# ---------------------------------------------------------------- device arrays (zero-copy)
+
+
+def test_device_arrays_in_device_arrays_out(rng):
+    q, k, v = _inputs(rng, (2,), 7, 9, 3, 2, np.float32)
+    dq, dk, dv = (cuda.to_device(x) for x in (q, k, v))
+    a, L = C.attention(dq, dk, dv, return_lse=True)
+    assert not isinstance(a, np.ndarray) and hasattr(a, "copy_to_host")
+    assert a.shape == (2, 7, 2) and np.dtype(a.dtype) == np.float32
+    a_np, L_np = C.attention(q, k, v, return_lse=True)
+    assert np.array_equal(_host(a), a_np) and np.array_equal(_host(L), L_np)  # same kernels, same bits
+    grads = C.attention_vjp(dq, dk, dv, cuda.to_device(rng.standard_normal((2, 7, 2)).astype(np.float32)))
+    assert all(hasattr(x, "copy_to_host") for x in grads)
+
+
+def test_strided_device_arrays_are_read_in_place(rng):
+    # k stored as (D, M) and read through its transpose: no copy is made.
+    q, k, v = _inputs(rng, (), 6, 8, 3, 2, np.float64)
+    kT = cuda.to_device(np.ascontiguousarray(k.T))
+    k_view = kT.T if not CUDA_SIMULATED else kT.transpose()
+    op = C._operand(k_view, (), np.dtype(np.float64))
+    if CUDA_SIMULATED:
+        assert np.shares_memory(op.flat._ary, kT._ary)
+    else:
+        assert op.flat.device_ctypes_pointer.value == kT.device_ctypes_pointer.value
+    assert (op.rs, op.cs) == (1, 8)
+    np.testing.assert_array_equal(C.attention(q, k_view, v), C.attention(q, k, v))
+
+
+def test_device_array_of_other_dtype_is_cast(rng):
+    q, k, v = _inputs(rng, (), 5, 6, 2, 2, np.float64)
+    a = C.attention(cuda.to_device(q.astype(np.float32)), k, v)
+    assert np.dtype(a.dtype) == np.float64
+    np.testing.assert_array_equal(_host(a), C.attention(q.astype(np.float32).astype(np.float64), k, v))
+
+
+# ---------------------------------------------------------------- PTX for the device (no GPU needed)
+
+_PTX_SCRIPT = textwrap.dedent(
+    """
+    import json, os, re, shutil, subprocess, sys, tempfile
+    from numba import cuda
+    try:
+        cuda.compile_ptx(lambda x: None, "void(float64[:])", cc=(9, 0))
+    except Exception as exc:  # no NVVM / NVRTC: nothing to check here
+        print(json.dumps({"skip": f"{type(exc).__name__}: {exc}"[:300]}))
+        sys.exit(0)
+    from iem_ref.accel import _cuda_kernels as K
+    # Every kernel, both dtypes; one energy per dtype (the energies differ by a constant branch only),
+    # plus the precomputed-energy forward of softmin_summary.  IEM_REF_PTX_ALL=1 compiles every combination.
+    combos = [("float32", K.DOT), ("float64", K.SQEUCLIDEAN), ("float32", K.PRECOMPUTED), ("float64", K.PRECOMPUTED)]
+    if os.environ.get("IEM_REF_PTX_ALL") == "1":
+        combos = [(t, e) for t in ("float32", "float64") for e in (K.DOT, K.SQEUCLIDEAN, K.PRECOMPUTED)]
+    report = {}
+    ptxas = shutil.which("ptxas")
+    for dtype, energy in combos:
+        kern = K.build(dtype, energy)
+        for name, sig in K.signatures(dtype, energy).items():
+            if energy == K.PRECOMPUTED and name != "forward":
+                continue
+            ptx, _ = cuda.compile_ptx(getattr(kern, name).py_func, sig, cc=(9, 0))
+            entry = {"ptx_lines": len(ptx.splitlines()), "bar_sync": ptx.count("bar.sync")}
+            if ptxas:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = os.path.join(tmp, "k.ptx")
+                    open(path, "w").write(ptx)
+                    out = subprocess.run([ptxas, "-v", "-arch=sm_90", path, "-o", os.path.join(tmp, "k.cubin")],
+                                         capture_output=True, text=True)
+                entry["ptxas_rc"] = out.returncode
+                for key, pat in (("registers", r"Used (\\d+) registers"), ("spill_stores", r"(\\d+) bytes spill stores"),
+                                 ("smem", r"(\\d+) bytes smem")):
+                    found = re.findall(pat, out.stderr)
+                    entry[key] = int(found[-1]) if found else None
+            report[f"{name}/{dtype}/{energy}"] = entry
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_to_ptx_for_sm90():
+    """Compiles the kernels with the real numba-cuda (NVVM) for sm_90, and assembles them with ``ptxas`` if present.
+
+    The simulator runs the Python source and checks no typing; this catches the
+    errors only a device build shows (a non-literal shared-array shape did,
+    once).  Skipped where NVVM/NVRTC are missing.  Register counts are printed
+    (``pytest -s``); shared memory must stay under the 48 KiB static limit.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    if "skip" in report:
+        pytest.skip(f"no NVVM/NVRTC here: {report['skip']}")
+    print(json.dumps(report, indent=1))
+    assert {"forward/float32/0", "dq/float32/0", "dkv/float32/0", "forward/float64/1", "dq/float64/1", "dkv/float64/1"} <= set(report)
+    for name, entry in report.items():
+        assert entry["bar_sync"] > 0 or name.startswith("rowdot"), name
+        if entry.get("ptxas_rc") is not None:
+            assert entry["ptxas_rc"] == 0, name
+            assert entry["smem"] is None or entry["smem"] <= 48 * 1024, name
