@@ -173,9 +173,12 @@ def test_attention_vjp_by_finite_differences(rng, energy, options):
         kw["mask"][:, 3] = False  # a key no query sees: its dk, dv are exactly 0
         take &= kw["mask"]
     if "causal" in options:
+        # Both alignments: top-left (query i sees keys j <= i) alone, bottom-right
+        # (the last query sees every key) with the mask.
+        align = "bottom_right" if "mask" in options else "top_left"
         kw["is_causal"] = True
-        kw["causal_alignment"] = "bottom_right"  # N < M: the last query sees every key
-        take &= R.causal_mask(N, M, "bottom_right")
+        kw["causal_alignment"] = align
+        take &= R.causal_mask(N, M, align)
     dq, dk, dv = R.attention_vjp(q, k, v, u, **kw)
     assert dq.shape == (N, D) and dk.shape == (M, D) and dv.shape == (M, DV)
     loss = _loss(u, **kw)
