@@ -10,6 +10,9 @@ def _equations(args):
     from .equations import GROUPS, REGISTRY, derivation_path, tests_for
 
     tests = tests_for()
+    if args.markdown:
+        print(markdown_map())
+        return 0
     print(f"{'ID':<4} {'function(s)':<58} {'derivation':<36} tests")
     last = None
     for eq_id, eq in REGISTRY.items():
@@ -23,6 +26,17 @@ def _equations(args):
             for t in tests[eq_id]:
                 print(f"       {t}")
     return 0
+
+
+def markdown_map():
+    """The README's equation map (ID -> statement -> functions -> derivation), generated from the registry."""
+    from .equations import REGISTRY
+
+    lines = ["| ID | equation | reference function(s) | derivation |", "|----|----------|-----------------------|------------|"]
+    for eq_id, eq in REGISTRY.items():
+        funcs = ", ".join(f"`{f.split('.')[-1]}`" for f in eq.functions)
+        lines.append(f"| {eq_id} | `{eq.statement.replace('|', chr(92) + '|')}` | {funcs} | [{eq.derivation.split('/')[-1]}]({eq.derivation}) |")
+    return "\n".join(lines)
 
 
 def _check(args):
@@ -45,6 +59,7 @@ def main(argv=None):
     p_check.set_defaults(func=_check)
     p_eq = sub.add_parser("equations", help="list equation ID -> function -> derivation -> tests")
     p_eq.add_argument("-v", "--verbose", action="store_true", help="also print each statement and test")
+    p_eq.add_argument("--markdown", action="store_true", help="print the README's equation map table")
     p_eq.set_defaults(func=_equations)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -59,3 +59,10 @@ def test_equations_command_prints_the_map(capsys):
     assert main(["equations"]) == 0
     out = capsys.readouterr().out
     assert "competition.responsibilities" in out and "derivations/A_attention.md" in out
+
+
+def test_readme_equation_map_matches_the_registry():
+    from iem_ref.cli import markdown_map
+
+    readme = (equations.ROOT / "README.md").read_text()
+    assert markdown_map() in readme, "README's equation map is stale: regenerate with `iem-ref equations --markdown`"
