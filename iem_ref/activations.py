@@ -16,7 +16,7 @@ import numpy as np
 from ._validation import as_float_array, check_scale, check_tau, result_dtype
 from .attention import attention
 from .competition import free_energy, responsibilities
-from .energies import SIGNS, signed_gaussian_energies
+from .energies import SIGNS, signed_linear_energies
 from .summaries import posterior_mean
 
 __all__ = [
@@ -81,7 +81,11 @@ def tanh_from_signed_gaussian(z, m=1.0, sigma=1.0):
     (0.7615941559557647, 0.7615941559557649)
     """
     z = as_float_array(z, "z")
-    d = signed_gaussian_energies(z.astype(np.float64), m, sigma)
+    # d_s = (z - s m)^2 / (2 sigma^2) = (z^2 + m^2) / (2 sigma^2) - s m z / sigma^2.  The first part
+    # is shared by both signs and cancels in the softmin (T3), leaving the linear energies with
+    # alpha = m / sigma^2.  Computing with them keeps the evidence for |z| >= 2**53 m, where
+    # z - m and z + m round to the same float and the quadratic form would give 0.
+    d = signed_linear_energies(z.astype(np.float64), alpha=m / sigma**2)
     r = responsibilities(d)
     return np.asarray(posterior_mean(r, SIGNS), dtype=z.dtype)[()]
 
@@ -181,7 +185,12 @@ def prototype_activation(z, centres, values, tau=1.0):
     g = as_float_array(values, "values")
     if c.shape[-1:] != g.shape[-1:]:
         raise ValueError(f"centres {c.shape} and values {g.shape} must have the same number K of prototypes")
-    d = (z.astype(np.float64)[..., None] - c.astype(np.float64)) ** 2 / 2.0  # (..., K)
+    z64, c64 = z.astype(np.float64)[..., None], c.astype(np.float64)
+    # d_h(z) = (z - c_h)^2 / 2, evaluated relative to the first prototype (T3: a shared shift
+    # does not change r) as a difference of squares, d_h - d_0 = (c_0 - c_h)(2 z - c_h - c_0) / 2,
+    # which stays accurate when |z| >> |c| (the squares themselves would round alike).
+    c0 = c64[..., :1]
+    d = (c0 - c64) * (2.0 * z64 - c64 - c0) / 2.0  # (..., K)
     r = responsibilities(d, tau)
     a = (r * g.astype(np.float64)).sum(axis=-1)
     return np.asarray(a, dtype=result_dtype(z, c, g))[()]

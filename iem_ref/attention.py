@@ -232,6 +232,9 @@ def attention_responsibilities(q, k, *, scale=None, mask=None, is_causal=False, 
 def hard_attention(q, k, v, *, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", ties="split", empty="zero", return_responsibilities=False):
     """H1: hard attention ``a_i = v_{argmin_j d_ij}``, the zero-temperature limit (H2).
 
+    The output is the posterior mode of the values (P3); only the winners'
+    values are read.
+
     The winner is the key of **lowest energy** (highest score ``<q, k>``).
     ``ties="split"`` averages the values of tied winners (the limit of soft
     attention as ``scale -> inf``); ``"first"`` takes the first (argmax

@@ -149,6 +149,8 @@ def responsibilities(d, tau=1.0, axis=-1, mask=None, *, empty="zero"):
     """A3 / T2: responsibilities ``r_j = exp(-d_j/tau) / sum_j' exp(-d_j'/tau)``.
 
     The softmin of the energies (= softmax of the scores ``-d``): the E-step.
+    The whole vector is P1, the full posterior; as ``tau -> 0`` it tends to
+    :func:`hard_responsibilities` (H2).
     Accurate to 3 ulps componentwise in float64 (error-free shifted exponents
     and a half-ulp sum, see ``iem_ref._accurate``); ``sum_j r_j = 1`` within a
     few units of roundoff.
