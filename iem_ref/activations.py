@@ -81,6 +81,8 @@ def tanh_from_signed_gaussian(z, m=1.0, sigma=1.0):
     (0.7615941559557647, 0.7615941559557649)
     """
     z = as_float_array(z, "z")
+    if not 0 < float(sigma) < np.inf:  # also refuses NaN
+        raise ValueError(f"sigma must be finite and > 0 (the kernel width); got {sigma!r}")
     # d_s = (z - s m)^2 / (2 sigma^2) = (z^2 + m^2) / (2 sigma^2) - s m z / sigma^2.  The first part
     # is shared by both signs and cancels in the softmin (T3), leaving the linear energies with
     # alpha = m / sigma^2.  Computing with them keeps the evidence for |z| >= 2**53 m, where

@@ -283,6 +283,9 @@ def test_activations():
             fn(z.astype(complex))
     with pytest.raises(ValueError, match="alpha"):
         R.tanh_as_attention(z, alpha=-1.0)
+    for sigma in (0.0, -1.0, np.nan, np.inf):  # regression: sigma = 0 raised ZeroDivisionError
+        with pytest.raises(ValueError, match="sigma"):
+            R.tanh_from_signed_gaussian(z, sigma=sigma)
     with pytest.raises(ValueError, match=r"centres.*\(3,\).*values.*\(2,\)"):
         R.prototype_activation(z, np.zeros(3), np.zeros(2))
     with pytest.raises(ValueError, match="tau"):
