@@ -83,6 +83,16 @@ def check_scale(scale, head_dim, name="scale"):
     return np.inf if scale == 0 else 1.0 / scale
 
 
+def check_positive(value, name):
+    """A kernel parameter (width, scale, degrees of freedom): a finite real scalar > 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real scalar; got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and np.isfinite(value)):
+        raise ValueError(f"{name} must be finite and > 0; got {value!r}")
+    return value
+
+
 def check_axis(axis, ndim, name="axis"):
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (numbers.Integral, np.integer)):
         raise TypeError(f"{name} must be an integer; got {type(axis).__name__}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import as_float_array, broadcast_batch, need_ndim, result_dtype
+from ._validation import as_float_array, broadcast_batch, check_positive, need_ndim, result_dtype
 
 __all__ = [
     "dot_energy",
@@ -95,7 +95,7 @@ def scaled_dot_energy(x, mu, scale=None):
     array([[-1.]])
     """
     x, mu, dtype, single = _pair(x, mu, ("q", "k"))
-    scale = 1.0 / np.sqrt(x.shape[-1]) if scale is None else float(scale)
+    scale = 1.0 / np.sqrt(x.shape[-1]) if scale is None else check_positive(scale, "scale")
     d = -(x @ np.swapaxes(mu, -1, -2)) * scale
     return _done(d, dtype, single)
 
@@ -109,6 +109,7 @@ def sqeuclidean_energy(x, mu, sigma=1.0):
     array([[12.5]])
     """
     x, mu, dtype, single = _pair(x, mu)
+    sigma = check_positive(sigma, "sigma")
     diff = _differences(x, mu)
     d = (diff**2).sum(axis=-1) / (2.0 * sigma**2)
     return _done(d, dtype, single)
@@ -140,15 +141,15 @@ def mahalanobis_energy(x, mu, cov, *, half=False, log_det=False):
         cov = np.broadcast_to(cov, (M, D, D))
     if cov.shape != (M, D, D):
         raise ValueError(f"cov must have shape (M, D, D) = {(M, D, D)} or (D, D); got {cov.shape}")
+    if M and D and np.any(np.linalg.eigvalsh(cov)[..., 0] <= 0):
+        raise ValueError("cov must be positive definite (an eigenvalue is <= 0)")
     diff = _differences(x, mu)  # (..., N, M, D)
     solved = np.linalg.solve(cov, diff[..., None])[..., 0]  # Sigma^{-1} (x - mu)
     d = (diff * solved).sum(axis=-1)
     if half:
         d = d / 2.0
     if log_det:
-        sign, logdet = np.linalg.slogdet(cov)
-        if np.any(sign <= 0) or np.any(np.linalg.eigvalsh(cov)[..., 0] <= 0):
-            raise ValueError("cov must be positive definite (an eigenvalue is <= 0)")
+        _, logdet = np.linalg.slogdet(cov)
         d = d + logdet / 2.0
     return _done(d, dtype, single)
 
@@ -162,6 +163,7 @@ def laplace_energy(x, mu, b=1.0):
     array([[7.]])
     """
     x, mu, dtype, single = _pair(x, mu)
+    b = check_positive(b, "b")
     d = np.abs(_differences(x, mu)).sum(axis=-1) / b
     return _done(d, dtype, single)
 
@@ -196,6 +198,7 @@ def student_t_energy(x, mu, nu=1.0, sigma=1.0, *, exact_scale=False):
     array([[0.69314718]])
     """
     x, mu, dtype, single = _pair(x, mu)
+    nu, sigma = check_positive(nu, "nu"), check_positive(sigma, "sigma")
     sq = (_differences(x, mu) ** 2).sum(axis=-1)
     d = np.log1p(sq / (nu * sigma**2))
     if exact_scale:
@@ -215,6 +218,7 @@ def huber_energy(x, mu, delta=1.0):
     array([0.125, 2.   ])
     """
     x, mu, dtype, single = _pair(x, mu)
+    delta = check_positive(delta, "delta")
     r = np.sqrt((_differences(x, mu) ** 2).sum(axis=-1))
     d = np.where(r <= delta, 0.5 * r**2, delta * (r - delta / 2.0))
     return _done(d, dtype, single)
@@ -229,6 +233,7 @@ def pseudo_huber_energy(x, mu, delta=1.0):
     array([[0.        , 0.41421356]])
     """
     x, mu, dtype, single = _pair(x, mu)
+    delta = check_positive(delta, "delta")
     r2 = (_differences(x, mu) ** 2).sum(axis=-1)
     # sqrt(1 + t) - 1 = t / (sqrt(1 + t) + 1): no cancellation for small r.
     t = r2 / delta**2

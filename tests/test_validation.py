@@ -320,3 +320,27 @@ def test_streaming():
         R.partial_posterior(d, v, mask=np.ones(3, bool))
     with pytest.raises(ValueError, match="empty"):
         R.finalize_partial(R.partial_posterior(d, v), empty="null")
+
+
+@pytest.mark.parametrize(
+    "fn, kwarg",
+    [
+        (R.sqeuclidean_energy, "sigma"),
+        (R.laplace_energy, "b"),
+        (R.student_t_energy, "nu"),
+        (R.student_t_energy, "sigma"),
+        (R.huber_energy, "delta"),
+        (R.pseudo_huber_energy, "delta"),
+        (R.scaled_dot_energy, "scale"),
+    ],
+)
+@pytest.mark.parametrize("bad", [0.0, -1.0, np.inf, np.nan])
+def test_kernel_parameters_must_be_finite_and_positive(fn, kwarg, bad):
+    x, mu = np.zeros((2, 3)), np.ones((4, 3))
+    with pytest.raises(ValueError, match=kwarg):
+        fn(x, mu, **{kwarg: bad})
+
+
+def test_mahalanobis_rejects_a_non_positive_definite_covariance_without_log_det():
+    with pytest.raises(ValueError, match="positive definite"):
+        R.mahalanobis_energy(np.zeros((1, 2)), np.ones((1, 2)), -np.eye(2))
