@@ -194,7 +194,7 @@ def _no_mask(bf):
 
 
 def _launch(kernel, grid, block, *args):
-    name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "py_func", None), "__name__", "kernel")
+    name = getattr(getattr(kernel, "py_func", None), "__name__", None) or getattr(kernel, "__name__", "kernel")
     launches[name] = launches.get(name, 0) + 1
     kernel[grid, block](*args)
 
