@@ -78,6 +78,35 @@ def accurate_sum(w):
     return s[..., 0] + err[..., 0]
 
 
+_BIG = 2.0**600  # exact rescaling that keeps Dekker's split away from overflow and underflow
+
+
+def _divide_with_remainder(s, t, tau):
+    """``(s + t) / tau = q + c`` with ``q = fl(s / tau)`` and ``c`` the (rounded) remainder.
+
+    ``s - q tau`` is exact by TwoProduct; for ``tau > 2**900`` the product is
+    formed as ``(q 2**600) (tau 2**-600)`` and for ``tau < 2**-800`` everything
+    is multiplied by ``2**600`` first, so that the split neither overflows nor
+    loses bits to underflow (powers of two rescale exactly).
+    """
+    q = s / tau
+    ok = np.isfinite(q) & (np.abs(q) < _SPLIT_SAFE)
+    qs = np.where(ok, q, 0.0)
+    s_ok = np.where(ok, s, 0.0)
+    if tau > 2.0**900:
+        p, pe = two_prod(qs * _BIG, tau / _BIG)
+        c = (((s_ok - p) - pe) + t) / tau
+    elif tau < 2.0**-800:
+        big_tau = tau * _BIG
+        p, pe = two_prod(qs, big_tau)
+        c = (((s_ok * _BIG - p) - pe) + t * _BIG) / big_tau
+    else:
+        p, pe = two_prod(qs, tau)
+        c = (((s_ok - p) - pe) + t) / tau
+    c = np.where(ok & np.isfinite(c), c, 0.0)
+    return q, c
+
+
 @dataclass
 class SoftminTerms:
     """Everything A3, G1 and G3 need, for energies with hypotheses on the last axis.
@@ -127,16 +156,13 @@ def softmin_terms(d, tau, take):
 
         # d_j - m exactly as s + t (TwoSum), then divided by tau with its remainder.
         s, t = two_sum(d_num, -m_safe)
+        t = np.where(np.isfinite(s), t, 0.0)  # d_j - m overflowed: its weight is 0 anyway
         if tau == 1.0:
             q, c = s, t
         elif np.isinf(tau):
             q, c = np.zeros_like(s), np.zeros_like(s)
         else:
-            q = s / tau
-            ok = np.abs(q) < _SPLIT_SAFE
-            qs = np.where(ok, q, 0.0)
-            p, pe = two_prod(qs, tau)
-            c = np.where(ok, (((np.where(ok, s, 0.0) - p) - pe) + t) / tau, 0.0)
+            q, c = _divide_with_remainder(s, t, tau)
         hi, lo = -q, -c
         valid = part & np.isfinite(d_num) & finite_m[..., None]
         hi = np.where(valid, hi, -np.inf)

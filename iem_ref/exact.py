@@ -108,6 +108,7 @@ def _dec(x):
 # ----------------------------------------------------------------------------
 
 _F32_OVER = Decimal(2**128)  # stands for float32 inf when comparing distances
+_F32_UNDER = Decimal(5**151).scaleb(-151)  # 2**-151, a quarter of the smallest float32 subnormal
 
 
 def round_to_float32(x):
@@ -124,8 +125,10 @@ def round_to_float32(x):
     x = _dec(x)
     if x.is_nan():
         return np.float32(np.nan)
-    if x.is_infinite():
+    if x.is_infinite() or x.copy_abs() > _F32_OVER:
         return np.float32(np.inf if x > 0 else -np.inf)
+    if x.copy_abs() < _F32_UNDER:  # below half the smallest subnormal (and no exact
+        return np.float32(0.0 if x >= 0 else -0.0)  # subtraction with a 10**-1e8)
     with np.errstate(over="ignore"):
         f = np.float32(float(x))
     cands = {f, np.nextafter(f, np.float32(-np.inf)), np.nextafter(f, np.float32(np.inf))}
@@ -283,18 +286,16 @@ def _softmin_row(d, take, beta, beta_rel, C, delta, want_r=True):
     ell = _log1p(R, C, delta)
     a = C.multiply(m.copy_negate(), beta)  # -m / tau (m exact: negate without rounding)
     L = C.add(a, ell)
-    exact_row = not C.flags[decimal.Inexact] and beta_rel == 0
-    if exact_row:
-        return _Row("finite", L, _ZERO, [w[j] for j in range(M)], zeros, n)
+    S = C.add(_ONE, R)
+    r = [C.divide(w[j], S) for j in range(M)] if want_r else []
+    if not C.flags[decimal.Inexact] and beta_rel == 0:  # nothing was rounded: exact values
+        return _Row("finite", L, _ZERO, r, zeros if want_r else [], n)
     eL = (abs(a) * (delta + beta_rel) + eR + 2 * delta * ell + delta * abs(L)) * Decimal("1.01")
     if not want_r:
         return _Row("finite", L, eL, [], [], n)
-    S = C.add(_ONE, R)
     eS = eR + delta * S
-    r, er = [], []
-    for j in range(M):
-        rj = C.divide(w[j], S)
-        r.append(rj)
+    er = []
+    for j, rj in enumerate(r):
         if eS >= Decimal("0.01"):  # hopeless at this precision: force another round
             er.append(_ONE)
         else:

@@ -72,6 +72,7 @@ Examples
 
 from __future__ import annotations
 
+import decimal
 import math
 from decimal import Decimal
 
@@ -93,6 +94,8 @@ __all__ = [
 ]
 
 _U64 = np.finfo(np.float64).eps / 2
+# Decimal arithmetic on exact results such as 1e-203619766 needs the full exponent range.
+_WIDE = decimal.Context(prec=60, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN, traps=[])
 _SECOND_ORDER = 1.0 + 2.0**-10
 
 
@@ -137,7 +140,7 @@ def ulp_error(actual, expected, dtype=None):
         yr = _exact.to_float([yd], dtype)[0]
         with np.errstate(over="ignore"):
             sp = float(np.spacing(abs(yr))) if np.isfinite(yr) else float(np.spacing(np.finfo(dtype).max))
-        out[i] = float(abs(Decimal(x) - yd) / Decimal(sp))
+        out[i] = float(_WIDE.divide(_WIDE.subtract(Decimal(x), yd).copy_abs(), Decimal(sp)))
     out = out.reshape(a.shape)
     return out[()] if out.ndim == 0 else out
 

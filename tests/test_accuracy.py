@@ -24,6 +24,7 @@ The float32 path computes in float64 and rounds once: within
 """
 
 import functools
+import decimal
 import math
 from decimal import Decimal
 
@@ -67,6 +68,11 @@ def exact_of(name, tau, dtype=np.float64):
 
 def kappa(d, tau, r, L):
     """Relative condition number of L: sum_j r_j |d_j / tau| / |L| (exact r, L)."""
+    with decimal.localcontext(exact._context(50)):  # the exact results span 10**-2e8 .. 10**300
+        return _kappa_wide(d, tau, r, L)
+
+
+def _kappa_wide(d, tau, r, L):
     if not L.is_finite() or L == 0:
         return math.inf if L == 0 else 0.0
     num = sum((rj * abs(Decimal(float(dj)) / Decimal(tau)) for dj, rj in zip(d, r) if rj != 0 and np.isfinite(dj)), Decimal(0))
@@ -211,3 +217,23 @@ def test_3_ulp_claim_can_fail():
     _, r_exact = exact_of("normal_sd30", 1.0)
     err = ulp_error(scipy_special.softmax(SUITE["normal_sd30"]), r_exact)
     assert err.max() > 3.0
+
+
+@pytest.mark.equation("A3", "G1")
+@pytest.mark.parametrize(
+    "d, tau",
+    [
+        ([1.7e308, -1.7e308], 1.0),  # d_j - m overflows: TwoSum's error term was NaN (r was NaN)
+        ([0.0, 1e300], 1e305),  # Dekker's split of tau overflowed
+        ([0.0, 1e300, 2e300], 1e300),
+        ([0.0, 3e-320, 1e-319], 1e-320),  # subnormal tau: the split lost bits to underflow
+        ([0.0, 1e-300, 0.7e-300], 3.3e-301),
+    ],
+)
+def test_regression_extreme_range_of_d_and_tau(d, tau):
+    L_exact, r_exact = exact.log_partition(d, tau), exact.responsibilities(d, tau)
+    k = kappa(np.array(d), tau, r_exact, L_exact)
+    assert float(ulp_error(log_partition(d, tau), L_exact)) <= 2 + k
+    err = ulp_error(responsibilities(d, tau), r_exact)
+    normal = np.abs(exact.to_float(r_exact)) >= TINY
+    assert np.all(err[normal] <= 3.0)

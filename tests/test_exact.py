@@ -43,6 +43,7 @@ ADVERSARIAL = {
     "huge": [1e300, 1e300 * (1 + 2**-50), 1.5e300],
     "huge_negative": [-1e300, -1e300 * (1 + 2**-52), 0.0],
     "equal": [3.0] * 7,
+    "equal_exact": [3.0] * 4,  # r = 1/4 exactly: no rounding anywhere
     "spread": [0.0, 123.456, 257.0, 499.99, 10.0],
     "subnormal_weight": [0.0, 740.0, 745.5],
     "near_equal": [0.5 + k * 2**-52 for k in range(6)],

@@ -1,0 +1,111 @@
+"""Property-based tests (hypothesis) over wide ranges: reference and exact tier.
+
+* responsibilities are non-negative, at most 1, and sum to one within
+  ``2u + 2 (log2 M)^2 u^2`` (derivation: tests/test_accuracy.py);
+* T3: a shared shift ``d -> d + c`` and a joint rescaling ``(d, tau) -> (c d, c tau)``
+  leave r unchanged.  In floating point the transformed energies must be the
+  *same real numbers* for the claim to apply, so shifts are drawn where
+  ``d + c`` is exact (multiples of 2**-20 below 2**30) and scales are powers
+  of two; then the exact tier must give identical floats (correct rounding
+  of the same real value) and so must the reference (it forms ``d_j - min d``
+  exactly by TwoSum, and ``(c s) / (c tau) = s / tau`` bit for bit);
+* reference ~ exact on random small inputs: ``L`` within ``2 + kappa`` ulps,
+  ``r`` within 3 ulps componentwise where the exact value is normal.
+"""
+
+import decimal
+import math
+from decimal import Decimal
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from iem_ref import exact, log_partition, responsibilities
+from iem_ref.testing import ulp_error
+from tests.conftest import U64
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+wide = st.floats(min_value=-1e300, max_value=1e300, allow_nan=False, allow_infinity=False)
+moderate = st.floats(min_value=-800.0, max_value=800.0, allow_nan=False, allow_infinity=False)
+energies = st.one_of(
+    st.lists(wide, min_size=1, max_size=8),
+    st.lists(moderate, min_size=1, max_size=12),
+    st.lists(st.floats(min_value=-5.0, max_value=5.0), min_size=1, max_size=40),
+)
+taus = st.one_of(st.sampled_from([1.0, 0.5, 3.0, 1e-3, 1e3]), st.floats(min_value=1e-6, max_value=1e6))
+grid = st.integers(min_value=-(2**40), max_value=2**40).map(lambda n: n * 2.0**-20)  # d + c exact
+
+
+def _kappa(d, tau, r, L):
+    with decimal.localcontext(exact._context(50)):  # the exact results span 10**-2e8 .. 10**300
+        return _kappa_wide(d, tau, r, L)
+
+
+def _kappa_wide(d, tau, r, L):
+    if not L.is_finite() or L == 0:
+        return math.inf
+    num = sum((rj * abs(Decimal(float(dj)) / Decimal(tau)) for dj, rj in zip(d, r) if rj != 0), Decimal(0))
+    return float(num / abs(L))
+
+
+@pytest.mark.equation("A3")
+@SETTINGS
+@given(d=energies, tau=taus)
+def test_nonnegative_and_sum_to_one(d, tau):
+    r = responsibilities(np.array(d), tau)
+    assert np.all(r >= 0) and np.all(r <= 1)
+    s = sum((Decimal(float(x)) for x in r), Decimal(0))
+    assert abs(float(s - 1)) <= 2 * U64 + 2 * math.log2(len(d)) ** 2 * U64**2
+
+
+@pytest.mark.equation("T3")
+@SETTINGS
+@given(d=st.lists(grid, min_size=1, max_size=10), c=grid, tau=taus)
+def test_shift_invariance(d, c, tau):
+    d = np.array(d)
+    shifted = d + c
+    assert np.array_equal(shifted - c, d)  # the shift is exact
+    np.testing.assert_array_equal(responsibilities(shifted, tau), responsibilities(d, tau))
+    np.testing.assert_array_equal(exact.to_float(exact.responsibilities(shifted, tau)), exact.to_float(exact.responsibilities(d, tau)))
+
+
+@pytest.mark.equation("T3")
+@SETTINGS
+@given(d=st.lists(moderate, min_size=1, max_size=10), k=st.integers(min_value=-30, max_value=30), tau=taus)
+def test_joint_rescaling_invariance(d, k, tau):
+    d = np.array(d)
+    c = 2.0**k
+    np.testing.assert_array_equal(responsibilities(c * d, c * tau), responsibilities(d, tau))
+    np.testing.assert_array_equal(exact.to_float(exact.responsibilities(c * d, c * tau)), exact.to_float(exact.responsibilities(d, tau)))
+
+
+@pytest.mark.equation("G1", "A3")
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(d=energies, tau=taus)
+def test_reference_matches_exact(d, tau):
+    d = np.array(d)
+    L_exact = exact.log_partition(d, tau)
+    r_exact = exact.responsibilities(d, tau)
+    k = _kappa(d, tau, r_exact, L_exact)
+    assert float(ulp_error(log_partition(d, tau), L_exact)) <= 2 + k
+    err = ulp_error(responsibilities(d, tau), r_exact)
+    normal = np.abs(exact.to_float(r_exact)) >= np.finfo(np.float64).tiny
+    assert np.all(err[normal] <= 3.0)
+
+
+@pytest.mark.equation("S4")
+@SETTINGS
+@given(z=st.floats(min_value=-50.0, max_value=50.0), m=st.floats(min_value=0.1, max_value=3.0))
+def test_exact_tanh_is_tanh(z, m):
+    """S4 on the exact tier: r_+ - r_- of the signed Gaussian energies is tanh(m z) (sigma = 1), correctly rounded.
+
+    The reference's ``np.tanh`` is not correctly rounded, so compare with an
+    independent 60-digit evaluation instead.
+    """
+    mp = pytest.importorskip("mpmath")
+    with mp.workdps(60):
+        want = float(mp.tanh(mp.mpf(m) * mp.mpf(z)))
+    assert float(exact.tanh_from_signed_gaussian(z, m, 1.0)) == want
