@@ -63,6 +63,7 @@ from iem_ref.attention import attention as ref_attention  # noqa: E402
 from iem_ref.attention import causal_mask  # noqa: E402
 from iem_ref.gradients import attention_vjp as ref_vjp  # noqa: E402
 from iem_ref.summaries import softmin_summary as ref_summary  # noqa: E402
+from iem_ref import activations as iem_ref_activations  # noqa: E402
 
 BIG = not CUDA_SIMULATED  # a real GPU: larger shapes (several blocks and tiles in every direction)
 
@@ -408,3 +409,35 @@ def test_every_kernel_compiles_to_ptx_for_sm90():
         if entry.get("ptxas_rc") is not None:
             assert entry["ptxas_rc"] == 0, name
             assert entry["smem"] is None or entry["smem"] <= 48 * 1024, name
+
+
+# ---------------------------------------------------------------- scalar activations (S3, S4, H3)
+
+
+@pytest.mark.equation("S3", "S4", "H3")
+def test_scalar_activations_agree_with_reference():
+    pytest.importorskip("iem_ref.accel._scalar")
+    z = np.array([-1e3, -30.0, -3.0, -0.5, -1e-8, 0.0, 1e-8, 0.5, 3.0, 30.0, 1e3])
+    z_edge = np.concatenate([z, [np.inf, -np.inf, np.nan]])
+    # Each value is one scalar formula in float64 (a tanh, or log1p/exp): a few roundings, so 8 ulps
+    # of max(1, |ref|) bounds the difference from the reference's own few-ulp result.
+    cases = [
+        ("softplus", (z_edge, 0.7)),
+        ("sign_posterior_mean", (z_edge, z_edge[::-1])),
+        ("tanh_from_signed_gaussian", (z, 1.5, 0.8)),
+    ]
+    for name, args in cases:
+        got = getattr(C, name)(*args)
+        want = getattr(iem_ref_activations, name)(*args)
+        assert got.dtype == want.dtype
+        assert_within(got, want, 8 * U64 * np.maximum(1.0, np.abs(np.where(np.isfinite(want), want, 0))), name)
+    assert C.softplus(np.float32([1.0, 2.0])).dtype == np.float32
+    with pytest.raises(ValueError, match="sigma"):
+        C.tanh_from_signed_gaussian(z, 1.0, 0.0)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(C, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 6 and result.failed == 0

@@ -48,7 +48,17 @@ from .._validation import as_float_array, as_mask, check_choice, check_tau, need
 from ..attention import prepare_attention
 from . import _cuda_kernels as _k
 
-__all__ = ["attention", "softmin_summary", "attention_vjp", "BACKEND", "SUPPORTED_ENERGIES", "launches"]
+__all__ = [
+    "attention",
+    "softmin_summary",
+    "attention_vjp",
+    "sign_posterior_mean",
+    "tanh_from_signed_gaussian",
+    "softplus",
+    "BACKEND",
+    "SUPPORTED_ENERGIES",
+    "launches",
+]
 
 SIMULATED = bool(_nb_config.ENABLE_CUDASIM)
 BACKEND = "simulator" if SIMULATED else "gpu"
@@ -434,3 +444,102 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         _launch(kern.dkv, bf * nkb, _k.NT, *common, nkb, LSE, CNT, DEL, DK, DV)
     dq, dk, dv_ = _finish([DQ, DK, DV], [batch + (n, d), batch + (m, d), batch + (m, dv)], device)
     return dq, dk, dv_
+
+
+# --------------------------------------------------------------------------
+# Scalar activations (S3, S4, H3): elementwise kernels over the scalar helpers
+# shared with the CPU path (iem_ref.accel._scalar, plain @njit functions that
+# Numba compiles as device functions).  NumPy in, NumPy out; float64 inside,
+# rounded once to the input dtype, as the reference and accel.cpu do.
+
+_ELEMENTWISE = {}
+
+
+def _elementwise(name):
+    if name not in _ELEMENTWISE:
+        from ._scalar import sign_mean, signed_gaussian_mean, softplus_scalar
+
+        if name == "sign":
+
+            @cuda.jit
+            def sign(dp, dm, out):
+                i = cuda.grid(1)
+                if i < out.shape[0]:
+                    out[i] = sign_mean(dp[i], dm[i])
+
+            _ELEMENTWISE[name] = sign
+        elif name == "gauss":
+
+            @cuda.jit
+            def gauss(z, m, sigma, out):
+                i = cuda.grid(1)
+                if i < out.shape[0]:
+                    out[i] = signed_gaussian_mean(z[i], m, sigma)
+
+            _ELEMENTWISE[name] = gauss
+        else:
+
+            @cuda.jit
+            def softplus_k(z, tau, out):
+                i = cuda.grid(1)
+                if i < out.shape[0]:
+                    out[i] = softplus_scalar(z[i], tau)
+
+            _ELEMENTWISE[name] = softplus_k
+    return _ELEMENTWISE[name]
+
+
+def _run_elementwise(name, arrays, scalars, shape, dtype):
+    n = int(np.prod(shape, dtype=np.int64))
+    out = cuda.device_array(max(n, 1), dtype=np.float64)
+    if n:
+        args = [cuda.to_device(np.ascontiguousarray(a, dtype=np.float64).reshape(-1)) for a in arrays]
+        _launch(_elementwise(name), (n + 127) // 128, 128, *args, *scalars, out)
+    return np.asarray(out.copy_to_host()[:n].reshape(shape), dtype=dtype)[()]
+
+
+def sign_posterior_mean(d_plus, d_minus):
+    """S3: ``a = r_+ - r_- = E[s | z]`` elementwise on the GPU, as :func:`iem_ref.sign_posterior_mean`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> float(sign_posterior_mean(0.0, np.log(3.0)))
+    0.5
+    """
+    d_plus = as_float_array(d_plus, "d_plus")
+    d_minus = as_float_array(d_minus, "d_minus")
+    try:
+        dp, dm = np.broadcast_arrays(d_plus, d_minus)
+    except ValueError:
+        raise ValueError(f"d_plus {d_plus.shape} and d_minus {d_minus.shape} do not broadcast") from None
+    return _run_elementwise("sign", [dp, dm], [], dp.shape, result_dtype(d_plus, d_minus))
+
+
+def tanh_from_signed_gaussian(z, m=1.0, sigma=1.0):
+    """S4: ``E[s | z] = tanh(m z / sigma^2)`` from the signed Gaussian energies, as :func:`iem_ref.tanh_from_signed_gaussian`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> abs(float(tanh_from_signed_gaussian(0.5, m=2.0, sigma=1.0)) - float(np.tanh(1.0))) < 1e-15
+    True
+    """
+    z = as_float_array(z, "z")
+    if not 0 < float(sigma) < np.inf:  # also refuses NaN
+        raise ValueError(f"sigma must be finite and > 0 (the kernel width); got {sigma!r}")
+    return _run_elementwise("gauss", [z], [float(m), float(sigma)], z.shape, z.dtype)
+
+
+def softplus(z, tau=1.0):
+    """H3: ``softplus_tau(z) = tau log(1 + exp(z / tau))`` elementwise on the GPU, as :func:`iem_ref.softplus`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> abs(float(softplus(0.0)) - float(np.log(2.0))) < 1e-15
+    True
+    """
+    z = as_float_array(z, "z")
+    tau = check_tau(tau)
+    return _run_elementwise("softplus", [z], [tau], z.shape, z.dtype)
