@@ -315,8 +315,9 @@ def _beta_from_tau(tau, C, delta):
 def _rows(d, take):
     """Energies (..., M) as lists of exact Decimals, and masks as lists of bool."""
     M = d.shape[-1]
-    d2 = d.astype(np.float64).reshape(-1, M)
-    t2 = np.ones(d2.shape, dtype=bool) if take is None else np.broadcast_to(take, d.shape).reshape(-1, M)
+    rows = int(np.prod(d.shape[:-1], dtype=np.int64))
+    d2 = d.astype(np.float64).reshape(rows, M)
+    t2 = np.ones(d2.shape, dtype=bool) if take is None else np.broadcast_to(take, d.shape).reshape(rows, M)
     return [[Decimal(x) for x in row] for row in d2.tolist()], t2.tolist()
 
 
@@ -552,11 +553,11 @@ def attention(
     batch, N, M, Dv = inp.batch, inp.n, inp.m, inp.dv
     take = inp.takes_part()
     take = np.ones(batch + (N, M), dtype=bool) if take is None else take
-    qb = inp.q.astype(np.float64).reshape((-1, N, D))
-    kb = inp.k.astype(np.float64).reshape((-1, M, D))
-    vb = inp.v.astype(np.float64).reshape((-1, M, Dv))
-    tb = take.reshape((-1, N, M))
-    B = qb.shape[0]
+    B = int(np.prod(batch, dtype=np.int64))
+    qb = inp.q.astype(np.float64).reshape((B, N, D))
+    kb = inp.k.astype(np.float64).reshape((B, M, D))
+    vb = inp.v.astype(np.float64).reshape((B, M, Dv))
+    tb = take.reshape((B, N, M))
     energies = []
     for b in range(B):
         qd = [[Decimal(x) for x in row] for row in qb[b].tolist()]
