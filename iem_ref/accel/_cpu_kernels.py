@@ -1,0 +1,524 @@
+"""Numba kernels behind :mod:`iem_ref.accel.cpu`: the fused one-pass softmin summary (M1-M2) and its backward (G4).
+
+Shape legend (one batch element): ``q (N, D)``, ``k (M, D)``, ``v (M, Dv)``,
+``u (N, Dv)`` (upstream gradient), mask ``(N, M)`` (any strides, 0 for
+broadcast axes); tiles: ``bq`` queries x ``bk`` keys.
+
+Scores, not energies: inside the kernels ``s_ij = -d_ij * scale`` (for the dot
+energy ``s = scale <q_i, k_j>``; for the squared-Euclidean one
+``s = -scale ||q_i - k_j||^2 / 2 = scale (<q_i, k_j> - |q_i|^2/2 - |k_j|^2/2)``),
+so the online softmin keeps a running **maximum** score ``m`` (``= -min d *
+scale``), ``l = sum_j exp(s_ij - m)`` and ``o = sum_j exp(s_ij - m) v_j``:
+the partial posterior M1, merged across key tiles and key splits by M2.
+
+Arithmetic per dtype ``T`` (float32 or float64):
+- score tile ``S = Q_b K_b^T`` and value tile ``P V_b``: one BLAS GEMM each, in
+  ``T`` (so float32 inputs give float32 dot products of length ``D`` and
+  float32 sums over the ``bk`` keys of a tile);
+- shift, ``exp`` (the polynomial of :mod:`._fastexp`, <= 2 ulps) and the
+  tile's row sum in ``T`` (the row sum with 8 fixed partial sums);
+- running ``m, l, o`` (across tiles and splits), the final ``o / l`` and
+  ``L = m + log l`` in float64, rounded once to ``T``.
+
+Edge cases (README policy) are handled by selection, never by arithmetic on
+masked values: a key that does not take part gets the score ``-inf`` before
+the maximum and the exponential; a value row with a non-finite entry goes to
+the GEMM as 0 and is added back only for the rows where that key takes part;
+a NaN score flags its row (the row sum turns NaN); rows whose running maximum
+is still ``-inf`` contribute nothing; ``exp(s - m)`` is 1 where ``s == m``, so
+several ``+inf`` scores share the mass.
+
+Determinism: each query's reduction order is fixed by the tile shape and the
+split count, which depend on the shapes only; BLAS runs single-threaded inside
+the ``prange`` (the caller pins it), so results are bitwise identical across
+runs and Numba thread counts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.np.linalg import ensure_blas
+
+from ._fastexp import fexp, like
+
+ensure_blas()  # SciPy's BLAS (scipy.linalg.cython_blas), the one Numba's np.dot uses
+
+
+# --- BLAS GEMM on raw offsets ---------------------------------------------------
+@intrinsic
+def gemm(typingctx, transa, transb, m, n, k, alpha, a, ia, lda, b, ib, ldb, beta, c, ic, ldc):
+    """Fortran (column-major) ``C[ic:] = alpha op(A[ia:]) op(B[ib:]) + beta C[ic:]``, ``?gemm`` from SciPy's BLAS.
+
+    ``a, b, c`` are arrays of one float dtype (any shape, C-contiguous data),
+    ``ia, ib, ic`` element offsets into them, ``transa``/``transb`` the
+    characters' codes (``ord("n")``, ``ord("t")``).  A row-major ``(R, C)``
+    block with row stride ``ld`` is the column-major ``(C, R)`` matrix with
+    leading dimension ``ld``: the kernels pass row-major tiles that way.
+    Unlike Numba's ``np.dot`` it allocates nothing, accepts read-only arrays
+    as they are (``np.dot`` took 7x longer on them here) and takes any
+    leading dimension, so tiles live in fixed buffers.
+    """
+    if not (a.dtype == b.dtype == c.dtype and a.dtype in (types.float32, types.float64)):
+        return None
+    sig = types.int32(transa, transb, m, n, k, alpha, a, ia, lda, b, ib, ldb, beta, c, ic, ldc)
+    kind = "d" if a.dtype == types.float64 else "s"
+
+    def codegen(context, builder, signature, args):
+        (ta, tb, m_, n_, k_, al, a_, ia_, lda_, b_, ib_, ldb_, be, c_, ic_, ldc_) = args
+        tys = signature.args
+        ll_char = ir.IntType(8)
+        ll_void_p = ll_char.as_pointer()
+        intp_t = context.get_value_type(types.intp)
+        fnty = ir.FunctionType(
+            ir.IntType(32),
+            [ll_char, ll_char, ll_char, intp_t, intp_t, intp_t, ll_void_p, ll_void_p, intp_t, ll_void_p, intp_t, ll_void_p, ll_void_p, intp_t],
+        )
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
+        dt = tys[6].dtype
+        lldt = context.get_value_type(dt)
+
+        def ptr(arr_val, arr_ty, off_val, off_ty):
+            ary = context.make_array(arr_ty)(context, builder, arr_val)
+            off = context.cast(builder, off_val, off_ty, types.intp)
+            return builder.bitcast(builder.gep(ary.data, [off]), ll_void_p)
+
+        def slot(val, ty):
+            sl = cgutils.alloca_once(builder, lldt)
+            builder.store(context.cast(builder, val, ty, dt), sl)
+            return builder.bitcast(sl, ll_void_p)
+
+        def as_int(val, ty):
+            return context.cast(builder, val, ty, types.intp)
+
+        res = builder.call(
+            fn,
+            (
+                ir.Constant(ll_char, ord(kind)),
+                builder.trunc(as_int(ta, tys[0]), ll_char),
+                builder.trunc(as_int(tb, tys[1]), ll_char),
+                as_int(m_, tys[2]), as_int(n_, tys[3]), as_int(k_, tys[4]),
+                slot(al, tys[5]), ptr(a_, tys[6], ia_, tys[7]), as_int(lda_, tys[8]),
+                ptr(b_, tys[9], ib_, tys[10]), as_int(ldb_, tys[11]),
+                slot(be, tys[12]), ptr(c_, tys[13], ic_, tys[14]), as_int(ldc_, tys[15]),
+            ),
+        )
+        return res
+
+    return sig, codegen
+
+
+_N = ord("n")
+_T = ord("t")
+
+_FM = {"contract"}  # FMA contraction only: inf/NaN semantics are kept (NUMBA.md, pitfalls)
+
+
+# --- small tile helpers -------------------------------------------------------
+@njit(cache=True, fastmath=_FM)
+def _row_max(row, n):
+    """Maximum of ``row[:n]`` ignoring NaN, in a fixed order (8 partial maxima, then combined)."""
+    ninf = like(-np.inf, row[0])
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = ninf
+    n8 = n - n % 8
+    for j in range(0, n8, 8):
+        x = row[j]
+        m0 = x if x > m0 else m0
+        x = row[j + 1]
+        m1 = x if x > m1 else m1
+        x = row[j + 2]
+        m2 = x if x > m2 else m2
+        x = row[j + 3]
+        m3 = x if x > m3 else m3
+        x = row[j + 4]
+        m4 = x if x > m4 else m4
+        x = row[j + 5]
+        m5 = x if x > m5 else m5
+        x = row[j + 6]
+        m6 = x if x > m6 else m6
+        x = row[j + 7]
+        m7 = x if x > m7 else m7
+    for j in range(n8, n):
+        x = row[j]
+        m0 = x if x > m0 else m0
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m4 = m5 if m5 > m4 else m4
+    m6 = m7 if m7 > m6 else m6
+    m0 = m2 if m2 > m0 else m0
+    m4 = m6 if m6 > m4 else m4
+    return m4 if m4 > m0 else m0
+
+
+@njit(cache=True, fastmath=_FM)
+def _exp_shift_sum(row, n, mt):
+    """``row[j] <- exp(row[j] - mt)`` (1 where ``row[j] == mt``, so equal ``+inf`` scores share the mass); returns the sum.
+
+    The sum runs over 8 fixed partial sums (fixed order, vectorisable), in the row's dtype.
+    """
+    one = like(1.0, mt)
+    for j in range(n):
+        x = row[j]
+        row[j] = one if x == mt else fexp(x - mt)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = like(0.0, mt)
+    n8 = n - n % 8
+    for j in range(0, n8, 8):
+        s0 += row[j]
+        s1 += row[j + 1]
+        s2 += row[j + 2]
+        s3 += row[j + 3]
+        s4 += row[j + 4]
+        s5 += row[j + 5]
+        s6 += row[j + 6]
+        s7 += row[j + 7]
+    for j in range(n8, n):
+        s0 += row[j]
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(cache=True)
+def _bad_rows(x, flags):
+    """``flags[j] = True`` where row ``x[j]`` holds a non-finite entry; returns how many."""
+    nbad = 0
+    for j in range(x.shape[0]):
+        bad = False
+        for c in range(x.shape[1]):
+            if not np.isfinite(x[j, c]):
+                bad = True
+        flags[j] = bad
+        nbad += bad
+    return nbad
+
+
+@njit(cache=True)
+def _finite_copy(x, flags, out):
+    """``out = x`` with the non-finite entries of the flagged rows set to 0 (the GEMM operand)."""
+    zero = 0.0  # stored into out's dtype exactly
+    for j in range(x.shape[0]):
+        if flags[j]:
+            for c in range(x.shape[1]):
+                xv = x[j, c]
+                out[j, c] = xv if np.isfinite(xv) else zero
+        else:
+            for c in range(x.shape[1]):
+                out[j, c] = x[j, c]
+
+
+@njit(cache=True)
+def _add_nonfinite(w, R, C, part, x, flags, out, transpose):
+    """The non-finite part of ``W @ X`` (``W^T @ X`` if ``transpose``), only over the pairs that take part.
+
+    ``w[:R, :C]`` weights, ``part[:R, :C]`` True where the pair takes part,
+    ``x`` the operand whose rows ``flags`` marks as holding non-finite
+    entries (rows of ``x`` are indexed by ``C``, or by ``R`` if
+    ``transpose``); the GEMM saw those entries as 0.
+    """
+    F = x.shape[1]
+    if not transpose:  # out (R, F) += w (R, C) @ x (C, F)
+        for j in range(C):
+            if flags[j]:
+                for i in range(R):
+                    if part[i, j]:
+                        for c in range(F):
+                            if not np.isfinite(x[j, c]):
+                                out[i, c] += w[i, j] * x[j, c]
+    else:  # out (C, F) += w^T (C, R) @ x (R, F)
+        for i in range(R):
+            if flags[i]:
+                for j in range(C):
+                    if part[i, j]:
+                        for c in range(F):
+                            if not np.isfinite(x[i, c]):
+                                out[j, c] += w[i, j] * x[i, c]
+
+
+@njit(cache=True)
+def _half_sqnorms(x, out, bad):
+    """``out[j] = |x_j|^2 / 2`` (accumulated in float64, rounded to ``out``'s dtype); ``bad[j]`` if it is not finite."""
+    for j in range(x.shape[0]):
+        acc = 0.0
+        for c in range(x.shape[1]):
+            acc += np.float64(x[j, c]) * np.float64(x[j, c])
+        out[j] = 0.5 * acc
+        bad[j] = not np.isfinite(out[j])
+
+
+@njit(cache=True)
+def _direct_sqeuclid_score(q, i, k, j, scale):
+    """K2 by its definition, for rows with non-finite entries: ``s = -scale ||q_i - k_j||^2 / 2`` in float64."""
+    acc = 0.0
+    for c in range(q.shape[1]):
+        diff = np.float64(q[i, c]) - np.float64(k[j, c])
+        acc += diff * diff
+    d = 0.5 * acc
+    if scale == 0.0:  # the uniform limit: finite energies tie, +-inf and NaN keep their meaning
+        return d if not np.isfinite(d) else 0.0
+    return -d * scale
+
+
+@njit(cache=True, fastmath=_FM)
+def _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, causal, off, has_mask, mask):
+    """Fill the score tile ``S[:bq, :bk]`` with ``s_ij`` (A1 / K2 times ``scale``), ``-inf`` where key ``jb + j`` does not take part.
+
+    One GEMM ``S = Q_b K_b^T`` (row stride of ``S``: its buffer width), then
+    the scale, the squared-Euclidean correction and the selection, row by row.
+    """
+    ld = S.shape[1]
+    D = q.shape[1]
+    ninf = like(-np.inf, scale)  # scale has the tile's dtype: no promotion below
+    zero = like(0.0, scale)
+    if energy == 2:  # precomputed energies: the raw score is -d
+        for r in range(bq):
+            for j in range(bk):
+                S[r, j] = -dd[i0 + r, jb + j]
+    elif D > 0:
+        gemm(_T, _N, bk, bq, D, 1.0, k, jb * D, D, q, i0 * D, D, 0.0, S, 0, ld)
+    else:  # D = 0: every dot product is 0
+        for r in range(bq):
+            for j in range(bk):
+                S[r, j] = zero
+    if energy == 1:
+        _half_sqnorms(k[jb : jb + bk], hk, kbad)
+    for r in range(bq):
+        i = i0 + r
+        row = S[r]
+        lim = bk
+        if causal:
+            lim = min(max(i + off - jb + 1, 0), bk)
+        if energy != 1:
+            if scale > 0.0:
+                for j in range(lim):
+                    row[j] = row[j] * scale
+            else:  # scale = 0: finite scores tie at 0, +-inf and NaN keep their meaning
+                for j in range(lim):
+                    x = row[j]
+                    row[j] = zero if np.isfinite(x) else x
+        else:
+            hqr = hq[r]
+            if scale > 0.0:
+                for j in range(lim):
+                    row[j] = (row[j] - (hqr + hk[j])) * scale
+            else:
+                for j in range(lim):
+                    row[j] = zero
+            if qbad[r]:
+                for j in range(lim):
+                    row[j] = _direct_sqeuclid_score(q, i, k, jb + j, scale)
+            else:
+                for j in range(lim):
+                    if kbad[j]:
+                        row[j] = _direct_sqeuclid_score(q, i, k, jb + j, scale)
+        for j in range(lim, bk):
+            row[j] = ninf
+        if has_mask:
+            for j in range(lim):
+                if not mask[i, jb + j]:
+                    row[j] = ninf
+
+
+# --- forward: one query block over one key range --------------------------------
+@njit(cache=True, fastmath=_FM)
+def _forward_block(q, k, v, dd, mask, vflag, has_mask, causal, off, energy, scale, i0, i1, j0, j1, bk_max, m, l, o, nan_row):
+    """M1 over keys ``[j0, j1)`` for queries ``[i0, i1)``: the partial ``(m, l, o)`` (float64) and NaN flags.
+
+    ``m (bq,)`` running maximum score (``-inf`` while nothing takes part),
+    ``l (bq,)`` ``sum exp(s - m)``, ``o (bq, Dv)`` ``sum exp(s - m) v_j``,
+    merged tile after tile by M2.  ``vflag[t]``: key tile ``t`` has a value
+    row with a non-finite entry.
+    """
+    bq = i1 - i0
+    Dv = v.shape[1]
+    S = np.empty((bq, bk_max), dtype=q.dtype)
+    T = np.empty((bq, Dv), dtype=q.dtype)
+    vt = np.empty((bk_max, Dv), dtype=q.dtype)
+    part = np.empty((bq, bk_max), dtype=np.bool_)
+    vbad = np.empty(bk_max, dtype=np.bool_)
+    hk = np.empty(bk_max, dtype=q.dtype)
+    kbad = np.empty(bk_max, dtype=np.bool_)
+    alpha = np.empty(bq, dtype=np.float64)
+    hq = np.empty(bq, dtype=q.dtype)
+    qbad = np.empty(bq, dtype=np.bool_)
+    if energy == 1:
+        _half_sqnorms(q[i0:i1], hq, qbad)
+    ninf = -np.inf
+    for r in range(bq):
+        m[r] = ninf
+        l[r] = 0.0
+        nan_row[r] = False
+        for c in range(Dv):
+            o[r, c] = 0.0
+    jb = j0
+    while jb < j1:
+        if causal and jb > i1 - 1 + off:
+            break  # no query of this block sees keys from jb on
+        bk = min(bk_max, j1 - jb)
+        _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, causal, off, has_mask, mask)
+        nbad = 0
+        if vflag[jb // bk_max]:
+            nbad = _bad_rows(v[jb : jb + bk], vbad)
+            for r in range(bq):
+                for j in range(bk):
+                    part[r, j] = S[r, j] != ninf  # NaN scores take part (and spoil their row)
+        for r in range(bq):
+            row = S[r]
+            m_old = m[r]
+            mx = np.float64(_row_max(row, bk))
+            m_new = mx if mx > m_old else m_old
+            if m_new == ninf:
+                # nothing has taken part yet in this row; a NaN score would still spoil it
+                for j in range(bk):
+                    if row[j] != row[j]:
+                        nan_row[r] = True
+                    row[j] = 0.0
+                alpha[r] = 1.0
+                continue
+            tile_sum = _exp_shift_sum(row, bk, like(m_new, row[0]))
+            a = 1.0 if m_old == m_new else math.exp(m_old - m_new)  # M2: rescale the running sums
+            alpha[r] = a
+            m[r] = m_new
+            l[r] = a * l[r] + np.float64(tile_sum)
+            if tile_sum != tile_sum:
+                nan_row[r] = True
+        if Dv > 0:
+            if nbad == 0:
+                gemm(_N, _N, Dv, bq, bk, 1.0, v, jb * Dv, Dv, S, 0, bk_max, 0.0, T, 0, Dv)
+            else:
+                _finite_copy(v[jb : jb + bk], vbad, vt)
+                gemm(_N, _N, Dv, bq, bk, 1.0, vt, 0, Dv, S, 0, bk_max, 0.0, T, 0, Dv)
+                _add_nonfinite(S, bq, bk, part, v[jb : jb + bk], vbad, T, False)
+        for r in range(bq):
+            a = alpha[r]
+            if a == 1.0:
+                for c in range(Dv):
+                    o[r, c] += np.float64(T[r, c])
+            else:
+                for c in range(Dv):
+                    o[r, c] = a * o[r, c] + np.float64(T[r, c])
+        jb += bk
+
+
+@njit(cache=True)
+def _tile_flags(x, bk, flags):
+    """``flags[t]``: rows ``[t bk, (t+1) bk)`` of ``x`` hold a non-finite entry."""
+    for t in range(flags.shape[0]):
+        bad = False
+        for j in range(t * bk, min(x.shape[0], (t + 1) * bk)):
+            for c in range(x.shape[1]):
+                bad |= not np.isfinite(x[j, c])
+        flags[t] = bad
+
+
+@njit(cache=True)
+def _finalize_rows(m, l, o, nan_row, empty_nan, out, lse):
+    """M2 (result): ``a = o / l``, ``L = m + log l`` (float64, rounded once to ``out``'s dtype), with the edge cases."""
+    for r in range(m.shape[0]):
+        Dv = o.shape[1]
+        if nan_row[r]:
+            lse[r] = np.nan
+            for c in range(Dv):
+                out[r, c] = np.nan
+        elif l[r] == 0.0:  # empty row: no key takes part
+            lse[r] = -np.inf
+            for c in range(Dv):
+                out[r, c] = np.nan if empty_nan else 0.0
+        else:
+            lse[r] = np.inf if m[r] == np.inf else m[r] + math.log(l[r])
+            inv = l[r]
+            for c in range(Dv):
+                out[r, c] = o[r, c] / inv
+
+
+def forward(q3, k3, v3, qmap, kmap, vmap, d3, dmap, mask3, mmap, has_mask, causal, off, energy, scale, bq, bk, nsplit, empty_nan, out, lse):
+    """A1-A4 fused, over the flattened batch: ``out (B, N, Dv)``, ``lse (B, N)``.
+
+    Plain Python: :mod:`iem_ref.accel.cpu` compiles it with ``parallel=True``
+    and one explicit signature per dtype.  ``energy``: 0 dot, 1 sqeuclidean,
+    2 precomputed energies ``d3`` (then ``q3``, ``k3`` are unused).
+
+    Work items ``(batch, query block, key split)`` run in ``prange``; with
+    ``nsplit > 1`` (few queries, many keys: decoding) each split keeps its
+    partial in float64 and the partials merge in split order (M2).
+    """
+    B = out.shape[0]
+    N = out.shape[1]
+    Dv = out.shape[2]
+    M = k3.shape[1]
+    nqb = (N + bq - 1) // bq
+    nkb = (M + bk - 1) // bk
+    items = B * nqb * nsplit
+    vflag = np.empty((v3.shape[0], nkb), dtype=np.bool_)
+    for w in prange(v3.shape[0]):
+        _tile_flags(v3[w], bk, vflag[w])
+    pm = np.empty((B, nsplit, N), dtype=np.float64)
+    pl = np.empty((B, nsplit, N), dtype=np.float64)
+    pn = np.empty((B, nsplit, N), dtype=np.bool_)
+    po = np.empty((B, nsplit, N, Dv), dtype=np.float64)
+    for w in prange(items):
+        b = w // (nqb * nsplit)
+        rest = w % (nqb * nsplit)
+        qblk = rest // nsplit
+        sp = rest % nsplit
+        i0 = qblk * bq
+        i1 = min(N, i0 + bq)
+        j0 = min(M, (sp * nkb // nsplit) * bk)
+        j1 = min(M, ((sp + 1) * nkb // nsplit) * bk)
+        _forward_block(
+            q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], d3[dmap[b]], mask3[mmap[b]], vflag[vmap[b]], has_mask, causal, off, energy, scale,
+            i0, i1, j0, j1, bk, pm[b, sp, i0:i1], pl[b, sp, i0:i1], po[b, sp, i0:i1], pn[b, sp, i0:i1],
+        )
+    for w in prange(B * nqb):
+        b = w // nqb
+        i0 = (w % nqb) * bq
+        i1 = min(N, i0 + bq)
+        for sp in range(1, nsplit):  # M2, in split order
+            for i in range(i0, i1):
+                m1 = pm[b, 0, i]
+                m2 = pm[b, sp, i]
+                mm = m1 if m1 > m2 else m2
+                c1 = 1.0 if m1 == mm else math.exp(m1 - mm)
+                c2 = 1.0 if m2 == mm else math.exp(m2 - mm)
+                pm[b, 0, i] = mm
+                pl[b, 0, i] = c1 * pl[b, 0, i] + c2 * pl[b, sp, i]
+                pn[b, 0, i] = pn[b, 0, i] or pn[b, sp, i]
+                for c in range(Dv):
+                    po[b, 0, i, c] = c1 * po[b, 0, i, c] + c2 * po[b, sp, i, c]
+        _finalize_rows(pm[b, 0, i0:i1], pl[b, 0, i0:i1], po[b, 0, i0:i1], pn[b, 0, i0:i1], empty_nan, out[b, i0:i1], lse[b, i0:i1])
+
+
+# --- the roof: the kernel's own GEMMs, alone ------------------------------------
+@njit(cache=True)
+def _gemm_block(q, k, v, i0, i1, bk_max):
+    bq = i1 - i0
+    D = q.shape[1]
+    Dv = v.shape[1]
+    M = k.shape[0]
+    S = np.full((bq, bk_max), 0.5, dtype=q.dtype)
+    T = np.zeros((bq, Dv), dtype=q.dtype)
+    acc = 0.0
+    for jb in range(0, M, bk_max):
+        bk = min(bk_max, M - jb)
+        gemm(_T, _N, bk, bq, D, 1.0, k, jb * D, D, q, i0 * D, D, 0.0, S, 0, bk_max)
+        gemm(_N, _N, Dv, bq, bk, 1.0, v, jb * Dv, Dv, S, 0, bk_max, 0.0, T, 0, Dv)
+        acc += T[0, 0]
+    return acc
+
+
+@njit(cache=True, parallel=True)
+def gemm_roof(q, k, v, bq, bk):
+    """The forward kernel's BLAS calls alone (score tile and value tile per key tile, same tiles, same ``prange``): its floor.
+
+    Returns a checksum (so that nothing is optimised away).  The value GEMM
+    multiplies the raw score tile (no softmin in between).
+    """
+    N = q.shape[0]
+    nqb = (N + bq - 1) // bq
+    total = 0.0
+    for w in prange(nqb):
+        i0 = w * bq
+        total += _gemm_block(q, k, v, i0, min(N, i0 + bq), bk)
+    return total

@@ -1,0 +1,362 @@
+"""Numba CPU path: fused one-pass softmin summaries (M1-M2), their backward (G4), scalar activations (S3, S4, H3).
+
+Same signatures and semantics as the reference twins (:func:`iem_ref.attention`,
+:func:`iem_ref.softmin_summary`, :func:`iem_ref.attention_vjp`,
+:func:`iem_ref.sign_posterior_mean`, :func:`iem_ref.tanh_from_signed_gaussian`,
+:func:`iem_ref.softplus`); validation is the reference's own
+(:func:`iem_ref.attention.prepare_attention` and ``iem_ref._validation``).
+
+Shape legend: ``B...`` batch axes (broadcast), ``N`` queries, ``M`` keys,
+``D`` query/key features, ``Dv`` value features.
+
+How it runs: the batch is flattened without copying broadcast operands (each
+operand keeps its own batch and an index map); work items ``(batch, query
+block, key split)`` run in ``prange``; per key tile one GEMM for the scores,
+the online softmin update with a polynomial ``exp``, one GEMM for the values
+(see :mod:`iem_ref.accel._cpu_kernels`).  No ``N x M`` array is ever formed:
+extra memory is ``O(B N Dv)`` plus one tile per work item.  BLAS is pinned to
+one thread around every kernel call (``threadpoolctl``): BLAS threads inside
+``prange`` oversubscribe the cores (NUMBA.md: 266 ms instead of 92 ms).
+
+float32: GEMMs, the shift, ``exp`` and the per-tile row sums run in float32
+(dot products of length ``D``, sums of at most ``bk`` = 256 terms); the
+running maximum, sums and output accumulators across tiles are float64; the
+result is rounded once to float32.  float64 runs in float64 throughout.
+
+Energies: ``"dot"`` and ``"sqeuclidean"`` (``||q - k||^2 / 2``, expanded as
+``<q, k> - |q|^2/2 - |k|^2/2`` so that it is one GEMM; rows with a
+non-finite entry use the definition).  Any other energy raises
+``ValueError``: there is no silent fallback to the reference.
+
+Examples
+--------
+>>> import numpy as np
+>>> from iem_ref.accel import cpu
+>>> q = np.array([[1.0, 0.0]]); k = np.array([[1.0, 0.0], [0.0, 1.0]]); v = np.array([[1.0], [0.0]])
+>>> cpu.attention(q, k, v, scale=np.log(3.0))  # r = (3/4, 1/4)
+array([[0.75]])
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import numpy as np
+from numba import njit, prange, types
+
+from .._validation import as_float_array, as_mask, check_choice, check_tau, need_ndim, result_dtype
+from ..attention import prepare_attention
+from . import _cpu_kernels as _k
+from ._scalar import sign_mean, signed_gaussian_mean, softplus_scalar
+
+__all__ = [
+    "attention",
+    "softmin_summary",
+    "attention_vjp",
+    "sign_posterior_mean",
+    "tanh_from_signed_gaussian",
+    "softplus",
+    "ENERGIES",
+    "plan",
+]
+
+#: energies with a fused kernel (name -> kernel code)
+ENERGIES = {"dot": 0, "sqeuclidean": 1}
+_PRECOMPUTED = 2
+
+#: tile shapes per dtype: (queries per block, keys per tile).  Fixed per dtype
+#: (never from the thread count) so that results are reproducible.
+TILES = {np.dtype(np.float64): (128, 256), np.dtype(np.float32): (128, 256)}
+_TARGET_ITEMS = 16  # work items wanted before keys are split (decoding)
+_MIN_SPLIT_KEYS = 8192  # fewest keys per split
+
+
+# --- kernels, compiled once per dtype with explicit signatures ---------------
+def _arr(dtype, ndim, layout="C", readonly=True):
+    return types.Array(dtype, ndim, layout, readonly=readonly)
+
+
+def _forward_sig(t):
+    i64, b1 = types.int64, types.boolean
+    return types.void(
+        _arr(t, 3), _arr(t, 3), _arr(t, 3),  # q3, k3, v3
+        _arr(i64, 1), _arr(i64, 1), _arr(i64, 1),  # batch maps
+        _arr(t, 3), _arr(i64, 1),  # d3 (precomputed energies) and its map
+        _arr(b1, 3, "A"), _arr(i64, 1),  # mask3 and its map
+        b1, b1, i64, i64, t,  # has_mask, causal, offset, energy, scale
+        i64, i64, i64, b1,  # bq, bk, nsplit, empty_nan
+        _arr(t, 3, readonly=False), _arr(t, 2, readonly=False),  # out, lse
+    )
+
+
+_COMPILED = {}
+
+
+def _kernel(name, dtype):
+    """The kernel ``name`` compiled (or loaded from the cache) for ``dtype`` only: one signature per dtype."""
+    key = (name, np.dtype(dtype))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        t = types.float64 if key[1] == np.float64 else types.float32
+        py, sig, opts = _KERNELS[name]
+        fn = njit(sig(t), cache=True, **opts)(py)
+        _COMPILED[key] = fn
+    return fn
+
+
+_KERNELS = {
+    "forward": (_k.forward, _forward_sig, {"parallel": True}),
+}
+
+
+# --- BLAS pinning ---------------------------------------------------------------
+_CONTROLLER = None
+
+
+@contextmanager
+def _blas_single_thread():
+    """BLAS limited to one thread while a kernel runs (restored afterwards)."""
+    global _CONTROLLER
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl is a declared dependency of the test/bench extras
+        yield
+        return
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    with _CONTROLLER.limit(limits=1, user_api="blas"):
+        yield
+
+
+# --- batch flattening without copies of broadcast operands -----------------------
+def _ro(x):
+    x = x.view()
+    x.flags.writeable = False
+    return x
+
+
+def _stack(x, batch, dtype):
+    """``x (own..., R, C)`` -> ``(prod(own), R, C)`` C-contiguous in ``dtype`` and the map flat batch index -> own index."""
+    own = x.shape[:-2]
+    nb = int(np.prod(own, dtype=np.int64))
+    x3 = np.ascontiguousarray(x.reshape((nb,) + x.shape[-2:]), dtype=dtype)
+    pad = (1,) * (len(batch) - len(own))
+    idx = np.broadcast_to(np.arange(nb, dtype=np.int64).reshape(pad + own), batch).reshape(-1)
+    return _ro(x3), _ro(np.ascontiguousarray(idx))
+
+
+def _stack_mask(mask, batch, n, m):
+    """The boolean mask as ``(own, N, M)`` (broadcast rows/columns keep stride 0) and its batch map."""
+    if mask is None:
+        return _ro(np.ones((1, 1, 1), np.bool_)), _ro(np.zeros(max(int(np.prod(batch, dtype=np.int64)), 1), np.int64)), False
+    mk = np.asarray(mask)
+    full = len(batch) + 2
+    mk = mk.reshape((1,) * (full - mk.ndim) + mk.shape)
+    own = mk.shape[:-2]
+    nb = int(np.prod(own, dtype=np.int64))
+    m3 = np.broadcast_to(mk, own + (n, m)).reshape((nb, n, m))
+    idx = np.broadcast_to(np.arange(nb, dtype=np.int64).reshape(own), batch).reshape(-1)
+    return _ro(m3), _ro(np.ascontiguousarray(idx)), True
+
+
+def plan(B, N, M, dtype):
+    """Tile shape and key splits ``(bq, bk, nsplit)``, from the shapes and dtype only (never the thread count).
+
+    Keys are split (and the partials merged by M2) only when there are fewer
+    than 16 query blocks in the whole batch and at least 8192 keys per split:
+    decoding then uses every core.
+
+    Examples
+    --------
+    >>> plan(1, 4096, 4096, np.float64)
+    (128, 256, 1)
+    >>> plan(1, 1, 4 * 2**20, np.float64)
+    (1, 256, 16)
+    """
+    bq, bk = TILES[np.dtype(dtype)]
+    bq = max(1, min(bq, N))
+    nqb = max(1, -(-N // bq))
+    want = -(-_TARGET_ITEMS // max(1, B * nqb))
+    nsplit = int(max(1, min(want, M // _MIN_SPLIT_KEYS)))
+    return bq, bk, nsplit
+
+
+def _scale_of(tau):
+    return 0.0 if math.isinf(tau) else 1.0 / tau
+
+
+def _run_forward(dtype, batch, n, m, dv, q3, k3, v3, maps, d3, dmap, mask, empty, energy, scale, causal, off, nsplit=None):
+    B = int(np.prod(batch, dtype=np.int64))
+    out = np.empty((B, n, dv), dtype)
+    lse = np.empty((B, n), dtype)
+    if B == 0 or n == 0:
+        return out.reshape(batch + (n, dv)), lse.reshape(batch + (n,))
+    mask3, mmap, has_mask = _stack_mask(mask, batch, n, m)
+    bq, bk, ns = plan(B, n, m, dtype)
+    if nsplit is not None:
+        ns = nsplit
+    fn = _kernel("forward", dtype)
+    with _blas_single_thread():
+        fn(q3, k3, v3, maps[0], maps[1], maps[2], d3, dmap, mask3, mmap, has_mask, bool(causal), int(off), int(energy),
+           dtype.type(scale), bq, bk, ns, empty == "nan", out, lse)
+    return out.reshape(batch + (n, dv)), lse.reshape(batch + (n,))
+
+
+def _dummy(dtype):
+    return _ro(np.zeros((1, 1, 0), dtype)), _ro(np.zeros(1, np.int64))
+
+
+# --- public API ---------------------------------------------------------------------
+def _check_energy(energy):
+    if not (isinstance(energy, str) and energy in ENERGIES):
+        raise ValueError(f"iem_ref.accel.cpu supports energy in {sorted(ENERGIES)}; got {energy!r} (use iem_ref.attention for the others)")
+
+
+def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, nsplit=None):
+    check_choice(empty, "empty", {"zero", "nan"})
+    inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
+    _check_energy(energy)
+    dtype = inp.dtype
+    (q3, qm), (k3, km), (v3, vm) = (_stack(as_float_array(x, name), inp.batch, dtype) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    if q3.shape[0] == 0 or k3.shape[0] == 0 or v3.shape[0] == 0:  # an empty batch axis somewhere
+        q3, k3, v3 = (np.zeros((1,) + x.shape[1:], dtype) for x in (q3, k3, v3))
+    d3, dmap = _dummy(dtype)
+    return _run_forward(dtype, inp.batch, inp.n, inp.m, inp.dv, q3, k3, v3, (qm, km, vm), d3, dmap, inp.mask, empty,
+                        ENERGIES[energy], _scale_of(inp.tau), inp.is_causal, inp.causal_offset, nsplit), inp
+
+
+def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero", return_lse=False):
+    """A1-A4 fused (M1-M2): ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one pass, as :func:`iem_ref.attention`.
+
+    Parameters and edge cases as the reference; ``energy`` is ``"dot"`` or
+    ``"sqeuclidean"`` (others raise ``ValueError``).  No
+    ``return_responsibilities``: that is the ``N x M`` array this path avoids.
+
+    Returns
+    -------
+    a : ndarray (B..., N, Dv), the inputs' float dtype
+    lse : ndarray (B..., N), if ``return_lse``: ``L_i = log sum_j exp(-d_ij * scale)``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a, lse = attention(np.zeros((1, 2)), np.zeros((2, 2)), np.array([[1.0], [3.0]]), return_lse=True)
+    >>> a, lse
+    (array([[2.]]), array([0.69314718]))
+    """
+    (a, lse), _ = _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty)
+    return (a, lse) if return_lse else a
+
+
+def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
+    """A3 + A4 fused over precomputed energies: ``(a, L)`` as :func:`iem_ref.softmin_summary`, in one pass over ``d``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> softmin_summary([[0.0, 0.0]], [[1.0], [3.0]])
+    (array([[2.]]), array([0.69314718]))
+    """
+    check_choice(empty, "empty", {"zero", "nan"})
+    d = as_float_array(d, "d")
+    v = as_float_array(v, "v")
+    need_ndim(d, "d", 2, "(..., N, M)")
+    need_ndim(v, "v", 2, "(..., M, Dv)")
+    if d.shape[-1] != v.shape[-2]:
+        raise ValueError(f"d (..., N, M) and v (..., M, Dv) disagree on M: d has shape {d.shape}, v has shape {v.shape}")
+    as_mask(mask, d.shape, "mask")
+    tau = check_tau(tau)
+    dtype = result_dtype(d, v)
+    try:
+        batch = np.broadcast_shapes(d.shape[:-2], v.shape[:-2])
+    except ValueError:
+        raise ValueError(f"leading (batch) axes do not broadcast: d {d.shape}, v {v.shape}") from None
+    n, m, dv = d.shape[-2], d.shape[-1], v.shape[-1]
+    mask_b = None if mask is None else np.broadcast_to(np.asarray(mask), d.shape)
+    d3, dmap = _stack(d, batch, dtype)
+    v3, vm = _stack(v, batch, dtype)
+    q3 = _ro(np.zeros((1, n, 0), dtype))
+    k3 = _ro(np.zeros((1, m, 0), dtype))
+    zmap = _ro(np.zeros(max(1, int(np.prod(batch, dtype=np.int64))), np.int64))
+    if d3.shape[0] == 0 or v3.shape[0] == 0:
+        d3, v3 = (np.zeros((1,) + x.shape[1:], dtype) for x in (d3, v3))
+    a, L = _run_forward(dtype, batch, n, m, dv, q3, k3, v3, (zmap, zmap, vm), d3, dmap, mask_b, empty, _PRECOMPUTED,
+                        _scale_of(tau), False, 0)
+    # L depends on d (and the mask) only: return it with d's batch shape, as the reference does.
+    own = d.shape[:-2]
+    Lb = L.reshape((-1,) + L.shape[len(batch) - len(own):]) [0] if len(own) < len(batch) else L
+    sel = tuple(slice(0, 1) if o == 1 and b != 1 else slice(None) for o, b in zip(own, batch[len(batch) - len(own):]))
+    Lb = Lb[sel + (slice(None),)].reshape(d.shape[:-1])
+    return a, np.ascontiguousarray(Lb)
+
+
+# --- scalar activations (S3, S4, H3) ----------------------------------------------
+@njit(cache=True, parallel=True)
+def _sign_mean_array(dp, dm, out):
+    for i in prange(out.size):
+        out[i] = sign_mean(dp[i], dm[i])
+
+
+@njit(cache=True, parallel=True)
+def _signed_gaussian_array(z, m, sigma, out):
+    for i in prange(out.size):
+        out[i] = signed_gaussian_mean(z[i], m, sigma)
+
+
+@njit(cache=True, parallel=True)
+def _softplus_array(z, tau, out):
+    for i in prange(out.size):
+        out[i] = softplus_scalar(z[i], tau)
+
+
+def _flat64(x):
+    return np.ascontiguousarray(x, dtype=np.float64).reshape(-1)
+
+
+def sign_posterior_mean(d_plus, d_minus):
+    """S3: ``a = r_+ - r_- = E[s | z]`` elementwise, as :func:`iem_ref.sign_posterior_mean`.
+
+    Examples
+    --------
+    >>> float(sign_posterior_mean(0.0, np.log(3.0)))
+    0.5
+    """
+    d_plus = as_float_array(d_plus, "d_plus")
+    d_minus = as_float_array(d_minus, "d_minus")
+    try:
+        dp, dm = np.broadcast_arrays(d_plus, d_minus)
+    except ValueError:
+        raise ValueError(f"d_plus {d_plus.shape} and d_minus {d_minus.shape} do not broadcast") from None
+    out = np.empty(dp.size, np.float64)
+    _sign_mean_array(_flat64(dp), _flat64(dm), out)
+    return np.asarray(out.reshape(dp.shape), dtype=result_dtype(d_plus, d_minus))[()]
+
+
+def tanh_from_signed_gaussian(z, m=1.0, sigma=1.0):
+    """S4: ``E[s | z] = tanh(m z / sigma^2)`` from the signed Gaussian energies, as :func:`iem_ref.tanh_from_signed_gaussian`.
+
+    Examples
+    --------
+    >>> float(tanh_from_signed_gaussian(0.5, m=2.0, sigma=1.0)) == float(np.tanh(1.0))
+    True
+    """
+    z = as_float_array(z, "z")
+    out = np.empty(z.size, np.float64)
+    _signed_gaussian_array(_flat64(z), float(m), float(sigma), out)
+    return np.asarray(out.reshape(z.shape), dtype=z.dtype)[()]
+
+
+def softplus(z, tau=1.0):
+    """H3: ``softplus_tau(z) = tau log(1 + exp(z / tau))``, as :func:`iem_ref.softplus`.
+
+    Examples
+    --------
+    >>> float(softplus(0.0)) == float(np.log(2.0))
+    True
+    """
+    z = as_float_array(z, "z")
+    tau = check_tau(tau)
+    out = np.empty(z.size, np.float64)
+    _softplus_array(_flat64(z), tau, out)
+    return np.asarray(out.reshape(z.shape), dtype=z.dtype)[()]
