@@ -441,3 +441,17 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(C, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 6 and result.failed == 0
+
+
+def test_softmin_summary_lse_keeps_the_shape_of_d(rng):
+    # Regression: v's extra batch axes broadcast the output a, but L depends on d only (as the reference).
+    d = rng.standard_normal((2, 1, 3, 5))
+    v = rng.standard_normal((4, 5, 2)).astype(np.float32)
+    mask = rng.random((3, 5)) < 0.6
+    a, L = C.softmin_summary(d, v, 2.0, mask=mask)
+    a_ref, L_ref = ref_summary(d, v, 2.0, mask=mask)
+    assert a.shape == a_ref.shape == (2, 4, 3, 2) and L.shape == L_ref.shape == (2, 1, 3)
+    assert a.dtype == np.float64
+    # float64, M = 5, |d / tau| < 3: a few roundings per weight and per 5-term sum: 16 ulps.
+    assert_within(a, a_ref, 16 * U64 * (1 + np.abs(a_ref)), "a")
+    assert_within(L, L_ref, 16 * U64 * (1 + np.abs(L_ref)), "L")

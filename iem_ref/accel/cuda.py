@@ -363,6 +363,13 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
         scale=scale, empty_nan=(empty == "nan"), dtype=dtype,
     )
     a, L = _finish([O, LSE], [batch + (n, dv), batch + (n,)], device)
+    # L depends on d only: its shape is d's, not the batch broadcast against v (as the reference).
+    pad = len(batch) - (dp.ndim - 2)
+    sel = tuple(0 for _ in range(pad)) + tuple(
+        slice(0, 1) if (nd == 1 and nb != 1) else slice(None) for nd, nb in zip(dp.shape[:-2], batch[pad:])
+    )
+    if sel and any(not (isinstance(x, slice) and x == slice(None)) for x in sel):
+        L = L[sel]
     return a, L
 
 
