@@ -17,7 +17,7 @@ forward and backward, one head ``(B, H) = (1, 1)``:
   N x M scores never exceed 2^28 elements at once (torch, else CuPy).
 
 Timing: CUDA-synchronised wall clock, the median (and min) of ``--repeats``
-runs after one warm-up; the first call of each accel.cuda specialisation
+runs (3 when one run takes over 2 s) after one warm-up; the first call of each accel.cuda specialisation
 (JIT compile + run) is reported apart as ``first_call_s``.  Configurations
 run smallest first; the JSON is rewritten after each, so a run cut short by
 ``--budget`` (seconds) or a timeout keeps what it measured.
@@ -89,9 +89,12 @@ def sync():
 
 
 def timed(fn, repeats):
-    """(median, min) seconds of ``repeats`` synchronised runs after one warm-up."""
+    """(median, min) seconds of ``repeats`` synchronised runs after one warm-up (3 runs if the warm-up took > 2 s)."""
+    t = time.perf_counter()
     fn()
     sync()
+    if time.perf_counter() - t > 2.0:
+        repeats = min(repeats, 3)
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
