@@ -522,3 +522,246 @@ def gemm_roof(q, k, v, bq, bk):
         i0 = w * bq
         total += _gemm_block(q, k, v, i0, min(N, i0 + bq), bk)
     return total
+
+
+# --- backward (G4) ------------------------------------------------------------------
+@njit(cache=True, fastmath=_FM)
+def _p_ds_tile(S, Bt, bq, bk, lse, cnt, delta, i0, part, keep_part):
+    """Responsibilities and routing gradients of a tile, in place: ``S <- r_ij``, ``Bt <- dLoss/ds_ij = r_ij (b_ij - Delta_i)``.
+
+    ``r_ij = exp(s_ij - L_i)`` (the saved log-partition, G1), ``Delta_i =
+    sum_j r_ij b_ij = <u_i, a_i>``.  Rows by their ``L``: NaN -> NaN
+    everywhere (as the reference's NaN row); ``-inf`` (empty) -> 0; ``+inf``
+    (certain) -> ``1/c_i`` on the ``c_i`` keys with score ``+inf``.  A key
+    that does not take part (score ``-inf``) gets ``r = 0`` and
+    ``dLoss/ds = 0`` by selection, whatever its ``b``.
+    """
+    ninf = -np.inf
+    for r in range(bq):
+        srow = S[r]
+        brow = Bt[r]
+        if keep_part:
+            for j in range(bk):
+                part[r, j] = srow[j] != ninf
+        L = lse[i0 + r]
+        if L != L:
+            for j in range(bk):
+                srow[j] = np.nan
+                brow[j] = np.nan
+        elif L == ninf:
+            for j in range(bk):
+                srow[j] = 0.0
+                brow[j] = 0.0
+        elif L == np.inf:
+            w = 1.0 / cnt[i0 + r]
+            dl = delta[i0 + r]
+            for j in range(bk):
+                if srow[j] == np.inf:
+                    srow[j] = w
+                    brow[j] = w * (brow[j] - dl)
+                else:
+                    srow[j] = 0.0
+                    brow[j] = 0.0
+        else:
+            Lt = like(L, srow[0])
+            dt = like(delta[i0 + r], srow[0])
+            zero = like(0.0, Lt)
+            for j in range(bk):
+                s = srow[j]
+                p = fexp(s - Lt)  # exp(-inf) = 0 for keys that do not take part
+                srow[j] = p
+                brow[j] = p * (brow[j] - dt) if s != ninf else zero
+
+
+@njit(cache=True)
+def _rows_flags(x, i0, n, flags):
+    """``flags[r]``: row ``i0 + r`` of ``x`` holds a non-finite entry; returns how many."""
+    nb = 0
+    for r in range(n):
+        bad = False
+        for c in range(x.shape[1]):
+            bad |= not np.isfinite(x[i0 + r, c])
+        flags[r] = bad
+        nb += bad
+    return nb
+
+
+@njit(cache=True)
+def _count_certain(q, k, dd, mask, has_mask, causal, off, energy, scale, i0, i1, bk_max, lse, cnt):
+    """``cnt_i``: how many keys take part with score ``+inf`` (rows with ``L = +inf`` only)."""
+    bq = i1 - i0
+    any_certain = False
+    for r in range(bq):
+        cnt[i0 + r] = 0.0
+        any_certain |= lse[i0 + r] == np.inf
+    if not any_certain:
+        return
+    M = k.shape[0]
+    S = np.empty((bq, bk_max), dtype=q.dtype)
+    hq = np.empty(bq, dtype=q.dtype)
+    qbad = np.empty(bq, dtype=np.bool_)
+    hk = np.empty(bk_max, dtype=q.dtype)
+    kbad = np.empty(bk_max, dtype=np.bool_)
+    if energy == 1:
+        _half_sqnorms(q[i0:i1], hq, qbad)
+    for jb in range(0, M, bk_max):
+        bk = min(bk_max, M - jb)
+        _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, causal, off, has_mask, mask)
+        for r in range(bq):
+            for j in range(bk):
+                cnt[i0 + r] += S[r, j] == np.inf
+
+
+@njit(cache=True, fastmath=_FM)
+def _backward_keys(q, k, v, u, dd, mask, has_mask, causal, off, energy, scale, j0, j1, bq_max, lse, cnt, delta, dk, dv):
+    """G4, keys ``[j0, j1)``: ``dv_j = sum_i r_ij u_i`` and ``dk_j = scale sum_i dS_ij q_i`` (minus ``scale k_j sum_i dS_ij`` for K2), over all queries."""
+    bk = j1 - j0
+    N = q.shape[0]
+    D = q.shape[1]
+    Dv = v.shape[1]
+    S = np.empty((bq_max, bk), dtype=q.dtype)
+    Bt = np.empty((bq_max, bk), dtype=q.dtype)
+    part = np.empty((bq_max, bk), dtype=np.bool_)
+    tk = np.empty((bk, D), dtype=q.dtype)
+    tv = np.empty((bk, Dv), dtype=q.dtype)
+    qfin = np.empty((bq_max, D), dtype=q.dtype)
+    ufin = np.empty((bq_max, Dv), dtype=q.dtype)
+    qflag = np.empty(bq_max, dtype=np.bool_)
+    uflag = np.empty(bq_max, dtype=np.bool_)
+    hq = np.empty(bq_max, dtype=q.dtype)
+    qbad = np.empty(bq_max, dtype=np.bool_)
+    hk = np.empty(bk, dtype=q.dtype)
+    kbad = np.empty(bk, dtype=np.bool_)
+    acc_k = np.zeros((bk, D), dtype=np.float64)
+    acc_v = np.zeros((bk, Dv), dtype=np.float64)
+    colsum = np.zeros(bk, dtype=np.float64)
+    i_start = 0
+    if causal:  # queries i with i + off < j0 see none of these keys
+        i_start = min(N, max(0, j0 - off))
+        i_start -= i_start % bq_max  # keep the query tiling of the forward
+    for i0 in range(i_start, N, bq_max):
+        i1 = min(N, i0 + bq_max)
+        bq = i1 - i0
+        if energy == 1:
+            _half_sqnorms(q[i0:i1], hq, qbad)
+        _scores(S, bq, bk, q, k, dd, i0, j0, energy, scale, hq, qbad, hk, kbad, causal, off, has_mask, mask)
+        if Dv > 0:
+            gemm(_T, _N, bk, bq, Dv, 1.0, v, j0 * Dv, Dv, u, i0 * Dv, Dv, 0.0, Bt, 0, bk)  # b_ij = <u_i, v_j>
+        else:
+            Bt[:bq, :] = 0.0
+        nq = _rows_flags(q, i0, bq, qflag) if energy != 2 else 0
+        nu = _rows_flags(u, i0, bq, uflag)
+        _p_ds_tile(S, Bt, bq, bk, lse, cnt, delta, i0, part, nq + nu > 0)
+        if Dv > 0:
+            if nu == 0:
+                gemm(_N, _T, Dv, bk, bq, 1.0, u, i0 * Dv, Dv, S, 0, bk, 0.0, tv, 0, Dv)
+            else:
+                _finite_copy(u[i0:i1], uflag, ufin)
+                gemm(_N, _T, Dv, bk, bq, 1.0, ufin, 0, Dv, S, 0, bk, 0.0, tv, 0, Dv)
+                _add_nonfinite(S, bq, bk, part, u[i0:i1], uflag, tv, True)
+            for j in range(bk):
+                for c in range(Dv):
+                    acc_v[j, c] += np.float64(tv[j, c])
+        if D > 0 and energy != 2:
+            if nq == 0:
+                gemm(_N, _T, D, bk, bq, 1.0, q, i0 * D, D, Bt, 0, bk, 0.0, tk, 0, D)
+            else:
+                _finite_copy(q[i0:i1], qflag, qfin)
+                gemm(_N, _T, D, bk, bq, 1.0, qfin, 0, D, Bt, 0, bk, 0.0, tk, 0, D)
+                _add_nonfinite(Bt, bq, bk, part, q[i0:i1], qflag, tk, True)
+            for j in range(bk):
+                for c in range(D):
+                    acc_k[j, c] += np.float64(tk[j, c])
+        if energy == 1:
+            for r in range(bq):
+                for j in range(bk):
+                    colsum[j] += np.float64(Bt[r, j])
+    sc = np.float64(scale)
+    for j in range(bk):
+        for c in range(Dv):
+            dv[j0 + j, c] = acc_v[j, c]
+        for c in range(D):
+            g = sc * acc_k[j, c]
+            if energy == 1:
+                kj = np.float64(k[j0 + j, c])
+                g -= sc * (kj if np.isfinite(kj) else 0.0) * colsum[j]
+            dk[j0 + j, c] = g
+
+
+@njit(cache=True, fastmath=_FM)
+def _backward_queries(q, k, v, u, dd, mask, has_mask, causal, off, energy, scale, i0, i1, bk_max, lse, cnt, delta, dq):
+    """G4, queries ``[i0, i1)``: ``dq_i = scale sum_j dS_ij k_j`` over all keys (for K2 too: ``sum_j dS_ij = 0``)."""
+    bq = i1 - i0
+    M = k.shape[0]
+    D = q.shape[1]
+    Dv = v.shape[1]
+    S = np.empty((bq, bk_max), dtype=q.dtype)
+    Bt = np.empty((bq, bk_max), dtype=q.dtype)
+    part = np.empty((bq, bk_max), dtype=np.bool_)
+    tq = np.empty((bq, D), dtype=q.dtype)
+    kfin = np.empty((bk_max, D), dtype=q.dtype)
+    kflag = np.empty(bk_max, dtype=np.bool_)
+    hq = np.empty(bq, dtype=q.dtype)
+    qbad = np.empty(bq, dtype=np.bool_)
+    hk = np.empty(bk_max, dtype=q.dtype)
+    kbad = np.empty(bk_max, dtype=np.bool_)
+    acc = np.zeros((bq, D), dtype=np.float64)
+    if energy == 1:
+        _half_sqnorms(q[i0:i1], hq, qbad)
+    for jb in range(0, M, bk_max):
+        if causal and jb > i1 - 1 + off:
+            break
+        bk = min(bk_max, M - jb)
+        _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, causal, off, has_mask, mask)
+        if Dv > 0:
+            gemm(_T, _N, bk, bq, Dv, 1.0, v, jb * Dv, Dv, u, i0 * Dv, Dv, 0.0, Bt, 0, bk_max)
+        else:
+            Bt[:, :] = 0.0
+        nk = _rows_flags(k, jb, bk, kflag) if energy != 2 else 0
+        _p_ds_tile(S, Bt, bq, bk, lse, cnt, delta, i0, part, nk > 0)
+        if D > 0 and energy != 2:
+            if nk == 0:
+                gemm(_N, _N, D, bq, bk, 1.0, k, jb * D, D, Bt, 0, bk_max, 0.0, tq, 0, D)
+            else:
+                _finite_copy(k[jb : jb + bk], kflag, kfin)
+                gemm(_N, _N, D, bq, bk, 1.0, kfin, 0, D, Bt, 0, bk_max, 0.0, tq, 0, D)
+                _add_nonfinite(Bt, bq, bk, part, k[jb : jb + bk], kflag, tq, False)
+            for r in range(bq):
+                for c in range(D):
+                    acc[r, c] += np.float64(tq[r, c])
+    sc = np.float64(scale)
+    for r in range(bq):
+        for c in range(D):
+            dq[i0 + r, c] = sc * acc[r, c]
+
+
+def backward(q3, k3, v3, u3, qmap, kmap, vmap, umap, d3, dmap, mask3, mmap, has_mask, causal, off, energy, scale, bq, bk, lse, delta, dq, dk, dv):
+    """G4 over the flattened batch: ``dq (B, N, D)``, ``dk (B, M, D)``, ``dv (B, M, Dv)`` from the saved ``lse`` and ``delta = <u_i, a_i>`` (float64).
+
+    Two passes, both parallel and free of races: key blocks (``dk``, ``dv``:
+    sums over queries) and query blocks (``dq``: sums over keys).  Each
+    recomputes the score tile and ``b = U V^T``: 7 GEMMs per tile pair
+    instead of 5, in exchange for ``O((N + M) D)`` memory, no atomics and a
+    fixed summation order.  Plain Python: compiled by :mod:`iem_ref.accel.cpu`.
+    """
+    B = dq.shape[0]
+    N = dq.shape[1]
+    M = dk.shape[1]
+    nqb = (N + bq - 1) // bq
+    nkb = (M + bk - 1) // bk
+    cnt = np.zeros((B, N), dtype=np.float64)
+    for w in prange(B * nqb):
+        b = w // nqb
+        i0 = (w % nqb) * bq
+        _count_certain(q3[qmap[b]], k3[kmap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off, energy, scale,
+                       i0, min(N, i0 + bq), bk, lse[b], cnt[b])
+    for w in prange(B * nkb):
+        b = w // nkb
+        j0 = (w % nkb) * bk
+        _backward_keys(q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], u3[umap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off,
+                       energy, scale, j0, min(M, j0 + bk), bq, lse[b], cnt[b], delta[b], dk[b], dv[b])
+    for w in prange(B * nqb):
+        b = w // nqb
+        i0 = (w % nqb) * bq
+        _backward_queries(q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], u3[umap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off,
+                          energy, scale, i0, min(N, i0 + bq), bk, lse[b], cnt[b], delta[b], dq[b])

@@ -90,6 +90,20 @@ def _forward_sig(t):
     )
 
 
+def _backward_sig(t):
+    i64, b1, f64 = types.int64, types.boolean, types.float64
+    return types.void(
+        _arr(t, 3), _arr(t, 3), _arr(t, 3), _arr(t, 3),  # q3, k3, v3, u3
+        _arr(i64, 1), _arr(i64, 1), _arr(i64, 1), _arr(i64, 1),  # batch maps
+        _arr(t, 3), _arr(i64, 1),  # d3 (unused by the attention backward) and its map
+        _arr(b1, 3, "A"), _arr(i64, 1),  # mask3 and its map
+        b1, b1, i64, i64, t,  # has_mask, causal, offset, energy, scale
+        i64, i64,  # bq, bk
+        _arr(f64, 2), _arr(f64, 2),  # lse, delta
+        _arr(t, 3, readonly=False), _arr(t, 3, readonly=False), _arr(t, 3, readonly=False),  # dq, dk, dv
+    )
+
+
 _COMPILED = {}
 
 
@@ -107,6 +121,7 @@ def _kernel(name, dtype):
 
 _KERNELS = {
     "forward": (_k.forward, _forward_sig, {"parallel": True}),
+    "backward": (_k.backward, _backward_sig, {"parallel": True}),
 }
 
 
@@ -289,6 +304,73 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     sel = tuple(slice(0, 1) if o == 1 and b != 1 else slice(None) for o, b in zip(own, batch[len(batch) - len(own):]))
     Lb = Lb[sel + (slice(None),)].reshape(d.shape[:-1])
     return a, np.ascontiguousarray(Lb)
+
+
+def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", out=None, lse=None):
+    """G4: ``(dq, dk, dv)`` for the upstream gradient ``u = grad_out``, as :func:`iem_ref.attention_vjp`.
+
+    With ``r_ij = exp(s_ij - L_i)`` rebuilt tile by tile from the saved
+    log-partition ``lse`` (G1) and ``Delta_i = <u_i, a_i>`` from the saved
+    output ``out``: ``dv_j = sum_i r_ij u_i``, ``dS_ij = r_ij (<u_i, v_j> -
+    Delta_i)``, ``dq = scale dS k``, ``dk = scale dS^T q`` (minus ``scale k_j
+    sum_i dS_ij`` for ``"sqeuclidean"``).  When ``out`` or ``lse`` is missing
+    both are recomputed by :func:`attention`.  No ``N x M`` array is formed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> dq, dk, dv = attention_vjp([[0.0]], [[1.0], [2.0]], [[1.0], [3.0]], [[1.0]])
+    >>> dv
+    array([[0.5],
+           [0.5]])
+    """
+    check_choice(energy, "energy", {"dot", "sqeuclidean"})
+    inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
+    u = as_float_array(grad_out, "grad_out")
+    if u.shape[-2:] != (inp.n, inp.dv):
+        raise ValueError(f"grad_out must have shape (B..., N, Dv) = (..., {inp.n}, {inp.dv}); got {u.shape}")
+    try:
+        np.broadcast_shapes(u.shape[:-2], inp.batch)
+        if np.broadcast_shapes(u.shape[:-2], inp.batch) != inp.batch:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"grad_out {u.shape} does not broadcast to the batch shape {inp.batch}") from None
+    dtype = result_dtype(inp.q, inp.k, inp.v, u)
+    batch, n, m, dv_ = inp.batch, inp.n, inp.m, inp.v.shape[-1]
+    D = inp.q.shape[-1]
+    B = int(np.prod(batch, dtype=np.int64))
+    dq = np.zeros((B, n, D), dtype)
+    dk = np.zeros((B, m, D), dtype)
+    dv = np.zeros((B, m, dv_), dtype)
+    shaped = (dq.reshape(batch + (n, D)), dk.reshape(batch + (m, D)), dv.reshape(batch + (m, dv_)))
+    if B == 0 or n == 0 or m == 0:
+        return shaped
+    (q3, qm), (k3, km), (v3, vm), (u3, um) = (
+        _stack(as_float_array(x, name), batch, dtype) for x, name in ((q, "q"), (k, "k"), (v, "v"), (u, "grad_out"))
+    )
+    if out is None or lse is None:
+        d3, dmap = _dummy(dtype)
+        a, L = _run_forward(dtype, batch, n, m, dv_, q3, k3, v3, (qm, km, vm), d3, dmap, inp.mask, "zero",
+                            ENERGIES[energy], _scale_of(inp.tau), inp.is_causal, inp.causal_offset)
+    else:
+        a = as_float_array(out, "out")
+        L = as_float_array(lse, "lse")
+        if a.shape[-2:] != (n, dv_) or L.shape[-1:] != (n,):
+            raise ValueError(f"out must be (B..., N, Dv) and lse (B..., N) with N = {n}, Dv = {dv_}; got {a.shape} and {L.shape}")
+    a64 = np.broadcast_to(a, batch + (n, dv_)).reshape(B, n, dv_).astype(np.float64)
+    L64 = _ro(np.ascontiguousarray(np.broadcast_to(L, batch + (n,)).reshape(B, n), dtype=np.float64))
+    u64 = np.broadcast_to(u, batch + (n, dv_)).reshape(B, n, dv_).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        delta = _ro(np.ascontiguousarray(np.einsum("bnc,bnc->bn", u64, a64)))  # Delta_i = <u_i, a_i> = sum_j r_ij b_ij
+    del a64, u64
+    mask3, mmap, has_mask = _stack_mask(inp.mask, batch, n, m)
+    d3, dmap = _dummy(dtype)
+    bq, bk, _ = plan(B, n, m, dtype)
+    fn = _kernel("backward", dtype)
+    with _blas_single_thread():
+        fn(q3, k3, v3, u3, qm, km, vm, um, d3, dmap, mask3, mmap, has_mask, bool(inp.is_causal), int(inp.causal_offset),
+           ENERGIES[energy], dtype.type(_scale_of(inp.tau)), bq, bk, L64, delta, dq, dk, dv)
+    return shaped
 
 
 # --- scalar activations (S3, S4, H3) ----------------------------------------------
