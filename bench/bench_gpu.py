@@ -22,6 +22,10 @@ runs (3 when one run takes over 2 s) after one warm-up; the first call of each a
 run smallest first; the JSON is rewritten after each, so a run cut short by
 ``--budget`` (seconds) or a timeout keeps what it measured.
 
+Then, with the time left, the tiled kernels rebuilt with ``launch_bounds``
+(128, 3) and (128, 4) (fewer registers, more blocks per SM, some spills) at
+N = M = 16384, D = 64: ``variants`` in the JSON.
+
 ``--simulate``: the Numba CUDA simulator, tiny sizes, torch on the CPU: only
 checks that this script works (its figures mean nothing).
 """
@@ -281,6 +285,31 @@ def main():
                 del np_in, t_in
                 if torch is not None and tdev() == "cuda":
                     torch.cuda.empty_cache()
+    # Launch-bounds variants (register cap vs occupancy), at one mid size, if time is left.
+    result["variants"] = []
+    n_var = 16384 if 16384 in sizes else sizes[0]
+    variants = [] if ARGS.simulate else [(128, 3), (128, 4)]
+    for lb in variants:
+        for dtype in ARGS.dtypes:
+            if left() < 60:
+                result["skipped"].append({"launch_bounds": lb, "dtype": dtype})
+                continue
+            K.configure(launch_bounds=lb)
+            rec = {"launch_bounds": list(lb), "n": n_var, "m": n_var, "d": 64, "dv": 64, "dtype": dtype}
+            np_in, t_in = make_inputs(n_var, 64, np.dtype(dtype))
+            try:
+                bench_ours(rec, np_in, t_in)
+            except Exception as exc:
+                rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rec["kernel_resources"] = kernel_resources()
+            result["variants"].append(rec)
+            print(json.dumps(rec), flush=True)
+            with open(out_path, "w") as f:
+                json.dump(result, f, indent=1)
+    K.configure(launch_bounds=None)
+    result["elapsed_s"] = time.perf_counter() - T0
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
     print(f"wrote {out_path} ({len(result['configs'])} configurations, {len(result['skipped'])} skipped, "
           f"{time.perf_counter() - T0:.0f} s)")
 

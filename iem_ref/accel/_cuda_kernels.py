@@ -63,6 +63,29 @@ DOT, SQEUCLIDEAN, PRECOMPUTED = 0, 1, 2
 ENERGY_CODES = {"dot": DOT, "sqeuclidean": SQEUCLIDEAN}
 
 _CACHE = {}
+_OPTIONS = {"launch_bounds": None}
+
+
+def configure(launch_bounds=None):
+    """Options for the tiled kernels (forward, dq, dkv), applied from the next :func:`build` on.
+
+    ``launch_bounds``: ``(threads, min_blocks_per_SM)`` handed to ``cuda.jit``
+    (the kernels use 128 threads).  Without it ptxas gives the tiled kernels
+    about 216-255 registers (two blocks per SM); ``(128, 3)`` or ``(128, 4)``
+    trade registers for occupancy at the price of spills: to be measured on a
+    GPU (``bench/bench_gpu.py`` times both).  Ignored by the simulator.
+    """
+    _OPTIONS["launch_bounds"] = launch_bounds
+    _CACHE.clear()
+
+
+def _tiled_jit():
+    from numba.cuda.core import config
+
+    lb = _OPTIONS["launch_bounds"]
+    if lb is None or config.ENABLE_CUDASIM:
+        return cuda.jit
+    return cuda.jit(launch_bounds=lb)
 
 
 def build(dtype_name, energy):
@@ -93,6 +116,7 @@ def _build(dtype_name, energy):
     NAN = ft(math.nan)
     SENT = ft(-1.0)
     ENERGY = energy
+    tiled = _tiled_jit()
 
     @cuda.jit(device=True, inline=True)
     def _tile_dot(A, ao, ar, ac, r0, nr, Bm, bo, br, bc, c0, nc, K, As, Bs, acc, tid, tx, ty):
@@ -217,7 +241,7 @@ def _build(dtype_name, energy):
             return -(HALF * acc_ac)
         return acc_ac
 
-    @cuda.jit
+    @tiled
     def forward(Q, qo, qr, qc, K, ko, kr, kc, V, vo, vr, vc, MK, mo, mr, mc, has_mask, causal, coff,
                 n, m, d, dv, scale, empty_nan, nqb, O, LSE, CNT):
         """M1-M2: one block per (batch, 32 queries); online softmin over key tiles.
@@ -355,7 +379,7 @@ def _build(dtype_name, energy):
             return ONE / cnt if x == INF else ZERO
         return math.exp(x - lse)
 
-    @cuda.jit
+    @tiled
     def dq(Q, qo, qr, qc, K, ko, kr, kc, V, vo, vr, vc, U, uo, ur, uc, MK, mo, mr, mc, has_mask, causal, coff,
            n, m, d, dv, scale, nqb, LSE, CNT, DEL, DQ):
         """G4, dq_i = scale * sum_j dS_ij k_j with dS_ij = r_ij (<u_i, v_j> - delta_i); block per 32 queries."""
@@ -412,7 +436,7 @@ def _build(dtype_name, energy):
                         if col < d:
                             DQ[b, i, col] = scale * oacc[a, o]
 
-    @cuda.jit
+    @tiled
     def dkv(Q, qo, qr, qc, K, ko, kr, kc, V, vo, vr, vc, U, uo, ur, uc, MK, mo, mr, mc, has_mask, causal, coff,
             n, m, d, dv, scale, nkb, LSE, CNT, DEL, DK, DV):
         """G4, per block of 32 keys: dv_j = sum_i r_ij u_i and dk_j = scale * sum_i dS_ij q_i.
