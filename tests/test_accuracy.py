@@ -7,8 +7,8 @@ Claims (README "Accuracy", ``iem_ref._accurate``), ``u = 2**-53``:
 * ``responsibilities``: within 3 ulps componentwise for every component whose
   exact value is a normal float; a subnormal component within
   ``6u r_j + 3 * 2**-1074``.
-* the returned ``r_j`` sum to one within ``2u + 2 (log2 M)^2 u^2`` (their exact
-  sum).  Why not ``u``: ``r_j = fl(w_j / S)`` with ``S`` the (almost correctly
+* the returned ``r_j`` sum to one within ``2u + (log2 M)^2 u^2 + O(u^2)`` (their
+  exact sum; :func:`sum_to_one_bound` gives it exactly).  Why not ``u``: ``r_j = fl(w_j / S)`` with ``S`` the (almost correctly
   rounded) sum of the *computed* weights, so the weights' own errors cancel
   and ``sum_j w_j / S = 1 + theta``, ``|theta| <= u + (log2 M)^2 u^2`` (the
   cascade's rounding of ``S``); the ``M`` divisions then add
@@ -66,6 +66,19 @@ def exact_of(name, tau, dtype=np.float64):
     return exact.log_partition(d, tau), exact.responsibilities(d, tau)
 
 
+def sum_to_one_bound(M):
+    """Bound on |sum_j r_hat_j - 1| (exact sum of the returned floats), module docstring.
+
+    ``S_hat = T (1 + theta)`` with ``|theta| <= u + (log2 M)^2 u^2`` (final
+    rounding of the cascade, plus the rounding of its accumulated error
+    terms, ``log2 M`` levels each ``<= u T``), and ``r_hat_j = (w_j / S_hat)(1 + delta_j)``,
+    ``|delta_j| <= u``: ``|sum - 1| <= (theta + u (1 + theta)) / (1 - theta)``.
+    """
+    u = U64
+    theta = u + math.log2(max(M, 1)) ** 2 * u * u
+    return (theta + u * (1 + theta)) / (1 - theta)
+
+
 def kappa(d, tau, r, L):
     """Relative condition number of L: sum_j r_j |d_j / tau| / |L| (exact r, L)."""
     with decimal.localcontext(exact._context(50)):  # the exact results span 10**-2e8 .. 10**300
@@ -112,9 +125,7 @@ def test_sum_to_one(name):
     d = -SUITE[name]
     r = responsibilities(d)
     s = sum((Decimal(float(x)) for x in r), Decimal(0))  # the exact sum of the returned floats
-    M = d.size
-    bound = 2 * U64 + 2 * math.log2(M) ** 2 * U64**2
-    assert abs(float(s - 1)) <= bound
+    assert abs(float(s - 1)) <= sum_to_one_bound(d.size)
 
 
 @pytest.mark.equation("A3", "G1")
