@@ -619,9 +619,11 @@ def tanh_from_signed_gaussian(z, m=1.0, sigma=1.0):
     1e-300
     """
     z = as_float_array(z, "z")
+    if not 0 < float(sigma) < math.inf:  # also refuses NaN, as the reference does
+        raise ValueError(f"sigma must be finite and > 0 (the kernel width); got {sigma!r}")
+    if not math.isfinite(float(m)):
+        raise ValueError(f"m must be finite (the exact tier has no limit for an infinite kernel centre); got {m!r}")
     m_d, s_d = _dec(float(m)), _dec(float(sigma))
-    if not (m_d.is_finite() and s_d.is_finite() and s_d != 0):
-        raise ValueError(f"m must be finite and sigma finite and non-zero; got m={m!r}, sigma={sigma!r}")
     zs = [Decimal(x) for x in z.astype(np.float64).reshape(-1).tolist()]
     energies = []
     for x in zs:

@@ -253,3 +253,12 @@ def test_shape_errors_name_the_arguments():
             fn(np.ones((1, 2)), np.ones((3, 2)), np.ones((4, 1)))
     with pytest.raises(ValueError, match="energy"):
         exact.attention(np.ones((1, 2)), np.ones((3, 2)), np.ones((3, 1)), energy="cosine")
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, np.nan, np.inf])
+def test_bad_kernel_width_raises_on_both_tiers(sigma):
+    from iem_ref import tanh_from_signed_gaussian
+
+    for fn in (tanh_from_signed_gaussian, exact.tanh_from_signed_gaussian):
+        with pytest.raises(ValueError, match="sigma"):
+            fn(0.5, 1.0, sigma)
