@@ -201,3 +201,21 @@ def test_to_float_shapes_and_types():
     with pytest.raises(TypeError):
         exact.to_float(r, np.float16)
     assert isinstance(exact.log_partition([1.0, 2.0]), Decimal)
+
+
+def _run_doctests(module):
+    import doctest
+
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    tests = finder.find(module, module.__name__, globs={"np": np, "Decimal": Decimal, **vars(module)})
+    for t in tests:
+        runner.run(t)
+    assert runner.failures == 0
+    return tests
+
+
+def test_docstring_examples_run_and_every_public_function_has_one():
+    tests = _run_doctests(exact)
+    with_examples = {t.name.rsplit(".", 1)[-1] for t in tests if t.examples}
+    assert set(exact.__all__) - {"MAX_DIGITS"} <= with_examples

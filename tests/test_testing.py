@@ -156,3 +156,12 @@ def test_general_helper_and_ulp_error():
     assert ulp_error(np.float64(1.0) + 2.0**-52, 1.0) == 1.0
     assert ulp_error(np.float32(1.0), 1.0 + 2.0**-30) == pytest.approx(2.0**-7)
     assert ulp_error(np.nan, np.nan) == 0.0 and ulp_error(np.inf, 1.0) == np.inf
+
+
+def test_docstring_examples_run_and_every_public_function_has_one():
+    import iem_ref.testing as T
+    from tests.test_exact import _run_doctests
+
+    tests = _run_doctests(T)
+    with_examples = {t.name.rsplit(".", 1)[-1] for t in tests if t.examples}
+    assert set(T.__all__) - {"assert_softmin_close"} <= with_examples
