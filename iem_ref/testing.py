@@ -12,7 +12,8 @@ with the oracle's answer for the same inputs::
     def test_my_attention():
         assert_attention_close(my_attention(q, k, v), q, k, v, is_causal=True)
 
-The oracle is the float64 reference (:mod:`iem_ref`, a few ulps of float64
+Arrays may be NumPy, PyTorch (any device; detached and copied to the host)
+or JAX arrays.  The oracle is the float64 reference (:mod:`iem_ref`, a few ulps of float64
 from the truth), or the exact tier (``exact=True``, :mod:`iem_ref.exact`,
 correctly rounded; small inputs only).  The helpers follow the README's
 edge-case policy: NaN must appear exactly where the oracle has NaN, an
@@ -97,6 +98,15 @@ _U64 = np.finfo(np.float64).eps / 2
 # Decimal arithmetic on exact results such as 1e-203619766 needs the full exponent range.
 _WIDE = decimal.Context(prec=60, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN, traps=[])
 _SECOND_ORDER = 1.0 + 2.0**-10
+
+
+def _host(x):
+    """A NumPy view of a NumPy, PyTorch (any device, with or without grad) or JAX array."""
+    if hasattr(x, "detach"):  # torch.Tensor
+        x = x.detach()
+        if hasattr(x, "cpu"):
+            x = x.cpu()
+    return np.asarray(x)
 
 
 def _unit_roundoff(dtype):
@@ -209,7 +219,7 @@ def _report_and_raise(what, actual, expected, tol, row_info, header, err_msg):
 
 
 def _check_shape(actual, expected_shape, what):
-    a = np.asarray(actual)
+    a = _host(actual)
     if a.shape != tuple(expected_shape):
         raise AssertionError(f"{what}: shape mismatch: actual {a.shape}, expected {tuple(expected_shape)}")
     if a.dtype.kind != "f":
@@ -240,7 +250,7 @@ def assert_close_to_reference(actual, expected, *, dtype=None, reduction_length=
     --------
     >>> assert_close_to_reference(np.float32(0.1), 0.1)
     """
-    e_in = np.asarray(expected)
+    e_in = _host(expected)
     e = _exact.to_float(e_in) if e_in.dtype == object else np.asarray(e_in, dtype=np.float64)
     a = _check_shape(actual, e.shape, "assert_close_to_reference")
     dt = np.dtype(dtype) if dtype is not None else a.dtype
@@ -296,7 +306,7 @@ def assert_responsibilities_close(actual, d, tau=1.0, axis=-1, mask=None, *, emp
     --------
     >>> assert_responsibilities_close(np.array([0.75, 0.25]), [0.0, np.log(3.0)])
     """
-    d, axis, r = _softmin_expected(d, tau, axis, mask, empty, exact)
+    d, axis, r = _softmin_expected(_host(d), tau, axis, mask, empty, exact)
     a = _check_shape(actual, d.shape, "assert_responsibilities_close")
     take = as_mask(mask, d.shape, "mask")
     d_l = np.moveaxis(d.astype(np.float64), axis, -1)
@@ -338,7 +348,7 @@ def assert_softmax_close(actual, x, axis=-1, *, mask=None, rtol=None, atol=None,
     >>> x = np.array([0.0, 1.0])
     >>> assert_softmax_close(np.exp(x) / np.exp(x).sum(), x)
     """
-    x = as_float_array(x, "x")
+    x = as_float_array(_host(x), "x")
     return assert_responsibilities_close(actual, -x, 1.0, axis, mask, rtol=rtol, atol=atol, exact=exact, err_msg=err_msg)
 
 
@@ -353,7 +363,7 @@ def assert_log_partition_close(actual, d, tau=1.0, axis=-1, mask=None, *, rtol=N
     --------
     >>> assert_log_partition_close(np.log(2.0), [0.0, 0.0])
     """
-    d = as_float_array(d, "d")
+    d = as_float_array(_host(d), "d")
     axis = check_axis(axis, d.ndim)
     if exact:
         L = _exact.to_float(_exact.log_partition(d, tau, axis, mask))
@@ -421,6 +431,8 @@ def assert_attention_close(
     >>> q = np.ones((1, 2)); k = np.eye(2); v = np.array([[1.0], [3.0]])
     >>> assert_attention_close(np.array([[2.0]]), q, k, v)
     """
+    q, k, v = _host(q), _host(k), _host(v)
+    mask = None if mask is None else _host(mask)
     kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
     inp = prepare_attention(q, k, v, **kw)
     if exact:

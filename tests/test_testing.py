@@ -143,8 +143,10 @@ def test_attention_helper_catches_the_wrong_causal_alignment(rng):
 def test_against_torch_sdpa_when_installed(rng):
     torch = pytest.importorskip("torch")
     q, k, v = (rng.normal(size=s).astype(np.float32) for s in [(2, 6, 16), (2, 9, 16), (2, 9, 4)])
-    out = torch.nn.functional.scaled_dot_product_attention(*(torch.from_numpy(a) for a in (q, k, v))).numpy()
-    assert_attention_close(out, q, k, v)
+    tq, tk, tv = (torch.from_numpy(a).requires_grad_() for a in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)  # a tensor that requires grad
+    assert_attention_close(out, tq, tk, tv)
+    assert_softmax_close(torch.softmax(tq, -1), tq)
 
 
 def test_general_helper_and_ulp_error():
