@@ -381,6 +381,22 @@ _PTX_SCRIPT = textwrap.dedent(
                     found = re.findall(pat, out.stderr)
                     entry[key] = int(found[-1]) if found else None
             report[f"{name}/{dtype}/{energy}"] = entry
+    # configure(launch_bounds=(128, 4)) must hold the tiled kernels to 128 registers (2**16 / (128 * 4)).
+    kern = K.build("float32", K.DOT)
+    ptx, _ = cuda.compile_ptx(kern.forward.py_func, K.signatures("float32", K.DOT)["forward"], cc=(9, 0),
+                              launch_bounds=(128, 4))
+    entry = {"bar_sync": ptx.count("bar.sync")}
+    if ptxas:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            open(path, "w").write(ptx)
+            out = subprocess.run([ptxas, "-v", "-arch=sm_90", path, "-o", os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True)
+        entry["ptxas_rc"] = out.returncode
+        found = re.findall(r"Used (\\d+) registers", out.stderr)
+        entry["registers"] = int(found[-1]) if found else None
+        entry["smem"] = None
+    report["forward/float32/0/launch_bounds=128,4"] = entry
     print(json.dumps(report))
     """
 )
@@ -409,6 +425,9 @@ def test_every_kernel_compiles_to_ptx_for_sm90():
         if entry.get("ptxas_rc") is not None:
             assert entry["ptxas_rc"] == 0, name
             assert entry["smem"] is None or entry["smem"] <= 48 * 1024, name
+    capped = report["forward/float32/0/launch_bounds=128,4"]
+    if capped.get("registers") is not None:
+        assert capped["registers"] <= 128
 
 
 # ---------------------------------------------------------------- scalar activations (S3, S4, H3)
