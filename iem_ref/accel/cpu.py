@@ -381,9 +381,9 @@ def _sign_mean_array(dp, dm, out):
 
 
 @njit(cache=True, parallel=True)
-def _signed_gaussian_array(z, m, sigma, out):
+def _signed_gaussian_array(z, alpha, out):
     for i in prange(out.size):
-        out[i] = signed_gaussian_mean(z[i], m, sigma)
+        out[i] = signed_gaussian_mean(z[i], alpha)
 
 
 @njit(cache=True, parallel=True)
@@ -424,8 +424,10 @@ def tanh_from_signed_gaussian(z, m=1.0, sigma=1.0):
     True
     """
     z = as_float_array(z, "z")
+    if not 0 < float(sigma) < np.inf:  # also refuses NaN (as the reference)
+        raise ValueError(f"sigma must be finite and > 0 (the kernel width); got {sigma!r}")
     out = np.empty(z.size, np.float64)
-    _signed_gaussian_array(_flat64(z), float(m), float(sigma), out)
+    _signed_gaussian_array(_flat64(z), float(m) / float(sigma) ** 2, out)
     return np.asarray(out.reshape(z.shape), dtype=z.dtype)[()]
 
 
