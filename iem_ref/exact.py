@@ -489,6 +489,10 @@ def posterior_mean(r, g, *, mask=None):
     return _object_array(a, out_shape)
 
 
+def _is_plus_inf(x):
+    return x.is_infinite() and x > 0
+
+
 def _exact_energies(q, k, energy):
     """A1 / K2 exactly: ``-<q_i, k_j>`` or ``||q_i - k_j||^2 / 2`` for one (N, D) x (M, D) pair."""
     rows = []
@@ -589,10 +593,13 @@ def attention(
                         A.append(_NAN)
                         eA.append(_ZERO)
                         continue
-                    pairs = [(row.r[j], values[b][j][c]) for j in range(M) if row.r[j] != 0]
+                    # every participating key, even one whose weight is 0 in a row with certain
+                    # keys: a NaN value of an unmasked key reaches its row (0 * NaN), as in the reference
+                    part = [j for j in range(M) if tb[b, i, j] and not _is_plus_inf(energies[b][i][j])]
+                    pairs = [(row.r[j], values[b][j][c]) for j in part]
                     a, e = _dot_settled(pairs, C, delta)
                     if a.is_finite():
-                        e += sum((row.er[j] * abs(values[b][j][c]) for j in range(M) if row.r[j] != 0), _ZERO) * Decimal("1.01")
+                        e += sum((row.er[j] * abs(values[b][j][c]) for j in part), _ZERO) * Decimal("1.01")
                     A.append(a)
                     eA.append(e)
         return [(A, eA), (Ls, eLs), (Rs, eRs)]

@@ -143,6 +143,15 @@ def test_nan_in_attention_inputs_reaches_affected_rows_only(rng, where):
             assert np.isnan(a[3, 1]) and np.isfinite(a[3, [0, 2]]).all()
 
 
+def test_nan_value_of_an_unmasked_key_reaches_a_certain_row():
+    """Key 0 is certain (score +inf) so key 1 has weight 0, but key 1 takes part: its NaN value shows."""
+    q, k, v = np.array([[1.0]]), np.array([[np.inf], [1.0]]), np.array([[2.0], [np.nan]])
+    for a, lse, r in both_attention(q, k, v, scale=1.0):
+        assert np.isnan(a).all() and lse[0] == np.inf
+    for a, lse, r in both_attention(q, k, v, scale=1.0, mask=np.array([[True, False]])):
+        np.testing.assert_array_equal(a, [[2.0]])
+
+
 def test_nan_or_inf_in_masked_key_or_value_cannot_leak(rng):
     q, k, v = rng.normal(size=(3, 2)), rng.normal(size=(4, 2)), rng.normal(size=(4, 2))
     k[2] = np.nan
