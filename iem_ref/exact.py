@@ -170,12 +170,17 @@ def _rounds_alike(lo, hi):
     return round_to_float32(lo) == round_to_float32(hi)
 
 
-def _settled(x, e):
-    """True when every value within ``e`` of ``x`` rounds to the same float64 and float32."""
+def _settled(x, e, p):
+    """True when every value within ``e`` of ``x`` rounds to the same float64 and float32.
+
+    The ends are rounded outwards at ``p + 10`` digits (``p`` the working
+    precision): a coarser grid could land exactly on a rounding midpoint
+    that ``x`` is, in fact, well separated from.
+    """
     if not x.is_finite() or e == 0:
         return True
-    lo = _context(60, decimal.ROUND_FLOOR).subtract(x, e)
-    hi = _context(60, decimal.ROUND_CEILING).add(x, e)
+    lo = _context(p + 10, decimal.ROUND_FLOOR).subtract(x, e)
+    hi = _context(p + 10, decimal.ROUND_CEILING).add(x, e)
     return _rounds_alike(lo, hi)
 
 
@@ -187,7 +192,7 @@ def _ziv(compute):
         delta = Decimal(10) ** (1 - p)
         with decimal.localcontext(C):  # operators (+, -, abs) on error terms round at p digits too
             outs = compute(C, delta)
-        if all(_settled(v, e) for vals, errs in outs for v, e in zip(vals, errs)):
+        if all(_settled(v, e, p) for vals, errs in outs for v, e in zip(vals, errs)):
             return [vals for vals, _ in outs], p
         p *= 2
         if p > MAX_DIGITS:
@@ -216,6 +221,12 @@ class _Row:
     r: list = field(default_factory=list)
     er: list = field(default_factory=list)
     n: int = 0  # participating hypotheses with finite energy
+    # The unnormalised weights behind r = w / S, for summaries formed as (sum_j w_j v_j) / S:
+    w: list = field(default_factory=list)
+    ew: list = field(default_factory=list)
+    S: Decimal = _ONE
+    eS: Decimal = _ZERO
+    w_exact: bool = True  # w and S are exact (every weight exp(0) = 1 or 0)
 
 
 def _log1p(R, C, delta):
@@ -249,19 +260,25 @@ def _softmin_row(d, take, beta, beta_rel, C, delta, want_r=True):
         err = _ZERO if share * len(certain) == 1 else delta * share
         r = [share if j in certain else _ZERO for j in range(M)]
         er = [err if j in certain else _ZERO for j in range(M)]
-        return _Row("certain", _INF, _ZERO, r, er, len(part))
+        w = [_ONE if j in certain else _ZERO for j in range(M)]
+        return _Row("certain", _INF, _ZERO, r, er, len(part), w, zeros, Decimal(len(certain)))
 
-    C.clear_flags()
+    # Exactness is tracked separately for r and L (the Inexact flag of C): an exact r on a
+    # rounding midpoint, e.g. r = (1/2, 1/2) averaging two values, must not inherit L's error.
     n = len(part)
     if beta is None:  # tau = inf: the uniform limit over the participating hypotheses
-        L = C.ln(Decimal(n))
+        C.clear_flags()
         share = C.divide(_ONE, n)
-        exact_row = not C.flags[decimal.Inexact]
+        e_share = delta * share if C.flags[decimal.Inexact] else _ZERO
+        C.clear_flags()
+        L = C.ln(Decimal(n))
+        eL = delta * abs(L) if C.flags[decimal.Inexact] else _ZERO
         r = [share if j in part else _ZERO for j in range(M)]
-        eL = _ZERO if exact_row else delta * abs(L)
-        er = [_ZERO if (exact_row or j not in part) else delta * share for j in range(M)]
-        return _Row("finite", L, eL, r, er, n)
+        er = [e_share if j in part else _ZERO for j in range(M)]
+        w = [_ONE if j in part else _ZERO for j in range(M)]
+        return _Row("finite", L, eL, r, er, n, w, zeros, Decimal(n))
 
+    C.clear_flags()
     m = min(d[j] for j in part)
     win = next(j for j in part if d[j] == m)
     w = dict.fromkeys(range(M), _ZERO)
@@ -283,24 +300,33 @@ def _softmin_row(d, take, beta, beta_rel, C, delta, want_r=True):
     for x in rest:
         R = C.add(R, x)
     eR = (sum(ew.values(), _ZERO) + n * delta * R) * Decimal("1.01")
+    S = C.add(_ONE, R)
+    w_exact = not C.flags[decimal.Inexact]
+    eS = eR + delta * S
+    r = [C.divide(w[j], S) for j in range(M)] if want_r else []
+    # Every t_j != 0 gives an inexact exp, so no flag means all weights are exp(0) = 1 (in truth
+    # too, whatever beta's rounding) and the divisions were exact.
+    r_exact = not C.flags[decimal.Inexact]
+    C.clear_flags()
     ell = _log1p(R, C, delta)
     a = C.multiply(m.copy_negate(), beta)  # -m / tau (m exact: negate without rounding)
     L = C.add(a, ell)
-    S = C.add(_ONE, R)
-    r = [C.divide(w[j], S) for j in range(M)] if want_r else []
-    if not C.flags[decimal.Inexact] and beta_rel == 0:  # nothing was rounded: exact values
-        return _Row("finite", L, _ZERO, r, zeros if want_r else [], n)
-    eL = (abs(a) * (delta + beta_rel) + eR + 2 * delta * ell + delta * abs(L)) * Decimal("1.01")
+    if r_exact and not C.flags[decimal.Inexact] and beta_rel == 0:
+        eL = _ZERO
+    else:
+        eL = (abs(a) * (delta + beta_rel) + eR + 2 * delta * ell + delta * abs(L)) * Decimal("1.01")
+    ws, ews = [w[j] for j in range(M)], [ew[j] for j in range(M)]
     if not want_r:
-        return _Row("finite", L, eL, [], [], n)
-    eS = eR + delta * S
+        return _Row("finite", L, eL, [], [], n, ws, ews, S, eS, w_exact)
+    if r_exact:
+        return _Row("finite", L, eL, r, zeros, n, ws, zeros, S, _ZERO, True)
     er = []
     for j, rj in enumerate(r):
         if eS >= Decimal("0.01"):  # hopeless at this precision: force another round
             er.append(_ONE)
         else:
             er.append((ew[j] + rj * eS) * Decimal("1.02") + delta * rj)
-    return _Row("finite", L, eL, r, er, n)
+    return _Row("finite", L, eL, r, er, n, ws, ews, S, eS, w_exact)
 
 
 def _beta_from_tau(tau, C, delta):
@@ -489,6 +515,33 @@ def posterior_mean(r, g, *, mask=None):
     return _object_array(a, out_shape)
 
 
+def _summary(row, vals, part, C, delta):
+    """A4 for one row and feature: ``a = (sum_j w_j v_j) / S`` and its error bound.
+
+    One division at the end (not ``sum_j (w_j / S) v_j``): when every weight
+    is exact (ties, the uniform limit) the result is exact whenever it is
+    representable, so an average that lands on a rounding midpoint (e.g.
+    ``(v_0 + v_2 + v_3) / 3``) still settles.
+    """
+    C.clear_flags()
+    num = _ZERO
+    mag = _ZERO
+    spread = _ZERO
+    for j, v in zip(part, vals):
+        prod = C.multiply(row.w[j], v)
+        num = C.add(num, prod)
+        if v.is_finite():
+            mag += abs(prod)
+            spread += row.ew[j] * abs(v)
+    a = C.divide(num, row.S)
+    if not a.is_finite() or (row.w_exact and not C.flags[decimal.Inexact]):
+        return a, _ZERO
+    if row.eS >= Decimal("0.01") * row.S:  # hopeless at this precision: force another round
+        return a, abs(a) + _ONE
+    err = (spread + (len(vals) + 1) * delta * mag + abs(a) * row.eS) / row.S * Decimal("1.02") + delta * abs(a)
+    return a, err
+
+
 def _is_plus_inf(x):
     return x.is_infinite() and x > 0
 
@@ -596,10 +649,7 @@ def attention(
                     # every participating key, even one whose weight is 0 in a row with certain
                     # keys: a NaN value of an unmasked key reaches its row (0 * NaN), as in the reference
                     part = [j for j in range(M) if tb[b, i, j] and not _is_plus_inf(energies[b][i][j])]
-                    pairs = [(row.r[j], values[b][j][c]) for j in part]
-                    a, e = _dot_settled(pairs, C, delta)
-                    if a.is_finite():
-                        e += sum((row.er[j] * abs(values[b][j][c]) for j in part), _ZERO) * Decimal("1.01")
+                    a, e = _summary(row, [values[b][j][c] for j in part], part, C, delta)
                     A.append(a)
                     eA.append(e)
         return [(A, eA), (Ls, eLs), (Rs, eRs)]

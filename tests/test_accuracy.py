@@ -181,7 +181,9 @@ def attention_bound(q, k, v, r_exact, *, scale, energy, take):
     d = np.where(take, d, np.inf)
     eps = np.where(take, eps, 0.0)
     m = d.min(axis=-1, keepdims=True)
-    t = np.where(take, (d - m) * scale, 0.0)
+    m = np.where(np.isfinite(m), m, 0.0)  # a fully masked row: no weights, bound 0
+    with np.errstate(invalid="ignore"):  # masked entries (inf * 0 at scale 0) are discarded
+        t = np.where(take, (d - m) * scale, 0.0)
     eta = np.where(take, scale * (eps + eps.max(axis=-1, keepdims=True)) + gamma(1) * t, 0.0)
     zeta = eta + (r_exact * eta).sum(-1, keepdims=True)
     va = np.abs(v)

@@ -219,3 +219,19 @@ def test_docstring_examples_run_and_every_public_function_has_one():
     tests = _run_doctests(exact)
     with_examples = {t.name.rsplit(".", 1)[-1] for t in tests if t.examples}
     assert set(exact.__all__) - {"MAX_DIGITS"} <= with_examples
+
+
+@pytest.mark.equation("A4", "T2")
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_regression_average_on_a_midpoint_settles(scale):
+    """Uniform weights 1/3 (scale 0, or three tied keys) and a mean that is exactly a float64 midpoint.
+
+    (v0 + v1 + v2) / 3 = 1 + 2**-53: the Ziv loop never settles if the mean is
+    formed as sum (1/3 rounded) v_j; the exact tier divides once at the end, so
+    the exact case is recognised and rounds half to even (to 1.0).
+    """
+    v = np.array([[1 + 2.0**-52], [1 + 2.0**-52], [1 - 2.0**-53]])
+    k = np.ones((3, 2))  # identical keys: tied energies at any scale
+    a = exact.attention(np.array([[0.3, -0.2]]), k, v, scale=scale)
+    assert exact._EXACT.multiply(a[0, 0], Decimal(2**53)) == 2**53 + 1  # a = 1 + 2**-53 exactly
+    assert float(a[0, 0]) == 1.0

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iem_ref import exact, log_partition, responsibilities
+from iem_ref import attention, exact, log_partition, responsibilities
 from iem_ref.testing import ulp_error
 from tests.test_accuracy import sum_to_one_bound
 
@@ -129,3 +129,34 @@ def test_exact_tanh_is_tanh(z, m):
     with mp.workdps(60):
         want = float(mp.tanh(mp.mpf(m) * mp.mpf(z)))
     assert float(exact.tanh_from_signed_gaussian(z, m, 1.0)) == want
+
+
+@pytest.mark.equation("A1", "A3", "A4", "T1")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+    shape=st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 4), st.integers(1, 3)),
+    spread=st.sampled_from([0.1, 1.0, 5.0, 30.0]),
+    scale=st.one_of(st.none(), st.floats(min_value=0.0, max_value=4.0)),
+    energy=st.sampled_from(["dot", "sqeuclidean"]),
+    causal=st.sampled_from([None, "top_left", "bottom_right"]),
+)
+def test_attention_reference_within_derived_bound(seed, shape, spread, scale, energy, causal):
+    from tests.test_accuracy import attention_bound
+
+    N, M, D, Dv = shape
+    g = np.random.default_rng(seed)
+    q, k, v = g.normal(0, spread, (N, D)), g.normal(0, spread, (M, D)), g.normal(0, 1, (M, Dv))
+    mask = g.random((N, M)) < 0.8
+    kw = dict(scale=scale, mask=mask, energy=energy, is_causal=causal is not None, causal_alignment=causal or "top_left")
+    a_exact, r_exact = exact.attention(q, k, v, return_responsibilities=True, **kw)
+    got = attention(q, k, v, **kw)
+    take = mask.copy()
+    if causal:
+        off = 0 if causal == "top_left" else M - N
+        take &= np.arange(M)[None, :] <= np.arange(N)[:, None] + off
+    s = 1 / np.sqrt(D) if scale is None else scale
+    bound = attention_bound(q, k, v, exact.to_float(r_exact), scale=s, energy=energy, take=take)
+    with decimal.localcontext(exact._context(60)):
+        err = np.array([[float(abs(Decimal(float(x)) - y)) for x, y in zip(gr, er)] for gr, er in zip(got, a_exact)])
+    assert np.all(err <= bound)
