@@ -39,7 +39,7 @@ because the log-partition is formed in the ``log1p`` form
 of a small argument is evaluated with as many extra digits as the argument
 has leading zeros; ``log_partition([ln 2, ln 2])`` (about ``2e-17``, with
 ``ln 2`` the float: 17 digits cancel) settles at 40 digits; the S4 summary
-``r_+ - r_-`` at ``z = 1e-300`` cancels 300 digits and settles at 640.
+``r_+ - r_-`` at ``z = 1e-300`` cancels 300 digits and settles at 320.
 
 Shape legend as in the reference: hypotheses on ``axis`` (default last,
 ``M``); attention ``q (B..., N, D)``, ``k (B..., M, D)``, ``v (B..., M, Dv)``.
