@@ -434,17 +434,18 @@ def vjp_bounds(path, q, k, v, gout, dtype, energy, a_bound, L_bound, E, **kw):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
 def test_attention_vjp(path, rng, dtype, energy):
-    shapes = [((), (), (), 3, 4, 2, 3), ((2,), (2,), (2,), 5, 7, 3, 2)] if path.small else [((), (), (), 1, 1, 1, 1), ((), (), (), 31, 33, 16, 5), ((2,), (2,), (2,), 129, 300, 8, 6), ((), (), (), 3, 600, 4, 2)]
+    shapes = [((2,), (2,), (2,), 5, 7, 3, 2)] if path.small else [((), (), (), 1, 1, 1, 1), ((), (), (), 31, 33, 16, 5), ((2,), (2,), (2,), 129, 300, 8, 6), ((), (), (), 3, 600, 4, 2)]
     for shape in shapes:
         q, k, v = make_inputs(rng, shape, dtype, spread=0.5 if energy == "sqeuclidean" else 1.0)
         gout = rand(rng, np.broadcast_shapes(shape[0], shape[1], shape[2]) + (shape[3], shape[6]), dtype)
         N, M = shape[3], shape[4]
         mask = rng.random((N, M)) < 0.8
-        for kw in [dict(), dict(mask=mask), dict(is_causal=True), dict(scale=0.7, is_causal=True, causal_alignment="bottom_right")]:
+        cases = [dict(), dict(mask=mask), dict(is_causal=True), dict(scale=0.7, is_causal=True, causal_alignment="bottom_right")]
+        for n_case, kw in enumerate(cases[1::2] if path.small else cases):  # the simulator: ~10 s per call here
             a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True, **kw)
             a_ref, L_ref, ba, bL, E = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)
             refs, bounds = vjp_bounds(path, q, k, v, gout, dtype, energy, ba, bL, E, **kw)
-            for saved in [dict(out=a, lse=L), dict()]:
+            for saved in [dict(out=a, lse=L), dict()][: 1 if path.small and n_case else 2]:
                 grads = path.mod.attention_vjp(q, k, v, gout, energy=energy, **saved, **kw)
                 for name, got, ref, bound in zip(("dq", "dk", "dv"), grads, refs, bounds):
                     assert got.dtype == dtype and got.shape == ref.shape
