@@ -116,6 +116,8 @@ def _build(dtype_name, energy):
     NAN = ft(math.nan)
     SENT = ft(-1.0)
     ENERGY = energy
+    US = numba.uint32  # unsigned indices: Numba emits no negative-index wraparound for them
+    UX = numba.uint64
     tiled = _tiled_jit()
 
     @cuda.jit(device=True, inline=True)
@@ -130,22 +132,22 @@ def _build(dtype_name, energy):
                 kk = e - r * DC
                 val = ZERO
                 if r0 + r < nr and k0 + kk < K:
-                    val = A[ao + (r0 + r) * ar + (k0 + kk) * ac]
-                As[r, kk] = val
+                    val = A[UX(ao + (r0 + r) * ar + (k0 + kk) * ac)]
+                As[US(r), US(kk)] = val
             for e in range(tid, BC * DC, NT):
                 r = e // DC
                 kk = e - r * DC
                 val = ZERO
                 if c0 + r < nc and k0 + kk < K:
-                    val = Bm[bo + (c0 + r) * br + (k0 + kk) * bc]
-                Bs[r, kk] = val
+                    val = Bm[UX(bo + (c0 + r) * br + (k0 + kk) * bc)]
+                Bs[US(r), US(kk)] = val
             cuda.syncthreads()  # the chunk is staged
             kmax = min(DC, K - k0)
             for kk in range(kmax):
                 for a in range(RS):
-                    qa = As[ty * RS + a, kk]
+                    qa = As[US(ty * RS + a), US(kk)]
                     for c in range(CS):
-                        kb = Bs[tx + 16 * c, kk]
+                        kb = Bs[US(tx + 16 * c), US(kk)]
                         if ENERGY == SQEUCLIDEAN:
                             diff = qa - kb
                             acc[a, c] += diff * diff
@@ -165,22 +167,22 @@ def _build(dtype_name, energy):
                 kk = e - r * DC
                 val = ZERO
                 if r0 + r < nr and k0 + kk < K:
-                    val = A[ao + (r0 + r) * ar + (k0 + kk) * ac]
-                As[r, kk] = val
+                    val = A[UX(ao + (r0 + r) * ar + (k0 + kk) * ac)]
+                As[US(r), US(kk)] = val
             for e in range(tid, BC * DC, NT):
                 r = e // DC
                 kk = e - r * DC
                 val = ZERO
                 if c0 + r < nc and k0 + kk < K:
-                    val = Bm[bo + (c0 + r) * br + (k0 + kk) * bc]
-                Bs[r, kk] = val
+                    val = Bm[UX(bo + (c0 + r) * br + (k0 + kk) * bc)]
+                Bs[US(r), US(kk)] = val
             cuda.syncthreads()  # the chunk is staged
             kmax = min(DC, K - k0)
             for kk in range(kmax):
                 for a in range(RS):
-                    qa = As[ty * RS + a, kk]
+                    qa = As[US(ty * RS + a), US(kk)]
                     for c in range(CS):
-                        acc[a, c] += qa * Bs[tx + 16 * c, kk]
+                        acc[a, c] += qa * Bs[US(tx + 16 * c), US(kk)]
             cuda.syncthreads()  # done with the chunk
 
     @cuda.jit(device=True, inline=True)
@@ -203,7 +205,7 @@ def _build(dtype_name, energy):
             return False
         if causal and j > i + coff:
             return False
-        if has_mask and MK[mob + i * mr + j * mc] == 0:
+        if has_mask and MK[UX(mob + i * mr + j * mc)] == 0:
             return False
         return True
 
@@ -221,22 +223,22 @@ def _build(dtype_name, energy):
                 col = e - kk * CW
                 val = ZERO
                 if c0 + k0 + kk < nc and p0 + col < ncol:
-                    val = X[xo + (c0 + k0 + kk) * xr + (p0 + col) * xc]
-                Xs[kk, col] = val
+                    val = X[UX(xo + (c0 + k0 + kk) * xr + (p0 + col) * xc)]
+                Xs[US(kk), US(col)] = val
             cuda.syncthreads()  # the value chunk is staged
             for kk in range(KC):
                 for a in range(RS):
-                    if S[ty * RS + a, k0 + kk] != SENT:
-                        w = W[ty * RS + a, k0 + kk]
+                    if S[US(ty * RS + a), US(k0 + kk)] != SENT:
+                        w = W[US(ty * RS + a), US(k0 + kk)]
                         for o in range(OC):
-                            acc[a, o] += w * Xs[kk, tx + 16 * o]
+                            acc[a, o] += w * Xs[US(kk), US(tx + 16 * o)]
             cuda.syncthreads()  # done with the chunk
 
     @cuda.jit(device=True, inline=True)
     def _pair_score(acc_ac, D_or_d, do, dr, dc, b, i, j):
         """The score ``t = -d`` of one pair from the tile GEMM (or read from ``d`` when precomputed)."""
         if ENERGY == PRECOMPUTED:
-            return -D_or_d[do + i * dr + j * dc]
+            return -D_or_d[UX(do + i * dr + j * dc)]
         if ENERGY == SQEUCLIDEAN:
             return -(HALF * acc_ac)
         return acc_ac
@@ -275,8 +277,8 @@ def _build(dtype_name, energy):
         for p in range(n_pass):
             p0 = p * CW
             if tid < BR:
-                m_s[tid] = NINF
-                l_s[tid] = ZERO
+                m_s[US(tid)] = NINF
+                l_s[US(tid)] = ZERO
             for a in range(RS):
                 for o in range(OC):
                     oacc[a, o] = ZERO
@@ -292,32 +294,32 @@ def _build(dtype_name, energy):
                         t = ZERO
                         if take:
                             t = _pair_score(sacc[a, c], Q, qob, qr, qc, b, i, j)
-                        S[ty * RS + a, tx + 16 * c] = _classify(t, take, scale)
+                        S[US(ty * RS + a), US(tx + 16 * c)] = _classify(t, take, scale)
                 cuda.syncthreads()  # S holds the tile's encoded scores
                 if tid < BR:  # M2: the new running maximum and the rescale factor of the old state
                     mt = NINF
                     ncert = 0
                     for c in range(BC):
-                        x = S[tid, c]
+                        x = S[US(tid), US(c)]
                         if x == INF:
                             ncert += 1
                         elif x > mt:
                             mt = x
-                    m_old = m_s[tid]
+                    m_old = m_s[US(tid)]
                     if m_old == INF or ncert > 0:  # certain keys: only they keep mass
                         m_new = INF
                         alpha = ONE if m_old == INF else ZERO
                     else:
                         m_new = max(m_old, mt)
                         alpha = ONE if m_new == NINF else math.exp(m_old - m_new)
-                    m_s[tid] = m_new
-                    al_s[tid] = alpha
+                    m_s[US(tid)] = m_new
+                    al_s[US(tid)] = alpha
                 cuda.syncthreads()  # m_s, al_s ready
                 for a in range(RS):
                     r = ty * RS + a
-                    mrow = m_s[r]
+                    mrow = m_s[US(r)]
                     for c in range(CS):
-                        x = S[r, tx + 16 * c]
+                        x = S[US(r), US(tx + 16 * c)]
                         if x != x:
                             w = NAN
                         elif x == NINF:
@@ -326,25 +328,25 @@ def _build(dtype_name, energy):
                             w = ONE if x == INF else ZERO
                         else:
                             w = math.exp(x - mrow)
-                        S[r, tx + 16 * c] = w  # the same thread wrote this entry: no race
-                    alpha = al_s[r]
+                        S[US(r), US(tx + 16 * c)] = w  # the same thread wrote this entry: no race
+                    alpha = al_s[US(r)]
                     for o in range(OC):
                         oacc[a, o] *= alpha
                 cuda.syncthreads()  # S holds the weights
                 if tid < BR:
-                    lsum = l_s[tid] * al_s[tid]
+                    lsum = l_s[US(tid)] * al_s[US(tid)]
                     for c in range(BC):
-                        w = S[tid, c]
+                        w = S[US(tid), US(c)]
                         if w != SENT:
                             lsum += w
-                    l_s[tid] = lsum
+                    l_s[US(tid)] = lsum
                 _tile_accum(S, S, V, vob, vr, vc, c0, m, p0, dv, Xs, oacc, tx, ty)
             cuda.syncthreads()  # l_s final
             for a in range(RS):
                 r = ty * RS + a
                 i = r0 + r
                 if i < n:
-                    lrow = l_s[r]
+                    lrow = l_s[US(r)]
                     for o in range(OC):
                         col = p0 + tx + 16 * o
                         if col < dv:
@@ -354,8 +356,8 @@ def _build(dtype_name, energy):
                                 val = oacc[a, o] / lrow
                             O[b, i, col] = val
             if p == 0 and tid < BR and r0 + tid < n:
-                lrow = l_s[tid]
-                mrow = m_s[tid]
+                lrow = l_s[US(tid)]
+                mrow = m_s[US(tid)]
                 if lrow != lrow:
                     lse = NAN
                 elif mrow == INF:
@@ -424,8 +426,8 @@ def _build(dtype_name, energy):
                         if take:
                             t = _pair_score(sacc[a, c], Q, qo[b], qr, qc, b, i, j)
                         w = _weight(_classify(t, take, scale), lse, cnt)
-                        S[ty * RS + a, tx + 16 * c] = w
-                        Wt[ty * RS + a, tx + 16 * c] = w * (bacc[a, c] - dl)
+                        S[US(ty * RS + a), US(tx + 16 * c)] = w
+                        Wt[US(ty * RS + a), US(tx + 16 * c)] = w * (bacc[a, c] - dl)
                 cuda.syncthreads()  # S (flags) and Wt (dS) ready
                 _tile_accum(Wt, S, K, ko[b], kr, kc, c0, m, p0, d, Xs, oacc, tx, ty)
             for a in range(RS):
@@ -469,7 +471,7 @@ def _build(dtype_name, energy):
             p0 = p * CW if is_dk else (p - n_dk) * CW
             kb = dv if is_dk else 0  # <u_i, v_j> is only needed for dS (the dk passes)
             if tid < BR:
-                rs_s[tid] = ZERO
+                rs_s[US(tid)] = ZERO
             for a in range(RS):
                 for o in range(OC):
                     oacc[a, o] = ZERO
@@ -491,15 +493,15 @@ def _build(dtype_name, energy):
                             cnt = CNT[b, i]
                             dl = DEL[b, i]
                         w = _weight(_classify(t, take, scale), lse, cnt)
-                        S[ty * RS + a, tx + 16 * c] = w
-                        Wt[ty * RS + a, tx + 16 * c] = w * (bacc[a, c] - dl) if is_dk else w
+                        S[US(ty * RS + a), US(tx + 16 * c)] = w
+                        Wt[US(ty * RS + a), US(tx + 16 * c)] = w * (bacc[a, c] - dl) if is_dk else w
                 cuda.syncthreads()  # S (flags) and Wt ready
                 if tid < BR:
-                    s = rs_s[tid]
+                    s = rs_s[US(tid)]
                     for c in range(BC):
-                        if S[tid, c] != SENT:
-                            s += Wt[tid, c]
-                    rs_s[tid] = s
+                        if S[US(tid), US(c)] != SENT:
+                            s += Wt[US(tid), US(c)]
+                    rs_s[US(tid)] = s
                 if is_dk:
                     _tile_accum(Wt, S, Q, qo[b], qr, qc, c0, n, p0, d, Xs, oacc, tx, ty)
                 else:
@@ -514,10 +516,10 @@ def _build(dtype_name, energy):
                         if is_dk and col < d:
                             val = scale * oacc[a, o]
                             if ENERGY == SQEUCLIDEAN:
-                                kv = K[ko[b] + j * kr + col * kc]
+                                kv = K[UX(ko[b] + j * kr + col * kc)]
                                 if kv - kv != ZERO:  # not finite: the reference takes it as 0
                                     kv = ZERO
-                                val -= scale * kv * rs_s[r]
+                                val -= scale * kv * rs_s[US(r)]
                             DK[b, j, col] = val
                         elif (not is_dk) and col < dv:
                             DV[b, j, col] = oacc[a, o]
@@ -532,7 +534,7 @@ def _build(dtype_name, energy):
         if b < DEL.shape[0] and i < n:
             s = ZERO
             for c in range(dv):
-                s += U[uo[b] + i * ur + c * uc] * O[oo[b] + i * orr + c * oc]
+                s += U[UX(uo[b] + i * ur + c * uc)] * O[UX(oo[b] + i * orr + c * oc)]
             DEL[b, i] = s
 
     @cuda.jit

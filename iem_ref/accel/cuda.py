@@ -478,10 +478,10 @@ def _elementwise(name):
         elif name == "gauss":
 
             @cuda.jit
-            def gauss(z, m, sigma, out):
+            def gauss(z, alpha, out):
                 i = cuda.grid(1)
                 if i < out.shape[0]:
-                    out[i] = signed_gaussian_mean(z[i], m, sigma)
+                    out[i] = signed_gaussian_mean(z[i], alpha)
 
             _ELEMENTWISE[name] = gauss
         else:
@@ -535,7 +535,8 @@ def tanh_from_signed_gaussian(z, m=1.0, sigma=1.0):
     z = as_float_array(z, "z")
     if not 0 < float(sigma) < np.inf:  # also refuses NaN
         raise ValueError(f"sigma must be finite and > 0 (the kernel width); got {sigma!r}")
-    return _run_elementwise("gauss", [z], [float(m), float(sigma)], z.shape, z.dtype)
+    # The linear energies -+ alpha z with alpha = m / sigma^2 (the quadratic part cancels, T3), as the reference.
+    return _run_elementwise("gauss", [z], [float(m) / float(sigma) ** 2], z.shape, z.dtype)
 
 
 def softplus(z, tau=1.0):
