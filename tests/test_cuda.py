@@ -17,7 +17,7 @@ Forward, row ``i`` (``x_ij = t_ij * scale`` the scaled score, ``t = -d``):
   reference's own float64 score has the same form, hence the factor 2 below;
 * exponent ``x_ij - m_i``: ``+ u |x_ij| + u |x_ij - m_i|``; ``exp`` within 2 ulps
   (CUDA ``exp``: 1 ulp in float64, ``expf``: 2 ulps) ``= 4u``; each of the
-  ``ceil(M / 32)`` rescalings by ``alpha`` multiplies ``o`` and ``l`` by the
+  ``ceil(M / BC)`` rescalings by ``alpha`` (``BC`` keys per tile: 32 on a GPU, 8 in the simulator) multiplies ``o`` and ``l`` by the
   same rounded factor (cancels in ``o / l``) and rounds each product once.
   So every weight is ``w_j (1 + e_j)`` with
   ``|e_j| <= E_i = max_j (2 scale gamma_{D+3} S_ij + u|x_ij| + u|x_ij - m_i|) + (4 + ceil(M/32)) u``;
@@ -59,6 +59,8 @@ from tests.tolerances import assert_within
 C = pytest.importorskip("iem_ref.accel.cuda")
 from numba import cuda  # noqa: E402  (after conftest chose the backend)
 
+from iem_ref.accel import _cuda_kernels as _K  # noqa: E402
+
 from iem_ref.attention import attention as ref_attention  # noqa: E402
 from iem_ref.attention import causal_mask  # noqa: E402
 from iem_ref.gradients import attention_vjp as ref_vjp  # noqa: E402
@@ -95,7 +97,7 @@ def forward_bounds(q, k, v, scale, energy, dtype, take=None):
     xm = np.where(part, x, -np.inf)
     m = xm.max(-1, keepdims=True)
     e = np.where(part, 2 * scale * _gamma(D + 3, u) * S + u * np.abs(x) + u * np.abs(x - m), 0.0)
-    E = e.max(-1) + (4 + math.ceil(M / 32)) * u
+    E = e.max(-1) + (4 + math.ceil(M / _K.LAYOUT["BC"])) * u  # rescalings: one per key tile
     gM = _gamma(max(M, 1), u)
     vmax = np.abs(v.astype(np.float64)).max(-2, keepdims=True).max(-1, keepdims=True)  # (B..., 1, 1)
     a_ref, L_ref = ref_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), scale=scale,
@@ -474,3 +476,28 @@ def test_softmin_summary_lse_keeps_the_shape_of_d(rng):
     # float64, M = 5, |d / tau| < 3: a few roundings per weight and per 5-term sum: 16 ulps.
     assert_within(a, a_ref, 16 * U64 * (1 + np.abs(a_ref)), "a")
     assert_within(L, L_ref, 16 * U64 * (1 + np.abs(L_ref)), "L")
+
+
+def test_the_gpu_layout_under_the_simulator(rng):
+    """The simulator normally runs an 8-thread layout; this runs the GPU's (128 threads, 32 x 32 tiles) once."""
+    if not CUDA_SIMULATED:
+        pytest.skip("on a GPU every test runs the GPU layout")
+    n, m, d, dv = 33, 35, 3, 2  # two query blocks and two key tiles of the GPU layout
+    q, k, v = _inputs(rng, (), n, m, d, dv, np.float64)
+    g = rng.standard_normal((n, dv))
+    mask = rng.random((n, m)) < 0.8
+    _K.use_layout("gpu")
+    try:
+        a, L = C.attention(q, k, v, mask=mask, is_causal=True, return_lse=True)
+        grads = C.attention_vjp(q, k, v, g, mask=mask, is_causal=True, out=a, lse=L)
+    finally:
+        _K.use_layout("simulator")
+    take = mask & causal_mask(n, m)
+    a_ref, L_ref = ref_attention(q, k, v, mask=mask, is_causal=True, return_lse=True)
+    bound_a, bound_L, _ = forward_bounds(q, k, v, 1 / math.sqrt(d), "dot", np.float64, take)
+    assert_within(a, a_ref, bound_a, "a, GPU layout")
+    assert_within(L, L_ref, bound_L, "L, GPU layout")
+    want = ref_vjp(q, k, v, g, mask=mask, is_causal=True)
+    bounds = backward_bounds(q, k, v, g, 1 / math.sqrt(d), "dot", np.float64, take)
+    for name, x, y, bnd in zip(("dq", "dk", "dv"), grads, want, bounds):
+        assert_within(x, y, bnd + 4 * U64 * np.abs(y), f"{name}, GPU layout")

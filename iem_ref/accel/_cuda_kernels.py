@@ -9,7 +9,8 @@ Every operand reaches a kernel as a *strided view*: a flat 1-D device array
 ``X[xo[b] + i * xr + c * xc]``.  Broadcast axes have stride 0, so batch
 broadcasting, transposed layouts and CuPy / torch views need no copy.
 
-The block layout (all kernels): ``NT = 128`` threads as a 16 x 8 grid
+The block layout on a GPU (``LAYOUTS["gpu"]``; the simulator runs the same code with 8 threads
+and 8 x 8 tiles, ``LAYOUTS["simulator"]``): ``NT = 128`` threads as a 16 x 8 grid
 ``(tx, ty)``; a block owns ``BR = 32`` *rows* (queries in the forward and
 dq kernels, keys in the dk/dv kernel) and walks over tiles of ``BC = 32``
 *columns* (keys, resp. queries).  Per column tile:
@@ -50,19 +51,50 @@ import math
 import numba
 from numba import cuda
 
-NT = 128  # threads per block (16 x 8)
-BR = 32  # rows per block
-BC = 32  # columns per tile
-DC = 16  # feature chunk of the score GEMM
-DCP = DC + 1  # its shared row length, padded against bank conflicts (a literal: shared shapes must be constants)
-KC = 16  # key chunk of the value GEMM
-CW = 128  # output columns per pass (16 threads x 8)
-RS, CS, OC = 4, 2, 8  # per-thread micro-tiles: 4 rows x 2 score columns, 4 rows x 8 output columns
+LAYOUT_KEYS = ("NT", "TX", "BR", "BC", "DC", "DCP", "KC", "CW", "RS", "CS", "OC")
+
+
+def _layout(tx, ty, br, bc, dc, kc, cw):
+    """A thread / tile layout: ``tx * ty`` threads, ``br`` rows, ``bc`` columns, ``cw`` output columns per pass."""
+    lay = dict(NT=tx * ty, TX=tx, BR=br, BC=bc, DC=dc, DCP=dc + 1, KC=kc, CW=cw, RS=br // ty, CS=bc // tx, OC=cw // tx)
+    assert lay["RS"] * ty == br and lay["CS"] * tx == bc and lay["OC"] * tx == cw and bc % kc == 0
+    assert lay["NT"] >= br  # one thread per row for the row statistics
+    return lay
+
+
+LAYOUTS = {
+    # The GPU: 128 threads (16 x 8), 32 x 32 tiles, micro-tiles of 4 x 2 scores and 4 x 8 outputs,
+    # 16-feature / 16-key chunks, 128 output columns per pass (DCP = DC + 1 pads shared rows
+    # against bank conflicts).
+    "gpu": _layout(tx=16, ty=8, br=32, bc=32, dc=16, kc=16, cw=128),
+    # The simulator runs one Python thread per CUDA thread and pays per thread and per barrier:
+    # the same code with 8 threads (4 x 2) and 8 x 8 tiles (same micro-tiles), so that small
+    # test shapes also cross several tiles, chunks and output passes.
+    "simulator": _layout(tx=4, ty=2, br=8, bc=8, dc=4, kc=4, cw=16),
+}
+
+
+def _default_layout():
+    from numba.cuda.core import config
+
+    return "simulator" if config.ENABLE_CUDASIM else "gpu"
+
+
+def use_layout(name):
+    """Select a layout of :data:`LAYOUTS` for the kernels built from now on (the simulator's tests run the GPU one too)."""
+    global LAYOUT_NAME, LAYOUT, NT, BR
+    LAYOUT_NAME = name
+    LAYOUT = LAYOUTS[name]
+    NT, BR = LAYOUT["NT"], LAYOUT["BR"]  # what the host needs: threads per block, rows per block
+    _CACHE.clear()
+
+
+_CACHE = {}
+use_layout(_default_layout())
 
 DOT, SQEUCLIDEAN, PRECOMPUTED = 0, 1, 2
 ENERGY_CODES = {"dot": DOT, "sqeuclidean": SQEUCLIDEAN}
 
-_CACHE = {}
 _OPTIONS = {"launch_bounds": None}
 
 
@@ -108,6 +140,8 @@ class Kernels:
 
 def _build(dtype_name, energy):
     ft = getattr(numba, dtype_name)  # the kernel's float type: every constant is made with it
+    # The tile layout, frozen into the kernels as constants (see LAYOUTS).
+    NT, TX, BR, BC, DC, DCP, KC, CW, RS, CS, OC = (LAYOUT[key] for key in LAYOUT_KEYS)
     ZERO = ft(0.0)
     ONE = ft(1.0)
     HALF = ft(0.5)
@@ -122,7 +156,7 @@ def _build(dtype_name, energy):
 
     @cuda.jit(device=True, inline=True)
     def _tile_dot(A, ao, ar, ac, r0, nr, Bm, bo, br, bc, c0, nc, K, As, Bs, acc, tid, tx, ty):
-        """acc[a, c] = sum_k A[r0 + 4 ty + a, k] * B[c0 + tx + 16 c, k]  (or sum (A - B)^2 for SQEUCLIDEAN)."""
+        """acc[a, c] = sum_k A[r0 + 4 ty + a, k] * B[c0 + tx + TX c, k]  (or sum (A - B)^2 for SQEUCLIDEAN)."""
         for a in range(RS):
             for c in range(CS):
                 acc[a, c] = ZERO
@@ -147,7 +181,7 @@ def _build(dtype_name, energy):
                 for a in range(RS):
                     qa = As[US(ty * RS + a), US(kk)]
                     for c in range(CS):
-                        kb = Bs[US(tx + 16 * c), US(kk)]
+                        kb = Bs[US(tx + TX * c), US(kk)]
                         if ENERGY == SQEUCLIDEAN:
                             diff = qa - kb
                             acc[a, c] += diff * diff
@@ -182,7 +216,7 @@ def _build(dtype_name, energy):
                 for a in range(RS):
                     qa = As[US(ty * RS + a), US(kk)]
                     for c in range(CS):
-                        acc[a, c] += qa * Bs[US(tx + 16 * c), US(kk)]
+                        acc[a, c] += qa * Bs[US(tx + TX * c), US(kk)]
             cuda.syncthreads()  # done with the chunk
 
     @cuda.jit(device=True, inline=True)
@@ -211,12 +245,12 @@ def _build(dtype_name, energy):
 
     @cuda.jit(device=True, inline=True)
     def _tile_accum(W, S, X, xo, xr, xc, c0, nc, p0, ncol, Xs, acc, tx, ty):
-        """acc[a, o] += sum_k W[4 ty + a, k] * X[c0 + k, p0 + tx + 16 o] over the tile's taking-part k.
+        """acc[a, o] += sum_k W[4 ty + a, k] * X[c0 + k, p0 + tx + TX o] over the tile's taking-part k.
 
         ``S[r, k] == SENT`` marks a pair that does not take part: skipped, so
         its value (possibly NaN or inf) is never used.
         """
-        tid = ty * 16 + tx
+        tid = ty * TX + tx
         for k0 in range(0, BC, KC):
             for e in range(tid, KC * CW, NT):
                 kk = e // CW
@@ -231,7 +265,7 @@ def _build(dtype_name, energy):
                     if S[US(ty * RS + a), US(k0 + kk)] != SENT:
                         w = W[US(ty * RS + a), US(k0 + kk)]
                         for o in range(OC):
-                            acc[a, o] += w * Xs[US(kk), US(tx + 16 * o)]
+                            acc[a, o] += w * Xs[US(kk), US(tx + TX * o)]
             cuda.syncthreads()  # done with the chunk
 
     @cuda.jit(device=True, inline=True)
@@ -253,8 +287,8 @@ def _build(dtype_name, energy):
         ``CNT (Bf, N)`` (number of certain keys; 0 for an ordinary row).
         """
         tid = cuda.threadIdx.x
-        tx = tid % 16
-        ty = tid // 16
+        tx = tid % TX
+        ty = tid // TX
         b = cuda.blockIdx.x // nqb
         r0 = (cuda.blockIdx.x - b * nqb) * BR
         As = cuda.shared.array((BR, DCP), ft)
@@ -289,12 +323,12 @@ def _build(dtype_name, energy):
                 for a in range(RS):
                     i = r0 + ty * RS + a
                     for c in range(CS):
-                        j = c0 + tx + 16 * c
+                        j = c0 + tx + TX * c
                         take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, causal, coff)
                         t = ZERO
                         if take:
                             t = _pair_score(sacc[a, c], Q, qob, qr, qc, b, i, j)
-                        S[US(ty * RS + a), US(tx + 16 * c)] = _classify(t, take, scale)
+                        S[US(ty * RS + a), US(tx + TX * c)] = _classify(t, take, scale)
                 cuda.syncthreads()  # S holds the tile's encoded scores
                 if tid < BR:  # M2: the new running maximum and the rescale factor of the old state
                     mt = NINF
@@ -319,7 +353,7 @@ def _build(dtype_name, energy):
                     r = ty * RS + a
                     mrow = m_s[US(r)]
                     for c in range(CS):
-                        x = S[US(r), US(tx + 16 * c)]
+                        x = S[US(r), US(tx + TX * c)]
                         if x != x:
                             w = NAN
                         elif x == NINF:
@@ -328,7 +362,7 @@ def _build(dtype_name, energy):
                             w = ONE if x == INF else ZERO
                         else:
                             w = math.exp(x - mrow)
-                        S[US(r), US(tx + 16 * c)] = w  # the same thread wrote this entry: no race
+                        S[US(r), US(tx + TX * c)] = w  # the same thread wrote this entry: no race
                     alpha = al_s[US(r)]
                     for o in range(OC):
                         oacc[a, o] *= alpha
@@ -348,7 +382,7 @@ def _build(dtype_name, energy):
                 if i < n:
                     lrow = l_s[US(r)]
                     for o in range(OC):
-                        col = p0 + tx + 16 * o
+                        col = p0 + tx + TX * o
                         if col < dv:
                             if lrow == ZERO:  # empty row: no key takes part
                                 val = NAN if empty_nan else ZERO
@@ -386,8 +420,8 @@ def _build(dtype_name, energy):
            n, m, d, dv, scale, nqb, LSE, CNT, DEL, DQ):
         """G4, dq_i = scale * sum_j dS_ij k_j with dS_ij = r_ij (<u_i, v_j> - delta_i); block per 32 queries."""
         tid = cuda.threadIdx.x
-        tx = tid % 16
-        ty = tid // 16
+        tx = tid % TX
+        ty = tid // TX
         b = cuda.blockIdx.x // nqb
         r0 = (cuda.blockIdx.x - b * nqb) * BR
         As = cuda.shared.array((BR, DCP), ft)
@@ -420,21 +454,21 @@ def _build(dtype_name, energy):
                         cnt = CNT[b, i]
                         dl = DEL[b, i]
                     for c in range(CS):
-                        j = c0 + tx + 16 * c
+                        j = c0 + tx + TX * c
                         take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, causal, coff)
                         t = ZERO
                         if take:
                             t = _pair_score(sacc[a, c], Q, qo[b], qr, qc, b, i, j)
                         w = _weight(_classify(t, take, scale), lse, cnt)
-                        S[US(ty * RS + a), US(tx + 16 * c)] = w
-                        Wt[US(ty * RS + a), US(tx + 16 * c)] = w * (bacc[a, c] - dl)
+                        S[US(ty * RS + a), US(tx + TX * c)] = w
+                        Wt[US(ty * RS + a), US(tx + TX * c)] = w * (bacc[a, c] - dl)
                 cuda.syncthreads()  # S (flags) and Wt (dS) ready
                 _tile_accum(Wt, S, K, ko[b], kr, kc, c0, m, p0, d, Xs, oacc, tx, ty)
             for a in range(RS):
                 i = r0 + ty * RS + a
                 if i < n:
                     for o in range(OC):
-                        col = p0 + tx + 16 * o
+                        col = p0 + tx + TX * o
                         if col < d:
                             DQ[b, i, col] = scale * oacc[a, o]
 
@@ -447,8 +481,8 @@ def _build(dtype_name, energy):
         Passes ``0 .. ceil(D/CW) - 1`` produce dk columns, the following ones dv columns.
         """
         tid = cuda.threadIdx.x
-        tx = tid % 16
-        ty = tid // 16
+        tx = tid % TX
+        ty = tid // TX
         b = cuda.blockIdx.x // nkb
         r0 = (cuda.blockIdx.x - b * nkb) * BR  # first key of the block
         As = cuda.shared.array((BR, DCP), ft)
@@ -481,7 +515,7 @@ def _build(dtype_name, energy):
                 for a in range(RS):
                     j = r0 + ty * RS + a
                     for c in range(CS):
-                        i = c0 + tx + 16 * c
+                        i = c0 + tx + TX * c
                         take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, causal, coff)
                         t = ZERO
                         lse = ZERO
@@ -493,8 +527,8 @@ def _build(dtype_name, energy):
                             cnt = CNT[b, i]
                             dl = DEL[b, i]
                         w = _weight(_classify(t, take, scale), lse, cnt)
-                        S[US(ty * RS + a), US(tx + 16 * c)] = w
-                        Wt[US(ty * RS + a), US(tx + 16 * c)] = w * (bacc[a, c] - dl) if is_dk else w
+                        S[US(ty * RS + a), US(tx + TX * c)] = w
+                        Wt[US(ty * RS + a), US(tx + TX * c)] = w * (bacc[a, c] - dl) if is_dk else w
                 cuda.syncthreads()  # S (flags) and Wt ready
                 if tid < BR:
                     s = rs_s[US(tid)]
@@ -512,7 +546,7 @@ def _build(dtype_name, energy):
                 j = r0 + r
                 if j < m:
                     for o in range(OC):
-                        col = p0 + tx + 16 * o
+                        col = p0 + tx + TX * o
                         if is_dk and col < d:
                             val = scale * oacc[a, o]
                             if ENERGY == SQEUCLIDEAN:
