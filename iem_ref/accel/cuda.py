@@ -32,7 +32,9 @@ and ``M``: the bound is derived in ``tests/test_cuda.py``.
 
 Backend: without a GPU, set ``NUMBA_ENABLE_CUDASIM=1`` before numba is
 imported and the same kernels run in Numba's CUDA simulator (one Python
-thread per CUDA thread: small shapes only).  :data:`BACKEND` says which ran,
+thread per CUDA thread: small shapes only), with a smaller tile layout
+(8 threads, 8 x 8 tiles: ``_cuda_kernels.LAYOUTS``) that keeps test shapes
+fast and still crosses several tiles.  :data:`BACKEND` says which ran,
 :data:`launches` counts kernel launches per kernel name.
 """
 
