@@ -29,9 +29,10 @@ Forward, row ``i``; scores ``x_ij = -d_ij * scale``:
   ``|e_j| <= E_i = max_j (score + shift) + (2 exp_ulps + rescales) u``.
 * ``a = sum_j w_j v_j / sum_j w_j`` moves by ``sum_j r_j e_j (v_j - a)``, at most
   ``2 E_i max|v|``; the two sums add ``2 G max|v|`` where ``G`` is the sum
-  bound: on the CPU a tile of at most 256 keys in the dtype (the GEMM, and
-  the row sum over 8 partial sums) then float64 across tiles and splits,
-  ``G = g(min(M, 256) + 3) + g64(ceil(M/256) + 19)``; on CUDA ``G = g(M)``
+  bound: on the CPU a tile of at most ``bk`` keys in the dtype (the GEMM, and
+  the row sum over 8 partial sums; ``bk = 256``, or 2048 for fewer than 64
+  queries) then float64 across tiles and splits,
+  ``G = g(min(M, bk) + 3) + g64(ceil(M/bk) + 19)``; on CUDA ``G = g(M)``
   (sequential in the dtype).  The division and the output rounding add
   ``2u|a|``; the reference itself is within ``(3 u64 + g64(M)) max|v|``.
 
@@ -74,13 +75,19 @@ class Path:
         self.mod = mod
         self.small = name == "cuda" and CUDA_SIMULATED  # the simulator: tens of queries and keys at most
 
-    def sum_bound(self, n, u):
-        """``G``: relative error bound of an ``n``-term sum of non-negative weights (see the module docstring)."""
+    def sum_bound(self, n, u, n_queries):
+        """``G``: relative error bound of an ``n``-term sum over keys (see the module docstring).
+
+        CPU: key tiles of ``bk`` keys (``plan``: 256, or 2048 for fewer than 64 queries) in the dtype,
+        then float64 across tiles, splits and merges.
+        """
         if self.name == "cpu":
-            return g(min(n, 256) + 3, u) + g(math.ceil(n / 256) + 19, U64)
+            bk = self.mod.plan(1, n_queries, n, np.float64)[1]
+            return g(min(n, bk) + 3, u) + g(math.ceil(n / bk) + 19, U64)
         return g(n, u)
 
     def query_sum_bound(self, n, u):
+        """The same for an ``n``-term sum over queries (CPU: query blocks of at most 128 in the dtype, then float64)."""
         if self.name == "cpu":
             return g(min(n, 128) + 3, u) + g(math.ceil(n / 128) + 3, U64)
         return g(n, u)
@@ -128,7 +135,7 @@ def forward_bounds(path, dtype, x, m_row, S, scale, D, max_v, a_ref, L_ref, M):
     shift = _finite(shift)
     per = scale * (g(D + 3, u) + g(D + 3, U64)) * S + 2 * u * _finite(np.abs(x)) + u * shift
     E = (per.max(axis=-1) if M else np.zeros(per.shape[:-1])) + (2 * path.exp_ulps + path.rescales(M)) * u
-    G = path.sum_bound(max(M, 1), u)
+    G = path.sum_bound(max(M, 1), u, x.shape[-2])
     a_abs = _finite(np.abs(np.asarray(a_ref, np.float64)))
     bound_a = max_v[..., None, None] * (2 * E + 2 * G + 4 * u + 3 * U64 + g(max(M, 1), U64))[..., None] + 3 * u * a_abs
     L_abs = _finite(np.abs(np.asarray(L_ref, np.float64)))
@@ -417,7 +424,7 @@ def vjp_bounds(path, q, k, v, gout, dtype, energy, a_bound, L_bound, E, **kw):
     ddelta = (absu * (a_bound + g(Dv, u) * np.abs(a_ref))).sum(-1)
     ddS = r * (F[..., None] * np.abs(b - delta[..., None]) + db + ddelta[..., None]) + u * np.abs(dS)
     ref2 = 1 + U64 / u  # the reference's own rounding, of the same size in float64
-    Gk, Gq = path.sum_bound(M, u), path.query_sum_bound(N, u)
+    Gk, Gq = path.sum_bound(M, u, N), path.query_sum_bound(N, u)
     absk, absq = np.abs(k64), np.abs(q64)
     dq_ref, dk_ref, dv_ref = iem_ref.attention_vjp(q64, k64, v64, u64, scale=sc, energy=energy, **kw)
     bq = ref2 * sc * ((ddS + Gk * np.abs(dS)) @ absk) + 2 * u * np.abs(dq_ref)

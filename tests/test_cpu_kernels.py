@@ -88,7 +88,7 @@ def test_key_splits_agree_with_one_pass(rng, dtype):
     The score tiles are identical (same GEMMs), but each split shifts its exponents by its
     own running maximum, so the weights ``exp(x - m)``, the tile sums and the value GEMM
     round differently.  Each side is within ``|e_j| <= E = 4u + u max|x - m|`` per weight and
-    ``G = g(min(M, 256) + 3) + g64(ceil(M/256) + 19)`` per sum (tests/test_agreement.py), so
+    ``G = g(min(M, bk) + 3) + g64(ceil(M/bk) + 19)`` per sum (``bk`` from ``plan``) (tests/test_agreement.py), so
     ``|a_s - a_1| <= 2 (2E + 2G) max|v| + 2u |a|`` and ``|L_s - L_1| <= 2 (E + 2G) + 2u |L|``.
     """
     q = rng.standard_normal((2, 3, 8)).astype(dtype)
@@ -100,7 +100,8 @@ def test_key_splits_agree_with_one_pass(rng, dtype):
     spread = (x.max(-1) - x.min(-1)).max()
     g = lambda n, uu: n * uu / (1 - n * uu)  # noqa: E731
     E = 4 * u + u * spread * (1 + 1e-6)
-    G = g(min(M, 256) + 3, u) + g(math.ceil(M / 256) + 19, U64)
+    bk = cpu.plan(2, 3, M, dtype)[1]
+    G = g(min(M, bk) + 3, u) + g(math.ceil(M / bk) + 19, U64)
     (a1, L1), _ = cpu._forward_attention(q, k, v, None, None, False, "top_left", "dot", "zero", nsplit=1)
     for ns in (3, 7):
         (a, L), _ = cpu._forward_attention(q, k, v, None, None, False, "top_left", "dot", "zero", nsplit=ns)

@@ -183,13 +183,12 @@ def _exp_shift_sum(row, n, mt):
 
 @njit(cache=True)
 def _bad_rows(x, flags):
-    """``flags[j] = True`` where row ``x[j]`` holds a non-finite entry; returns how many."""
+    """``flags[j] = True`` where row ``x[j]`` holds a non-finite entry; returns how many (branch-free inner loop)."""
     nbad = 0
     for j in range(x.shape[0]):
         bad = False
         for c in range(x.shape[1]):
-            if not np.isfinite(x[j, c]):
-                bad = True
+            bad |= not np.isfinite(x[j, c])
         flags[j] = bad
         nbad += bad
     return nbad
@@ -277,7 +276,10 @@ def _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, caus
             for j in range(bk):
                 S[r, j] = -dd[i0 + r, jb + j]
     elif D > 0:
-        gemm(_T, _N, bk, bq, D, 1.0, k, jb * D, D, q, i0 * D, D, 0.0, S, 0, ld)
+        # the dot energy's scale rides on the GEMM (alpha): one rounding, as a separate product would make;
+        # scale = 0 needs the raw products (their inf/NaN), and K2 subtracts the norms first
+        alpha = scale if (energy == 0 and scale > 0.0) else like(1.0, scale)
+        gemm(_T, _N, bk, bq, D, alpha, k, jb * D, D, q, i0 * D, D, 0.0, S, 0, ld)
     else:  # D = 0: every dot product is 0
         for r in range(bq):
             for j in range(bk):
@@ -292,8 +294,9 @@ def _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, caus
             lim = min(max(i + off - jb + 1, 0), bk)
         if energy != 1:
             if scale > 0.0:
-                for j in range(lim):
-                    row[j] = row[j] * scale
+                if energy == 2:
+                    for j in range(lim):
+                        row[j] = row[j] * scale
             else:  # scale = 0: finite scores tie at 0, +-inf and NaN keep their meaning
                 for j in range(lim):
                     x = row[j]
@@ -323,13 +326,12 @@ def _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, caus
 
 # --- forward: one query block over one key range --------------------------------
 @njit(cache=True, fastmath=_FM)
-def _forward_block(q, k, v, dd, mask, vflag, has_mask, causal, off, energy, scale, i0, i1, j0, j1, bk_max, m, l, o, nan_row):
+def _forward_block(q, k, v, dd, mask, has_mask, causal, off, energy, scale, i0, i1, j0, j1, bk_max, m, l, o, nan_row):
     """M1 over keys ``[j0, j1)`` for queries ``[i0, i1)``: the partial ``(m, l, o)`` (float64) and NaN flags.
 
     ``m (bq,)`` running maximum score (``-inf`` while nothing takes part),
     ``l (bq,)`` ``sum exp(s - m)``, ``o (bq, Dv)`` ``sum exp(s - m) v_j``,
-    merged tile after tile by M2.  ``vflag[t]``: key tile ``t`` has a value
-    row with a non-finite entry.
+    merged tile after tile by M2.
     """
     bq = i1 - i0
     Dv = v.shape[1]
@@ -358,9 +360,8 @@ def _forward_block(q, k, v, dd, mask, vflag, has_mask, causal, off, energy, scal
             break  # no query of this block sees keys from jb on
         bk = min(bk_max, j1 - jb)
         _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, causal, off, has_mask, mask)
-        nbad = 0
-        if vflag[jb // bk_max]:
-            nbad = _bad_rows(v[jb : jb + bk], vbad)
+        nbad = _bad_rows(v[jb : jb + bk], vbad)  # the tile is about to be read by the GEMM: cache-hot
+        if nbad:
             for r in range(bq):
                 for j in range(bk):
                     part[r, j] = S[r, j] != ninf  # NaN scores take part (and spoil their row)
@@ -403,17 +404,6 @@ def _forward_block(q, k, v, dd, mask, vflag, has_mask, causal, off, energy, scal
 
 
 @njit(cache=True)
-def _tile_flags(x, bk, flags):
-    """``flags[t]``: rows ``[t bk, (t+1) bk)`` of ``x`` hold a non-finite entry."""
-    for t in range(flags.shape[0]):
-        bad = False
-        for j in range(t * bk, min(x.shape[0], (t + 1) * bk)):
-            for c in range(x.shape[1]):
-                bad |= not np.isfinite(x[j, c])
-        flags[t] = bad
-
-
-@njit(cache=True)
 def _finalize_rows(m, l, o, nan_row, empty_nan, out, lse):
     """M2 (result): ``a = o / l``, ``L = m + log l`` (float64, rounded once to ``out``'s dtype), with the edge cases."""
     for r in range(m.shape[0]):
@@ -451,9 +441,6 @@ def forward(q3, k3, v3, qmap, kmap, vmap, d3, dmap, mask3, mmap, has_mask, causa
     nqb = (N + bq - 1) // bq
     nkb = (M + bk - 1) // bk
     items = B * nqb * nsplit
-    vflag = np.empty((v3.shape[0], nkb), dtype=np.bool_)
-    for w in prange(v3.shape[0]):
-        _tile_flags(v3[w], bk, vflag[w])
     pm = np.empty((B, nsplit, N), dtype=np.float64)
     pl = np.empty((B, nsplit, N), dtype=np.float64)
     pn = np.empty((B, nsplit, N), dtype=np.bool_)
@@ -468,7 +455,7 @@ def forward(q3, k3, v3, qmap, kmap, vmap, d3, dmap, mask3, mmap, has_mask, causa
         j0 = min(M, (sp * nkb // nsplit) * bk)
         j1 = min(M, ((sp + 1) * nkb // nsplit) * bk)
         _forward_block(
-            q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], d3[dmap[b]], mask3[mmap[b]], vflag[vmap[b]], has_mask, causal, off, energy, scale,
+            q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off, energy, scale,
             i0, i1, j0, j1, bk, pm[b, sp, i0:i1], pl[b, sp, i0:i1], po[b, sp, i0:i1], pn[b, sp, i0:i1],
         )
     for w in prange(B * nqb):
@@ -765,3 +752,44 @@ def backward(q3, k3, v3, u3, qmap, kmap, vmap, umap, d3, dmap, mask3, mmap, has_
         i0 = (w % nqb) * bq
         _backward_queries(q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], u3[umap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off,
                           energy, scale, i0, min(N, i0 + bq), bk, lse[b], cnt[b], delta[b], dq[b])
+
+
+@njit(cache=True, parallel=True, fastmath=_FM)
+def exp_roof(total, sample):
+    """The polynomial ``exp`` applied ``total`` times, on cache-resident 4096-element buffers (as in the kernel's tiles).
+
+    Each pass maps ``x -> exp(x) - 1``, which keeps ``x`` in ``(-1, 0]``; ``sample``
+    (a 1-element array) fixes the dtype.  Returns a checksum.
+    """
+    chunk = 4096
+    passes = 64
+    nitems = (total + chunk * passes - 1) // (chunk * passes)
+    one = like(1.0, sample[0])
+    acc = 0.0
+    for c in prange(nitems):
+        buf = np.empty(chunk, dtype=sample.dtype)
+        for j in range(chunk):
+            buf[j] = -(j % 97) * like(0.01, sample[0])
+        for _ in range(passes):
+            for j in range(chunk):
+                buf[j] = fexp(buf[j]) - one
+        acc += buf[c % chunk]
+    return acc
+
+
+@njit(cache=True, parallel=True)
+def stream_roof(k, v):
+    """Read ``k`` and ``v`` once, in parallel (a sum): the memory-bandwidth floor of decoding. Returns the checksum."""
+    M = k.shape[0]
+    chunk = 4096
+    n = (M + chunk - 1) // chunk
+    acc = 0.0
+    for c in prange(n):
+        s = 0.0
+        for j in range(c * chunk, min(M, (c + 1) * chunk)):
+            for d in range(k.shape[1]):
+                s += k[j, d]
+            for d in range(v.shape[1]):
+                s += v[j, d]
+        acc += s
+    return acc

@@ -19,7 +19,8 @@ one thread around every kernel call (``threadpoolctl``): BLAS threads inside
 ``prange`` oversubscribe the cores (NUMBA.md: 266 ms instead of 92 ms).
 
 float32: GEMMs, the shift, ``exp`` and the per-tile row sums run in float32
-(dot products of length ``D``, sums of at most ``bk`` = 256 terms); the
+(dot products of length ``D``, sums of at most ``bk`` terms: 256, or 2048
+when a query block has fewer than 64 queries, see :func:`plan`); the
 running maximum, sums and output accumulators across tiles are float64; the
 result is rounded once to float32.  float64 runs in float64 throughout.
 
@@ -70,6 +71,8 @@ _PRECOMPUTED = 2
 TILES = {np.dtype(np.float64): (128, 256), np.dtype(np.float32): (128, 256)}
 _TARGET_ITEMS = 16  # work items wanted before keys are split (decoding)
 _MIN_SPLIT_KEYS = 8192  # fewest keys per split
+_SMALL_BLOCK = 64  # query blocks smaller than this get key tiles of _DECODE_KEYS
+_DECODE_KEYS = 2048
 
 
 # --- kernels, compiled once per dtype with explicit signatures ---------------
@@ -187,10 +190,12 @@ def plan(B, N, M, dtype):
     >>> plan(1, 4096, 4096, np.float64)
     (128, 256, 1)
     >>> plan(1, 1, 4 * 2**20, np.float64)
-    (1, 256, 16)
+    (1, 2048, 16)
     """
     bq, bk = TILES[np.dtype(dtype)]
     bq = max(1, min(bq, N))
+    if bq < _SMALL_BLOCK:  # few queries (decoding): longer key tiles amortise the per-tile BLAS calls
+        bk = _DECODE_KEYS
     nqb = max(1, -(-N // bq))
     want = -(-_TARGET_ITEMS // max(1, B * nqb))
     nsplit = int(max(1, min(want, M // _MIN_SPLIT_KEYS)))

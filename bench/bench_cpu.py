@@ -1,0 +1,314 @@
+"""CPU benchmark: attention forward/backward and long-context decoding, every path side by side in one run.
+
+Paths (each case and path runs in its own subprocess, so that peak memory is
+that path's alone):
+
+- ``reference``: the NumPy reference (:func:`iem_ref.attention`, two passes
+  over an ``N x M`` float64 matrix; skipped where its estimated memory,
+  about 12 ``N x M`` float64 arrays forward and 20 backward, exceeds
+  ``--max-ref-gb``);
+- ``cpu``: :mod:`iem_ref.accel.cpu` (the backward reuses the saved ``out`` and ``lse``);
+- ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` with 4-D
+  ``(B, H, N, D) = (1, 1, N, D)`` inputs, which reach its flash CPU kernel
+  (backward: autograd through it, ``.backward`` timed alone), if torch is installed;
+- ``roof``: the CPU kernel's own BLAS GEMM calls alone (same tiles, same
+  ``prange``; :func:`iem_ref.accel._cpu_kernels.gemm_roof`) plus the fastest
+  ``exp`` over ``N*M`` elements (the polynomial exp on cache-resident
+  buffers, :func:`~iem_ref.accel._cpu_kernels.exp_roof`); for the backward,
+  the forward's GEMM time x 7/2 (7 GEMMs per tile pair instead of 2), an
+  estimate, marked as such; for decoding (memory-bound), reading K and V
+  once (:func:`~iem_ref.accel._cpu_kernels.stream_roof`).
+
+Timing: one warm-up call (its time is reported as ``first_s``: compilation
+or cache load for the Numba path), then the median and minimum of
+``--repeats`` calls.  Memory: the peak resident set (``VmHWM`` after resetting
+it through ``/proc/self/clear_refs``) during the timed calls, minus the
+resident set before them (inputs already allocated): ``peak_extra_mb``.  It
+sees every allocator (NumPy, Numba's NRT, torch, BLAS buffers).
+
+Usage::
+
+    python bench/bench_cpu.py --quick            # N = M in {1024, 4096}, D = 64, forward; decoding M = 2**20
+    python bench/bench_cpu.py --full             # the issue's grid (tens of minutes)
+    python bench/bench_cpu.py --full --out bench/results/cpu_full.json
+
+The machine (CPU model, cores, memory, library versions) and ``/proc/loadavg``
+before and after every case are recorded in the JSON: other processes on the
+machine inflate timings, so check the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# --- the worker: one (case, path) in this process -------------------------------------
+def _status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _inputs(case):
+    rng = np.random.default_rng(0)
+    dt = np.dtype(case["dtype"])
+    N, M, D = case["N"], case["M"], case["D"]
+    q = rng.standard_normal((N, D), dtype=np.float64).astype(dt)
+    k = rng.standard_normal((M, D), dtype=np.float64).astype(dt)
+    v = rng.standard_normal((M, D), dtype=np.float64).astype(dt)
+    u = rng.standard_normal((N, D), dtype=np.float64).astype(dt)
+    return q, k, v, u
+
+
+def _make_call(case, path, q, k, v, u):
+    """A zero-argument callable doing one timed unit of work, and a description."""
+    kind = case["kind"]
+    if path == "reference":
+        import iem_ref
+
+        if kind == "backward":
+            return lambda: iem_ref.attention_vjp(q, k, v, u), "iem_ref.attention_vjp (recomputes r)"
+        return lambda: iem_ref.attention(q, k, v), "iem_ref.attention"
+    if path == "cpu":
+        from iem_ref.accel import cpu
+
+        if kind == "backward":
+            a, L = cpu.attention(q, k, v, return_lse=True)
+            return lambda: cpu.attention_vjp(q, k, v, u, out=a, lse=L), "accel.cpu.attention_vjp(out=, lse=)"
+        return lambda: cpu.attention(q, k, v, return_lse=True), "accel.cpu.attention(return_lse=True)"
+    if path == "torch":
+        import torch
+        import torch.nn.functional as F
+
+        t = [torch.from_numpy(np.ascontiguousarray(x))[None, None] for x in (q, k, v, u)]
+        if kind == "backward":
+            qt, kt, vt = (x.clone().requires_grad_(True) for x in t[:3])
+            out = F.scaled_dot_product_attention(qt, kt, vt)
+
+            def back():
+                for x in (qt, kt, vt):
+                    x.grad = None
+                out.backward(t[3], retain_graph=True)
+
+            return back, f"torch {torch.__version__} SDPA backward, 4-D inputs, {torch.get_num_threads()} threads"
+
+        def fwd():
+            with torch.no_grad():
+                return F.scaled_dot_product_attention(t[0], t[1], t[2])
+
+        return fwd, f"torch {torch.__version__} SDPA, 4-D (1, 1, N, D) inputs, {torch.get_num_threads()} threads"
+    if path == "roof":
+        from iem_ref.accel import _cpu_kernels as K
+        from iem_ref.accel import cpu
+
+        if kind == "decode":  # memory-bound: the floor is reading K and V once
+            return (lambda: K.stream_roof(k, v), lambda: None), "K and V read once (parallel sum): the bandwidth floor"
+        bq, bk, _ = cpu.plan(1, case["N"], case["M"], q.dtype)
+        sample = np.zeros(1, q.dtype)
+        total = case["N"] * case["M"]
+
+        def gemms():
+            with cpu._blas_single_thread():
+                K.gemm_roof(q, k, v, bq, bk)
+
+        def exps():
+            K.exp_roof(total, sample)
+
+        return (gemms, exps), f"GEMM tiles {bq}x{bk} alone + polynomial exp over N*M"
+    raise ValueError(path)
+
+
+def _time(fn, repeats):
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return first, times
+
+
+def worker(case, path, repeats):
+    q, k, v, u = _inputs(case)
+    res = {"path": path}
+    t0 = time.perf_counter()
+    if path == "cpu" or path == "roof":  # compile or load the kernels on a tiny problem first
+        from iem_ref.accel import cpu
+
+        small = [x[:4] for x in (q, k, v, u)]
+        cpu.attention(*small[:3], return_lse=True)
+        if case["kind"] == "backward":
+            cpu.attention_vjp(*small)
+        res["compile_or_load_s"] = time.perf_counter() - t0
+    fn, desc = _make_call(case, path, q, k, v, u)
+    res["what"] = desc
+    base = _status("VmRSS:")
+    can_peak = _reset_peak()
+    if path == "roof":
+        first_g, tg = _time(fn[0], repeats)
+        first_e, te = _time(fn[1], repeats)
+        res.update(gemm_median_s=float(np.median(tg)), gemm_min_s=min(tg), exp_median_s=float(np.median(te)), exp_min_s=min(te))
+        res.update(median_s=res["gemm_median_s"] + res["exp_median_s"], min_s=res["gemm_min_s"] + res["exp_min_s"], first_s=first_g + first_e)
+        if case["kind"] == "backward":
+            res.update(gemm_median_s=res["gemm_median_s"] * 3.5, gemm_min_s=res["gemm_min_s"] * 3.5, estimated="backward GEMMs = 3.5 x the forward's (7 GEMMs per tile pair instead of 2)")
+            res.update(median_s=res["gemm_median_s"] + res["exp_median_s"], min_s=res["gemm_min_s"] + res["exp_min_s"])
+    else:
+        first, times = _time(fn, repeats)
+        res.update(first_s=first, median_s=float(np.median(times)), min_s=min(times), times_s=times)
+    if can_peak:
+        res["peak_extra_mb"] = (_status("VmHWM:") - base) / 2**20
+    res["inputs_mb"] = sum(x.nbytes for x in (q, k, v, u)) / 2**20
+    return res
+
+
+# --- the driver -------------------------------------------------------------------------
+def _loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[:3]
+    except OSError:
+        return None
+
+
+def machine():
+    info = {"platform": platform.platform(), "python": sys.version.split()[0], "cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            info["memory_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    for mod in ("numpy", "scipy", "numba", "torch", "threadpoolctl"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional
+            info[mod] = None
+    try:
+        import numba
+
+        info["numba_threads"] = numba.config.NUMBA_NUM_THREADS
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def cases(quick):
+    out = []
+    sizes, dims, kinds, dtypes = ([1024, 4096], [64], ["forward"], ["float64", "float32"]) if quick else (
+        [1024, 4096, 16384], [64, 128], ["forward", "backward"], ["float64", "float32"])
+    for kind in kinds:
+        for n in sizes:
+            for d in dims:
+                for dt in dtypes:
+                    out.append(dict(kind=kind, N=n, M=n, D=d, dtype=dt))
+    m_dec = 1 << 20 if quick else 4 * 2**20
+    for n in [1, 16]:
+        for dt in dtypes:
+            out.append(dict(kind="decode", N=n, M=m_dec, D=64, dtype=dt))
+    return out
+
+
+def ref_gb(case):
+    arrays = 20 if case["kind"] == "backward" else 12
+    return arrays * case["N"] * case["M"] * 8 / 2**30
+
+
+def run(args):
+    have_torch = True
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        have_torch = False
+    paths = [p for p in args.paths if p != "torch" or have_torch]
+    result = {"machine": machine(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "repeats": args.repeats,
+              "loadavg_start": _loadavg(), "cases": [], "notes": []}
+    if not have_torch:
+        result["notes"].append("torch is not installed: no torch column (pip install -e '.[bench]')")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for case in cases(args.quick):
+        entry = dict(case, loadavg_before=_loadavg(), results={})
+        for path in paths:
+            if path == "reference" and ref_gb(case) > args.max_ref_gb:
+                entry["results"][path] = {"skipped": f"needs about {ref_gb(case):.0f} GB (> --max-ref-gb {args.max_ref_gb})"}
+                continue
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case), "--path", path, "--repeats", str(args.repeats)]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+            if proc.returncode != 0:
+                entry["results"][path] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+            else:
+                entry["results"][path] = json.loads(proc.stdout.strip().splitlines()[-1])
+            entry["results"][path]["wall_s"] = time.perf_counter() - t0
+            r = entry["results"][path]
+            print(f"{case['kind']:8s} N={case['N']:<6d} M={case['M']:<8d} D={case['D']:<4d} {case['dtype']:8s} {path:10s} "
+                  + (f"median {r['median_s'] * 1e3:9.1f} ms  min {r['min_s'] * 1e3:9.1f} ms  peak+ {r.get('peak_extra_mb', float('nan')):8.1f} MB"
+                     if "median_s" in r else str(r.get("skipped") or r.get("error"))), flush=True)
+        entry["loadavg_after"] = _loadavg()
+        res = entry["results"]
+        if "median_s" in res.get("cpu", {}):
+            for other in ("torch", "roof", "reference"):
+                if "median_s" in res.get(other, {}):
+                    entry[f"{other}_over_cpu"] = res[other]["median_s"] / res["cpu"]["median_s"]
+            if "gemm_median_s" in res.get("roof", {}):
+                entry["cpu_over_gemms"] = res["cpu"]["median_s"] / res["roof"]["gemm_median_s"]
+        result["cases"].append(entry)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    result["loadavg_end"] = _loadavg()
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="N = M in {1024, 4096}, D = 64, forward, decoding with M = 2**20")
+    g.add_argument("--full", action="store_true", help="the issue's grid (default)")
+    p.add_argument("--paths", nargs="+", default=["reference", "cpu", "torch", "roof"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max-ref-gb", type=float, default=8.0)
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--out", default=None)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker), args.path, args.repeats)))
+        return
+    if args.out is None:
+        args.out = os.path.join(HERE, "results", "cpu_quick.json" if args.quick else "cpu.json")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
