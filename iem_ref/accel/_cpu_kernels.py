@@ -42,10 +42,10 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 from numba.np.linalg import ensure_blas
 
-from ._fastexp import fexp, like
+from ._fastexp import f32_bits, f64_bits, fexp, like
 
 ensure_blas()  # SciPy's BLAS (scipy.linalg.cython_blas), the one Numba's np.dot uses
 
@@ -113,13 +113,79 @@ def gemm(typingctx, transa, transb, m, n, k, alpha, a, ia, lda, b, ib, ldb, beta
     return sig, codegen
 
 
+@intrinsic
+def gemv(typingctx, trans, m, n, alpha, a, ia, lda, x, ix, beta, y, iy):
+    """Fortran ``y[iy:] = alpha op(A[ia:]) x[ix:] + beta y[iy:]`` (unit strides), ``?gemv`` from SciPy's BLAS.
+
+    For query blocks of very few rows (decoding): GEMM would pack (copy) the
+    whole key tile for one or two columns of work.
+    """
+    if not (a.dtype == x.dtype == y.dtype and a.dtype in (types.float32, types.float64)):
+        return None
+    sig = types.int32(trans, m, n, alpha, a, ia, lda, x, ix, beta, y, iy)
+    kind = "d" if a.dtype == types.float64 else "s"
+
+    def codegen(context, builder, signature, args):
+        (tr, m_, n_, al, a_, ia_, lda_, x_, ix_, be, y_, iy_) = args
+        tys = signature.args
+        ll_char = ir.IntType(8)
+        ll_void_p = ll_char.as_pointer()
+        intp_t = context.get_value_type(types.intp)
+        fnty = ir.FunctionType(ir.IntType(32), [ll_char, ll_char, intp_t, intp_t, ll_void_p, ll_void_p, intp_t, ll_void_p, ll_void_p, ll_void_p])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemv")
+        dt = tys[4].dtype
+        lldt = context.get_value_type(dt)
+
+        def ptr(arr_val, arr_ty, off_val, off_ty):
+            ary = context.make_array(arr_ty)(context, builder, arr_val)
+            off = context.cast(builder, off_val, off_ty, types.intp)
+            return builder.bitcast(builder.gep(ary.data, [off]), ll_void_p)
+
+        def slot(val, ty):
+            sl = cgutils.alloca_once(builder, lldt)
+            builder.store(context.cast(builder, val, ty, dt), sl)
+            return builder.bitcast(sl, ll_void_p)
+
+        def as_int(val, ty):
+            return context.cast(builder, val, ty, types.intp)
+
+        return builder.call(
+            fn,
+            (
+                ir.Constant(ll_char, ord(kind)),
+                builder.trunc(as_int(tr, tys[0]), ll_char),
+                as_int(m_, tys[1]), as_int(n_, tys[2]),
+                slot(al, tys[3]), ptr(a_, tys[4], ia_, tys[5]), as_int(lda_, tys[6]),
+                ptr(x_, tys[7], ix_, tys[8]), slot(be, tys[9]), ptr(y_, tys[10], iy_, tys[11]),
+            ),
+        )
+
+    return sig, codegen
+
+
 _N = ord("n")
 _T = ord("t")
+_GEMV_ROWS = 4  # query blocks with fewer rows use GEMV per row instead of GEMM
 
 _FM = {"contract"}  # FMA contraction only: inf/NaN semantics are kept (NUMBA.md, pitfalls)
 
 
 # --- small tile helpers -------------------------------------------------------
+def _nonfinite_bits(x):
+    """1 if ``x`` is inf or NaN (exponent bits all ones), else 0, by integer operations."""
+    raise NotImplementedError("only callable from @njit code")
+
+
+@overload(_nonfinite_bits, inline="always")
+def _nonfinite_bits_overload(x):
+    if x == types.float64:
+        return lambda x: np.int64((f64_bits(x) & 0x7FF0000000000000) == 0x7FF0000000000000)
+    if x == types.float32:
+        return lambda x: np.int64((f32_bits(x) & 0x7F800000) == 0x7F800000)
+    return None
+
+
+
 @njit(cache=True, fastmath=_FM)
 def _row_max(row, n):
     """Maximum of ``row[:n]`` ignoring NaN, in a fixed order (8 partial maxima, then combined)."""
@@ -183,14 +249,18 @@ def _exp_shift_sum(row, n, mt):
 
 @njit(cache=True)
 def _bad_rows(x, flags):
-    """``flags[j] = True`` where row ``x[j]`` holds a non-finite entry; returns how many (branch-free inner loop)."""
+    """``flags[j] = True`` where row ``x[j]`` holds a non-finite entry; returns how many.
+
+    The test is on the exponent bits (all ones: inf or NaN), an integer
+    OR-reduction that vectorises (a floating-point one would not, in order).
+    """
     nbad = 0
     for j in range(x.shape[0]):
-        bad = False
+        bad = 0
         for c in range(x.shape[1]):
-            bad |= not np.isfinite(x[j, c])
-        flags[j] = bad
-        nbad += bad
+            bad |= _nonfinite_bits(x[j, c])
+        flags[j] = bad != 0
+        nbad += bad != 0
     return nbad
 
 
@@ -279,7 +349,11 @@ def _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, caus
         # the dot energy's scale rides on the GEMM (alpha): one rounding, as a separate product would make;
         # scale = 0 needs the raw products (their inf/NaN), and K2 subtracts the norms first
         alpha = scale if (energy == 0 and scale > 0.0) else like(1.0, scale)
-        gemm(_T, _N, bk, bq, D, alpha, k, jb * D, D, q, i0 * D, D, 0.0, S, 0, ld)
+        if bq < _GEMV_ROWS:
+            for r in range(bq):
+                gemv(_T, D, bk, alpha, k, jb * D, D, q, (i0 + r) * D, 0.0, S, r * ld)
+        else:
+            gemm(_T, _N, bk, bq, D, alpha, k, jb * D, D, q, i0 * D, D, 0.0, S, 0, ld)
     else:  # D = 0: every dot product is 0
         for r in range(bq):
             for j in range(bk):
@@ -322,6 +396,16 @@ def _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, caus
             for j in range(lim):
                 if not mask[i, jb + j]:
                     row[j] = ninf
+
+
+@njit(cache=True)
+def _value_product(v, iv, Dv, S, bq, bk, ld, T):
+    """``T (bq, Dv) = P (bq, bk) @ V_tile (bk, Dv)`` with ``P`` in ``S`` (row stride ``ld``) and the tile at offset ``iv`` of ``v``."""
+    if bq < _GEMV_ROWS:
+        for r in range(bq):
+            gemv(_N, Dv, bk, 1.0, v, iv, Dv, S, r * ld, 0.0, T, r * Dv)
+    else:
+        gemm(_N, _N, Dv, bq, bk, 1.0, v, iv, Dv, S, 0, ld, 0.0, T, 0, Dv)
 
 
 # --- forward: one query block over one key range --------------------------------
@@ -387,10 +471,10 @@ def _forward_block(q, k, v, dd, mask, has_mask, causal, off, energy, scale, i0, 
                 nan_row[r] = True
         if Dv > 0:
             if nbad == 0:
-                gemm(_N, _N, Dv, bq, bk, 1.0, v, jb * Dv, Dv, S, 0, bk_max, 0.0, T, 0, Dv)
+                _value_product(v, jb * Dv, Dv, S, bq, bk, bk_max, T)
             else:
                 _finite_copy(v[jb : jb + bk], vbad, vt)
-                gemm(_N, _N, Dv, bq, bk, 1.0, vt, 0, Dv, S, 0, bk_max, 0.0, T, 0, Dv)
+                _value_product(vt, 0, Dv, S, bq, bk, bk_max, T)
                 _add_nonfinite(S, bq, bk, part, v[jb : jb + bk], vbad, T, False)
         for r in range(bq):
             a = alpha[r]
@@ -777,9 +861,12 @@ def exp_roof(total, sample):
     return acc
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=True)
 def stream_roof(k, v):
-    """Read ``k`` and ``v`` once, in parallel (a sum): the memory-bandwidth floor of decoding. Returns the checksum."""
+    """Read ``k`` and ``v`` once, in parallel (a sum): the memory-bandwidth floor of decoding. Returns the checksum.
+
+    ``fastmath=True`` lets the sum vectorise; this is a timing floor, not a result (no inf/NaN semantics needed).
+    """
     M = k.shape[0]
     chunk = 4096
     n = (M + chunk - 1) // chunk
