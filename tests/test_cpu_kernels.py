@@ -163,6 +163,22 @@ def test_exp_special_values_and_underflow(dtype):
         assert (ys > 0).any()
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_kernel_exp_equals_exp_on_normal_results_and_flushes_below(rng, dtype):
+    """The kernels' ``exp`` of shifted exponents ``x <= 0``: bitwise :func:`exp_array` where the result is normal, 0 below.
+
+    Below ``log(tiny)`` the true value is under ``2.3e-308`` (float32: ``1.2e-38``), far below
+    ``u`` next to the row's largest weight 1 that every softmin row holds.
+    """
+    lo = math.log(np.finfo(dtype).tiny)
+    x = np.concatenate([rng.uniform(lo, 0, 300_000), rng.uniform(-1, 0, 100_000), [0.0, -0.0]]).astype(dtype)
+    x = x[x >= dtype(lo)]
+    assert np.array_equal(_fastexp.exp_shifted_array(x), _fastexp.exp_array(x))
+    below = np.array([lo - 1e-3 * abs(lo), lo * 1.5, -np.inf], dtype)
+    assert (_fastexp.exp_shifted_array(below) == 0).all()
+    assert np.isnan(_fastexp.exp_shifted_array(np.array([np.nan], dtype))).all()
+
+
 # --- memory ------------------------------------------------------------------------------------
 _MEM_SCRIPT = textwrap.dedent(
     """

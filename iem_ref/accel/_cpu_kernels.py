@@ -45,7 +45,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.np.linalg import ensure_blas
 
-from ._fastexp import f32_bits, f64_bits, fexp, like
+from ._fastexp import f32_bits, f64_bits, fexp, fexp_shifted, like
 
 ensure_blas()  # SciPy's BLAS (scipy.linalg.cython_blas), the one Numba's np.dot uses
 
@@ -228,9 +228,13 @@ def _exp_shift_sum(row, n, mt):
     The sum runs over 8 fixed partial sums (fixed order, vectorisable), in the row's dtype.
     """
     one = like(1.0, mt)
-    for j in range(n):
-        x = row[j]
-        row[j] = one if x == mt else fexp(x - mt)
+    if mt == np.inf:  # certain keys: inf - inf would be NaN; they share the mass, the rest gets 0
+        for j in range(n):
+            x = row[j]
+            row[j] = one if x == mt else fexp_shifted(x - mt)
+    else:  # x == mt gives exp(0) = 1 exactly (r = 0, n = 0)
+        for j in range(n):
+            row[j] = fexp_shifted(row[j] - mt)
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = like(0.0, mt)
     n8 = n - n % 8
     for j in range(0, n8, 8):
@@ -639,7 +643,7 @@ def _p_ds_tile(S, Bt, bq, bk, lse, cnt, delta, i0, part, keep_part):
             zero = like(0.0, Lt)
             for j in range(bk):
                 s = srow[j]
-                p = fexp(s - Lt)  # exp(-inf) = 0 for keys that do not take part
+                p = fexp(s - Lt)  # exp(-inf) = 0 for keys that do not take part; clamped if a saved L is off
                 srow[j] = p
                 brow[j] = p * (brow[j] - dt) if s != ninf else zero
 
@@ -840,7 +844,7 @@ def backward(q3, k3, v3, u3, qmap, kmap, vmap, umap, d3, dmap, mask3, mmap, has_
 
 @njit(cache=True, parallel=True, fastmath=_FM)
 def exp_roof(total, sample):
-    """The polynomial ``exp`` applied ``total`` times, on cache-resident 4096-element buffers (as in the kernel's tiles).
+    """The kernels' polynomial ``exp`` applied ``total`` times, on cache-resident 4096-element buffers (as in the tiles).
 
     Each pass maps ``x -> exp(x) - 1``, which keeps ``x`` in ``(-1, 0]``; ``sample``
     (a 1-element array) fixes the dtype.  Returns a checksum.
@@ -856,7 +860,7 @@ def exp_roof(total, sample):
             buf[j] = -(j % 97) * like(0.01, sample[0])
         for _ in range(passes):
             for j in range(chunk):
-                buf[j] = fexp(buf[j]) - one
+                buf[j] = fexp_shifted(buf[j]) - one
         acc += buf[c % chunk]
     return acc
 

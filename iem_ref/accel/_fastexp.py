@@ -47,7 +47,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["exp64", "exp32", "exp_array", "fexp", "like", "interpolation_coefficients", "C64", "C32"]
+__all__ = ["exp64", "exp32", "exp64_shifted", "exp32_shifted", "exp_array", "exp_shifted_array", "fexp", "fexp_shifted", "like", "interpolation_coefficients", "C64", "C32"]
 
 
 # --- bit casts (LLVM bitcast: free, and vectorisable) -----------------------
@@ -210,6 +210,62 @@ def exp32(x):
     return p * s1 * s2
 
 
+_FLUSH64 = -708.3964185322641  # log(2**-1022): below it exp is subnormal (< 2.3e-308)
+_FLUSH32 = _f(-87.33654)  # log(2**-126) (float32)
+
+
+@njit(inline="always", fastmath={"contract"}, cache=True)
+def exp64_shifted(x):
+    """``exp(x)`` for the kernels' shifted exponents ``x = s - m <= 0`` (float64), NaN kept.
+
+    The same reduction and polynomial as :func:`exp64`, so the same value
+    wherever the result is a normal number (one exact scaling by ``2**n``
+    instead of two); results that would be subnormal (``x < log(2**-1022)``,
+    true value below ``2.3e-308``, far below ``u`` next to the row's largest
+    weight 1) are flushed to 0, and ``-inf`` gives 0.  About 20% cheaper.
+    """
+    small = x < _FLUSH64
+    x = _FLUSH64 if small else x
+    t = x * _LOG2E + _SHIFT
+    nf = t - _SHIFT
+    r = (x - nf * _LN2_HI) - nf * _LN2_LO
+    n = f64_bits(t) - _SHIFT_BITS
+    p = _A11
+    p = p * r + _A10
+    p = p * r + _A9
+    p = p * r + _A8
+    p = p * r + _A7
+    p = p * r + _A6
+    p = p * r + _A5
+    p = p * r + _A4
+    p = p * r + _A3
+    p = p * r + _A2
+    p = p * r + _A1
+    p = p * r + _A0
+    y = p * bits_f64((n + _ONE_BIAS64) << 52)
+    return 0.0 if small else y
+
+
+@njit(inline="always", fastmath={"contract"}, cache=True)
+def exp32_shifted(x):
+    """:func:`exp64_shifted` for float32: as :func:`exp32` on normal results, 0 below ``log(2**-126)``."""
+    small = x < _FLUSH32
+    x = _FLUSH32 if small else x
+    t = x * _LOG2E_F + _SHIFT_F
+    nf = t - _SHIFT_F
+    r = (x - nf * _LN2_HI_F) - nf * _LN2_LO_F
+    n = f32_bits(t) - np.int32(_SHIFT_BITS_F)
+    p = _B6
+    p = p * r + _B5
+    p = p * r + _B4
+    p = p * r + _B3
+    p = p * r + _B2
+    p = p * r + _B1
+    p = p * r + _B0
+    y = p * bits_f32((n + np.int32(_ONE_BIAS32)) << np.int32(23))
+    return np.float32(0.0) if small else y
+
+
 @njit(parallel=True, fastmath={"contract"}, cache=True)
 def _exp_array64(x, out):
     for i in prange(x.size):
@@ -266,3 +322,37 @@ def _like_overload(value, sample):
     if sample == types.float32:
         return lambda value, sample: np.float32(value)
     return None
+
+
+def fexp_shifted(x):
+    """:func:`exp64_shifted` / :func:`exp32_shifted` by the argument's type, inside ``@njit`` code."""
+    raise NotImplementedError("fexp_shifted is only callable from @njit code")
+
+
+@overload(fexp_shifted, inline="always", fastmath={"contract"})
+def _fexp_shifted_overload(x):
+    if x == types.float64:
+        return lambda x: exp64_shifted(x)
+    if x == types.float32:
+        return lambda x: exp32_shifted(x)
+    return None
+
+
+@njit(parallel=True, fastmath={"contract"}, cache=True)
+def _shifted_array(x, out):
+    for i in prange(x.size):
+        out[i] = fexp_shifted(x[i])
+
+
+def exp_shifted_array(x):
+    """Elementwise :func:`exp64_shifted` / :func:`exp32_shifted` (the kernels' exp), for tests.
+
+    Examples
+    --------
+    >>> exp_shifted_array(np.array([0.0, -800.0]))
+    array([1., 0.])
+    """
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x.reshape(-1))
+    _shifted_array(x.reshape(-1), out)
+    return out.reshape(x.shape)
