@@ -5,7 +5,7 @@ that path's alone):
 
 - ``reference``: the NumPy reference (:func:`iem_ref.attention`, two passes
   over an ``N x M`` float64 matrix; skipped where its estimated memory,
-  about 12 ``N x M`` float64 arrays forward and 20 backward, exceeds
+  about 16 ``N x M`` float64 arrays forward and 24 backward, exceeds
   ``--max-ref-gb``);
 - ``cpu``: :mod:`iem_ref.accel.cpu` (the backward reuses the saved ``out`` and ``lse``);
 - ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` with 4-D
@@ -31,6 +31,7 @@ Usage::
     python bench/bench_cpu.py --quick            # N = M in {1024, 4096}, D = 64, forward; decoding M = 2**20
     python bench/bench_cpu.py --full             # the issue's grid (tens of minutes)
     python bench/bench_cpu.py --full --out bench/results/cpu_full.json
+    python bench/bench_cpu.py --table bench/results/cpu.json   # the Markdown table
 
 The machine (CPU model, cores, memory, library versions) and ``/proc/loadavg``
 before and after every case are recorded in the JSON: other processes on the
@@ -237,7 +238,7 @@ def cases(quick):
 
 
 def ref_gb(case):
-    arrays = 20 if case["kind"] == "backward" else 12
+    arrays = 24 if case["kind"] == "backward" else 16  # measured forward: 2006 MB at N = M = 4096 (15 arrays)
     return arrays * case["N"] * case["M"] * 8 / 2**30
 
 
@@ -289,6 +290,42 @@ def run(args):
     print(f"wrote {args.out}")
 
 
+def table(result):
+    """Markdown tables (one row per case) from a bench_cpu JSON result."""
+    lines = []
+    m = result["machine"]
+    lines.append(f"Machine: {m.get('cpu', '?')}, {m.get('cores')} cores, {m.get('memory_gb')} GiB; Python {m.get('python')}, "
+                 f"NumPy {m.get('numpy')}, SciPy {m.get('scipy')}, Numba {m.get('numba')}, torch {m.get('torch')}.")
+    lines.append(f"Command: `{result['command']}`; median of {result['repeats']} runs after a warm-up; "
+                 f"load average (1 min) at start {result.get('loadavg_start', ['?'])[0]}, at end {(result.get('loadavg_end') or ['?'])[0]}.")
+    lines.append("")
+    hdr = "| case | N | M | D | dtype | reference | accel.cpu | torch SDPA 4-D | roof (GEMMs + exp) | torch / cpu | cpu / GEMMs (decode: / read K, V) | peak extra MB (ref / cpu / torch) | load before-after |"
+    lines.append(hdr)
+    lines.append("|" + "---|" * (hdr.count("|") - 1))
+    def ms(r):
+        if "median_s" in r:
+            return f"{r['median_s'] * 1e3:.1f}"
+        return "skipped" if "skipped" in r else ("error" if "error" in r else "-")
+    def mb(r):
+        return f"{r['peak_extra_mb']:.0f}" if "peak_extra_mb" in r else "-"
+    for c in result["cases"]:
+        R = c["results"]
+        roof = R.get("roof", {})
+        roof_s = f"{ms(roof)} ({roof['gemm_median_s'] * 1e3:.1f} + {roof['exp_median_s'] * 1e3:.1f})" if "gemm_median_s" in roof else ms(roof)
+        if c["kind"] == "decode" and "median_s" in roof:
+            roof_s = f"{roof['median_s'] * 1e3:.1f} (read K, V)"
+        if roof.get("estimated"):
+            roof_s += " est."
+        lines.append(
+            f"| {c['kind']} | {c['N']} | {c['M']} | {c['D']} | {c['dtype']} | {ms(R.get('reference', {}))} | {ms(R.get('cpu', {}))} | "
+            f"{ms(R.get('torch', {}))} | {roof_s} | {c.get('torch_over_cpu', float('nan')):.2f} | "
+            f"{c.get('cpu_over_gemms', float('nan')):.2f} | {mb(R.get('reference', {}))} / {mb(R.get('cpu', {}))} / {mb(R.get('torch', {}))} | "
+            f"{c['loadavg_before'][0]}-{c['loadavg_after'][0]} |"
+        )
+    return "\n".join(lines)
+
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_mutually_exclusive_group()
@@ -299,9 +336,14 @@ def main(argv=None):
     p.add_argument("--max-ref-gb", type=float, default=8.0)
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", default=None)
+    p.add_argument("--table", metavar="JSON", help="print the Markdown table of a results file and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(table(json.load(f)))
+        return
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker), args.path, args.repeats)))
         return

@@ -30,8 +30,8 @@ Forward, row ``i``; scores ``x_ij = -d_ij * scale``:
 * ``a = sum_j w_j v_j / sum_j w_j`` moves by ``sum_j r_j e_j (v_j - a)``, at most
   ``2 E_i max|v|``; the two sums add ``2 G max|v|`` where ``G`` is the sum
   bound: on the CPU a tile of at most ``bk`` keys in the dtype (the GEMM, and
-  the row sum over 8 partial sums; ``bk = 256``, or 2048 for fewer than 64
-  queries) then float64 across tiles and splits,
+  the row sum over 8 partial sums; ``bk = 256`` for float64, 512 for float32,
+  2048 for fewer than 64 queries) then float64 across tiles and splits,
   ``G = g(min(M, bk) + 3) + g64(ceil(M/bk) + 19)``; on CUDA ``G = g(M)``
   (sequential in the dtype).  The division and the output rounding add
   ``2u|a|``; the reference itself is within ``(3 u64 + g64(M)) max|v|``.
@@ -47,8 +47,8 @@ products; ``dS_ij = r_ij (b_ij - Delta_i)``::
     |ddS_ij| <= r_ij (F_i |b_ij - Delta_i| + g(Dv) sum_c |u_ic v_jc| + sum_c |u_ic| (da_ic + g(Dv) |a_ic|)) + u |dS_ij|
 
 and the sums over keys (``dq``) or queries (``dk``, ``dv``) add their own
-``G |.|`` terms (CPU: a tile of 128 queries or 256 keys in the dtype, then
-float64).  The bounds are evaluated with the reference's ``r`` and ``dS``
+``G |.|`` terms (CPU: a tile of ``bq`` queries or ``bk`` keys in the dtype,
+then float64).  The bounds are evaluated with the reference's ``r`` and ``dS``
 (first order in ``u``), doubled for float64 where the reference's own
 rounding is of the same size.
 """
@@ -78,18 +78,19 @@ class Path:
     def sum_bound(self, n, u, n_queries):
         """``G``: relative error bound of an ``n``-term sum over keys (see the module docstring).
 
-        CPU: key tiles of ``bk`` keys (``plan``: 256, or 2048 for fewer than 64 queries) in the dtype,
+        CPU: key tiles of ``bk`` keys (``plan``: 256 float64, 512 float32, 2048 for fewer than 64 queries) in the dtype,
         then float64 across tiles, splits and merges.
         """
         if self.name == "cpu":
-            bk = self.mod.plan(1, n_queries, n, np.float64)[1]
+            bk = self.mod.plan(1, n_queries, n, np.float32 if u == U32 else np.float64)[1]
             return g(min(n, bk) + 3, u) + g(math.ceil(n / bk) + 19, U64)
         return g(n, u)
 
     def query_sum_bound(self, n, u):
-        """The same for an ``n``-term sum over queries (CPU: query blocks of at most 128 in the dtype, then float64)."""
+        """The same for an ``n``-term sum over queries (CPU: query blocks of ``bq`` rows in the dtype, then float64)."""
         if self.name == "cpu":
-            return g(min(n, 128) + 3, u) + g(math.ceil(n / 128) + 3, U64)
+            bq = self.mod.plan(1, n, 1, np.float32 if u == U32 else np.float64)[0]
+            return g(bq + 3, u) + g(math.ceil(n / bq) + 3, U64)
         return g(n, u)
 
     def rescales(self, m):

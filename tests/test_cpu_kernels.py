@@ -248,6 +248,17 @@ def test_decoding_memory_independent_of_m():
     assert large < 2 * 2**20 and small < 2 * 2**20, f"peak extra {small / 2**20:.2f} MiB (M = 2^17), {large / 2**20:.2f} MiB (M = 2^20)"
 
 
+def test_docstring_examples_run():
+    """The accelerated modules' examples are executed (tests/test_doctests.py covers the reference)."""
+    import doctest
+
+    from iem_ref.accel import _cpu_kernels, _scalar
+
+    for mod in (cpu, _fastexp, _scalar, _cpu_kernels):
+        res = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert res.failed == 0, f"{mod.__name__}: {res.failed} of {res.attempted} examples failed"
+
+
 # --- no silent fallback -----------------------------------------------------------------------
 @pytest.mark.parametrize("energy", ["laplace", "cosine", lambda q, k: -(q @ k.T)])
 def test_energies_without_a_kernel_raise(energy):

@@ -90,9 +90,9 @@ def interpolation_coefficients(degree, half_width, digits=60):
 
     Examples
     --------
-    >>> c = interpolation_coefficients(3, 0.25)
+    >>> c = interpolation_coefficients(3, 0.25)  # near 1, 1, 1/2, 1/6 (Taylor), not equal
     >>> [round(x, 3) for x in c]
-    [1.0, 1.0, 0.5, 0.167]
+    [1.0, 1.0, 0.503, 0.167]
     """
     n = degree + 1
     h = Fraction(half_width)
