@@ -203,6 +203,8 @@ def attention(
     r = responsibilities(d, inp.tau, mask=take, empty=empty)    # A3 / T1
     participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
     a = _weighted_sum(r, inp.v.astype(np.float64), participates)  # A4
+    if empty == "nan":  # also when M = 0, where r has no entry to carry the NaN
+        a = np.where(participates.any(axis=-1, keepdims=True), a, np.nan)
     out = [a.astype(inp.dtype)]
     if return_lse:
         out.append(np.asarray(log_partition(d, inp.tau, mask=take), dtype=inp.dtype))
@@ -251,6 +253,8 @@ def hard_attention(q, k, v, *, mask=None, is_causal=False, causal_alignment="top
     r = hard_responsibilities(d, mask=take, ties=ties, empty=empty)
     a = _weighted_sum(r, inp.v.astype(np.float64), r > 0)
     a = np.where(np.isnan(r).any(axis=-1, keepdims=True), np.nan, a)
+    if empty == "nan":  # also when M = 0, where r has no entry to carry the NaN
+        a = np.where((r > 0).any(axis=-1, keepdims=True), a, np.nan)
     if return_responsibilities:
         return a.astype(inp.dtype), r.astype(inp.dtype)
     return a.astype(inp.dtype)

@@ -207,6 +207,8 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     r = responsibilities(d.astype(np.float64), tau, mask=take, empty=empty)
     participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
     a = _weighted_sum(r, v.astype(np.float64), participates)
+    if empty == "nan":  # also when M = 0, where r has no entry to carry the NaN
+        a = np.where(participates.any(axis=-1, keepdims=True), a, np.nan)
     L = log_partition(d.astype(np.float64), tau, mask=take)
     dtype = result_dtype(d, v)
     return a.astype(dtype), np.asarray(L, dtype=dtype)

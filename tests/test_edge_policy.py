@@ -8,6 +8,8 @@ floats), so the policy is one policy, not two.
 import numpy as np
 import pytest
 
+import iem_ref as R
+
 from iem_ref import attention, exact, hard_attention, hard_responsibilities, log_partition, responsibilities
 
 ALL_TAUS = [1.0, 2.5]
@@ -42,10 +44,12 @@ def test_no_keys():
     assert np.isnan(exact.to_float(exact.attention(q, k, v, empty="nan"))).all()
 
 
-@pytest.mark.xfail(strict=True, reason="reference bug: with M = 0, attention(empty='nan') gives zeros (r is NaN but has no entries, so r @ v = 0); owner: attention.py")
 def test_no_keys_empty_nan_reference():
+    # Regression: with M = 0, r is NaN but has no entries, so r @ v gave zeros.
     q, k, v = np.ones((2, 3)), np.zeros((0, 3)), np.zeros((0, 4))
     assert np.isnan(attention(q, k, v, empty="nan")).all()
+    assert np.isnan(R.softmin_summary(np.zeros((2, 0)), v, empty="nan")[0]).all()
+    assert np.isnan(R.hard_attention(q, k, v, empty="nan")).all()
 
 
 def test_fully_masked_row():
