@@ -125,13 +125,15 @@ def attention_vjp(
 
     d = inp.energies()
     take = inp.takes_part()
-    r = responsibilities(d, inp.tau, mask=take)  # (B..., N, M)
     participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
+    # A NaN row has NaN responsibilities everywhere; selecting the participating entries
+    # keeps its NaN away from the keys it cannot see (NaN reaches affected rows only).
+    r = np.where(participates, responsibilities(d, inp.tau, mask=take), 0.0)  # (B..., N, M)
 
     rT, partT = np.swapaxes(r, -1, -2), np.swapaxes(participates, -1, -2)
     with np.errstate(invalid="ignore"):
         b = np.where(participates, u @ np.swapaxes(vv, -1, -2), 0.0)  # b_ij = <u_i, v_j>, participating j only
-        dS = r * (b - (r * b).sum(axis=-1, keepdims=True))  # dLoss/ds_ij
+        dS = np.where(participates, r * (b - (r * b).sum(axis=-1, keepdims=True)), 0.0)  # dLoss/ds_ij
     dv = _weighted_sum(rT, u, partT)  # sum_i r_ij u_i
     dq = scale_ * _weighted_sum(dS, kk, participates)  # sum_j dS_ij k_j
     dk = scale_ * _weighted_sum(np.swapaxes(dS, -1, -2), qq, partT)  # sum_i dS_ij q_i

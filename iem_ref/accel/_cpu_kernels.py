@@ -605,8 +605,8 @@ def _p_ds_tile(S, Bt, bq, bk, lse, cnt, delta, i0, part, keep_part):
     """Responsibilities and routing gradients of a tile, in place: ``S <- r_ij``, ``Bt <- dLoss/ds_ij = r_ij (b_ij - Delta_i)``.
 
     ``r_ij = exp(s_ij - L_i)`` (the saved log-partition, G1), ``Delta_i =
-    sum_j r_ij b_ij = <u_i, a_i>``.  Rows by their ``L``: NaN -> NaN
-    everywhere (as the reference's NaN row); ``-inf`` (empty) -> 0; ``+inf``
+    sum_j r_ij b_ij = <u_i, a_i>``.  Rows by their ``L``: NaN -> NaN on
+    the keys that take part (as the reference), 0 elsewhere; ``-inf`` (empty) -> 0; ``+inf``
     (certain) -> ``1/c_i`` on the ``c_i`` keys with score ``+inf``.  A key
     that does not take part (score ``-inf``) gets ``r = 0`` and
     ``dLoss/ds = 0`` by selection, whatever its ``b``.
@@ -619,10 +619,11 @@ def _p_ds_tile(S, Bt, bq, bk, lse, cnt, delta, i0, part, keep_part):
             for j in range(bk):
                 part[r, j] = srow[j] != ninf
         L = lse[i0 + r]
-        if L != L:
+        if L != L:  # NaN on the keys the row sees only: keys outside its mask stay unaffected
             for j in range(bk):
-                srow[j] = np.nan
-                brow[j] = np.nan
+                nan_or_zero = np.nan if srow[j] != ninf else 0.0
+                srow[j] = nan_or_zero
+                brow[j] = nan_or_zero
         elif L == ninf:
             for j in range(bk):
                 srow[j] = 0.0
