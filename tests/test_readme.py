@@ -1,0 +1,21 @@
+"""The README's examples run: the testing-helper example behaves as the README says."""
+
+import re
+
+import pytest
+
+from iem_ref.equations import ROOT
+
+
+def _block_after(heading):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(heading):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_testing_helper_example_catches_the_naive_float32_softmax():
+    namespace = {}
+    exec(compile(_block_after("## Testing your own kernel"), "README.md", "exec"), namespace)
+    namespace["test_my_attention"]()  # the naive kernel is fine on small scores
+    with pytest.raises(AssertionError, match="NaN where the oracle is not NaN"):
+        namespace["test_my_softmax"]()  # float32 exp overflows beyond 88.7
