@@ -125,6 +125,47 @@ def need_ndim(x, name, ndim, what):
         raise ValueError(f"{name} must have at least {ndim} dimension(s) {what}; got shape {x.shape}")
 
 
+def check_summary_inputs(d, v, mask, empty):
+    """The softmin summary's arguments (every path): ``d (..., N, M)``, ``v (..., M, Dv)``, a mask for ``d``.
+
+    Returns float ``d``, ``v`` and the broadcast mask (or None).
+    """
+    check_choice(empty, "empty", {"zero", "nan"})
+    d = as_float_array(d, "d")
+    v = as_float_array(v, "v")
+    need_ndim(d, "d", 2, "(..., N, M)")
+    need_ndim(v, "v", 2, "(..., M, Dv)")
+    if d.shape[-1] != v.shape[-2]:
+        raise ValueError(f"d (..., N, M) and v (..., M, Dv) disagree on M: d has shape {d.shape}, v has shape {v.shape}")
+    return d, v, as_mask(mask, d.shape, "mask")
+
+
+def check_sign_pair(d_plus, d_minus):
+    """The two energies of a scalar unit (S2, S3): float arrays that broadcast.
+
+    Returns the broadcast ``d_plus``, ``d_minus`` and the output dtype.
+    """
+    d_plus = as_float_array(d_plus, "d_plus")
+    d_minus = as_float_array(d_minus, "d_minus")
+    try:
+        dp, dm = np.broadcast_arrays(d_plus, d_minus)
+    except ValueError:
+        raise ValueError(f"d_plus {d_plus.shape} and d_minus {d_minus.shape} do not broadcast") from None
+    return dp, dm, result_dtype(d_plus, d_minus)
+
+
+def check_grad_out(grad_out, batch, n, dv):
+    """G4's upstream gradient: ``(B..., N, Dv)``, batch axes broadcasting to ``batch``."""
+    u = as_float_array(grad_out, "grad_out")
+    if u.shape[-2:] != (n, dv):
+        raise ValueError(f"grad_out must have shape (B..., N, Dv) = (..., {n}, {dv}); got {u.shape}")
+    try:
+        np.broadcast_to(u, batch + (n, dv))
+    except ValueError:
+        raise ValueError(f"grad_out {u.shape} does not broadcast to the batch shape {batch}") from None
+    return u
+
+
 def broadcast_batch(named, trailing):
     """Broadcast the leading (batch) axes of several arrays.
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import as_float_array, check_scale, check_tau, result_dtype
+from ._validation import as_float_array, check_scale, check_sign_pair, check_tau, result_dtype
 from .attention import attention
 from .competition import free_energy, responsibilities
 from .energies import SIGNS, signed_linear_energies
@@ -32,13 +32,8 @@ __all__ = [
 
 
 def _stack_signs(d_plus, d_minus):
-    d_plus = as_float_array(d_plus, "d_plus")
-    d_minus = as_float_array(d_minus, "d_minus")
-    try:
-        dp, dm = np.broadcast_arrays(d_plus, d_minus)
-    except ValueError:
-        raise ValueError(f"d_plus {d_plus.shape} and d_minus {d_minus.shape} do not broadcast") from None
-    return np.stack([dp, dm], axis=-1).astype(np.float64), result_dtype(d_plus, d_minus)
+    dp, dm, dtype = check_sign_pair(d_plus, d_minus)
+    return np.stack([dp, dm], axis=-1).astype(np.float64), dtype
 
 
 def sign_responsibilities(d_plus, d_minus):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import as_float_array, check_choice, result_dtype
+from ._validation import check_choice, check_grad_out, result_dtype
 from .attention import prepare_attention
 from .competition import responsibilities
 from .summaries import _weighted_sum
@@ -116,10 +116,8 @@ def attention_vjp(
     """
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
-    u = as_float_array(grad_out, "grad_out")
-    if u.shape[-2:] != (inp.n, inp.dv):
-        raise ValueError(f"grad_out must have shape (B..., N, Dv) = (..., {inp.n}, {inp.dv}); got {u.shape}")
-    u = np.broadcast_to(u, inp.batch + (inp.n, inp.dv)).astype(np.float64)
+    u_in = check_grad_out(grad_out, inp.batch, inp.n, inp.dv)
+    u = np.broadcast_to(u_in, inp.batch + (inp.n, inp.dv)).astype(np.float64)
     qq, kk, vv = (x.astype(np.float64) for x in (inp.q, inp.k, inp.v))
     scale_ = 0.0 if np.isinf(inp.tau) else 1.0 / inp.tau
 
@@ -139,5 +137,5 @@ def attention_vjp(
     dk = scale_ * _weighted_sum(np.swapaxes(dS, -1, -2), qq, partT)  # sum_i dS_ij q_i
     if energy == "sqeuclidean":
         dk = dk - scale_ * np.where(np.isfinite(kk), kk, 0.0) * dS.sum(axis=-2)[..., :, None]
-    dtype = result_dtype(inp.q, inp.k, inp.v, as_float_array(grad_out, "grad_out"))
+    dtype = result_dtype(inp.q, inp.k, inp.v, u_in)
     return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import as_float_array, as_mask, check_choice, need_ndim, result_dtype
+from ._validation import as_float_array, as_mask, check_summary_inputs, need_ndim, result_dtype
 from .competition import hard_responsibilities, log_partition, responsibilities
 
 __all__ = [
@@ -196,14 +196,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     >>> a, L
     (array([[2.]]), array([0.69314718]))
     """
-    check_choice(empty, "empty", {"zero", "nan"})
-    d = as_float_array(d, "d")
-    v = as_float_array(v, "v")
-    need_ndim(d, "d", 2, "(..., N, M)")
-    need_ndim(v, "v", 2, "(..., M, Dv)")
-    if d.shape[-1] != v.shape[-2]:
-        raise ValueError(f"d (..., N, M) and v (..., M, Dv) disagree on M: d has shape {d.shape}, v has shape {v.shape}")
-    take = as_mask(mask, d.shape, "mask")
+    d, v, take = check_summary_inputs(d, v, mask, empty)
     r = responsibilities(d.astype(np.float64), tau, mask=take, empty=empty)
     participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
     a = _weighted_sum(r, v.astype(np.float64), participates)

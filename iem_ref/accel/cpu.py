@@ -46,7 +46,15 @@ from contextlib import contextmanager
 import numpy as np
 from numba import njit, prange, types
 
-from .._validation import as_float_array, as_mask, check_choice, check_tau, need_ndim, result_dtype
+from .._validation import (
+    as_float_array,
+    check_choice,
+    check_grad_out,
+    check_sign_pair,
+    check_summary_inputs,
+    check_tau,
+    result_dtype,
+)
 from ..attention import prepare_attention
 from . import _cpu_kernels as _k
 from ._scalar import sign_mean, signed_gaussian_mean, softplus_scalar
@@ -280,14 +288,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     >>> softmin_summary([[0.0, 0.0]], [[1.0], [3.0]])
     (array([[2.]]), array([0.69314718]))
     """
-    check_choice(empty, "empty", {"zero", "nan"})
-    d = as_float_array(d, "d")
-    v = as_float_array(v, "v")
-    need_ndim(d, "d", 2, "(..., N, M)")
-    need_ndim(v, "v", 2, "(..., M, Dv)")
-    if d.shape[-1] != v.shape[-2]:
-        raise ValueError(f"d (..., N, M) and v (..., M, Dv) disagree on M: d has shape {d.shape}, v has shape {v.shape}")
-    as_mask(mask, d.shape, "mask")
+    d, v, _ = check_summary_inputs(d, v, mask, empty)
     tau = check_tau(tau)
     dtype = result_dtype(d, v)
     try:
@@ -333,15 +334,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     """
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
-    u = as_float_array(grad_out, "grad_out")
-    if u.shape[-2:] != (inp.n, inp.dv):
-        raise ValueError(f"grad_out must have shape (B..., N, Dv) = (..., {inp.n}, {inp.dv}); got {u.shape}")
-    try:
-        np.broadcast_shapes(u.shape[:-2], inp.batch)
-        if np.broadcast_shapes(u.shape[:-2], inp.batch) != inp.batch:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"grad_out {u.shape} does not broadcast to the batch shape {inp.batch}") from None
+    u = check_grad_out(grad_out, inp.batch, inp.n, inp.dv)
     dtype = result_dtype(inp.q, inp.k, inp.v, u)
     batch, n, m, dv_ = inp.batch, inp.n, inp.m, inp.v.shape[-1]
     D = inp.q.shape[-1]
@@ -411,15 +404,10 @@ def sign_posterior_mean(d_plus, d_minus):
     >>> round(float(sign_posterior_mean(0.0, np.log(3.0))), 15)  # tanh(log(3)/2) = 1/2, to an ulp
     0.5
     """
-    d_plus = as_float_array(d_plus, "d_plus")
-    d_minus = as_float_array(d_minus, "d_minus")
-    try:
-        dp, dm = np.broadcast_arrays(d_plus, d_minus)
-    except ValueError:
-        raise ValueError(f"d_plus {d_plus.shape} and d_minus {d_minus.shape} do not broadcast") from None
+    dp, dm, dtype = check_sign_pair(d_plus, d_minus)
     out = np.empty(dp.size, np.float64)
     _sign_mean_array(_flat64(dp), _flat64(dm), out)
-    return np.asarray(out.reshape(dp.shape), dtype=result_dtype(d_plus, d_minus))[()]
+    return np.asarray(out.reshape(dp.shape), dtype=dtype)[()]
 
 
 def tanh_from_signed_gaussian(z, m=1.0, sigma=1.0):

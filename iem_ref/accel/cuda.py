@@ -46,7 +46,15 @@ import numpy as np
 from numba import cuda
 from numba.cuda.core import config as _nb_config
 
-from .._validation import as_float_array, as_mask, check_choice, check_tau, need_ndim, result_dtype
+from .._validation import (
+    as_float_array,
+    check_choice,
+    check_grad_out,
+    check_sign_pair,
+    check_summary_inputs,
+    check_tau,
+    result_dtype,
+)
 from ..attention import prepare_attention
 from . import _cuda_kernels as _k
 
@@ -339,14 +347,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     >>> a, L
     (array([[2.]]), array([0.69314718]))
     """
-    check_choice(empty, "empty", {"zero", "nan"})
-    dp = as_float_array(_proxy(d), "d")
-    vp = as_float_array(_proxy(v), "v")
-    need_ndim(dp, "d", 2, "(..., N, M)")
-    need_ndim(vp, "v", 2, "(..., M, Dv)")
-    if dp.shape[-1] != vp.shape[-2]:
-        raise ValueError(f"d (..., N, M) and v (..., M, Dv) disagree on M: d has shape {dp.shape}, v has shape {vp.shape}")
-    as_mask(_proxy(mask), dp.shape, "mask")
+    dp, vp, _ = check_summary_inputs(_proxy(d), _proxy(v), _proxy(mask), empty)
     tau = check_tau(tau)
     try:
         batch = np.broadcast_shapes(dp.shape[:-2], vp.shape[:-2])
@@ -409,11 +410,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
         causal_alignment=causal_alignment, energy=energy,
     )
-    up = as_float_array(_proxy(grad_out), "grad_out")
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
-    if up.shape[-2:] != (n, dv):
-        raise ValueError(f"grad_out must have shape (B..., N, Dv) = (..., {n}, {dv}); got {up.shape}")
-    np.broadcast_to(up, batch + (n, dv))  # raises ValueError if the batch axes do not broadcast
+    up = check_grad_out(_proxy(grad_out), batch, n, dv)
     device = any(_is_device(x) for x in (q, k, v, grad_out, mask))
     dtype = result_dtype(inp.q, inp.k, inp.v, up)
     d = inp.q.shape[-1]
@@ -516,13 +514,8 @@ def sign_posterior_mean(d_plus, d_minus):
     >>> round(float(sign_posterior_mean(0.0, np.log(3.0))), 12)  # r = (3/4, 1/4), to a few ulps
     0.5
     """
-    d_plus = as_float_array(d_plus, "d_plus")
-    d_minus = as_float_array(d_minus, "d_minus")
-    try:
-        dp, dm = np.broadcast_arrays(d_plus, d_minus)
-    except ValueError:
-        raise ValueError(f"d_plus {d_plus.shape} and d_minus {d_minus.shape} do not broadcast") from None
-    return _run_elementwise("sign", [dp, dm], [], dp.shape, result_dtype(d_plus, d_minus))
+    dp, dm, dtype = check_sign_pair(d_plus, d_minus)
+    return _run_elementwise("sign", [dp, dm], [], dp.shape, dtype)
 
 
 def tanh_from_signed_gaussian(z, m=1.0, sigma=1.0):
