@@ -34,9 +34,9 @@ from ._validation import (
     need_ndim,
     result_dtype,
 )
-from .competition import hard_responsibilities, log_partition, responsibilities
+from .competition import hard_responsibilities, responsibilities
 from .energies import ENERGIES
-from .summaries import _weighted_sum
+from .summaries import _softmin_summary, _weighted_sum
 
 __all__ = ["attention", "attention_responsibilities", "hard_attention", "causal_mask", "AttentionInputs", "prepare_attention"]
 
@@ -206,16 +206,12 @@ def attention(
     """
     check_choice(empty, "empty", {"zero", "nan"})
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
-    d = inp.energies()                                          # A1
-    take = inp.takes_part()
-    r = responsibilities(d, inp.tau, mask=take, empty=empty)    # A3 / T1
-    participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
-    a = _weighted_sum(r, inp.v.astype(np.float64), participates)  # A4
-    if empty == "nan":  # also when M = 0, where r has no entry to carry the NaN
-        a = np.where(participates.any(axis=-1, keepdims=True), a, np.nan)
+    d = inp.energies()  # A1
+    # A3 (T1: tau = 1/scale) and A4 in one softmin pass, with the log-partition
+    a, lse, r = _softmin_summary(d, inp.v.astype(np.float64), inp.tau, inp.takes_part(), empty)
     out = [a.astype(inp.dtype)]
     if return_lse:
-        out.append(np.asarray(log_partition(d, inp.tau, mask=take), dtype=inp.dtype))
+        out.append(np.asarray(lse, dtype=inp.dtype))
     if return_responsibilities:
         out.append(r.astype(inp.dtype))
     return out[0] if len(out) == 1 else tuple(out)

@@ -112,13 +112,25 @@ def log_partition(d, tau=1.0, axis=-1, mask=None):
     4.248354255291589e-18
     """
     d64, tau, axis, take, dtype = _prepare(d, tau, axis, mask)
-    t = softmin_terms(d64, tau, take)
+    L = _log_partition_from(softmin_terms(d64, tau, take), tau)
+    return np.asarray(L, dtype=dtype)[()]
+
+
+def _log_partition_from(t, tau):
+    """``L = -m/tau + log1p(rest)`` from :class:`SoftminTerms`, with the policy's rows (float64)."""
     with np.errstate(all="ignore"):
         L = -np.where(np.isfinite(t.m), t.m, 0.0) / tau + np.log1p(t.rest)
     L = np.where(t.empty, -np.inf, L)
     L = np.where(t.certain, np.inf, L)
-    L = np.where(t.nan_row, np.nan, L)
-    return np.asarray(L, dtype=dtype)[()]
+    return np.where(t.nan_row, np.nan, L)
+
+
+def _responsibilities_from(t, empty):
+    """``r = w / sum w`` from :class:`SoftminTerms`, with the policy's rows (float64, hypotheses last)."""
+    with np.errstate(all="ignore"):
+        r = t.w / t.total[..., None]
+    r = np.where(t.empty[..., None], 0.0 if empty == "zero" else np.nan, r)
+    return np.where(t.nan_row[..., None], np.nan, r)
 
 
 def free_energy(d, tau=1.0, axis=-1, mask=None):
@@ -182,11 +194,7 @@ def responsibilities(d, tau=1.0, axis=-1, mask=None, *, empty="zero"):
     """
     check_choice(empty, "empty", _EMPTY)
     d64, tau, axis, take, dtype = _prepare(d, tau, axis, mask)
-    t = softmin_terms(d64, tau, take)
-    with np.errstate(all="ignore"):
-        r = t.w / t.total[..., None]
-    r = np.where(t.empty[..., None], 0.0 if empty == "zero" else np.nan, r)
-    r = np.where(t.nan_row[..., None], np.nan, r)
+    r = _responsibilities_from(softmin_terms(d64, tau, take), empty)
     return np.moveaxis(r, -1, axis).astype(dtype, copy=False)
 
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import as_float_array, as_mask, check_summary_inputs, need_ndim, result_dtype
-from .competition import hard_responsibilities, log_partition, responsibilities
+from ._accurate import softmin_terms
+from ._validation import as_float_array, as_mask, check_summary_inputs, check_tau, need_ndim, result_dtype
+from .competition import _log_partition_from, _responsibilities_from, hard_responsibilities
 
 __all__ = [
     "posterior_mean",
@@ -197,11 +198,20 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     (array([[2.]]), array([0.69314718]))
     """
     d, v, take = check_summary_inputs(d, v, mask, empty)
-    r = responsibilities(d.astype(np.float64), tau, mask=take, empty=empty)
-    participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
-    a = _weighted_sum(r, v.astype(np.float64), participates)
-    if empty == "nan":  # also when M = 0, where r has no entry to carry the NaN
-        a = np.where(participates.any(axis=-1, keepdims=True), a, np.nan)
-    L = log_partition(d.astype(np.float64), tau, mask=take)
+    a, L, _ = _softmin_summary(d.astype(np.float64), v.astype(np.float64), check_tau(tau), take, empty)
     dtype = result_dtype(d, v)
     return a.astype(dtype), np.asarray(L, dtype=dtype)
+
+
+def _softmin_summary(d, v, tau, take, empty):
+    """A3 + A4 on validated float64 inputs, one softmin pass: ``(a, L, r)``.
+
+    Shared by :func:`softmin_summary` and :func:`iem_ref.attention`.
+    """
+    t = softmin_terms(d, tau, take)
+    r = _responsibilities_from(t, empty)  # A3
+    participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
+    a = _weighted_sum(r, v, participates)  # A4
+    if empty == "nan":  # also when M = 0, where r has no entry to carry the NaN
+        a = np.where(participates.any(axis=-1, keepdims=True), a, np.nan)
+    return a, _log_partition_from(t, tau), r
