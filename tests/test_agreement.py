@@ -30,8 +30,8 @@ Forward, row ``i``; scores ``x_ij = -d_ij * scale``:
 * ``a = sum_j w_j v_j / sum_j w_j`` moves by ``sum_j r_j e_j (v_j - a)``, at most
   ``2 E_i max|v|``; the two sums add ``2 G max|v|`` where ``G`` is the sum
   bound: on the CPU a tile of at most ``bk`` keys in the dtype (the GEMM, and
-  the row sum over 8 partial sums; ``bk = 256`` for float64, 512 for float32,
-  2048 for fewer than 64 queries) then float64 across tiles and splits,
+  the row sum; ``bk`` from ``plan``: 256 for float64, 512 for float32, 2048
+  for fewer than 64 queries) then float64 across tiles and splits,
   ``G = g(min(M, bk) + 3) + g64(ceil(M/bk) + 19)``; on CUDA ``G = g(M)``
   (sequential in the dtype).  The division and the output rounding add
   ``2u|a|``; the reference itself is within ``(3 u64 + g64(M)) max|v|``.
@@ -75,21 +75,21 @@ class Path:
         self.mod = mod
         self.small = name == "cuda" and CUDA_SIMULATED  # the simulator: tens of queries and keys at most
 
-    def sum_bound(self, n, u, n_queries):
+    def sum_bound(self, n, u, n_queries, backward=False):
         """``G``: relative error bound of an ``n``-term sum over keys (see the module docstring).
 
-        CPU: key tiles of ``bk`` keys (``plan``: 256 float64, 512 float32, 2048 for fewer than 64 queries) in the dtype,
+        CPU: key tiles of ``bk`` keys (``plan``, forward or backward tiles) in the dtype,
         then float64 across tiles, splits and merges.
         """
         if self.name == "cpu":
-            bk = self.mod.plan(1, n_queries, n, np.float32 if u == U32 else np.float64)[1]
+            bk = self.mod.plan(1, n_queries, n, np.float32 if u == U32 else np.float64, backward=backward)[1]
             return g(min(n, bk) + 3, u) + g(math.ceil(n / bk) + 19, U64)
         return g(n, u)
 
     def query_sum_bound(self, n, u):
         """The same for an ``n``-term sum over queries (CPU: query blocks of ``bq`` rows in the dtype, then float64)."""
         if self.name == "cpu":
-            bq = self.mod.plan(1, n, 1, np.float32 if u == U32 else np.float64)[0]
+            bq = self.mod.plan(1, n, 1, np.float32 if u == U32 else np.float64, backward=True)[0]
             return g(bq + 3, u) + g(math.ceil(n / bq) + 3, U64)
         return g(n, u)
 
@@ -425,7 +425,7 @@ def vjp_bounds(path, q, k, v, gout, dtype, energy, a_bound, L_bound, E, **kw):
     ddelta = (absu * (a_bound + g(Dv, u) * np.abs(a_ref))).sum(-1)
     ddS = r * (F[..., None] * np.abs(b - delta[..., None]) + db + ddelta[..., None]) + u * np.abs(dS)
     ref2 = 1 + U64 / u  # the reference's own rounding, of the same size in float64
-    Gk, Gq = path.sum_bound(M, u, N), path.query_sum_bound(N, u)
+    Gk, Gq = path.sum_bound(M, u, N, backward=True), path.query_sum_bound(N, u)
     absk, absq = np.abs(k64), np.abs(q64)
     dq_ref, dk_ref, dv_ref = iem_ref.attention_vjp(q64, k64, v64, u64, scale=sc, energy=energy, **kw)
     bq = ref2 * sc * ((ddS + Gk * np.abs(dS)) @ absk) + 2 * u * np.abs(dq_ref)

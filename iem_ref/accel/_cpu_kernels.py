@@ -186,39 +186,35 @@ def _nonfinite_bits_overload(x):
 
 
 
+@intrinsic
+def maxnum(typingctx, a, b):
+    """IEEE ``maxNum``: the larger of ``a`` and ``b``, the other one where one is NaN (LLVM's ``llvm.maxnum``).
+
+    Why an intrinsic: LLVM vectorises a ``maxnum`` reduction as it is, while
+    the equivalent ``a if a > b else b`` loop stays scalar without fast-math
+    flags (measured, float32 rows of 1024: 0.3 against 0.5-1.4 cycles per
+    element).  The maximum is exact in any order, so vectorising it changes
+    no result (the sign of a zero maximum aside, which no result depends on:
+    ``s - (+0) == s - (-0)``).
+    """
+    if a != b or a not in (types.float32, types.float64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        lt = context.get_value_type(signature.args[0])
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [lt], ir.FunctionType(lt, [lt, lt]))
+        return builder.call(fn, args)
+
+    return a(a, b), codegen
+
+
 @njit(cache=True, fastmath=_FM)
 def _row_max(row, n):
-    """Maximum of ``row[:n]`` ignoring NaN, in a fixed order (8 partial maxima, then combined)."""
-    ninf = like(-np.inf, row[0])
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = ninf
-    n8 = n - n % 8
-    for j in range(0, n8, 8):
-        x = row[j]
-        m0 = x if x > m0 else m0
-        x = row[j + 1]
-        m1 = x if x > m1 else m1
-        x = row[j + 2]
-        m2 = x if x > m2 else m2
-        x = row[j + 3]
-        m3 = x if x > m3 else m3
-        x = row[j + 4]
-        m4 = x if x > m4 else m4
-        x = row[j + 5]
-        m5 = x if x > m5 else m5
-        x = row[j + 6]
-        m6 = x if x > m6 else m6
-        x = row[j + 7]
-        m7 = x if x > m7 else m7
-    for j in range(n8, n):
-        x = row[j]
-        m0 = x if x > m0 else m0
-    m0 = m1 if m1 > m0 else m0
-    m2 = m3 if m3 > m2 else m2
-    m4 = m5 if m5 > m4 else m4
-    m6 = m7 if m7 > m6 else m6
-    m0 = m2 if m2 > m0 else m0
-    m4 = m6 if m6 > m4 else m4
-    return m4 if m4 > m0 else m0
+    """Maximum of ``row[:n]`` ignoring NaN (``-inf`` if there is none), exact whatever the order."""
+    m = like(-np.inf, row[0])
+    for j in range(n):
+        m = maxnum(m, row[j])
+    return m
 
 
 @njit(cache=True, fastmath=_FM)

@@ -9,17 +9,20 @@ Method, for ``y = exp(x)``::
 
     n = round(x / ln 2)                 (shifter trick: x*log2(e) + 1.5*2**52)
     r = x - n ln2_hi - n ln2_lo         (Cody-Waite; n ln2_hi is exact)
-    exp(r) ~ p(r), |r| <= ln(2)/2       (interpolant at Chebyshev nodes)
+    exp(r) ~ p(r), |r| <= ln(2)/2       (interpolant at Chebyshev nodes;
+                                         Horner at the bottom, Estrin above)
     y = p(r) * 2**n1 * 2**n2,  n1 = n >> 1, n2 = n - n1
 
 Two scale factors keep both in the normal range, so results in the
 subnormal range come out gradually (rounded twice) instead of flushed.
 
-Accuracy (measured by ``tests/test_cpu_kernels.py`` against ``np.exp``, which
+Accuracy (tested in ``tests/test_cpu_kernels.py`` against ``np.exp``, which
 is correctly rounded to within 1 ulp here): float64 within 2 ulps of
 ``np.exp`` on ``[-708, 709]`` (interpolation error 4e-18 relative, below
-0.03 ulp; the rest is Horner rounding); float32 within 2 ulps on
-``[-87, 88]``.  Special values: ``-inf -> 0``, ``NaN -> NaN``,
+0.03 ulp; the rest is the rounding of the last Horner steps); float32 within
+2 ulps on ``[-87, 88]``.  Measured against the true value (float64 against
+``np.exp`` in 80-bit ``longdouble``, 5 million points on ``[-708, 709]``;
+float32 against float64): 0.94 ulp and 1.08 ulps.  Special values: ``-inf -> 0``, ``NaN -> NaN``,
 ``+inf -> inf``; arguments below ``-746`` (float32: ``-104``) give 0, above
 ``710`` (``89``) give inf.
 
@@ -161,6 +164,31 @@ _ONE_BIAS32 = 127
 
 
 @njit(inline="always", fastmath={"contract"}, cache=True)
+def _poly64(r):
+    """``sum_k A_k r**k`` (degree 11): two Horner steps at the bottom, Estrin's scheme above.
+
+    Why not plain Horner: its 11 dependent FMAs (about 44 cycles) make the
+    exp latency-bound; the vector loop then keeps too few iterations in
+    flight (measured: 6.0 cycles per element, this form 5.1).  Why not
+    Estrin all the way: the sums of the low terms then round more (measured
+    1.75 ulps against 0.94); the last two Horner steps ``1 + r (1 + r h)``
+    keep the final rounding that of Horner.
+    """
+    r2 = r * r
+    r4 = r2 * r2
+    h = ((_A2 + _A3 * r) + r2 * (_A4 + _A5 * r)) + r4 * (((_A6 + _A7 * r) + r2 * (_A8 + _A9 * r)) + r4 * (_A10 + _A11 * r))
+    return _A0 + r * (_A1 + r * h)
+
+
+@njit(inline="always", fastmath={"contract"}, cache=True)
+def _poly32(r):
+    """``sum_k B_k r**k`` (degree 6, float32): as :func:`_poly64`, two Horner steps below an Estrin part."""
+    r2 = r * r
+    h = (_B2 + _B3 * r) + r2 * ((_B4 + _B5 * r) + r2 * _B6)
+    return _B0 + r * (_B1 + r * h)
+
+
+@njit(inline="always", fastmath={"contract"}, cache=True)
 def exp64(x):
     """``exp(x)`` for a float64 scalar, within 2 ulps of ``np.exp`` (see the module docstring)."""
     # Clamp without losing NaN: a comparison with NaN is False, so NaN passes through.
@@ -170,18 +198,7 @@ def exp64(x):
     nf = t - _SHIFT  # round(x / ln 2), exactly
     r = (x - nf * _LN2_HI) - nf * _LN2_LO
     n = f64_bits(t) - _SHIFT_BITS  # the same integer, from the bits of t
-    p = _A11
-    p = p * r + _A10
-    p = p * r + _A9
-    p = p * r + _A8
-    p = p * r + _A7
-    p = p * r + _A6
-    p = p * r + _A5
-    p = p * r + _A4
-    p = p * r + _A3
-    p = p * r + _A2
-    p = p * r + _A1
-    p = p * r + _A0
+    p = _poly64(r)
     n1 = n >> 1
     n2 = n - n1
     return p * bits_f64((n1 + _ONE_BIAS64) << 52) * bits_f64((n2 + _ONE_BIAS64) << 52)
@@ -196,13 +213,7 @@ def exp32(x):
     nf = t - _SHIFT_F
     r = (x - nf * _LN2_HI_F) - nf * _LN2_LO_F
     n = f32_bits(t) - np.int32(_SHIFT_BITS_F)
-    p = _B6
-    p = p * r + _B5
-    p = p * r + _B4
-    p = p * r + _B3
-    p = p * r + _B2
-    p = p * r + _B1
-    p = p * r + _B0
+    p = _poly32(r)
     n1 = n >> np.int32(1)
     n2 = n - n1
     s1 = bits_f32((n1 + np.int32(_ONE_BIAS32)) << np.int32(23))
@@ -223,25 +234,17 @@ def exp64_shifted(x):
     instead of two); results that would be subnormal (``x < log(2**-1022)``,
     true value below ``2.3e-308``, far below ``u`` next to the row's largest
     weight 1) are flushed to 0, and ``-inf`` gives 0.  About 20% cheaper.
+
+    No clamp before the reduction: below the flush point (``-inf``
+    included) the arithmetic runs on a meaningless exponent and the final
+    selection discards it; one select instead of a clamp and a select.
     """
     small = x < _FLUSH64
-    x = _FLUSH64 if small else x
     t = x * _LOG2E + _SHIFT
     nf = t - _SHIFT
     r = (x - nf * _LN2_HI) - nf * _LN2_LO
     n = f64_bits(t) - _SHIFT_BITS
-    p = _A11
-    p = p * r + _A10
-    p = p * r + _A9
-    p = p * r + _A8
-    p = p * r + _A7
-    p = p * r + _A6
-    p = p * r + _A5
-    p = p * r + _A4
-    p = p * r + _A3
-    p = p * r + _A2
-    p = p * r + _A1
-    p = p * r + _A0
+    p = _poly64(r)
     y = p * bits_f64((n + _ONE_BIAS64) << 52)
     return 0.0 if small else y
 
@@ -250,18 +253,11 @@ def exp64_shifted(x):
 def exp32_shifted(x):
     """:func:`exp64_shifted` for float32: as :func:`exp32` on normal results, 0 below ``log(2**-126)``."""
     small = x < _FLUSH32
-    x = _FLUSH32 if small else x
     t = x * _LOG2E_F + _SHIFT_F
     nf = t - _SHIFT_F
     r = (x - nf * _LN2_HI_F) - nf * _LN2_LO_F
     n = f32_bits(t) - np.int32(_SHIFT_BITS_F)
-    p = _B6
-    p = p * r + _B5
-    p = p * r + _B4
-    p = p * r + _B3
-    p = p * r + _B2
-    p = p * r + _B1
-    p = p * r + _B0
+    p = _poly32(r)
     y = p * bits_f32((n + np.int32(_ONE_BIAS32)) << np.int32(23))
     return np.float32(0.0) if small else y
 

@@ -74,11 +74,14 @@ __all__ = [
 ENERGIES = {"dot": 0, "sqeuclidean": 1}
 _PRECOMPUTED = 2
 
-#: tile shapes per dtype: (queries per block, keys per tile).  Fixed per dtype
-#: (never from the thread count) so that results are reproducible.
-#: float32 uses larger tiles: OpenBLAS's sgemm is less efficient on 128 x 256 x 64 tiles
-#: (measured at N = M = 4096, D = 64: 50.9 ms with 128 x 256, 38.8 ms with 256 x 512).
-TILES = {np.dtype(np.float64): (128, 256), np.dtype(np.float32): (256, 512)}
+#: tile shapes per dtype: (most queries per block, keys per tile).  Fixed per dtype
+#: (never from the thread count) so that results are reproducible.  Measured at
+#: N = M = 4096, D = 64 (bench/results/tiles.md): taller query blocks amortise
+#: OpenBLAS's packing of each key tile over more queries.
+TILES = {np.dtype(np.float64): (512, 256), np.dtype(np.float32): (512, 512)}
+#: the backward keeps the shapes it was tuned with
+BACKWARD_TILES = {np.dtype(np.float64): (128, 256), np.dtype(np.float32): (256, 512)}
+_MIN_BLOCKS = 4  # query blocks are shortened (to multiples of 32) so that there are at least this many
 _TARGET_ITEMS = 16  # work items wanted before keys are split (decoding)
 _MIN_SPLIT_KEYS = 8192  # fewest keys per split
 _SMALL_BLOCK = 64  # query blocks smaller than this get key tiles of _DECODE_KEYS
@@ -188,21 +191,29 @@ def _stack_mask(mask, batch, n, m):
     return _ro(m3), _ro(np.ascontiguousarray(idx)), True
 
 
-def plan(B, N, M, dtype):
+def plan(B, N, M, dtype, backward=False):
     """Tile shape and key splits ``(bq, bk, nsplit)``, from the shapes and dtype only (never the thread count).
 
-    Keys are split (and the partials merged by M2) only when there are fewer
-    than 16 query blocks in the whole batch and at least 8192 keys per split:
-    decoding then uses every core.
+    Query blocks hold at most ``TILES[dtype][0]`` queries, fewer when that
+    would leave under ``_MIN_BLOCKS`` blocks (so that every core gets work),
+    but not under ``_SMALL_BLOCK``.  Keys are split (and the partials merged
+    by M2) only when there are fewer than 16 query blocks in the whole batch
+    and at least 8192 keys per split: decoding then uses every core.  A
+    query's own reduction order depends on ``bk`` and ``nsplit`` only.
 
     Examples
     --------
     >>> plan(1, 4096, 4096, np.float64)
-    (128, 256, 1)
+    (512, 256, 1)
+    >>> plan(1, 1024, 1024, np.float32)
+    (256, 512, 1)
     >>> plan(1, 1, 4 * 2**20, np.float64)
     (1, 2048, 16)
     """
-    bq, bk = TILES[np.dtype(dtype)]
+    bq, bk = (BACKWARD_TILES if backward else TILES)[np.dtype(dtype)]
+    if not backward:
+        spread = 32 * -(-N // (32 * _MIN_BLOCKS))  # N / _MIN_BLOCKS, rounded up to a multiple of 32
+        bq = min(bq, max(_SMALL_BLOCK, spread))
     bq = max(1, min(bq, N))
     if bq < _SMALL_BLOCK:  # few queries (decoding): longer key tiles amortise the per-tile BLAS calls
         bk = _DECODE_KEYS
@@ -365,7 +376,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     del a64, u64
     mask3, mmap, has_mask = _stack_mask(inp.mask, batch, n, m)
     d3, dmap = _dummy(dtype)
-    bq, bk, _ = plan(B, n, m, dtype)
+    bq, bk, _ = plan(B, n, m, dtype, backward=True)
     fn = _kernel("backward", dtype)
     with _blas_single_thread():
         fn(q3, k3, v3, u3, qm, km, vm, um, d3, dmap, mask3, mmap, has_mask, bool(inp.is_causal), int(inp.causal_offset),
