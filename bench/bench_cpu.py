@@ -19,9 +19,12 @@ that path's alone):
   estimate, marked as such; for decoding (memory-bound), reading K and V
   once (:func:`~iem_ref.accel._cpu_kernels.stream_roof`).
 
-Timing: one warm-up call (its time is reported as ``first_s``: compilation
-or cache load for the Numba path), then the median and minimum of
-``--repeats`` calls.  Memory: the peak resident set (``VmHWM`` after resetting
+Timing: ``--rounds`` rounds (default 3); in each, every path runs in turn in
+its own process: one warm-up call (its time is reported as ``first_s``:
+compilation or cache load for the Numba path), then ``--repeats`` timed
+calls.  Reported: the median and minimum over all timed calls of all rounds,
+and each round's median (``round_medians_s``: the spread shows the
+machine's drift).  The reference runs in the first round only.  Memory: the peak resident set (``VmHWM`` after resetting
 it through ``/proc/self/clear_refs``) during the timed calls, minus the
 resident set before them (inputs already allocated): ``peak_extra_mb``.  It
 sees every allocator (NumPy, Numba's NRT, torch, BLAS buffers).
@@ -172,14 +175,10 @@ def worker(case, path, repeats):
     if path == "roof":
         first_g, tg = _time(fn[0], repeats)
         first_e, te = _time(fn[1], repeats)
-        res.update(gemm_median_s=float(np.median(tg)), gemm_min_s=min(tg), exp_median_s=float(np.median(te)), exp_min_s=min(te))
-        res.update(median_s=res["gemm_median_s"] + res["exp_median_s"], min_s=res["gemm_min_s"] + res["exp_min_s"], first_s=first_g + first_e)
-        if case["kind"] == "backward":
-            res.update(gemm_median_s=res["gemm_median_s"] * 3.5, gemm_min_s=res["gemm_min_s"] * 3.5, estimated="backward GEMMs = 3.5 x the forward's (7 GEMMs per tile pair instead of 2)")
-            res.update(median_s=res["gemm_median_s"] + res["exp_median_s"], min_s=res["gemm_min_s"] + res["exp_min_s"])
+        res.update(gemm_times_s=tg, exp_times_s=te, first_s=first_g + first_e)
     else:
         first, times = _time(fn, repeats)
-        res.update(first_s=first, median_s=float(np.median(times)), min_s=min(times), times_s=times)
+        res.update(first_s=first, times_s=times)
     if can_peak:
         res["peak_extra_mb"] = (_status("VmHWM:") - base) / 2**20
     res["inputs_mb"] = sum(x.nbytes for x in (q, k, v, u)) / 2**20
@@ -187,6 +186,39 @@ def worker(case, path, repeats):
 
 
 # --- the driver -------------------------------------------------------------------------
+def merge(case, path, rounds):
+    """One result from a path's rounds: medians and minima over every timed call of every round.
+
+    Why rounds: this machine is a shared VM whose speed drifts by tens of
+    percent over minutes; running the paths in turn, round after round,
+    spreads that drift over all of them instead of charging it to one.
+    The roof's backward GEMM time is an estimate: 3.5 x the forward's
+    (7 GEMMs per tile pair instead of 2).
+    """
+    bad = [r for r in rounds if "error" in r]
+    if bad:
+        return bad[0]
+    out = {k: v for k, v in rounds[0].items() if k not in ("times_s", "gemm_times_s", "exp_times_s", "peak_extra_mb")}
+    out["rounds"] = len(rounds)
+    peaks = [r["peak_extra_mb"] for r in rounds if "peak_extra_mb" in r]
+    if peaks:
+        out["peak_extra_mb"] = max(peaks)
+    if path == "roof":
+        tg = [t for r in rounds for t in r["gemm_times_s"]]
+        te = [t for r in rounds for t in r["exp_times_s"]]
+        scale = 3.5 if case["kind"] == "backward" else 1.0
+        out.update(gemm_median_s=float(np.median(tg)) * scale, gemm_min_s=min(tg) * scale,
+                   exp_median_s=float(np.median(te)), exp_min_s=min(te))
+        out.update(median_s=out["gemm_median_s"] + out["exp_median_s"], min_s=out["gemm_min_s"] + out["exp_min_s"])
+        if case["kind"] == "backward":
+            out["estimated"] = "backward GEMMs = 3.5 x the forward's (7 GEMMs per tile pair instead of 2)"
+    else:
+        times = [t for r in rounds for t in r["times_s"]]
+        out.update(median_s=float(np.median(times)), min_s=min(times), times_s=times,
+                   round_medians_s=[float(np.median(r["times_s"])) for r in rounds])
+    return out
+
+
 def _loadavg():
     try:
         with open("/proc/loadavg") as f:
@@ -249,7 +281,7 @@ def run(args):
     except ImportError:
         have_torch = False
     paths = [p for p in args.paths if p != "torch" or have_torch]
-    result = {"machine": machine(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "repeats": args.repeats,
+    result = {"machine": machine(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "repeats": args.repeats, "rounds": args.rounds,
               "loadavg_start": _loadavg(), "cases": [], "notes": []}
     if not have_torch:
         result["notes"].append("torch is not installed: no torch column (pip install -e '.[bench]')")
@@ -257,18 +289,27 @@ def run(args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for case in cases(args.quick):
         entry = dict(case, loadavg_before=_loadavg(), results={})
+        got = {path: [] for path in paths}
+        for rnd in range(args.rounds):
+            for path in paths:
+                if path == "reference" and ref_gb(case) > args.max_ref_gb:
+                    entry["results"][path] = {"skipped": f"needs about {ref_gb(case):.0f} GB (> --max-ref-gb {args.max_ref_gb})"}
+                    continue
+                if path == "reference" and rnd > 0:
+                    continue  # the slow reference has no target: one round
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case), "--path", path, "--repeats", str(args.repeats)]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+                if proc.returncode != 0:
+                    r = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+                else:
+                    r = json.loads(proc.stdout.strip().splitlines()[-1])
+                r["wall_s"] = time.perf_counter() - t0
+                got[path].append(r)
         for path in paths:
-            if path == "reference" and ref_gb(case) > args.max_ref_gb:
-                entry["results"][path] = {"skipped": f"needs about {ref_gb(case):.0f} GB (> --max-ref-gb {args.max_ref_gb})"}
-                continue
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case), "--path", path, "--repeats", str(args.repeats)]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-            if proc.returncode != 0:
-                entry["results"][path] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-            else:
-                entry["results"][path] = json.loads(proc.stdout.strip().splitlines()[-1])
-            entry["results"][path]["wall_s"] = time.perf_counter() - t0
+            if got[path]:
+                entry["results"][path] = merge(case, path, got[path])
+                entry["results"][path]["wall_s"] = sum(r["wall_s"] for r in got[path])
             r = entry["results"][path]
             print(f"{case['kind']:8s} N={case['N']:<6d} M={case['M']:<8d} D={case['D']:<4d} {case['dtype']:8s} {path:10s} "
                   + (f"median {r['median_s'] * 1e3:9.1f} ms  min {r['min_s'] * 1e3:9.1f} ms  peak+ {r.get('peak_extra_mb', float('nan')):8.1f} MB"
@@ -296,7 +337,8 @@ def table(result):
     m = result["machine"]
     lines.append(f"Machine: {m.get('cpu', '?')}, {m.get('cores')} cores, {m.get('memory_gb')} GiB; Python {m.get('python')}, "
                  f"NumPy {m.get('numpy')}, SciPy {m.get('scipy')}, Numba {m.get('numba')}, torch {m.get('torch')}.")
-    lines.append(f"Command: `{result['command']}`; median of {result['repeats']} runs after a warm-up; "
+    lines.append(f"Command: `{result['command']}`; median of {result.get('rounds', 1)} rounds x {result['repeats']} runs (each round: one process per path, "
+                 "a warm-up call, then the timed calls; the paths take turns); "
                  f"load average (1 min) at start {result.get('loadavg_start', ['?'])[0]}, at end {(result.get('loadavg_end') or ['?'])[0]}.")
     lines.append("")
     hdr = "| case | N | M | D | dtype | reference | accel.cpu | torch SDPA 4-D | roof (GEMMs + exp) | torch / cpu | cpu / GEMMs (decode: / read K, V) | peak extra MB (ref / cpu / torch) | load before-after |"
@@ -332,7 +374,8 @@ def main(argv=None):
     g.add_argument("--quick", action="store_true", help="N = M in {1024, 4096}, D = 64, forward, decoding with M = 2**20")
     g.add_argument("--full", action="store_true", help="the issue's grid (default)")
     p.add_argument("--paths", nargs="+", default=["reference", "cpu", "torch", "roof"])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per path and round (after one warm-up call)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds: every path runs once per round, in turn (the reference only in the first)")
     p.add_argument("--max-ref-gb", type=float, default=8.0)
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", default=None)
