@@ -80,6 +80,42 @@ def test_plan_depends_on_shapes_only():
     assert plans[0][0][2] > 1  # decoding splits the keys
 
 
+@pytest.mark.parametrize("N", [1, 16, 63, 64, 200, 255, 256, 600, 1024, 2047, 4096, 16384])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_plan_gives_every_core_work(N, dtype):
+    """Query blocks: at most the dtype's tile height, at least 64 rows (or all N), and at least 4 blocks once N allows it."""
+    bq, bk, _ = cpu.plan(1, N, 4096, dtype)
+    tile_bq, tile_bk = cpu.TILES[np.dtype(dtype)]
+    nqb = -(-N // bq)
+    assert bq <= tile_bq
+    assert bq >= min(N, cpu._SMALL_BLOCK)
+    if N >= cpu._MIN_BLOCKS * cpu._SMALL_BLOCK:
+        assert nqb >= cpu._MIN_BLOCKS
+    assert bk == (tile_bk if bq >= cpu._SMALL_BLOCK else cpu._DECODE_KEYS)
+    assert cpu.plan(1, N, 4096, dtype, backward=True)[0] <= cpu.BACKWARD_TILES[np.dtype(dtype)][0]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_row_max_ignores_nan_and_is_exact(rng, dtype):
+    """The kernels' row maximum (``llvm.maxnum``, vectorised): NaN ignored, ``-inf`` when nothing else, exactly ``np.nanmax``.
+
+    A maximum involves no rounding, so the comparison is exact equality (the sign of a zero maximum aside).
+    """
+    from iem_ref.accel._cpu_kernels import _row_max
+
+    rows = [rng.standard_normal(n).astype(dtype) for n in (1, 7, 8, 9, 255, 256, 1000)]
+    with_nan = rng.standard_normal(300).astype(dtype)
+    with_nan[[0, 17, 299]] = np.nan
+    rows += [with_nan, np.array([np.nan, -np.inf, np.nan], dtype), np.array([-np.inf] * 5, dtype),
+             np.array([np.nan] * 4, dtype), np.array([1.0, np.inf, np.nan, 2.0], dtype), np.array([-0.0, -1.0], dtype)]
+    for row in rows:
+        got = _row_max(row, row.shape[0])
+        finite_or_inf = row[~np.isnan(row)]
+        want = finite_or_inf.max() if finite_or_inf.size else -np.inf
+        assert got == want, f"row {row[:8]}...: got {got}, want {want}"
+    assert _row_max(rows[-1], 1) == 0.0  # only the first n entries count
+
+
 @pytest.mark.equation("M2")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_key_splits_agree_with_one_pass(rng, dtype):
