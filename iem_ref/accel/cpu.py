@@ -76,8 +76,8 @@ _PRECOMPUTED = 2
 
 #: tile shapes per dtype: (most queries per block, keys per tile).  Fixed per dtype
 #: (never from the thread count) so that results are reproducible.  Measured at
-#: N = M = 4096, D = 64 (bench/results/cpu_profile.md): taller query blocks amortise
-#: OpenBLAS's packing of each key tile over more queries.
+#: N = M = 4096, D = 64 (bench/results/cpu_profile.md): taller query blocks made
+#: OpenBLAS's GEMMs faster (fewer, larger calls; the cause was not isolated further).
 TILES = {np.dtype(np.float64): (512, 256), np.dtype(np.float32): (512, 512)}
 #: the backward keeps the shapes it was tuned with
 BACKWARD_TILES = {np.dtype(np.float64): (128, 256), np.dtype(np.float32): (256, 512)}
