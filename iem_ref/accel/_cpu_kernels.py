@@ -51,6 +51,46 @@ ensure_blas()  # SciPy's BLAS (scipy.linalg.cython_blas), the one Numba's np.dot
 
 
 # --- BLAS GEMM on raw offsets ---------------------------------------------------
+class _BlasArgs:
+    """Lowering of Numba values to the pointer/integer arguments of Numba's ``numba_xx*`` BLAS shims.
+
+    One instance per call site (``gemm`` and ``gemv`` share it): ``dt`` is
+    the call's float dtype (the scalars ``alpha``/``beta`` are passed by
+    pointer in that type).
+    """
+
+    def __init__(self, context, builder, dt):
+        self.context, self.builder, self.dt = context, builder, dt
+        self.char = ir.IntType(8)
+        self.void_p = self.char.as_pointer()
+        self.intp = context.get_value_type(types.intp)
+
+    def function(self, name, arg_types):
+        """The shim ``name`` returning int32, declared in the module once."""
+        return cgutils.get_or_insert_function(self.builder.module, ir.FunctionType(ir.IntType(32), arg_types), name)
+
+    def kind(self):
+        return ir.Constant(self.char, ord("d" if self.dt == types.float64 else "s"))
+
+    def int(self, val, ty):
+        return self.context.cast(self.builder, val, ty, types.intp)
+
+    def flag(self, val, ty):
+        """A character code (``ord("n")``, ``ord("t")``) as the shim's ``char``."""
+        return self.builder.trunc(self.int(val, ty), self.char)
+
+    def ptr(self, arr_val, arr_ty, off_val, off_ty):
+        """``&arr.data[off]`` as ``void *``."""
+        ary = self.context.make_array(arr_ty)(self.context, self.builder, arr_val)
+        return self.builder.bitcast(self.builder.gep(ary.data, [self.int(off_val, off_ty)]), self.void_p)
+
+    def scalar(self, val, ty):
+        """A stack slot holding ``val`` converted to ``dt``, as ``void *``."""
+        slot = cgutils.alloca_once(self.builder, self.context.get_value_type(self.dt))
+        self.builder.store(self.context.cast(self.builder, val, ty, self.dt), slot)
+        return self.builder.bitcast(slot, self.void_p)
+
+
 @intrinsic
 def gemm(typingctx, transa, transb, m, n, k, alpha, a, ia, lda, b, ib, ldb, beta, c, ic, ldc):
     """Fortran (column-major) ``C[ic:] = alpha op(A[ia:]) op(B[ib:]) + beta C[ic:]``, ``?gemm`` from SciPy's BLAS.
@@ -67,48 +107,20 @@ def gemm(typingctx, transa, transb, m, n, k, alpha, a, ia, lda, b, ib, ldb, beta
     if not (a.dtype == b.dtype == c.dtype and a.dtype in (types.float32, types.float64)):
         return None
     sig = types.int32(transa, transb, m, n, k, alpha, a, ia, lda, b, ib, ldb, beta, c, ic, ldc)
-    kind = "d" if a.dtype == types.float64 else "s"
 
     def codegen(context, builder, signature, args):
         (ta, tb, m_, n_, k_, al, a_, ia_, lda_, b_, ib_, ldb_, be, c_, ic_, ldc_) = args
-        tys = signature.args
-        ll_char = ir.IntType(8)
-        ll_void_p = ll_char.as_pointer()
-        intp_t = context.get_value_type(types.intp)
-        fnty = ir.FunctionType(
-            ir.IntType(32),
-            [ll_char, ll_char, ll_char, intp_t, intp_t, intp_t, ll_void_p, ll_void_p, intp_t, ll_void_p, intp_t, ll_void_p, ll_void_p, intp_t],
-        )
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
-        dt = tys[6].dtype
-        lldt = context.get_value_type(dt)
-
-        def ptr(arr_val, arr_ty, off_val, off_ty):
-            ary = context.make_array(arr_ty)(context, builder, arr_val)
-            off = context.cast(builder, off_val, off_ty, types.intp)
-            return builder.bitcast(builder.gep(ary.data, [off]), ll_void_p)
-
-        def slot(val, ty):
-            sl = cgutils.alloca_once(builder, lldt)
-            builder.store(context.cast(builder, val, ty, dt), sl)
-            return builder.bitcast(sl, ll_void_p)
-
-        def as_int(val, ty):
-            return context.cast(builder, val, ty, types.intp)
-
-        res = builder.call(
-            fn,
-            (
-                ir.Constant(ll_char, ord(kind)),
-                builder.trunc(as_int(ta, tys[0]), ll_char),
-                builder.trunc(as_int(tb, tys[1]), ll_char),
-                as_int(m_, tys[2]), as_int(n_, tys[3]), as_int(k_, tys[4]),
-                slot(al, tys[5]), ptr(a_, tys[6], ia_, tys[7]), as_int(lda_, tys[8]),
-                ptr(b_, tys[9], ib_, tys[10]), as_int(ldb_, tys[11]),
-                slot(be, tys[12]), ptr(c_, tys[13], ic_, tys[14]), as_int(ldc_, tys[15]),
-            ),
-        )
-        return res
+        t = signature.args
+        B = _BlasArgs(context, builder, t[6].dtype)
+        ch, vp, ip = B.char, B.void_p, B.intp
+        fn = B.function("numba_xxgemm", [ch, ch, ch, ip, ip, ip, vp, vp, ip, vp, ip, vp, vp, ip])
+        return builder.call(fn, (
+            B.kind(), B.flag(ta, t[0]), B.flag(tb, t[1]),
+            B.int(m_, t[2]), B.int(n_, t[3]), B.int(k_, t[4]),
+            B.scalar(al, t[5]), B.ptr(a_, t[6], ia_, t[7]), B.int(lda_, t[8]),
+            B.ptr(b_, t[9], ib_, t[10]), B.int(ldb_, t[11]),
+            B.scalar(be, t[12]), B.ptr(c_, t[13], ic_, t[14]), B.int(ldc_, t[15]),
+        ))
 
     return sig, codegen
 
@@ -123,42 +135,18 @@ def gemv(typingctx, trans, m, n, alpha, a, ia, lda, x, ix, beta, y, iy):
     if not (a.dtype == x.dtype == y.dtype and a.dtype in (types.float32, types.float64)):
         return None
     sig = types.int32(trans, m, n, alpha, a, ia, lda, x, ix, beta, y, iy)
-    kind = "d" if a.dtype == types.float64 else "s"
 
     def codegen(context, builder, signature, args):
         (tr, m_, n_, al, a_, ia_, lda_, x_, ix_, be, y_, iy_) = args
-        tys = signature.args
-        ll_char = ir.IntType(8)
-        ll_void_p = ll_char.as_pointer()
-        intp_t = context.get_value_type(types.intp)
-        fnty = ir.FunctionType(ir.IntType(32), [ll_char, ll_char, intp_t, intp_t, ll_void_p, ll_void_p, intp_t, ll_void_p, ll_void_p, ll_void_p])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemv")
-        dt = tys[4].dtype
-        lldt = context.get_value_type(dt)
-
-        def ptr(arr_val, arr_ty, off_val, off_ty):
-            ary = context.make_array(arr_ty)(context, builder, arr_val)
-            off = context.cast(builder, off_val, off_ty, types.intp)
-            return builder.bitcast(builder.gep(ary.data, [off]), ll_void_p)
-
-        def slot(val, ty):
-            sl = cgutils.alloca_once(builder, lldt)
-            builder.store(context.cast(builder, val, ty, dt), sl)
-            return builder.bitcast(sl, ll_void_p)
-
-        def as_int(val, ty):
-            return context.cast(builder, val, ty, types.intp)
-
-        return builder.call(
-            fn,
-            (
-                ir.Constant(ll_char, ord(kind)),
-                builder.trunc(as_int(tr, tys[0]), ll_char),
-                as_int(m_, tys[1]), as_int(n_, tys[2]),
-                slot(al, tys[3]), ptr(a_, tys[4], ia_, tys[5]), as_int(lda_, tys[6]),
-                ptr(x_, tys[7], ix_, tys[8]), slot(be, tys[9]), ptr(y_, tys[10], iy_, tys[11]),
-            ),
-        )
+        t = signature.args
+        B = _BlasArgs(context, builder, t[4].dtype)
+        ch, vp, ip = B.char, B.void_p, B.intp
+        fn = B.function("numba_xxgemv", [ch, ch, ip, ip, vp, vp, ip, vp, vp, vp])
+        return builder.call(fn, (
+            B.kind(), B.flag(tr, t[0]), B.int(m_, t[1]), B.int(n_, t[2]),
+            B.scalar(al, t[3]), B.ptr(a_, t[4], ia_, t[5]), B.int(lda_, t[6]),
+            B.ptr(x_, t[7], ix_, t[8]), B.scalar(be, t[9]), B.ptr(y_, t[10], iy_, t[11]),
+        ))
 
     return sig, codegen
 

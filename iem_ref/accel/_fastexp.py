@@ -189,16 +189,30 @@ def _poly32(r):
 
 
 @njit(inline="always", fastmath={"contract"}, cache=True)
+def _reduced64(x):
+    """``(p, n)`` with ``exp(x) ~ p * 2**n``: the reduction and polynomial shared by :func:`exp64` and :func:`exp64_shifted`."""
+    t = x * _LOG2E + _SHIFT
+    nf = t - _SHIFT  # round(x / ln 2), exactly
+    r = (x - nf * _LN2_HI) - nf * _LN2_LO
+    return _poly64(r), f64_bits(t) - _SHIFT_BITS  # n: the same integer, from the bits of t
+
+
+@njit(inline="always", fastmath={"contract"}, cache=True)
+def _reduced32(x):
+    """:func:`_reduced64` for float32 (typed constants: nothing promotes to float64)."""
+    t = x * _LOG2E_F + _SHIFT_F
+    nf = t - _SHIFT_F
+    r = (x - nf * _LN2_HI_F) - nf * _LN2_LO_F
+    return _poly32(r), f32_bits(t) - np.int32(_SHIFT_BITS_F)
+
+
+@njit(inline="always", fastmath={"contract"}, cache=True)
 def exp64(x):
     """``exp(x)`` for a float64 scalar, within 2 ulps of ``np.exp`` (see the module docstring)."""
     # Clamp without losing NaN: a comparison with NaN is False, so NaN passes through.
     x = _XMIN if x < _XMIN else x
     x = _XMAX if x > _XMAX else x
-    t = x * _LOG2E + _SHIFT
-    nf = t - _SHIFT  # round(x / ln 2), exactly
-    r = (x - nf * _LN2_HI) - nf * _LN2_LO
-    n = f64_bits(t) - _SHIFT_BITS  # the same integer, from the bits of t
-    p = _poly64(r)
+    p, n = _reduced64(x)
     n1 = n >> 1
     n2 = n - n1
     return p * bits_f64((n1 + _ONE_BIAS64) << 52) * bits_f64((n2 + _ONE_BIAS64) << 52)
@@ -209,11 +223,7 @@ def exp32(x):
     """``exp(x)`` for a float32 scalar, within 2 ulps of ``np.exp`` (see the module docstring)."""
     x = _XMIN_F if x < _XMIN_F else x
     x = _XMAX_F if x > _XMAX_F else x
-    t = x * _LOG2E_F + _SHIFT_F
-    nf = t - _SHIFT_F
-    r = (x - nf * _LN2_HI_F) - nf * _LN2_LO_F
-    n = f32_bits(t) - np.int32(_SHIFT_BITS_F)
-    p = _poly32(r)
+    p, n = _reduced32(x)
     n1 = n >> np.int32(1)
     n2 = n - n1
     s1 = bits_f32((n1 + np.int32(_ONE_BIAS32)) << np.int32(23))
@@ -240,11 +250,7 @@ def exp64_shifted(x):
     selection discards it; one select instead of a clamp and a select.
     """
     small = x < _FLUSH64
-    t = x * _LOG2E + _SHIFT
-    nf = t - _SHIFT
-    r = (x - nf * _LN2_HI) - nf * _LN2_LO
-    n = f64_bits(t) - _SHIFT_BITS
-    p = _poly64(r)
+    p, n = _reduced64(x)
     y = p * bits_f64((n + _ONE_BIAS64) << 52)
     return 0.0 if small else y
 
@@ -253,11 +259,7 @@ def exp64_shifted(x):
 def exp32_shifted(x):
     """:func:`exp64_shifted` for float32: as :func:`exp32` on normal results, 0 below ``log(2**-126)``."""
     small = x < _FLUSH32
-    t = x * _LOG2E_F + _SHIFT_F
-    nf = t - _SHIFT_F
-    r = (x - nf * _LN2_HI_F) - nf * _LN2_LO_F
-    n = f32_bits(t) - np.int32(_SHIFT_BITS_F)
-    p = _poly32(r)
+    p, n = _reduced32(x)
     y = p * bits_f32((n + np.int32(_ONE_BIAS32)) << np.int32(23))
     return np.float32(0.0) if small else y
 
