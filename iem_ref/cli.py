@@ -1,4 +1,4 @@
-"""The ``iem-ref`` command: ``check`` (the main job) and ``equations`` (the map)."""
+"""The ``iem-ref`` command: ``check`` (the main job), ``equations`` (the map) and ``warmup`` (compile the CPU kernels ahead of time)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,14 @@ def _check(args):
     return 1 if failed else 0
 
 
+def _warmup(args):
+    from .accel._compile import warmup
+
+    print("compiling (or loading from the cache) every iem_ref.accel.cpu kernel, float64 and float32:")
+    warmup()
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="iem-ref", description="The implicit-EM reference: check every equation, list the map.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +69,8 @@ def main(argv=None):
     p_eq.add_argument("-v", "--verbose", action="store_true", help="also print each statement and test")
     p_eq.add_argument("--markdown", action="store_true", help="print the README's equation map table")
     p_eq.set_defaults(func=_equations)
+    p_warm = sub.add_parser("warmup", help="compile and cache every CPU kernel ahead of time (NUMBA_CACHE_DIR sets where)")
+    p_warm.set_defaults(func=_warmup)
     args = parser.parse_args(argv)
     return args.func(args)
 

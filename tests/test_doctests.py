@@ -1,7 +1,7 @@
 """The docstring examples of every reference module run, and every public function has one.
 
 Covers ``iem_ref.{competition, energies, summaries, attention, activations,
-gradients, mixtures, streaming}``; a module that does not exist is skipped.
+gradients, mixtures, streaming}``.
 (The exact tier, the accelerated paths and ``iem_ref.testing`` test their own.)
 """
 
@@ -15,12 +15,7 @@ MODULES = ["competition", "energies", "summaries", "attention", "activations", "
 
 
 def _module(name):
-    try:
-        return importlib.import_module(f"iem_ref.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"iem_ref.{name}":
-            pytest.skip(f"iem_ref.{name} does not exist")
-        raise
+    return importlib.import_module(f"iem_ref.{name}")
 
 
 @pytest.mark.parametrize("name", MODULES)

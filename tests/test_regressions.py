@@ -1,5 +1,7 @@
 """Regression tests, each named after the bug it pins."""
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -34,7 +36,7 @@ def test_attention_vjp_nan_query_row_stays_inside_its_causal_window():
 @pytest.mark.equation("G4")
 @pytest.mark.parametrize("path", ["cpu", "cuda"])
 def test_accelerated_vjp_nan_query_row_has_the_reference_nan_pattern(path):
-    mod = pytest.importorskip(f"iem_ref.accel.{path}")
+    mod = importlib.import_module(f"iem_ref.accel.{path}")
     rng = np.random.default_rng(5)
     q, k, v, u = rng.normal(size=(4, 3)), rng.normal(size=(4, 3)), rng.normal(size=(4, 2)), rng.normal(size=(4, 2))
     q[1, 0] = np.nan

@@ -141,7 +141,7 @@ def test_attention_helper_catches_the_wrong_causal_alignment(rng):
 
 
 def test_against_torch_sdpa_when_installed(rng):
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="optional peer torch is not installed")
     q, k, v = (rng.normal(size=s).astype(np.float32) for s in [(2, 6, 16), (2, 9, 16), (2, 9, 4)])
     tq, tk, tv = (torch.from_numpy(a).requires_grad_() for a in (q, k, v))
     out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)  # a tensor that requires grad

@@ -29,9 +29,9 @@ is still ``-inf`` contribute nothing; ``exp(s - m)`` is 1 where ``s == m``, so
 several ``+inf`` scores share the mass.
 
 Determinism: each query's reduction order is fixed by the tile shape and the
-split count, which depend on the shapes only; BLAS runs single-threaded inside
-the ``prange`` (the caller pins it), so results are bitwise identical across
-runs and Numba thread counts.
+split count, which depend on the shapes only, never on which thread runs an
+item; BLAS runs single-threaded inside the kernels (the caller pins it), so
+results are bitwise identical across runs and thread counts.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ _N = ord("n")
 _T = ord("t")
 _GEMV_ROWS = 4  # query blocks with fewer rows use GEMV per row instead of GEMM
 
-_FM = {"contract"}  # FMA contraction only: inf/NaN semantics are kept (NUMBA.md, pitfalls)
+_FM = {"contract"}  # FMA contraction only: fastmath=True would assume no inf/NaN, and the edge-case policy needs them
 
 
 # --- small tile helpers -------------------------------------------------------
@@ -164,7 +164,7 @@ def _nonfinite_bits(x):
     raise NotImplementedError("only callable from @njit code")
 
 
-@overload(_nonfinite_bits, inline="always")
+@overload(_nonfinite_bits)
 def _nonfinite_bits_overload(x):
     if x == types.float64:
         return lambda x: np.int64((f64_bits(x) & 0x7FF0000000000000) == 0x7FF0000000000000)
@@ -495,16 +495,21 @@ def _finalize_rows(m, l, o, nan_row, empty_nan, out, lse):
                 out[r, c] = o[r, c] / inv
 
 
-def forward(q3, k3, v3, qmap, kmap, vmap, d3, dmap, mask3, mmap, has_mask, causal, off, energy, scale, bq, bk, nsplit, empty_nan, out, lse):
-    """A1-A4 fused, over the flattened batch: ``out (B, N, Dv)``, ``lse (B, N)``.
+def forward(stage, t, T, q3, k3, v3, qmap, kmap, vmap, d3, dmap, mask3, mmap, has_mask, causal, off, energy, scale, bq, bk,
+            nsplit, empty_nan, pm, pl, po, pn, out, lse):
+    """A1-A4 fused, over the flattened batch: ``out (B, N, Dv)``, ``lse (B, N)``; this thread's share of one stage.
 
-    Plain Python: :mod:`iem_ref.accel.cpu` compiles it with ``parallel=True``
-    and one explicit signature per dtype.  ``energy``: 0 dot, 1 sqeuclidean,
-    2 precomputed energies ``d3`` (then ``q3``, ``k3`` are unused).
+    Plain Python: :mod:`iem_ref.accel.cpu` compiles it (``nogil``, one
+    explicit signature per dtype) and runs it on ``T`` threads, thread ``t``
+    taking the work items ``t, t + T, t + 2T, ...`` (which items a thread
+    takes changes no result).  ``energy``: 0 dot, 1 sqeuclidean, 2
+    precomputed energies ``d3`` (then ``q3``, ``k3`` are unused).
 
-    Work items ``(batch, query block, key split)`` run in ``prange``; with
-    ``nsplit > 1`` (few queries, many keys: decoding) each split keeps its
-    partial in float64 and the partials merge in split order (M2).
+    Stage 0: work items ``(batch, query block, key split)``, each M1 over its
+    keys into the float64 partials ``pm, pl, po, pn`` of shape
+    ``(B, nsplit, N[, Dv])``; with one split the item also finishes its rows.
+    Stage 1 (``nsplit > 1``, decoding: few queries, many keys): items
+    ``(batch, query block)`` merge the splits in split order (M2) and finish.
     """
     B = out.shape[0]
     N = out.shape[1]
@@ -512,25 +517,24 @@ def forward(q3, k3, v3, qmap, kmap, vmap, d3, dmap, mask3, mmap, has_mask, causa
     M = k3.shape[1]
     nqb = (N + bq - 1) // bq
     nkb = (M + bk - 1) // bk
-    items = B * nqb * nsplit
-    pm = np.empty((B, nsplit, N), dtype=np.float64)
-    pl = np.empty((B, nsplit, N), dtype=np.float64)
-    pn = np.empty((B, nsplit, N), dtype=np.bool_)
-    po = np.empty((B, nsplit, N, Dv), dtype=np.float64)
-    for w in prange(items):
-        b = w // (nqb * nsplit)
-        rest = w % (nqb * nsplit)
-        qblk = rest // nsplit
-        sp = rest % nsplit
-        i0 = qblk * bq
-        i1 = min(N, i0 + bq)
-        j0 = min(M, (sp * nkb // nsplit) * bk)
-        j1 = min(M, ((sp + 1) * nkb // nsplit) * bk)
-        _forward_block(
-            q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off, energy, scale,
-            i0, i1, j0, j1, bk, pm[b, sp, i0:i1], pl[b, sp, i0:i1], po[b, sp, i0:i1], pn[b, sp, i0:i1],
-        )
-    for w in prange(B * nqb):
+    if stage == 0:
+        for w in range(t, B * nqb * nsplit, T):
+            b = w // (nqb * nsplit)
+            rest = w % (nqb * nsplit)
+            qblk = rest // nsplit
+            sp = rest % nsplit
+            i0 = qblk * bq
+            i1 = min(N, i0 + bq)
+            j0 = min(M, (sp * nkb // nsplit) * bk)
+            j1 = min(M, ((sp + 1) * nkb // nsplit) * bk)
+            _forward_block(
+                q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off, energy, scale,
+                i0, i1, j0, j1, bk, pm[b, sp, i0:i1], pl[b, sp, i0:i1], po[b, sp, i0:i1], pn[b, sp, i0:i1],
+            )
+            if nsplit == 1:
+                _finalize_rows(pm[b, 0, i0:i1], pl[b, 0, i0:i1], po[b, 0, i0:i1], pn[b, 0, i0:i1], empty_nan, out[b, i0:i1], lse[b, i0:i1])
+        return
+    for w in range(t, B * nqb, T):
         b = w // nqb
         i0 = (w % nqb) * bq
         i1 = min(N, i0 + bq)
@@ -795,36 +799,42 @@ def _backward_queries(q, k, v, u, dd, mask, has_mask, causal, off, energy, scale
             dq[i0 + r, c] = sc * acc[r, c]
 
 
-def backward(q3, k3, v3, u3, qmap, kmap, vmap, umap, d3, dmap, mask3, mmap, has_mask, causal, off, energy, scale, bq, bk, lse, delta, dq, dk, dv):
+def backward(stage, t, T, q3, k3, v3, u3, qmap, kmap, vmap, umap, d3, dmap, mask3, mmap, has_mask, causal, off, energy, scale,
+             bq, bk, lse, delta, cnt, dq, dk, dv):
     """G4 over the flattened batch: ``dq (B, N, D)``, ``dk (B, M, D)``, ``dv (B, M, Dv)`` from the saved ``lse`` and ``delta = <u_i, a_i>`` (float64).
 
-    Two passes, both parallel and free of races: key blocks (``dk``, ``dv``:
-    sums over queries) and query blocks (``dq``: sums over keys).  Each
-    recomputes the score tile and ``b = U V^T``: 7 GEMMs per tile pair
-    instead of 5, in exchange for ``O((N + M) D)`` memory, no atomics and a
-    fixed summation order.  Plain Python: compiled by :mod:`iem_ref.accel.cpu`.
+    This thread's share (items ``t, t + T, ...``) of one stage, as
+    :func:`forward`.  Stage 0: per query block, ``cnt``, the number of keys
+    with score ``+inf`` of each certain row.  Then two stages free of races:
+    stage 1 over key blocks (``dk``, ``dv``: sums over queries), stage 2 over
+    query blocks (``dq``: sums over keys).  Each recomputes the score tile and
+    ``b = U V^T``: 7 GEMMs per tile pair instead of 5, in exchange for
+    ``O((N + M) D)`` memory, no atomics and a fixed summation order.  Plain
+    Python: compiled by :mod:`iem_ref.accel.cpu`.
     """
     B = dq.shape[0]
     N = dq.shape[1]
     M = dk.shape[1]
     nqb = (N + bq - 1) // bq
     nkb = (M + bk - 1) // bk
-    cnt = np.zeros((B, N), dtype=np.float64)
-    for w in prange(B * nqb):
-        b = w // nqb
-        i0 = (w % nqb) * bq
-        _count_certain(q3[qmap[b]], k3[kmap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off, energy, scale,
-                       i0, min(N, i0 + bq), bk, lse[b], cnt[b])
-    for w in prange(B * nkb):
-        b = w // nkb
-        j0 = (w % nkb) * bk
-        _backward_keys(q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], u3[umap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off,
-                       energy, scale, j0, min(M, j0 + bk), bq, lse[b], cnt[b], delta[b], dk[b], dv[b])
-    for w in prange(B * nqb):
-        b = w // nqb
-        i0 = (w % nqb) * bq
-        _backward_queries(q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], u3[umap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off,
-                          energy, scale, i0, min(N, i0 + bq), bk, lse[b], cnt[b], delta[b], dq[b])
+    if stage == 0:
+        for w in range(t, B * nqb, T):
+            b = w // nqb
+            i0 = (w % nqb) * bq
+            _count_certain(q3[qmap[b]], k3[kmap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off, energy, scale,
+                           i0, min(N, i0 + bq), bk, lse[b], cnt[b])
+    elif stage == 1:
+        for w in range(t, B * nkb, T):
+            b = w // nkb
+            j0 = (w % nkb) * bk
+            _backward_keys(q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], u3[umap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off,
+                           energy, scale, j0, min(M, j0 + bk), bq, lse[b], cnt[b], delta[b], dk[b], dv[b])
+    else:
+        for w in range(t, B * nqb, T):
+            b = w // nqb
+            i0 = (w % nqb) * bq
+            _backward_queries(q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], u3[umap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off,
+                              energy, scale, i0, min(N, i0 + bq), bk, lse[b], cnt[b], delta[b], dq[b])
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)

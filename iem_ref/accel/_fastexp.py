@@ -163,7 +163,7 @@ _ONE_BIAS64 = 1023
 _ONE_BIAS32 = 127
 
 
-@njit(inline="always", fastmath={"contract"}, cache=True)
+@njit(fastmath={"contract"}, cache=True)
 def _poly64(r):
     """``sum_k A_k r**k`` (degree 11): two Horner steps at the bottom, Estrin's scheme above.
 
@@ -180,7 +180,7 @@ def _poly64(r):
     return _A0 + r * (_A1 + r * h)
 
 
-@njit(inline="always", fastmath={"contract"}, cache=True)
+@njit(fastmath={"contract"}, cache=True)
 def _poly32(r):
     """``sum_k B_k r**k`` (degree 6, float32): as :func:`_poly64`, two Horner steps below an Estrin part."""
     r2 = r * r
@@ -188,7 +188,7 @@ def _poly32(r):
     return _B0 + r * (_B1 + r * h)
 
 
-@njit(inline="always", fastmath={"contract"}, cache=True)
+@njit(fastmath={"contract"}, cache=True)
 def _reduced64(x):
     """``(p, n)`` with ``exp(x) ~ p * 2**n``: the reduction and polynomial shared by :func:`exp64` and :func:`exp64_shifted`."""
     t = x * _LOG2E + _SHIFT
@@ -197,7 +197,7 @@ def _reduced64(x):
     return _poly64(r), f64_bits(t) - _SHIFT_BITS  # n: the same integer, from the bits of t
 
 
-@njit(inline="always", fastmath={"contract"}, cache=True)
+@njit(fastmath={"contract"}, cache=True)
 def _reduced32(x):
     """:func:`_reduced64` for float32 (typed constants: nothing promotes to float64)."""
     t = x * _LOG2E_F + _SHIFT_F
@@ -206,7 +206,7 @@ def _reduced32(x):
     return _poly32(r), f32_bits(t) - np.int32(_SHIFT_BITS_F)
 
 
-@njit(inline="always", fastmath={"contract"}, cache=True)
+@njit(fastmath={"contract"}, cache=True)
 def exp64(x):
     """``exp(x)`` for a float64 scalar, within 2 ulps of ``np.exp`` (see the module docstring)."""
     # Clamp without losing NaN: a comparison with NaN is False, so NaN passes through.
@@ -218,7 +218,7 @@ def exp64(x):
     return p * bits_f64((n1 + _ONE_BIAS64) << 52) * bits_f64((n2 + _ONE_BIAS64) << 52)
 
 
-@njit(inline="always", fastmath={"contract"}, cache=True)
+@njit(fastmath={"contract"}, cache=True)
 def exp32(x):
     """``exp(x)`` for a float32 scalar, within 2 ulps of ``np.exp`` (see the module docstring)."""
     x = _XMIN_F if x < _XMIN_F else x
@@ -235,7 +235,7 @@ _FLUSH64 = -708.3964185322641  # log(2**-1022): below it exp is subnormal (< 2.3
 _FLUSH32 = _f(-87.33654)  # log(2**-126) (float32)
 
 
-@njit(inline="always", fastmath={"contract"}, cache=True)
+@njit(fastmath={"contract"}, cache=True)
 def exp64_shifted(x):
     """``exp(x)`` for the kernels' shifted exponents ``x = s - m <= 0`` (float64), NaN kept.
 
@@ -255,7 +255,7 @@ def exp64_shifted(x):
     return 0.0 if small else y
 
 
-@njit(inline="always", fastmath={"contract"}, cache=True)
+@njit(fastmath={"contract"}, cache=True)
 def exp32_shifted(x):
     """:func:`exp64_shifted` for float32: as :func:`exp32` on normal results, 0 below ``log(2**-126)``."""
     small = x < _FLUSH32
@@ -299,7 +299,7 @@ def fexp(x):
     raise NotImplementedError("fexp is only callable from @njit code")
 
 
-@overload(fexp, inline="always", fastmath={"contract"})
+@overload(fexp, fastmath={"contract"})
 def _fexp_overload(x):
     if x == types.float64:
         return lambda x: exp64(x)
@@ -313,7 +313,7 @@ def like(value, sample):
     raise NotImplementedError("like is only callable from @njit code")
 
 
-@overload(like, inline="always")
+@overload(like)
 def _like_overload(value, sample):
     if sample == types.float64:
         return lambda value, sample: np.float64(value)
@@ -327,7 +327,7 @@ def fexp_shifted(x):
     raise NotImplementedError("fexp_shifted is only callable from @njit code")
 
 
-@overload(fexp_shifted, inline="always", fastmath={"contract"})
+@overload(fexp_shifted, fastmath={"contract"})
 def _fexp_shifted_overload(x):
     if x == types.float64:
         return lambda x: exp64_shifted(x)

@@ -1,0 +1,114 @@
+"""Compiling the CPU kernels on first use: Numba's on-disk cache, a one-time notice, and ahead-of-time warm-up.
+
+A kernel is compiled for one dtype when a call first needs it (about 5 to
+10 s each on a 2-core VM), then loaded from Numba's cache by later processes
+(well under a second).  The cache lives in ``__pycache__`` beside the
+package's modules, or under ``NUMBA_CACHE_DIR`` when that environment
+variable is set (needed where the installed package is read-only).
+:func:`warmup` (``iem-ref warmup``) compiles everything ahead of time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import warnings
+
+from numba import njit
+
+__all__ = ["CompilationNotice", "compile_kernel", "cache_dir", "warmup"]
+
+
+class CompilationNotice(UserWarning):
+    """Issued once per process, when a kernel is first compiled rather than loaded from the cache."""
+
+
+_NOTICE_LOCK = threading.Lock()
+_NOTICED = False
+
+
+def cache_dir(dispatcher=None):
+    """Where Numba caches the kernels: ``NUMBA_CACHE_DIR`` if set, else the ``__pycache__`` beside the modules."""
+    env = os.environ.get("NUMBA_CACHE_DIR")
+    if env:
+        return env
+    if dispatcher is not None:
+        try:
+            return dispatcher._cache._cache_path  # Numba's own choice (it falls back to a user folder if the package is read-only)
+        except AttributeError:
+            pass
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+
+
+def _in_cache(dispatcher, sig):
+    try:
+        return dispatcher._cache.load_overload(sig, dispatcher.targetctx) is not None
+    except Exception:  # a private Numba API: if it moves, only the notice is lost, never a result
+        return False
+
+
+def _caller_level():
+    """The ``stacklevel`` of the first frame outside ``iem_ref``: the notice names the user's line."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def compile_kernel(py_func, sig, label, **options):
+    """``njit(sig, cache=True, **options)(py_func)``, with a :class:`CompilationNotice` the first time anything compiles."""
+    global _NOTICED
+    disp = njit(cache=True, **options)(py_func)
+    if not _in_cache(disp, sig):
+        with _NOTICE_LOCK:
+            if not _NOTICED:
+                _NOTICED = True
+                warnings.warn(
+                    f"iem_ref.accel.cpu: compiling the {label} kernel (about 10 s, once per kernel and dtype); "
+                    f"cached in {cache_dir(disp)} for later processes (set NUMBA_CACHE_DIR to move it; "
+                    f"`iem-ref warmup` compiles every kernel ahead of time)",
+                    CompilationNotice,
+                    stacklevel=_caller_level(),
+                )
+    disp.compile(sig)
+    disp.disable_compile()  # as njit(sig) does: calls convert to this one signature, never compile another
+    return disp
+
+
+def warmup(report=print):
+    """Compile (or load from the cache) every CPU kernel for float32 and float64; returns ``{kernel: seconds}``.
+
+    Each kernel is reached through the public function that uses it, on tiny
+    inputs, so that nothing is compiled that a call would not compile.
+    """
+    import numpy as np
+
+    from . import cpu
+
+    times = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompilationNotice)
+        for dtype in (np.float64, np.float32):
+            q = np.zeros((2, 3), dtype)
+            v = np.zeros((2, 1), dtype)
+            jobs = {
+                "forward": lambda: cpu.attention(q, q, v),
+                "backward": lambda: cpu.attention_vjp(q, q, v, v, out=v, lse=np.zeros(2, dtype)),
+            }
+            for name, job in jobs.items():
+                t0 = time.perf_counter()
+                job()
+                times[f"{name} ({np.dtype(dtype).name})"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        z = np.zeros(2)
+        cpu.sign_posterior_mean(z, z)
+        cpu.tanh_from_signed_gaussian(z)
+        cpu.softplus(z)
+        times["scalar activations (float64)"] = time.perf_counter() - t0
+    for name, sec in times.items():
+        report(f"{name:40s} {sec:6.2f} s")
+    report(f"{'total':40s} {sum(times.values()):6.2f} s   (cache: {cache_dir(cpu._kernel('forward', np.float64))})")
+    return times
