@@ -8,6 +8,7 @@ one Python thread per CUDA thread: tests keep its shapes small).
 
 import ctypes
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,9 @@ CUDA_SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 # float64 / float32 unit roundoff: every tolerance in the suite is a multiple
 # of these, with the multiple argued next to the test.
+#: the source tree (derivations, README): documents that tests read, which the wheel does not ship
+REPO = Path(__file__).resolve().parent.parent
+
 U64 = np.finfo(np.float64).eps / 2
 U32 = np.finfo(np.float32).eps / 2
 

@@ -4,11 +4,11 @@ import re
 
 import pytest
 
-from iem_ref.equations import ROOT
+from tests.conftest import REPO
 
 
 def _block_after(heading):
-    text = (ROOT / "README.md").read_text()
+    text = (REPO / "README.md").read_text()
     section = text[text.index(heading):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 

@@ -7,6 +7,7 @@ import pytest
 from iem_ref import equations
 from iem_ref.checks import CHECKS, run_checks
 from iem_ref.cli import main
+from tests.conftest import REPO  # the source tree: derivations and README are documents, not in the wheel
 
 EXPECTED = (
     [f"A{i}" for i in range(1, 5)] + [f"T{i}" for i in range(1, 4)] + [f"H{i}" for i in range(1, 4)]
@@ -27,15 +28,15 @@ def test_every_id_has_function_derivation_test_and_check(eq_id):
         doc = getattr(obj, "__doc__", "") or ""
         if callable(obj) and not isinstance(obj, type):
             assert eq_id in doc, f"{name}'s docstring does not cite {eq_id}"
-    path = equations.derivation_path(eq_id)
+    path = REPO / eq.derivation
     assert path.exists(), f"{eq_id}: derivation file {path} is missing"
     assert re.search(rf"^## {eq_id}\b", path.read_text(), re.M), f"{eq_id}: no '## {eq_id}' section in {path.name}"
-    assert equations.tests_for()[eq_id], f"{eq_id}: no test marked @pytest.mark.equation({eq_id!r})"
+    assert equations.tests_for(REPO / "tests")[eq_id], f"{eq_id}: no test marked @pytest.mark.equation({eq_id!r})"
     assert eq_id in CHECKS, f"{eq_id}: no entry in iem-ref check"
 
 
 def test_project_equation_list_names_every_id():
-    text = (equations.ROOT / "derivations" / "README.md").read_text()
+    text = (REPO / "derivations" / "README.md").read_text()
     missing = [eq_id for eq_id in EXPECTED if not re.search(rf"\b{eq_id}\b", text)]
     assert not missing, f"derivations/README.md does not list {missing}"
 
@@ -64,5 +65,5 @@ def test_equations_command_prints_the_map(capsys):
 def test_readme_equation_map_matches_the_registry():
     from iem_ref.cli import markdown_map
 
-    readme = (equations.ROOT / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     assert markdown_map() in readme, "README's equation map is stale: regenerate with `iem-ref equations --markdown`"
