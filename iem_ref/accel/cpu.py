@@ -11,12 +11,18 @@ Shape legend: ``B...`` batch axes (broadcast), ``N`` queries, ``M`` keys,
 
 How it runs: the batch is flattened without copying broadcast operands (each
 operand keeps its own batch and an index map); work items ``(batch, query
-block, key split)`` run in ``prange``; per key tile one GEMM for the scores,
-the online softmin update with a polynomial ``exp``, one GEMM for the values
-(see :mod:`iem_ref.accel._cpu_kernels`).  No ``N x M`` array is ever formed:
-extra memory is ``O(B N Dv)`` plus one tile per work item.  BLAS is pinned to
-one thread around every kernel call (``threadpoolctl``): BLAS threads inside
-``prange`` oversubscribe the cores (NUMBA.md: 266 ms instead of 92 ms).
+block, key split)`` are shared out over ``numba.get_num_threads()`` threads
+running a ``nogil`` kernel; per key tile one GEMM for the scores, the online
+softmin update with a polynomial ``exp``, one GEMM for the values (see
+:mod:`iem_ref.accel._cpu_kernels`).  No ``N x M`` array is ever formed: extra
+memory is ``O(B N Dv)`` plus one tile per work item.  BLAS is pinned to one
+thread around every kernel call (``threadpoolctl``): a multithreaded BLAS
+inside the kernel's own threads oversubscribes the cores (measured on a
+2-core VM, N = M = 4096: 266 ms instead of 92 ms).
+
+The kernels compile on first use, once per dtype, into Numba's on-disk cache
+(:mod:`iem_ref.accel._compile`: a one-time ``CompilationNotice``, and
+``iem-ref warmup`` to compile ahead of time).
 
 float32: GEMMs, the shift, ``exp`` and the per-tile row sums run in float32
 (dot products of length ``D``, sums of at most ``bk`` terms: 512, or 2048
