@@ -11,8 +11,8 @@ that path's alone):
 - ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` with 4-D
   ``(B, H, N, D) = (1, 1, N, D)`` inputs, which reach its flash CPU kernel
   (backward: autograd through it, ``.backward`` timed alone), if torch is installed;
-- ``roof``: the CPU kernel's own BLAS GEMM calls alone (same tiles, same
-  ``prange``; :func:`iem_ref.accel._cpu_kernels.gemm_roof`) plus the fastest
+- ``roof``: the CPU kernel's own BLAS GEMM calls alone (same tiles, query
+  blocks spread over the same cores; :func:`iem_ref.accel._cpu_kernels.gemm_roof`) plus the fastest
   ``exp`` over ``N*M`` elements (the polynomial exp on cache-resident
   buffers, :func:`~iem_ref.accel._cpu_kernels.exp_roof`); for the backward,
   the forward's GEMM time x 7/2 (7 GEMMs per tile pair instead of 2), an
@@ -32,7 +32,7 @@ sees every allocator (NumPy, Numba's NRT, torch, BLAS buffers).
 Usage::
 
     python bench/bench_cpu.py --quick            # N = M in {1024, 4096}, D = 64, forward; decoding M = 2**20
-    python bench/bench_cpu.py --full             # the grid (tens of minutes)
+    python bench/bench_cpu.py --full             # N = M in {1024, 4096, 16384}, D in {64, 128}, forward and backward; decoding M = 2**22 (tens of minutes)
     python bench/bench_cpu.py --full --out bench/results/cpu_full.json
     python bench/bench_cpu.py --table bench/results/cpu.json   # the Markdown table
 

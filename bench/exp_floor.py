@@ -1,8 +1,9 @@
 """The float64 exp floor on this CPU: the kernel's Numba exp against hand-written AVX2 versions, same loop, same run.
 
-Why: issue #4's "within 1.15x of its own GEMMs" needs the softmin's exp
-(16.7 M elements at N = M = 4096) under about 15% of the GEMM time.  This
-script measures how fast a float64 exp within 1 ulp can go here at all:
+Why: for the forward kernel to run within 1.15x of its own GEMMs, the
+softmin's exp (16.7 M elements at N = M = 4096) must cost under about 15% of
+the GEMM time.  This script measures how fast a float64 exp within about
+1 ulp can go on this CPU at all:
 
 - ``numba``: the kernels' own exp (:func:`iem_ref.accel._fastexp.exp64_shifted`) in an ``@njit`` loop;
 - ``poly1``, ``poly2``, ``poly4``: the same method written with AVX2/FMA

@@ -1,7 +1,7 @@
 """Where the CPU forward kernel's time goes: a phase profile and a tile-shape sweep, every variant interleaved in one run.
 
-Why this exists: issue #4 asks, where a speed target is missed, for a profile
-with numbers saying why.  Numba has no line profiler, so the profile times a
+Why this exists: where the kernel misses a speed goal, the profile says why,
+in numbers.  Numba has no line profiler, so the profile times a
 skeleton of :func:`iem_ref.accel._cpu_kernels._forward_block` (the same
 tiles, the same BLAS calls and the same helpers: ``_row_max``,
 ``_exp_shift_sum``) with phases switched on one at a time:
@@ -88,7 +88,7 @@ def _skeleton_block(q, k, v, i0, i1, bk_max, phases, o, m, l):
 
 @njit(parallel=True, fastmath={"contract"})
 def skeleton(q, k, v, bq, bk, phases, o, m, l):
-    """:func:`_skeleton_block` over query blocks in ``prange`` (as the kernel's forward)."""
+    """:func:`_skeleton_block` over query blocks in ``prange`` (the kernel's forward spreads the same blocks over as many threads)."""
     N = q.shape[0]
     nqb = (N + bq - 1) // bq
     for w in prange(nqb):
