@@ -174,7 +174,7 @@ def test_exp64_within_2_ulps_of_np_exp(rng):
 def test_exp32_within_2_ulps_of_the_correctly_rounded_value(rng):
     """float32: within 2 ulps of ``exp`` rounded from float64 on ``[-87, 88]`` (``np.exp`` in float32 itself is 2.4 ulps off here).
 
-    Measured here: 1.07 ulps.
+    Every float32 in ``[-87.34, 88.72]`` measured: at most 1.105 ulps.
     """
     x = np.concatenate([rng.uniform(-87, 88, 400_000), rng.uniform(-1, 1, 200_000)]).astype(np.float32)
     y = _fastexp.exp_array(x).astype(np.float64)
