@@ -230,11 +230,23 @@ def _loadavg():
 def machine():
     info = {"platform": platform.platform(), "python": sys.version.split()[0], "cores": os.cpu_count()}
     try:
+        fields = {}
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, val = line.partition(":")
+                fields[key.strip()] = val.strip()
+        info["cpu"] = fields.get("model name")
+        # the model name alone does not tell Zen 3 from Zen 4, nor whether AVX-512 is exposed
+        info["cpu_family_model"] = f"{fields.get('vendor_id')} family {fields.get('cpu family')} model {fields.get('model')}"
+        flags = fields.get("flags", "").split()
+        info["vector_isa"] = "avx512f" if "avx512f" in flags else ("avx2" if "avx2" in flags else "other")
+        try:
+            with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+                info["l2_per_core"] = f.read().strip()
+        except OSError:
+            pass
         with open("/proc/meminfo") as f:
             info["memory_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
     except OSError:
@@ -372,7 +384,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="N = M in {1024, 4096}, D = 64, forward, decoding with M = 2**20")
-    g.add_argument("--full", action="store_true", help="the issue's grid (default)")
+    g.add_argument("--full", action="store_true", help="N = M in {1024, 4096, 16384}, D in {64, 128}, forward and backward, and decoding (default)")
     p.add_argument("--paths", nargs="+", default=["reference", "cpu", "torch", "roof"])
     p.add_argument("--repeats", type=int, default=5, help="timed calls per path and round (after one warm-up call)")
     p.add_argument("--rounds", type=int, default=3, help="rounds: every path runs once per round, in turn (the reference only in the first)")
