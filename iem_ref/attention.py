@@ -6,11 +6,18 @@ values.  ``q (B..., N, D)``, ``k (B..., M, D)``, ``v (B..., M, Dv)``,
 output ``(B..., N, Dv)``, log-partition ``(B..., N)``, responsibilities
 ``(B..., N, M)``.
 
-The pipeline, one line per equation::
+The pipeline that runs (:func:`attention`), one line per equation, all in
+float64 and rounded once to the inputs' dtype::
 
-    d = energy(q, k)                                # A1 (or a kernel, K)
-    r = responsibilities(d, tau=1/scale, mask=...)  # A3, T1 with scale = 1/sqrt(D)
-    a = posterior_mean(r, v)                        # A4
+    d = energy(q, k)                     # A1 (or a kernel, K); tau = 1/scale (T1), scale = 1/sqrt(D) by default
+    take = mask & causal                 # which keys take part (selection: the others get no weight)
+    t = softmin_terms(d, tau, take)      # m = min d; w_j = exp(-(d_j - m)/tau), shifted error-free; sum w
+    r = w / sum(w)                       # A3 (iem_ref.responsibilities)
+    L = -m/tau + log(sum w)              # G1, returned with return_lse
+    a = sum_j r_j v_j                    # A4 (iem_ref.posterior_mean)
+
+one pass over the energies (:func:`iem_ref.summaries.softmin_summary`'s),
+with the edge-case rows (empty, certain, NaN) of the README's policy.
 
 Conventions: ``mask`` is boolean, True = the key takes part (as
 ``torch.nn.functional.scaled_dot_product_attention``; note that

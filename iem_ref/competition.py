@@ -112,23 +112,22 @@ def log_partition(d, tau=1.0, axis=-1, mask=None):
     4.248354255291589e-18
     """
     d64, tau, axis, take, dtype = _prepare(d, tau, axis, mask)
-    L = _log_partition_from(softmin_terms(d64, tau, take), tau)
-    return np.asarray(L, dtype=dtype)[()]
-
-
-def _log_partition_from(t, tau):
-    """``L = -m/tau + log1p(rest)`` from :class:`SoftminTerms`, with the policy's rows (float64)."""
+    # t.m = min_j d_j; t.rest = sum_{j != argmin} exp(-(d_j - m)/tau), each exponent shifted error-free
+    t = softmin_terms(d64, tau, take)
     with np.errstate(all="ignore"):
-        L = -np.where(np.isfinite(t.m), t.m, 0.0) / tau + np.log1p(t.rest)
+        L = -t.m / tau + np.log1p(t.rest)  # G1: L = log sum_j exp(-d_j/tau) = -m/tau + log(1 + rest)
+    return np.asarray(_log_partition_rows(L, t), dtype=dtype)[()]
+
+
+def _log_partition_rows(L, t):
+    """The edge-case policy's rows of ``L``: empty -> ``-inf``, certain -> ``+inf``, NaN -> NaN."""
     L = np.where(t.empty, -np.inf, L)
     L = np.where(t.certain, np.inf, L)
     return np.where(t.nan_row, np.nan, L)
 
 
-def _responsibilities_from(t, empty):
-    """``r = w / sum w`` from :class:`SoftminTerms`, with the policy's rows (float64, hypotheses last)."""
-    with np.errstate(all="ignore"):
-        r = t.w / t.total[..., None]
+def _responsibility_rows(r, t, empty):
+    """The edge-case policy's rows of ``r`` (hypotheses last): empty -> 0 or NaN (``empty``), NaN -> NaN."""
     r = np.where(t.empty[..., None], 0.0 if empty == "zero" else np.nan, r)
     return np.where(t.nan_row[..., None], np.nan, r)
 
@@ -194,7 +193,11 @@ def responsibilities(d, tau=1.0, axis=-1, mask=None, *, empty="zero"):
     """
     check_choice(empty, "empty", _EMPTY)
     d64, tau, axis, take, dtype = _prepare(d, tau, axis, mask)
-    r = _responsibilities_from(softmin_terms(d64, tau, take), empty)
+    # t.w = exp(-(d_j - min_k d_k)/tau), shifted error-free; t.total = sum_j t.w, to half an ulp
+    t = softmin_terms(d64, tau, take)
+    with np.errstate(all="ignore"):
+        r = t.w / t.total[..., None]  # A3: r_j = exp(-d_j/tau) / sum_j' exp(-d_j'/tau), the shift cancels
+    r = _responsibility_rows(r, t, empty)
     return np.moveaxis(r, -1, axis).astype(dtype, copy=False)
 
 
@@ -269,10 +272,10 @@ def neg_log_softmin(d, tau=1.0, axis=-1, mask=None):
     array([0.69314718, 0.69314718])
     """
     d64, tau, axis, take, dtype = _prepare(d, tau, axis, mask)
+    # t.hi + t.lo = -(d_j - m)/tau exactly (m = min d); t.rest = sum_{j != argmin} exp(-(d_j - m)/tau)
     t = softmin_terms(d64, tau, take)
     with np.errstate(all="ignore"):
-        # y_j = (d_j - m)/tau + log1p(rest) = -(hi + lo) + log1p(rest)
-        y = -t.hi + (np.log1p(t.rest)[..., None] - t.lo)
+        y = -t.hi + (np.log1p(t.rest)[..., None] - t.lo)  # G3: y_j = d_j/tau + L = (d_j - m)/tau + log(1 + rest)
         y = np.where(t.certain[..., None], np.where(t.hi == 0.0, np.log(t.total)[..., None], np.inf), y)
     y = np.where(t.nan_row[..., None], np.nan, y)
     return np.moveaxis(y, -1, axis).astype(dtype, copy=False)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ._accurate import softmin_terms
 from ._validation import as_float_array, as_mask, check_summary_inputs, check_tau, need_ndim, result_dtype
-from .competition import _log_partition_from, _responsibilities_from, hard_responsibilities
+from .competition import _log_partition_rows, _responsibility_rows, hard_responsibilities
 
 __all__ = [
     "posterior_mean",
@@ -208,10 +208,12 @@ def _softmin_summary(d, v, tau, take, empty):
 
     Shared by :func:`softmin_summary` and :func:`iem_ref.attention`.
     """
-    t = softmin_terms(d, tau, take)
-    r = _responsibilities_from(t, empty)  # A3
+    t = softmin_terms(d, tau, take)  # the shifted weights w_j, their sum, m = min d (iem_ref.responsibilities)
+    with np.errstate(all="ignore"):
+        r = _responsibility_rows(t.w / t.total[..., None], t, empty)  # A3: r_j = w_j / sum_j' w_j'
+        L = _log_partition_rows(-t.m / tau + np.log1p(t.rest), t)  # G1: L = -m/tau + log(1 + sum_{j != argmin} w_j)
     participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
-    a = _weighted_sum(r, v, participates)  # A4
+    a = _weighted_sum(r, v, participates)  # A4: a = sum_j r_j v_j
     if empty == "nan":  # also when M = 0, where r has no entry to carry the NaN
         a = np.where(participates.any(axis=-1, keepdims=True), a, np.nan)
-    return a, _log_partition_from(t, tau), r
+    return a, L, r
