@@ -360,7 +360,8 @@ class _Framework:
             pytest.skip("torch without CUDA")
 
     def dev(self, x):
-        return self.mod.from_numpy(np.ascontiguousarray(x)).cuda() if self.name == "torch" else self.mod.asarray(x)
+        x = np.ascontiguousarray(x)  # CuPy would keep a NumPy view's strides
+        return self.mod.from_numpy(x).cuda() if self.name == "torch" else self.mod.asarray(x)
 
     def ptr(self, x):
         return x.data_ptr() if self.name == "torch" else x.data.ptr
