@@ -324,11 +324,23 @@ def test_device_arrays_in_device_arrays_out(rng):
     assert all(hasattr(x, "copy_to_host") for x in grads)
 
 
+class _View:
+    """An object exposing ``iface`` as its ``__cuda_array_interface__`` (memory owned by ``owner``)."""
+
+    def __init__(self, iface, owner):
+        self.__cuda_array_interface__ = iface
+        self._owner = owner
+
+
 def test_strided_device_arrays_are_read_in_place(rng):
     # k stored as (D, M) and read through its transpose: no copy is made.
     q, k, v = _inputs(rng, (), 6, 8, 3, 2, np.float64)
     kT = cuda.to_device(np.ascontiguousarray(k.T))
-    k_view = kT.T if not CUDA_SIMULATED else kT.transpose()
+    if CUDA_SIMULATED:
+        k_view = kT.transpose()
+    else:  # on a GPU Numba's DeviceNDArray.T / transpose() copies (a transpose kernel): take a strided view instead
+        iface = dict(kT.__cuda_array_interface__, shape=(8, 3), strides=(8, 64))  # bytes: k[j, c] at (j + 8 c) * 8
+        k_view = cuda.as_cuda_array(_View(iface, kT))
     op = C._operand(k_view, (), np.dtype(np.float64))
     if CUDA_SIMULATED:
         assert np.shares_memory(op.flat._ary, kT._ary)
