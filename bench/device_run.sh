@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (an H200 machine with CUDA, PyTorch, numba, numba-cuda and CuPy
-# installed for its `python3`; nothing is installed from the network): about 7 minutes.
+# installed for its `python3`; nothing is installed from the network): 247 s on an H200.
 #   1. versions and nvidia-smi, first in the output;
 #   2. the CUDA tests on the device (conftest picks the GPU when libcuda.so.1 loads): the
 #      agreement suite's cuda cases and tests/test_cuda.py (its PTX test is left out: the
