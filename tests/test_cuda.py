@@ -324,11 +324,23 @@ def test_device_arrays_in_device_arrays_out(rng):
     assert all(hasattr(x, "copy_to_host") for x in grads)
 
 
+class _View:
+    """An object exposing ``iface`` as its ``__cuda_array_interface__`` (memory owned by ``owner``)."""
+
+    def __init__(self, iface, owner):
+        self.__cuda_array_interface__ = iface
+        self._owner = owner
+
+
 def test_strided_device_arrays_are_read_in_place(rng):
     # k stored as (D, M) and read through its transpose: no copy is made.
     q, k, v = _inputs(rng, (), 6, 8, 3, 2, np.float64)
     kT = cuda.to_device(np.ascontiguousarray(k.T))
-    k_view = kT.T if not CUDA_SIMULATED else kT.transpose()
+    if CUDA_SIMULATED:
+        k_view = kT.transpose()
+    else:  # on a GPU Numba's DeviceNDArray.T / transpose() copies (a transpose kernel): take a strided view instead
+        iface = dict(kT.__cuda_array_interface__, shape=(8, 3), strides=(8, 64))  # bytes: k[j, c] at (j + 8 c) * 8
+        k_view = cuda.as_cuda_array(_View(iface, kT))
     op = C._operand(k_view, (), np.dtype(np.float64))
     if CUDA_SIMULATED:
         assert np.shares_memory(op.flat._ary, kT._ary)
@@ -343,6 +355,80 @@ def test_device_array_of_other_dtype_is_cast(rng):
     a = C.attention(cuda.to_device(q.astype(np.float32)), k, v)
     assert np.dtype(a.dtype) == np.float64
     np.testing.assert_array_equal(_host(a), C.attention(q.astype(np.float32).astype(np.float64), k, v))
+
+
+# ---------------------------------------------------------------- torch and CuPy tensors (real GPU only)
+
+
+class _Framework:
+    """torch or CuPy: host -> device, device pointer, the transpose of the last two axes, wrapping a result."""
+
+    def __init__(self, name):
+        if CUDA_SIMULATED:
+            pytest.skip("the simulator takes only its own device arrays")
+        self.name = name
+        self.mod = pytest.importorskip(name)
+        if name == "torch" and not self.mod.cuda.is_available():
+            pytest.skip("torch without CUDA")
+
+    def dev(self, x):
+        x = np.ascontiguousarray(x)  # CuPy would keep a NumPy view's strides
+        return self.mod.from_numpy(x).cuda() if self.name == "torch" else self.mod.asarray(x)
+
+    def ptr(self, x):
+        return x.data_ptr() if self.name == "torch" else x.data.ptr
+
+    def swap(self, x):
+        return x.transpose(-1, -2) if self.name == "torch" else self.mod.swapaxes(x, -1, -2)
+
+    def wrap(self, a):
+        return self.mod.as_tensor(a, device="cuda") if self.name == "torch" else self.mod.asarray(a)
+
+
+@pytest.fixture(params=["torch", "cupy"])
+def framework(request):
+    return _Framework(request.param)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_framework_tensors_are_read_in_place(rng, framework, dtype):
+    # (2, 1) heads broadcast against k, v of batch (1,); k stored as (D, M) and read through its transpose.
+    fw = framework
+    n, m, d, dv = 45, 70, 19, 33
+    q = rng.standard_normal((2, 1, n, d)).astype(dtype)
+    k = rng.standard_normal((1, m, d)).astype(dtype)
+    v = rng.standard_normal((1, m, dv)).astype(dtype)
+    mask = rng.random((n, m)) < 0.7
+    tq, tv, tmask = fw.dev(q), fw.dev(v), fw.dev(mask)
+    tkT = fw.dev(np.swapaxes(k, -1, -2))
+    tk = fw.swap(tkT)
+    op = C._operand(tk, (2, 1), np.dtype(dtype))
+    assert op.flat.device_ctypes_pointer.value == fw.ptr(tkT)  # a view of the tensor's memory, not a copy
+    assert (op.rs, op.cs) == (1, m)
+    a, L = C.attention(tq, tk, tv, mask=tmask, return_lse=True)
+    assert hasattr(a, "copy_to_host") and a.shape == (2, 1, n, dv) and np.dtype(a.dtype) == dtype
+    a_np, L_np = C.attention(q, k, v, mask=mask, return_lse=True)
+    assert np.array_equal(a.copy_to_host(), a_np) and np.array_equal(L.copy_to_host(), L_np)  # same kernels, same bits
+    ta = fw.wrap(a)
+    assert fw.ptr(ta) == a.device_ctypes_pointer.value  # the result wraps zero-copy
+    g = rng.standard_normal((2, 1, n, dv)).astype(dtype)
+    grads = C.attention_vjp(tq, tk, tv, fw.dev(g), mask=tmask, out=ta, lse=L)
+    want = C.attention_vjp(q, k, v, g, mask=mask, out=a_np, lse=L_np)
+    for name, x, y in zip(("dq", "dk", "dv"), grads, want):
+        assert hasattr(x, "copy_to_host"), name
+        assert np.array_equal(x.copy_to_host(), y), name
+
+
+def test_framework_lse_is_accepted(rng, framework):
+    # The saved log-partition may come back as the framework's own tensor (wrapped zero-copy, or computed by it).
+    fw = framework
+    q, k, v = _inputs(rng, (), 20, 30, 4, 3, np.float64)
+    g = rng.standard_normal((20, 3))
+    a, L = C.attention(q, k, v, return_lse=True)
+    got = C.attention_vjp(fw.dev(q), fw.dev(k), fw.dev(v), fw.dev(g), out=fw.dev(a), lse=fw.dev(L))
+    want = C.attention_vjp(q, k, v, g, out=a, lse=L)
+    for name, x, y in zip(("dq", "dk", "dv"), got, want):
+        assert np.array_equal(x.copy_to_host(), y), name
 
 
 # ---------------------------------------------------------------- PTX for the device (no GPU needed)

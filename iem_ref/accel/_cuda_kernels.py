@@ -49,7 +49,14 @@ from __future__ import annotations
 import math
 
 import numba
+import numpy as _np
 from numba import cuda
+
+if not hasattr(_np, "row_stack"):
+    # numba-cuda (0.30.4 and earlier) registers an overload of np.row_stack when it compiles its
+    # first kernel; NumPy 2.5 removed that alias of np.vstack, and every compilation then fails
+    # with AttributeError.  The alias is restored (the simulator never gets there).
+    _np.row_stack = _np.vstack
 
 LAYOUT_KEYS = ("NT", "TX", "BR", "BC", "DC", "DCP", "KC", "CW", "RS", "CS", "OC")
 

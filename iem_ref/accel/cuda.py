@@ -424,7 +424,10 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
 
     LSE = CNT = None
     if out is not None and lse is not None:
-        lse_h = np.asarray(lse.copy_to_host() if _is_device(lse) else lse)
+        if _is_device(lse):  # a Numba device array, or a torch / CuPy tensor (no copy_to_host of their own)
+            lse_h = (lse if SIMULATED else cuda.as_cuda_array(lse)).copy_to_host()
+        else:
+            lse_h = np.asarray(lse)
         if lse_h.shape[-1:] != (n,):
             raise ValueError(f"lse must have shape (B..., N) = (..., {n}); got {lse_h.shape}")
         if not np.isposinf(lse_h).any():  # else the certain rows need their key counts: recompute below
