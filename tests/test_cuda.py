@@ -365,11 +365,11 @@ class _Framework:
 
     def __init__(self, name):
         if CUDA_SIMULATED:
-            pytest.skip("the simulator takes only its own device arrays")
+            pytest.skip("needs a GPU: the CUDA simulator takes only its own device arrays, not torch or CuPy tensors")
         self.name = name
-        self.mod = pytest.importorskip(name)
+        self.mod = pytest.importorskip(name, reason=f"optional peer {name} is not installed")
         if name == "torch" and not self.mod.cuda.is_available():
-            pytest.skip("torch without CUDA")
+            pytest.skip("needs a GPU: this torch has no CUDA")
 
     def dev(self, x):
         x = np.ascontiguousarray(x)  # CuPy would keep a NumPy view's strides
