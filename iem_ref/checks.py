@@ -3,15 +3,18 @@
 Each check returns ``(against, error, tolerance)``: what the reference was
 compared with, the largest error found, and the bound it must stay within.
 Bounds are stated in units of the float64 roundoff ``u = 2**-53`` with the
-reason next to them.  "decimal" means a 50-digit computation with the
-standard library's ``decimal`` module on the same float inputs (independent of
-the reference's floating-point arithmetic and of ``iem_ref.exact``).
+reason next to them, built from the primitives of :mod:`iem_ref.bounds`
+(``u``, ``gamma_n`` for ``n`` roundings, ``k`` ulps = ``2 k u`` relative).
+"decimal" means a 50-digit computation with the standard library's
+``decimal`` module on the same float inputs (independent of the reference's
+floating-point arithmetic and of ``iem_ref.exact``).
 """
 
 from __future__ import annotations
 
 import math
 from decimal import Decimal, localcontext
+from fractions import Fraction
 
 import numpy as np
 import scipy.special
@@ -20,7 +23,9 @@ from scipy.spatial.distance import cdist
 
 import iem_ref as R
 
-U = 2.0**-53
+from .bounds import REFERENCE_R_ULPS, U64, gamma, ulps
+
+U = U64
 CHECKS = {}
 
 
@@ -84,10 +89,12 @@ FD_STEP, FD_TOL = 1e-5, 1e-9
 @check("A1")
 def _a1():
     q, k, _, _ = _inputs()
-    ref = [[-math.fsum(a * b for a, b in zip(qi, kj)) for kj in k] for qi in q]
-    # matmul: D = 4 products summed, error <= D u sum|q_i k_j| (Higham, gamma_D)
-    tol = 4 * U * float(np.max(np.abs(q) @ np.abs(k).T))
-    return "math.fsum of the products", _abs(R.dot_energy(q, k), ref), tol
+    # the exact products (Fractions) summed exactly and rounded once: within u |d| of the true value
+    ref = np.array([[-float(sum(Fraction(a) * Fraction(b) for a, b in zip(qi, kj))) for kj in k] for qi in q])
+    # matmul: D products summed, error <= gamma_D sum_c |q_ic k_jc|; the reference's one rounding: u |d|
+    D = q.shape[1]
+    tol = float(np.max(gamma(D, U) * (np.abs(q) @ np.abs(k).T) + U * np.abs(ref)))
+    return "exact sum of the exact products, rounded once", _abs(R.dot_energy(q, k), ref), tol
 
 
 @check("A2")
@@ -116,9 +123,11 @@ def _a4():
             r = [_dec(x) for x in _dec_softmin(row)[0]]
             ref.append([float(sum(r[j] * _dec(v[j, c]) for j in range(len(r)))) for c in range(v.shape[1])])
     a = R.attention(q, k, v, scale=scale)
-    # r_j within 3 ulps (6u) and an M-term matmul: |error| <= (6u + M u) sum_j r_j |v_j|; energies:
-    # d rounded by ~D u |q||k| scale, moving r_j by that much relative: + 2 D u max|q k| scale max|v|.
-    tol = (6 + 7) * U * float(np.max(np.abs(v))) + 2 * 4 * U * scale * float(np.max(np.abs(q) @ np.abs(k).T)) * float(np.max(np.abs(v)))
+    # r_j within 3 ulps (6u) and an M-term matmul: |error| <= (6u + gamma_M) sum_j r_j |v_j|; energies:
+    # d within gamma_D |q||k| (the matmul), moving r_j by twice that times scale, relative: + 2 gamma_D max|q k| scale max|v|.
+    M, D = k.shape
+    vmax = float(np.max(np.abs(v)))
+    tol = (ulps(REFERENCE_R_ULPS, U) + gamma(M, U)) * vmax + 2 * gamma(D, U) * scale * float(np.max(np.abs(q) @ np.abs(k).T)) * vmax
     return "decimal posterior mean", _abs(a, ref), tol
 
 
@@ -232,7 +241,9 @@ def _p2():
     with localcontext() as ctx:
         ctx.prec = 50
         ref = [[float(sum(_dec(r[i, j]) * _dec(v[j, c]) for j in range(7))) for c in range(3)] for i in range(6)]
-    return "decimal sum_h r_h g_h", _abs(R.posterior_mean(r, v), ref), 7 * U * float(np.max(np.abs(v)))
+    # a 7-term matmul: gamma_7 sum_h r_h |g_h|; the decimal value rounded once: u |ref|
+    tol = gamma(7, U) * float(np.max(np.abs(v))) + U * float(np.max(np.abs(ref)))
+    return "decimal sum_h r_h g_h", _abs(R.posterior_mean(r, v), ref), tol
 
 
 @check("P3")
@@ -274,7 +285,9 @@ def _kernel_check(fn, metric, transform=lambda x: x, **kw):
 @check("K1")
 def _k1():
     q, k, _, _ = _inputs()
-    return "-(q @ k.T) by einsum", _abs(R.dot_energy(q, k), -np.einsum("nd,md->nm", q, k)), 8 * U * float(np.max(np.abs(q) @ np.abs(k).T))
+    # two D-term dot products in different orders: each within gamma_D sum_c |q_c k_c|
+    tol = 2 * gamma(q.shape[1], U) * float(np.max(np.abs(q) @ np.abs(k).T))
+    return "-(q @ k.T) by einsum", _abs(R.dot_energy(q, k), -np.einsum("nd,md->nm", q, k)), tol
 
 
 @check("K2")

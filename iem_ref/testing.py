@@ -23,12 +23,13 @@ Default tolerances: an error argument, not a guess
 --------------------------------------------------
 ``u`` is the unit roundoff of the dtype of ``actual`` (``2**-24`` for
 float32, ``2**-53`` for float64), ``M`` the reduction length (hypotheses per
-row) and ``lg = ceil(log2 M)``.  The model is the standard algorithm a
-kernel implements, each step rounded once in ``u``: shift by the row
-maximum and divide by ``tau`` (exponents ``t_j = (d_j - min d)/tau``,
-relative error ``<= 2u``), ``exp`` accurate to one ulp (``2u``), a tree
-(pairwise) sum of ``M`` terms (``lg u``), one division (``u``).  To first
-order this gives, componentwise,
+row) and ``lg = ceil(log2 M)``, the roundings of one term in a tree sum
+(both from :mod:`iem_ref.bounds`, which derives the terms once).  The model
+is the standard algorithm a kernel implements, each step rounded once in
+``u``: shift by the row maximum and divide by ``tau`` (exponents
+``t_j = (d_j - min d)/tau``, relative error ``<= 2u``), ``exp`` accurate to
+one ulp (``2u``), a tree (pairwise) sum of ``M`` terms (``lg u``), one
+division (``u``).  To first order this gives, componentwise,
 
 * responsibilities / softmax:
   ``|r_j - r_j*| <= r_j* u (2 |t_j| + 2 tbar + 5 + lg)``,
@@ -82,6 +83,7 @@ import numpy as np
 from . import exact as _exact
 from ._validation import as_float_array, as_mask, check_axis
 from .attention import attention, prepare_attention
+from .bounds import U64, tree_depth, unit_roundoff
 from .competition import log_partition, responsibilities
 
 __all__ = [
@@ -94,7 +96,6 @@ __all__ = [
     "assert_attention_close",
 ]
 
-_U64 = np.finfo(np.float64).eps / 2
 # Decimal arithmetic on exact results such as 1e-203619766 needs the full exponent range.
 _WIDE = decimal.Context(prec=60, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN, traps=[])
 _SECOND_ORDER = 1.0 + 2.0**-10
@@ -107,14 +108,6 @@ def _host(x):
         if hasattr(x, "cpu"):
             x = x.cpu()
     return np.asarray(x)
-
-
-def _unit_roundoff(dtype):
-    return float(np.finfo(dtype).eps) / 2
-
-
-def _lg(M):
-    return math.ceil(math.log2(M)) if M > 1 else 0
 
 
 def ulp_error(actual, expected, dtype=None):
@@ -254,11 +247,11 @@ def assert_close_to_reference(actual, expected, *, dtype=None, reduction_length=
     e = _exact.to_float(e_in) if e_in.dtype == object else np.asarray(e_in, dtype=np.float64)
     a = _check_shape(actual, e.shape, "assert_close_to_reference")
     dt = np.dtype(dtype) if dtype is not None else a.dtype
-    u = _unit_roundoff(dt)
+    u = unit_roundoff(dt)
     n = max(int(reduction_length), 1)
     if rtol is None and atol is None:
         mag = np.abs(np.where(np.isfinite(e), e, 0.0))
-        tol = (u * (4 + _lg(n)) + 8 * _U64) * _SECOND_ORDER * mag + n * float(np.finfo(dt).tiny)
+        tol = (u * (4 + tree_depth(n)) + 8 * U64) * _SECOND_ORDER * mag + n * float(np.finfo(dt).tiny)
     else:
         tol = _explicit_tol(e, rtol, atol)
     header = f"{dt}, u = {u:.3g}, reduction length {n}"
@@ -314,11 +307,11 @@ def assert_responsibilities_close(actual, d, tau=1.0, axis=-1, mask=None, *, emp
     r_l = np.moveaxis(r, axis, -1)
     t, tbar, _, H = _row_stats(d_l, float(tau), take_l, r_l)
     M = d.shape[axis]
-    u = _unit_roundoff(a.dtype)
+    u = unit_roundoff(a.dtype)
     tiny = float(np.finfo(a.dtype).tiny)
     cond = 2 * np.abs(t) + 2 * tbar
     if rtol is None and atol is None:
-        rel = (u * (cond + 5 + _lg(M)) + 8 * _U64) * _SECOND_ORDER
+        rel = (u * (cond + 5 + tree_depth(M)) + 8 * U64) * _SECOND_ORDER
         tol_l = rel * np.abs(np.where(np.isfinite(r_l), r_l, 0.0)) + M * tiny
         tol = np.moveaxis(tol_l, -1, axis)
     else:
@@ -377,14 +370,14 @@ def assert_log_partition_close(actual, d, tau=1.0, axis=-1, mask=None, *, rtol=N
     r_l = np.asarray(responsibilities(d_l, tau, -1, take_l), dtype=np.float64)
     t, tbar, m, H = _row_stats(d_l, float(tau), take_l, r_l)
     M = d.shape[axis]
-    u = _unit_roundoff(a.dtype)
+    u = unit_roundoff(a.dtype)
     with np.errstate(all="ignore"):
         logS = np.where(np.isfinite(L), L + m / tau, 0.0)
         mt = np.abs(np.where(np.isfinite(m), m, 0.0) / tau)
         kappa = (np.where(np.isfinite(r_l), r_l, 0.0) * np.abs(np.where(np.isfinite(d_l), d_l, 0.0) / tau)).sum(axis=-1) / np.abs(L)
     Lf = np.where(np.isfinite(L), L, 0.0)
     if rtol is None and atol is None:
-        tol = (u * (mt + 2 * np.abs(logS) + np.abs(Lf) + 2 * tbar[..., 0] + 2 + _lg(M)) + 8 * _U64 * np.abs(Lf)) * _SECOND_ORDER
+        tol = (u * (mt + 2 * np.abs(logS) + np.abs(Lf) + 2 * tbar[..., 0] + 2 + tree_depth(M)) + 8 * U64 * np.abs(Lf)) * _SECOND_ORDER
     else:
         tol = _explicit_tol(L, rtol, atol)
     tol = np.asarray(tol, dtype=np.float64).reshape(L.shape)
@@ -449,7 +442,7 @@ def assert_attention_close(
     beta = 0.0 if np.isinf(inp.tau) else 1.0 / inp.tau
     t, tbar, _, H = _row_stats(d, inp.tau, take, r)
     M, D = inp.m, inp.q.shape[-1]
-    u = _unit_roundoff(a.dtype)
+    u = unit_roundoff(a.dtype)
     q64, k64, v64 = (x.astype(np.float64) for x in (inp.q, inp.k, inp.v))
     with np.errstate(all="ignore"):
         if energy == "sqeuclidean":
@@ -460,14 +453,14 @@ def assert_attention_close(
             eta = D * u * beta * (np.abs(q64) @ np.swapaxes(np.abs(k64), -1, -2))
         rr = np.where(np.isfinite(r), r, 0.0)
         eta = np.where(rr > 0, np.where(np.isfinite(eta), eta, 0.0), 0.0)
-        rel_r = u * (2 * np.abs(t) + 2 * tbar + 5 + _lg(M)) + eta + (rr * eta).sum(-1, keepdims=True) + 8 * _U64
+        rel_r = u * (2 * np.abs(t) + 2 * tbar + 5 + tree_depth(M)) + eta + (rr * eta).sum(-1, keepdims=True) + 8 * U64
         vabs = np.abs(np.where(np.isfinite(v64), v64, 0.0))
         absum = rr @ vabs  # sum_j r_j |v_jc|   (B..., N, Dv)
         spread = (rr * rel_r) @ vabs
         ef = np.abs(np.where(np.isfinite(expected), expected, 0.0))
         floor = M * float(np.finfo(a.dtype).tiny) * max(1.0, float(vabs.max()) if vabs.size else 1.0)
         if rtol is None and atol is None:
-            tol = (spread + u * (_lg(M) + 2) * absum + u * ef) * _SECOND_ORDER + floor
+            tol = (spread + u * (tree_depth(M) + 2) * absum + u * ef) * _SECOND_ORDER + floor
         else:
             tol = _explicit_tol(expected, rtol, atol)
     cond = (2 * np.abs(t) + 2 * tbar).max(axis=-1, initial=0.0)

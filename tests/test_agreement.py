@@ -8,49 +8,12 @@ with its reference twin (:func:`iem_ref.attention`,
 activations): the same values within a derived bound, the same NaN / inf
 pattern, or the same error class.
 
-Error bounds (derived, not fitted).  ``u`` is the unit roundoff of the
-path's compute dtype (float32 inputs compute in float32 on both paths),
-``g(n) = n u / (1 - n u)``, ``u64`` float64's.
-
-Forward, row ``i``; scores ``x_ij = -d_ij * scale``:
-
-* score: ``|dx_ij| <= scale (g(D+3) + g64(D+3)) S_ij`` with
-  ``S_ij = sum_c |q_ic k_jc|`` for the dot energy and
-  ``S_ij = (|q_i|^2 + |k_j|^2)/2 + sum_c |q_ic k_jc|`` for the squared
-  Euclidean one (the CPU kernel expands ``||q - k||^2`` into one GEMM and two
-  norms; the direct sum of squares is within the same bound); the float64
-  reference rounds its own score too, hence the ``g64`` term.  The scale,
-  rounded to the dtype, and the product add ``2u|x_ij|``.
-* shift ``x_ij - m_i``: ``u |x_ij - m_i|``; the exponential: ``exp_ulps``
-  ulps (the CPU polynomial: 2, measured in tests/test_cpu_kernels.py; CUDA's
-  ``exp``/``expf``: 2) ``= 2 exp_ulps u``; rescalings between key blocks:
-  ``rescales u`` (``ceil(M/32)`` on CUDA, float64 and so ``< u`` in all on
-  the CPU).  Every weight is then ``w_j (1 + e_j)`` with
-  ``|e_j| <= E_i = max_j (score + shift) + (2 exp_ulps + rescales) u``.
-* ``a = sum_j w_j v_j / sum_j w_j`` moves by ``sum_j r_j e_j (v_j - a)``, at most
-  ``2 E_i max|v|``; the two sums add ``2 G max|v|`` where ``G`` is the sum
-  bound: on the CPU a tile of at most ``bk`` keys in the dtype (the GEMM, and
-  the row sum; ``bk`` from ``plan``: 256 for float64, 512 for float32, 2048
-  for fewer than 64 queries) then float64 across tiles and splits,
-  ``G = g(min(M, bk) + 3) + g64(ceil(M/bk) + 19)``; on CUDA ``G = g(M)``
-  (sequential in the dtype).  The division and the output rounding add
-  ``2u|a|``; the reference itself is within ``(3 u64 + g64(M)) max|v|``.
-
-      |a - a_ref| <= max|v| (2 E_i + 2 G + 4u + 3 u64 + g64(M)) + 3u |a_ref|
-      |L - L_ref| <= E_i + 2 G + 3u |L_ref| + 2u + 4 u64 |L_ref|
-
-Backward (G4): ``r_ij = exp(x_ij - L_i)`` rebuilt from the saved ``L``
-has relative error ``F_i = E_i + bound(L_i) + u |x_ij - L_i|``;
-``b_ij = <u_i, v_j>`` and ``Delta_i = <u_i, a_i>`` are ``Dv``-term dot
-products; ``dS_ij = r_ij (b_ij - Delta_i)``::
-
-    |ddS_ij| <= r_ij (F_i |b_ij - Delta_i| + g(Dv) sum_c |u_ic v_jc| + sum_c |u_ic| (da_ic + g(Dv) |a_ic|)) + u |dS_ij|
-
-and the sums over keys (``dq``) or queries (``dk``, ``dv``) add their own
-``G |.|`` terms (CPU: a tile of ``bq`` queries or ``bk`` keys in the dtype,
-then float64).  The bounds are evaluated with the reference's ``r`` and ``dS``
-(first order in ``u``), doubled for float64 where the reference's own
-rounding is of the same size.
+Error bounds: derived, not fitted, in :mod:`iem_ref.bounds` (sections 5-10:
+scores, weights, rescalings per key tile, tiled sums, forward and backward),
+one derivation shared with tests/test_cuda.py.  Each path is described there
+by its :class:`iem_ref.bounds.Arithmetic` (``exp`` ulps, tiles and the
+precision of its running state); the tests compare with the bounds the
+module forms from the reference's values.
 """
 
 from __future__ import annotations
@@ -62,42 +25,20 @@ import numpy as np
 import pytest
 
 import iem_ref
-from iem_ref.attention import attention_responsibilities
-from tests.conftest import CUDA_SIMULATED, U32, U64
+from iem_ref import bounds
+from tests.conftest import CUDA_SIMULATED, U64
 from tests.tolerances import assert_within
 
 
 # --- the paths ------------------------------------------------------------------------
 class Path:
-    """An accelerated module and what its arithmetic is (for the bounds)."""
+    """An accelerated module and the description of its arithmetic (:mod:`iem_ref.bounds`)."""
 
     def __init__(self, name, mod):
         self.name = name
         self.mod = mod
+        self.arith = getattr(bounds, name)()  # bounds.cpu() / bounds.cuda(): tiles read from the path's own layout
         self.small = name == "cuda" and CUDA_SIMULATED  # the simulator: tens of queries and keys at most
-
-    def sum_bound(self, n, u, n_queries, backward=False):
-        """``G``: relative error bound of an ``n``-term sum over keys (see the module docstring).
-
-        CPU: key tiles of ``bk`` keys (``plan``, forward or backward tiles) in the dtype,
-        then float64 across tiles, splits and merges.
-        """
-        if self.name == "cpu":
-            bk = self.mod.plan(1, n_queries, n, np.float32 if u == U32 else np.float64, backward=backward)[1]
-            return g(min(n, bk) + 3, u) + g(math.ceil(n / bk) + 19, U64)
-        return g(n, u)
-
-    def query_sum_bound(self, n, u):
-        """The same for an ``n``-term sum over queries (CPU: query blocks of ``bq`` rows in the dtype, then float64)."""
-        if self.name == "cpu":
-            bq = self.mod.plan(1, n, 1, np.float32 if u == U32 else np.float64, backward=True)[0]
-            return g(bq + 3, u) + g(math.ceil(n / bq) + 3, U64)
-        return g(n, u)
-
-    def rescales(self, m):
-        return 0 if self.name == "cpu" else math.ceil(m / 32)
-
-    exp_ulps = 2
 
 
 @pytest.fixture(params=["cpu", "cuda"])
@@ -106,62 +47,21 @@ def path(request):
     return Path(request.param, mod)
 
 
-def g(n, u):
-    return n * u / (1 - n * u)
+unit = bounds.unit_roundoff
 
 
-def unit(dtype):
-    return U32 if np.dtype(dtype) == np.float32 else U64
-
-
-# --- bounds -----------------------------------------------------------------------------
 def _finite(x):
     return np.where(np.isfinite(x), x, 0.0)
 
 
-def score_sizes(q, k, energy):
-    """``S_ij`` of the module docstring, (B..., N, M), float64."""
-    q = _finite(np.asarray(q, np.float64))
-    k = _finite(np.asarray(k, np.float64))
-    S = np.abs(q) @ np.swapaxes(np.abs(k), -1, -2)
-    if energy == "sqeuclidean":
-        S = S + 0.5 * ((q**2).sum(-1)[..., :, None] + (k**2).sum(-1)[..., None, :])
-    return S
+def attention_bounds(path, q, k, v, dtype, **kw):
+    """The reference's ``(a, L)`` and the path's :class:`iem_ref.bounds.ForwardBounds` against it."""
+    return bounds.attention_bounds(path.arith, q, k, v, dtype, **kw)
 
 
-def forward_bounds(path, dtype, x, m_row, S, scale, D, max_v, a_ref, L_ref, M):
-    """``(bound_a (B..., N, 1), bound_L (B..., N))`` for scores ``x`` (B..., N, M) (finite part)."""
-    u = unit(dtype)
-    with np.errstate(invalid="ignore"):
-        shift = np.abs(x - m_row[..., None])
-    shift = _finite(shift)
-    per = scale * (g(D + 3, u) + g(D + 3, U64)) * S + 2 * u * _finite(np.abs(x)) + u * shift
-    E = (per.max(axis=-1) if M else np.zeros(per.shape[:-1])) + (2 * path.exp_ulps + path.rescales(M)) * u
-    G = path.sum_bound(max(M, 1), u, x.shape[-2])
-    a_abs = _finite(np.abs(np.asarray(a_ref, np.float64)))
-    bound_a = max_v[..., None, None] * (2 * E + 2 * G + 4 * u + 3 * U64 + g(max(M, 1), U64))[..., None] + 3 * u * a_abs
-    L_abs = _finite(np.abs(np.asarray(L_ref, np.float64)))
-    bound_L = E + 2 * G + 3 * u * L_abs + 2 * u + 4 * U64 * L_abs
-    return bound_a, bound_L, E
-
-
-def attention_bounds(path, q, k, v, dtype, *, scale=None, energy="dot", mask=None, is_causal=False, causal_alignment="top_left"):
-    """Reference output, log-partition and their bounds for ``attention`` with finite inputs (masked entries may be anything)."""
-    a_ref, L_ref = iem_ref.attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, return_lse=True)
-    D = np.shape(q)[-1]
-    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    q64, k64 = np.asarray(q, np.float64), np.asarray(k, np.float64)
-    d = iem_ref.ENERGIES[energy](q64, k64)
-    x = -d * sc
-    S = score_sizes(q64, k64, energy)
-    M = np.shape(k)[-2]
-    with np.errstate(invalid="ignore"):
-        m_row = np.max(np.where(np.isfinite(x), x, -np.inf), axis=-1, initial=-np.inf) if M else np.zeros(x.shape[:-1])
-    m_row = np.where(np.isfinite(m_row), m_row, 0.0)
-    max_v = np.max(np.abs(_finite(np.asarray(v, np.float64))), axis=(-1, -2), initial=0.0)
-    max_v = np.broadcast_to(max_v, np.broadcast_shapes(max_v.shape, np.shape(a_ref)[:-2]))
-    bound_a, bound_L, E = forward_bounds(path, dtype, x, m_row, S, sc, D, max_v, a_ref, L_ref, M)
-    return a_ref, L_ref, bound_a, bound_L, E
+def vjp_bounds(path, q, k, v, gout, dtype, forward, **kw):
+    """The reference's ``(dq, dk, dv)`` and the path's bounds against them (:func:`iem_ref.bounds.attention_vjp_bounds`)."""
+    return bounds.attention_vjp_bounds(path.arith, q, k, v, gout, dtype, forward=forward, **kw)
 
 
 def rand(rng, shape, dtype, spread=1.0):
@@ -202,10 +102,10 @@ def test_attention_random(path, rng, dtype, energy):
     for shape in shapes_for(path):
         q, k, v = make_inputs(rng, shape, dtype, spread=0.5 if energy == "sqeuclidean" else 1.0)
         a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True)
-        a_ref, L_ref, ba, bL, _ = attention_bounds(path, q, k, v, dtype, energy=energy)
+        a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy)
         assert a.dtype == dtype and L.dtype == dtype and a.shape == a_ref.shape and L.shape == L_ref.shape
-        assert_within(a, a_ref, ba, f"{path.name} a {shape}")
-        assert_within(L, L_ref, bL, f"{path.name} L {shape}")
+        assert_within(a, a_ref, fb.a, f"{path.name} a {shape}")
+        assert_within(L, L_ref, fb.L, f"{path.name} L {shape}")
 
 
 @pytest.mark.equation("M1", "M2")
@@ -217,9 +117,9 @@ def test_attention_decoding_split(path, rng, dtype):
     for shape in SHAPES_DECODE:
         q, k, v = make_inputs(rng, shape, dtype)
         a, L = path.mod.attention(q, k, v, return_lse=True)
-        a_ref, L_ref, ba, bL, _ = attention_bounds(path, q, k, v, dtype)
-        assert_within(a, a_ref, ba, f"{path.name} a {shape}")
-        assert_within(L, L_ref, bL, f"{path.name} L {shape}")
+        a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype)
+        assert_within(a, a_ref, fb.a, f"{path.name} a {shape}")
+        assert_within(L, L_ref, fb.L, f"{path.name} L {shape}")
 
 
 @pytest.mark.equation("A3", "T1")
@@ -230,11 +130,11 @@ def test_attention_scales(path, rng, dtype, scale):
     shape = SHAPES_SMALL[1] if path.small else SHAPES_FULL[1]
     q, k, v = make_inputs(rng, shape, dtype)
     a, L = path.mod.attention(q, k, v, scale=scale, return_lse=True)
-    a_ref, L_ref, ba, bL, _ = attention_bounds(path, q, k, v, dtype, scale=scale)
-    assert_within(a, a_ref, ba, f"{path.name} a scale={scale}")
-    assert_within(L, L_ref, bL, f"{path.name} L scale={scale}")
+    a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, scale=scale)
+    assert_within(a, a_ref, fb.a, f"{path.name} a scale={scale}")
+    assert_within(L, L_ref, fb.L, f"{path.name} L scale={scale}")
     if scale == 0.0:  # uniform: the mean of the values, L = log M
-        assert_within(L, np.full(L.shape, math.log(k.shape[-2])), bL, "L = log M at scale 0")
+        assert_within(L, np.full(L.shape, math.log(k.shape[-2])), fb.L, "L = log M at scale 0")
 
 
 @pytest.mark.equation("A3", "A4")
@@ -258,15 +158,15 @@ def test_attention_masks_and_causal(path, rng, dtype, energy):
     # N > M with bottom-right alignment: the first M + 3 - M = 3 rows see no key
     qq = rand(rng, (2, M + 3, shape[5]), dtype)
     a, L = path.mod.attention(qq, k, v, is_causal=True, causal_alignment="bottom_right", energy=energy, return_lse=True)
-    a_ref, L_ref, ba, bL, _ = attention_bounds(path, qq, k, v, dtype, energy=energy, is_causal=True, causal_alignment="bottom_right")
-    assert_within(a, a_ref, ba, f"{path.name} bottom_right N > M: a")
-    assert_within(L, L_ref, bL, f"{path.name} bottom_right N > M: L")
+    a_ref, L_ref, fb = attention_bounds(path, qq, k, v, dtype, energy=energy, is_causal=True, causal_alignment="bottom_right")
+    assert_within(a, a_ref, fb.a, f"{path.name} bottom_right N > M: a")
+    assert_within(L, L_ref, fb.L, f"{path.name} bottom_right N > M: L")
     assert np.isneginf(L[:, :3]).all() and (a[:, :3] == 0).all()
     for kw in cases:
         a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True, **kw)
-        a_ref, L_ref, ba, bL, _ = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)
-        assert_within(a, a_ref, ba, f"{path.name} a {sorted(kw)}")
-        assert_within(L, L_ref, bL, f"{path.name} L {sorted(kw)}")
+        a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)
+        assert_within(a, a_ref, fb.a, f"{path.name} a {sorted(kw)}")
+        assert_within(L, L_ref, fb.L, f"{path.name} L {sorted(kw)}")
     a, L = path.mod.attention(q, k, v, mask=full, energy=energy, return_lse=True)
     assert (a[0, 1] == 0).all() and np.isneginf(L[0, 1])
     a_nan = path.mod.attention(q, k, v, mask=full, energy=energy, empty="nan")
@@ -294,10 +194,10 @@ def test_edge_nan_in_masked_keys_and_values_never_leaks(path, rng, dtype):
     mask[:, 2] = mask[:, 4] = False
     for energy in ["dot", "sqeuclidean"]:
         a, L = path.mod.attention(q, k, v, mask=mask, energy=energy, return_lse=True)
-        a_ref, L_ref, ba, bL, _ = attention_bounds(path, q, k, v, dtype, mask=mask, energy=energy)
+        a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, mask=mask, energy=energy)
         assert np.isfinite(a).all() and np.isfinite(L).all()
-        assert_within(a, a_ref, ba, f"{energy}: masked NaN/inf keys and values")
-        assert_within(L, L_ref, bL, f"{energy}: masked NaN/inf keys and values, L")
+        assert_within(a, a_ref, fb.a, f"{energy}: masked NaN/inf keys and values")
+        assert_within(L, L_ref, fb.L, f"{energy}: masked NaN/inf keys and values, L")
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -307,9 +207,9 @@ def test_edge_nan_in_participating_inputs_spoils_only_its_rows(path, rng, dtype)
     v[3, 0] = np.nan  # every row that sees key 3: with causal, rows 3 and 4
     for kw in [dict(), dict(is_causal=True)]:
         a, L = path.mod.attention(q, k, v, return_lse=True, **kw)
-        a_ref, L_ref, ba, bL, _ = attention_bounds(path, q, k, v, dtype, **kw)
-        assert_within(a, a_ref, ba, f"NaN propagation {kw}")
-        assert_within(L, L_ref, bL, f"NaN propagation {kw}, L")
+        a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, **kw)
+        assert_within(a, a_ref, fb.a, f"NaN propagation {kw}")
+        assert_within(L, L_ref, fb.L, f"NaN propagation {kw}, L")
     a = path.mod.attention(q, k, v, is_causal=True)
     assert np.isnan(a[1]).all() and np.isnan(a[3:, 0]).all() and np.isfinite(a[[0, 2]]).all() and np.isfinite(a[3:, 1]).all()
 
@@ -393,52 +293,14 @@ def test_softmin_summary_random(path, rng, dtype):
             a_ref, L_ref = iem_ref.softmin_summary(d, v, tau, mask=mask)
             assert a.shape == a_ref.shape and L.shape == L_ref.shape and a.dtype == dtype
             x = -np.asarray(d, np.float64) / tau
-            m_row = np.max(np.where(mask if mask is not None else True, x, -np.inf), axis=-1)
-            m_row = np.where(np.isfinite(m_row), m_row, 0.0)
             max_v = np.broadcast_to(np.abs(v.astype(np.float64)).max(axis=(-1, -2)), a_ref.shape[:-2])
-            # the score is -d * (1/tau): no dot product (S = 0), the scale's and the product's roundings are the 2u|x| term
-            ba, bL, _ = forward_bounds(path, dtype, x, m_row, np.zeros_like(x), 1 / tau, 0, max_v, a_ref, L_ref, M)
-            assert_within(a, a_ref, ba, f"{path.name} softmin_summary a {(bd, bv, N, M)}")
-            assert_within(L, L_ref, bL, f"{path.name} softmin_summary L {(bd, bv, N, M)}")
+            # the score is -d * (1/tau): no dot product (S = 0, D = 0), only the scale's and the product's roundings
+            fb = bounds.forward_bounds(path.arith, dtype, x, np.zeros_like(x), 1 / tau, 0, max_v, a_ref, L_ref, take=mask)
+            assert_within(a, a_ref, fb.a, f"{path.name} softmin_summary a {(bd, bv, N, M)}")
+            assert_within(L, L_ref, fb.L, f"{path.name} softmin_summary L {(bd, bv, N, M)}")
 
 
 # --- backward (G4) --------------------------------------------------------------------------
-def vjp_bounds(path, q, k, v, gout, dtype, energy, a_bound, L_bound, E, **kw):
-    """Bounds for ``(dq, dk, dv)`` from the module docstring, evaluated with the reference's ``r`` and ``dS``."""
-    u = unit(dtype)
-    sc = 1.0 / math.sqrt(np.shape(q)[-1]) if kw.get("scale") is None else float(kw["scale"])
-    kw = {key: val for key, val in kw.items() if key != "scale"}
-    r = attention_responsibilities(q, k, scale=sc, energy=energy, **kw).astype(np.float64)
-    q64, k64, v64, u64 = (np.asarray(x, np.float64) for x in (q, k, v, gout))
-    b = u64 @ np.swapaxes(v64, -1, -2)
-    a_ref = iem_ref.attention(q64, k64, v64, scale=sc, energy=energy, **kw)
-    delta = (u64 * a_ref).sum(-1)
-    dS = r * (b - delta[..., None])
-    d = iem_ref.ENERGIES[energy](q64, k64)
-    x = -d * sc
-    N, M, Dv = np.shape(q)[-2], np.shape(k)[-2], np.shape(v)[-1]
-    L_ref = iem_ref.attention(q64, k64, v64, scale=sc, energy=energy, return_lse=True, **kw)[1]
-    with np.errstate(invalid="ignore"):
-        shift = _finite(np.abs(x - L_ref[..., None]))
-    F = E + _finite(L_bound) + u * shift.max(axis=-1, initial=0.0) + 2 * u  # (B..., N); 2u: b - Delta and the product
-    absu = np.abs(u64)
-    db = g(Dv, u) * (absu @ np.swapaxes(np.abs(v64), -1, -2))
-    ddelta = (absu * (a_bound + g(Dv, u) * np.abs(a_ref))).sum(-1)
-    ddS = r * (F[..., None] * np.abs(b - delta[..., None]) + db + ddelta[..., None]) + u * np.abs(dS)
-    ref2 = 1 + U64 / u  # the reference's own rounding, of the same size in float64
-    Gk, Gq = path.sum_bound(M, u, N, backward=True), path.query_sum_bound(N, u)
-    absk, absq = np.abs(k64), np.abs(q64)
-    dq_ref, dk_ref, dv_ref = iem_ref.attention_vjp(q64, k64, v64, u64, scale=sc, energy=energy, **kw)
-    bq = ref2 * sc * ((ddS + Gk * np.abs(dS)) @ absk) + 2 * u * np.abs(dq_ref)
-    rT_ddS = np.swapaxes(ddS + Gq * np.abs(dS), -1, -2)
-    bk = ref2 * sc * (rT_ddS @ absq) + 2 * u * np.abs(dk_ref)
-    if energy == "sqeuclidean":
-        bk = bk + ref2 * sc * absk * rT_ddS.sum(-1)[..., None]
-    rT = np.swapaxes(r, -1, -2)
-    bv = ref2 * ((F[..., None, :] * rT + Gq * rT) @ absu) + 2 * u * np.abs(dv_ref)
-    return (dq_ref, dk_ref, dv_ref), (bq, bk, bv)
-
-
 @pytest.mark.equation("G4", "G1")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
@@ -452,11 +314,11 @@ def test_attention_vjp(path, rng, dtype, energy):
         cases = [dict(), dict(mask=mask), dict(is_causal=True), dict(scale=0.7, is_causal=True, causal_alignment="bottom_right")]
         for n_case, kw in enumerate(cases[1::2] if path.small else cases):  # the simulator: ~10 s per call here
             a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True, **kw)
-            a_ref, L_ref, ba, bL, E = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)
-            refs, bounds = vjp_bounds(path, q, k, v, gout, dtype, energy, ba, bL, E, **kw)
+            a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)
+            refs, bnds = vjp_bounds(path, q, k, v, gout, dtype, fb, energy=energy, **kw)
             for saved in [dict(out=a, lse=L), dict()][: 1 if path.small and n_case else 2]:
                 grads = path.mod.attention_vjp(q, k, v, gout, energy=energy, **saved, **kw)
-                for name, got, ref, bound in zip(("dq", "dk", "dv"), grads, refs, bounds):
+                for name, got, ref, bound in zip(("dq", "dk", "dv"), grads, refs, bnds):
                     assert got.dtype == dtype and got.shape == ref.shape
                     assert_within(got, ref, bound, f"{path.name} {name} {shape} {sorted(kw)} saved={bool(saved)}")
 
@@ -477,9 +339,9 @@ def test_attention_vjp_edges(path, rng, dtype):
     kc, vc = k.copy(), v.copy()
     kc[2, 0] = 0.0
     vc[4, 1] = 0.0
-    a_ref, L_ref, ba, bL, E = attention_bounds(path, q, kc, vc, dtype, mask=mask)
-    _, bounds = vjp_bounds(path, q, kc, vc, gout, dtype, "dot", ba, bL, E, mask=mask)
-    for name, x, y, bd in zip(("dq", "dk", "dv"), got, ref, bounds):
+    a_ref, L_ref, fb = attention_bounds(path, q, kc, vc, dtype, mask=mask)
+    _, bnds = vjp_bounds(path, q, kc, vc, gout, dtype, fb, mask=mask)
+    for name, x, y, bd in zip(("dq", "dk", "dv"), got, ref, bnds):
         assert np.isfinite(x).all(), name
         assert_within(x, y, bd, f"vjp edges {name}")
     assert (got[0][3] == 0).all()

@@ -1,0 +1,615 @@
+"""Floating-point error bounds, derived once: the primitives and the accelerated paths' attention bounds.
+
+Every tolerance of the agreement tests (an accelerated path against the
+reference), of :mod:`iem_ref.testing` and of :mod:`iem_ref.checks` is built
+from the terms below.  Each term is a count of roundings, or a documented
+accuracy, with the reason next to it.  The bounds are first order in the
+unit roundoff (products of two error terms are dropped), as is usual for
+bounds evaluated on the computed or reference values.
+
+1. Unit roundoff
+----------------
+``u = eps / 2`` of a dtype (:func:`unit_roundoff`): ``2**-24`` for float32,
+``2**-53`` for float64 (``U32``, ``U64``).  A correctly rounded operation
+returns ``x (1 + delta)``, ``|delta| <= u``.  A result within ``k`` ulps of
+a normal value ``y`` is within ``2 k u |y|``: an ulp of ``y`` is at most
+``2 u |y|`` (:func:`ulps`).
+
+2. gamma_n
+----------
+``gamma_n = n u / (1 - n u)`` (:func:`gamma`; Higham, *Accuracy and
+Stability of Numerical Algorithms*, Lemma 3.1): a product of ``n`` factors
+``(1 + delta_k)^(+-1)``, ``|delta_k| <= u``, is ``1 + theta`` with
+``|theta| <= gamma_n``.  So a value that passes through ``n`` roundings is
+within ``gamma_n`` relative; roundings in two precisions add
+(``gamma_n(u) + gamma_k(u64)``).
+
+3. Sums and dot products
+------------------------
+In any summation order each of ``n`` terms passes through at most ``n - 1``
+additions (the depth of a leaf in any binary tree of ``n`` leaves; an
+addition of an exact zero does not round): ``|s^ - s| <= gamma_{n-1} sum
+|t_j|``.  A dot product of length ``n`` rounds each product once more:
+``gamma_n sum |x_j y_j|`` (BLAS GEMM/GEMV included, whatever their blocking;
+a fused multiply-add only removes roundings).  A pairwise (tree) sum has
+depth ``ceil(log2 n)`` (:func:`tree_depth`, the ``lg`` of
+:mod:`iem_ref.testing`).
+
+4. The reference (float64)
+--------------------------
+Documented and tested accuracy of :mod:`iem_ref` for its own computed
+energies (README "Accuracy", ``tests/test_accuracy.py``): ``r_j`` within
+3 ulps (``6 u64`` relative: ``REFERENCE_R_ULPS``); ``L`` within ``2 + kappa``
+ulps, ``kappa |L| = sum_j r_j |x_j|``, so within ``4 u64 |L| + 2 u64 max_j
+|x_j|``; the output ``a = sum_j r_j v_j`` adds its matmul, ``gamma_M(u64)
+sum_j r_j |v_j|`` (the Notes of :func:`iem_ref.attention`).  Its energies:
+``gamma_D(u64) sum_c |q_c k_c|`` (dot, one matmul) or ``gamma_{D+2}(u64) |t|``
+(squared Euclidean by its definition: a difference, a square, ``D - 1``
+additions; ``t = -||q - k||^2 / 2``).  For float32 inputs it rounds its
+float64 results once to float32 (``u |a|``, ``u |L|``).
+
+5. Scores
+---------
+``x_ij = -d_ij / tau`` with ``tau`` the reference's temperature
+(``fl(1/scale)``; the bounds treat the reference's ``1/tau`` as the exact
+scale).  ``S_ij`` is the size of the dot product that forms the score:
+``sum_c |q_ic k_jc|`` (dot); for the squared Euclidean energy
+``(|q_i|^2 + |k_j|^2)/2 + sum_c |q_ic k_jc|`` where a path expands
+``||q - k||^2`` into one GEMM and two norms (CPU), else ``|t_ij|`` (CUDA and
+the reference sum the squared differences directly; ``|t| <= S`` either way).
+:func:`score_error` gives the score's error, both sides:
+
+* the path's: ``scale gamma_{D + c}(u) S + (u + u_scale) |x|``.  ``c``:
+  CPU 3, from its squared Euclidean score, ``gamma_D sum|q k|`` (the GEMM)
+  ``+ (gamma_D(u64) + u)(|q|^2 + |k|^2)/2`` (the half norms, accumulated in
+  float64 and rounded to the dtype) ``+ u (|q|^2 + |k|^2)/2`` (their sum)
+  ``+ u |t|`` (the subtraction) ``<= gamma_{D+3}(u) S`` (``gamma_D(u64) <= D u``;
+  its dot score needs ``D``); CUDA 2, from its squared differences (a
+  difference and a square per term, ``D - 1`` additions: ``gamma_{D+2} |t|``;
+  its dot product ``D``).  ``(u + u_scale) |x|``: the product by the scale
+  (``u``; on the CPU's dot score the GEMM's ``alpha``) and the scale itself:
+  the paths' ``fl_T(fl(1/tau))`` or ``fl_T(scale)`` is within ``u_scale = u64``
+  (float64) or ``u + u64`` (float32) of ``1/tau`` (:func:`scale_rounding`);
+* the reference's: ``scale gamma_{D+2}(u64) S`` (section 4; ``D + 2`` covers
+  both energies).
+
+6. One weight (forward)
+-----------------------
+``w_j = exp(x_j - m)``, ``m`` the row's running maximum.  Relative error
+``e_j = score_j + u |x_j - m| + 2 p u``: the score (section 5, both sides:
+a consistent perturbation of the reference's weights too); the subtraction
+``x_j - m`` in the dtype (``u |x_j - m_t|`` with ``m_t <= m`` the maximum when
+``j``'s tile ran) together with every later rescale argument ``m_old -
+m_new`` (rounded in a precision ``<= u``): these telescope, ``|x_j - m_t| +
+sum (m_new - m_old) = |x_j - m|``; the ``exp`` within ``p`` ulps
+(``Arithmetic.exp_ulps``: CPU's polynomial 2, measured 1.016 (float64) and
+1.105 (float32) ulps of the exact value; CUDA ``exp`` 1 ulp and ``expf``
+2 ulps, CUDA C Programming Guide, "Mathematical Functions").
+``E_i = max_j e_j`` over the keys that take part.
+
+7. Rescalings
+-------------
+When the running maximum grows, the state accumulated so far (``o`` and
+``l``) is multiplied by ``alpha = exp(m_old - m_new)``; ``alpha = 1`` (exact)
+when it does not.  The rounded factor is the same float for ``o`` and ``l``:
+a consistent relative perturbation ``delta`` of the weights that came
+before, within ``2 p_s u_s`` (``Arithmetic.rescale_exp_ulps`` ulps of the
+state precision ``u_s``: CPU libm ``exp`` in float64, 1 ulp; CUDA the
+dtype's ``exp``, 2 ulps).  Perturbing the weights of a set ``P`` of keys
+(responsibility ``rho``, mean ``a_P``) moves ``a`` by ``delta rho (1 - rho)
+(a_P - a_rest)``, at most ``delta max|v| / 2``, and ``L`` by at most
+``delta``.  A weight sees at most ``R`` rescalings (:meth:`Arithmetic.rescales`):
+one per key tile after its own, ``R = ceil(M / b) - 1`` (CPU: ``b = bk`` of
+:func:`iem_ref.accel.cpu.plan`; the merges of key splits (M2) replace tiles,
+since every split holds at least one tile; CUDA: ``b = BC``, the layout's
+key tile, ``_cuda_kernels.LAYOUT["BC"]``: 32 on a GPU, 8 in the simulator).
+So ``rho_R = 2 R p_s u_s``.  The product ``alpha * state`` rounds too, once
+for ``o`` and once for ``l``: counted with the sums (section 8).
+
+8. Tiled sums
+-------------
+:meth:`Arithmetic.key_sum`, :meth:`Arithmetic.query_sum`,
+:meth:`Arithmetic.column_sum` return the roundings ``(k_T, k_s)`` that one
+term of a path's sum passes through in the dtype and in the state
+precision; :func:`sum_bound` is ``G = gamma_{k_T}(u) + gamma_{k_s}(u_s)``.
+
+* CPU: a tile of ``b`` terms in the dtype (a GEMM: ``b`` roundings, section 3;
+  the 8-lane row sum of the weights: at most ``b - 1``), converted exactly to
+  float64, then one float64 addition per later tile and, in the forward, one
+  rescaling multiply: ``k_T = min(n, b)``, ``k_s = 2 (ceil(n/b) - 1)``
+  (forward) or ``ceil(n/b) - 1`` (backward accumulators, no rescaling).
+  Forward and backward tiles from ``plan``; the backward's sums over queries
+  use its query blocks ``bq``.  ``sum_i dS_ij`` of the squared Euclidean
+  ``dk`` is a float64 sum of ``N`` terms: ``k_s = N - 1``.
+* CUDA: one accumulator in the dtype across all tiles: a product and ``n - 1``
+  additions, and in the forward the ``ceil(n/BC) - 1`` rescaling multiplies:
+  ``k_T = n + ceil(n/BC) - 1`` (forward), ``n`` (backward), ``n - 1`` for the
+  plain column sum.
+* the reference: ``gamma_n(u64)`` (any order, section 3).
+
+9. Forward bounds
+-----------------
+With ``V = max|v|`` and, to first order, ``o = sum_j w_j (1 + e_j)(1 + g_j) v_j``,
+``l = sum_j w_j (1 + e_j)(1 + g'_j)`` (``|g|, |g'| <= G``):
+``a^ - a = sum_j r_j e_j (v_j - a) + sum_j r_j g_j v_j - a sum_j r_j g'_j``,
+so ``|a^ - a| <= (E + G)(V + |a|) + rho_R V / 2 + out |a|`` with ``out`` the
+division and the output rounding (CPU: float64 division ``u64``, then the
+dtype ``u`` if float32; CUDA: the division in the dtype, ``u``).  ``L = m +
+log l``: ``|L^ - L| <= E + G + rho_R + 2 u_s log M + (u_s + store) |L|``
+(``l`` in ``[1, M]``: the ``log`` within 1 ulp, the addition, and for the
+CPU's float32 the rounding of the float64 ``L``).  The comparison with the
+reference adds its own error (section 4: ``(6 u64 + gamma_M(u64)) V`` and
+``4 u64 |L| + 2 u64 max|x|``, plus its float32 rounding); its score error is
+already in ``E``.  :func:`forward_bounds`, :func:`attention_bounds`.
+
+10. Backward bounds (G4)
+------------------------
+Each side (the path and the reference) against the exact gradient, summed
+(:func:`attention_vjp_bounds`); evaluated with the reference's ``r``, ``b``,
+``dS``.
+
+* ``r_ij = exp(x_ij - L_i)`` from the saved ``L``: relative ``phi_ij =
+  score_ij + |dL_i| + u |x_ij - L_i| + 2 p u`` (the path's score, the path's
+  forward bound on ``L``, the subtraction, the ``exp``); the reference:
+  ``score_ij + 6 u64`` (its ``r`` within 3 ulps).
+* ``b_ij = <u_i, v_j>``: ``gamma_Dv sum_c |u_ic v_jc|``.
+* ``Delta_i = <u_i, a_i>``: ``sum_c |u_ic| (da_ic + gamma_Dv |a_ic|)`` with
+  ``da`` the path's forward bound on ``a`` (the CPU forms it in float64 and
+  rounds it to the dtype: ``gamma_Dv(u64) + u <= gamma_Dv(u)``); the reference
+  forms ``sum_j r_ij b_ij``: ``sum_j r_ij (phi_ij |b_ij| + db_ij) +
+  gamma_M(u64) sum_j r_ij |b_ij|``.
+* ``dS_ij = r_ij (b_ij - Delta_i)``: ``|ddS| <= r (phi |b - Delta| + db +
+  dDelta) + 2u |dS|`` (the subtraction and the product).
+* ``dq_i = scale sum_j dS_ij k_j``: ``scale sum_j (ddS_ij + G |dS_ij|) |k_j|``
+  with ``G`` the sum over keys (section 8), plus ``(u_scale + u_s + store)
+  |dq|`` (the scale, the product in the state precision, the rounding to
+  the dtype); ``dk_j = scale sum_i dS_ij q_i`` alike over queries; for the
+  squared Euclidean energy ``dk_j -= scale k_j sum_i dS_ij``: two products
+  and the subtraction, ``(u_scale + u_s) scale |A| + (u_scale + 2 u_s) scale
+  |k| |C| + (u_s + store) |dk|`` with ``A = sum_i dS_ij q_i``, ``C = sum_i
+  dS_ij`` and ``C``'s own sum bound; ``dv_j = sum_i r_ij u_i``: ``sum_i (phi_ij
+  + G) r_ij |u_i| + store |dv|``.  The reference: the same with ``u64``,
+  ``gamma_n(u64)`` sums, ``u_scale = u64`` (its ``fl(1/tau)``) and its float32
+  rounding as ``store``.
+
+Examples
+--------
+>>> from iem_ref.bounds import gamma, unit_roundoff, tree_depth
+>>> unit_roundoff(np.float32) == 2.0**-24, unit_roundoff(np.float64) == 2.0**-53
+(True, True)
+>>> float(gamma(1, 2.0**-53)) == 2.0**-53 / (1 - 2.0**-53)
+True
+>>> tree_depth(1000)
+10
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "U32",
+    "U64",
+    "REFERENCE_R_ULPS",
+    "unit_roundoff",
+    "gamma",
+    "ulps",
+    "tree_depth",
+    "scale_rounding",
+    "Arithmetic",
+    "CPU",
+    "CUDA",
+    "REFERENCE",
+    "cpu",
+    "cuda",
+    "sum_bound",
+    "score_sizes",
+    "score_error",
+    "ForwardBounds",
+    "forward_bounds",
+    "attention_bounds",
+    "attention_vjp_bounds",
+]
+
+#: float32 / float64 unit roundoff (section 1)
+U32 = float(np.finfo(np.float32).eps) / 2
+U64 = float(np.finfo(np.float64).eps) / 2
+#: the reference's responsibilities are within this many float64 ulps (section 4)
+REFERENCE_R_ULPS = 3
+
+
+# --- 1-3: primitives ---------------------------------------------------------------
+def unit_roundoff(dtype):
+    """``u = eps / 2`` of a float dtype (section 1).
+
+    Examples
+    --------
+    >>> unit_roundoff(np.float32)
+    5.960464477539063e-08
+    """
+    return float(np.finfo(np.dtype(dtype)).eps) / 2
+
+
+def gamma(n, u):
+    """``gamma_n = n u / (1 - n u)``: the relative error of ``n`` roundings of unit roundoff ``u`` (section 2).
+
+    ``n`` may be an array (non-negative); ``n u >= 1`` has no bound and raises.
+
+    Examples
+    --------
+    >>> float(gamma(0, 2.0**-24)), float(gamma(2, 0.25))
+    (0.0, 1.0)
+    """
+    n = np.asarray(n, dtype=np.float64)
+    u = float(u)
+    if np.any(n < 0):
+        raise ValueError(f"gamma_n needs n >= 0; got {n}")
+    nu = n * u
+    if np.any(nu >= 1):
+        raise ValueError(f"gamma_n is defined for n u < 1 only; got n u = {np.max(nu)}")
+    out = nu / (1 - nu)
+    return out[()] if out.ndim == 0 else out
+
+
+def ulps(k, u):
+    """The relative error of a normal result within ``k`` ulps: ``2 k u`` (an ulp of ``y`` is at most ``2 u |y|``).
+
+    Examples
+    --------
+    >>> ulps(3, U64) == 6 * U64
+    True
+    """
+    return 2.0 * k * float(u)
+
+
+def tree_depth(n):
+    """``ceil(log2 n)`` (0 for ``n <= 1``): the roundings of one term in a pairwise sum of ``n`` terms (section 3).
+
+    Examples
+    --------
+    >>> [tree_depth(n) for n in (0, 1, 2, 3, 8, 9)]
+    [0, 0, 1, 2, 3, 4]
+    """
+    n = int(n)
+    return (n - 1).bit_length() if n > 1 else 0
+
+
+def scale_rounding(u):
+    """``u_scale``: the paths' scale against the reference's ``1/tau`` (section 5): ``u64``, plus ``u`` below float64.
+
+    Examples
+    --------
+    >>> scale_rounding(U64) == U64, scale_rounding(U32) == U32 + U64
+    (True, True)
+    """
+    u = float(u)
+    return U64 + (u if u > U64 else 0.0)
+
+
+def _store(u, u_state):
+    """The rounding of a result formed in the state precision to the dtype (0 when they are the same)."""
+    return float(u) if u_state < u else 0.0
+
+
+# --- 6-8: what each path does ----------------------------------------------------------
+@dataclass(frozen=True)
+class Arithmetic:
+    """The arithmetic of one path, as the bounds need it (sections 5-8).
+
+    ``kind``: ``"cpu"``, ``"cuda"`` or ``"reference"``; ``exp_ulps``: the
+    weights' ``exp`` in ulps of the dtype (section 6); ``rescale_exp_ulps``:
+    the rescale factors' ``exp`` in ulps of the state precision (section 7);
+    ``state_float64``: running maximum, sums and accumulators across tiles in
+    float64 (CPU, reference) or in the dtype (CUDA); ``score_extra``: the
+    ``c`` of section 5; ``expanded_sqeuclid``: the squared Euclidean score
+    through one GEMM and two norms; ``tile_width``: CUDA's key tile ``BC``
+    (``None``: the current layout's, read when a bound is formed).
+    """
+
+    kind: str
+    exp_ulps: float
+    rescale_exp_ulps: float
+    state_float64: bool
+    score_extra: int
+    expanded_sqeuclid: bool
+    tile_width: int | None = None
+
+    @property
+    def name(self):
+        return self.kind
+
+    def state_u(self, u):
+        """The precision of the running state and the accumulators across tiles."""
+        return U64 if self.state_float64 else float(u)
+
+    def _cpu_tiles(self, n_queries, n_keys, dtype, backward):
+        from .accel.cpu import plan  # imports Numba: only when a CPU bound is formed
+
+        bq, bk, _ = plan(1, max(int(n_queries), 1), max(int(n_keys), 1), np.dtype(dtype), backward=backward)
+        return bq, bk
+
+    def _cuda_tile(self):
+        if self.tile_width is not None:
+            return int(self.tile_width)
+        from .accel import _cuda_kernels  # imports numba.cuda: only when a CUDA bound is formed
+
+        return int(_cuda_kernels.LAYOUT["BC"])
+
+    def rescales(self, n_keys, dtype, n_queries=1):
+        """``R``: the most rescalings a weight sees in a row of ``n_keys`` keys (section 7)."""
+        n_keys = int(n_keys)
+        if self.kind == "reference" or n_keys <= 1:
+            return 0
+        width = self._cpu_tiles(n_queries, n_keys, dtype, False)[1] if self.kind == "cpu" else self._cuda_tile()
+        return -(-n_keys // width) - 1
+
+    def key_sum(self, n, dtype, n_queries=1, backward=False):
+        """``(k_T, k_s)`` of a sum over ``n`` keys: ``o`` and ``l`` (forward) or ``dq`` (backward) (section 8)."""
+        n = int(n)
+        if n <= 0:
+            return 0, 0
+        if self.kind == "reference":
+            return 0, n
+        if self.kind == "cpu":
+            bk = self._cpu_tiles(n_queries, n, dtype, backward)[1]
+            steps = -(-n // bk) - 1
+            return min(n, bk), (steps if backward else 2 * steps)
+        return (n if backward else n + self.rescales(n, dtype)), 0
+
+    def query_sum(self, n, dtype):
+        """``(k_T, k_s)`` of a backward sum over ``n`` queries: ``dk``, ``dv`` (section 8)."""
+        n = int(n)
+        if n <= 0:
+            return 0, 0
+        if self.kind == "reference":
+            return 0, n
+        if self.kind == "cpu":
+            bq = self._cpu_tiles(n, 1, dtype, True)[0]
+            return min(n, bq), -(-n // bq) - 1
+        return n, 0
+
+    def column_sum(self, n, dtype):
+        """``(k_T, k_s)`` of the plain sum ``sum_i dS_ij`` over ``n`` queries (squared Euclidean ``dk``; section 8)."""
+        n = int(n)
+        if n <= 1:
+            return 0, 0
+        if self.kind == "cuda":
+            return n - 1, 0
+        return 0, n - 1
+
+
+#: the CPU path (:mod:`iem_ref.accel.cpu`)
+CPU = Arithmetic("cpu", exp_ulps=2, rescale_exp_ulps=1, state_float64=True, score_extra=3, expanded_sqeuclid=True)
+#: the CUDA path (:mod:`iem_ref.accel.cuda`), with the current layout's key tile
+CUDA = Arithmetic("cuda", exp_ulps=2, rescale_exp_ulps=2, state_float64=False, score_extra=2, expanded_sqeuclid=False)
+#: the float64 reference, for its own sums (section 8); its other terms are section 4's
+REFERENCE = Arithmetic("reference", exp_ulps=0, rescale_exp_ulps=0, state_float64=True, score_extra=2, expanded_sqeuclid=False)
+
+
+def cpu():
+    """The CPU path's :class:`Arithmetic` (tiles from :func:`iem_ref.accel.cpu.plan`)."""
+    return CPU
+
+
+def cuda(layout=None):
+    """The CUDA path's :class:`Arithmetic`; ``layout`` a name of ``_cuda_kernels.LAYOUTS`` (default: the current one)."""
+    if layout is None:
+        return CUDA
+    from .accel import _cuda_kernels
+
+    return Arithmetic("cuda", 2, 2, False, 2, False, tile_width=_cuda_kernels.LAYOUTS[layout]["BC"])
+
+
+def sum_bound(path, roundings, u):
+    """``G = gamma_{k_T}(u) + gamma_{k_s}(u_s)`` for ``roundings = (k_T, k_s)`` of ``path`` in a dtype of unit roundoff ``u``."""
+    k_T, k_s = roundings
+    return gamma(k_T, u) + gamma(k_s, path.state_u(u))
+
+
+# --- 5: scores ------------------------------------------------------------------------
+def _finite(x):
+    return np.where(np.isfinite(x), x, 0.0)
+
+
+def score_sizes(q, k, energy, expanded):
+    """``S_ij`` of section 5, ``(B..., N, M)`` float64 (non-finite entries count as 0)."""
+    q = _finite(np.asarray(q, np.float64))
+    k = _finite(np.asarray(k, np.float64))
+    dot = np.abs(q) @ np.swapaxes(np.abs(k), -1, -2)
+    if energy == "dot":
+        return dot
+    if expanded:
+        return dot + 0.5 * ((q**2).sum(-1)[..., :, None] + (k**2).sum(-1)[..., None, :])
+    diff = q[..., :, None, :] - k[..., None, :, :]
+    return 0.5 * (diff**2).sum(-1)
+
+
+def score_error(path, u, S, x, scale, D):
+    """``(path's, reference's)`` score errors of section 5, elementwise."""
+    ax = np.abs(_finite(x))
+    mine = scale * gamma(D + path.score_extra, u) * S + (u + scale_rounding(u)) * ax
+    ref = scale * gamma(D + 2, U64) * S
+    return mine, ref
+
+
+# --- 9: forward -------------------------------------------------------------------------
+@dataclass
+class ForwardBounds:
+    """Bounds of one forward (section 9).
+
+    ``a (B..., N, Dv)`` and ``L (B..., N)`` bound ``|path - reference|``;
+    ``a_path`` and ``L_path`` the path's part (``|path - exact|``), which the
+    backward uses; ``E (B..., N)`` the weight term.
+    """
+
+    a: np.ndarray
+    L: np.ndarray
+    a_path: np.ndarray
+    L_path: np.ndarray
+    E: np.ndarray
+
+
+def forward_bounds(path, dtype, x, S, scale, D, max_v, a_ref, L_ref, take=None):
+    """Section 9 for scores ``x (B..., N, M)`` (float64, the reference's), sizes ``S``, ``max_v (B...)``.
+
+    ``take`` (broadcast to ``x``; None = all) marks the pairs that take part;
+    ``a_ref``, ``L_ref`` the reference's results (their magnitudes enter the bound).
+    """
+    u = unit_roundoff(dtype)
+    us = path.state_u(u)
+    store = _store(u, us)
+    x = np.asarray(x, np.float64)
+    N, M = x.shape[-2], x.shape[-1]
+    part = np.isfinite(x) if take is None else np.broadcast_to(take, x.shape) & np.isfinite(x)
+    xs = np.where(part, x, -np.inf)
+    m = xs.max(axis=-1, initial=-np.inf)
+    m = np.where(np.isfinite(m), m, 0.0)
+    sig_path, sig_ref = score_error(path, u, np.asarray(S, np.float64), x, scale, D)
+    shift = u * np.abs(_finite(x - m[..., None]))
+    exp_term = ulps(path.exp_ulps, u)
+    E_path = np.where(part, sig_path + shift, 0.0).max(axis=-1, initial=0.0) + exp_term
+    E = np.where(part, sig_path + sig_ref + shift, 0.0).max(axis=-1, initial=0.0) + exp_term
+    rho = path.rescales(M, dtype, N) * ulps(path.rescale_exp_ulps, us)
+    G = sum_bound(path, path.key_sum(M, dtype, N), u)
+    V = np.asarray(max_v, np.float64)[..., None, None]
+    A = np.abs(_finite(np.asarray(a_ref, np.float64)))
+    La = np.abs(_finite(np.asarray(L_ref, np.float64)))
+    xmax = np.abs(np.where(part, x, 0.0)).max(axis=-1, initial=0.0)
+    out_ref = u if u > U64 else 0.0  # the reference's float32 rounding of its float64 results
+    a_path = (E_path + G)[..., None] * (V + A) + 0.5 * rho * V + (us + store) * A
+    a = (E + G)[..., None] * (V + A) + 0.5 * rho * V + (ulps(REFERENCE_R_ULPS, U64) + gamma(M, U64)) * V + (us + store + out_ref) * A
+    log_term = 2 * us * math.log(max(M, 1))
+    L_path = E_path + G + rho + log_term + (us + store) * La
+    L = E + G + rho + log_term + (us + store) * La + 4 * U64 * La + 2 * U64 * xmax + out_ref * La
+    return ForwardBounds(a=a, L=L, a_path=a_path, L_path=L_path, E=E)
+
+
+def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment):
+    from .attention import prepare_attention
+
+    inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal,
+                            causal_alignment=causal_alignment, energy=energy)
+    sc = 0.0 if math.isinf(inp.tau) else 1.0 / inp.tau  # the reference's scale (section 5)
+    with np.errstate(invalid="ignore"):
+        x = -inp.energies() * sc
+    take = inp.takes_part()
+    S = score_sizes(inp.q, inp.k, energy, path.expanded_sqeuclid)
+    return inp, sc, x, take, S
+
+
+def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False, causal_alignment="top_left"):
+    """The reference's ``(a, L)`` for ``attention`` and :class:`ForwardBounds` of ``path`` against it (finite inputs).
+
+    Examples
+    --------
+    >>> q = np.array([[1.0, 0.0]]); k = np.eye(2); v = np.array([[1.0], [3.0]])
+    >>> a_ref, L_ref, b = attention_bounds(REFERENCE, q, k, v, np.float64)
+    >>> bool(b.a.max() < 1e-13)
+    True
+    """
+    from .attention import attention
+
+    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
+    a_ref, L_ref = attention(q, k, v, return_lse=True, **kw)
+    dtype = np.dtype(a_ref.dtype if dtype is None else dtype)
+    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment)
+    max_v = np.abs(_finite(np.asarray(v, np.float64))).max(axis=(-1, -2), initial=0.0)
+    max_v = np.broadcast_to(max_v, np.broadcast_shapes(np.shape(max_v), np.shape(a_ref)[:-2]))
+    D = np.shape(q)[-1]
+    return a_ref, L_ref, forward_bounds(path, dtype, x, S, sc, D, max_v, a_ref, L_ref, take)
+
+
+# --- 10: backward ------------------------------------------------------------------------
+def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
+    """One side's bound on ``(dq, dk, dv)`` against the exact gradient (section 10).
+
+    ``side``: a path (with its forward bounds ``L_err``, ``a_err``) or :data:`REFERENCE`; ``u`` its unit
+    roundoff; ``ctx`` the reference's quantities of :func:`attention_vjp_bounds`.
+    """
+    c = ctx
+    T = lambda z: np.swapaxes(z, -1, -2)  # noqa: E731
+    us = side.state_u(u)
+    sig_path, sig_ref = score_error(side, u, c["S"], c["x"], c["scale"], c["D"])
+    if side.kind == "reference":
+        phi = sig_ref + ulps(REFERENCE_R_ULPS, U64)  # its r within 3 ulps of its energies' r
+        u_scale = U64  # its fl(1/tau)
+        store = c["u"] if c["u"] > U64 else 0.0  # its float32 rounding of the float64 gradients
+    else:
+        with np.errstate(invalid="ignore"):
+            shift = u * np.abs(_finite(c["x"] - c["L"][..., None]))
+        phi = sig_path + L_err[..., None] + shift + ulps(side.exp_ulps, u)
+        u_scale = scale_rounding(u)
+        store = _store(u, us)
+    r, b, delta, dS = c["r"], c["b"], c["delta"], c["dS"]
+    absg, absv, absq, absk = c["absg"], c["absv"], c["absq"], c["absk"]
+    M, N, Dv, sc = c["M"], c["N"], c["Dv"], c["scale"]
+    phi = np.where(r > 0, phi, 0.0)
+    db = gamma(Dv, u) * (absg @ T(absv))
+    if side.kind == "reference":  # Delta = sum_j r_j b_j: its products and M-term sum
+        absb = np.abs(b)
+        ddelta = (r * (phi * absb + db)).sum(-1) + gamma(M, U64) * (r * absb).sum(-1)
+    else:  # Delta = <u, a> from the saved output
+        ddelta = (absg * (a_err + gamma(Dv, u) * np.abs(c["a"]))).sum(-1)
+    ddS = r * (phi * np.abs(b - delta[..., None]) + db + ddelta[..., None]) + 2 * u * np.abs(dS)
+    absdS = np.abs(dS)
+    Gk = sum_bound(side, side.key_sum(M, dtype, N, backward=True), u)
+    Gq = sum_bound(side, side.query_sum(N, dtype), u)
+    bq = sc * ((ddS + Gk * absdS) @ absk) + (u_scale + us + store) * c["absdq"]
+    bk = sc * (T(ddS + Gq * absdS) @ absq)
+    if c["sqeuclidean"]:  # dk_j -= scale k_j C_j: C's sum, two products, the subtraction
+        Gc = sum_bound(side, side.column_sum(N, dtype), u)
+        bk = (bk + sc * absk * (T(ddS).sum(-1) + Gc * absdS.sum(-2))[..., None]
+              + (u_scale + us) * sc * c["absA"] + (u_scale + 2 * us) * sc * absk * c["absC"][..., None]
+              + (us + store) * c["absdk"])
+    else:
+        bk = bk + (u_scale + us + store) * c["absdk"]
+    bv = T(r * (phi + Gq)) @ absg + store * c["absdv"]
+    return bq, bk, bv
+
+
+def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False,
+                         causal_alignment="top_left", forward=None):
+    """The reference's ``(dq, dk, dv)`` and the bounds of ``path`` against them (section 10), finite inputs.
+
+    ``forward``: the path's :class:`ForwardBounds` for the same call (computed if None).
+
+    Examples
+    --------
+    >>> q = np.array([[0.5, -1.0]]); k = np.array([[1.0, 0.0], [0.0, 1.0]]); v = np.array([[1.0], [3.0]])
+    >>> refs, bounds = attention_vjp_bounds(REFERENCE, q, k, v, np.array([[1.0]]), np.float64)
+    >>> [b.shape for b in bounds], bool(max(b.max() for b in bounds) < 1e-13)
+    ([(1, 2), (2, 2), (2, 1)], True)
+    """
+    from .attention import attention
+    from .gradients import attention_vjp
+
+    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
+    refs = attention_vjp(q, k, v, grad_out, **kw)
+    dtype = np.dtype(refs[0].dtype if dtype is None else dtype)
+    u = unit_roundoff(dtype)
+    if forward is None:
+        forward = attention_bounds(path, q, k, v, dtype, **kw)[2]
+    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment)
+    q64, k64, v64 = (np.asarray(z, np.float64) for z in (q, k, v))
+    g64 = np.asarray(grad_out, np.float64)
+    a64, L64, r = attention(q64, k64, v64, return_lse=True, return_responsibilities=True, **kw)
+    r = np.asarray(r, np.float64)
+    T = lambda z: np.swapaxes(z, -1, -2)  # noqa: E731
+    b = g64 @ T(v64)
+    delta = (g64 * a64).sum(-1)
+    dS = r * (b - delta[..., None])
+    ctx = dict(
+        u=u, x=x, S=S, scale=sc, D=np.shape(q)[-1], L=L64, a=a64, r=r, b=b, delta=delta, dS=dS,
+        absg=np.abs(_finite(g64)), absv=np.abs(_finite(v64)), absq=np.abs(_finite(q64)), absk=np.abs(_finite(k64)),
+        N=np.shape(q)[-2], M=np.shape(k)[-2], Dv=np.shape(v)[-1], sqeuclidean=energy == "sqeuclidean",
+        absA=np.abs(T(dS) @ q64), absC=np.abs(dS.sum(-2)),  # sum_i dS_ij q_i and sum_i dS_ij
+        absdq=np.abs(np.asarray(refs[0], np.float64)), absdk=np.abs(np.asarray(refs[1], np.float64)),
+        absdv=np.abs(np.asarray(refs[2], np.float64)),
+    )
+    mine = _side_vjp(path, u, dtype, ctx, forward.L_path, forward.a_path)
+    ref = _side_vjp(REFERENCE, U64, dtype, ctx)
+    total = [m_ + r_ for m_, r_ in zip(mine, ref)]
+    return refs, tuple(total)
