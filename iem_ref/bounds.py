@@ -97,8 +97,8 @@ before, within ``2 p_s u_s`` (``Arithmetic.rescale_exp_ulps`` ulps of the
 state precision ``u_s``: CPU libm ``exp`` in float64, 1 ulp; CUDA the
 dtype's ``exp``, 2 ulps).  Perturbing the weights of a set ``P`` of keys
 (responsibility ``rho``, mean ``a_P``) moves ``a`` by ``delta rho (1 - rho)
-(a_P - a_rest)``, at most ``delta max|v| / 2``, and ``L`` by at most
-``delta``.  A weight sees at most ``R`` rescalings (:meth:`Arithmetic.rescales`):
+(a_P - a_rest) = delta sum_{j in P} r_j (v_j - a)``, at most ``delta min(V / 2,
+W)`` (``V``, ``W`` of section 9), and ``L`` by at most ``delta``.  A weight sees at most ``R`` rescalings (:meth:`Arithmetic.rescales`):
 one per key tile after its own, ``R = ceil(M / b) - 1`` (CPU: ``b = bk`` of
 :func:`iem_ref.accel.cpu.plan`; the merges of key splits (M2) replace tiles,
 since every split holds at least one tile; CUDA: ``b = BC``, the layout's
@@ -129,16 +129,18 @@ precision; :func:`sum_bound` is ``G = gamma_{k_T}(u) + gamma_{k_s}(u_s)``.
 
 9. Forward bounds
 -----------------
-With ``V = max|v|`` and, to first order, ``o = sum_j w_j (1 + e_j)(1 + g_j) v_j``,
-``l = sum_j w_j (1 + e_j)(1 + g'_j)`` (``|g|, |g'| <= G``):
-``a^ - a = sum_j r_j e_j (v_j - a) + sum_j r_j g_j v_j - a sum_j r_j g'_j``,
-so ``|a^ - a| <= (E + G)(V + |a|) + rho_R V / 2 + out |a|`` with ``out`` the
-division and the output rounding (CPU: float64 division ``u64``, then the
-dtype ``u`` if float32; CUDA: the division in the dtype, ``u``).  ``L = m +
-log l``: ``|L^ - L| <= E + G + rho_R + 2 u_s log M + (u_s + store) |L|``
-(``l`` in ``[1, M]``: the ``log`` within 1 ulp, the addition, and for the
-CPU's float32 the rounding of the float64 ``L``).  The comparison with the
-reference adds its own error (section 4: ``(6 u64 + gamma_M(u64)) V`` and
+Per output element, with the reference's ``r``: ``P = sum_j r_j |v_j|``,
+``W = sum_j r_j |v_j - a|`` and ``V = max_j |v_j|`` (that column).  To first
+order ``o = sum_j w_j (1 + e_j)(1 + g_j) v_j``, ``l = sum_j w_j (1 + e_j)(1 +
+g'_j)`` (``|e_j| <= E``, ``|g|, |g'| <= G``), so ``a^ - a = sum_j r_j e_j (v_j -
+a) + sum_j r_j g_j v_j - a sum_j r_j g'_j`` and ``|a^ - a| <= E W + G (P +
+|a|) + rho_R min(V / 2, W) + out |a|`` with ``out`` the division and the
+output rounding (CPU: float64 division ``u64``, then the dtype ``u`` if
+float32; CUDA: the division in the dtype, ``u``).  ``L = m + log l``:
+``|L^ - L| <= E + G + rho_R + 2 u_s log M + (u_s + store) |L|`` (``l`` in
+``[1, M]``: the ``log`` within 1 ulp, the addition, and for the CPU's
+float32 the rounding of the float64 ``L``).  The comparison with the
+reference adds its own error (section 4: ``(6 u64 + gamma_M(u64)) P`` and
 ``4 u64 |L| + 2 u64 max|x|``, plus its float32 rounding); its score error is
 already in ``E``.  :func:`forward_bounds`, :func:`attention_bounds`.
 
@@ -452,8 +454,28 @@ class ForwardBounds:
     E: np.ndarray
 
 
-def forward_bounds(path, dtype, x, S, scale, D, max_v, a_ref, L_ref, take=None):
-    """Section 9 for scores ``x (B..., N, M)`` (float64, the reference's), sizes ``S``, ``max_v (B...)``.
+def _spreads(x, part, v, a_ref):
+    """``(P, W, V)`` of section 9, ``(B..., N, Dv)``: ``sum_j r_j |v_j|``, ``sum_j r_j |v_j - a|``, ``max_j |v_j|``.
+
+    ``r`` the responsibilities of the scores ``x`` over the pairs ``part``; one value column at a time
+    (memory ``O(B N M)``).
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        m = np.where(part, x, -np.inf).max(axis=-1, keepdims=True, initial=-np.inf)
+        w = np.where(part, np.exp(np.where(part, x - np.where(np.isfinite(m), m, 0.0), -np.inf)), 0.0)
+    total = w.sum(-1, keepdims=True)
+    r = w / np.where(total > 0, total, 1.0)
+    v = _finite(np.asarray(v, np.float64))
+    a = _finite(np.asarray(a_ref, np.float64))
+    P = r @ np.abs(v)
+    W = np.stack([(r * np.abs(v[..., None, :, c] - a[..., :, c, None])).sum(-1) for c in range(v.shape[-1])], axis=-1)
+    V = np.abs(v).max(axis=-2, keepdims=True, initial=0.0)
+    shape = np.broadcast_shapes(P.shape, W.shape, a.shape)
+    return np.broadcast_to(P, shape), np.broadcast_to(W, shape), np.broadcast_to(V, v.shape[:-2] + (1, v.shape[-1]))
+
+
+def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None):
+    """Section 9 for scores ``x (B..., N, M)`` (float64, the reference's), sizes ``S`` and values ``v (B..., M, Dv)``.
 
     ``take`` (broadcast to ``x``; None = all) marks the pairs that take part;
     ``a_ref``, ``L_ref`` the reference's results (their magnitudes enter the bound).
@@ -474,13 +496,15 @@ def forward_bounds(path, dtype, x, S, scale, D, max_v, a_ref, L_ref, take=None):
     E = np.where(part, sig_path + sig_ref + shift, 0.0).max(axis=-1, initial=0.0) + exp_term
     rho = path.rescales(M, dtype, N) * ulps(path.rescale_exp_ulps, us)
     G = sum_bound(path, path.key_sum(M, dtype, N), u)
-    V = np.asarray(max_v, np.float64)[..., None, None]
+    Pv, W, V = _spreads(x, part, v, a_ref)
     A = np.abs(_finite(np.asarray(a_ref, np.float64)))
     La = np.abs(_finite(np.asarray(L_ref, np.float64)))
     xmax = np.abs(np.where(part, x, 0.0)).max(axis=-1, initial=0.0)
     out_ref = u if u > U64 else 0.0  # the reference's float32 rounding of its float64 results
-    a_path = (E_path + G)[..., None] * (V + A) + 0.5 * rho * V + (us + store) * A
-    a = (E + G)[..., None] * (V + A) + 0.5 * rho * V + (ulps(REFERENCE_R_ULPS, U64) + gamma(M, U64)) * V + (us + store + out_ref) * A
+    moved = rho * np.minimum(0.5 * V, W)  # the rescale factors (section 7)
+    a_path = E_path[..., None] * W + G * (Pv + A) + moved + (us + store) * A
+    ref_own = (ulps(REFERENCE_R_ULPS, U64) + gamma(M, U64)) * Pv
+    a = E[..., None] * W + G * (Pv + A) + moved + ref_own + (us + store + out_ref) * A
     log_term = 2 * us * math.log(max(M, 1))
     L_path = E_path + G + rho + log_term + (us + store) * La
     L = E + G + rho + log_term + (us + store) * La + 4 * U64 * La + 2 * U64 * xmax + out_ref * La
@@ -516,10 +540,8 @@ def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mas
     a_ref, L_ref = attention(q, k, v, return_lse=True, **kw)
     dtype = np.dtype(a_ref.dtype if dtype is None else dtype)
     inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment)
-    max_v = np.abs(_finite(np.asarray(v, np.float64))).max(axis=(-1, -2), initial=0.0)
-    max_v = np.broadcast_to(max_v, np.broadcast_shapes(np.shape(max_v), np.shape(a_ref)[:-2]))
     D = np.shape(q)[-1]
-    return a_ref, L_ref, forward_bounds(path, dtype, x, S, sc, D, max_v, a_ref, L_ref, take)
+    return a_ref, L_ref, forward_bounds(path, dtype, x, S, sc, D, v, a_ref, L_ref, take)
 
 
 # --- 10: backward ------------------------------------------------------------------------

@@ -124,15 +124,22 @@ def test_forward_bound_of_one_key_by_hand():
     S = np.ones((1, 1))
     a_ref = np.array([[2.0]])
     L_ref = np.array([0.0])
-    fb = B.forward_bounds(B.CPU, np.float64, x, S, 1.0, 1, np.array(2.0), a_ref, L_ref)
+    v = np.array([[2.0]])
+    fb = B.forward_bounds(B.CPU, np.float64, x, S, 1.0, 1, v, a_ref, L_ref)
     E = B.gamma(1 + 3, u) + B.gamma(1 + 2, u) + 4 * u  # path's and reference's scores, exp within 2 ulps
     G = B.gamma(1, u)  # one term in one tile: its product
-    expect_a = (E + G) * (2 + 2) + (6 * u + B.gamma(1, u)) * 2 + u * 2  # + reference's own + the division
+    # W = sum_j r_j |v_j - a| = 0 (one key: a weight error cannot move a), P = |a| = 2
+    expect_a = E * 0 + G * (2 + 2) + (6 * u + B.gamma(1, u)) * 2 + u * 2  # + reference's own + the division
     assert fb.a[0, 0] == pytest.approx(expect_a, rel=1e-12)
     expect_L = E + G + 0.0 + 2 * u * math.log(1)  # L = 0: no |L| terms, no |x|
     assert fb.L[0] == pytest.approx(expect_L, rel=1e-12)
     assert fb.E[0] == pytest.approx(E, rel=1e-12)
     assert fb.a_path[0, 0] < fb.a[0, 0] and fb.L_path[0] < fb.L[0]
+    # two keys, equal scores: W = |v_1 - v_2| / 2 carries E; the rescale term is bounded by W too
+    x2, v2 = np.zeros((1, 2)), np.array([[1.0], [3.0]])
+    fb2 = B.forward_bounds(B.CPU, np.float64, x2, np.ones((1, 2)), 1.0, 1, v2, np.array([[2.0]]), np.array([math.log(2)]))
+    G2 = B.gamma(2, u)
+    assert fb2.a[0, 0] == pytest.approx(E * 1.0 + G2 * (2 + 2) + (6 * u + B.gamma(2, u)) * 2 + u * 2, rel=1e-12)
 
 
 # --- one source: every user takes these functions ----------------------------------------------
