@@ -1,7 +1,7 @@
 """Compiling the CPU kernels on first use: Numba's on-disk cache, a one-time notice, and ahead-of-time warm-up.
 
-A kernel is compiled for one dtype when a call first needs it (about 5 to
-10 s each on a 2-core VM), then loaded from Numba's cache by later processes
+A kernel is compiled for one dtype when a call first needs it (about 8 s
+each on a 2-core VM: ``bench/first_call.py``), then loaded from Numba's cache by later processes
 (well under a second).  The cache lives in ``__pycache__`` beside the
 package's modules, or under ``NUMBA_CACHE_DIR`` when that environment
 variable is set (needed where the installed package is read-only).
@@ -67,7 +67,7 @@ def compile_kernel(py_func, sig, label, **options):
             if not _NOTICED:
                 _NOTICED = True
                 warnings.warn(
-                    f"iem_ref.accel.cpu: compiling the {label} kernel (about 10 s, once per kernel and dtype); "
+                    f"iem_ref.accel.cpu: compiling the {label} kernel (several seconds, once per kernel and dtype); "
                     f"cached in {cache_dir(disp)} for later processes (set NUMBA_CACHE_DIR to move it; "
                     f"`iem-ref warmup` compiles every kernel ahead of time)",
                     CompilationNotice,
