@@ -44,6 +44,22 @@ from ._validation import (
 from .competition import hard_responsibilities, responsibilities
 from .energies import ENERGIES
 from .summaries import _softmin_summary, _weighted_sum
+from .variants import (
+    _segment_ids,
+    alibi_bias,
+    as_cu_seqlens,
+    as_head_param,
+    check_dropout,
+    check_softcap,
+    check_window,
+    log_prior_scores,
+    relative_positions,
+    repeat_kv_heads,
+    segment_mask,
+    softcap,
+    window_mask,
+    with_sink,
+)
 
 __all__ = ["attention", "attention_responsibilities", "hard_attention", "causal_mask", "AttentionInputs", "prepare_attention"]
 
@@ -73,16 +89,22 @@ def causal_mask(n, m, alignment="top_left"):
 
 
 class AttentionInputs:
-    """Validated attention inputs, shared by the reference and accelerated paths.
+    """Validated attention inputs, shared by the reference, the exact tier and the accelerated paths.
 
-    Attributes: ``q, k, v`` (original dtypes, batch axes broadcast),
-    ``batch`` (tuple), ``n, m, dv``, ``tau`` (``1/scale``; ``inf`` for
-    ``scale = 0``), ``mask`` (bool ``(B..., N, M)`` broadcast view, or None),
-    ``is_causal``, ``causal_offset`` (query ``i`` sees ``j <= i + offset``),
-    ``energy`` (a name or a callable), ``dtype`` (the output dtype).
+    Attributes: ``q, k, v`` (original dtypes, batch axes broadcast; ``k, v``
+    repeated to the query heads under V6), ``batch`` (tuple), ``n, m, dv``,
+    ``tau`` (``1/scale``; ``inf`` for ``scale = 0``), ``scale`` (``1/tau``, 0
+    for ``tau = inf``), ``mask`` (bool ``(B..., N, M)`` broadcast view, or
+    None), ``is_causal``, ``causal_offset`` (query ``i`` sees
+    ``j <= i + offset``; without segments), ``energy`` (a name or a
+    callable), ``dtype`` (the output dtype), and the variants (V1-V8):
+    ``bias`` (float64 broadcast view or None) and ``bias_shape``, ``slopes``,
+    ``softcap``, ``window``, ``cu_seqlens_q/k``, ``sinks`` and ``sinks_shape``,
+    ``group`` (query heads per key head, 1 without V6), ``dropout_p``,
+    ``keep`` (bool broadcast view or None).
     """
 
-    def __init__(self, q, k, v, scale, mask, is_causal, causal_alignment, energy):
+    def __init__(self, q, k, v, scale, mask, is_causal, causal_alignment, energy, variants):
         q = as_float_array(q, "q")
         k = as_float_array(k, "k")
         v = as_float_array(v, "v")
@@ -98,22 +120,81 @@ class AttentionInputs:
         if not isinstance(is_causal, (bool, np.bool_)):
             raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
         check_choice(causal_alignment, "causal_alignment", _ALIGN)
+        var = dict(_NO_VARIANTS, **variants)
         self.dtype = result_dtype(q, k, v)
+        self.group = 1
+        if var["enable_gqa"]:
+            self.group = _gqa_group(q, k, v)
+            k, v = repeat_kv_heads(k, self.group), repeat_kv_heads(v, self.group)  # V6
         self.batch, (self.q, self.k, self.v) = broadcast_batch([("q", q), ("k", k), ("v", v)], [2, 2, 2])
         self.n, self.m, self.dv = q.shape[-2], k.shape[-2], v.shape[-1]
         self.tau = check_scale(scale, q.shape[-1])
-        self.mask = as_mask(mask, self.batch + (self.n, self.m), "mask")
+        self.scale = 0.0 if np.isinf(self.tau) else 1.0 / self.tau
+        rows = self.batch + (self.n, self.m)
+        self.mask = as_mask(mask, rows, "mask")
         self.is_causal = bool(is_causal)
         self.causal_offset = 0 if causal_alignment == "top_left" else self.m - self.n
         self.causal_alignment = causal_alignment
         self.energy = energy
+        # the variants, V1-V8
+        self.cu_seqlens_q = self.cu_seqlens_k = None
+        if (var["cu_seqlens_q"] is None) != (var["cu_seqlens_k"] is None):
+            raise ValueError("cu_seqlens_q and cu_seqlens_k go together: give both or neither")
+        if var["cu_seqlens_q"] is not None:
+            self.cu_seqlens_q = as_cu_seqlens(var["cu_seqlens_q"], "cu_seqlens_q", self.n)
+            self.cu_seqlens_k = as_cu_seqlens(var["cu_seqlens_k"], "cu_seqlens_k", self.m)
+            if self.cu_seqlens_q.size != self.cu_seqlens_k.size:
+                raise ValueError(
+                    f"cu_seqlens_q and cu_seqlens_k must describe the same number of segments; "
+                    f"got lengths {self.cu_seqlens_q.size} and {self.cu_seqlens_k.size}"
+                )
+        segments = None if self.cu_seqlens_q is None else self.cu_seqlens_q.size - 1
+        self.bias, self.bias_shape = None, None
+        if var["bias"] is not None:
+            b = as_float_array(var["bias"], "bias")
+            self.bias_shape = b.shape
+            self.bias = as_float_array(b, "bias").astype(np.float64)
+            try:
+                self.bias = np.broadcast_to(self.bias, rows)
+            except ValueError:
+                raise ValueError(f"bias of shape {b.shape} does not broadcast to (B..., N, M) = {rows}") from None
+        self.slopes = None
+        if var["alibi_slopes"] is not None:
+            self.slopes = as_head_param(var["alibi_slopes"], "alibi_slopes", self.batch, segments)
+            if not np.isfinite(self.slopes).all():
+                raise ValueError("alibi_slopes must be finite")
+        self.softcap = check_softcap(var["softcap"])
+        self.window = check_window(var["window"])
+        self.sinks, self.sinks_shape = None, None
+        if var["sinks"] is not None:
+            self.sinks_shape = np.shape(var["sinks"])
+            self.sinks = as_head_param(var["sinks"], "sinks", self.batch, None)
+        self.dropout_p, self.keep = check_dropout(var["dropout_p"], var["dropout_mask"], rows)
+
+    @property
+    def plain_scores(self):
+        """True when the softmin runs on the energies at ``tau`` (no V1, V2, V3, V5)."""
+        return self.bias is None and self.slopes is None and self.softcap is None and self.sinks is None
+
+    def relative_positions(self):
+        """``i' - j (N, M)``: the aligned offsets of causality, windows and ALiBi (within segments)."""
+        return relative_positions(self.n, self.m, self.causal_alignment, self.cu_seqlens_q, self.cu_seqlens_k)
 
     def takes_part(self):
-        """The combined mask ``(B..., N, M)`` (mask AND causal), or None when every key takes part."""
+        """The structural participation ``(B..., N, M)``: mask, causal, window (V4), segments (V7); None when all keys take part."""
         take = self.mask
-        if self.is_causal:
-            causal = causal_mask(self.n, self.m, self.causal_alignment)
-            take = causal if take is None else take & causal
+        structure = None
+        if self.is_causal or self.window is not None:
+            rel = self.relative_positions()
+            structure = rel >= 0 if self.is_causal else None
+            if self.window is not None:
+                w = window_mask(rel, self.window)
+                structure = w if structure is None else structure & w
+        if self.cu_seqlens_q is not None:
+            seg = segment_mask(self.cu_seqlens_q, self.cu_seqlens_k)
+            structure = seg if structure is None else structure & seg
+        if structure is not None:
+            take = structure if take is None else take & structure
         return None if take is None else np.broadcast_to(take, self.batch + (self.n, self.m))
 
     def energies(self):
@@ -124,9 +205,64 @@ class AttentionInputs:
             raise ValueError(f"energy returned shape {d.shape}; expected (B..., N, M) = {self.batch + (self.n, self.m)}")
         return d
 
+    def alibi(self):
+        """V2's bias ``(B..., N, M)`` (float64), or None."""
+        if self.slopes is None:
+            return None
+        if self.cu_seqlens_q is not None and self.slopes.ndim == len(self.batch) + 1:  # one slope per segment
+            slopes = self.slopes[..., _segment_ids(self.cu_seqlens_q, self.n)][..., None]
+        else:
+            slopes = self.slopes[..., None, None]
+        return alibi_bias(slopes, self.relative_positions())
 
-def prepare_attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot"):
+    def scaled_scores(self, d):
+        """T1: ``x = -d scale``; an infinite energy keeps its sign at every scale (``+inf`` excludes, ``-inf`` is certain)."""
+        with np.errstate(invalid="ignore"):
+            return np.where(np.isinf(d), -d, -d * self.scale)
+
+    def scores(self, d):
+        """The logits ``z (B..., N, M)``: T1, then softcap (V3), then the log priors bias (V1) and ALiBi (V2)."""
+        x = self.scaled_scores(d)
+        s = x if self.softcap is None else softcap(x, self.softcap)  # V3
+        for prior in (self.bias, self.alibi()):
+            if prior is not None:
+                s = log_prior_scores(s, prior)  # V1, V2
+        return np.where(np.isneginf(x), -np.inf, s)  # a +inf energy stays excluded under softcap too
+
+
+_NO_VARIANTS = dict(
+    bias=None,
+    alibi_slopes=None,
+    softcap=None,
+    window=None,
+    sinks=None,
+    enable_gqa=False,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    dropout_p=0.0,
+    dropout_mask=None,
+)
+
+
+def _gqa_group(q, k, v):
+    """V6: the number of query heads per key/value head (heads on axis -3)."""
+    if q.ndim < 3 or k.ndim < 3 or v.ndim < 3:
+        raise ValueError(
+            f"enable_gqa needs a head axis: q (..., Hq, N, D), k (..., Hkv, M, D), v (..., Hkv, M, Dv); "
+            f"got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    hq, hk = q.shape[-3], k.shape[-3]
+    if v.shape[-3] != hk:
+        raise ValueError(f"enable_gqa: k and v disagree on the heads: k {k.shape}, v {v.shape}")
+    if hk == 0 or hq % hk:
+        raise ValueError(f"enable_gqa: the query heads Hq = {hq} must be a multiple of the key/value heads Hkv = {hk}")
+    return hq // hk
+
+
+def prepare_attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", **variants):
     """Validate attention arguments once (the boundary every path shares).
+
+    ``variants`` are the keywords of V1-V8 (:mod:`iem_ref.variants`).
 
     Examples
     --------
@@ -134,7 +270,45 @@ def prepare_attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal
     >>> inp.batch, inp.n, inp.m, inp.dv, float(inp.tau)  # tau = sqrt(D)
     ((), 2, 4, 1, 1.7320508075688772)
     """
-    return AttentionInputs(q, k, v, scale, mask, is_causal, causal_alignment, energy)
+    unknown = set(variants) - set(_NO_VARIANTS)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
+    return AttentionInputs(q, k, v, scale, mask, is_causal, causal_alignment, energy, variants)
+
+
+class Competition:
+    """The softmin that attention runs, once the variants are applied (float64).
+
+    ``e`` energies and ``tau`` (the plain energies at ``1/scale``, or ``-z`` at
+    1 when V1-V3 or V5 change the logits), ``take`` the structural
+    participation, ``v`` the values; with sinks (V5) one more key, the last,
+    with value 0.  ``x`` and ``s`` the scaled and soft-capped scores (None on
+    the plain path), ``keep`` the dropout mask (sink column False).
+    """
+
+    def __init__(self, inp):
+        self.inp = inp
+        self.d = inp.energies()  # A1 / K
+        self.v = inp.v.astype(np.float64)
+        self.take = inp.takes_part()  # mask, causal, window (V4), segments (V7)
+        self.keep = inp.keep
+        self.x = self.s = None
+        if inp.plain_scores:
+            self.e, self.tau = self.d, inp.tau  # T1: the softmin of d at tau = 1/scale
+            return
+        self.x = inp.scaled_scores(self.d)
+        self.s = self.x if inp.softcap is None else softcap(self.x, inp.softcap)
+        z = inp.scores(self.d)  # V1-V3
+        if inp.sinks is not None:
+            z, self.v, self.take = with_sink(z, self.v, self.take, inp.sinks)  # V5: the null hypothesis
+            if self.keep is not None:
+                rows = inp.batch + (inp.n, 1)
+                self.keep = np.concatenate([self.keep, np.zeros(rows, dtype=bool)], axis=-1)
+        self.e, self.tau = -z, 1.0  # the softmax of z is the softmin of -z
+
+    def summary(self, empty):
+        """A3 + A4 (V8 with dropout): ``(a, L, r)``, ``r`` with the sink's column last when V5."""
+        return _softmin_summary(self.e, self.v, self.tau, self.take, empty, keep=self.keep, p=self.inp.dropout_p)
 
 
 def attention(
@@ -148,14 +322,27 @@ def attention(
     causal_alignment="top_left",
     energy="dot",
     empty="zero",
+    bias=None,
+    alibi_slopes=None,
+    softcap=None,
+    window=None,
+    sinks=None,
+    enable_gqa=False,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    dropout_p=0.0,
+    dropout_mask=None,
     return_lse=False,
     return_responsibilities=False,
 ):
-    """A1-A4: attention as explicit competition and posterior-mean summary.
+    """A1-A4: attention as explicit competition and posterior-mean summary, with the variants V1-V8.
 
     ``d_ij = energy(q_i, k_j)`` (A1; default ``-<q_i, k_j>``),
     ``r_ij = softmin_j(d_ij * scale)`` (A3; T1 with ``scale = 1/sqrt(D)``),
-    ``a_i = sum_j r_ij v_j`` (A4).
+    ``a_i = sum_j r_ij v_j`` (A4).  The variants change the logits
+    ``z = softcap(-d scale) + bias + alibi``, the keys that take part
+    (window, segments), add a null hypothesis (sinks) or thin the mean
+    (dropout): :mod:`iem_ref.variants`.
 
     Parameters
     ----------
@@ -170,19 +357,51 @@ def attention(
         or inf in their keys or values cannot reach the output.
     is_causal : bool
     causal_alignment : {"top_left", "bottom_right"}
+        Where query ``i`` sits among the keys, ``i' = i`` or ``i + M - N``:
+        for causality, windows and ALiBi (FlashAttention's convention is
+        ``"bottom_right"``, torch SDPA's causal mask ``"top_left"``).
     energy : str or callable
         A kernel from :data:`iem_ref.energies.ENERGIES` (``"dot"``,
         ``"sqeuclidean"``, ``"laplace"``, ``"cosine"``, ``"student_t"``,
         ``"huber"``, ``"pseudo_huber"``) or ``f(q, k) -> d (B..., N, M)``.
     empty : {"zero", "nan"}
-        Output of a query with no key to attend to (fully masked, or ``M = 0``):
-        zeros (torch SDPA, FlashAttention) or NaN.  The log-partition is ``-inf``.
+        Output of a query with no key to attend to (fully masked, or ``M = 0``,
+        and no sink): zeros (torch SDPA, FlashAttention) or NaN.  The
+        log-partition is ``-inf``.
+    bias : array_like, float, broadcast to (B..., N, M), optional
+        V1: added to the (soft-capped) scaled scores, as SDPA's float
+        ``attn_mask``; ``-inf`` excludes the key as a mask does.
+    alibi_slopes : array_like, float (H,) or (B, H), optional
+        V2: adds ``-slope |i' - j|`` (heads are the last batch axis; with
+        ``cu_seqlens`` a 2-D array is one row of slopes per segment).
+    softcap : float > 0, optional
+        V3: the scaled score ``x`` becomes ``softcap * tanh(x / softcap)``
+        before the bias.
+    window : (left, right), optional
+        V4: key ``j`` takes part when ``i' - left <= j <= i' + right``; a side
+        ``None`` or ``-1`` is unbounded.  Combines with ``is_causal`` by AND.
+    sinks : array_like, float (H,), optional
+        V5: one more hypothesis per row with this logit and value 0 (it
+        enters the log-partition).  A row whose keys are all masked still has
+        its sink: it is not empty.
+    enable_gqa : bool
+        V6: ``q (B..., Hq, N, D)``, ``k, v (B..., Hkv, M, .)``,
+        ``Hq = g Hkv``; query head ``h`` reads key head ``h // g`` (torch).
+    cu_seqlens_q, cu_seqlens_k : array_like of int (S + 1,), optional
+        V7: packed sequences on the token axes (N and M); segment ``s`` is
+        ``cu[s] <= i < cu[s+1]``.  Causality, windows and ALiBi align inside
+        each segment.
+    dropout_p : float in [0, 1)
+    dropout_mask : array_like of bool, broadcast to (B..., N, M), optional
+        V8: ``a_i = sum_j r_ij keep_ij v_j / (1 - dropout_p)``; the
+        responsibilities and the log-partition are those before dropout.
     return_lse : bool
-        Also return the log-partition ``L_i = log sum_j exp(-d_ij * scale)``
-        (FlashAttention's LSE of the scaled scores): what makes partial
-        results mergeable (M2).
+        Also return the log-partition ``L_i = log sum_j exp(z_ij)`` (with the
+        sink's ``exp(sink)``; FlashAttention's LSE of the scaled scores):
+        what makes partial results mergeable (M2).
     return_responsibilities : bool
-        Also return ``r (B..., N, M)`` (P1: the full posterior).
+        Also return ``r (B..., N, M)`` (P1: the full posterior); with sinks,
+        also the sink's responsibility ``(B..., N)`` after it.
 
     Returns
     -------
@@ -190,6 +409,7 @@ def attention(
         Output, in the inputs' common float dtype.
     lse : ndarray (B..., N), if ``return_lse``
     r : ndarray (B..., N, M), if ``return_responsibilities``
+    r_sink : ndarray (B..., N), if ``return_responsibilities`` and ``sinks``
 
     Notes
     -----
@@ -204,23 +424,33 @@ def attention(
     + gamma_M sum_j r_j e^{zeta_j} (1 + 6u) |v_j|``
     (tested against the exact tier in ``tests/test_accuracy.py``; the energies'
     matmul dominates, e.g. up to ~57 ulps of the output on N(0,1) inputs).
+    With V1-V3 or V5 the logits ``z`` are formed first (one more rounding each
+    for the product by ``scale``, the soft-cap and each added prior, relative
+    to ``|z|``), then the same softmin runs at ``tau = 1``.
 
     Examples
     --------
     >>> q = np.array([[1.0, 0.0]]); k = np.array([[1.0, 0.0], [0.0, 1.0]]); v = np.array([[1.0], [0.0]])
     >>> attention(q, k, v, scale=np.log(3.0))  # r = (3/4, 1/4)
     array([[0.75]])
+    >>> attention(q, k, v, scale=np.log(3.0), sinks=np.log(4.0))  # a null hypothesis of weight 4: r = (3/8, 1/8), sink 1/2
+    array([[0.375]])
     """
     check_choice(empty, "empty", {"zero", "nan"})
-    inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
-    d = inp.energies()  # A1
-    # A3 (T1: tau = 1/scale) and A4 in one softmin pass, with the log-partition
-    a, lse, r = _softmin_summary(d, inp.v.astype(np.float64), inp.tau, inp.takes_part(), empty)
+    inp = prepare_attention(
+        q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy,
+        bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window, sinks=sinks, enable_gqa=enable_gqa,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p, dropout_mask=dropout_mask,
+    )
+    # A1 (energies), T1 (tau = 1/scale), V1-V5 (logits, participation, sink), then A3 + A4 (V8) in one softmin pass
+    a, lse, r = Competition(inp).summary(empty)
     out = [a.astype(inp.dtype)]
     if return_lse:
         out.append(np.asarray(lse, dtype=inp.dtype))
     if return_responsibilities:
-        out.append(r.astype(inp.dtype))
+        out.append(r[..., : inp.m].astype(inp.dtype))
+        if inp.sinks is not None:
+            out.append(r[..., inp.m].astype(inp.dtype))
     return out[0] if len(out) == 1 else tuple(out)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._validation import check_choice, check_grad_out, result_dtype
-from .attention import prepare_attention
+from .attention import Competition, prepare_attention
 from .competition import responsibilities
 from .summaries import _weighted_sum
 
@@ -78,34 +78,56 @@ def attention_vjp(
     is_causal=False,
     causal_alignment="top_left",
     energy="dot",
+    bias=None,
+    alibi_slopes=None,
+    softcap=None,
+    window=None,
+    sinks=None,
+    enable_gqa=False,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    dropout_p=0.0,
+    dropout_mask=None,
     out=None,
     lse=None,
 ):
-    """G4: the attention backward pass, ``(dq, dk, dv)`` for an upstream gradient ``u = dLoss/da``.
+    """G4 (and G6 for the variants): the attention backward pass for an upstream gradient ``u = dLoss/da``.
 
-    With scores ``s_ij = -d_ij * scale`` and ``b_ij = <u_i, v_j>``::
+    With logits ``z_ij`` (``-d_ij * scale``, soft-capped, plus the priors),
+    ``P_ij`` the responsibilities, ``c_ij = keep_ij / (1 - p)`` the dropout
+    factor (1 without V8) and ``b_ij = c_ij <u_i, v_j>``::
 
-        dLoss/dv_j  = sum_i r_ij u_i                           (responsibility-weighted M-step)
-        dLoss/ds_ij = r_ij (b_ij - sum_j' r_ij' b_ij')         (the "advantage" routing gradient)
-        dq_i = sum_j dLoss/ds_ij ds_ij/dq_i,  dk_j = sum_i dLoss/ds_ij ds_ij/dk_j
+        dLoss/dv_j  = sum_i P_ij c_ij u_i                      (responsibility-weighted M-step)
+        Delta_i     = sum_j P_ij b_ij  (= <u_i, a_i>)
+        dLoss/dz_ij = P_ij (b_ij - Delta_i)                    (the "advantage" routing gradient)
+        dLoss/dsink = -P_i,sink Delta_i                         (V5: one more column, value 0)
+        dLoss/dx_ij = dLoss/dz_ij (1 - (s_ij / softcap)^2)      (V3: the tanh's derivative)
+        dq_i = sum_j dLoss/dx_ij dx_ij/dq_i,  dk_j = sum_i dLoss/dx_ij dx_ij/dk_j
 
-    For ``energy="dot"`` ``ds_ij/dq_i = scale k_j``; for ``"sqeuclidean"``
-    (``d = ||q - k||^2/2``) ``ds_ij/dq_i = -scale (q_i - k_j)``, and since
-    ``sum_j dLoss/ds_ij = 0`` both give ``dq = scale (dS) k``.
+    For ``energy="dot"`` ``dx_ij/dq_i = scale k_j``; for ``"sqeuclidean"``
+    (``d = ||q - k||^2/2``) ``dx_ij/dq_i = -scale (q_i - k_j)``; the term
+    ``-scale q_i sum_j dLoss/dx_ij`` vanishes without sinks and softcap
+    (``sum_j dLoss/dz_ij = Delta_i P_i,sink``) and is formed only with them.
+    ``dbias = dLoss/dz`` summed to the shape of ``bias``; ``dsinks`` summed to
+    the shape of ``sinks``; with V6 ``dk, dv`` are summed over each group of
+    query heads, at ``Hkv`` heads.
 
     Parameters
     ----------
     q, k, v : as :func:`iem_ref.attention`
     grad_out : array_like, float (B..., N, Dv)
         ``u``, the upstream gradient.
-    scale, mask, is_causal, causal_alignment : as :func:`iem_ref.attention`
+    scale, mask, is_causal, causal_alignment, and the variants : as :func:`iem_ref.attention`
     energy : {"dot", "sqeuclidean"}
     out, lse : ignored by the reference (which recomputes them); the
         accelerated paths reuse the forward's output and log-partition.
 
     Returns
     -------
-    dq (B..., N, D), dk (B..., M, D), dv (B..., M, Dv), broadcast batch shape.
+    dq (B..., N, D), dk (B..., M, D), dv (B..., M, Dv), broadcast batch shape
+    (``Hkv`` heads with ``enable_gqa``); then ``dbias`` (the shape of
+    ``bias``) if ``bias`` is given, then ``dsinks`` (the shape of ``sinks``)
+    if ``sinks`` is given.
 
     Examples
     --------
@@ -115,27 +137,60 @@ def attention_vjp(
            [0.5]])
     """
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
-    inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
+    inp = prepare_attention(
+        q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy,
+        bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window, sinks=sinks, enable_gqa=enable_gqa,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p, dropout_mask=dropout_mask,
+    )
     u_in = check_grad_out(grad_out, inp.batch, inp.n, inp.dv)
     u = np.broadcast_to(u_in, inp.batch + (inp.n, inp.dv)).astype(np.float64)
-    qq, kk, vv = (x.astype(np.float64) for x in (inp.q, inp.k, inp.v))
-    scale_ = 0.0 if np.isinf(inp.tau) else 1.0 / inp.tau
-
-    d = inp.energies()
-    take = inp.takes_part()
-    participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
+    qq, kk = inp.q.astype(np.float64), inp.k.astype(np.float64)
+    comp = Competition(inp)
+    M = inp.m
+    take = comp.take
+    participates = ~np.isposinf(comp.e) if take is None else take & ~np.isposinf(comp.e)
     # A NaN row has NaN responsibilities everywhere; selecting the participating entries
     # keeps its NaN away from the keys it cannot see (NaN reaches affected rows only).
-    r = np.where(participates, responsibilities(d, inp.tau, mask=take), 0.0)  # (B..., N, M)
-
-    rT, partT = np.swapaxes(r, -1, -2), np.swapaxes(participates, -1, -2)
+    P = np.where(participates, responsibilities(comp.e, comp.tau, mask=take), 0.0)  # (B..., N, M [+ sink])
+    part, Pk = participates[..., :M], P[..., :M]
+    c = None if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)  # V8
     with np.errstate(invalid="ignore"):
-        b = np.where(participates, u @ np.swapaxes(vv, -1, -2), 0.0)  # b_ij = <u_i, v_j>, participating j only
-        dS = np.where(participates, r * (b - (r * b).sum(axis=-1, keepdims=True)), 0.0)  # dLoss/ds_ij
-    dv = _weighted_sum(rT, u, partT)  # sum_i r_ij u_i
-    dq = scale_ * _weighted_sum(dS, kk, participates)  # sum_j dS_ij k_j
-    dk = scale_ * _weighted_sum(np.swapaxes(dS, -1, -2), qq, partT)  # sum_i dS_ij q_i
+        b = np.where(part, u @ np.swapaxes(comp.v[..., :M, :], -1, -2), 0.0)  # <u_i, v_j>, participating j only
+        if c is not None:
+            b = b * c
+        delta = (Pk * b).sum(axis=-1, keepdims=True)  # Delta_i = <u_i, a_i>
+        dZ = np.where(part, Pk * (b - delta), 0.0)  # dLoss/dz_ij
+        dX = dZ if inp.softcap is None else dZ * (1.0 - (comp.s / inp.softcap) ** 2)  # V3
+    W = Pk if c is None else Pk * c
+    dv = _weighted_sum(np.swapaxes(W, -1, -2), u, np.swapaxes(part, -1, -2) if c is None else np.swapaxes(part & inp.keep, -1, -2))
+    sc = inp.scale
+    dq = sc * _weighted_sum(dX, kk, part)  # sum_j dX_ij k_j
+    dk = sc * _weighted_sum(np.swapaxes(dX, -1, -2), qq, np.swapaxes(part, -1, -2))  # sum_i dX_ij q_i
     if energy == "sqeuclidean":
-        dk = dk - scale_ * np.where(np.isfinite(kk), kk, 0.0) * dS.sum(axis=-2)[..., :, None]
+        dk = dk - sc * np.where(np.isfinite(kk), kk, 0.0) * dX.sum(axis=-2)[..., :, None]
+        if inp.softcap is not None or inp.sinks is not None:
+            dq = dq - sc * np.where(np.isfinite(qq), qq, 0.0) * dX.sum(axis=-1)[..., :, None]
     dtype = result_dtype(inp.q, inp.k, inp.v, u_in)
-    return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
+    if inp.group > 1:  # V6: each key head's gradient is the sum over its group of query heads
+        dk, dv = (_sum_groups(x, inp.group) for x in (dk, dv))
+    grads = [dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)]
+    if inp.bias is not None:
+        grads.append(_sum_to_shape(dZ, inp.bias_shape).astype(dtype))  # V1: dbias = dLoss/dz
+    if inp.sinks is not None:
+        dsink = -P[..., M] * delta[..., 0]  # V5: dLoss/dsink_i = -P_i,sink Delta_i
+        grads.append(_sum_to_shape(dsink.sum(axis=-1), inp.sinks_shape).astype(dtype))
+    return tuple(grads)
+
+
+def _sum_groups(x, group):
+    """``(B..., Hkv * g, M, .) -> (B..., Hkv, M, .)``, summing each group of ``g`` heads."""
+    shape = x.shape[:-3] + (x.shape[-3] // group, group) + x.shape[-2:]
+    return x.reshape(shape).sum(axis=-3)
+
+
+def _sum_to_shape(x, shape):
+    """Reduce a broadcast gradient to the shape its argument was given in."""
+    lead = x.ndim - len(shape)
+    x = x.sum(axis=tuple(range(lead))) if lead > 0 else x
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(axis=axes, keepdims=True).reshape(shape) if axes else x.reshape(shape)

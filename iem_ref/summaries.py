@@ -23,6 +23,7 @@ import numpy as np
 from ._accurate import softmin_terms
 from ._validation import as_float_array, as_mask, check_summary_inputs, check_tau, need_ndim, result_dtype
 from .competition import _log_partition_rows, _responsibility_rows, hard_responsibilities
+from .variants import dropout_mean
 
 __all__ = [
     "posterior_mean",
@@ -203,17 +204,22 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     return a.astype(dtype), np.asarray(L, dtype=dtype)
 
 
-def _softmin_summary(d, v, tau, take, empty):
+def _softmin_summary(d, v, tau, take, empty, keep=None, p=0.0):
     """A3 + A4 on validated float64 inputs, one softmin pass: ``(a, L, r)``.
 
-    Shared by :func:`softmin_summary` and :func:`iem_ref.attention`.
+    Shared by :func:`softmin_summary` and :func:`iem_ref.attention`; ``keep``
+    and ``p`` thin the mean by dropout (V8).
     """
     t = softmin_terms(d, tau, take)  # the shifted weights w_j, their sum, m = min d (iem_ref.responsibilities)
     with np.errstate(all="ignore"):
         r = _responsibility_rows(t.w / t.total[..., None], t, empty)  # A3: r_j = w_j / sum_j' w_j'
         L = _log_partition_rows(-t.m / tau + np.log1p(t.rest), t)  # G1: L = -m/tau + log(1 + sum_{j != argmin} w_j)
     participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
-    a = _weighted_sum(r, v, participates)  # A4: a = sum_j r_j v_j
+    if keep is None:
+        a = _weighted_sum(r, v, participates)  # A4: a = sum_j r_j v_j
+    else:
+        a = dropout_mean(r, keep & participates, p, v)  # V8: a = sum_j r_j keep_j v_j / (1 - p)
+        a = np.where(t.nan_row[..., None], np.nan, a)  # a NaN row stays NaN even if all its keys are dropped
     if empty == "nan":  # also when M = 0, where r has no entry to carry the NaN
         a = np.where(participates.any(axis=-1, keepdims=True), a, np.nan)
     return a, L, r
