@@ -241,11 +241,13 @@ def _log1p(R, C, delta):
     return C.plus(wide.ln(wide.add(_ONE, R)))
 
 
-def _softmin_row(d, take, beta, beta_rel, C, delta, want_r=True):
+def _softmin_row(d, take, beta, beta_rel, C, delta, want_r=True, ed=None):
     """A3 / G1 on one row.
 
-    ``d``: exact Decimal energies (list, length M); ``take``: list of bool;
-    ``beta = 1/tau`` (Decimal, relative error ``beta_rel``; None for ``tau = inf``).
+    ``d``: Decimal energies (list, length M), exact unless ``ed`` gives their
+    absolute errors (the logits of the variants, formed at working precision);
+    ``take``: list of bool; ``beta = 1/tau`` (Decimal, relative error
+    ``beta_rel``; None for ``tau = inf``).
     """
     part = [j for j in range(len(d)) if take[j] and not (d[j].is_infinite() and d[j] > 0)]
     M = len(d)
@@ -278,6 +280,8 @@ def _softmin_row(d, take, beta, beta_rel, C, delta, want_r=True):
         w = [_ONE if j in part else _ZERO for j in range(M)]
         return _Row("finite", L, eL, r, er, n, w, zeros, Decimal(n))
 
+    inexact_d = ed is not None and any(ed[j] for j in part)
+    ed = ed or [_ZERO] * M
     C.clear_flags()
     m = min(d[j] for j in part)
     win = next(j for j in part if d[j] == m)
@@ -289,7 +293,7 @@ def _softmin_row(d, take, beta, beta_rel, C, delta, want_r=True):
         if j == win:
             continue
         t = C.multiply(_EXACT.subtract(d[j], m), beta)  # (d_j - m)/tau, one rounding
-        eps = t * rel_t
+        eps = t * rel_t + (ed[j] + ed[win]) * beta * Decimal("1.01")  # the energies' own errors shift t too
         w[j] = C.exp(-t)
         if eps <= Decimal("0.1"):
             ew[j] = w[j] * (Decimal("1.06") * eps + 2 * delta)
@@ -301,12 +305,12 @@ def _softmin_row(d, take, beta, beta_rel, C, delta, want_r=True):
         R = C.add(R, x)
     eR = (sum(ew.values(), _ZERO) + n * delta * R) * Decimal("1.01")
     S = C.add(_ONE, R)
-    w_exact = not C.flags[decimal.Inexact]
+    w_exact = not C.flags[decimal.Inexact] and not inexact_d
     eS = eR + delta * S
     r = [C.divide(w[j], S) for j in range(M)] if want_r else []
     # Every t_j != 0 gives an inexact exp, so no flag means all weights are exp(0) = 1 (in truth
     # too, whatever beta's rounding) and the divisions were exact.
-    r_exact = not C.flags[decimal.Inexact]
+    r_exact = not C.flags[decimal.Inexact] and not inexact_d
     C.clear_flags()
     ell = _log1p(R, C, delta)
     a = C.multiply(m.copy_negate(), beta)  # -m / tau (m exact: negate without rounding)
@@ -314,7 +318,7 @@ def _softmin_row(d, take, beta, beta_rel, C, delta, want_r=True):
     if r_exact and not C.flags[decimal.Inexact] and beta_rel == 0:
         eL = _ZERO
     else:
-        eL = (abs(a) * (delta + beta_rel) + eR + 2 * delta * ell + delta * abs(L)) * Decimal("1.01")
+        eL = (abs(a) * (delta + beta_rel) + ed[win] * beta + eR + 2 * delta * ell + delta * abs(L)) * Decimal("1.01")
     ws, ews = [w[j] for j in range(M)], [ew[j] for j in range(M)]
     if not want_r:
         return _Row("finite", L, eL, [], [], n, ws, ews, S, eS, w_exact)
@@ -564,6 +568,50 @@ def _exact_energies(q, k, energy):
     return rows
 
 
+def _scaled_score(dij, beta, beta_rel, C, delta):
+    """T1 at working precision: ``x = -d beta`` and its error (``+-inf`` energies keep their sign)."""
+    if dij.is_nan():
+        return _NAN, _ZERO
+    if dij.is_infinite():
+        return dij.copy_negate(), _ZERO
+    if beta is None:  # scale = 0
+        return _ZERO, _ZERO
+    C.clear_flags()
+    x = C.multiply(dij.copy_negate(), beta)
+    exact = not C.flags[decimal.Inexact] and beta_rel == 0
+    return x, (_ZERO if exact else abs(x) * (delta + beta_rel) * Decimal("1.01"))
+
+
+def _softcap(x, ex, c, C, delta):
+    """V3 at working precision: ``c tanh(x / c)`` and its error.
+
+    ``|d/dx c tanh(x/c)| <= 1`` passes ``ex`` through; the roundings of
+    ``x/c`` (``delta |x|`` after the derivative), of the exp (``2 delta c``
+    through ``d tanh / d e <= 2``) and of the two sums, the quotient and the
+    product by ``c`` (``4 delta |s|``) add at most ``delta (|x| + 6 c)``.
+    """
+    if x.is_nan() or x.is_zero():
+        return x, ex
+    if x.is_infinite():
+        return c.copy_sign(x), _ZERO
+    y = C.divide(x, c)
+    e2 = C.exp(C.multiply(Decimal(-2), abs(y)))
+    th = C.divide(C.subtract(_ONE, e2), C.add(_ONE, e2))
+    s = C.multiply(c, th).copy_sign(x)
+    return s, (ex + delta * (abs(x) + 6 * c)) * Decimal("1.01")
+
+
+def _logits(dij, prior, beta, beta_rel, c, C, delta):
+    """The logit ``z = softcap(x) + prior`` (V1-V3) and its error; ``-inf`` (exclusion) by selection."""
+    x, ex = _scaled_score(dij, beta, beta_rel, C, delta)
+    if (x.is_infinite() and x < 0) or (prior.is_infinite() and prior < 0):
+        return -_INF, _ZERO
+    s, es = (x, ex) if c is None else _softcap(x, ex, c, C, delta)
+    C.clear_flags()
+    z = C.add(s, prior)
+    return z, (es + (delta * abs(z) * Decimal("1.01") if C.flags[decimal.Inexact] else _ZERO))
+
+
 def attention(
     q,
     k,
@@ -575,38 +623,58 @@ def attention(
     causal_alignment="top_left",
     energy="dot",
     empty="zero",
+    bias=None,
+    alibi_slopes=None,
+    softcap=None,
+    window=None,
+    sinks=None,
+    enable_gqa=False,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    dropout_p=0.0,
+    dropout_mask=None,
     return_lse=False,
     return_responsibilities=False,
 ):
-    """A1-A4 (T1), exactly: ``a_i = sum_j softmin_j(d_ij * scale) v_j``, correctly rounded.
+    """A1-A4 (T1) and the variants V1-V8, exactly: ``a_i = sum_j softmin_j(d_ij * scale) v_j``, correctly rounded.
 
     Twin of :func:`iem_ref.attention` for ``energy="dot"`` (A1,
     ``d_ij = -<q_i, k_j>``) and ``"sqeuclidean"`` (K2 with ``sigma = 1``,
     ``||q_i - k_j||^2 / 2``); same masks, causality (both alignments),
-    ``empty`` option and edge cases.  The energies are formed exactly; the
-    default ``scale`` is the exact ``1/sqrt(D)`` (not its float64 rounding),
-    a given ``scale`` is its exact float value.  The posterior mean carries the
-    error bound of the responsibilities, ``sum_j e(r_j) |v_j|``, plus its own
-    rounding.
+    ``empty`` option, variants (bias, ALiBi, softcap, window, sinks,
+    grouped-query heads, segments, dropout) and edge cases.  The energies are
+    formed exactly; the default ``scale`` is the exact ``1/sqrt(D)`` (not its
+    float64 rounding), a given ``scale`` is its exact float value.  The
+    variants' logits ``softcap(-d scale) + bias + alibi`` are formed at the
+    working precision with an error bound that the softmin carries (bias and
+    ALiBi exactly: float bias plus ``-slope |i' - j|``).  The posterior mean
+    carries the error bound of the responsibilities, ``sum_j e(r_j) |v_j|``,
+    plus its own rounding.
 
     Returns
     -------
     a : object ndarray (B..., N, Dv) of Decimal
     lse : object ndarray (B..., N), if ``return_lse``
     r : object ndarray (B..., N, M), if ``return_responsibilities``
+    r_sink : object ndarray (B..., N), if ``return_responsibilities`` and ``sinks``
 
     Examples
     --------
     >>> q = [[1.0, 0.0]]; k = [[1.0, 0.0], [0.0, 1.0]]; v = [[1.0], [0.0]]
     >>> to_float(attention(q, k, v, scale=1.0))  # e / (e + 1)
     array([[0.73105858]])
+    >>> to_float(attention(q, k, v, scale=1.0, sinks=[1.0]))  # e / (e + 1 + e)
+    array([[0.4223188]])
     """
     check_choice(empty, "empty", {"zero", "nan"})
     if energy not in ("dot", "sqeuclidean"):
         raise ValueError(f"the exact tier supports energy='dot' or 'sqeuclidean'; got {energy!r}")
-    inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
+    inp = prepare_attention(
+        q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy,
+        bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window, sinks=sinks, enable_gqa=enable_gqa,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p, dropout_mask=dropout_mask,
+    )
     D = inp.q.shape[-1]
-    check_scale(scale, D)
     batch, N, M, Dv = inp.batch, inp.n, inp.m, inp.dv
     take = inp.takes_part()
     take = np.ones(batch + (N, M), dtype=bool) if take is None else take
@@ -621,6 +689,12 @@ def attention(
         kd = [[Decimal(x) for x in row] for row in kb[b].tolist()]
         energies.append(_exact_energies(qd, kd, energy))
     values = [[[Decimal(x) for x in row] for row in vb[b].tolist()] for b in range(B)]
+    plain = inp.plain_scores
+    priors = _exact_priors(inp, B) if not plain else None
+    sinks_b = None if inp.sinks is None else [Decimal(x) for x in np.broadcast_to(inp.sinks, batch).reshape(B).tolist()]
+    keep = None if inp.keep is None else inp.keep.reshape((B, N, M))
+    one_minus_p = _EXACT.subtract(_ONE, _dec(inp.dropout_p))
+    cap = None if inp.softcap is None else _dec(inp.softcap)
 
     def beta_of(C, delta):
         if scale is None:
@@ -631,36 +705,85 @@ def attention(
             return None, _ZERO
         return _dec(float(scale)), _ZERO
 
+    def row_of(b, i, beta, beta_rel, C, delta):
+        """The row's competition: energies (and errors), participation, values (the sink last)."""
+        tk = tb[b, i].tolist()
+        if plain:
+            return _softmin_row(energies[b][i], tk, beta, beta_rel, C, delta), energies[b][i], tk
+        zs = [_logits(energies[b][i][j], priors[b][i][j], beta, beta_rel, cap, C, delta) for j in range(M)]
+        e = [z.copy_negate() for z, _ in zs]  # the softmax of z is the softmin of -z (at tau = 1)
+        ed = [ez for _, ez in zs]
+        if sinks_b is not None:  # V5: the null hypothesis, logit sink, value 0
+            e, ed, tk = e + [sinks_b[b].copy_negate()], ed + [_ZERO], tk + [True]
+        return _softmin_row(e, tk, _ONE, _ZERO, C, delta, ed=ed), e, tk
+
     def compute(C, delta):
         beta, beta_rel = beta_of(C, delta)
-        A, eA, Ls, eLs, Rs, eRs = [], [], [], [], [], []
+        A, eA, Ls, eLs, Rs, eRs, Ss, eSs = [], [], [], [], [], [], [], []
         for b in range(B):
             for i in range(N):
-                row = _softmin_row(energies[b][i], tb[b, i].tolist(), beta, beta_rel, C, delta)
+                row, e, tk = row_of(b, i, beta, beta_rel, C, delta)
                 Ls.append(row.L)
                 eLs.append(row.eL)
-                Rs.extend(_empty_r(row, empty))
-                eRs.extend(row.er)
+                r = _empty_r(row, empty)
+                Rs.extend(r[:M])
+                eRs.extend(row.er[:M])
+                if sinks_b is not None:
+                    Ss.append(r[M])
+                    eSs.append(row.er[M])
                 for c in range(Dv):
                     if row.kind == "nan" or (row.kind == "empty" and empty == "nan"):
                         A.append(_NAN)
                         eA.append(_ZERO)
                         continue
                     # every participating key, even one whose weight is 0 in a row with certain
-                    # keys: a NaN value of an unmasked key reaches its row (0 * NaN), as in the reference
-                    part = [j for j in range(M) if tb[b, i, j] and not _is_plus_inf(energies[b][i][j])]
-                    a, e = _summary(row, [values[b][j][c] for j in part], part, C, delta)
+                    # keys: a NaN value of an unmasked key reaches its row (0 * NaN), as in the reference;
+                    # a dropped key's value is never read (V8), the sink's is 0
+                    part = [j for j in range(M) if tk[j] and not _is_plus_inf(e[j]) and (keep is None or keep[b, i, j])]
+                    a, err = _summary(row, [values[b][j][c] for j in part], part, C, delta)
+                    if keep is not None:  # V8: divide by 1 - p
+                        C.clear_flags()
+                        a2 = C.divide(a, one_minus_p)
+                        err = err / one_minus_p + (delta * abs(a2) if C.flags[decimal.Inexact] else _ZERO)
+                        a = a2
                     A.append(a)
-                    eA.append(e)
-        return [(A, eA), (Ls, eLs), (Rs, eRs)]
+                    eA.append(err)
+        return [(A, eA), (Ls, eLs), (Rs, eRs), (Ss, eSs)]
 
-    (A, L, R), _ = _ziv(compute)
+    (A, L, R, S), _ = _ziv(compute)
     out = [_object_array(A, batch + (N, Dv))]
     if return_lse:
         out.append(_object_array(L, batch + (N,)))
     if return_responsibilities:
         out.append(_object_array(R, batch + (N, M)))
+        if sinks_b is not None:
+            out.append(_object_array(S, batch + (N,)))
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def _exact_priors(inp, B):
+    """V1 + V2 exactly, ``(B, N, M)`` lists of Decimal: the float bias plus ``-slope |i' - j|``."""
+    N, M = inp.n, inp.m
+    prior = [[[_ZERO] * M for _ in range(N)] for _ in range(B)]
+    if inp.bias is not None:
+        bias = inp.bias.reshape((B, N, M)).tolist()
+        prior = [[[Decimal(x) for x in row] for row in rows] for rows in bias]
+    if inp.slopes is not None:
+        rel = inp.relative_positions()
+        if inp.cu_seqlens_q is not None and inp.slopes.ndim == len(inp.batch) + 1:
+            from .variants import _segment_ids
+
+            slopes = inp.slopes[..., _segment_ids(inp.cu_seqlens_q, N)]
+        else:
+            slopes = np.broadcast_to(inp.slopes[..., None], inp.batch + (N,))
+        slopes = slopes.reshape((B, N)).tolist()
+        for b in range(B):
+            for i in range(N):
+                sl = Decimal(slopes[b][i])
+                for j in range(M):
+                    al = _EXACT.multiply(sl, Decimal(-abs(int(rel[i, j]))))
+                    prior[b][i][j] = _EXACT.add(prior[b][i][j], al)
+    return prior
 
 
 def tanh_from_signed_gaussian(z, m=1.0, sigma=1.0):

@@ -301,6 +301,9 @@ def as_head_param(x, name, batch, segments):
             return np.moveaxis(np.broadcast_to(arr, (segments,) + batch), 0, -1)
         except ValueError:
             raise ValueError(f"{name} of shape {arr.shape}: its heads do not broadcast to the batch shape {batch}") from None
+    extra = arr.ndim - len(batch)
+    if extra > 0 and all(n == 1 for n in arr.shape[:extra]):  # e.g. one head, (1,), for q (N, D)
+        arr = arr.reshape(arr.shape[extra:])
     try:
         return np.broadcast_to(arr, batch)
     except ValueError:
