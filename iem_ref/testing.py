@@ -81,8 +81,8 @@ from decimal import Decimal
 import numpy as np
 
 from . import exact as _exact
-from ._validation import as_float_array, as_mask, check_axis
-from .attention import attention, prepare_attention
+from ._validation import as_float_array, as_mask, check_axis, check_choice
+from .attention import Competition, attention, prepare_attention
 from .bounds import U64, tree_depth, unit_roundoff
 from .competition import log_partition, responsibilities
 
@@ -394,6 +394,18 @@ def assert_log_partition_close(actual, d, tau=1.0, axis=-1, mask=None, *, rtol=N
 # ----------------------------------------------------------------------------
 
 
+_VARIANT_KEYS = (
+    "bias", "alibi_slopes", "softcap", "window", "sinks", "enable_gqa", "cu_seqlens_q", "cu_seqlens_k", "dropout_p", "dropout_mask",
+)
+
+
+def _bshd(x):
+    """FlashAttention's ``(B, N, H, D)`` layout to the library's ``(B, H, N, D)``."""
+    if x.ndim < 3:
+        raise ValueError(f'layout="bshd" needs arrays (..., N, H, D); got shape {x.shape}')
+    return np.swapaxes(x, -2, -3)
+
+
 def assert_attention_close(
     actual,
     q,
@@ -406,43 +418,71 @@ def assert_attention_close(
     causal_alignment="top_left",
     energy="dot",
     empty="zero",
+    layout="bhsd",
     rtol=None,
     atol=None,
     exact=False,
     err_msg="",
+    **variants,
 ):
-    """Check an attention output ``a (B..., N, Dv)`` (A1-A4, T1) computed by your kernel.
+    """Check an attention output ``a (B..., N, Dv)`` (A1-A4, T1, V1-V8) computed by your kernel.
 
-    The keyword arguments are those of :func:`iem_ref.attention`.  Default
-    tolerance per element (module docstring): the softmax term of each
-    weight, the energies' rounding amplified by ``scale``, a tree sum of
-    ``M`` products, the final rounding, floors.  ``exact=True``: exact tier
-    (``energy`` ``"dot"`` or ``"sqeuclidean"``, small inputs).
+    The keyword arguments are those of :func:`iem_ref.attention`, the
+    variants included (``bias``, ``alibi_slopes``, ``softcap``, ``window``,
+    ``sinks``, ``enable_gqa``, ``cu_seqlens_q/k``, ``dropout_p``,
+    ``dropout_mask``).  ``layout="bshd"`` takes ``q, k, v`` and ``actual`` in
+    FlashAttention's ``(B, N, H, D)`` layout (``bias``, ``mask`` and
+    ``dropout_mask`` stay ``(B, H, N, M)``).
+
+    Default tolerance per element (module docstring): the softmax term of each
+    weight, the logits' rounding, a tree sum of ``M`` products, the final
+    rounding, floors.  The variants enter through the logits
+    ``z = softcap(x) + bias + alibi``: the score error ``eta`` of ``x``
+    passes through the soft-cap scaled by its derivative
+    ``1 - (s/c)^2 <= 1``, the soft-cap adds ``u (|x| + 5 |s|)`` (the division
+    by ``c``, a ``tanh`` within 2 ulps, the product by ``c``) and each added
+    prior ``u |z|``; the exponents ``t`` and their spread are those of the
+    logits (the sink a key with logit ``sink``, exact); dropout weighs each
+    term by ``keep / (1 - p)`` and rounds once more (``u |a|``).  An
+    approximate ``tanh`` (``tanh.approx.f32``, relative error about
+    ``2**-11``) needs explicit ``rtol``/``atol`` in float32.  ``exact=True``:
+    exact tier (``energy`` ``"dot"`` or ``"sqeuclidean"``, small inputs).
 
     Examples
     --------
     >>> q = np.ones((1, 2)); k = np.eye(2); v = np.array([[1.0], [3.0]])
     >>> assert_attention_close(np.array([[2.0]]), q, k, v)
+    >>> assert_attention_close(np.array([[4.0 / 3.0]]), q, k, v, sinks=[0.0], scale=0.0)  # weights 1/3 each, sink value 0
     """
+    unknown = set(variants) - set(_VARIANT_KEYS)
+    if unknown:
+        raise TypeError(f"assert_attention_close() got unexpected keyword argument(s) {sorted(unknown)}")
+    check_choice(layout, "layout", {"bhsd", "bshd"})
     q, k, v = _host(q), _host(k), _host(v)
+    actual = _host(actual)
+    if layout == "bshd":
+        q, k, v, actual = _bshd(q), _bshd(k), _bshd(v), _bshd(actual)
+    variants = {key: (None if x is None or isinstance(x, (bool, int, float, tuple)) else _host(x)) if key != "window" else x for key, x in variants.items()}
     mask = None if mask is None else _host(mask)
-    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
+    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, **variants)
     inp = prepare_attention(q, k, v, **kw)
+    with_sink = inp.sinks is not None
     if exact:
-        a_e, r_d = _exact.attention(q, k, v, empty=empty, return_responsibilities=True, **kw)
-        expected = _exact.to_float(a_e)
-        r = _exact.to_float(r_d)
+        res = _exact.attention(q, k, v, empty=empty, return_responsibilities=True, **kw)
+        expected, r = _exact.to_float(res[0]), _exact.to_float(res[1])
+        r_sink = _exact.to_float(res[2]) if with_sink else None
     else:
-        expected, r = attention(q, k, v, empty=empty, return_responsibilities=True, **kw)
-        expected = np.asarray(expected, dtype=np.float64)
-        r = np.asarray(r, dtype=np.float64)
+        res = attention(q, k, v, empty=empty, return_responsibilities=True, **kw)
+        expected, r = np.asarray(res[0], dtype=np.float64), np.asarray(res[1], dtype=np.float64)
+        r_sink = np.asarray(res[2], dtype=np.float64) if with_sink else None
     a = _check_shape(actual, expected.shape, "assert_attention_close")
-    d = inp.energies()  # (B..., N, M)
-    take = inp.takes_part()
-    beta = 0.0 if np.isinf(inp.tau) else 1.0 / inp.tau
-    t, tbar, _, H = _row_stats(d, inp.tau, take, r)
+    comp = Competition(inp)  # the competition the kernel runs: logits, participation, the sink
     M, D = inp.m, inp.q.shape[-1]
+    r_all = r if r_sink is None else np.concatenate([r, r_sink[..., None]], axis=-1)
+    t, tbar, _, H = _row_stats(comp.e, comp.tau, comp.take, r_all)
+    t = t[..., :M]
     u = unit_roundoff(a.dtype)
+    beta = inp.scale
     q64, k64, v64 = (x.astype(np.float64) for x in (inp.q, inp.k, inp.v))
     with np.errstate(all="ignore"):
         if energy == "sqeuclidean":
@@ -451,16 +491,25 @@ def assert_attention_close(
             eta = (D + 2) * u * beta * (nq + nk)
         else:
             eta = D * u * beta * (np.abs(q64) @ np.swapaxes(np.abs(k64), -1, -2))
+        if not inp.plain_scores:
+            eta = eta + u * np.abs(comp.x)  # the product by scale, now outside the softmin's exponent
+            if inp.softcap is not None:
+                eta = eta * (1.0 - (comp.s / inp.softcap) ** 2) + u * (np.abs(comp.x) + 5 * np.abs(comp.s))
+            priors = (inp.bias is not None) + (inp.slopes is not None)
+            eta = eta + priors * u * np.abs(-comp.e[..., :M])
         rr = np.where(np.isfinite(r), r, 0.0)
         eta = np.where(rr > 0, np.where(np.isfinite(eta), eta, 0.0), 0.0)
         rel_r = u * (2 * np.abs(t) + 2 * tbar + 5 + tree_depth(M)) + eta + (rr * eta).sum(-1, keepdims=True) + 8 * U64
+        c = 1.0 if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)  # V8
+        rc = rr * c
         vabs = np.abs(np.where(np.isfinite(v64), v64, 0.0))
-        absum = rr @ vabs  # sum_j r_j |v_jc|   (B..., N, Dv)
-        spread = (rr * rel_r) @ vabs
+        absum = rc @ vabs  # sum_j r_j c_j |v_jc|   (B..., N, Dv)
+        spread = (rc * rel_r) @ vabs
         ef = np.abs(np.where(np.isfinite(expected), expected, 0.0))
         floor = M * float(np.finfo(a.dtype).tiny) * max(1.0, float(vabs.max()) if vabs.size else 1.0)
+        rounds = 1 if inp.keep is None else 2  # the final rounding (and V8's division by 1 - p)
         if rtol is None and atol is None:
-            tol = (spread + u * (tree_depth(M) + 2) * absum + u * ef) * _SECOND_ORDER + floor
+            tol = (spread + u * (tree_depth(M) + 2) * absum + rounds * u * ef) * _SECOND_ORDER + floor
         else:
             tol = _explicit_tol(expected, rtol, atol)
     cond = (2 * np.abs(t) + 2 * tbar).max(axis=-1, initial=0.0)
@@ -472,5 +521,10 @@ def assert_attention_close(
             f"max exponent spread t = {np.max(t[row], initial=0.0):.4g}; worst weight condition 2|t_j| + 2 tbar = {cond[row]:.4g}"
         )
 
-    header = f"{a.dtype}, u = {u:.3g}, M = {M} keys, D = {D}, energy {energy!r}, {'exact tier' if exact else 'float64 reference'}"
+    active = [key for key, x in variants.items() if x is not None and x is not False and not (key == "dropout_p" and x == 0)]
+    header = (
+        f"{a.dtype}, u = {u:.3g}, M = {M} keys, D = {D}, energy {energy!r}"
+        + (f", variants {', '.join(active)}" if active else "")
+        + f", {'exact tier' if exact else 'float64 reference'}"
+    )
     _report_and_raise("attention", a, expected, tol, row_info, header, err_msg)
