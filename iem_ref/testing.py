@@ -83,7 +83,7 @@ import numpy as np
 from . import exact as _exact
 from ._validation import as_float_array, as_mask, check_axis, check_choice
 from .attention import Competition, attention, prepare_attention
-from .bounds import U64, tree_depth, unit_roundoff
+from .bounds import U64, logit_error, tree_depth, unit_roundoff
 from .competition import log_partition, responsibilities
 
 __all__ = [
@@ -441,7 +441,7 @@ def assert_attention_close(
     passes through the soft-cap scaled by its derivative
     ``1 - (s/c)^2 <= 1``, the soft-cap adds ``u (|x| + 5 |s|)`` (the division
     by ``c``, a ``tanh`` within 2 ulps, the product by ``c``) and each added
-    prior ``u |z|``; the exponents ``t`` and their spread are those of the
+    prior ``u |z|`` (:func:`iem_ref.bounds.logit_error`); the exponents ``t`` and their spread are those of the
     logits (the sink a key with logit ``sink``, exact); dropout weighs each
     term by ``keep / (1 - p)`` and rounds once more (``u |a|``).  An
     approximate ``tanh`` (``tanh.approx.f32``, relative error about
@@ -491,12 +491,7 @@ def assert_attention_close(
             eta = (D + 2) * u * beta * (nq + nk)
         else:
             eta = D * u * beta * (np.abs(q64) @ np.swapaxes(np.abs(k64), -1, -2))
-        if not inp.plain_scores:
-            eta = eta + u * np.abs(comp.x)  # the product by scale, now outside the softmin's exponent
-            if inp.softcap is not None:
-                eta = eta * (1.0 - (comp.s / inp.softcap) ** 2) + u * (np.abs(comp.x) + 5 * np.abs(comp.s))
-            priors = (inp.bias is not None) + (inp.slopes is not None)
-            eta = eta + priors * u * np.abs(-comp.e[..., :M])
+        eta = logit_error(comp, eta, u)  # V1-V3 (iem_ref.bounds, section 11)
         rr = np.where(np.isfinite(r), r, 0.0)
         eta = np.where(rr > 0, np.where(np.isfinite(eta), eta, 0.0), 0.0)
         rel_r = u * (2 * np.abs(t) + 2 * tbar + 5 + tree_depth(M)) + eta + (rr * eta).sum(-1, keepdims=True) + 8 * U64
