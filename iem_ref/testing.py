@@ -443,7 +443,7 @@ def assert_attention_close(
     by ``c``, a ``tanh`` within 2 ulps, the product by ``c``) and each added
     prior ``u |z|`` (:func:`iem_ref.bounds.logit_error`); the exponents ``t`` and their spread are those of the
     logits (the sink a key with logit ``sink``, exact); dropout weighs each
-    term by ``keep / (1 - p)`` and rounds once more (``u |a|``).  An
+    term by ``keep / (1 - p)``, rounded and multiplied (``2 u`` per term).  An
     approximate ``tanh`` (``tanh.approx.f32``, relative error about
     ``2**-11``) needs explicit ``rtol``/``atol`` in float32.  ``exact=True``:
     exact tier (``energy`` ``"dot"`` or ``"sqeuclidean"``, small inputs).
@@ -462,7 +462,7 @@ def assert_attention_close(
     actual = _host(actual)
     if layout == "bshd":
         q, k, v, actual = _bshd(q), _bshd(k), _bshd(v), _bshd(actual)
-    variants = {key: (None if x is None or isinstance(x, (bool, int, float, tuple)) else _host(x)) if key != "window" else x for key, x in variants.items()}
+    variants = {key: _host(x) if hasattr(x, "__array__") or hasattr(x, "detach") else x for key, x in variants.items()}
     mask = None if mask is None else _host(mask)
     kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, **variants)
     inp = prepare_attention(q, k, v, **kw)
@@ -502,9 +502,9 @@ def assert_attention_close(
         spread = (rc * rel_r) @ vabs
         ef = np.abs(np.where(np.isfinite(expected), expected, 0.0))
         floor = M * float(np.finfo(a.dtype).tiny) * max(1.0, float(vabs.max()) if vabs.size else 1.0)
-        rounds = 1 if inp.keep is None else 2  # the final rounding (and V8's division by 1 - p)
+        extra = 0 if inp.keep is None else 2  # V8: the factor keep / (1 - p), rounded, and its product
         if rtol is None and atol is None:
-            tol = (spread + u * (tree_depth(M) + 2) * absum + rounds * u * ef) * _SECOND_ORDER + floor
+            tol = (spread + u * (tree_depth(M) + 2 + extra) * absum + u * ef) * _SECOND_ORDER + floor
         else:
             tol = _explicit_tol(expected, rtol, atol)
     cond = (2 * np.abs(t) + 2 * tbar).max(axis=-1, initial=0.0)
