@@ -414,6 +414,112 @@ def _m2():
     return "any split and merge order = one pass", err, 32 * U * float(np.max(np.abs(v)) + np.max(np.abs(rL)))
 
 
+def _variant_case():
+    """Two heads over 4 queries and 5 keys (one key head: grouped-query), with every variant's inputs."""
+    rng = np.random.default_rng(11)
+    q, k, v = rng.normal(size=(2, 4, 3)), rng.normal(size=(1, 5, 3)), rng.normal(size=(1, 5, 2))
+    bias = rng.normal(size=(2, 4, 5))
+    return q, k, v, bias
+
+
+def _softmax_rows(z, v, sink=None):
+    """softmax over the last axis (a sink logit appended), times v: the check's own composition."""
+    full = z if sink is None else np.concatenate([z, np.broadcast_to(sink, z.shape[:-1] + (1,))], axis=-1)
+    top = np.max(np.where(np.isfinite(full), full, -np.inf), axis=-1, keepdims=True)
+    w = np.where(np.isfinite(full), np.exp(full - top), 0.0)
+    r = w / w.sum(-1, keepdims=True)
+    return r[..., : z.shape[-1]] @ v, np.log(w.sum(-1)) + top[..., 0]
+
+
+# The variants' checks compare with a plain composition of 5 keys: each logit takes a few roundings
+# (a product, a tanh, two additions: <= 8 u |z| with |z| < 8 here), the softmax and the mean a few
+# more: 2**8 u of the values' size (|v| < 4) bounds both sides with room.
+_VTOL = 2**8 * U * 4
+
+
+@check("V1")
+def _v1():
+    q, k, v, bias = _variant_case()
+    z = 0.5 * q @ k[0].T + bias
+    a = R.attention(q, k, v, scale=0.5, bias=bias)
+    return "softmax(scale q k^T + bias) v", _abs(a, _softmax_rows(z, v[0])[0]), _VTOL
+
+
+@check("V2")
+def _v2():
+    q, k, v, _ = _variant_case()
+    slopes = np.array([0.5, 0.25])
+    i, j = np.arange(4)[:, None] + 1, np.arange(5)[None, :]  # bottom-right: i' = i + M - N
+    z = 0.5 * q @ k[0].T - slopes[:, None, None] * np.abs(i - j)
+    a = R.attention(q, k, v, scale=0.5, alibi_slopes=slopes, causal_alignment="bottom_right")
+    return "bias -slope |i + M - N - j|", _abs(a, _softmax_rows(z, v[0])[0]), _VTOL
+
+
+@check("V3")
+def _v3():
+    q, k, v, _ = _variant_case()
+    z = 2.0 * np.tanh(3.0 * q @ k[0].T / 2.0)
+    return "scores 2 tanh(x / 2)", _abs(R.attention(q, k, v, scale=3.0, softcap=2.0), _softmax_rows(z, v[0])[0]), _VTOL
+
+
+@check("V4")
+def _v4():
+    q, k, v, _ = _variant_case()
+    i, j = np.arange(4)[:, None], np.arange(5)[None, :]
+    z = np.where((j >= i - 1) & (j <= i + 1), 0.5 * q @ k[0].T, -np.inf)
+    a = R.attention(q, k, v, scale=0.5, window=(1, 1))
+    return "band |i - j| <= 1", _abs(a, _softmax_rows(z, v[0])[0]), _VTOL
+
+
+@check("V5")
+def _v5():
+    q, k, v, _ = _variant_case()
+    sinks = np.array([0.3, -1.0])
+    ref_a, ref_L = _softmax_rows(0.5 * q @ k[0].T, v[0], sinks[:, None, None])
+    a, L = R.attention(q, k, v, scale=0.5, sinks=sinks, return_lse=True)
+    return "one more logit in the denominator", max(_abs(a, ref_a), _abs(L, ref_L)), _VTOL
+
+
+@check("V6")
+def _v6():
+    q, k, v, _ = _variant_case()
+    a = R.attention(q, np.concatenate([k, k]), np.concatenate([v, v]), scale=0.5)
+    return "= the call with repeated key heads", _abs(R.attention(q, k, v, scale=0.5, enable_gqa=True), a), 0.0
+
+
+@check("V7")
+def _v7():
+    q, k, v, _ = _variant_case()
+    cu_q, cu_k = np.array([0, 1, 4]), np.array([0, 2, 5])
+    a = R.attention(q, k, v, scale=0.5, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    parts = [R.attention(q[:, cu_q[s]:cu_q[s + 1]], k[:, cu_k[s]:cu_k[s + 1]], v[:, cu_k[s]:cu_k[s + 1]], scale=0.5) for s in range(2)]
+    return "= one call per segment", _abs(a, np.concatenate(parts, axis=1)), _VTOL
+
+
+@check("V8")
+def _v8():
+    q, k, v, _ = _variant_case()
+    keep = np.random.default_rng(2).random((2, 4, 5)) < 0.7
+    r = R.attention_responsibilities(q, k, scale=0.5)
+    a = R.attention(q, k, v, scale=0.5, dropout_mask=keep, dropout_p=0.25)
+    return "(r * keep / (1 - p)) v", _abs(a, (r * keep / 0.75) @ v[0]), _VTOL
+
+
+@check("G6")
+def _g6():
+    q, k, v, bias = _variant_case()
+    u = np.random.default_rng(5).normal(size=(2, 4, 2))
+    kw = dict(scale=0.5, softcap=2.0, enable_gqa=True, is_causal=True)
+    sinks = np.array([0.3, -1.0])
+    grads = R.attention_vjp(q, k, v, u, bias=bias, sinks=sinks, **kw)
+    loss = lambda b, s: np.array(float((u * R.attention(q, k, v, bias=b, sinks=s, **kw)).sum()))  # noqa: E731
+    err = max(
+        _abs(grads[3], _central_difference(lambda b: loss(b, sinks), bias, FD_STEP)),
+        _abs(grads[4], _central_difference(lambda s: loss(bias, s), sinks, FD_STEP)),
+    )
+    return "central difference in bias and sinks", err, FD_TOL
+
+
 def run_checks():
     """Run every check; return a list of rows (id, functions, against, error, tolerance, ok)."""
     from .equations import REGISTRY

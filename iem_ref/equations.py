@@ -1,6 +1,6 @@
 """The equation registry: every equation ID -> its functions, derivation and tests.
 
-IDs follow ``derivations/README.md`` (groups A, T, H, S, P, K, G, M).  The
+IDs follow ``derivations/README.md`` (groups A, T, H, S, P, K, G, M, V).  The
 registry is data; ``tests/test_registry.py`` fails when an ID lacks a
 function that resolves, a derivation section or a test, and ``iem-ref
 equations`` prints it.
@@ -31,6 +31,7 @@ GROUPS = {
     "K": ("Kernels rather than dot products", "derivations/K_kernels.md"),
     "G": ("Responsibilities are gradients", "derivations/G_gradients.md"),
     "M": ("Streaming and merging", "derivations/M_streaming.md"),
+    "V": ("Attention variants as implicit EM", "derivations/V_variants.md"),
 }
 
 
@@ -86,8 +87,17 @@ REGISTRY = {
         _E("G3", "y_j = d_j + log sum_k exp(-d_k); exp(-y_j) = r_j; dy_i/dd_j = delta_ij - r_j", ("competition.neg_log_softmin", "gradients.neg_log_softmin_jacobian")),
         _E("G4", "attention backward: dS_ij = r_ij (b_ij - sum_j' r_ij' b_ij'), dv_j = sum_i r_ij u_i", ("gradients.attention_vjp",)),
         _E("G5", "Gaussian-mixture E-step p(j | x) = A3 with d_j = K3/2 + 1/2 log det - log pi_j", ("mixtures.mixture_energies", "mixtures.mixture_responsibilities")),
+        _E("G6", "variants backward: dZ = P (c b - Delta), dsink = -P_sink Delta, dX = dZ (1 - (s/c)^2), dbias = dZ", ("gradients.attention_vjp",)),
         _E("M1", "block partial (m_B, l_B, o_B)", ("streaming.partial_posterior",)),
         _E("M2", "merge: m = min(m1, m2), l = l1 e^{-(m1-m)} + l2 e^{-(m2-m)}, o likewise; a = o/l, L = -m + log l", ("streaming.merge_partials", "streaming.finalize_partial")),
+        _E("V1", "bias: z = s + bias, bias = log pi a log prior; -inf excludes", ("variants.log_prior_scores", "attention.attention")),
+        _E("V2", "ALiBi: bias = -slope |i' - j|, a Laplace prior over positions", ("variants.alibi_bias", "variants.relative_positions")),
+        _E("V3", "softcap: s = c tanh(x / c), a bounded energy", ("variants.softcap",)),
+        _E("V4", "window: key j takes part when i' - left <= j <= i' + right", ("variants.window_mask", "variants.relative_positions")),
+        _E("V5", "sinks: one more hypothesis with logit sink and value 0, a null hypothesis", ("variants.with_sink",)),
+        _E("V6", "grouped-query heads: query head h reads key head h // g", ("variants.repeat_kv_heads",)),
+        _E("V7", "packed segments: keys compete only inside their segment (block-diagonal)", ("variants.segment_mask", "variants.relative_positions")),
+        _E("V8", "dropout: a = sum_j r_j keep_j v_j / (1 - p), r and L before dropout", ("variants.dropout_mean",)),
     ]
 }
 

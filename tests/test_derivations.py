@@ -113,7 +113,7 @@ def test_derivation_K_kernels():
     run_derivation("K_kernels.md")
 
 
-@pytest.mark.equation("G1", "G2", "G3", "G4", "G5")
+@pytest.mark.equation("G1", "G2", "G3", "G4", "G5", "G6")
 def test_derivation_G_gradients():
     run_derivation("G_gradients.md")
 
@@ -121,6 +121,11 @@ def test_derivation_G_gradients():
 @pytest.mark.equation("M1", "M2")
 def test_derivation_M_streaming():
     run_derivation("M_streaming.md")
+
+
+@pytest.mark.equation("V1", "V2", "V3", "V4", "V5", "V6", "V7", "V8")
+def test_derivation_V_variants():
+    run_derivation("V_variants.md")
 
 
 def test_derivation_readme():
@@ -136,6 +141,7 @@ _COVERED = {
     "K_kernels.md",
     "G_gradients.md",
     "M_streaming.md",
+    "V_variants.md",
     "README.md",
 }
 
