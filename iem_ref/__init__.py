@@ -9,7 +9,10 @@ derivations and tests.
 Tiers: this package's NumPy functions are the float64 reference;
 ``iem_ref.exact`` the arbitrary-precision ground truth; ``iem_ref.accel.cpu``
 (Numba) and ``iem_ref.accel.cuda`` (numba-cuda) the fast paths with the same
-signatures.  Importing ``iem_ref`` needs only NumPy (and SciPy for some
+signatures.  The attention variants (bias, ALiBi, softcap, windows, sinks,
+grouped-query heads, packed segments, dropout; V1-V8) are keywords of
+:func:`attention` and :func:`attention_vjp`, their equations in
+:mod:`iem_ref.variants`.  Importing ``iem_ref`` needs only NumPy (and SciPy for some
 checks): Numba is imported by the ``accel`` modules alone.
 """
 
@@ -53,5 +56,6 @@ from .gradients import attention_vjp, log_partition_gradient, neg_log_softmin_ja
 from .mixtures import mixture_energies, mixture_responsibilities
 from .streaming import Partial, finalize_partial, merge_partials, partial_posterior
 from .summaries import posterior_entropy, posterior_mean, posterior_mode, posterior_variance, softmin_summary
+from . import variants
 
 __version__ = "0.1.0"
