@@ -493,3 +493,123 @@ def softplus(z, tau=1.0):
     out = np.empty(z.size, np.float64)
     _softplus_array(_flat64(z), tau, out)
     return np.asarray(out.reshape(z.shape), dtype=z.dtype)[()]
+
+
+# --- un-finalised partials (M1), for reductions across processes or machines ---------------
+def _partials_of(fn, args, B, n, dv, batch, threads):
+    """Run the forward's stage 0 with one key split and return its float64 partials, shaped ``batch + (N[, Dv])``.
+
+    With one split the kernel also finishes the rows into ``out`` and ``lse``: scratch here, not returned.
+    """
+    dtype = args[0].dtype
+    pm, pl, po, pn = np.empty((B, 1, n)), np.empty((B, 1, n)), np.empty((B, 1, n, dv)), np.empty((B, 1, n), np.bool_)
+    if B > 0 and n > 0:
+        full = args + (pm, pl, po, pn, np.empty((B, n, dv), dtype), np.empty((B, n), dtype))
+        if threads == 1:
+            with _blas_single_thread():
+                fn(0, 0, 1, *full)
+        else:
+            _run_stages(fn, (0,), *full)
+    shape = batch + (n,)
+    return pm[:, 0].reshape(shape), pl[:, 0].reshape(shape), po[:, 0].reshape(shape + (dv,)), pn[:, 0].reshape(shape)
+
+
+def _check_tiles(tiles, B, n, m, dtype):
+    if tiles is None:
+        return plan(B, n, m, dtype)[:2]
+    try:
+        bq, bk = (int(t) for t in tiles)
+    except (TypeError, ValueError):
+        raise TypeError(f"tiles must be a pair of ints (queries per block, keys per tile) or None; got {tiles!r}") from None
+    if bq < 1 or bk < 1:
+        raise ValueError(f"tiles must be positive; got {tiles!r}")
+    return bq, bk
+
+
+def _check_threads(threads):
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads != 1):
+        raise ValueError(f"threads must be None (numba.get_num_threads()) or 1; got {threads!r}")
+
+
+def attention_partials(q, k, v, *, scale=None, mask=None, causal_offset=None, energy="dot", tiles=None, threads=None):
+    """M1 without the finish: the float64 partials of every query over the keys of this call.
+
+    The forward kernel of :func:`attention` with one key split, stopped
+    before ``a = o / l`` and ``L = m + log l``, so that the partials of other
+    key blocks (other calls, other processes) can be merged by M2.  In
+    score space ``s_ij = -d_ij * scale``:
+
+    * ``m (B..., N)``: the largest participating score (``-inf`` when none
+      takes part, ``+inf`` when a score is ``+inf``);
+    * ``l (B..., N)``: ``sum_j exp(s_ij - m_i)``;
+    * ``o (B..., N, Dv)``: ``sum_j exp(s_ij - m_i) v_j``;
+    * ``nan (B..., N)``: True where a NaN score spoils the row (``m``, ``l``,
+      ``o`` are then meaningless).
+
+    ``causal_offset``: None (no causal mask) or an int: query ``i`` sees key
+    ``j`` when ``j <= i + causal_offset`` (indices of this call; a key block
+    starting at ``j0`` of a query block starting at ``i0`` with the one-call
+    offset ``off`` has ``off + i0 - j0``).  ``tiles``: ``(bq, bk)``, default
+    :func:`plan`'s for these shapes; fixing them to the whole problem's plan
+    makes a block's arithmetic that of the one-call kernel (the bounds of
+    :mod:`iem_ref.bounds`).  ``threads=1`` runs the kernel on the calling
+    thread only (for callers that parallelise over blocks themselves).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> m, l, o, nan = attention_partials(np.zeros((1, 2)), np.zeros((2, 2)), np.array([[1.0], [3.0]]))
+    >>> m, l, o, nan
+    (array([0.]), array([2.]), array([[4.]]), array([False]))
+    """
+    if causal_offset is not None and (isinstance(causal_offset, bool) or not isinstance(causal_offset, (int, np.integer))):
+        raise TypeError(f"causal_offset must be an int or None; got {type(causal_offset).__name__}")
+    _check_threads(threads)
+    inp = prepare_attention(q, k, v, scale=scale, mask=mask, energy=energy)
+    _check_energy(energy)
+    dtype = inp.dtype
+    (q3, qm), (k3, km), (v3, vm) = (_stack(as_float_array(x, name), inp.batch, dtype) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    if q3.shape[0] == 0 or k3.shape[0] == 0 or v3.shape[0] == 0:
+        q3, k3, v3 = (np.zeros((1,) + x.shape[1:], dtype) for x in (q3, k3, v3))
+    B = int(np.prod(inp.batch, dtype=np.int64))
+    bq, bk = _check_tiles(tiles, B, inp.n, inp.m, dtype)
+    d3, dmap = _dummy(dtype)
+    mask3, mmap, has_mask = _stack_mask(inp.mask, inp.batch, inp.n, inp.m)
+    causal = causal_offset is not None
+    args = (q3, k3, v3, qm, km, vm, d3, dmap, mask3, mmap, has_mask, causal, int(causal_offset) if causal else 0,
+            ENERGIES[energy], dtype.type(_scale_of(inp.tau)), bq, bk, 1, False)
+    return _partials_of(_kernel("forward", dtype), args, B, inp.n, inp.dv, inp.batch, threads)
+
+
+def softmin_partials(d, v, tau=1.0, *, mask=None, tiles=None, threads=None):
+    """M1 without the finish over precomputed energies: ``(m, l, o, nan)`` as :func:`attention_partials`, scores ``-d / tau``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> softmin_partials([[1.0, 1.0]], [[1.0], [3.0]])[:3]
+    (array([-1.]), array([2.]), array([[4.]]))
+    """
+    _check_threads(threads)
+    d, v, _ = check_summary_inputs(d, v, mask, "zero")
+    tau = check_tau(tau)
+    dtype = result_dtype(d, v)
+    try:
+        batch = np.broadcast_shapes(d.shape[:-2], v.shape[:-2])
+    except ValueError:
+        raise ValueError(f"leading (batch) axes do not broadcast: d {d.shape}, v {v.shape}") from None
+    n, m, dv = d.shape[-2], d.shape[-1], v.shape[-1]
+    mask_b = None if mask is None else np.broadcast_to(np.asarray(mask), batch + (n, m))
+    d3, dmap = _stack(d, batch, dtype)
+    v3, vm = _stack(v, batch, dtype)
+    q3 = _ro(np.zeros((1, n, 0), dtype))
+    k3 = _ro(np.zeros((1, m, 0), dtype))
+    B = int(np.prod(batch, dtype=np.int64))
+    zmap = _ro(np.zeros(max(1, B), np.int64))
+    if d3.shape[0] == 0 or v3.shape[0] == 0:
+        d3, v3 = (np.zeros((1,) + x.shape[1:], dtype) for x in (d3, v3))
+    bq, bk = _check_tiles(tiles, B, n, m, dtype)
+    mask3, mmap, has_mask = _stack_mask(mask_b, batch, n, m)
+    args = (q3, k3, v3, zmap, zmap, vm, d3, dmap, mask3, mmap, has_mask, False, 0, _PRECOMPUTED,
+            dtype.type(_scale_of(tau)), bq, bk, 1, False)
+    return _partials_of(_kernel("forward", dtype), args, B, n, dv, batch, threads)
