@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._accurate import softmin_terms
-from ._validation import as_float_array, as_mask, check_summary_inputs, check_tau, need_ndim, result_dtype
+from ._validation import as_float_array, as_mask, check_summary_inputs, check_tau, need_ndim, result_dtype, to_dtype
 from .competition import _log_partition_rows, _responsibility_rows, hard_responsibilities
 from .variants import dropout_mean
 
@@ -102,7 +102,7 @@ def posterior_mean(r, g, *, mask=None):
     r, g = _check_r_g(r, g)
     take = as_mask(mask, r.shape, "mask")
     a = _weighted_sum(r.astype(np.float64), g.astype(np.float64), take)
-    return np.asarray(a, dtype=result_dtype(r, g))[()]
+    return to_dtype(a, result_dtype(r, g))[()]
 
 
 def posterior_mode(d, g, *, mask=None, ties="split"):
@@ -122,7 +122,7 @@ def posterior_mode(d, g, *, mask=None, ties="split"):
     r = hard_responsibilities(d.astype(np.float64), mask=mask, ties=ties)
     take = as_mask(mask, d.shape, "mask")
     a = _weighted_sum(r, g.astype(np.float64), take)
-    return np.asarray(a, dtype=result_dtype(d, g))[()]
+    return to_dtype(a, result_dtype(d, g))[()]
 
 
 def posterior_variance(r, g, *, mask=None):
@@ -150,7 +150,7 @@ def posterior_variance(r, g, *, mask=None):
         if take is not None:
             weighted = np.where(take[..., None], weighted, 0.0)
         var = weighted.sum(axis=-2)
-    return np.asarray(var, dtype=result_dtype(r, g))[()]
+    return to_dtype(var, result_dtype(r, g))[()]
 
 
 def posterior_entropy(r, axis=-1):
@@ -167,7 +167,7 @@ def posterior_entropy(r, axis=-1):
     r64 = r.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(r64 > 0, -r64 * np.log(r64), np.where(np.isnan(r64), np.nan, 0.0))
-    return np.asarray(terms.sum(axis=axis), dtype=r.dtype)[()]
+    return to_dtype(terms.sum(axis=axis), r.dtype)[()]
 
 
 def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
@@ -201,7 +201,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     d, v, take = check_summary_inputs(d, v, mask, empty)
     a, L, _ = _softmin_summary(d.astype(np.float64), v.astype(np.float64), check_tau(tau), take, empty)
     dtype = result_dtype(d, v)
-    return a.astype(dtype), np.asarray(L, dtype=dtype)
+    return to_dtype(a, dtype), to_dtype(L, dtype)
 
 
 def _softmin_summary(d, v, tau, take, empty, keep=None, p=0.0):
