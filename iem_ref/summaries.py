@@ -33,12 +33,15 @@ __all__ = [
 ]
 
 
-def _weighted_sum(r, g, take):
+def _weighted_sum(r, g, take, limit=False):
     """``sum_j r_j g_j`` over participating ``j`` only (float64, ``r @ g`` shapes).
 
     The finite values go through one matmul; the rare non-finite values are
     added separately, and only where the hypothesis takes part, so a NaN in a
-    masked value cannot leak.
+    masked value cannot leak.  ``limit``: ``r`` are computed responsibilities
+    whose exact values are positive where they take part, so a weight that is
+    0 in floating point (underflow, or a finite energy beside ``-inf`` ones)
+    lets an infinite value through as itself instead of ``0 * inf = NaN``.
     """
     one_row = r.ndim == 1
     vector = g.ndim >= 2
@@ -55,6 +58,8 @@ def _weighted_sum(r, g, take):
         g_bad = np.where(finite, 0.0, g)[..., bad, :]  # (..., J, Dv)
         with np.errstate(invalid="ignore"):
             terms = r[..., bad][..., None] * g_bad[..., None, :, :]  # (..., N, J, Dv)
+        if limit:
+            terms = np.where(r[..., bad][..., None] == 0, g_bad[..., None, :, :], terms)
         if take is not None:
             terms = np.where(take[..., bad][..., None], terms, 0.0)
         out = out + terms.sum(axis=-2)
@@ -213,7 +218,7 @@ def _softmin_summary(d, v, tau, take, empty):
         r = _responsibility_rows(t.w / t.total[..., None], t, empty)  # A3: r_j = w_j / sum_j' w_j'
         L = _log_partition_rows(-t.m / tau + np.log1p(t.rest), t)  # G1: L = -m/tau + log(1 + sum_{j != argmin} w_j)
     participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
-    a = _weighted_sum(r, v, participates)  # A4: a = sum_j r_j v_j
+    a = _weighted_sum(r, v, participates, limit=True)  # A4: a = sum_j r_j v_j
     if empty == "nan":  # also when M = 0, where r has no entry to carry the NaN
         a = np.where(participates.any(axis=-1, keepdims=True), a, np.nan)
     return a, L, r
