@@ -124,7 +124,7 @@ def snapshot(arrays):
 
 
 @st.composite
-def attention_cases(draw, path="cpu", tiny=False):
+def attention_cases(draw, tiny=False, specials=True):
     """A random attention call: ``dict(q, k, v, kw, dtype)``; ``tiny`` keeps shapes for the simulator or the exact tier."""
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
@@ -149,7 +149,7 @@ def attention_cases(draw, path="cpu", tiny=False):
     q = (spread * rng.standard_normal(own_batch() + (N, D))).astype(dtype)
     k = (spread * rng.standard_normal(own_batch() + (M, D))).astype(dtype)
     v = rng.standard_normal(own_batch() + (M, Dv)).astype(dtype)
-    nspecial = draw(st.sampled_from([0, 0, 0, 1, 2, 4]))
+    nspecial = draw(st.sampled_from([0, 0, 0, 1, 2, 4])) if specials else 0
     q, k, v = (plant(rng, x, dtype, draw(st.integers(0, nspecial))) for x in (q, k, v))
     mixed = draw(st.sampled_from([None] * 5 + ["q", "k", "v"]))
     if mixed is not None and dtype == np.float32:  # one operand in float64: the call computes in float64
@@ -274,7 +274,7 @@ test_fuzz_attention_exact, test_fuzz_attention_exact_long = _attention_exact
 # --- attention_vjp ----------------------------------------------------------------------------------------
 @st.composite
 def vjp_cases(draw, tiny=False):
-    case = draw(attention_cases(tiny=tiny))
+    case = draw(attention_cases(tiny=tiny, specials=False))  # finite inputs: see check_vjp
     q, k, v = case["q"], case["k"], case["v"]
     try:
         batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
@@ -289,6 +289,12 @@ def vjp_cases(draw, tiny=False):
 
 
 def check_vjp(path, case):
+    """The backward on finite inputs (masks, causality, empty rows and axes included).
+
+    Infinite queries, keys or values are left out: the gradient of a row with certain keys (energy
+    ``-inf``) or of an infinite value has no written policy yet, and the paths differ there
+    (``0 * inf`` in ``dS_ij k_j``).
+    """
     q, k, v, g, kw = case["q"], case["k"], case["v"], case["g"], case["kw"]
     before = snapshot([q, k, v, g, kw.get("mask")])
     mod = module(path)
