@@ -113,3 +113,17 @@ def test_infinite_value_survives_a_rescale_that_underflows_and_certain_keys():
         assert a[0, 0] == -np.inf, mod.__name__
     ex = exact.to_float(exact.attention(q, k_cert, v[small], scale=1.0))
     assert np.isnan(ex[0, 0]) and ex[0, 1] == -np.inf
+
+
+@pytest.mark.parametrize("dtype", [">f8", ">f4"])
+def test_big_endian_float_inputs_are_their_float_dtype(dtype):
+    # A big-endian float64 / float32 array was refused with TypeError on every path, as if it were
+    # not a float: it is the same values, and computes (and returns) as the native dtype.
+    q, k, v = np.ones((2, 3), dtype), np.ones((4, 3), dtype), np.arange(8.0).reshape(4, 2).astype(dtype)
+    native = np.dtype(dtype).newbyteorder("=")
+    expected = np.broadcast_to(v.astype(native).mean(axis=0), (2, 2))
+    for mod in _paths():
+        a = mod.attention(q, k, v)
+        assert a.dtype == native
+        np.testing.assert_array_equal(a, expected)
+    assert R.softplus(np.zeros(2, dtype)).dtype == native
