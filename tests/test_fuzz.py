@@ -30,8 +30,8 @@ is finite there, ``+inf`` in every float path), so it is compared on cases
 whose float64 energies are finite where the inputs are.
 
 Budgets: the ``fuzz-ci`` profile (derandomized: the same examples on every
-run, no database) runs a fixed number of examples per test, about two
-minutes in all on two cores; the ``slow`` twins (also marked ``fuzz_long``,
+run, no database) runs a fixed number of examples per test (``BUDGET``: 562
+in all, about 25 seconds on two cores); the ``slow`` twins (also marked ``fuzz_long``,
 collected only when ``-m`` selects ``slow``: see ``conftest.py``) run the
 ``fuzz-long`` profile (random, with hypothesis' example database, 10x the
 examples).  Every
