@@ -40,6 +40,8 @@ def as_float_array(x, name):
     dt = arr.dtype
     if dt in _FLOATS or dt.name in LOW_PRECISION:
         return arr
+    if dt.kind == "f" and dt.newbyteorder("=") in _FLOATS:  # a non-native byte order: the same values, native
+        return arr.astype(dt.newbyteorder("="))
     if dt.kind in "iu":
         return arr.astype(np.float64)
     if dt.kind == "b":

@@ -590,7 +590,8 @@ def _summary(row, vals, part, C, delta):
     mag = _ZERO
     spread = _ZERO
     for j, v in zip(part, vals):
-        prod = C.multiply(row.w[j], v)
+        # an infinite value with a weight of 0 (underflowed, or beside certain keys) is the limit of positive weights
+        prod = v if (v.is_infinite() and row.w[j] == 0) else C.multiply(row.w[j], v)
         num = C.add(num, prod)
         if v.is_finite():
             mag += abs(prod)

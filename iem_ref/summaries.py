@@ -34,12 +34,15 @@ __all__ = [
 ]
 
 
-def _weighted_sum(r, g, take):
+def _weighted_sum(r, g, take, limit=False):
     """``sum_j r_j g_j`` over participating ``j`` only (float64, ``r @ g`` shapes).
 
     The finite values go through one matmul; the rare non-finite values are
     added separately, and only where the hypothesis takes part, so a NaN in a
-    masked value cannot leak.
+    masked value cannot leak.  ``limit``: ``r`` are computed responsibilities
+    whose exact values are positive where they take part, so a weight that is
+    0 in floating point (underflow, or a finite energy beside ``-inf`` ones)
+    lets an infinite value through as itself instead of ``0 * inf = NaN``.
     """
     one_row = r.ndim == 1
     vector = g.ndim >= 2
@@ -56,6 +59,8 @@ def _weighted_sum(r, g, take):
         g_bad = np.where(finite, 0.0, g)[..., bad, :]  # (..., J, Dv)
         with np.errstate(invalid="ignore"):
             terms = r[..., bad][..., None] * g_bad[..., None, :, :]  # (..., N, J, Dv)
+        if limit:
+            terms = np.where(r[..., bad][..., None] == 0, g_bad[..., None, :, :], terms)
         if take is not None:
             terms = np.where(take[..., bad][..., None], terms, 0.0)
         out = out + terms.sum(axis=-2)
@@ -216,7 +221,7 @@ def _softmin_summary(d, v, tau, take, empty, keep=None, p=0.0):
         L = _log_partition_rows(-t.m / tau + np.log1p(t.rest), t)  # G1: L = -m/tau + log(1 + sum_{j != argmin} w_j)
     participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
     if keep is None:
-        a = _weighted_sum(r, v, participates)  # A4: a = sum_j r_j v_j
+        a = _weighted_sum(r, v, participates, limit=True)  # A4: a = sum_j r_j v_j
     else:
         a = dropout_mean(r, keep & participates, p, v)  # V8: a = sum_j r_j keep_j v_j / (1 - p)
         a = np.where(t.nan_row[..., None], np.nan, a)  # a NaN row stays NaN even if all its keys are dropped
