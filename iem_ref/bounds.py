@@ -259,6 +259,34 @@ depth ``lg = ceil(log2 M)`` (``lg u_s |a|`` and ``lg u_a sum_j r_j
   per element, ``4 * 2 exp(-6.8^2 / 2) < 1e-9``, the chance that a correct
   kernel fails one element.
 
+14. A kernel under test, by its precision model (backward)
+---------------------------------------------------------
+:func:`kernel_vjp_bounds` bounds ``dq, dk, dv`` of a FlashAttention-style
+backward: ``P`` recomputed from the saved log-partition, ``dP = dO v^T``,
+``Delta = rowsum(dO * O)`` from the stored (rounded) output, ``dS = P (dP -
+Delta)`` rounded to the input dtype for the two GEMMs, ``dv = P^T dO`` with
+``P`` rounded to the input dtype, float32 (``u_a``) accumulators, results
+rounded to the input dtype (``u_in``).  With the forward's bounds
+``dL_i``, ``da_i`` (section 13) and ``eta_ij`` a score's error:
+
+* ``P_ij``: relative ``phi_ij = eta_ij + dL_i + u_s |x_ij - L_i| + 2 p u_s``;
+* ``b_ij = <u_i, v_j>``: ``db = lg_Dv u_a sum_c |u_ic v_jc|``;
+  ``Delta_i``: ``sum_c |u_ic| (da_ic + |a_ic| (lg_Dv u_a + u_o))``;
+* ``dS_ij``: ``P (phi |b - Delta| + db + dDelta) + (2 u_s + u_in) |dS|``
+  (the subtraction, the product, the rounding for the GEMM); a soft-cap's
+  factor ``1 - (s/c)^2`` adds ``|dS| (2 eta / c + 3 u_s)``;
+* ``dq_i = scale sum_j dS_ij k_j``: ``scale sum_j (ddS_ij + lg_M u_a
+  |dS_ij|) |k_j| + (u_a + u_in) |dq_i|``; ``dk`` alike over the queries (and
+  a group's heads); ``dv_j = sum_i P_ij c_ij u_i``: ``sum_i (phi_ij + u_in +
+  lg_N u_a) P c |u_i| + u_in |dv_j|``.
+
+``bound="probabilistic"``: the parts of ``ddS_ij`` that are a key's own
+roundings (``P phi |b - Delta|`` with ``phi`` without the row's ``dL``,
+``P db``, the roundings of ``dS``) are independent across the summed index
+and enter ``dq``, ``dk``, ``dv`` as ``lambda sqrt(sum (.)^2)``, each term
+the smaller of its two bounds; the row's shared ``dL_i`` and ``dDelta_i``
+stay rigorous.
+
 Examples
 --------
 >>> from iem_ref.bounds import gamma, unit_roundoff, tree_depth
@@ -304,6 +332,7 @@ __all__ = [
     "merge_bounds",
     "LAMBDA",
     "kernel_forward_bounds",
+    "kernel_vjp_bounds",
 ]
 
 #: float32 / float64 unit roundoff (section 1)
@@ -322,7 +351,9 @@ def unit_roundoff(dtype):
     >>> unit_roundoff(np.float32)
     5.960464477539063e-08
     """
-    return float(np.finfo(np.dtype(dtype)).eps) / 2
+    from .precision import unit_roundoff as low
+
+    return low(dtype)
 
 
 def gamma(n, u):
@@ -955,3 +986,95 @@ def kernel_forward_bounds(comp, r, a, L, precision, bound="probabilistic"):
         Lf = np.abs(_finite(np.asarray(L, np.float64)))
         tol_L = dL + u_s * (lg + math.log(max(M, 1)) + 2 * Lf + 2)
     return tol_a, tol_L
+
+
+def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
+    """Section 14: ``(tol_dq, tol_dk, tol_dv)`` for a FlashAttention-style backward of ``precision``.
+
+    ``comp``: the :class:`iem_ref.attention.Competition` of the inputs (dot
+    or squared Euclidean energy), ``grad_out`` the upstream gradient
+    (broadcast to ``(B..., N, Dv)``).  Shapes as :func:`iem_ref.attention_vjp`
+    returns them (``Hkv`` heads with grouped-query heads).
+    """
+    from .competition import responsibilities
+    from .gradients import _sum_groups
+    from .precision import unit_roundoff as unit
+
+    if bound not in ("probabilistic", "rigorous"):
+        raise ValueError(f"bound must be 'probabilistic' or 'rigorous'; got {bound!r}")
+    inp = comp.inp
+    M, N, D, Dv, g = inp.m, inp.n, inp.q.shape[-1], inp.dv, inp.group
+    u_s, u_a, u_o, u_in = (unit(getattr(precision, f)) for f in ("scores", "accumulator", "output", "inputs"))
+    pe = precision.exp_ulps
+    T = lambda z: np.swapaxes(z, -1, -2)  # noqa: E731
+    with np.errstate(invalid="ignore", over="ignore"):
+        part = ~np.isposinf(comp.e) if comp.take is None else comp.take & ~np.isposinf(comp.e)
+        P_all = np.where(part, responsibilities(comp.e, comp.tau, mask=comp.take), 0.0)
+        P_all = np.where(np.isfinite(P_all), P_all, 0.0)
+        P = P_all[..., :M]
+        # the forward: the oracle's output, log-partition and the kernel's forward bounds
+        z_all = -comp.e if comp.x is not None else -comp.e * inp.scale
+        zmax = np.where(P_all > 0, z_all, -np.inf).max(-1, keepdims=True, initial=-np.inf)
+        w = np.where(P_all > 0, np.exp(z_all - np.where(np.isfinite(zmax), zmax, 0.0)), 0.0)
+        L = (np.where(np.isfinite(zmax), zmax, 0.0) + np.log(np.where(w.sum(-1, keepdims=True) > 0, w.sum(-1, keepdims=True), 1.0)))[..., 0]
+        v64 = _finite(inp.v.astype(np.float64))
+        c = np.ones(P.shape) if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)
+        a = (P * c) @ v64
+        tol_a, tol_L = kernel_forward_bounds(comp, P_all, a, L, precision, bound)
+        x = _finite(comp.x if comp.x is not None else inp.scaled_scores(comp.d))
+        S = inp.scale * score_sizes(inp.q, inp.k, inp.energy if isinstance(inp.energy, str) else "dot", False)
+        eta = logit_error(comp, gamma(D, u_s) * S + u_s * np.abs(x), u_s) if comp.x is not None else gamma(D, u_s) * S + u_s * np.abs(x)
+        own = eta + u_s * np.abs(_finite(z_all[..., :M] - L[..., None])) + 2 * pe * u_s  # a key's own roundings in P
+        phi = np.where(P > 0, own + tol_L[..., None], 0.0)
+        u = _finite(np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (N, Dv)))
+        absu, absv = np.abs(u), np.abs(v64)
+        b = np.where(part[..., :M], c * (u @ T(v64)), 0.0)
+        uv = c * (absu @ T(absv))
+        db = tree_depth(Dv) * u_a * uv
+        delta = (u * a).sum(-1, keepdims=True)
+        ddelta = (absu * (tol_a + np.abs(a) * (tree_depth(Dv) * u_a + u_o))).sum(-1, keepdims=True)
+        dZ = P * (b - delta)
+        dX = dZ if inp.softcap is None else dZ * (1.0 - (_finite(comp.s) / inp.softcap) ** 2)
+        extra = 0.0 if inp.softcap is None else np.abs(dZ) * (2 * eta / inp.softcap + 3 * u_s)
+        bd = np.abs(b - delta)
+        local = P * (own * bd + db) + (2 * u_s + u_in) * np.abs(dX) + extra  # a key's own roundings, per (i, j)
+        shared = P * (tol_L[..., None] * bd + ddelta)  # the row's dL and dDelta
+        if bound == "probabilistic":
+            # the same roundings as root-sum-squares magnitudes (section 13); the output's columns independent
+            tz = _finite(np.abs(z_all[..., :M] - L[..., None]))
+            var = logit_error(comp, np.zeros(x.shape), u_s) if comp.x is not None else 0.0
+            own_p = u_s * np.sqrt((tree_depth(D) + 1) * S**2 + x**2 + tz**2 + 4 * pe * pe) + var
+            db_p = u_a * np.sqrt(tree_depth(Dv) + 1.0) * uv
+            local_p = P * (own_p * bd + db_p) + (2 * u_s + u_in) * np.abs(dX) + extra
+            ddelta_p = np.sqrt((u**2 * (tol_a + np.abs(a) * (tree_depth(Dv) * u_a + u_o)) ** 2).sum(-1, keepdims=True))
+            shared_p = P * (tol_L[..., None] * bd + ddelta_p)
+        adX = np.abs(dX)
+        q64, k64 = np.abs(_finite(inp.q.astype(np.float64))), np.abs(_finite(inp.k.astype(np.float64)))
+        sc = inp.scale
+        lgM, lgN = tree_depth(M), tree_depth(N * g)
+
+        def combine(acc, vals, transpose=False):
+            """``sum (local + shared + acc) vals`` over the summed index; probabilistic: the local part root-sum-squares."""
+            tr = T if transpose else (lambda z: z)
+            rig = tr(local + shared + acc) @ vals
+            if bound == "rigorous":
+                return rig
+            return np.minimum(rig, LAMBDA * np.sqrt(tr(local_p) ** 2 @ vals**2) + tr(shared_p + acc) @ vals)
+
+        dq = sc * combine(lgM * u_a * adX, k64)
+        dk = sc * combine(lgN * u_a * adX, q64, transpose=True)
+        if inp.energy == "sqeuclidean":
+            dk = dk + sc * k64 * (T(local + shared).sum(-1) + lgN * u_a * adX.sum(-2))[..., :, None]
+            if inp.softcap is not None or inp.sinks is not None:
+                dq = dq + sc * q64 * ((local + shared).sum(-1) + lgM * u_a * adX.sum(-1))[..., :, None]
+        Pc = P * c
+        dv = T(Pc * (own + u_in + tol_L[..., None] + lgN * u_a)) @ absu
+        if bound == "probabilistic":
+            dv_p = LAMBDA * np.sqrt(T(Pc * (own_p + u_in)) ** 2 @ absu**2) + T(Pc * (tol_L[..., None] + lgN * u_a)) @ absu
+            dv = np.minimum(dv, dv_p)
+        dq = dq + (u_a + u_in) * sc * np.abs(dX @ _finite(inp.k.astype(np.float64)))
+        dk = dk + (u_a + u_in) * sc * np.abs(T(dX) @ _finite(inp.q.astype(np.float64)))
+        dv = dv + u_in * np.abs(T(Pc) @ u)
+    if g > 1:
+        dk, dv = _sum_groups(dk, g), _sum_groups(dv, g)
+    return dq, dk, dv

@@ -209,14 +209,25 @@ def _rounds_alike(lo, hi):
 
     For a low-precision dtype: when the float64 rounding is the same over the
     interval, the interval can straddle one of its midpoints only if that
-    rounding is the midpoint itself (midpoints are float64 values).
+    rounding is the midpoint itself (midpoints are float64 values) and the
+    interval contains it.
     """
     f = float(lo)
     if f != float(hi):
         return False
     if round_to_float32(lo) != round_to_float32(hi):
         return False
-    return lo == hi or all(_low_midpoint(f, dt) is None for dt in _low_dtypes())
+    if lo == hi or not _few_bits(f) or not (lo <= _dec(f) <= hi):
+        return True
+    return all(_low_midpoint(f, dt) is None for dt in _low_dtypes())
+
+
+def _few_bits(f):
+    """True when ``f`` has at most 12 significant bits: only then can it be a float16, bfloat16 or float8 midpoint."""
+    if not math.isfinite(f) or f == 0:
+        return False
+    m, _ = math.frexp(f)
+    return int(abs(m) * 2**53) & ((1 << 41) - 1) == 0
 
 
 def _low_dtypes():

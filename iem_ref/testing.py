@@ -95,6 +95,7 @@ __all__ = [
     "assert_softmax_close",
     "assert_log_partition_close",
     "assert_attention_close",
+    "assert_attention_vjp_close",
 ]
 
 # Decimal arithmetic on exact results such as 1e-203619766 needs the full exponent range.
@@ -461,9 +462,11 @@ def assert_attention_close(
     ``bound="probabilistic"`` (default) treats the roundings of different keys
     as independent (a correct kernel fails an element with probability below
     ``1e-9``); ``"rigorous"`` adds them at their worst.  To both: the oracle's
-    own error (``8 u64`` relative) and a floor of ``M tiny max(1, max|v|)``
-    (``tiny`` the output dtype's smallest normal) for kernels that flush
-    subnormals.  ``rtol``/``atol``: numpy's rule instead.
+    own error (``8 u64`` relative) and a floor of ``max(1, max|v|)`` times
+    ``M tiny_s + M sub_p / 2 + sub_o / 2`` (``tiny_s`` the scores dtype's
+    smallest normal, for kernels that flush subnormal weights; ``sub_p``,
+    ``sub_o`` the smallest subnormals of the probabilities' and the output's
+    dtypes, whose roundings are absolute there).  ``rtol``/``atol``: numpy's rule instead.
 
     ``lse``: the kernel's log-partition (LSE) per query, checked too (natural
     log; ``lse_base=2`` for a kernel that returns ``log2``).
@@ -517,7 +520,7 @@ def assert_attention_close(
     t = t[..., :M]
     u_out = unit_roundoff(precision.output)
     vabs = np.abs(np.where(np.isfinite(inp.v), inp.v.astype(np.float64), 0.0))
-    floor = M * float(_tiny(precision.output)) * max(1.0, float(vabs.max()) if vabs.size else 1.0)
+    floor = _floor(precision, M) * max(1.0, float(vabs.max()) if vabs.size else 1.0)
     ef = np.abs(np.where(np.isfinite(expected), expected, 0.0))
     if baseline == "emulated":
         from . import lowp
@@ -566,6 +569,23 @@ def assert_attention_close(
     return worst
 
 
+def _floor(precision, n):
+    """Absolute floor for ``n`` terms of size at most 1: weights flushed below the scores dtype's
+    smallest normal, and the probabilities' and the result's rounding in their subnormal range
+    (half their smallest subnormal), where the relative bound does not hold."""
+    return n * (_tiny(precision.scores) + 0.5 * _smallest(precision.probs)) + 0.5 * _smallest(precision.output)
+
+
+def _smallest(dtype):
+    """The smallest positive (subnormal) number of a float dtype."""
+    dt = np.dtype(dtype)
+    if dt.name in LOW_PRECISION and dt.name != "float16":
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dt).smallest_subnormal)
+    return float(np.finfo(dt).smallest_subnormal)
+
+
 def _tiny(dtype):
     """The smallest normal number of a float dtype (low-precision ones included)."""
     dt = np.dtype(dtype)
@@ -574,3 +594,91 @@ def _tiny(dtype):
 
         return float(ml_dtypes.finfo(dt).tiny)
     return float(np.finfo(dt).tiny)
+
+
+def assert_attention_vjp_close(
+    dq,
+    dk,
+    dv,
+    q,
+    k,
+    v,
+    grad_out,
+    *,
+    scale=None,
+    mask=None,
+    is_causal=False,
+    causal_alignment="top_left",
+    energy="dot",
+    layout="bhsd",
+    precision=None,
+    bound="probabilistic",
+    rtol=None,
+    atol=None,
+    err_msg="",
+    **variants,
+):
+    """Check a backward pass ``(dq, dk, dv)`` (G4, G6) computed by your kernel for ``grad_out = dLoss/da``.
+
+    The keyword arguments are those of :func:`iem_ref.attention_vjp` (masks,
+    causality, the variants; ``dk, dv`` at the key heads with
+    ``enable_gqa``), plus ``layout``, ``precision`` and ``bound`` as in
+    :func:`assert_attention_close`.  The oracle is the float64 reference's
+    :func:`iem_ref.attention_vjp`; the tolerance, per element, is
+    :func:`iem_ref.bounds.kernel_vjp_bounds` (section 14 of
+    :mod:`iem_ref.bounds`): a FlashAttention-style backward that recomputes
+    ``P`` from its saved log-partition, forms ``Delta = rowsum(dO * O)``
+    from its rounded output and rounds ``dS`` and ``P`` to the input dtype
+    for the GEMMs, the cancellation in ``dP - Delta`` included; plus the
+    oracle's own error (:func:`iem_ref.bounds.variant_vjp_error`) and a floor
+    of ``n tiny`` (``n`` the reduction length).  Returns the largest ratio of
+    an element's error to its tolerance.
+
+    Examples
+    --------
+    >>> import iem_ref
+    >>> q = np.array([[0.5, -1.0]]); k = np.eye(2); v = np.array([[1.0], [3.0]]); g = np.array([[1.0]])
+    >>> grads = iem_ref.attention_vjp(q, k, v, g)
+    >>> assert_attention_vjp_close(*grads, q, k, v, g) < 1
+    True
+    """
+    from .bounds import kernel_vjp_bounds, variant_vjp_error
+    from .gradients import attention_vjp
+
+    unknown = set(variants) - set(_VARIANT_KEYS)
+    if unknown:
+        raise TypeError(f"assert_attention_vjp_close() got unexpected keyword argument(s) {sorted(unknown)}")
+    check_choice(layout, "layout", {"bhsd", "bshd"})
+    check_choice(bound, "bound", {"probabilistic", "rigorous"})
+    grads = [_host(x) for x in (dq, dk, dv)]
+    q, k, v, u = _host(q), _host(k), _host(v), _host(grad_out)
+    if layout == "bshd":
+        q, k, v, u = _bshd(q), _bshd(k), _bshd(v), _bshd(u)
+        grads = [_bshd(x) for x in grads]
+    variants = {key: _host(x) if hasattr(x, "__array__") or hasattr(x, "detach") else x for key, x in variants.items()}
+    mask = None if mask is None else _host(mask)
+    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, **variants)
+    if precision is None:
+        precision = infer_precision(*(x.dtype for x in grads + [q, k, v, u]))
+    elif not isinstance(precision, Precision):
+        precision = Precision.of(precision)
+    q64, k64, v64, u64 = (x.astype(np.float64) for x in (q, k, v, u))
+    expected = [np.asarray(x, np.float64) for x in attention_vjp(q64, k64, v64, u64, **kw)[:3]]
+    inp = prepare_attention(q64, k64, v64, **kw)
+    comp = Competition(inp)
+    if rtol is None and atol is None:
+        with np.errstate(all="ignore"):
+            tols = kernel_vjp_bounds(comp, u64, precision, bound)
+            own = variant_vjp_error(q64, k64, v64, u64, **kw)[:3]
+        floors = [_floor(precision, n) for n in (inp.m, inp.n * inp.group, inp.n * inp.group)]
+        tols = [(t + o) * _SECOND_ORDER + f for t, o, f in zip(tols, own, floors)]
+        how = f"{bound} bound"
+    else:
+        tols = [_explicit_tol(e, rtol, atol) for e in expected]
+        how = "explicit rtol/atol"
+    header = f"kernel: {precision.describe()}; {how}; N = {inp.n}, M = {inp.m}, D = {inp.q.shape[-1]}, energy {energy!r}"
+    worst = 0.0
+    for name, got, exp, tol in zip(("dq", "dk", "dv"), grads, expected, tols):
+        got = _check_shape(got, exp.shape, f"assert_attention_vjp_close ({name})")
+        worst = max(worst, _report_and_raise(name, got, exp, np.broadcast_to(tol, exp.shape), None, header, err_msg))
+    return worst
