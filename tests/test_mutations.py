@@ -97,7 +97,7 @@ def _problem(config, size, dtype):
     return q, k, v, g, kw
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _run(config, size, dtype, bug):
     q, k, v, g, kw = _problem(config, size, dtype)
     ker = FlashKernel(q, k, v, block_k=BLOCK_K, bugs=() if bug is None else (bug,), **kw)
