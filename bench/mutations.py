@@ -38,7 +38,7 @@ import iem_ref  # noqa: E402
 from iem_ref import testing  # noqa: E402
 from iem_ref.precision import Precision  # noqa: E402
 from tests.flash_kernels import BUGS, FlashKernel  # noqa: E402
-from tests.test_mutations import BLOCK_K, BUG_CASES, CONFIGS, FLOAT32_ONLY, _problem  # noqa: E402
+from tests.test_mutations import BLOCK_K, BUG_CASES, FLOAT32_ONLY, _problem  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 BF16 = np.dtype(ml_dtypes.bfloat16)
