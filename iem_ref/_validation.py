@@ -5,8 +5,12 @@ float arrays.  The rules (README, "API conventions"):
 
 - float32 stays float32, float64 stays float64; integers are promoted to
   float64; a mix of float32 and float64 (or integers) gives float64.
-- bool is accepted only as a mask; complex, object, string, float16 and
-  longdouble inputs raise ``TypeError`` naming the argument.
+- float16, bfloat16 and the float8 types (``ml_dtypes``) are upcast exactly
+  (every value is a float32) and the results rounded once to the widest
+  input dtype: float8 < {float16, bfloat16} < float32 < float64, with
+  float16 and bfloat16 together giving float32.
+- bool is accepted only as a mask; complex, object, string and longdouble
+  inputs raise ``TypeError`` naming the argument.
 - ``tau`` is a real scalar with ``tau > 0``; ``tau = inf`` is allowed (the
   uniform limit); ``tau <= 0`` or NaN raise ``ValueError`` (the hard limit has
   its own functions).
@@ -19,7 +23,10 @@ import numbers
 
 import numpy as np
 
+from .precision import LOW_PRECISION, round_to
+
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_RANK = {"float8_e4m3fn": 0, "float8_e5m2": 0, "float16": 1, "bfloat16": 1, "float32": 2, "float64": 3}
 
 
 def as_float_array(x, name):
@@ -31,20 +38,30 @@ def as_float_array(x, name):
     """
     arr = np.asarray(x)
     dt = arr.dtype
-    if dt in _FLOATS:
+    if dt in _FLOATS or dt.name in LOW_PRECISION:
         return arr
+    if dt.kind == "f" and dt.newbyteorder("=") in _FLOATS:  # a non-native byte order: the same values, native
+        return arr.astype(dt.newbyteorder("="))
     if dt.kind in "iu":
         return arr.astype(np.float64)
     if dt.kind == "b":
         raise TypeError(f"{name} must be a real float array; got dtype bool (bool is accepted only as a mask)")
-    raise TypeError(f"{name} must be a real float32/float64 (or integer) array; got dtype {dt}")
+    raise TypeError(f"{name} must be a real float64/float32/float16/bfloat16/float8 (or integer) array; got dtype {dt}")
 
 
 def result_dtype(*arrays):
-    """float32 if every input is float32, else float64."""
-    if all(a.dtype == np.float32 for a in arrays):
-        return np.dtype(np.float32)
-    return np.dtype(np.float64)
+    """The widest input dtype (module docstring); float16 with bfloat16 gives float32."""
+    dts = [a.dtype for a in arrays]
+    top = max(_RANK[d.name] for d in dts)
+    widest = {d for d in dts if _RANK[d.name] == top}
+    if len(widest) > 1:  # float16 and bfloat16, or the two float8 types: neither holds the other
+        return np.dtype(np.float32) if top == 1 else np.dtype(np.float16)
+    return widest.pop()
+
+
+def to_dtype(x, dtype):
+    """Round float64 results once to the output dtype (low-precision dtypes without double rounding)."""
+    return np.asarray(round_to(np.asarray(x, dtype=np.float64), dtype))
 
 
 def check_tau(tau, name="tau"):
@@ -181,3 +198,18 @@ def broadcast_batch(named, trailing):
         raise ValueError(f"leading (batch) axes do not broadcast: {desc}") from None
     out = [np.broadcast_to(a, batch + a.shape[a.ndim - t :]) for (_, a), t in zip(named, trailing)]
     return batch, out
+
+
+def kernel_dtype(**arrays):
+    """The accelerated paths' dtype: float32 or float64 (``result_dtype``); low-precision inputs are ``TypeError``.
+
+    The compiled kernels compute in the inputs' dtype; for float16, bfloat16
+    and float8 use the reference (or upcast: every such value is a float32).
+    """
+    for name, a in arrays.items():
+        if a.dtype.name in LOW_PRECISION:
+            raise TypeError(
+                f"{name} has dtype {a.dtype}: the accelerated paths take float32/float64 "
+                f"(upcast exactly with .astype(np.float32), or use the reference, which takes {a.dtype})"
+            )
+    return result_dtype(*arrays.values())

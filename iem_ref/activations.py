@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import as_float_array, check_scale, check_sign_pair, check_tau, result_dtype
+from ._validation import as_float_array, check_scale, check_sign_pair, check_tau, result_dtype, to_dtype
 from .attention import attention
 from .competition import free_energy, responsibilities
 from .energies import SIGNS, signed_linear_energies
@@ -47,7 +47,7 @@ def sign_responsibilities(d_plus, d_minus):
     array([0.75, 0.25])
     """
     d, dtype = _stack_signs(d_plus, d_minus)
-    return responsibilities(d).astype(dtype)
+    return to_dtype(responsibilities(d), dtype)
 
 
 def sign_posterior_mean(d_plus, d_minus):
@@ -60,7 +60,7 @@ def sign_posterior_mean(d_plus, d_minus):
     """
     d, dtype = _stack_signs(d_plus, d_minus)
     r = responsibilities(d)
-    return np.asarray(posterior_mean(r, SIGNS), dtype=dtype)[()]
+    return to_dtype(posterior_mean(r, SIGNS), dtype)[()]
 
 
 def tanh_from_signed_gaussian(z, m=1.0, sigma=1.0):
@@ -190,4 +190,4 @@ def prototype_activation(z, centres, values, tau=1.0):
     d = (c0 - c64) * (2.0 * z64 - c64 - c0) / 2.0  # (..., K)
     r = responsibilities(d, tau)
     a = (r * g.astype(np.float64)).sum(axis=-1)
-    return np.asarray(a, dtype=result_dtype(z, c, g))[()]
+    return to_dtype(a, result_dtype(z, c, g))[()]

@@ -40,6 +40,7 @@ from ._validation import (
     check_scale,
     need_ndim,
     result_dtype,
+    to_dtype,
 )
 from .competition import hard_responsibilities, responsibilities
 from .energies import ENERGIES
@@ -444,13 +445,13 @@ def attention(
     )
     # A1 (energies), T1 (tau = 1/scale), V1-V5 (logits, participation, sink), then A3 + A4 (V8) in one softmin pass
     a, lse, r = Competition(inp).summary(empty)
-    out = [a.astype(inp.dtype)]
+    out = [to_dtype(a, inp.dtype)]
     if return_lse:
-        out.append(np.asarray(lse, dtype=inp.dtype))
+        out.append(to_dtype(lse, inp.dtype))
     if return_responsibilities:
-        out.append(r[..., : inp.m].astype(inp.dtype))
+        out.append(to_dtype(r[..., : inp.m], inp.dtype))
         if inp.sinks is not None:
-            out.append(r[..., inp.m].astype(inp.dtype))
+            out.append(to_dtype(r[..., inp.m], inp.dtype))
     return out[0] if len(out) == 1 else tuple(out)
 
 
@@ -469,7 +470,7 @@ def attention_responsibilities(q, k, *, scale=None, mask=None, is_causal=False, 
     v = np.zeros(k.shape[:-1] + (0,))
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
     r = responsibilities(inp.energies(), inp.tau, mask=inp.takes_part(), empty=empty)
-    return r.astype(result_dtype(as_float_array(q, "q"), as_float_array(k, "k")))
+    return to_dtype(r, result_dtype(as_float_array(q, "q"), as_float_array(k, "k")))
 
 
 def hard_attention(q, k, v, *, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", ties="split", empty="zero", return_responsibilities=False):
@@ -497,5 +498,5 @@ def hard_attention(q, k, v, *, mask=None, is_causal=False, causal_alignment="top
     if empty == "nan":  # also when M = 0, where r has no entry to carry the NaN
         a = np.where((r > 0).any(axis=-1, keepdims=True), a, np.nan)
     if return_responsibilities:
-        return a.astype(inp.dtype), r.astype(inp.dtype)
-    return a.astype(inp.dtype)
+        return to_dtype(a, inp.dtype), to_dtype(r, inp.dtype)
+    return to_dtype(a, inp.dtype)

@@ -134,7 +134,9 @@ Per output element, with the reference's ``r``: ``P = sum_j r_j |v_j|``,
 order ``o = sum_j w_j (1 + e_j)(1 + g_j) v_j``, ``l = sum_j w_j (1 + e_j)(1 +
 g'_j)`` (``|e_j| <= E``, ``|g|, |g'| <= G``), so ``a^ - a = sum_j r_j e_j (v_j -
 a) + sum_j r_j g_j v_j - a sum_j r_j g'_j`` and ``|a^ - a| <= E W + G (P +
-|a|) + rho_R min(V / 2, W) + out |a|`` with ``out`` the division and the
+|a|) + rho_R min(V / 2, W) + out |a|`` (``E W`` in its form valid for any
+``E``, ``min(W expm1(E) e^E, H)`` with ``H = max_j |v_j - a|`` over the
+participating keys: :func:`_weight_term`) with ``out`` the division and the
 output rounding (CPU: float64 division ``u64``, then the dtype ``u`` if
 float32; CUDA: the division in the dtype, ``u``).  ``L = m + log l``:
 ``|L^ - L| <= E + G + rho_R + 2 u_s log M + (u_s + store) |L|`` (``l`` in
@@ -510,10 +512,27 @@ def _spreads(x, part, v, a_ref):
     v = _finite(np.asarray(v, np.float64))
     a = _finite(np.asarray(a_ref, np.float64))
     P = r @ np.abs(v)
-    W = np.stack([(r * np.abs(v[..., None, :, c] - a[..., :, c, None])).sum(-1) for c in range(v.shape[-1])], axis=-1)
+    cols = range(v.shape[-1])
+    W = np.stack([(r * np.abs(v[..., None, :, c] - a[..., :, c, None])).sum(-1) for c in cols], axis=-1) if cols else np.zeros(P.shape)
+    # H: the farthest participating value from a; any convex combination of the values is within it
+    H = np.stack([np.where(part, np.abs(v[..., None, :, c] - a[..., :, c, None]), 0.0).max(-1, initial=0.0) for c in cols], axis=-1) if cols else np.zeros(P.shape)
     V = np.abs(v).max(axis=-2, keepdims=True, initial=0.0)
     shape = np.broadcast_shapes(P.shape, W.shape, a.shape)
-    return np.broadcast_to(P, shape), np.broadcast_to(W, shape), np.broadcast_to(V, v.shape[:-2] + (1, v.shape[-1]))
+    return (np.broadcast_to(P, shape), np.broadcast_to(W, shape), np.broadcast_to(V, v.shape[:-2] + (1, v.shape[-1])),
+            np.broadcast_to(H, shape))
+
+
+def _weight_term(E, W, H):
+    """The weights' part of section 9, ``E W`` to first order, valid for any ``E``: ``min(W expm1(E) e^E, H)``.
+
+    Weights ``w_j f_j`` with ``|log f_j| <= E`` move ``a`` by ``|sum_j r_j (f_j - 1)(v_j - a)| / sum_j r_j f_j
+    <= W expm1(E) e^E``; and both results are convex combinations of the participating values, so within
+    ``H = max_j |v_j - a|`` of each other whatever ``E`` (a score error beyond ``1``, e.g. float32 scores
+    of size ``1e29``, leaves nothing else).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        first = W * (np.expm1(E) * np.exp(E))[..., None]
+    return np.minimum(np.where(np.isnan(first), np.inf, first), H)
 
 
 def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None):
@@ -538,15 +557,18 @@ def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None):
     E = np.where(part, sig_path + sig_ref + shift, 0.0).max(axis=-1, initial=0.0) + exp_term
     rho = path.rescales(M, dtype, N) * ulps(path.rescale_exp_ulps, us)
     G = sum_bound(path, path.key_sum(M, dtype, N), u)
-    Pv, W, V = _spreads(x, part, v, a_ref)
+    # rows with scores +inf (energies -inf): those keys share the mass equally (weights exactly 1)
+    cert = np.isposinf(x) if take is None else np.broadcast_to(take, x.shape) & np.isposinf(x)
+    has_cert = cert.any(axis=-1, keepdims=True)
+    Pv, W, V, H = _spreads(np.where(cert, 0.0, x), np.where(has_cert, cert, part), v, a_ref)
     A = np.abs(_finite(np.asarray(a_ref, np.float64)))
     La = np.abs(_finite(np.asarray(L_ref, np.float64)))
     xmax = np.abs(np.where(part, x, 0.0)).max(axis=-1, initial=0.0)
     out_ref = u if u > U64 else 0.0  # the reference's float32 rounding of its float64 results
     moved = rho * np.minimum(0.5 * V, W)  # the rescale factors (section 7)
-    a_path = E_path[..., None] * W + G * (Pv + A) + moved + (us + store) * A
+    a_path = _weight_term(E_path, W, H) + G * (Pv + A) + moved + (us + store) * A
     ref_own = (ulps(REFERENCE_R_ULPS, U64) + gamma(M, U64)) * Pv
-    a = E[..., None] * W + G * (Pv + A) + moved + ref_own + (us + store + out_ref) * A
+    a = _weight_term(E, W, H) + G * (Pv + A) + moved + ref_own + (us + store + out_ref) * A
     log_term = 2 * us * math.log(max(M, 1))
     L_path = E_path + G + rho + log_term + (us + store) * La
     L = E + G + rho + log_term + (us + store) * La + 4 * U64 * La + 2 * U64 * xmax + out_ref * La

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._accurate import softmin_terms
-from ._validation import as_float_array, as_mask, check_axis, check_choice, check_tau
+from ._validation import as_float_array, as_mask, check_axis, check_choice, check_tau, to_dtype
 
 __all__ = [
     "likelihoods",
@@ -78,7 +78,7 @@ def likelihoods(d, tau=1.0):
     tau = check_tau(tau)
     with np.errstate(over="ignore"):
         P = np.exp(-d.astype(np.float64) / tau)
-    return P.astype(d.dtype)
+    return to_dtype(P, d.dtype)
 
 
 def log_partition(d, tau=1.0, axis=-1, mask=None):
@@ -116,7 +116,7 @@ def log_partition(d, tau=1.0, axis=-1, mask=None):
     t = softmin_terms(d64, tau, take)
     with np.errstate(all="ignore"):
         L = -t.m / tau + np.log1p(t.rest)  # G1: L = log sum_j exp(-d_j/tau) = -m/tau + log(1 + rest)
-    return np.asarray(_log_partition_rows(L, t), dtype=dtype)[()]
+    return to_dtype(_log_partition_rows(L, t), dtype)[()]
 
 
 def _log_partition_rows(L, t):
@@ -153,7 +153,7 @@ def free_energy(d, tau=1.0, axis=-1, mask=None):
         lone = np.where(take if take is not None else True, d64, np.inf)
         n = np.isfinite(lone).sum(axis=-1)
         F = np.where((n == 1) & (L == 0), np.where(np.isfinite(lone), lone, 0).sum(axis=-1), F)
-    return np.asarray(F, dtype=dtype)[()]
+    return to_dtype(F, dtype)[()]
 
 
 def responsibilities(d, tau=1.0, axis=-1, mask=None, *, empty="zero"):
@@ -198,7 +198,7 @@ def responsibilities(d, tau=1.0, axis=-1, mask=None, *, empty="zero"):
     with np.errstate(all="ignore"):
         r = t.w / t.total[..., None]  # A3: r_j = exp(-d_j/tau) / sum_j' exp(-d_j'/tau), the shift cancels
     r = _responsibility_rows(r, t, empty)
-    return np.moveaxis(r, -1, axis).astype(dtype, copy=False)
+    return to_dtype(np.moveaxis(r, -1, axis), dtype)
 
 
 def canonical_energies(d, tau=1.0, axis=-1, mask=None):
@@ -218,7 +218,7 @@ def canonical_energies(d, tau=1.0, axis=-1, mask=None):
     t = softmin_terms(d64, tau, take)
     c = -t.hi  # (d_j - m)/tau, rounded once
     c = np.where(t.nan_row[..., None], np.nan, c)
-    return np.moveaxis(c, -1, axis).astype(dtype, copy=False)
+    return to_dtype(np.moveaxis(c, -1, axis), dtype)
 
 
 def hard_responsibilities(d, axis=-1, mask=None, *, ties="split", empty="zero"):
@@ -255,7 +255,7 @@ def hard_responsibilities(d, axis=-1, mask=None, *, ties="split", empty="zero"):
         r = winners / winners.sum(axis=-1, keepdims=True)
     r = np.where(t.empty[..., None], 0.0 if empty == "zero" else np.nan, r)
     r = np.where(t.nan_row[..., None], np.nan, r)
-    return np.moveaxis(r, -1, axis).astype(dtype, copy=False)
+    return to_dtype(np.moveaxis(r, -1, axis), dtype)
 
 
 def neg_log_softmin(d, tau=1.0, axis=-1, mask=None):
@@ -278,4 +278,4 @@ def neg_log_softmin(d, tau=1.0, axis=-1, mask=None):
         y = -t.hi + (np.log1p(t.rest)[..., None] - t.lo)  # G3: y_j = d_j/tau + L = (d_j - m)/tau + log(1 + rest)
         y = np.where(t.certain[..., None], np.where(t.hi == 0.0, np.log(t.total)[..., None], np.inf), y)
     y = np.where(t.nan_row[..., None], np.nan, y)
-    return np.moveaxis(y, -1, axis).astype(dtype, copy=False)
+    return to_dtype(np.moveaxis(y, -1, axis), dtype)

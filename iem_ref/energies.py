@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import as_float_array, broadcast_batch, check_positive, need_ndim, result_dtype
+from ._validation import as_float_array, broadcast_batch, check_positive, need_ndim, result_dtype, to_dtype
 
 __all__ = [
     "dot_energy",
@@ -62,7 +62,7 @@ def _pair(x, mu, names=("x", "mu")):
 
 
 def _done(d, dtype, single):
-    d = np.asarray(d).astype(dtype, copy=False)
+    d = to_dtype(d, dtype)
     return d[..., 0, :] if single else d
 
 
@@ -260,7 +260,7 @@ def logistic_energy(z, mu=0.0, alpha=1.0):
     if mu_arr.ndim:
         z64 = z64[..., None]
     d = np.logaddexp(0.0, -alpha * (z64 - mu_arr.astype(np.float64)))
-    return np.asarray(d, dtype=dtype)[()]
+    return to_dtype(d, dtype)[()]
 
 
 def signed_gaussian_energies(z, m=1.0, sigma=1.0):

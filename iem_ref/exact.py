@@ -65,6 +65,7 @@ import numpy as np
 
 from ._validation import as_float_array, as_mask, check_axis, check_choice, check_scale, check_tau, need_ndim
 from .attention import prepare_attention
+from .precision import LOW_PRECISION, is_low_precision, low_precision_dtype, round_to
 
 __all__ = [
     "log_partition",
@@ -144,30 +145,87 @@ def round_to_float32(x):
     return min(cands, key=key)
 
 
+def _low_midpoint(f, dtype):
+    """The two ``dtype`` neighbours of the float64 ``f`` if ``f`` is exactly their midpoint, else None."""
+    if not math.isfinite(f):
+        return None
+    r = float(round_to(np.array([f]), dtype).astype(np.float64)[0])
+    if r == f or not math.isfinite(r):
+        return None
+    other = _next_low(r, f > r, dtype)
+    return (min(r, other), max(r, other)) if math.isfinite(other) and 2 * f == r + other else None
+
+
+def _next_low(r, up, dtype):
+    """The ``dtype`` value next to its value ``r``, upwards or downwards (by the bit pattern)."""
+    a = np.array([r]).astype(dtype)
+    uint = np.uint8 if a.itemsize == 1 else np.uint16
+    bits = int(a.view(uint)[0])
+    sign_bit = 1 << (8 * a.itemsize - 1)
+    if r == 0:
+        nxt = 1 if up else sign_bit | 1
+    elif (r > 0) == up:  # away from zero
+        nxt = bits + 1
+    else:  # towards zero
+        nxt = bits - 1
+    return float(np.array([nxt], dtype=uint).view(dtype).astype(np.float64)[0])
+
+
+def _round_low(x, dtype):
+    """The ``dtype`` (float16, bfloat16, float8) value nearest the Decimal ``x``, ties to even."""
+    f = float(x)
+    mid = _low_midpoint(f, dtype)
+    if mid is None or x == _dec(f):
+        return round_to(np.array([f]), dtype)[0]
+    return np.array([mid[1] if x > _dec(f) else mid[0]]).astype(dtype)[0]
+
+
 def to_float(x, dtype=np.float64):
-    """Correctly rounded float array from Decimal results (``dtype`` float64 or float32).
+    """Correctly rounded float array from Decimal results (``dtype`` float64, float32, float16, bfloat16, float8).
 
     Examples
     --------
     >>> to_float([Decimal("0.1"), Decimal("1e-400")])
     array([0.1, 0. ])
+    >>> float(to_float([Decimal(1) + Decimal(2) ** -8 + Decimal(2) ** -70], "bfloat16")[0]) - 1  # just above a midpoint
+    0.0078125
     """
-    dtype = np.dtype(dtype)
-    if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
-        raise TypeError(f"dtype must be float64 or float32; got {dtype}")
+    dtype = low_precision_dtype(dtype) if isinstance(dtype, str) and dtype in LOW_PRECISION else np.dtype(dtype)
+    if dtype not in (np.dtype(np.float64), np.dtype(np.float32)) and not is_low_precision(dtype):
+        raise TypeError(f"dtype must be float64, float32 or one of {LOW_PRECISION}; got {dtype}")
     arr = np.asarray(x, dtype=object)
     flat = [(_dec(e)) for e in arr.reshape(-1)]
     if dtype == np.float64:
         out = np.array([float(e) for e in flat], dtype=np.float64)
-    else:
+    elif dtype == np.float32:
         out = np.array([round_to_float32(e) for e in flat], dtype=np.float32)
+    else:
+        out = np.array([_round_low(e, dtype) for e in flat], dtype=dtype)
     return out.reshape(arr.shape)
 
 
 def _rounds_alike(lo, hi):
-    if float(lo) != float(hi):
+    """Every value in ``[lo, hi]`` rounds alike to float64, float32 and the low-precision dtypes.
+
+    For a low-precision dtype: when the float64 rounding is the same over the
+    interval, the interval can straddle one of its midpoints only if that
+    rounding is the midpoint itself (midpoints are float64 values).
+    """
+    f = float(lo)
+    if f != float(hi):
         return False
-    return round_to_float32(lo) == round_to_float32(hi)
+    if round_to_float32(lo) != round_to_float32(hi):
+        return False
+    return lo == hi or all(_low_midpoint(f, dt) is None for dt in _low_dtypes())
+
+
+def _low_dtypes():
+    dts = [np.dtype(np.float16)]
+    try:
+        dts += [low_precision_dtype(name) for name in LOW_PRECISION if name != "float16"]
+    except TypeError:  # ml_dtypes absent: no bfloat16 or float8 results to settle
+        pass
+    return dts
 
 
 def _settled(x, e, p):
@@ -532,7 +590,8 @@ def _summary(row, vals, part, C, delta):
     mag = _ZERO
     spread = _ZERO
     for j, v in zip(part, vals):
-        prod = C.multiply(row.w[j], v)
+        # an infinite value with a weight of 0 (underflowed, or beside certain keys) is the limit of positive weights
+        prod = v if (v.is_infinite() and row.w[j] == 0) else C.multiply(row.w[j], v)
         num = C.add(num, prod)
         if v.is_finite():
             mag += abs(prod)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_choice, check_grad_out, result_dtype
+from ._validation import check_choice, check_grad_out, result_dtype, to_dtype
 from .attention import Competition, prepare_attention
 from .competition import responsibilities
 from .summaries import _weighted_sum
@@ -30,7 +30,7 @@ def log_partition_gradient(d, tau=1.0, axis=-1, mask=None):
     array([-0.5, -0.5])
     """
     r = responsibilities(d, tau, axis, mask)
-    return -r / np.asarray(tau, dtype=r.dtype)
+    return to_dtype(-r.astype(np.float64) / tau, r.dtype)
 
 
 def responsibilities_jacobian(d, tau=1.0, mask=None):
@@ -47,8 +47,8 @@ def responsibilities_jacobian(d, tau=1.0, mask=None):
            [ 0.25, -0.25]])
     """
     r = responsibilities(d, tau, -1, mask)
-    eye = np.eye(r.shape[-1], dtype=r.dtype)
-    return -r[..., :, None] * (eye - r[..., None, :]) / np.asarray(tau, dtype=r.dtype)
+    r64, eye = r.astype(np.float64), np.eye(r.shape[-1])
+    return to_dtype(-r64[..., :, None] * (eye - r64[..., None, :]) / tau, r.dtype)
 
 
 def neg_log_softmin_jacobian(d, tau=1.0, mask=None):
@@ -63,8 +63,8 @@ def neg_log_softmin_jacobian(d, tau=1.0, mask=None):
            [-0.5,  0.5]])
     """
     r = responsibilities(d, tau, -1, mask)
-    eye = np.eye(r.shape[-1], dtype=r.dtype)
-    return (eye - r[..., None, :]) / np.asarray(tau, dtype=r.dtype)
+    r64, eye = r.astype(np.float64), np.eye(r.shape[-1])
+    return to_dtype((eye - r64[..., None, :]) / tau, r.dtype)
 
 
 def attention_vjp(
@@ -173,12 +173,12 @@ def attention_vjp(
     dtype = result_dtype(inp.q, inp.k, inp.v, u_in)
     if inp.group > 1:  # V6: each key head's gradient is the sum over its group of query heads
         dk, dv = (_sum_groups(x, inp.group) for x in (dk, dv))
-    grads = [dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)]
+    grads = [to_dtype(dq, dtype), to_dtype(dk, dtype), to_dtype(dv, dtype)]
     if inp.bias is not None:
-        grads.append(_sum_to_shape(dZ, inp.bias_shape).astype(dtype))  # V1: dbias = dLoss/dz
+        grads.append(to_dtype(_sum_to_shape(dZ, inp.bias_shape), dtype))  # V1: dbias = dLoss/dz
     if inp.sinks is not None:
         dsink = -P[..., M] * delta[..., 0]  # V5: dLoss/dsink_i = -P_i,sink Delta_i
-        grads.append(_sum_to_shape(dsink.sum(axis=-1), inp.sinks_shape).astype(dtype))
+        grads.append(to_dtype(_sum_to_shape(dsink.sum(axis=-1), inp.sinks_shape), dtype))
     return tuple(grads)
 
 

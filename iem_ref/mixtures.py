@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import as_float_array
+from ._validation import as_float_array, to_dtype
 from .competition import responsibilities
 from .energies import mahalanobis_energy
 
@@ -31,7 +31,7 @@ def mixture_energies(x, means, covariances, weights):
         raise ValueError(f"weights must be a 1-D probability vector (non-negative, summing to 1); got {np.asarray(weights)!r}")
     d = mahalanobis_energy(x, means, covariances, half=True, log_det=True)
     with np.errstate(divide="ignore"):
-        return d - np.log(w.astype(np.float64)).astype(d.dtype)
+        return to_dtype(d.astype(np.float64) - np.log(w.astype(np.float64)), d.dtype)
 
 
 def mixture_responsibilities(x, means, covariances, weights):

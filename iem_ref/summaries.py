@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._accurate import softmin_terms
-from ._validation import as_float_array, as_mask, check_summary_inputs, check_tau, need_ndim, result_dtype
+from ._validation import as_float_array, as_mask, check_summary_inputs, check_tau, need_ndim, result_dtype, to_dtype
 from .competition import _log_partition_rows, _responsibility_rows, hard_responsibilities
 from .variants import dropout_mean
 
@@ -34,12 +34,15 @@ __all__ = [
 ]
 
 
-def _weighted_sum(r, g, take):
+def _weighted_sum(r, g, take, limit=False):
     """``sum_j r_j g_j`` over participating ``j`` only (float64, ``r @ g`` shapes).
 
     The finite values go through one matmul; the rare non-finite values are
     added separately, and only where the hypothesis takes part, so a NaN in a
-    masked value cannot leak.
+    masked value cannot leak.  ``limit``: ``r`` are computed responsibilities
+    whose exact values are positive where they take part, so a weight that is
+    0 in floating point (underflow, or a finite energy beside ``-inf`` ones)
+    lets an infinite value through as itself instead of ``0 * inf = NaN``.
     """
     one_row = r.ndim == 1
     vector = g.ndim >= 2
@@ -56,6 +59,8 @@ def _weighted_sum(r, g, take):
         g_bad = np.where(finite, 0.0, g)[..., bad, :]  # (..., J, Dv)
         with np.errstate(invalid="ignore"):
             terms = r[..., bad][..., None] * g_bad[..., None, :, :]  # (..., N, J, Dv)
+        if limit:
+            terms = np.where(r[..., bad][..., None] == 0, g_bad[..., None, :, :], terms)
         if take is not None:
             terms = np.where(take[..., bad][..., None], terms, 0.0)
         out = out + terms.sum(axis=-2)
@@ -102,7 +107,7 @@ def posterior_mean(r, g, *, mask=None):
     r, g = _check_r_g(r, g)
     take = as_mask(mask, r.shape, "mask")
     a = _weighted_sum(r.astype(np.float64), g.astype(np.float64), take)
-    return np.asarray(a, dtype=result_dtype(r, g))[()]
+    return to_dtype(a, result_dtype(r, g))[()]
 
 
 def posterior_mode(d, g, *, mask=None, ties="split"):
@@ -122,7 +127,7 @@ def posterior_mode(d, g, *, mask=None, ties="split"):
     r = hard_responsibilities(d.astype(np.float64), mask=mask, ties=ties)
     take = as_mask(mask, d.shape, "mask")
     a = _weighted_sum(r, g.astype(np.float64), take)
-    return np.asarray(a, dtype=result_dtype(d, g))[()]
+    return to_dtype(a, result_dtype(d, g))[()]
 
 
 def posterior_variance(r, g, *, mask=None):
@@ -150,7 +155,7 @@ def posterior_variance(r, g, *, mask=None):
         if take is not None:
             weighted = np.where(take[..., None], weighted, 0.0)
         var = weighted.sum(axis=-2)
-    return np.asarray(var, dtype=result_dtype(r, g))[()]
+    return to_dtype(var, result_dtype(r, g))[()]
 
 
 def posterior_entropy(r, axis=-1):
@@ -167,7 +172,7 @@ def posterior_entropy(r, axis=-1):
     r64 = r.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(r64 > 0, -r64 * np.log(r64), np.where(np.isnan(r64), np.nan, 0.0))
-    return np.asarray(terms.sum(axis=axis), dtype=r.dtype)[()]
+    return to_dtype(terms.sum(axis=axis), r.dtype)[()]
 
 
 def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
@@ -201,7 +206,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     d, v, take = check_summary_inputs(d, v, mask, empty)
     a, L, _ = _softmin_summary(d.astype(np.float64), v.astype(np.float64), check_tau(tau), take, empty)
     dtype = result_dtype(d, v)
-    return a.astype(dtype), np.asarray(L, dtype=dtype)
+    return to_dtype(a, dtype), to_dtype(L, dtype)
 
 
 def _softmin_summary(d, v, tau, take, empty, keep=None, p=0.0):
@@ -216,7 +221,7 @@ def _softmin_summary(d, v, tau, take, empty, keep=None, p=0.0):
         L = _log_partition_rows(-t.m / tau + np.log1p(t.rest), t)  # G1: L = -m/tau + log(1 + sum_{j != argmin} w_j)
     participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
     if keep is None:
-        a = _weighted_sum(r, v, participates)  # A4: a = sum_j r_j v_j
+        a = _weighted_sum(r, v, participates, limit=True)  # A4: a = sum_j r_j v_j
     else:
         a = dropout_mean(r, keep & participates, p, v)  # V8: a = sum_j r_j keep_j v_j / (1 - p)
         a = np.where(t.nan_row[..., None], np.nan, a)  # a NaN row stays NaN even if all its keys are dropped

@@ -218,7 +218,7 @@ def dropout_mean(r, keep, p, v):
     """
     from .summaries import _weighted_sum
 
-    return _weighted_sum(np.where(keep, r, 0.0), v, keep) / (1.0 - p)
+    return _weighted_sum(np.where(keep, r, 0.0), v, keep, limit=True) / (1.0 - p)
 
 
 # ----------------------------------------------------------------------------

@@ -39,3 +39,14 @@ U32 = np.finfo(np.float32).eps / 2
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261129)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The long fuzz budgets (tests marked ``fuzz_long``) run only when ``-m`` selects ``slow``; the CI budget always runs."""
+    expr = config.getoption("markexpr", "") or ""
+    if "slow" in expr and "not slow" not in expr:
+        return
+    keep = [item for item in items if item.get_closest_marker("fuzz_long") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("fuzz_long") is not None])
+        items[:] = keep

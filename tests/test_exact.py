@@ -198,8 +198,9 @@ def test_to_float_shapes_and_types():
     assert r.dtype == object and r.shape == (2, 3)
     f32 = exact.to_float(r, np.float32)
     assert f32.dtype == np.float32 and f32.shape == (2, 3)
+    assert exact.to_float(r, np.float16).dtype == np.float16 and exact.to_float(r, "bfloat16").dtype.name == "bfloat16"
     with pytest.raises(TypeError):
-        exact.to_float(r, np.float16)
+        exact.to_float(r, np.int32)
     assert isinstance(exact.log_partition([1.0, 2.0]), Decimal)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import iem_ref as R
+from iem_ref import exact
 
 
 @pytest.mark.equation("S4", "P5")
@@ -42,3 +43,87 @@ def test_accelerated_vjp_nan_query_row_has_the_reference_nan_pattern(path):
     q[1, 0] = np.nan
     for got, ref in zip(mod.attention_vjp(q, k, v, u, is_causal=True), R.attention_vjp(q, k, v, u, is_causal=True)):
         np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+
+
+def _paths():
+    return [R] + [importlib.import_module(f"iem_ref.accel.{name}") for name in ("cpu", "cuda")]
+
+
+@pytest.mark.equation("K2", "T2")
+def test_sqeuclidean_energy_that_overflows_is_excluded_at_scale_zero():
+    # accel.cpu scored a key whose squared distance overflows to +inf as +inf (certain) at scale = 0,
+    # instead of -inf (excluded): a row of such keys gave the mean of their values and L = +inf, not
+    # the empty row, and a row with one such key took it alone.
+    v = np.array([[1.0], [2.0]])
+    q = np.array([[1e300, 0.0]])
+    k = np.array([[0.0, 0.0], [1.0, 0.0]])
+    q2 = np.array([[1e300, 0.0], [0.0, 0.0]])
+    k2 = np.array([[0.0, 0.0], [1e300, 0.0]])
+    # (the exact tier forms energies without overflow, 5e599 here: a float path's energy is +inf)
+    ex = np.array([[2.0], [1.0]])
+    for mod in _paths():
+        with np.errstate(over="ignore"):
+            a, L = mod.attention(q, k, v, scale=0.0, energy="sqeuclidean", return_lse=True)
+            np.testing.assert_array_equal(a, [[0.0]])
+            np.testing.assert_array_equal(L, [-np.inf])
+            a2, L2 = mod.attention(q2, k2, v, scale=0.0, energy="sqeuclidean", return_lse=True)
+        np.testing.assert_array_equal(a2, ex)
+        np.testing.assert_array_equal(L2, [0.0, 0.0])  # log 1: one key left in each row
+
+
+@pytest.mark.equation("A4")
+@pytest.mark.parametrize("dtype, scale", [(np.float32, 1.0), (np.float64, 10.0)])
+def test_infinite_value_whose_weight_underflows_gives_inf_not_nan(dtype, scale):
+    # The weight exp(-100) of the key with value inf flushed to 0 in float32 (exp(-1000) in float64,
+    # also in the reference), and 0 * inf gave NaN; the exact weight is positive, the output inf.
+    q = np.array([[10.0]], dtype)
+    k = np.array([[10.0], [0.0]], dtype)
+    v = np.array([[1.0], [np.inf]], dtype)
+    assert exact.to_float(exact.attention(q, k, v, scale=scale), dtype)[0, 0] == np.inf
+    for mod in _paths():
+        a, L = mod.attention(q, k, v, scale=scale, return_lse=True)
+        assert a[0, 0] == np.inf, mod.__name__
+        assert L[0] == np.float32(100.0 * scale) if dtype == np.float32 else L[0] == 100.0 * scale
+
+
+@pytest.mark.equation("A4", "M2")
+def test_infinite_value_survives_a_rescale_that_underflows_and_certain_keys():
+    # The running sum o = inf was multiplied by the rescale factor exp(m_old - m_new), which is 0 in
+    # floating point beside a much larger later score (or exactly 0 when a later key is certain):
+    # 0 * inf = NaN.  The key with value inf takes part with a positive weight in every case.
+    M = 3000  # the CPU's key tiles are at most 2048 keys wide: the large score comes in a later tile
+    q = np.array([[1.0]])
+    k = np.zeros((M, 1))
+    k[-1, 0] = 800.0
+    v = np.zeros((M, 2))
+    v[0] = [np.inf, 1.0]
+    v[1, 0] = -np.inf  # both signs in column 0: NaN
+    v[2, 1] = -np.inf
+    small = slice(0, 20)  # the simulator's key tiles are 8 wide
+    k_small = np.concatenate([k[:19], k[-1:]])
+    k_cert = np.concatenate([k[:19], [[np.inf]]])  # the last key is certain: energy -inf
+    for mod in _paths():
+        kk = k if mod.__name__.endswith("cpu") or mod is R else k_small
+        vv = v if kk is k else v[small]
+        a = mod.attention(q, kk, vv, scale=1.0)
+        assert np.isnan(a[0, 0]) and a[0, 1] == -np.inf, mod.__name__
+        a = mod.attention(q, k_cert, v[small], scale=1.0)
+        assert np.isnan(a[0, 0]) and a[0, 1] == -np.inf, mod.__name__
+        a = mod.attention(q, k_cert, v[small][:, 1:], scale=1.0)
+        assert a[0, 0] == -np.inf, mod.__name__
+    ex = exact.to_float(exact.attention(q, k_cert, v[small], scale=1.0))
+    assert np.isnan(ex[0, 0]) and ex[0, 1] == -np.inf
+
+
+@pytest.mark.parametrize("dtype", [">f8", ">f4"])
+def test_big_endian_float_inputs_are_their_float_dtype(dtype):
+    # A big-endian float64 / float32 array was refused with TypeError on every path, as if it were
+    # not a float: it is the same values, and computes (and returns) as the native dtype.
+    q, k, v = np.ones((2, 3), dtype), np.ones((4, 3), dtype), np.arange(8.0).reshape(4, 2).astype(dtype)
+    native = np.dtype(dtype).newbyteorder("=")
+    expected = np.broadcast_to(v.astype(native).mean(axis=0), (2, 2))
+    for mod in _paths():
+        a = mod.attention(q, k, v)
+        assert a.dtype == native
+        np.testing.assert_array_equal(a, expected)
+    assert R.softplus(np.zeros(2, dtype)).dtype == native

@@ -267,13 +267,16 @@ def _finite_copy(x, flags, out):
 
 
 @njit(cache=True)
-def _add_nonfinite(w, R, C, part, x, flags, out, transpose):
+def _add_nonfinite(w, R, C, part, x, flags, out, transpose, limit):
     """The non-finite part of ``W @ X`` (``W^T @ X`` if ``transpose``), only over the pairs that take part.
 
     ``w[:R, :C]`` weights, ``part[:R, :C]`` True where the pair takes part,
     ``x`` the operand whose rows ``flags`` marks as holding non-finite
     entries (rows of ``x`` are indexed by ``C``, or by ``R`` if
-    ``transpose``); the GEMM saw those entries as 0.
+    ``transpose``); the GEMM saw those entries as 0.  ``limit`` (the
+    forward's values): a weight that is 0 in floating point (underflow, or a
+    finite key beside certain ones) stands for a positive one, so an
+    infinite value reaches the output as itself, never as ``0 * inf``.
     """
     F = x.shape[1]
     if not transpose:  # out (R, F) += w (R, C) @ x (C, F)
@@ -281,9 +284,10 @@ def _add_nonfinite(w, R, C, part, x, flags, out, transpose):
             if flags[j]:
                 for i in range(R):
                     if part[i, j]:
+                        wij = w[i, j]
                         for c in range(F):
                             if not np.isfinite(x[j, c]):
-                                out[i, c] += w[i, j] * x[j, c]
+                                out[i, c] += x[j, c] if (limit and wij == 0.0) else wij * x[j, c]
     else:  # out (C, F) += w^T (C, R) @ x (R, F)
         for i in range(R):
             if flags[i]:
@@ -313,8 +317,8 @@ def _direct_sqeuclid_score(q, i, k, j, scale):
         diff = np.float64(q[i, c]) - np.float64(k[j, c])
         acc += diff * diff
     d = 0.5 * acc
-    if scale == 0.0:  # the uniform limit: finite energies tie, +-inf and NaN keep their meaning
-        return d if not np.isfinite(d) else 0.0
+    if scale == 0.0:  # the uniform limit: finite energies tie; the score of an energy +inf stays -inf (excluded), NaN stays NaN
+        return -d if not np.isfinite(d) else 0.0
     return -d * scale
 
 
@@ -463,15 +467,16 @@ def _forward_block(q, k, v, dd, mask, has_mask, causal, off, energy, scale, i0, 
             else:
                 _finite_copy(v[jb : jb + bk], vbad, vt)
                 _value_product(vt, 0, Dv, S, bq, bk, bk_max, T)
-                _add_nonfinite(S, bq, bk, part, v[jb : jb + bk], vbad, T, False)
+                _add_nonfinite(S, bq, bk, part, v[jb : jb + bk], vbad, T, False, True)
         for r in range(bq):
             a = alpha[r]
             if a == 1.0:
                 for c in range(Dv):
                     o[r, c] += np.float64(T[r, c])
             else:
-                for c in range(Dv):
-                    o[r, c] = a * o[r, c] + np.float64(T[r, c])
+                for c in range(Dv):  # an infinite sum stays itself: the factor is positive in exact arithmetic
+                    oc = o[r, c]
+                    o[r, c] = (a * oc if np.isfinite(oc) else oc) + np.float64(T[r, c])
         jb += bk
 
 
@@ -549,7 +554,9 @@ def forward(stage, t, T, q3, k3, v3, qmap, kmap, vmap, d3, dmap, mask3, mmap, ha
                 pl[b, 0, i] = c1 * pl[b, 0, i] + c2 * pl[b, sp, i]
                 pn[b, 0, i] = pn[b, 0, i] or pn[b, sp, i]
                 for c in range(Dv):
-                    po[b, 0, i, c] = c1 * po[b, 0, i, c] + c2 * po[b, sp, i, c]
+                    o1 = po[b, 0, i, c]
+                    o2 = po[b, sp, i, c]
+                    po[b, 0, i, c] = (c1 * o1 if np.isfinite(o1) else o1) + (c2 * o2 if np.isfinite(o2) else o2)
         _finalize_rows(pm[b, 0, i0:i1], pl[b, 0, i0:i1], po[b, 0, i0:i1], pn[b, 0, i0:i1], empty_nan, out[b, i0:i1], lse[b, i0:i1])
 
 
@@ -722,7 +729,7 @@ def _backward_keys(q, k, v, u, dd, mask, has_mask, causal, off, energy, scale, j
             else:
                 _finite_copy(u[i0:i1], uflag, ufin)
                 gemm(_N, _T, Dv, bk, bq, 1.0, ufin, 0, Dv, S, 0, bk, 0.0, tv, 0, Dv)
-                _add_nonfinite(S, bq, bk, part, u[i0:i1], uflag, tv, True)
+                _add_nonfinite(S, bq, bk, part, u[i0:i1], uflag, tv, True, False)
             for j in range(bk):
                 for c in range(Dv):
                     acc_v[j, c] += np.float64(tv[j, c])
@@ -732,7 +739,7 @@ def _backward_keys(q, k, v, u, dd, mask, has_mask, causal, off, energy, scale, j
             else:
                 _finite_copy(q[i0:i1], qflag, qfin)
                 gemm(_N, _T, D, bk, bq, 1.0, qfin, 0, D, Bt, 0, bk, 0.0, tk, 0, D)
-                _add_nonfinite(Bt, bq, bk, part, q[i0:i1], qflag, tk, True)
+                _add_nonfinite(Bt, bq, bk, part, q[i0:i1], qflag, tk, True, False)
             for j in range(bk):
                 for c in range(D):
                     acc_k[j, c] += np.float64(tk[j, c])
@@ -789,7 +796,7 @@ def _backward_queries(q, k, v, u, dd, mask, has_mask, causal, off, energy, scale
             else:
                 _finite_copy(k[jb : jb + bk], kflag, kfin)
                 gemm(_N, _N, D, bq, bk, 1.0, kfin, 0, D, Bt, 0, bk_max, 0.0, tq, 0, D)
-                _add_nonfinite(Bt, bq, bk, part, k[jb : jb + bk], kflag, tq, False)
+                _add_nonfinite(Bt, bq, bk, part, k[jb : jb + bk], kflag, tq, False, False)
             for r in range(bq):
                 for c in range(D):
                     acc[r, c] += np.float64(tq[r, c])

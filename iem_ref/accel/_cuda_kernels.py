@@ -251,11 +251,14 @@ def _build(dtype_name, energy):
         return True
 
     @cuda.jit(device=True, inline=True)
-    def _tile_accum(W, S, X, xo, xr, xc, c0, nc, p0, ncol, Xs, acc, tx, ty):
+    def _tile_accum(W, S, X, xo, xr, xc, c0, nc, p0, ncol, Xs, acc, tx, ty, limit):
         """acc[a, o] += sum_k W[4 ty + a, k] * X[c0 + k, p0 + tx + TX o] over the tile's taking-part k.
 
         ``S[r, k] == SENT`` marks a pair that does not take part: skipped, so
-        its value (possibly NaN or inf) is never used.
+        its value (possibly NaN or inf) is never used.  ``limit`` (the
+        forward's values): a weight that is 0 in floating point (underflow,
+        or a finite key beside certain ones) stands for a positive one, so
+        an infinite value is added as itself, never as ``0 * inf``.
         """
         tid = ty * TX + tx
         for k0 in range(0, BC, KC):
@@ -271,8 +274,14 @@ def _build(dtype_name, energy):
                 for a in range(RS):
                     if S[US(ty * RS + a), US(k0 + kk)] != SENT:
                         w = W[US(ty * RS + a), US(k0 + kk)]
-                        for o in range(OC):
-                            acc[a, o] += w * Xs[US(kk), US(tx + TX * o)]
+                        if limit and w == ZERO:
+                            for o in range(OC):
+                                x = Xs[US(kk), US(tx + TX * o)]
+                                if x - x != ZERO:  # inf (or NaN): the limit of a positive weight
+                                    acc[a, o] += x
+                        else:
+                            for o in range(OC):
+                                acc[a, o] += w * Xs[US(kk), US(tx + TX * o)]
             cuda.syncthreads()  # done with the chunk
 
     @cuda.jit(device=True, inline=True)
@@ -372,7 +381,9 @@ def _build(dtype_name, energy):
                         S[US(r), US(tx + TX * c)] = w  # the same thread wrote this entry: no race
                     alpha = al_s[US(r)]
                     for o in range(OC):
-                        oacc[a, o] *= alpha
+                        x = oacc[a, o]
+                        if x - x == ZERO:  # an infinite sum stays itself: the factor is positive in exact arithmetic
+                            oacc[a, o] = x * alpha
                 cuda.syncthreads()  # S holds the weights
                 if tid < BR:
                     lsum = l_s[US(tid)] * al_s[US(tid)]
@@ -381,7 +392,7 @@ def _build(dtype_name, energy):
                         if w != SENT:
                             lsum += w
                     l_s[US(tid)] = lsum
-                _tile_accum(S, S, V, vob, vr, vc, c0, m, p0, dv, Xs, oacc, tx, ty)
+                _tile_accum(S, S, V, vob, vr, vc, c0, m, p0, dv, Xs, oacc, tx, ty, True)
             cuda.syncthreads()  # l_s final
             for a in range(RS):
                 r = ty * RS + a
@@ -470,7 +481,7 @@ def _build(dtype_name, energy):
                         S[US(ty * RS + a), US(tx + TX * c)] = w
                         Wt[US(ty * RS + a), US(tx + TX * c)] = w * (bacc[a, c] - dl)
                 cuda.syncthreads()  # S (flags) and Wt (dS) ready
-                _tile_accum(Wt, S, K, ko[b], kr, kc, c0, m, p0, d, Xs, oacc, tx, ty)
+                _tile_accum(Wt, S, K, ko[b], kr, kc, c0, m, p0, d, Xs, oacc, tx, ty, False)
             for a in range(RS):
                 i = r0 + ty * RS + a
                 if i < n:
@@ -544,9 +555,9 @@ def _build(dtype_name, energy):
                             s += Wt[US(tid), US(c)]
                     rs_s[US(tid)] = s
                 if is_dk:
-                    _tile_accum(Wt, S, Q, qo[b], qr, qc, c0, n, p0, d, Xs, oacc, tx, ty)
+                    _tile_accum(Wt, S, Q, qo[b], qr, qc, c0, n, p0, d, Xs, oacc, tx, ty, False)
                 else:
-                    _tile_accum(Wt, S, U, uo[b], ur, uc, c0, n, p0, dv, Xs, oacc, tx, ty)
+                    _tile_accum(Wt, S, U, uo[b], ur, uc, c0, n, p0, dv, Xs, oacc, tx, ty, False)
             cuda.syncthreads()  # rs_s final
             for a in range(RS):
                 r = ty * RS + a

@@ -63,7 +63,7 @@ from .._validation import (
     check_sign_pair,
     check_summary_inputs,
     check_tau,
-    result_dtype,
+    kernel_dtype,
 )
 from ..attention import prepare_attention
 from . import _cpu_kernels as _k
@@ -301,7 +301,7 @@ def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy
     check_choice(empty, "empty", {"zero", "nan"})
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
     _check_energy(energy)
-    dtype = inp.dtype
+    dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v)
     (q3, qm), (k3, km), (v3, vm) = (_stack(as_float_array(x, name), inp.batch, dtype) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     if q3.shape[0] == 0 or k3.shape[0] == 0 or v3.shape[0] == 0:  # an empty batch axis somewhere
         q3, k3, v3 = (np.zeros((1,) + x.shape[1:], dtype) for x in (q3, k3, v3))
@@ -344,7 +344,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     """
     d, v, _ = check_summary_inputs(d, v, mask, empty)
     tau = check_tau(tau)
-    dtype = result_dtype(d, v)
+    dtype = kernel_dtype(d=d, v=v)
     try:
         batch = np.broadcast_shapes(d.shape[:-2], v.shape[:-2])
     except ValueError:
@@ -389,7 +389,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
     u = check_grad_out(grad_out, inp.batch, inp.n, inp.dv)
-    dtype = result_dtype(inp.q, inp.k, inp.v, u)
+    dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v, grad_out=u)
     batch, n, m, dv_ = inp.batch, inp.n, inp.m, inp.v.shape[-1]
     D = inp.q.shape[-1]
     B = int(np.prod(batch, dtype=np.int64))
@@ -567,7 +567,7 @@ def attention_partials(q, k, v, *, scale=None, mask=None, causal_offset=None, en
     _check_threads(threads)
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, energy=energy)
     _check_energy(energy)
-    dtype = inp.dtype
+    dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v)
     (q3, qm), (k3, km), (v3, vm) = (_stack(as_float_array(x, name), inp.batch, dtype) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     if q3.shape[0] == 0 or k3.shape[0] == 0 or v3.shape[0] == 0:
         q3, k3, v3 = (np.zeros((1,) + x.shape[1:], dtype) for x in (q3, k3, v3))
@@ -593,7 +593,7 @@ def softmin_partials(d, v, tau=1.0, *, mask=None, tiles=None, threads=None):
     _check_threads(threads)
     d, v, _ = check_summary_inputs(d, v, mask, "zero")
     tau = check_tau(tau)
-    dtype = result_dtype(d, v)
+    dtype = kernel_dtype(d=d, v=v)
     try:
         batch = np.broadcast_shapes(d.shape[:-2], v.shape[:-2])
     except ValueError:

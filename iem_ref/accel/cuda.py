@@ -53,7 +53,7 @@ from .._validation import (
     check_sign_pair,
     check_summary_inputs,
     check_tau,
-    result_dtype,
+    kernel_dtype,
 )
 from ..attention import prepare_attention
 from . import _cuda_kernels as _k
@@ -311,7 +311,7 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
         causal_alignment=causal_alignment, energy=energy,
     )
     device = any(_is_device(x) for x in (q, k, v, mask))
-    dtype = np.dtype(inp.dtype)
+    dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v)
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
     d = inp.q.shape[-1]
     bf = int(np.prod(batch, dtype=np.int64))
@@ -354,7 +354,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     except ValueError:
         raise ValueError(f"leading (batch) axes do not broadcast: d {dp.shape}, v {vp.shape}") from None
     device = any(_is_device(x) for x in (d, v, mask))
-    dtype = result_dtype(dp, vp)
+    dtype = kernel_dtype(d=dp, v=vp)
     n, m, dv = dp.shape[-2], dp.shape[-1], vp.shape[-1]
     bf = int(np.prod(batch, dtype=np.int64))
     kern = _k.build(dtype.name, _k.PRECOMPUTED)
@@ -413,7 +413,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
     up = check_grad_out(_proxy(grad_out), batch, n, dv)
     device = any(_is_device(x) for x in (q, k, v, grad_out, mask))
-    dtype = result_dtype(inp.q, inp.k, inp.v, up)
+    dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v, grad_out=up)
     d = inp.q.shape[-1]
     bf = int(np.prod(batch, dtype=np.int64))
     kern = _k.build(dtype.name, _k.ENERGY_CODES[energy])
