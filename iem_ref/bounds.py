@@ -215,6 +215,50 @@ With ``P`` the responsibilities (sink last), ``eta`` the logits' error
   each element sums; ``dsinks = -sum_i P_i,sink Delta_i``:
   ``sum_i P_sink (phi_sink |Delta_i| + dDelta_i) + gamma_n sum_i |P_sink Delta_i|``.
 
+13. A kernel under test, by its precision model (forward)
+--------------------------------------------------------
+:func:`kernel_forward_bounds` bounds ``|a^ - a|`` and ``|L^ - L|`` of a
+kernel described by an :class:`iem_ref.precision.Precision`: ``u_s`` the
+unit roundoff of its scores (the ``q k^T`` accumulator and the softmax
+arithmetic), ``u_p`` of the probabilities it rounds before the value GEMM,
+``u_a`` of its accumulator, ``u_o`` of its output; inputs are taken as
+given (they are the kernel's inputs, already rounded).  As in section 9 a
+relative error ``e_j`` of key ``j``'s weight, the same in the numerator and
+the row sum, moves the output by ``sum_j r_j e_j (v_j - a)``.  ``e_j`` is
+made of one rounding per step, each ``|delta| <= u_s`` times a magnitude:
+the ``D`` products and ``D - 1`` additions of the score (magnitudes at most
+``scale S_j``, section 5), its product by the scale (``|x_j|``), the
+subtraction of the row maximum (``t_j = |x_j - m|``), the ``exp``
+(``2 p``, ``p = exp_ulps``) and the variants' steps (section 11).  The
+probabilities rounded to ``u_p`` (numerator only) add ``sum_j r_j
+delta_j v_j``; the sums of the weights and of the value products a tree of
+depth ``lg = ceil(log2 M)`` (``lg u_s |a|`` and ``lg u_a sum_j r_j
+|v_j|``, the model of :mod:`iem_ref.testing`); the division and the output
+``(u_a + u_o) |a|``.  The log-partition moves by ``sum_j r_j e_j``
+(``dL/dx_j = r_j``) plus its sum, ``log`` and addition.
+
+* ``bound="rigorous"``: every rounding at its worst, ``|sum_j c_j delta_j|
+  <= u sum_j |c_j|`` (``gamma_D`` for the score).
+* ``bound="probabilistic"`` (the default of :mod:`iem_ref.testing`): the
+  roundings of different keys are independent, mean-zero, bounded
+  variables (the model of Higham and Mary, SIAM J. Sci. Comput. 41, 2019);
+  by Hoeffding's inequality ``|sum_k c_k delta_k| <= lambda u sqrt(sum_k
+  c_k^2)`` except with probability ``2 exp(-lambda^2 / 2)``.  A score's
+  roundings, in the tree (pairwise or blocked) order the model assumes for
+  every sum: the products, ``sum_l (scale q_l k_l)^2 <= (scale S_j)^2``, and
+  the additions, each level's partial sums adding to at most ``scale S_j``,
+  ``lg_D (scale S_j)^2`` (``lg_D = ceil(log2 D)``).  So the weight term is
+  ``lambda u_s sqrt(sum_j r_j^2 (v_j - a)^2 ((lg_D + 1) (scale S_j)^2 +
+  x_j^2 + t_j^2 + 4 p^2))`` and the probabilities' ``lambda u_p
+  sqrt(sum_j r_j^2 v_j^2)``: a spread row of ``M`` keys gains about
+  ``sqrt(M)``.  The scale's own rounding, shared by every key, stays
+  rigorous (``u_s sum_j r_j |x_j| |v_j - a|``), and so do the tree sums
+  (whose order the model does not know).  Each term takes the smaller of
+  its two bounds (one key holding the mass makes ``lambda |c|`` larger
+  than the rigorous ``|c|``).  ``LAMBDA = 6.8``: four terms
+  per element, ``4 * 2 exp(-6.8^2 / 2) < 1e-9``, the chance that a correct
+  kernel fails one element.
+
 Examples
 --------
 >>> from iem_ref.bounds import gamma, unit_roundoff, tree_depth
@@ -258,6 +302,8 @@ __all__ = [
     "logit_error",
     "variant_vjp_error",
     "merge_bounds",
+    "LAMBDA",
+    "kernel_forward_bounds",
 ]
 
 #: float32 / float64 unit roundoff (section 1)
@@ -847,3 +893,65 @@ def merge_bounds(levels, P, W, V, A, *, shift=0.0, exp_ulps=1):
     da = np.asarray(delta)[..., None] * np.minimum(0.5 * V, W) + G * (P + A)
     dL = delta + G + np.zeros(da.shape[:-1])
     return da, dL
+
+
+# --- 13: a kernel under test, by its precision model -----------------------------------
+
+#: Hoeffding's multiplier of the probabilistic bounds (section 13): four terms per element,
+#: each failing with probability at most 2 exp(-LAMBDA^2 / 2).
+LAMBDA = 6.8
+
+
+def kernel_forward_bounds(comp, r, a, L, precision, bound="probabilistic"):
+    """Section 13: ``(tol_a (B..., N, Dv), tol_L (B..., N))`` for a kernel of ``precision``.
+
+    ``comp``: the :class:`iem_ref.attention.Competition` of the inputs;
+    ``r (B..., N, M [+ 1])`` the oracle's responsibilities (the sink's last),
+    ``a``, ``L`` its output and log-partition (float64).  First order; the
+    caller adds the oracle's own error and floors.  With dropout (V8) the
+    value of key ``j`` for query ``i`` is ``c_ij v_j``, ``c = keep / (1 - p)``.
+    Memory ``O(B N M)``: the sums over keys are matrix products (the
+    probabilistic ``sum_j w_j (c_j v_j - a)^2`` expanded into three).
+    """
+    from .precision import unit_roundoff as unit
+
+    if bound not in ("probabilistic", "rigorous"):
+        raise ValueError(f"bound must be 'probabilistic' or 'rigorous'; got {bound!r}")
+    inp = comp.inp
+    M, D = inp.m, inp.q.shape[-1]
+    u_s, u_p, u_a, u_o = (unit(getattr(precision, f)) for f in ("scores", "probs", "accumulator", "output"))
+    p = precision.exp_ulps
+    with np.errstate(invalid="ignore", over="ignore"):
+        x = _finite(comp.x if comp.x is not None else inp.scaled_scores(comp.d))  # the scaled scores
+        z_all = -comp.e if comp.x is not None else -comp.e * inp.scale  # the logits, the sink's last
+        S = inp.scale * score_sizes(inp.q, inp.k, inp.energy if isinstance(inp.energy, str) else "dot", False)
+        extra = logit_error(comp, np.zeros(x.shape), u_s) / u_s if comp.x is not None else 0.0  # the variants' steps
+        rr = np.where(np.isfinite(r[..., :M]), r[..., :M], 0.0)
+        part_all = np.where(np.isfinite(r), r, 0.0) > 0
+        m = np.where(part_all & np.isfinite(z_all), z_all, -np.inf).max(axis=-1, keepdims=True, initial=-np.inf)
+        t = np.where(rr > 0, _finite(np.abs(z_all[..., :M] - np.where(np.isfinite(m), m, 0.0))), 0.0)
+        v = _finite(inp.v.astype(np.float64))
+        c = np.ones(rr.shape) if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)
+        A = np.abs(_finite(np.asarray(a, np.float64)))
+        absv = np.abs(v)
+        lg = tree_depth(M + (1 if inp.sinks is not None else 0))
+        ax = np.abs(x)
+        e = gamma(D, u_s) * S + u_s * (ax + t + 2 * p + extra)
+        # sum_j r_j e_j |c_j v_j - a| <= sum_j r_j e_j c_j |v_j| + |a| sum_j r_j e_j
+        weights = (rr * e * c) @ absv + A * (rr * e).sum(-1, keepdims=True)
+        probs = u_p * ((rr * c) @ absv) if u_p > u_s else 0.0
+        dL = (rr * e).sum(-1)
+        if bound == "probabilistic":  # each term: the smaller of the two bounds (the rigorous one always holds)
+            sq = (tree_depth(D) + 1) * S**2 + x**2 + t**2 + 4 * p * p + extra**2  # the squared magnitudes of a key's roundings
+            w = rr**2 * sq
+            af = _finite(np.asarray(a, np.float64))
+            spread = (w * c * c) @ v**2 - 2 * af * ((w * c) @ v) + af**2 * w.sum(-1, keepdims=True)  # sum_j w_j (c_j v_j - a)^2
+            shared = u_s * ((rr * ax * c) @ absv + A * (rr * ax).sum(-1, keepdims=True))  # the scale's rounding, every key alike
+            weights = np.minimum(weights, LAMBDA * u_s * np.sqrt(np.maximum(spread, 0.0)) + shared)
+            probs = np.minimum(probs, LAMBDA * u_p * np.sqrt((rr * c) ** 2 @ v**2)) if u_p > u_s else 0.0
+            dL = np.minimum(dL, LAMBDA * u_s * np.sqrt((rr**2 * sq).sum(-1)) + u_s * (rr * ax).sum(-1))
+        drop = 0.0 if inp.keep is None else 2 * u_a * ((rr * c) @ absv)  # V8: c_j rounded and multiplied
+        tol_a = weights + probs + lg * u_s * A + lg * u_a * ((rr * c) @ absv) + drop + (u_a + u_o) * A
+        Lf = np.abs(_finite(np.asarray(L, np.float64)))
+        tol_L = dL + u_s * (lg + math.log(max(M, 1)) + 2 * Lf + 2)
+    return tol_a, tol_L

@@ -83,7 +83,8 @@ import numpy as np
 from . import exact as _exact
 from ._validation import as_float_array, as_mask, check_axis, check_choice
 from .attention import Competition, attention, prepare_attention
-from .bounds import U64, logit_error, tree_depth, unit_roundoff
+from .bounds import LAMBDA, U64, kernel_forward_bounds, tree_depth, unit_roundoff
+from .precision import LOW_PRECISION, Precision, infer_precision, round_to
 from .competition import log_partition, responsibilities
 
 __all__ = [
@@ -102,11 +103,19 @@ _SECOND_ORDER = 1.0 + 2.0**-10
 
 
 def _host(x):
-    """A NumPy view of a NumPy, PyTorch (any device, with or without grad) or JAX array."""
+    """A NumPy view of a NumPy, PyTorch (any device, with or without grad) or JAX array.
+
+    torch's bfloat16 and float8 tensors (which NumPy cannot take) arrive as
+    the ``ml_dtypes`` arrays of the same values: upcast exactly to float32 on
+    the torch side, rounded back exactly.
+    """
     if hasattr(x, "detach"):  # torch.Tensor
         x = x.detach()
         if hasattr(x, "cpu"):
             x = x.cpu()
+        name = str(x.dtype).replace("torch.", "")
+        if name in LOW_PRECISION and name != "float16":
+            return round_to(x.float().numpy().astype(np.float64), name)
     return np.asarray(x)
 
 
@@ -175,7 +184,7 @@ def _report_and_raise(what, actual, expected, tol, row_info, header, err_msg):
         ratio = np.where(finite, diff / np.maximum(tol, np.finfo(np.float64).tiny), 0.0)
     bad = (finite & (diff > tol)) | nonfinite_bad
     if not bad.any():
-        return
+        return float(ratio.max(initial=0.0))
     lines.append(f"{what}: arrays are not close ({header})")
     lines.append(f"  mismatched elements: {int(bad.sum())} / {bad.size} ({100.0 * bad.sum() / max(bad.size, 1):.3g}%)")
     if nonfinite_bad.any():
@@ -215,7 +224,7 @@ def _check_shape(actual, expected_shape, what):
     a = _host(actual)
     if a.shape != tuple(expected_shape):
         raise AssertionError(f"{what}: shape mismatch: actual {a.shape}, expected {tuple(expected_shape)}")
-    if a.dtype.kind != "f":
+    if a.dtype.kind != "f" and a.dtype.name not in LOW_PRECISION:
         raise AssertionError(f"{what}: actual must be a float array; got dtype {a.dtype}")
     return a
 
@@ -419,6 +428,12 @@ def assert_attention_close(
     energy="dot",
     empty="zero",
     layout="bhsd",
+    precision=None,
+    bound="probabilistic",
+    lse=None,
+    lse_base=None,
+    baseline=None,
+    factor=2.0,
     rtol=None,
     atol=None,
     exact=False,
@@ -432,32 +447,47 @@ def assert_attention_close(
     ``sinks``, ``enable_gqa``, ``cu_seqlens_q/k``, ``dropout_p``,
     ``dropout_mask``).  ``layout="bshd"`` takes ``q, k, v`` and ``actual`` in
     FlashAttention's ``(B, N, H, D)`` layout (``bias``, ``mask`` and
-    ``dropout_mask`` stay ``(B, H, N, M)``).
+    ``dropout_mask`` stay ``(B, H, N, M)``).  Arrays may be float64, float32,
+    float16, bfloat16 or float8 (NumPy / ``ml_dtypes``, or torch tensors).
 
-    Default tolerance per element (module docstring): the softmax term of each
-    weight, the logits' rounding, a tree sum of ``M`` products, the final
-    rounding, floors.  The variants enter through the logits
-    ``z = softcap(x) + bias + alibi``: the score error ``eta`` of ``x``
-    passes through the soft-cap scaled by its derivative
-    ``1 - (s/c)^2 <= 1``, the soft-cap adds ``u (|x| + 5 |s|)`` (the division
-    by ``c``, a ``tanh`` within 2 ulps, the product by ``c``) and each added
-    prior ``u |z|`` (:func:`iem_ref.bounds.logit_error`); the exponents ``t`` and their spread are those of the
-    logits (the sink a key with logit ``sink``, exact); dropout weighs each
-    term by ``keep / (1 - p)``, rounded and multiplied (``2 u`` per term).  An
-    approximate ``tanh`` (``tanh.approx.f32``, relative error about
-    ``2**-11``) needs explicit ``rtol``/``atol`` in float32.  ``exact=True``:
-    exact tier (``energy`` ``"dot"`` or ``"sqeuclidean"``, small inputs).
+    Tolerance per element: derived from ``precision``, an
+    :class:`iem_ref.precision.Precision` describing the kernel's arithmetic
+    (default: inferred from the lowest-precision dtype among ``actual``,
+    ``q``, ``k``, ``v``: a bfloat16 kernel scores and accumulates in float32,
+    rounds ``P`` and its output to bfloat16), by :func:`iem_ref.bounds.kernel_forward_bounds`
+    (section 13 of :mod:`iem_ref.bounds`): the weights' errors (the scores'
+    dot products, the scale, the exponents, the variants' steps), the
+    probabilities' rounding, the sums, the output's rounding.
+    ``bound="probabilistic"`` (default) treats the roundings of different keys
+    as independent (a correct kernel fails an element with probability below
+    ``1e-9``); ``"rigorous"`` adds them at their worst.  To both: the oracle's
+    own error (``8 u64`` relative) and a floor of ``M tiny max(1, max|v|)``
+    (``tiny`` the output dtype's smallest normal) for kernels that flush
+    subnormals.  ``rtol``/``atol``: numpy's rule instead.
+
+    ``lse``: the kernel's log-partition (LSE) per query, checked too (natural
+    log; ``lse_base=2`` for a kernel that returns ``log2``).
+    ``baseline="emulated"``: the peers' rule instead of the derived bound,
+    ``max|actual - truth| <= factor max|emulated - truth| + u_o max|truth|``,
+    ``emulated`` the output of :func:`iem_ref.lowp.attention` for the same
+    ``precision`` and ``truth`` the oracle's answer.
+
+    Returns the largest ratio of an element's error to its tolerance (the
+    inverse of the slack): below 1 when the check passes.
 
     Examples
     --------
     >>> q = np.ones((1, 2)); k = np.eye(2); v = np.array([[1.0], [3.0]])
-    >>> assert_attention_close(np.array([[2.0]]), q, k, v)
-    >>> assert_attention_close(np.array([[4.0 / 3.0]]), q, k, v, sinks=[0.0], scale=0.0)  # weights 1/3 each, sink value 0
+    >>> float(assert_attention_close(np.array([[2.0]]), q, k, v))
+    0.0
+    >>> _ = assert_attention_close(np.array([[4.0 / 3.0]]), q, k, v, sinks=[0.0], scale=0.0)  # weights 1/3 each, sink value 0
     """
     unknown = set(variants) - set(_VARIANT_KEYS)
     if unknown:
         raise TypeError(f"assert_attention_close() got unexpected keyword argument(s) {sorted(unknown)}")
     check_choice(layout, "layout", {"bhsd", "bshd"})
+    check_choice(bound, "bound", {"probabilistic", "rigorous"})
+    check_choice(baseline, "baseline", {None, "emulated"})
     q, k, v = _host(q), _host(k), _host(v)
     actual = _host(actual)
     if layout == "bshd":
@@ -466,51 +496,49 @@ def assert_attention_close(
     mask = None if mask is None else _host(mask)
     kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, **variants)
     inp = prepare_attention(q, k, v, **kw)
+    if precision is None:
+        precision = infer_precision(*(x.dtype for x in (actual, q, k, v) if x.dtype.kind == "f" or x.dtype.name in LOW_PRECISION))
+    elif not isinstance(precision, Precision):
+        precision = Precision.of(precision)
     with_sink = inp.sinks is not None
     if exact:
-        res = _exact.attention(q, k, v, empty=empty, return_responsibilities=True, **kw)
-        expected, r = _exact.to_float(res[0]), _exact.to_float(res[1])
-        r_sink = _exact.to_float(res[2]) if with_sink else None
+        res = _exact.attention(q, k, v, empty=empty, return_lse=True, return_responsibilities=True, **kw)
+        expected, L, r = _exact.to_float(res[0]), _exact.to_float(res[1]), _exact.to_float(res[2])
+        r_sink = _exact.to_float(res[3]) if with_sink else None
     else:
-        res = attention(q, k, v, empty=empty, return_responsibilities=True, **kw)
-        expected, r = np.asarray(res[0], dtype=np.float64), np.asarray(res[1], dtype=np.float64)
-        r_sink = np.asarray(res[2], dtype=np.float64) if with_sink else None
+        res = attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), empty=empty, return_lse=True, return_responsibilities=True, **kw)
+        expected, L, r = (np.asarray(x, dtype=np.float64) for x in res[:3])
+        r_sink = np.asarray(res[3], dtype=np.float64) if with_sink else None
     a = _check_shape(actual, expected.shape, "assert_attention_close")
     comp = Competition(inp)  # the competition the kernel runs: logits, participation, the sink
     M, D = inp.m, inp.q.shape[-1]
     r_all = r if r_sink is None else np.concatenate([r, r_sink[..., None]], axis=-1)
     t, tbar, _, H = _row_stats(comp.e, comp.tau, comp.take, r_all)
     t = t[..., :M]
-    u = unit_roundoff(a.dtype)
-    beta = inp.scale
-    q64, k64, v64 = (x.astype(np.float64) for x in (inp.q, inp.k, inp.v))
-    with np.errstate(all="ignore"):
-        if energy == "sqeuclidean":
-            nq = (q64**2).sum(-1)[..., :, None]
-            nk = (k64**2).sum(-1)[..., None, :]
-            eta = (D + 2) * u * beta * (nq + nk)
-        else:
-            eta = D * u * beta * (np.abs(q64) @ np.swapaxes(np.abs(k64), -1, -2))
-        eta = logit_error(comp, eta, u)  # V1-V3 (iem_ref.bounds, section 11)
-        rr = np.where(np.isfinite(r), r, 0.0)
-        eta = np.where(rr > 0, np.where(np.isfinite(eta), eta, 0.0), 0.0)
-        rel_r = u * (2 * np.abs(t) + 2 * tbar + 5 + tree_depth(M)) + eta + (rr * eta).sum(-1, keepdims=True) + 8 * U64
-        c = 1.0 if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)  # V8
-        rc = rr * c
-        vabs = np.abs(np.where(np.isfinite(v64), v64, 0.0))
-        absum = rc @ vabs  # sum_j r_j c_j |v_jc|   (B..., N, Dv)
-        spread = (rc * rel_r) @ vabs
-        ef = np.abs(np.where(np.isfinite(expected), expected, 0.0))
-        floor = M * float(np.finfo(a.dtype).tiny) * max(1.0, float(vabs.max()) if vabs.size else 1.0)
-        extra = 0 if inp.keep is None else 2  # V8: the factor keep / (1 - p), rounded, and its product
-        if rtol is None and atol is None:
-            tol = (spread + u * (tree_depth(M) + 2 + extra) * absum + u * ef) * _SECOND_ORDER + floor
-        else:
-            tol = _explicit_tol(expected, rtol, atol)
+    u_out = unit_roundoff(precision.output)
+    vabs = np.abs(np.where(np.isfinite(inp.v), inp.v.astype(np.float64), 0.0))
+    floor = M * float(_tiny(precision.output)) * max(1.0, float(vabs.max()) if vabs.size else 1.0)
+    ef = np.abs(np.where(np.isfinite(expected), expected, 0.0))
+    if baseline == "emulated":
+        from . import lowp
+
+        emulated = np.asarray(lowp.attention(q, k, v, precision, **kw)).astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            err_e = np.nanmax(np.where(np.isfinite(expected), np.abs(emulated - expected), 0.0), initial=0.0)
+        tol = np.full(expected.shape, factor * err_e + u_out * float(ef.max(initial=0.0)))
+        how = f"baseline: {factor:g} x the emulated kernel's worst error {err_e:.3g}"
+    elif rtol is None and atol is None:
+        with np.errstate(all="ignore"):
+            tol_a, tol_L = kernel_forward_bounds(comp, r_all, expected, L, precision, bound)
+        tol = (tol_a + 8 * U64 * ef) * _SECOND_ORDER + floor
+        how = f"{bound} bound"
+    else:
+        tol = _explicit_tol(expected, rtol, atol)
+        how = "explicit rtol/atol"
     cond = (2 * np.abs(t) + 2 * tbar).max(axis=-1, initial=0.0)
 
     def row_info(idx):
-        row = idx[:-1]
+        row = idx[:-1] if len(idx) == expected.ndim else idx
         return (
             f"query {_fmt_index(row)}: entropy of r = {H[row]:.4g} nats (max log M = {math.log(max(M, 1)):.4g}); "
             f"max exponent spread t = {np.max(t[row], initial=0.0):.4g}; worst weight condition 2|t_j| + 2 tbar = {cond[row]:.4g}"
@@ -518,8 +546,31 @@ def assert_attention_close(
 
     active = [key for key, x in variants.items() if x is not None and x is not False and not (key == "dropout_p" and x == 0)]
     header = (
-        f"{a.dtype}, u = {u:.3g}, M = {M} keys, D = {D}, energy {energy!r}"
+        f"kernel: {precision.describe()}; {how}; M = {M} keys, D = {D}, energy {energy!r}"
         + (f", variants {', '.join(active)}" if active else "")
         + f", {'exact tier' if exact else 'float64 reference'}"
     )
-    _report_and_raise("attention", a, expected, tol, row_info, header, err_msg)
+    worst = _report_and_raise("attention", a, expected, tol, row_info, header, err_msg)
+    if lse is not None:
+        base = math.e if lse_base is None else float(lse_base)
+        lse_a = _host(lse)
+        if layout == "bshd" and lse_a.ndim >= 2:
+            lse_a = np.swapaxes(lse_a, -1, -2)
+        expected_L = L / math.log(base)
+        if rtol is None and atol is None and baseline is None:
+            tol_l = (tol_L / math.log(base) + 8 * U64 * np.abs(np.where(np.isfinite(expected_L), expected_L, 0.0))) * _SECOND_ORDER
+        else:
+            tol_l = _explicit_tol(expected_L, rtol, atol) if baseline is None else np.full(expected_L.shape, np.inf)
+        _check_shape(lse_a, expected_L.shape, "assert_attention_close (lse)")
+        worst = max(worst, _report_and_raise(f"log-partition (base {base:g})", lse_a, expected_L, tol_l, row_info, header, err_msg))
+    return worst
+
+
+def _tiny(dtype):
+    """The smallest normal number of a float dtype (low-precision ones included)."""
+    dt = np.dtype(dtype)
+    if dt.name in LOW_PRECISION and dt.name != "float16":
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dt).tiny)
+    return float(np.finfo(dt).tiny)
