@@ -42,11 +42,11 @@ def rng():
 
 
 def pytest_collection_modifyitems(config, items):
-    """The long fuzz budgets (tests marked ``fuzz_long``) run only when ``-m`` selects ``slow``; the CI budget always runs."""
+    """Tests marked ``long`` (the long fuzz budgets, the large mutation sizes) run only when ``-m`` selects ``slow``."""
     expr = config.getoption("markexpr", "") or ""
     if "slow" in expr and "not slow" not in expr:
         return
-    keep = [item for item in items if item.get_closest_marker("fuzz_long") is None]
+    keep = [item for item in items if item.get_closest_marker("long") is None]
     if len(keep) != len(items):
-        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("fuzz_long") is not None])
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("long") is not None])
         items[:] = keep

@@ -22,7 +22,8 @@ that the helper accepts it.
 
 Sizes: ``N = M = 1024, D = 64`` by default (``N = M / 2`` for the bottom-right
 causal case, where ``N != M`` is the point); ``D = 128`` and ``N = M = 4096``
-are marked ``slow``.
+are marked ``slow`` and ``long`` (run with ``-m slow``; ``bench/mutations.py``
+records every size).
 """
 
 import functools
@@ -65,7 +66,9 @@ BUG_CASES = {
     "scale_after_softcap": ("softcap", ("forward", "backward")),
     "no_delta": ("plain", ("backward",)),
     "no_division_single_tile": ("causal", ("forward", "backward")),
-    "round_before_max": ("plain", ("forward", "backward")),
+    # the backward alone: its gradients are 1-3x the correct kernel's error, inside the tolerance; the forward's
+    # output and LSE catch it (and a kernel is checked forward and backward)
+    "round_before_max": ("plain", ("forward",)),
     "exp_1e-4": ("plain", ("forward", "backward")),
     "p_bf16": ("plain", ("forward",)),
 }
@@ -75,7 +78,7 @@ assert set(BUG_CASES) | {"delta_unrounded_o"} == set(BUGS)
 FAST = [(1024, 64)]
 SLOW = [(1024, 128), (4096, 64), (4096, 128)]
 SIZES = [pytest.param(s, id=f"N{s[0]}-D{s[1]}") for s in FAST] + [
-    pytest.param(s, id=f"N{s[0]}-D{s[1]}", marks=pytest.mark.slow) for s in SLOW
+    pytest.param(s, id=f"N{s[0]}-D{s[1]}", marks=[pytest.mark.slow, pytest.mark.long]) for s in SLOW
 ]
 DTYPES = [pytest.param(BF16, id="bf16"), pytest.param(F16, id="fp16")]
 
