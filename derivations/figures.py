@@ -125,7 +125,7 @@ def fig_H_softplus_relu():
     right.set_xlabel("z")
     right.set_ylabel("softplus_tau(z) - relu(z)")
     right.set_title("the gap: largest at z = 0, equal to tau log 2 (dotted)")
-    right.legend(loc="upper right")
+    right.legend(loc="center left")
     fig.suptitle("H3: ReLU is the zero-temperature free energy of an on/off competition")
     fig.tight_layout()
     return fig
@@ -326,6 +326,51 @@ def fig_M_merge_tree():
 
 
 #: name -> (derivation it belongs to, drawing function)
+# ------------------------------------------------------------------- V2, V3, V5
+def fig_V_variants():
+    """V2: ALiBi's prior over positions; V3: the soft-capped score; V5: the sink's share as keys are masked."""
+    fig, (left, mid, right) = _fig(10.5, 3.4, ncols=3)
+    n, m = 1, 64
+    q = np.zeros((1, n, 1))  # all scores 0: the responsibilities are the prior alone
+    k, v = np.zeros((1, m, 1)), np.zeros((1, m, 1))
+    for slope, colour in zip([0.5, 0.125, 1 / 32], ["C0", "C1", "C2"]):
+        _, r = R.attention(q, k, v, scale=1.0, alibi_slopes=[slope], causal_alignment="bottom_right", is_causal=True,
+                           return_responsibilities=True)
+        left.plot(np.arange(m) - (m - 1), r[0, 0], color=colour, label=f"slope = {slope:g}")
+    left.set_xlabel("key position j - i' (the query at 0)")
+    left.set_ylabel("r_j with equal scores")
+    left.set_title("V2: ALiBi, a Laplace prior over positions")
+    left.legend(loc="upper left")
+
+    x = np.linspace(-12, 12, 481)
+    for c, colour in zip([2.0, 5.0, 10.0], ["C0", "C1", "C2"]):
+        mid.plot(x, R.variants.softcap(x, c), color=colour, label=f"c tanh(x / c), c = {c:g}")
+    mid.plot(x, x, "--", color="0.5", lw=1, label="x (no cap)")
+    mid.set_ylim(-12, 12)
+    mid.set_xlabel("scaled score x = -d scale")
+    mid.set_ylabel("soft-capped score s")
+    mid.set_title("V3: a bounded energy, |s| < c")
+    mid.legend(loc="upper left")
+
+    rng = np.random.default_rng(5)
+    kk, vv = rng.normal(size=(32, 8)), rng.normal(size=(32, 1))
+    qq = rng.normal(size=(1, 8))
+    kept = np.arange(32, -1, -1)
+    for sink, colour in zip([0.0, 2.0, 4.0], ["C0", "C1", "C2"]):
+        share = []
+        for n_kept in kept:
+            mask = np.arange(32)[None, :] < n_kept
+            share.append(R.attention(qq, kk, vv, sinks=[sink], mask=mask, return_responsibilities=True)[2][0])
+        right.plot(kept, share, color=colour, label=f"sink logit {sink:g}")
+    right.set_xlabel("keys that take part (of 32)")
+    right.set_ylabel("r_sink")
+    right.set_title("V5: the null hypothesis takes the rest")
+    right.invert_xaxis()
+    right.legend(loc="center left")
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {
     "S_tanh_two_keys": ("S_scalar_activations.md", fig_S_tanh_two_keys),
     "H_collapse": ("H_hard_limit.md", fig_H_collapse),
@@ -333,6 +378,7 @@ FIGURES = {
     "T_invariance": ("T_temperature.md", fig_T_invariance),
     "K_kernels": ("K_kernels.md", fig_K_kernels),
     "M_merge_tree": ("M_streaming.md", fig_M_merge_tree),
+    "V_variants": ("V_variants.md", fig_V_variants),
 }
 
 
