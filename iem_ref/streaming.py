@@ -37,9 +37,16 @@ class Partial(NamedTuple):
 
 
 def _block_weights(d, m, tau):
-    """``exp(-(d_j - m)/tau)``, with ``exp(-(m - m)) = 1`` also when ``m = -inf``."""
+    """``exp(-(d_j - m)/tau)``, with ``exp(-(m - m)) = 1`` also when ``m = -inf``.
+
+    An infinite gap stays infinite at ``tau = inf`` (weight 0): beside a
+    ``-inf`` energy a finite one has no mass at any temperature, as the
+    policy says (``inf / inf`` would make it NaN).
+    """
     with np.errstate(invalid="ignore", over="ignore"):
-        return np.where(d == m[..., None], 1.0, np.exp(-(d - m[..., None]) / tau))
+        gap = d - m[..., None]
+        t = np.where(np.isposinf(gap), np.inf, gap / tau)
+        return np.where(d == m[..., None], 1.0, np.exp(-t))
 
 
 def partial_posterior(d, v, tau=1.0, *, mask=None):

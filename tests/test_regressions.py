@@ -127,3 +127,17 @@ def test_big_endian_float_inputs_are_their_float_dtype(dtype):
         assert a.dtype == native
         np.testing.assert_array_equal(a, expected)
     assert R.softplus(np.zeros(2, dtype)).dtype == native
+
+
+def test_streaming_partials_at_infinite_temperature_beside_a_minus_inf_energy():
+    """tau = inf with a -inf energy in a block: the finite keys got NaN weights (inf / inf); they have none."""
+    d = np.array([[-np.inf, 0.0, 1.0, -np.inf]])
+    v = np.array([[1.0], [5.0], [7.0], [3.0]])
+    whole = R.finalize_partial(R.partial_posterior(d, v, np.inf))
+    split = R.finalize_partial(R.merge_partials(R.partial_posterior(d[:, :2], v[:2], np.inf),
+                                                R.partial_posterior(d[:, 2:], v[2:], np.inf)))
+    expected = R.softmin_summary(d, v, np.inf)
+    for a, L in (whole, split):
+        np.testing.assert_array_equal(a, expected[0])  # the two -inf keys share the mass: (1 + 3) / 2
+        np.testing.assert_array_equal(L, expected[1])
+    assert whole[0][0, 0] == 2.0
