@@ -34,10 +34,14 @@ def machine():
         pass
     try:
         text = Path("/proc/cpuinfo").read_text()
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        info["cpu"] = fields.get("model name\t", "").strip() or fields.get("model name", "").strip()
-        info["cpu_family_model"] = f"{fields.get('cpu family', '').strip()}/{fields.get('model', '').strip()}"
-        info["cores"] = text.count("processor\t:")
+        fields = {}
+        for line in text.splitlines():
+            if ":" in line:
+                key, val = line.split(":", 1)
+                fields.setdefault(key.strip(), val.strip())
+        info["cpu"] = fields.get("model name", "")
+        info["cpu_family_model"] = f"{fields.get('cpu family', '')}/{fields.get('model', '')}"
+        info["cores"] = sum(1 for line in text.splitlines() if line.startswith("processor"))
     except OSError:
         info["cpu"] = platform.processor()
     return info
