@@ -98,7 +98,7 @@ def backward_ratio(grads, q, k, v, g, precision, **kw):
     for i in range(3):
         def check(e, i=i):
             arrays = [r + e if j == i else r for j, r in enumerate(refs)]
-            testing.assert_attention_vjp_close(*arrays, q, k, v, g, precision=precision, **kw)
+            return testing.assert_attention_vjp_close(*arrays, q, k, v, g, precision=precision, **kw)
         worst = max(worst, _ratio(check, grads[i].astype(np.float64) - refs[i]))
     return worst
 

@@ -41,12 +41,17 @@ division (``u``).  To first order this gives, componentwise,
   ``m = min d``, ``S = sum_j exp(-t_j)``.  An absolute bound: a plain
   ``max + log(sum)`` kernel that returns 0 for ``[0, -40]`` (true 4.2e-18)
   is within it; ask for more with ``rtol``;
-* attention output (absolute, per element):
-  ``|a_ic - a_ic*| <= sum_j |v_jc| r_j* (rtol_j + eta_j + sum_k r_k* eta_k)
-  + u (lg + 2) sum_j r_j* |v_jc| + u |a_ic*|``, with ``rtol_j`` the
-  softmax term above and ``eta_j`` the error of the scaled energy
-  (``D u scale sum_l |q_l k_jl|`` for ``dot``, ``(D + 2) u scale (|q|^2 + |k_j|^2)``
-  for ``sqeuclidean``, which allows the expanded ``|q|^2 - 2<q,k> + |k|^2``).
+* attention (``assert_attention_close``, ``assert_attention_vjp_close``):
+  derived from the kernel's precision model, an
+  :class:`iem_ref.precision.Precision` (inferred from the arrays: a bfloat16
+  kernel scores and accumulates in float32 and rounds ``P`` and its output
+  to bfloat16), by :mod:`iem_ref.bounds` sections 13 (forward) and 14
+  (backward): each key's weight error (the score's dot product, the scale,
+  the exponent, the variants' steps), the probabilities' rounding, the
+  sums, the output's rounding; ``bound="probabilistic"`` (default) adds the
+  independent roundings of different keys as a root-sum-square (Hoeffding,
+  ``lambda = 6.8``: a correct kernel fails an element with probability
+  below ``1e-9``), ``bound="rigorous"`` at their worst.
 
 Second-order terms are covered by a factor ``1 + 2**-10``; every bound gets
 ``+ 8 u64`` relative for the float64 oracle's own error (at most 3 ulps) and
@@ -355,16 +360,20 @@ def assert_softmax_close(actual, x, axis=-1, *, mask=None, rtol=None, atol=None,
     return assert_responsibilities_close(actual, -x, 1.0, axis, mask, rtol=rtol, atol=atol, exact=exact, err_msg=err_msg)
 
 
-def assert_log_partition_close(actual, d, tau=1.0, axis=-1, mask=None, *, rtol=None, atol=None, exact=False, err_msg=""):
+def assert_log_partition_close(actual, d, tau=1.0, axis=-1, mask=None, *, base=None, rtol=None, atol=None, exact=False, err_msg=""):
     """Check a log-partition ``L = log sum_j exp(-d_j/tau)`` (G1; a logsumexp of ``-d/tau``).
 
     Default absolute tolerance ``u (|m/tau| + 2|log S| + |L| + 2 tbar + 2 + lg)``
     (module docstring).  The report gives the row's ``kappa = sum_j r_j
-    |d_j/tau| / |L|``, the relative condition number.
+    |d_j/tau| / |L|``, the relative condition number.  ``base=2``: the
+    kernel returns ``log2`` of the partition sum (FlashAttention's kernels
+    work in base 2): compared with ``L / log 2``, tolerance divided alike
+    (plus the conversion's rounding).
 
     Examples
     --------
     >>> assert_log_partition_close(np.log(2.0), [0.0, 0.0])
+    >>> assert_log_partition_close(1.0, [0.0, 0.0], base=2)
     """
     d = as_float_array(_host(d), "d")
     axis = check_axis(axis, d.ndim)
@@ -391,6 +400,10 @@ def assert_log_partition_close(actual, d, tau=1.0, axis=-1, mask=None, *, rtol=N
     else:
         tol = _explicit_tol(L, rtol, atol)
     tol = np.asarray(tol, dtype=np.float64).reshape(L.shape)
+    if base is not None:
+        ln_base = math.log(float(base))
+        L = L / ln_base
+        tol = tol / ln_base + (u * np.abs(np.where(np.isfinite(L), L, 0.0)) if rtol is None and atol is None else 0.0)
 
     def row_info(idx):
         return f"row {_fmt_index(idx) if idx else '()'}: kappa = {np.asarray(kappa)[idx]:.4g}; entropy of r = {np.asarray(H)[idx]:.4g} nats"

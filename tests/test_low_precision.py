@@ -174,3 +174,13 @@ def test_vjp_helper_catches_a_backward_without_delta(rng):
     bad_dq = (dS @ k.astype(np.float64) / 4.0).astype(np.float32)
     with pytest.raises(AssertionError, match="dq"):
         assert_attention_vjp_close(bad_dq, dk, dv, q, k, v, g)
+
+
+def test_log_partition_helper_in_base_2(rng):
+    from iem_ref.testing import assert_log_partition_close
+
+    x = rng.normal(0, 3, size=(4, 50))
+    lse = np.log(np.exp(x).sum(-1))
+    assert_log_partition_close(lse / np.log(2.0), -x, base=2)
+    with pytest.raises(AssertionError):
+        assert_log_partition_close(lse, -x, base=2)  # a natural log where base 2 was declared
