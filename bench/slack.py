@@ -4,7 +4,7 @@ For each dtype, size and bound, run ``torch.nn.functional.scaled_dot_product_att
 (forward, and its autograd backward) on N(0, 1) inputs and record
 
 * ``slack``: the tolerance at the element where torch errs most, over that error
-  (the issue a kernel author cares about: how much worse may a kernel be and pass);
+  (the question a kernel author asks: how much worse may a kernel be and pass);
 * ``ratio``: the largest error / tolerance over all elements (below 1: passes).
 
 Writes ``bench/results/slack.json`` and ``slack.md`` with the machine.

@@ -269,7 +269,7 @@ def test_no_n_by_m_allocation(what):
     """Peak extra resident memory of a call at N = M = 4096: well under one N x M float64 array (134 MB).
 
     Expected: outputs and float64 partials ``O(N (D + Dv))`` (about 1 MB here) plus a tile per
-    thread; the bound is the issue's target, 5% of one N x M float64 matrix (6.7 MB).
+    thread; the bound is the target, 5% of one N x M float64 matrix (6.7 MB).
     """
     N = M = 4096
     extra = _peak_extra(N, M, 16, 16, "float64", what)

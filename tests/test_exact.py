@@ -71,7 +71,7 @@ def test_responsibilities_correctly_rounded(name, tau):
 
 @pytest.mark.equation("G1")
 def test_issue_anchors():
-    """The two anchors of the issue: a tiny result and heavy cancellation."""
+    """The two anchors of the problem: a tiny result and heavy cancellation."""
     assert float(exact.log_partition([0.0, 700.0])) == float(mp.log1p(mp.exp(-700)))
     assert 9.8e-305 < float(exact.log_partition([0.0, 700.0])) < 9.9e-305
     c = 0.6931471805599453
