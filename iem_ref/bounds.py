@@ -278,14 +278,20 @@ rounded to the input dtype (``u_in``).  With the forward's bounds
 * ``dq_i = scale sum_j dS_ij k_j``: ``scale sum_j (ddS_ij + lg_M u_a
   |dS_ij|) |k_j| + (u_a + u_in) |dq_i|``; ``dk`` alike over the queries (and
   a group's heads); ``dv_j = sum_i P_ij c_ij u_i``: ``sum_i (phi_ij + u_in +
-  lg_N u_a) P c |u_i| + u_in |dv_j|``.
+  lg_N u_a) P c |u_i| + u_in |dv_j|``.  The roundings to ``u_in`` count only
+  where the input dtype is coarser than the one the value was formed in.
+* a row's shared errors move all of its ``dS_ij`` together, so in ``dq_i``
+  they are summed exactly: ``dL_i |dq_i| + dDelta_i scale |sum_j P_ij f_ij
+  k_j|`` (``f`` the soft-cap's factor), not with ``|.|`` inside the sum.
 
 ``bound="probabilistic"``: the parts of ``ddS_ij`` that are a key's own
 roundings (``P phi |b - Delta|`` with ``phi`` without the row's ``dL``,
 ``P db``, the roundings of ``dS``) are independent across the summed index
 and enter ``dq``, ``dk``, ``dv`` as ``lambda sqrt(sum (.)^2)``, each term
-the smaller of its two bounds; the row's shared ``dL_i`` and ``dDelta_i``
-stay rigorous.
+the smaller of its two bounds.  A row's shared ``dL_i`` and ``dDelta_i``
+are sums of that row's roundings, independent across rows: in ``dk`` and
+``dv`` (sums over rows) their ``lambda``-level bounds add as a
+root-sum-square.
 
 Examples
 --------
@@ -1037,7 +1043,8 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         dX = dZ if inp.softcap is None else dZ * (1.0 - (_finite(comp.s) / inp.softcap) ** 2)
         extra = 0.0 if inp.softcap is None else np.abs(dZ) * (2 * eta / inp.softcap + 3 * u_s)
         bd = np.abs(b - delta)
-        local = P * (own * bd + db) + (2 * u_s + u_in) * np.abs(dX) + extra  # a key's own roundings, per (i, j)
+        u_cast = u_in if u_in > u_s else 0.0  # dS and P rounded to the input dtype for the GEMMs (no-op when it is the scores')
+        local = P * (own * bd + db) + (2 * u_s + u_cast) * np.abs(dX) + extra  # a key's own roundings, per (i, j)
         shared = P * (tol_L[..., None] * bd + ddelta)  # the row's dL and dDelta
         if bound == "probabilistic":
             # the same roundings as root-sum-squares magnitudes (section 13); the output's columns independent
@@ -1045,7 +1052,7 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
             var = logit_error(comp, np.zeros(x.shape), u_s) if comp.x is not None else 0.0
             own_p = u_s * np.sqrt((tree_depth(D) + 1) * S**2 + x**2 + tz**2 + 4 * pe * pe) + var
             db_p = u_a * np.sqrt(tree_depth(Dv) + 1.0) * uv
-            local_p = P * (own_p * bd + db_p) + (2 * u_s + u_in) * np.abs(dX) + extra
+            local_p = P * (own_p * bd + db_p) + (2 * u_s + u_cast) * np.abs(dX) + extra
             ddelta_p = np.sqrt((u**2 * (tol_a + np.abs(a) * (tree_depth(Dv) * u_a + u_o)) ** 2).sum(-1, keepdims=True))
             shared_p = P * (tol_L[..., None] * bd + ddelta_p)
         adX = np.abs(dX)
@@ -1053,28 +1060,51 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         sc = inp.scale
         lgM, lgN = tree_depth(M), tree_depth(N * g)
 
-        def combine(acc, vals, transpose=False):
-            """``sum (local + shared + acc) vals`` over the summed index; probabilistic: the local part root-sum-squares."""
+        def combine(acc, vals, transpose=False, shared_rows=None):
+            """``sum (local + shared + acc) vals`` over the summed index; probabilistic: the local part root-sum-squares.
+
+            ``shared_rows``: for ``dq``, the row's shared errors summed exactly instead (below).
+            """
             tr = T if transpose else (lambda z: z)
-            rig = tr(local + shared + acc) @ vals
+            sh, sh_p = (shared, shared_p if bound == "probabilistic" else None) if shared_rows is None else (0.0, 0.0)
+            rig = tr(local + sh + acc) @ vals + (0.0 if shared_rows is None else shared_rows)
             if bound == "rigorous":
                 return rig
-            return np.minimum(rig, LAMBDA * np.sqrt(tr(local_p) ** 2 @ vals**2) + tr(shared_p + acc) @ vals)
+            # over rows (dk): each row's shared error is a sum of that row's roundings, independent of the other
+            # rows'; a lambda-level bound per row adds as a root-sum-square (lambda already inside each)
+            if shared_rows is not None:
+                shared_sum = shared_rows_p
+            elif transpose:
+                shared_sum = np.sqrt(tr(sh_p) ** 2 @ vals**2)
+            else:
+                shared_sum = tr(sh_p) @ vals
+            prob = LAMBDA * np.sqrt(tr(local_p) ** 2 @ vals**2) + shared_sum + tr(acc) @ vals
+            return np.minimum(rig, prob)
 
-        dq = sc * combine(lgM * u_a * adX, k64)
+        # A row's shared errors move every dS_ij of the row together: a relative dL_i of P_ij moves dq_i by
+        # dL_i |dq_i| / scale, and dDelta_i moves it by dDelta_i |sum_j P_ij k_j| (no |.| inside the sums).
+        kf = _finite(inp.k.astype(np.float64))
+        f = 1.0 if inp.softcap is None else 1.0 - (_finite(comp.s) / inp.softcap) ** 2  # dX = dZ f
+        Pk = np.abs((P * f) @ kf) if inp.energy != "sqeuclidean" else np.abs((P * f) @ kf - (P * f).sum(-1, keepdims=True) * _finite(inp.q.astype(np.float64)))
+        dq_exact = np.abs(dX @ kf) if inp.energy != "sqeuclidean" else np.abs(dX @ kf - dX.sum(-1, keepdims=True) * _finite(inp.q.astype(np.float64)))
+        shared_rows = tol_L[..., None] * dq_exact + ddelta * Pk
+        shared_rows_p = tol_L[..., None] * dq_exact + (ddelta_p if bound == "probabilistic" else ddelta) * Pk
+        dq = sc * combine(lgM * u_a * adX, k64, shared_rows=shared_rows)
         dk = sc * combine(lgN * u_a * adX, q64, transpose=True)
         if inp.energy == "sqeuclidean":
             dk = dk + sc * k64 * (T(local + shared).sum(-1) + lgN * u_a * adX.sum(-2))[..., :, None]
             if inp.softcap is not None or inp.sinks is not None:
                 dq = dq + sc * q64 * ((local + shared).sum(-1) + lgM * u_a * adX.sum(-1))[..., :, None]
         Pc = P * c
-        dv = T(Pc * (own + u_in + tol_L[..., None] + lgN * u_a)) @ absu
+        dv = T(Pc * (own + u_cast + tol_L[..., None] + lgN * u_a)) @ absu
         if bound == "probabilistic":
-            dv_p = LAMBDA * np.sqrt(T(Pc * (own_p + u_in)) ** 2 @ absu**2) + T(Pc * (tol_L[..., None] + lgN * u_a)) @ absu
+            dv_p = (LAMBDA * np.sqrt(T(Pc * (own_p + u_cast)) ** 2 @ absu**2) + np.sqrt(T(Pc * tol_L[..., None]) ** 2 @ absu**2)
+                    + T(Pc * lgN * u_a) @ absu)
             dv = np.minimum(dv, dv_p)
-        dq = dq + (u_a + u_in) * sc * np.abs(dX @ _finite(inp.k.astype(np.float64)))
-        dk = dk + (u_a + u_in) * sc * np.abs(T(dX) @ _finite(inp.q.astype(np.float64)))
-        dv = dv + u_in * np.abs(T(Pc) @ u)
+        u_store = u_in if u_in > u_a else 0.0  # the accumulator's result rounded to the input dtype
+        dq = dq + (u_a + u_store) * sc * np.abs(dX @ _finite(inp.k.astype(np.float64)))  # the scale's product, the store
+        dk = dk + (u_a + u_store) * sc * np.abs(T(dX) @ _finite(inp.q.astype(np.float64)))
+        dv = dv + u_store * np.abs(T(Pc) @ u)
     if g > 1:
         dk, dv = _sum_groups(dk, g), _sum_groups(dv, g)
     return dq, dk, dv
