@@ -429,6 +429,6 @@ def test_readme_example_runs():
     import re
 
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Beyond one machine (Dask)"):]
+    section = text[text.index("## Scale-out: beyond one machine (Dask)"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     exec(compile(code, "README.md", "exec"), {})
