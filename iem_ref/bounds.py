@@ -1020,12 +1020,10 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         P = P_all[..., :M]
         # the forward: the oracle's output, log-partition and the kernel's forward bounds
         z_all = -comp.e if comp.x is not None else -comp.e * inp.scale
-        zmax = np.where(P_all > 0, z_all, -np.inf).max(-1, keepdims=True, initial=-np.inf)
-        w = np.where(P_all > 0, np.exp(z_all - np.where(np.isfinite(zmax), zmax, 0.0)), 0.0)
-        L = (np.where(np.isfinite(zmax), zmax, 0.0) + np.log(np.where(w.sum(-1, keepdims=True) > 0, w.sum(-1, keepdims=True), 1.0)))[..., 0]
+        a, L, _ = comp.summary("zero")  # the reference's output and log-partition
+        L = _finite(L)  # an empty row has no weight: its terms vanish with P
         v64 = _finite(inp.v.astype(np.float64))
         c = np.ones(P.shape) if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)
-        a = (P * c) @ v64
         tol_a, tol_L = kernel_forward_bounds(comp, P_all, a, L, precision, bound)
         x = _finite(comp.x if comp.x is not None else inp.scaled_scores(comp.d))
         S = inp.scale * score_sizes(inp.q, inp.k, inp.energy if isinstance(inp.energy, str) else "dot", False)

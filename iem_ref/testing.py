@@ -87,7 +87,7 @@ import numpy as np
 
 from . import exact as _exact
 from ._validation import as_float_array, as_mask, check_axis, check_choice
-from .attention import Competition, attention, prepare_attention
+from .attention import _NO_VARIANTS, Competition, attention, prepare_attention
 from .bounds import LAMBDA, U64, kernel_forward_bounds, tree_depth, unit_roundoff
 from .precision import LOW_PRECISION, Precision, infer_precision, round_to
 from .competition import log_partition, responsibilities
@@ -417,9 +417,7 @@ def assert_log_partition_close(actual, d, tau=1.0, axis=-1, mask=None, *, base=N
 # ----------------------------------------------------------------------------
 
 
-_VARIANT_KEYS = (
-    "bias", "alibi_slopes", "softcap", "window", "sinks", "enable_gqa", "cu_seqlens_q", "cu_seqlens_k", "dropout_p", "dropout_mask",
-)
+_VARIANT_KEYS = tuple(_NO_VARIANTS)  # the variants' keywords, as prepare_attention knows them
 
 
 def _bshd(x):
