@@ -33,7 +33,9 @@ addition of an exact zero does not round): ``|s^ - s| <= gamma_{n-1} sum
 ``gamma_n sum |x_j y_j|`` (BLAS GEMM/GEMV included, whatever their blocking;
 a fused multiply-add only removes roundings).  A pairwise (tree) sum has
 depth ``ceil(log2 n)`` (:func:`tree_depth`, the ``lg`` of
-:mod:`iem_ref.testing`).
+:mod:`iem_ref.testing`); the squared magnitudes its roundings multiply, for
+the probabilistic bounds of section 13, add to at most
+:func:`tree_squares`.
 
 4. The reference (float64)
 --------------------------
@@ -222,42 +224,47 @@ kernel described by an :class:`iem_ref.precision.Precision`: ``u_s`` the
 unit roundoff of its scores (the ``q k^T`` accumulator and the softmax
 arithmetic), ``u_p`` of the probabilities it rounds before the value GEMM,
 ``u_a`` of its accumulator, ``u_o`` of its output; inputs are taken as
-given (they are the kernel's inputs, already rounded).  As in section 9 a
-relative error ``e_j`` of key ``j``'s weight, the same in the numerator and
-the row sum, moves the output by ``sum_j r_j e_j (v_j - a)``.  ``e_j`` is
-made of one rounding per step, each ``|delta| <= u_s`` times a magnitude:
-the ``D`` products and ``D - 1`` additions of the score (magnitudes at most
-``scale S_j``, section 5), its product by the scale (``|x_j|``), the
-subtraction of the row maximum (``t_j = |x_j - m|``), the ``exp``
-(``2 p``, ``p = exp_ulps``) and the variants' steps (section 11).  The
-probabilities rounded to ``u_p`` (numerator only) add ``sum_j r_j
-delta_j v_j``; the sums of the weights and of the value products a tree of
-depth ``lg = ceil(log2 M)`` (``lg u_s |a|`` and ``lg u_a sum_j r_j
-|v_j|``, the model of :mod:`iem_ref.testing`); the division and the output
-``(u_a + u_o) |a|``.  The log-partition moves by ``sum_j r_j e_j``
-(``dL/dx_j = r_j``) plus its sum, ``log`` and addition.
+given (they are the kernel's inputs, already rounded).  Every sum is a
+tree of depth ``lg = ceil(log2 n)`` (pairwise or blocked; any order
+inside it).  Each error is a list of terms (:class:`ErrorTerms`), each a
+sum ``sum_k c_k delta_k`` of roundings ``|delta_k| <= u``:
 
-* ``bound="rigorous"``: every rounding at its worst, ``|sum_j c_j delta_j|
-  <= u sum_j |c_j|`` (``gamma_D`` for the score).
+* a key's own roundings: as in section 9 a relative error ``e_j`` of key
+  ``j``'s weight, the same in the numerator and the row sum, moves the
+  output by ``sum_j r_j e_j (c_j v_j - a)`` and ``L`` by ``sum_j r_j e_j``.
+  ``e_j``: the score's products and additions (rigorously ``gamma_D scale
+  S_j``, section 5; squared magnitudes :func:`tree_squares` of its ``D``
+  terms), its product by the scale (``|x_j|``), the subtraction of the row
+  maximum (``t_j = |x_j - m|``), the ``exp`` (``2 p``, ``p = exp_ulps``)
+  and the variants' steps (section 11);
+* the scale's own rounding, one for every key: ``u_s sum_j r_j |x_j|
+  |c_j v_j - a|``;
+* the probabilities rounded to ``u_p`` (numerator only): ``sum_j r_j c_j
+  delta_j v_j``;
+* the row sum of the weights (relative to itself, moving ``a`` by
+  ``|a|`` times it) and the value GEMM, each a tree: rigorously ``lg u_s
+  |a|`` and ``lg u_a sum_j r_j c_j |v_j|``;
+* the division and the output, ``(u_a + u_o) |a|``; for ``L`` the log, the
+  addition of the maximum and the store, ``u_s (log M + 2 |L| + 2)``.
+
+* ``bound="rigorous"``: every rounding at its worst, ``R = u sum_k
+  |c_k|``; the bound is the sum of the terms' ``R``.
 * ``bound="probabilistic"`` (the default of :mod:`iem_ref.testing`): the
-  roundings of different keys are independent, mean-zero, bounded
-  variables (the model of Higham and Mary, SIAM J. Sci. Comput. 41, 2019);
-  by Hoeffding's inequality ``|sum_k c_k delta_k| <= lambda u sqrt(sum_k
-  c_k^2)`` except with probability ``2 exp(-lambda^2 / 2)``.  A score's
-  roundings, in the tree (pairwise or blocked) order the model assumes for
-  every sum: the products, ``sum_l (scale q_l k_l)^2 <= (scale S_j)^2``, and
-  the additions, each level's partial sums adding to at most ``scale S_j``,
-  ``lg_D (scale S_j)^2`` (``lg_D = ceil(log2 D)``).  So the weight term is
-  ``lambda u_s sqrt(sum_j r_j^2 (v_j - a)^2 ((lg_D + 1) (scale S_j)^2 +
-  x_j^2 + t_j^2 + 4 p^2))`` and the probabilities' ``lambda u_p
-  sqrt(sum_j r_j^2 v_j^2)``: a spread row of ``M`` keys gains about
-  ``sqrt(M)``.  The scale's own rounding, shared by every key, stays
-  rigorous (``u_s sum_j r_j |x_j| |v_j - a|``), and so do the tree sums
-  (whose order the model does not know).  Each term takes the smaller of
-  its two bounds (one key holding the mass makes ``lambda |c|`` larger
-  than the rigorous ``|c|``).  ``LAMBDA = 6.8``: four terms
-  per element, ``4 * 2 exp(-6.8^2 / 2) < 1e-9``, the chance that a correct
-  kernel fails one element.
+  roundings are independent, mean-zero, bounded variables (the model of
+  Higham and Mary, SIAM J. Sci. Comput. 41, 2019), so a term is
+  sub-Gaussian with scale ``sigma = u sqrt(sum_k c_k^2)`` and independent
+  terms' scales add in squares; by Hoeffding's inequality the sum exceeds
+  ``lambda sqrt(sum sigma^2)`` with probability at most ``2 exp(-lambda^2 /
+  2)``.  A tree's roundings multiply its partial sums; the nodes of one
+  level are disjoint and hold at most ``2^l`` terms, so by Cauchy-Schwarz
+  their squares add to at most ``min(S^2, 2^l Q)`` (``S = sum |y|``, ``Q =
+  sum y^2``; :func:`tree_squares`): a spread row of ``M`` keys gains about
+  ``sqrt(M)`` over the rigorous bound.  A term whose ``R`` is below
+  ``lambda sigma`` (one key holding the mass, one rounding) is counted by
+  its ``R`` instead (:meth:`ErrorTerms.bound`; the choice depends on the
+  data, not on the roundings, so the bound keeps its probability).
+  ``LAMBDA = 6.8``: one event per element, ``2 exp(-6.8^2 / 2) = 1.9e-10 <
+  1e-9``, the chance that a correct kernel fails one element.
 
 14. A kernel under test, by its precision model (backward)
 ---------------------------------------------------------
@@ -266,32 +273,32 @@ backward: ``P`` recomputed from the saved log-partition, ``dP = dO v^T``,
 ``Delta = rowsum(dO * O)`` from the stored (rounded) output, ``dS = P (dP -
 Delta)`` rounded to the input dtype for the two GEMMs, ``dv = P^T dO`` with
 ``P`` rounded to the input dtype, float32 (``u_a``) accumulators, results
-rounded to the input dtype (``u_in``).  With the forward's bounds
-``dL_i``, ``da_i`` (section 13) and ``eta_ij`` a score's error:
+rounded to the input dtype (``u_in``).  The terms, with ``eta_ij`` a
+score's error:
 
-* ``P_ij``: relative ``phi_ij = eta_ij + dL_i + u_s |x_ij - L_i| + 2 p u_s``;
+* ``P_ij``'s own roundings (relative): ``eta_ij + u_s |x_ij - L_i| + 2 p
+  u_s`` (the score, the subtraction, the exp);
 * ``b_ij = <u_i, v_j>``: ``db = lg_Dv u_a sum_c |u_ic v_jc|``;
-  ``Delta_i``: ``sum_c |u_ic| (da_ic + |a_ic| (lg_Dv u_a + u_o))``;
-* ``dS_ij``: ``P (phi |b - Delta| + db + dDelta) + (2 u_s + u_in) |dS|``
-  (the subtraction, the product, the rounding for the GEMM); a soft-cap's
-  factor ``1 - (s/c)^2`` adds ``|dS| (2 eta / c + 3 u_s)``;
-* ``dq_i = scale sum_j dS_ij k_j``: ``scale sum_j (ddS_ij + lg_M u_a
-  |dS_ij|) |k_j| + (u_a + u_in) |dq_i|``; ``dk`` alike over the queries (and
-  a group's heads); ``dv_j = sum_i P_ij c_ij u_i``: ``sum_i (phi_ij + u_in +
-  lg_N u_a) P c |u_i| + u_in |dv_j|``.  The roundings to ``u_in`` count only
-  where the input dtype is coarser than the one the value was formed in.
-* a row's shared errors move all of its ``dS_ij`` together, so in ``dq_i``
-  they are summed exactly: ``dL_i |dq_i| + dDelta_i scale |sum_j P_ij f_ij
-  k_j|`` (``f`` the soft-cap's factor), not with ``|.|`` inside the sum.
+* the row's ``L_i`` (section 13's terms) and ``Delta_i``: the output's
+  bound per column plus the row sum's tree, rigorously; its scale from the
+  output's roundings, those that every column shares entering through
+  ``sum_c u_c (c_j v_jc - a_c) = b_ij - Delta_i``.  Both are made of the
+  forward's roundings, so their scales add linearly; rows are independent;
+* ``dS_ij``: ``P (own |b - Delta| + db) + (2 u_s + u_in) |dS|`` (the
+  subtraction, the product, the rounding for the GEMM), plus the row's
+  ``P (dL |b - Delta| + dDelta)``; a soft-cap's factor ``1 - (s/c)^2`` adds
+  ``|dS| (2 eta / c + 3 u_s)``;
+* ``dq_i = scale sum_j dS_ij k_j``: each of those summed with ``|k_j|``,
+  the accumulation's tree over ``M`` terms, ``(u_a + u_in) |dq_i|`` for the
+  scale's product and the store; the row's errors move all of its ``dS_ij``
+  together, so they enter exactly: ``dL_i |dq_i| + dDelta_i scale |sum_j
+  P_ij f_ij k_j|`` (``f`` the soft-cap's factor).  ``dk`` alike over the
+  ``N g`` query rows (a group's heads independent); ``dv_j = sum_i P_ij
+  c_ij u_i``: ``P c (own + u_in + dL) |u_i|`` and its tree.  The roundings
+  to ``u_in`` count only where the input dtype is coarser than the one the
+  value was formed in.
 
-``bound="probabilistic"``: the parts of ``ddS_ij`` that are a key's own
-roundings (``P phi |b - Delta|`` with ``phi`` without the row's ``dL``,
-``P db``, the roundings of ``dS``) are independent across the summed index
-and enter ``dq``, ``dk``, ``dv`` as ``lambda sqrt(sum (.)^2)``, each term
-the smaller of its two bounds.  A row's shared ``dL_i`` and ``dDelta_i``
-are sums of that row's roundings, independent across rows: in ``dk`` and
-``dv`` (sums over rows) their ``lambda``-level bounds add as a
-root-sum-square.
+Each is an :class:`ErrorTerms` bounded as in section 13.
 
 Examples
 --------
@@ -319,6 +326,7 @@ __all__ = [
     "gamma",
     "ulps",
     "tree_depth",
+    "tree_squares",
     "scale_rounding",
     "Arithmetic",
     "CPU",
@@ -328,6 +336,7 @@ __all__ = [
     "cuda",
     "sum_bound",
     "score_sizes",
+    "score_squares",
     "score_error",
     "ForwardBounds",
     "forward_bounds",
@@ -337,6 +346,7 @@ __all__ = [
     "variant_vjp_error",
     "merge_bounds",
     "LAMBDA",
+    "ErrorTerms",
     "kernel_forward_bounds",
     "kernel_vjp_bounds",
 ]
@@ -404,6 +414,27 @@ def tree_depth(n):
     """
     n = int(n)
     return (n - 1).bit_length() if n > 1 else 0
+
+
+def tree_squares(S, Q, n):
+    """``sum_l min(S^2, 2^l Q)`` over the ``tree_depth(n) + 1`` levels of a pairwise sum (section 3).
+
+    The probabilistic bounds need, for a sum of ``n`` terms ``y_c`` in a tree
+    of depth ``lg = tree_depth(n)``, the sum of the squared magnitudes that
+    its roundings multiply: the terms themselves (level 0, ``Q = sum y_c^2``)
+    and the partial sums of each level ``l``.  The nodes of a level are
+    disjoint and hold at most ``2^l`` terms, so by Cauchy-Schwarz their
+    squared sums add to at most ``min(S^2, 2^l Q)`` (``S = sum |y_c|``): any
+    tree of that depth, any order inside it.  ``S``, ``Q`` broadcast.
+
+    Examples
+    --------
+    >>> float(tree_squares(8.0, 8.0, 8))  # eight ones: 8 + 16 + 32 + 64
+    120.0
+    """
+    S2 = np.asarray(S, np.float64) ** 2
+    Q = np.asarray(Q, np.float64)
+    return sum(np.minimum(S2, 2.0**level * Q) for level in range(tree_depth(n) + 1))
 
 
 def scale_rounding(u):
@@ -554,6 +585,19 @@ def score_sizes(q, k, energy, expanded):
         return dot + 0.5 * ((q**2).sum(-1)[..., :, None] + (k**2).sum(-1)[..., None, :])
     diff = q[..., :, None, :] - k[..., None, :, :]
     return 0.5 * (diff**2).sum(-1)
+
+
+def score_squares(q, k, energy):
+    """``sum_c y_c^2`` of the ``D`` terms ``y_c`` a score sums (``q_c k_c``; ``(q_c - k_c)^2 / 2``), ``(B..., N, M)``.
+
+    With ``score_sizes``' ``S = sum_c |y_c|`` it gives :func:`tree_squares` of the score's sum.
+    """
+    q = _finite(np.asarray(q, np.float64))
+    k = _finite(np.asarray(k, np.float64))
+    if energy == "dot":
+        return q**2 @ np.swapaxes(k**2, -1, -2)
+    diff = q[..., :, None, :] - k[..., None, :, :]
+    return 0.25 * (diff**4).sum(-1)
 
 
 def score_error(path, u, S, x, scale, D):
@@ -934,9 +978,128 @@ def merge_bounds(levels, P, W, V, A, *, shift=0.0, exp_ulps=1):
 
 # --- 13: a kernel under test, by its precision model -----------------------------------
 
-#: Hoeffding's multiplier of the probabilistic bounds (section 13): four terms per element,
-#: each failing with probability at most 2 exp(-LAMBDA^2 / 2).
+#: Hoeffding's multiplier of the probabilistic bounds (section 13): one event per element,
+#: failing with probability at most 2 exp(-LAMBDA^2 / 2) = 1.9e-10.
 LAMBDA = 6.8
+
+
+class ErrorTerms:
+    """The error of one quantity as a list of terms, each a rigorous bound ``R`` and a scale ``sigma`` (section 13).
+
+    A term is a sum of roundings ``sum_k c_k delta_k`` (``|delta_k| <= u``):
+    ``R = u sum_k |c_k|`` always holds, and under the probabilistic model the
+    term is sub-Gaussian with scale ``sigma = u sqrt(sum_k c_k^2)``.  A term
+    that is one rounding, or whose roundings are not independent, has
+    ``sigma = R``.  Terms made of different roundings are independent, so
+    their scales add in squares.
+
+    Examples
+    --------
+    >>> t = ErrorTerms(); t.add(1.0); t.add(10.0, 1.0)
+    >>> float(t.bound("rigorous")), float(t.bound("probabilistic"))  # 1 kept rigorous; 10 > LAMBDA * 1
+    (11.0, 7.8)
+    """
+
+    def __init__(self):
+        self.R, self.sigma = [], []
+
+    def add(self, R, sigma=None):
+        self.R.append(R)
+        self.sigma.append(R if sigma is None else sigma)
+
+    def map(self, f, g=None):
+        """A copy with ``f`` applied to every ``R`` and ``g`` (default ``f``) to every ``sigma**2``."""
+        out = ErrorTerms()
+        for R, s in zip(self.R, self.sigma):
+            out.add(f(R), np.sqrt((g or f)(np.square(s))))
+        return out
+
+    def scale(self):
+        """The scale of the whole sum: ``sqrt(sum sigma^2)``."""
+        return np.sqrt(sum(np.square(s) for s in self.sigma))
+
+    def bound(self, kind):
+        """``sum R`` (rigorous), or: each term whose ``R`` is below ``LAMBDA sigma`` by its ``R``, the rest by
+        ``LAMBDA sqrt(sum sigma^2)`` (Hoeffding; the choice depends on the data only, not on the roundings)."""
+        if kind == "rigorous":
+            return sum(self.R)
+        kept, var = 0.0, 0.0
+        for R, s in zip(self.R, self.sigma):
+            rig = R < LAMBDA * s
+            kept = kept + np.where(rig, R, 0.0)
+            var = var + np.where(rig, 0.0, np.square(s))
+        return kept + LAMBDA * np.sqrt(var)
+
+
+def _kernel_score_sizes(inp):
+    """``(scale S, the score's tree_squares)`` of a kernel's scores (sections 5 and 13).
+
+    The squared Euclidean energy rounds each term twice more before the tree
+    (the difference, doubled by the square, and the square): ``4 + 1`` times
+    its square at level 0.
+    """
+    energy = inp.energy if isinstance(inp.energy, str) else "dot"
+    S = inp.scale * score_sizes(inp.q, inp.k, energy, False)
+    Q = inp.scale**2 * score_squares(inp.q, inp.k, energy)
+    S2 = tree_squares(S, Q, inp.q.shape[-1]) + (4.0 * Q if energy == "sqeuclidean" else 0.0)
+    return S, S2
+
+
+class _Forward:
+    """The forward's roundings of section 13, kept for the backward (section 14)."""
+
+
+def _forward_terms(comp, r, a, L, precision):
+    """Section 13's terms: ``(ErrorTerms of a, ErrorTerms of L, _Forward context)``."""
+    from .precision import unit_roundoff as unit
+
+    inp = comp.inp
+    M, D = inp.m, inp.q.shape[-1]
+    f = _Forward()
+    f.u_s, f.u_p, f.u_a, f.u_o = (unit(getattr(precision, n)) for n in ("scores", "probs", "accumulator", "output"))
+    u_s, u_p, u_a, u_o = f.u_s, f.u_p, f.u_a, f.u_o
+    p = precision.exp_ulps
+    f.x = x = _finite(comp.x if comp.x is not None else inp.scaled_scores(comp.d))  # the scaled scores
+    z_all = -comp.e if comp.x is not None else -comp.e * inp.scale  # the logits, the sink's last
+    f.S, S2 = _kernel_score_sizes(inp)
+    extra = logit_error(comp, np.zeros(x.shape), u_s) / u_s if comp.x is not None else 0.0  # the variants' steps
+    f.r_all = r_all = np.where(np.isfinite(r), r, 0.0)
+    f.rr = rr = r_all[..., :M]
+    part_all = r_all > 0
+    m = np.where(part_all & np.isfinite(z_all), z_all, -np.inf).max(axis=-1, keepdims=True, initial=-np.inf)
+    t = np.where(rr > 0, _finite(np.abs(z_all[..., :M] - np.where(np.isfinite(m), m, 0.0))), 0.0)
+    f.v = v = _finite(inp.v.astype(np.float64))
+    f.c = c = np.ones(rr.shape) if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)
+    f.a = af = _finite(np.asarray(a, np.float64))
+    A, absv, ax = np.abs(af), np.abs(v), np.abs(x)
+    n_all = r_all.shape[-1]
+    f.e = e = gamma(D, u_s) * f.S + u_s * (ax + t + 2 * p + extra)  # a key's own roundings, rigorous
+    f.sq = sq = S2 + x**2 + t**2 + 4 * p * p + extra**2  # their squared magnitudes
+    f.rc = rc = rr * c
+    rc_v = rc @ absv
+    f.sum_tree = tree_squares(r_all.sum(-1), (r_all**2).sum(-1), n_all)  # the row sum, relative to itself
+    ta = ErrorTerms()
+    # a relative error e_j of key j's weight moves a by r_j e_j (c_j v_j - a)
+    w = rr**2 * sq
+    spread = (w * c * c) @ v**2 - 2 * af * ((w * c) @ v) + af**2 * w.sum(-1, keepdims=True)
+    ta.add((rr * e * c) @ absv + A * (rr * e).sum(-1, keepdims=True), u_s * np.sqrt(np.maximum(spread, 0.0)))
+    ta.add(u_s * ((rr * ax * c) @ absv + A * (rr * ax).sum(-1, keepdims=True)))  # the scale's rounding, every key alike
+    if u_p > u_s:  # the probabilities rounded before the value GEMM
+        ta.add(u_p * rc_v, u_p * np.sqrt(rc**2 @ v**2))
+    ta.add(tree_depth(n_all) * u_s * A, u_s * A * np.sqrt(f.sum_tree)[..., None])  # the row sum's tree
+    ta.add(tree_depth(M) * u_a * rc_v, u_a * np.sqrt(tree_squares(rc_v, rc**2 @ v**2, M)))  # the value GEMM's tree
+    if inp.keep is not None:
+        ta.add(2 * u_a * rc_v)  # V8: c_j rounded and multiplied
+    ta.add((u_a + u_o) * A, math.hypot(u_a, u_o) * A)  # the division, the output
+    tL = ErrorTerms()
+    tL.add((rr * e).sum(-1), u_s * np.sqrt((rr**2 * sq).sum(-1)))
+    tL.add(u_s * (rr * ax).sum(-1))  # the scale's rounding
+    tL.add(tree_depth(n_all) * u_s * r_all.sum(-1), u_s * np.sqrt(f.sum_tree))  # the row sum's tree
+    f.L = Lf = np.abs(_finite(np.asarray(L, np.float64)))
+    logM = math.log(max(M, 1))
+    # the log (its result, at most log M, and its own 2 ulps), the addition of the maximum and the store
+    tL.add(u_s * (logM + 2 * Lf + 2), u_s * np.sqrt(logM**2 + 2 * Lf**2 + 4))
+    return ta, tL, f
 
 
 def kernel_forward_bounds(comp, r, a, L, precision, bound="probabilistic"):
@@ -950,48 +1113,11 @@ def kernel_forward_bounds(comp, r, a, L, precision, bound="probabilistic"):
     Memory ``O(B N M)``: the sums over keys are matrix products (the
     probabilistic ``sum_j w_j (c_j v_j - a)^2`` expanded into three).
     """
-    from .precision import unit_roundoff as unit
-
     if bound not in ("probabilistic", "rigorous"):
         raise ValueError(f"bound must be 'probabilistic' or 'rigorous'; got {bound!r}")
-    inp = comp.inp
-    M, D = inp.m, inp.q.shape[-1]
-    u_s, u_p, u_a, u_o = (unit(getattr(precision, f)) for f in ("scores", "probs", "accumulator", "output"))
-    p = precision.exp_ulps
     with np.errstate(invalid="ignore", over="ignore"):
-        x = _finite(comp.x if comp.x is not None else inp.scaled_scores(comp.d))  # the scaled scores
-        z_all = -comp.e if comp.x is not None else -comp.e * inp.scale  # the logits, the sink's last
-        S = inp.scale * score_sizes(inp.q, inp.k, inp.energy if isinstance(inp.energy, str) else "dot", False)
-        extra = logit_error(comp, np.zeros(x.shape), u_s) / u_s if comp.x is not None else 0.0  # the variants' steps
-        rr = np.where(np.isfinite(r[..., :M]), r[..., :M], 0.0)
-        part_all = np.where(np.isfinite(r), r, 0.0) > 0
-        m = np.where(part_all & np.isfinite(z_all), z_all, -np.inf).max(axis=-1, keepdims=True, initial=-np.inf)
-        t = np.where(rr > 0, _finite(np.abs(z_all[..., :M] - np.where(np.isfinite(m), m, 0.0))), 0.0)
-        v = _finite(inp.v.astype(np.float64))
-        c = np.ones(rr.shape) if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)
-        A = np.abs(_finite(np.asarray(a, np.float64)))
-        absv = np.abs(v)
-        lg = tree_depth(M + (1 if inp.sinks is not None else 0))
-        ax = np.abs(x)
-        e = gamma(D, u_s) * S + u_s * (ax + t + 2 * p + extra)
-        # sum_j r_j e_j |c_j v_j - a| <= sum_j r_j e_j c_j |v_j| + |a| sum_j r_j e_j
-        weights = (rr * e * c) @ absv + A * (rr * e).sum(-1, keepdims=True)
-        probs = u_p * ((rr * c) @ absv) if u_p > u_s else 0.0
-        dL = (rr * e).sum(-1)
-        if bound == "probabilistic":  # each term: the smaller of the two bounds (the rigorous one always holds)
-            sq = (tree_depth(D) + 1) * S**2 + x**2 + t**2 + 4 * p * p + extra**2  # the squared magnitudes of a key's roundings
-            w = rr**2 * sq
-            af = _finite(np.asarray(a, np.float64))
-            spread = (w * c * c) @ v**2 - 2 * af * ((w * c) @ v) + af**2 * w.sum(-1, keepdims=True)  # sum_j w_j (c_j v_j - a)^2
-            shared = u_s * ((rr * ax * c) @ absv + A * (rr * ax).sum(-1, keepdims=True))  # the scale's rounding, every key alike
-            weights = np.minimum(weights, LAMBDA * u_s * np.sqrt(np.maximum(spread, 0.0)) + shared)
-            probs = np.minimum(probs, LAMBDA * u_p * np.sqrt((rr * c) ** 2 @ v**2)) if u_p > u_s else 0.0
-            dL = np.minimum(dL, LAMBDA * u_s * np.sqrt((rr**2 * sq).sum(-1)) + u_s * (rr * ax).sum(-1))
-        drop = 0.0 if inp.keep is None else 2 * u_a * ((rr * c) @ absv)  # V8: c_j rounded and multiplied
-        tol_a = weights + probs + lg * u_s * A + lg * u_a * ((rr * c) @ absv) + drop + (u_a + u_o) * A
-        Lf = np.abs(_finite(np.asarray(L, np.float64)))
-        tol_L = dL + u_s * (lg + math.log(max(M, 1)) + 2 * Lf + 2)
-    return tol_a, tol_L
+        ta, tL, _ = _forward_terms(comp, r, a, L, precision)
+        return ta.bound(bound), tL.bound(bound)
 
 
 def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
@@ -1010,7 +1136,7 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         raise ValueError(f"bound must be 'probabilistic' or 'rigorous'; got {bound!r}")
     inp = comp.inp
     M, N, D, Dv, g = inp.m, inp.n, inp.q.shape[-1], inp.dv, inp.group
-    u_s, u_a, u_o, u_in = (unit(getattr(precision, f)) for f in ("scores", "accumulator", "output", "inputs"))
+    u_in = unit(precision.inputs)
     pe = precision.exp_ulps
     T = lambda z: np.swapaxes(z, -1, -2)  # noqa: E731
     with np.errstate(invalid="ignore", over="ignore"):
@@ -1018,91 +1144,116 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         P_all = np.where(part, responsibilities(comp.e, comp.tau, mask=comp.take), 0.0)
         P_all = np.where(np.isfinite(P_all), P_all, 0.0)
         P = P_all[..., :M]
-        # the forward: the oracle's output, log-partition and the kernel's forward bounds
-        z_all = -comp.e if comp.x is not None else -comp.e * inp.scale
         a, L, _ = comp.summary("zero")  # the reference's output and log-partition
         L = _finite(L)  # an empty row has no weight: its terms vanish with P
-        v64 = _finite(inp.v.astype(np.float64))
-        c = np.ones(P.shape) if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)
-        tol_a, tol_L = kernel_forward_bounds(comp, P_all, a, L, precision, bound)
-        x = _finite(comp.x if comp.x is not None else inp.scaled_scores(comp.d))
-        S = inp.scale * score_sizes(inp.q, inp.k, inp.energy if isinstance(inp.energy, str) else "dot", False)
-        eta = logit_error(comp, gamma(D, u_s) * S + u_s * np.abs(x), u_s) if comp.x is not None else gamma(D, u_s) * S + u_s * np.abs(x)
-        own = eta + u_s * np.abs(_finite(z_all[..., :M] - L[..., None])) + 2 * pe * u_s  # a key's own roundings in P
-        phi = np.where(P > 0, own + tol_L[..., None], 0.0)
+        ta, tL, f = _forward_terms(comp, P_all, a, L, precision)
+        u_s, u_a, u_o = f.u_s, f.u_a, f.u_o
+        z_all = -comp.e if comp.x is not None else -comp.e * inp.scale
+        x, S, v64, c = f.x, f.S, f.v, f.c
+        eta = gamma(D, u_s) * S + u_s * np.abs(x)
+        eta = logit_error(comp, eta, u_s) if comp.x is not None else eta
+        tz = _finite(np.abs(z_all[..., :M] - L[..., None]))
+        # P_ij recomputed as exp(z_ij - L_i): a key's own roundings (its score, the subtraction, the exp)
+        own = eta + u_s * tz + 2 * pe * u_s
+        var = logit_error(comp, np.zeros(x.shape), u_s) if comp.x is not None else 0.0
+        own_s = u_s * np.sqrt(_kernel_score_sizes(inp)[1] + x**2 + tz**2 + 4 * pe * pe) + var
         u = _finite(np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (N, Dv)))
         absu, absv = np.abs(u), np.abs(v64)
-        b = np.where(part[..., :M], c * (u @ T(v64)), 0.0)
+        b = np.where(part[..., :M], c * (u @ T(v64)), 0.0)  # dP_ij, with dropout's c
         uv = c * (absu @ T(absv))
-        db = tree_depth(Dv) * u_a * uv
+        db, db_s = tree_depth(Dv) * u_a * uv, u_a * np.sqrt(tree_squares(uv, c**2 * (u**2 @ T(v64**2)), Dv))
         delta = (u * a).sum(-1, keepdims=True)
-        ddelta = (absu * (tol_a + np.abs(a) * (tree_depth(Dv) * u_a + u_o))).sum(-1, keepdims=True)
+        sL, RL = tL.scale()[..., None], tL.bound("rigorous")[..., None]  # the row's log-partition
+        RD, sD = _delta_terms(ta, f, a, u, b, delta, Dv)  # the row's Delta
         dZ = P * (b - delta)
-        dX = dZ if inp.softcap is None else dZ * (1.0 - (_finite(comp.s) / inp.softcap) ** 2)
-        extra = 0.0 if inp.softcap is None else np.abs(dZ) * (2 * eta / inp.softcap + 3 * u_s)
-        bd = np.abs(b - delta)
-        u_cast = u_in if u_in > u_s else 0.0  # dS and P rounded to the input dtype for the GEMMs (no-op when it is the scores')
-        local = P * (own * bd + db) + (2 * u_s + u_cast) * np.abs(dX) + extra  # a key's own roundings, per (i, j)
-        shared = P * (tol_L[..., None] * bd + ddelta)  # the row's dL and dDelta
-        if bound == "probabilistic":
-            # the same roundings as root-sum-squares magnitudes (section 13); the output's columns independent
-            tz = _finite(np.abs(z_all[..., :M] - L[..., None]))
-            var = logit_error(comp, np.zeros(x.shape), u_s) if comp.x is not None else 0.0
-            own_p = u_s * np.sqrt((tree_depth(D) + 1) * S**2 + x**2 + tz**2 + 4 * pe * pe) + var
-            db_p = u_a * np.sqrt(tree_depth(Dv) + 1.0) * uv
-            local_p = P * (own_p * bd + db_p) + (2 * u_s + u_cast) * np.abs(dX) + extra
-            ddelta_p = np.sqrt((u**2 * (tol_a + np.abs(a) * (tree_depth(Dv) * u_a + u_o)) ** 2).sum(-1, keepdims=True))
-            shared_p = P * (tol_L[..., None] * bd + ddelta_p)
-        adX = np.abs(dX)
-        q64, k64 = np.abs(_finite(inp.q.astype(np.float64))), np.abs(_finite(inp.k.astype(np.float64)))
-        sc = inp.scale
-        lgM, lgN = tree_depth(M), tree_depth(N * g)
-
-        def combine(acc, vals, transpose=False, shared_rows=None):
-            """``sum (local + shared + acc) vals`` over the summed index; probabilistic: the local part root-sum-squares.
-
-            ``shared_rows``: for ``dq``, the row's shared errors summed exactly instead (below).
-            """
-            tr = T if transpose else (lambda z: z)
-            sh, sh_p = (shared, shared_p if bound == "probabilistic" else None) if shared_rows is None else (0.0, 0.0)
-            rig = tr(local + sh + acc) @ vals + (0.0 if shared_rows is None else shared_rows)
-            if bound == "rigorous":
-                return rig
-            # over rows (dk): each row's shared error is a sum of that row's roundings, independent of the other
-            # rows'; a lambda-level bound per row adds as a root-sum-square (lambda already inside each)
-            if shared_rows is not None:
-                shared_sum = shared_rows_p
-            elif transpose:
-                shared_sum = np.sqrt(tr(sh_p) ** 2 @ vals**2)
-            else:
-                shared_sum = tr(sh_p) @ vals
-            prob = LAMBDA * np.sqrt(tr(local_p) ** 2 @ vals**2) + shared_sum + tr(acc) @ vals
-            return np.minimum(rig, prob)
-
-        # A row's shared errors move every dS_ij of the row together: a relative dL_i of P_ij moves dq_i by
-        # dL_i |dq_i| / scale, and dDelta_i moves it by dDelta_i |sum_j P_ij k_j| (no |.| inside the sums).
-        kf = _finite(inp.k.astype(np.float64))
-        f = 1.0 if inp.softcap is None else 1.0 - (_finite(comp.s) / inp.softcap) ** 2  # dX = dZ f
-        Pk = np.abs((P * f) @ kf) if inp.energy != "sqeuclidean" else np.abs((P * f) @ kf - (P * f).sum(-1, keepdims=True) * _finite(inp.q.astype(np.float64)))
-        dq_exact = np.abs(dX @ kf) if inp.energy != "sqeuclidean" else np.abs(dX @ kf - dX.sum(-1, keepdims=True) * _finite(inp.q.astype(np.float64)))
-        shared_rows = tol_L[..., None] * dq_exact + ddelta * Pk
-        shared_rows_p = tol_L[..., None] * dq_exact + (ddelta_p if bound == "probabilistic" else ddelta) * Pk
-        dq = sc * combine(lgM * u_a * adX, k64, shared_rows=shared_rows)
-        dk = sc * combine(lgN * u_a * adX, q64, transpose=True)
-        if inp.energy == "sqeuclidean":
-            dk = dk + sc * k64 * (T(local + shared).sum(-1) + lgN * u_a * adX.sum(-2))[..., :, None]
-            if inp.softcap is not None or inp.sinks is not None:
-                dq = dq + sc * q64 * ((local + shared).sum(-1) + lgM * u_a * adX.sum(-1))[..., :, None]
-        Pc = P * c
-        dv = T(Pc * (own + u_cast + tol_L[..., None] + lgN * u_a)) @ absu
-        if bound == "probabilistic":
-            dv_p = (LAMBDA * np.sqrt(T(Pc * (own_p + u_cast)) ** 2 @ absu**2) + np.sqrt(T(Pc * tol_L[..., None]) ** 2 @ absu**2)
-                    + T(Pc * lgN * u_a) @ absu)
-            dv = np.minimum(dv, dv_p)
+        fcap = 1.0 if inp.softcap is None else 1.0 - (_finite(comp.s) / inp.softcap) ** 2
+        dX = dZ * fcap  # a soft-cap's factor (V3)
+        bd, adX = np.abs(b - delta), np.abs(dX)
+        u_cast = u_in if u_in > u_s else 0.0  # dS and P rounded to the input dtype for the GEMMs
+        # dS's own roundings: the subtraction, the product, the cast; the soft-cap's factor
+        ds = (2 * u_s + u_cast) * adX + (0.0 if inp.softcap is None else np.abs(dZ) * (2 * eta / inp.softcap + 3 * u_s))
+        kf, qf = _finite(inp.k.astype(np.float64)), _finite(inp.q.astype(np.float64))
+        absk, absq = np.abs(kf), np.abs(qf)
+        sq_e = inp.energy == "sqeuclidean"
         u_store = u_in if u_in > u_a else 0.0  # the accumulator's result rounded to the input dtype
-        dq = dq + (u_a + u_store) * sc * np.abs(dX @ _finite(inp.k.astype(np.float64)))  # the scale's product, the store
-        dk = dk + (u_a + u_store) * sc * np.abs(T(dX) @ _finite(inp.q.astype(np.float64)))
-        dv = dv + u_store * np.abs(T(Pc) @ u)
-    if g > 1:
-        dk, dv = _sum_groups(dk, g), _sum_groups(dv, g)
+
+        def gemm(vals, n, transpose, rows=None):
+            """The terms of ``sum_i dX_ij vals_i`` (``transpose``) or ``sum_j dX_ij vals_j``: per element
+            ``(i, j)`` the key's own roundings, dP's, dS's, and the accumulation's tree over ``n`` terms; and
+            the row's ``L_i`` and ``Delta_i``, independent across rows (``rows``: dq's, one row, summed exactly)."""
+            tr = T if transpose else (lambda z: z)
+            t = ErrorTerms()
+
+            def per_element(R, s):
+                t.add(tr(R) @ vals, np.sqrt(tr(s) ** 2 @ vals**2))
+
+            per_element(P * own * bd, P * own_s * bd)
+            per_element(P * db, P * db_s)
+            per_element(ds, ds)
+            t.add(tree_depth(n) * u_a * (tr(adX) @ vals), u_a * np.sqrt(tree_squares(tr(adX) @ vals, tr(adX**2) @ vals**2, n)))
+            # the row's L_i and Delta_i, both made of the forward's roundings (their scales add linearly)
+            if rows is None:
+                per_element(P * (RL * bd + RD), P * (sL * bd + sD))
+            else:  # L_i moves every dS_ij of the row by the same relative amount, Delta_i by P_ij times it
+                dq_exact, Pk = rows
+                t.add(RL * dq_exact + RD * Pk, sL * dq_exact + sD * Pk)
+            return t
+
+        def squared_euclidean_rows(t, vals, n, axis):
+            """``-dS`` summed over the row (or column) times ``q_i`` (``k_j``): its terms, rigorous."""
+            loc = P * (own * bd + db + RL * bd + RD) + ds
+            t.add(vals * (loc.sum(axis) + tree_depth(n) * u_a * adX.sum(axis))[..., None])
+
+        if sq_e:
+            Pk = np.abs((P * fcap) @ kf - (P * fcap).sum(-1, keepdims=True) * qf)
+            dq_exact = np.abs(dX @ kf - dX.sum(-1, keepdims=True) * qf)
+        else:
+            Pk, dq_exact = np.abs((P * fcap) @ kf), np.abs(dX @ kf)
+        tq = gemm(absk, M, False, rows=(dq_exact, Pk))
+        tk = gemm(absq, N * g, True)
+        if sq_e:
+            squared_euclidean_rows(tk, absk, N * g, -2)
+            if inp.softcap is not None or inp.sinks is not None:
+                squared_euclidean_rows(tq, absq, M, -1)
+        tq.add((u_a + u_store) * np.abs(dX @ kf))  # the scale's product, the store
+        tk.add((u_a + u_store) * np.abs(T(dX) @ qf))
+        Pc = P * c
+        tv = ErrorTerms()
+        for R, s in ((own + u_cast, own_s + u_cast), (RL, sL)):
+            tv.add(T(Pc * R) @ absu, np.sqrt(T(Pc * s) ** 2 @ absu**2))
+        Pu = T(Pc) @ absu
+        tv.add(tree_depth(N * g) * u_a * Pu, u_a * np.sqrt(tree_squares(Pu, T(Pc**2) @ absu**2, N * g)))
+        tv.add(u_store * np.abs(T(Pc) @ u))
+        if g > 1:  # a group's heads: different roundings, independent
+            tk, tv = (t.map(lambda z: _sum_groups(z, g)) for t in (tk, tv))
+        dq, dk, dv = (inp.scale * tq.bound(bound), inp.scale * tk.bound(bound), tv.bound(bound))
     return dq, dk, dv
+
+
+def _delta_terms(ta, f, a, u, b, delta, Dv):
+    """``(R, sigma)`` of ``Delta_i = sum_c u_ic a_ic`` formed from the kernel's stored output (section 14).
+
+    Rigorous: the output's bound per column (section 13) and the row sum's
+    tree.  Scale: the output's roundings that every column shares enter
+    ``Delta`` through ``sum_c u_c (c_j v_jc - a_c) = b_ij - Delta_i``; the
+    value GEMM's, the division's and the output's own roundings are
+    independent across columns.
+    """
+    u_s, u_p, u_a, u_o = f.u_s, f.u_p, f.u_a, f.u_o
+    absu, A = np.abs(u), np.abs(a)
+    ua = np.abs(u * a)
+    R = (absu * ta.bound("rigorous")).sum(-1, keepdims=True) + tree_depth(Dv) * u_a * ua.sum(-1, keepdims=True) + u_o * ua.sum(-1, keepdims=True)
+    rr, rc, sq, ax, v = f.rr, f.rc, f.sq, np.abs(f.x), f.v
+    bD = np.abs(b - delta)
+    var = u_s**2 * (rr**2 * sq * bD**2).sum(-1, keepdims=True)  # a key's own roundings
+    var = var + (u_s * (rr * ax * bD).sum(-1, keepdims=True)) ** 2  # the scale's rounding
+    if u_p > u_s:
+        var = var + u_p**2 * (rr**2 * b**2).sum(-1, keepdims=True)
+    var = var + u_s**2 * delta**2 * f.sum_tree[..., None]  # the row sum's tree
+    rc_v, rc_v2 = rc @ np.abs(v), rc**2 @ v**2
+    var = var + u_a**2 * (u**2 * tree_squares(rc_v, rc_v2, rr.shape[-1])).sum(-1, keepdims=True)  # the value GEMM
+    var = var + (u_a**2 + 2 * u_o**2) * (ua**2).sum(-1, keepdims=True)  # the division, the output, its product by u
+    var = var + u_a**2 * tree_squares(ua.sum(-1, keepdims=True), (ua**2).sum(-1, keepdims=True), Dv)  # Delta's row sum
+    if f.c is not None and not np.all(f.c == 1.0):
+        var = var + (2 * u_a * (absu * rc_v).sum(-1, keepdims=True)) ** 2  # V8
+    return R, np.sqrt(var)
