@@ -416,7 +416,7 @@ def tree_depth(n):
     return (n - 1).bit_length() if n > 1 else 0
 
 
-def tree_squares(S, Q, n):
+def tree_squares(S, Q, n, total=None):
     """``sum_l min(S^2, 2^l Q)`` over the ``tree_depth(n) + 1`` levels of a pairwise sum (section 3).
 
     The probabilistic bounds need, for a sum of ``n`` terms ``y_c`` in a tree
@@ -425,16 +425,22 @@ def tree_squares(S, Q, n):
     and the partial sums of each level ``l``.  The nodes of a level are
     disjoint and hold at most ``2^l`` terms, so by Cauchy-Schwarz their
     squared sums add to at most ``min(S^2, 2^l Q)`` (``S = sum |y_c|``): any
-    tree of that depth, any order inside it.  ``S``, ``Q`` broadcast.
+    tree of that depth, any order inside it.  The last level is the sum
+    itself: given its magnitude ``total``, it counts ``total^2``.  ``S``,
+    ``Q`` and ``total`` broadcast.
 
     Examples
     --------
     >>> float(tree_squares(8.0, 8.0, 8))  # eight ones: 8 + 16 + 32 + 64
     120.0
+    >>> float(tree_squares(8.0, 8.0, 8, total=0.0))  # four ones and four minus ones
+    56.0
     """
     S2 = np.asarray(S, np.float64) ** 2
     Q = np.asarray(Q, np.float64)
-    return sum(np.minimum(S2, 2.0**level * Q) for level in range(tree_depth(n) + 1))
+    lg = tree_depth(n)
+    last = np.minimum(S2, 2.0**lg * Q) if total is None else np.square(np.asarray(total, np.float64))
+    return sum((np.minimum(S2, 2.0**level * Q) for level in range(lg)), last)
 
 
 def scale_rounding(u):
@@ -996,7 +1002,7 @@ class ErrorTerms:
     Examples
     --------
     >>> t = ErrorTerms(); t.add(1.0); t.add(10.0, 1.0)
-    >>> float(t.bound("rigorous")), float(t.bound("probabilistic"))  # 1 kept rigorous; 10 > LAMBDA * 1
+    >>> float(t.bound("rigorous")), float(t.bound("probabilistic"))  # the first by its R, the second by LAMBDA sigma
     (11.0, 7.8)
     """
 
@@ -1019,20 +1025,28 @@ class ErrorTerms:
         return np.sqrt(sum(np.square(s) for s in self.sigma))
 
     def bound(self, kind):
-        """``sum R`` (rigorous), or: each term whose ``R`` is below ``LAMBDA sigma`` by its ``R``, the rest by
-        ``LAMBDA sqrt(sum sigma^2)`` (Hoeffding; the choice depends on the data only, not on the roundings)."""
+        """``sum R`` (rigorous), or the best split: some terms by their ``R``, the rest by ``LAMBDA sqrt(sum
+        sigma^2)`` (Hoeffding), the split chosen per element among all ``2^terms`` (it depends on the data only,
+        not on the roundings, so the chosen bound keeps its probability)."""
         if kind == "rigorous":
             return sum(self.R)
-        kept, var = 0.0, 0.0
-        for R, s in zip(self.R, self.sigma):
-            rig = R < LAMBDA * s
-            kept = kept + np.where(rig, R, 0.0)
-            var = var + np.where(rig, 0.0, np.square(s))
-        return kept + LAMBDA * np.sqrt(var)
+        R = np.broadcast_arrays(*self.R, *self.sigma)
+        R, var = R[: len(self.R)], [np.square(s) for s in R[len(self.R):]]
+        best = None
+        for split in range(1 << len(R)):
+            kept, rest = 0.0, 0.0
+            for i, (r, v) in enumerate(zip(R, var)):
+                if split >> i & 1:
+                    kept = kept + r
+                else:
+                    rest = rest + v
+            b = kept + LAMBDA * np.sqrt(rest)
+            best = b if best is None else np.minimum(best, b)
+        return best
 
 
-def _kernel_score_sizes(inp):
-    """``(scale S, the score's tree_squares)`` of a kernel's scores (sections 5 and 13).
+def _kernel_score_sizes(inp, x):
+    """``(scale S, the score's tree_squares)`` of a kernel's scores ``x`` (sections 5 and 13).
 
     The squared Euclidean energy rounds each term twice more before the tree
     (the difference, doubled by the square, and the square): ``4 + 1`` times
@@ -1041,7 +1055,7 @@ def _kernel_score_sizes(inp):
     energy = inp.energy if isinstance(inp.energy, str) else "dot"
     S = inp.scale * score_sizes(inp.q, inp.k, energy, False)
     Q = inp.scale**2 * score_squares(inp.q, inp.k, energy)
-    S2 = tree_squares(S, Q, inp.q.shape[-1]) + (4.0 * Q if energy == "sqeuclidean" else 0.0)
+    S2 = tree_squares(S, Q, inp.q.shape[-1], total=x) + (4.0 * Q if energy == "sqeuclidean" else 0.0)
     return S, S2
 
 
@@ -1061,7 +1075,7 @@ def _forward_terms(comp, r, a, L, precision):
     p = precision.exp_ulps
     f.x = x = _finite(comp.x if comp.x is not None else inp.scaled_scores(comp.d))  # the scaled scores
     z_all = -comp.e if comp.x is not None else -comp.e * inp.scale  # the logits, the sink's last
-    f.S, S2 = _kernel_score_sizes(inp)
+    f.S, f.S2 = S, S2 = _kernel_score_sizes(inp, x)
     extra = logit_error(comp, np.zeros(x.shape), u_s) / u_s if comp.x is not None else 0.0  # the variants' steps
     f.r_all = r_all = np.where(np.isfinite(r), r, 0.0)
     f.rr = rr = r_all[..., :M]
@@ -1087,7 +1101,7 @@ def _forward_terms(comp, r, a, L, precision):
     if u_p > u_s:  # the probabilities rounded before the value GEMM
         ta.add(u_p * rc_v, u_p * np.sqrt(rc**2 @ v**2))
     ta.add(tree_depth(n_all) * u_s * A, u_s * A * np.sqrt(f.sum_tree)[..., None])  # the row sum's tree
-    ta.add(tree_depth(M) * u_a * rc_v, u_a * np.sqrt(tree_squares(rc_v, rc**2 @ v**2, M)))  # the value GEMM's tree
+    ta.add(tree_depth(M) * u_a * rc_v, u_a * np.sqrt(tree_squares(rc_v, rc**2 @ v**2, M, total=rc @ v)))  # the value GEMM's tree
     if inp.keep is not None:
         ta.add(2 * u_a * rc_v)  # V8: c_j rounded and multiplied
     ta.add((u_a + u_o) * A, math.hypot(u_a, u_o) * A)  # the division, the output
@@ -1156,12 +1170,12 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         # P_ij recomputed as exp(z_ij - L_i): a key's own roundings (its score, the subtraction, the exp)
         own = eta + u_s * tz + 2 * pe * u_s
         var = logit_error(comp, np.zeros(x.shape), u_s) if comp.x is not None else 0.0
-        own_s = u_s * np.sqrt(_kernel_score_sizes(inp)[1] + x**2 + tz**2 + 4 * pe * pe) + var
+        own_s = u_s * np.sqrt(f.S2 + x**2 + tz**2 + 4 * pe * pe) + var
         u = _finite(np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (N, Dv)))
         absu, absv = np.abs(u), np.abs(v64)
         b = np.where(part[..., :M], c * (u @ T(v64)), 0.0)  # dP_ij, with dropout's c
         uv = c * (absu @ T(absv))
-        db, db_s = tree_depth(Dv) * u_a * uv, u_a * np.sqrt(tree_squares(uv, c**2 * (u**2 @ T(v64**2)), Dv))
+        db, db_s = tree_depth(Dv) * u_a * uv, u_a * np.sqrt(tree_squares(uv, c**2 * (u**2 @ T(v64**2)), Dv, total=b))
         delta = (u * a).sum(-1, keepdims=True)
         sL, RL = tL.scale()[..., None], tL.bound("rigorous")[..., None]  # the row's log-partition
         RD, sD = _delta_terms(ta, f, a, u, b, delta, Dv)  # the row's Delta
@@ -1177,7 +1191,7 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         sq_e = inp.energy == "sqeuclidean"
         u_store = u_in if u_in > u_a else 0.0  # the accumulator's result rounded to the input dtype
 
-        def gemm(vals, n, transpose, rows=None):
+        def gemm(vals, signed, n, transpose, rows=None):
             """The terms of ``sum_i dX_ij vals_i`` (``transpose``) or ``sum_j dX_ij vals_j``: per element
             ``(i, j)`` the key's own roundings, dP's, dS's, and the accumulation's tree over ``n`` terms; and
             the row's ``L_i`` and ``Delta_i``, independent across rows (``rows``: dq's, one row, summed exactly)."""
@@ -1190,7 +1204,8 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
             per_element(P * own * bd, P * own_s * bd)
             per_element(P * db, P * db_s)
             per_element(ds, ds)
-            t.add(tree_depth(n) * u_a * (tr(adX) @ vals), u_a * np.sqrt(tree_squares(tr(adX) @ vals, tr(adX**2) @ vals**2, n)))
+            acc = tr(adX) @ vals
+            t.add(tree_depth(n) * u_a * acc, u_a * np.sqrt(tree_squares(acc, tr(adX**2) @ vals**2, n, total=tr(dX) @ signed)))
             # the row's L_i and Delta_i, both made of the forward's roundings (their scales add linearly)
             if rows is None:
                 per_element(P * (RL * bd + RD), P * (sL * bd + sD))
@@ -1209,8 +1224,8 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
             dq_exact = np.abs(dX @ kf - dX.sum(-1, keepdims=True) * qf)
         else:
             Pk, dq_exact = np.abs((P * fcap) @ kf), np.abs(dX @ kf)
-        tq = gemm(absk, M, False, rows=(dq_exact, Pk))
-        tk = gemm(absq, N * g, True)
+        tq = gemm(absk, kf, M, False, rows=(dq_exact, Pk))
+        tk = gemm(absq, qf, N * g, True)
         if sq_e:
             squared_euclidean_rows(tk, absk, N * g, -2)
             if inp.softcap is not None or inp.sinks is not None:
@@ -1222,7 +1237,7 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         for R, s in ((own + u_cast, own_s + u_cast), (RL, sL)):
             tv.add(T(Pc * R) @ absu, np.sqrt(T(Pc * s) ** 2 @ absu**2))
         Pu = T(Pc) @ absu
-        tv.add(tree_depth(N * g) * u_a * Pu, u_a * np.sqrt(tree_squares(Pu, T(Pc**2) @ absu**2, N * g)))
+        tv.add(tree_depth(N * g) * u_a * Pu, u_a * np.sqrt(tree_squares(Pu, T(Pc**2) @ absu**2, N * g, total=T(Pc) @ u)))
         tv.add(u_store * np.abs(T(Pc) @ u))
         if g > 1:  # a group's heads: different roundings, independent
             tk, tv = (t.map(lambda z: _sum_groups(z, g)) for t in (tk, tv))
@@ -1251,9 +1266,9 @@ def _delta_terms(ta, f, a, u, b, delta, Dv):
         var = var + u_p**2 * (rr**2 * b**2).sum(-1, keepdims=True)
     var = var + u_s**2 * delta**2 * f.sum_tree[..., None]  # the row sum's tree
     rc_v, rc_v2 = rc @ np.abs(v), rc**2 @ v**2
-    var = var + u_a**2 * (u**2 * tree_squares(rc_v, rc_v2, rr.shape[-1])).sum(-1, keepdims=True)  # the value GEMM
+    var = var + u_a**2 * (u**2 * tree_squares(rc_v, rc_v2, rr.shape[-1], total=a)).sum(-1, keepdims=True)  # the value GEMM
     var = var + (u_a**2 + 2 * u_o**2) * (ua**2).sum(-1, keepdims=True)  # the division, the output, its product by u
-    var = var + u_a**2 * tree_squares(ua.sum(-1, keepdims=True), (ua**2).sum(-1, keepdims=True), Dv)  # Delta's row sum
+    var = var + u_a**2 * tree_squares(ua.sum(-1, keepdims=True), (ua**2).sum(-1, keepdims=True), Dv, total=delta)  # Delta's row sum
     if f.c is not None and not np.all(f.c == 1.0):
         var = var + (2 * u_a * (absu * rc_v).sum(-1, keepdims=True)) ** 2  # V8
     return R, np.sqrt(var)
