@@ -297,6 +297,10 @@ score's error:
   c_ij u_i``: ``P c (own + u_in + dL) |u_i|`` and its tree.  The roundings
   to ``u_in`` count only where the input dtype is coarser than the one the
   value was formed in.
+* a backward that stores its gradients in the input dtype between blocks
+  (``Precision.gradient_blocks``, torch's CPU kernel) rounds each partial
+  sum ``S_k`` it stores: ``u_in sum_k |S_k|``, scale ``u_in sqrt(sum_k
+  S_k^2)``, from the exact partial sums block by block.
 
 Each is an :class:`ErrorTerms` bounded as in section 13.
 
@@ -1239,10 +1243,27 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         Pu = T(Pc) @ absu
         tv.add(tree_depth(N * g) * u_a * Pu, u_a * np.sqrt(tree_squares(Pu, T(Pc**2) @ absu**2, N * g, total=T(Pc) @ u)))
         tv.add(u_store * np.abs(T(Pc) @ u))
+        blocks = precision.gradient_blocks
+        if blocks is not None and u_in > u_a:  # partial sums stored in the input dtype between blocks
+            tq.add(*_stored_partials(dX, kf, blocks[1], u_in))
+            tk.add(*_stored_partials(T(dX), qf, blocks[0], u_in))
+            tv.add(*_stored_partials(T(Pc), u, blocks[0], u_in))
         if g > 1:  # a group's heads: different roundings, independent
             tk, tv = (t.map(lambda z: _sum_groups(z, g)) for t in (tk, tv))
         dq, dk, dv = (inp.scale * tq.bound(bound), inp.scale * tk.bound(bound), tv.bound(bound))
     return dq, dk, dv
+
+
+def _stored_partials(W, X, block, u):
+    """``(R, sigma)`` of ``W @ X`` summed a ``block`` of terms at a time into a result stored in unit roundoff
+    ``u`` (section 14): each intermediate store rounds the partial sum ``S_k`` so far (the last store is the
+    result's own rounding, counted apart): ``u sum_k |S_k|`` and ``u sqrt(sum_k S_k^2)``."""
+    n = W.shape[-1]
+    S, R, V = 0.0, 0.0, 0.0
+    for s in range(0, n - block, block):
+        S = S + W[..., s : s + block] @ X[..., s : s + block, :]
+        R, V = R + np.abs(S), V + np.square(S)
+    return u * R, u * np.sqrt(V)
 
 
 def _delta_terms(ta, f, a, u, b, delta, Dv):

@@ -120,6 +120,14 @@ class Precision:
     ``scores`` (1 for a correctly rounded-ish ``exp``; ``__expf`` or
     ``exp2`` with a pre-scaled argument about 2).
 
+    ``gradient_blocks``: ``None`` for a backward that keeps ``dq, dk, dv`` in
+    its accumulator until the end (FlashAttention-2), or ``(queries, keys)``
+    for one that adds each block's partial sum into gradients stored in the
+    input dtype: ``dk, dv`` after every ``queries`` query rows, ``dq`` after
+    every ``keys`` keys.  torch's CPU flash backward (``cpu_flash_attention_backward``
+    in ATen) does so with GEMMs into the ``bfloat16``/``float16`` gradients:
+    ``(256, 512)`` from 768 queries on, ``(64, 512)`` from 192, else ``(32, 512)``.
+
     Examples
     --------
     >>> p = Precision.of("bfloat16")
@@ -127,6 +135,8 @@ class Precision:
     ('bfloat16', 'float32', 'bfloat16', 'float32', 'bfloat16')
     >>> Precision.of("float32").probs.name
     'float32'
+    >>> Precision.of("bfloat16", gradient_blocks=(256, 512)).gradient_blocks
+    (256, 512)
     """
 
     inputs: np.dtype
@@ -135,12 +145,18 @@ class Precision:
     accumulator: np.dtype
     output: np.dtype
     exp_ulps: float = 1.0
+    gradient_blocks: tuple | None = None
 
     def __post_init__(self):
         for field in ("inputs", "scores", "probs", "accumulator", "output"):
             object.__setattr__(self, field, _as_dtype(getattr(self, field)))
             if getattr(self, field).kind != "f" and not is_low_precision(getattr(self, field)):
                 raise TypeError(f"Precision.{field} must be a float dtype; got {getattr(self, field)}")
+        blocks = self.gradient_blocks
+        if blocks is not None:
+            if len(blocks) != 2 or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1 for b in blocks):
+                raise ValueError(f"Precision.gradient_blocks must be None or two positive integers (queries, keys); got {blocks!r}")
+            object.__setattr__(self, "gradient_blocks", (int(blocks[0]), int(blocks[1])))
 
     @classmethod
     def of(cls, dtype, **overrides):
@@ -149,13 +165,16 @@ class Precision:
         float64 kernels compute in their own dtype throughout."""
         dt = _as_dtype(dtype)
         wide = np.dtype(np.float32) if is_low_precision(dt) else dt
-        return replace(cls(dt, wide, dt, wide, dt), **{k: _as_dtype(v) if k != "exp_ulps" else v for k, v in overrides.items()})
+        plain = ("exp_ulps", "gradient_blocks")
+        return replace(cls(dt, wide, dt, wide, dt), **{k: v if k in plain else _as_dtype(v) for k, v in overrides.items()})
 
     def describe(self):
         """One line for failure reports."""
         return (
             f"inputs {self.inputs.name}, scores {self.scores.name}, P rounded to {self.probs.name}, "
             f"accumulator {self.accumulator.name}, output {self.output.name}, exp {self.exp_ulps:g} ulp"
+            + ("" if self.gradient_blocks is None else
+               f", gradients stored every {self.gradient_blocks[0]} queries / {self.gradient_blocks[1]} keys")
         )
 
 

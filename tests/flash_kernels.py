@@ -178,6 +178,12 @@ class FlashKernel:
         dk = np.zeros(self.batch + (self.m, self.d))
         dv = np.zeros(self.batch + (self.m, self.v.shape[-1]))
         row_tiles = [slice(i, min(i + self.block_k, self.n)) for i in range(0, self.n, self.block_k)]
+        # a kernel that stores its gradients in the input dtype between blocks (torch's CPU backward)
+        bq, bk = self.p.gradient_blocks or (None, None)
+
+        def stored(x, end, block):
+            return fl_in(x) if block is not None and end % block == 0 else x
+
         for cs in self.tiles():
             z, t = self.logits(cs)
             with np.errstate(invalid="ignore"):
@@ -187,12 +193,12 @@ class FlashKernel:
             if t is not None:
                 dS = fl_s(dS * fl_s(1.0 - fl_s(t * t)))
             dS_in, P_in = fl_in(dS), fl_in(P)
-            dq = fl_a(dq + dS_in @ self.k[..., cs, :])
+            dq = stored(fl_a(dq + dS_in @ self.k[..., cs, :]), cs.stop, bk)
             dk_t = np.zeros(self.batch + (cs.stop - cs.start, self.d))
             dv_t = np.zeros(self.batch + (cs.stop - cs.start, self.v.shape[-1]))
             for rs in row_tiles:  # dK, dV accumulate over query tiles
-                dk_t = fl_a(dk_t + np.swapaxes(dS_in[..., rs, :], -1, -2) @ self.q[..., rs, :])
-                dv_t = fl_a(dv_t + np.swapaxes(P_in[..., rs, :], -1, -2) @ g[..., rs, :])
+                dk_t = stored(fl_a(dk_t + np.swapaxes(dS_in[..., rs, :], -1, -2) @ self.q[..., rs, :]), rs.stop, bq)
+                dv_t = stored(fl_a(dv_t + np.swapaxes(P_in[..., rs, :], -1, -2) @ g[..., rs, :]), rs.stop, bq)
             dk[..., cs, :], dv[..., cs, :] = dk_t, dv_t
         if self.group > 1:
             dk, dv = self._group_sum(dk), self._group_sum(dv)

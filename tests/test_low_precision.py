@@ -184,3 +184,29 @@ def test_log_partition_helper_in_base_2(rng):
     assert_log_partition_close(lse / np.log(2.0), -x, base=2)
     with pytest.raises(AssertionError):
         assert_log_partition_close(lse, -x, base=2)  # a natural log where base 2 was declared
+
+
+@pytest.mark.parametrize("blocks", [(0, 512), (64,), (64.0, 512), (True, 512), "ab"])
+def test_gradient_blocks_must_be_two_positive_integers(blocks):
+    from iem_ref.precision import Precision
+
+    with pytest.raises(ValueError, match="gradient_blocks"):
+        Precision.of("float16", gradient_blocks=blocks)
+
+
+def test_gradient_blocks_add_the_stored_partials_to_the_backward_bound():
+    """Storing the gradients in float16 every 16 queries / keys widens every gradient's tolerance; the
+    failure report names the model."""
+    from iem_ref.attention import Competition, prepare_attention
+    from iem_ref.bounds import kernel_vjp_bounds
+    from iem_ref.precision import Precision
+
+    rng = np.random.default_rng(3)
+    q, k, v, g = (rng.standard_normal((64, 8)).astype(np.float16).astype(np.float64) for _ in range(4))
+    comp = Competition(prepare_attention(q, k, v))
+    plain = kernel_vjp_bounds(comp, g, Precision.of("float16"))
+    blocked_model = Precision.of("float16", gradient_blocks=(16, 16))
+    blocked = kernel_vjp_bounds(comp, g, blocked_model)
+    for a, b in zip(plain, blocked):
+        assert np.all(b >= a) and np.any(b > a)
+    assert "every 16 queries / 16 keys" in blocked_model.describe()

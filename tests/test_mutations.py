@@ -167,3 +167,38 @@ def test_correct_kernel_is_the_emulation(config, dtype):
     e_grads = lowp.attention_vjp(q, k, v, g, out=out, lse=lse, block_k=32, **kw)
     for mine, theirs in zip(grads, e_grads):
         assert mine.dtype == theirs.dtype == dtype and np.array_equal(mine, theirs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", ["plain", "causal", "gqa"])
+def test_kernel_storing_its_gradients_per_block_passes_under_its_model(config, dtype):
+    """A backward that adds each block into gradients stored in the input dtype (torch's CPU kernel) is a
+    correct kernel of ``Precision.gradient_blocks``: accepted under that model, with the blocks' roundings
+    in the tolerance (a tighter model than an input-dtype accumulator)."""
+    from iem_ref.precision import Precision
+    from iem_ref.testing import assert_attention_vjp_close
+
+    q, k, v, g, kw = _problem(config, FAST[0], dtype)
+    model = Precision.of(dtype, gradient_blocks=(BLOCK_K, BLOCK_K))
+    ker = FlashKernel(q, k, v, model, block_k=BLOCK_K, **kw)
+    grads = ker.backward(g, ker.forward())
+    ratio = assert_attention_vjp_close(*grads, q, k, v, g, precision=model, **kw)
+    loose = assert_attention_vjp_close(*grads, q, k, v, g, precision=Precision.of(dtype, accumulator=dtype), **kw)
+    assert ratio < 1 and loose < ratio
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_torch_cpu_backward_passes_under_its_block_model(dtype):
+    """torch's CPU flash backward (ATen's ``cpu_flash_attention_backward``) stores dq, dk, dv in the input
+    dtype every 64 queries / 512 keys at N = 512: described by ``gradient_blocks=(64, 512)``."""
+    torch = pytest.importorskip("torch", reason="optional peer torch absent")
+    from iem_ref.precision import Precision
+    from iem_ref.testing import assert_attention_vjp_close
+
+    rng = np.random.default_rng(7)
+    q, k, v, g = (torch.tensor(rng.standard_normal((2, 512, 64))).to(getattr(torch, dtype)) for _ in range(4))
+    q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0].backward(g)
+    model = Precision.of(dtype, gradient_blocks=(64, 512))
+    assert assert_attention_vjp_close(q.grad, k.grad, v.grad, q, k, v, g, is_causal=True, precision=model) < 1
