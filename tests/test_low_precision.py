@@ -136,6 +136,26 @@ def test_torch_sdpa_forward_passes_over_100_seeds(dtype):
         assert_attention_close(out, q, k, v, is_causal=bool(seed % 2))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_sdpa_backward_passes_over_100_seeds(dtype):
+    """torch's CPU backward under its model: float32 throughout, or bf16 gradients stored every 32 queries /
+    512 keys at N = 64 (``Precision.gradient_blocks``)."""
+    torch = pytest.importorskip("torch", reason="optional peer torch is not installed")
+    from iem_ref.precision import Precision
+    from iem_ref.testing import assert_attention_vjp_close
+
+    tdt = getattr(torch, dtype)
+    model = Precision.of(dtype) if dtype == "float32" else Precision.of(dtype, gradient_blocks=(32, 512))
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        q, k, v, g = (torch.tensor(rng.normal(size=(2, 64, 32))).to(tdt) for _ in range(4))
+        for x in (q, k, v):
+            x.requires_grad_(True)
+        causal = bool(seed % 2)
+        torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=causal)[0].backward(g)
+        assert_attention_vjp_close(q.grad, k.grad, v.grad, q, k, v, g, is_causal=causal, precision=model)
+
+
 def _float32_attention(q, k, v, exp=np.exp):
     s = (q @ np.swapaxes(k, -1, -2)) * np.float32(q.shape[-1] ** -0.5)
     p = exp(s - s.max(-1, keepdims=True))
