@@ -21,7 +21,8 @@ few ulps (README, "Accuracy"):
 Error budget (float64; tested against the exact tier in tests/test_accuracy.py
 and tests/test_properties.py, measured in bench/accuracy.py): ``r_j``
 within 3 ulps componentwise (worst measured 2.1, scipy/torch/jax ~127 on
-N(0, 30) logits); ``L`` within ``2 + kappa`` ulps; the exact sum of the
+N(0, 30) logits); ``L`` within ``3 u (|m/tau| + |L| + 1)`` (bounds section
+4; about ``2 + kappa`` ulps); the exact sum of the
 returned ``r_j`` within ``2u + (log2 M)^2 u^2 + O(u^2)`` of 1: the weights'
 own errors cancel in ``w_j / S``, leaving the rounding of ``S`` and of the
 ``M`` quotients, each up to ``u``.

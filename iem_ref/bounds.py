@@ -41,9 +41,14 @@ the probabilistic bounds of section 13, add to at most
 --------------------------
 Documented and tested accuracy of :mod:`iem_ref` for its own computed
 energies (README "Accuracy", ``tests/test_accuracy.py``): ``r_j`` within
-3 ulps (``6 u64`` relative: ``REFERENCE_R_ULPS``); ``L`` within ``2 + kappa``
-ulps, ``kappa |L| = sum_j r_j |x_j|``, so within ``4 u64 |L| + 2 u64 max_j
-|x_j|``; the output ``a = sum_j r_j v_j`` adds its matmul, ``gamma_M(u64)
+3 ulps (``6 u64`` relative: ``REFERENCE_R_ULPS``); ``L = -m/tau + log1p(s)``
+within :func:`log_partition_error`: the division ``u64 |m/tau|``, ``log1p``'s
+ulp ``2 u64 |log1p(s)|``, ``s`` to ``3 u64`` relative (its exps and sum;
+``log1p`` passes at most that absolute), the addition ``u64 |L|``; with
+``|log1p(s)| <= |L| + |m/tau|`` and ``|m/tau| <= max_j |x_j|``, at most
+``3 u64 (max_j |x_j| + |L| + 1)`` (about ``2 + kappa`` ulps typically,
+``kappa |L| = sum_j r_j |x_j|``, up to ``3 kappa + 4`` when ``L`` sits low in
+its binade and the roundings add up); the output ``a = sum_j r_j v_j`` adds its matmul, ``gamma_M(u64)
 sum_j r_j |v_j|`` (the Notes of :func:`iem_ref.attention`).  Its energies:
 ``gamma_D(u64) sum_c |q_c k_c|`` (dot, one matmul) or ``gamma_{D+2}(u64) |t|``
 (squared Euclidean by its definition: a difference, a square, ``D - 1``
@@ -330,6 +335,7 @@ __all__ = [
     "gamma",
     "ulps",
     "tree_depth",
+    "log_partition_error",
     "tree_squares",
     "scale_rounding",
     "Arithmetic",
@@ -406,6 +412,19 @@ def ulps(k, u):
     True
     """
     return 2.0 * k * float(u)
+
+
+def log_partition_error(L, shift):
+    """Section 4: the float64 reference's ``|L^ - L|`` for ``L = -m/tau + log1p(s)``, ``|m/tau| <= shift``.
+
+    ``3 u64 (shift + |L| + 1)`` (the division, ``log1p``'s ulp, the sum ``s``, the addition).
+
+    Examples
+    --------
+    >>> log_partition_error(0.0, 1.0) == 6 * U64
+    True
+    """
+    return 3.0 * U64 * (np.abs(shift) + np.abs(L) + 1.0)
 
 
 def tree_depth(n):
@@ -708,7 +727,7 @@ def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None):
     a = _weight_term(E, W, H) + G * (Pv + A) + moved + ref_own + (us + store + out_ref) * A
     log_term = 2 * us * math.log(max(M, 1))
     L_path = E_path + G + rho + log_term + (us + store) * La
-    L = E + G + rho + log_term + (us + store) * La + 4 * U64 * La + 2 * U64 * xmax + out_ref * La
+    L = E + G + rho + log_term + (us + store) * La + log_partition_error(La, xmax) + out_ref * La
     return ForwardBounds(a=a, L=L, a_path=a_path, L_path=L_path, E=E)
 
 

@@ -86,8 +86,9 @@ def log_partition(d, tau=1.0, axis=-1, mask=None):
 
     Computed as ``L = -min(d)/tau + log1p(sum_{j != argmin} exp(-(d_j - min d)/tau))``
     (Blanchard, Higham & Higham 2021, Alg. 4.1) with error-free shifted
-    exponents: within ``2 + kappa`` ulps in float64, ``kappa = sum_j r_j |d_j/tau| / |L|``
-    the condition number.  ``dL/dd_j = -r_j / tau`` (G1).
+    exponents: in float64 within ``3 u (|m/tau| + |L| + 1)`` absolute
+    (:func:`iem_ref.bounds.log_partition_error`), about ``2 + kappa`` ulps,
+    ``kappa = sum_j r_j |d_j/tau| / |L|`` the condition number.  ``dL/dd_j = -r_j / tau`` (G1).
 
     Parameters
     ----------
