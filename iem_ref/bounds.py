@@ -421,7 +421,7 @@ def log_partition_error(L, shift):
 
     Examples
     --------
-    >>> log_partition_error(0.0, 1.0) == 6 * U64
+    >>> bool(log_partition_error(0.0, 1.0) == 6 * U64)
     True
     """
     return 3.0 * U64 * (np.abs(shift) + np.abs(L) + 1.0)
