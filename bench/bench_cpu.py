@@ -8,16 +8,20 @@ that path's alone):
   about 16 ``N x M`` float64 arrays forward and 24 backward, exceeds
   ``--max-ref-gb``);
 - ``cpu``: :mod:`iem_ref.accel.cpu` (the backward reuses the saved ``out`` and ``lse``);
+- ``baseline`` (with ``--baseline DIR``): the same calls to the
+  :mod:`iem_ref.accel.cpu` of another checkout of this repository (``DIR``,
+  e.g. ``git worktree add /tmp/before HEAD~3``), so that a change's before
+  and after are timed side by side in one run;
 - ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` with 4-D
   ``(B, H, N, D) = (1, 1, N, D)`` inputs, which reach its flash CPU kernel
   (backward: autograd through it, ``.backward`` timed alone), if torch is installed;
 - ``roof``: the CPU kernel's own BLAS GEMM calls alone (same tiles, query
-  blocks spread over the same cores; :func:`iem_ref.accel._cpu_kernels.gemm_roof`) plus the fastest
+  blocks spread over the same cores; ``bench/roofs.py``: ``gemm_roof``) plus the fastest
   ``exp`` over ``N*M`` elements (the polynomial exp on cache-resident
-  buffers, :func:`~iem_ref.accel._cpu_kernels.exp_roof`); for the backward,
+  buffers, ``exp_roof``); for the backward,
   the forward's GEMM time x 7/2 (7 GEMMs per tile pair instead of 2), an
   estimate, marked as such; for decoding (memory-bound), reading K and V
-  once (:func:`~iem_ref.accel._cpu_kernels.stream_roof`).
+  once (``stream_roof``).
 
 Timing: ``--rounds`` rounds (default 3); in each, every path runs in turn in
 its own process: one warm-up call (its time is reported as ``first_s``:
@@ -34,6 +38,7 @@ Usage::
     python bench/bench_cpu.py --quick            # N = M in {1024, 4096}, D = 64, forward; decoding M = 2**20
     python bench/bench_cpu.py --full             # N = M in {1024, 4096, 16384}, D in {64, 128}, forward and backward; decoding M = 2**22 (tens of minutes)
     python bench/bench_cpu.py --full --out bench/results/cpu_full.json
+    python bench/bench_cpu.py --quick --kinds forward backward decode --paths cpu baseline --baseline /tmp/before
     python bench/bench_cpu.py --table bench/results/cpu.json   # the Markdown table
 
 The machine (CPU model, cores, memory, library versions) and ``/proc/loadavg``
@@ -95,7 +100,7 @@ def _make_call(case, path, q, k, v, u):
         if kind == "backward":
             return lambda: iem_ref.attention_vjp(q, k, v, u), "iem_ref.attention_vjp (recomputes r)"
         return lambda: iem_ref.attention(q, k, v), "iem_ref.attention"
-    if path == "cpu":
+    if path in ("cpu", "baseline"):
         from iem_ref.accel import cpu
 
         if kind == "backward":
@@ -124,21 +129,21 @@ def _make_call(case, path, q, k, v, u):
 
         return fwd, f"torch {torch.__version__} SDPA, 4-D (1, 1, N, D) inputs, {torch.get_num_threads()} threads"
     if path == "roof":
-        from iem_ref.accel import _cpu_kernels as K
+        import roofs
         from iem_ref.accel import cpu
 
         if kind == "decode":  # memory-bound: the floor is reading K and V once
-            return (lambda: K.stream_roof(k, v), lambda: None), "K and V read once (parallel sum): the bandwidth floor"
+            return (lambda: roofs.stream_roof(k, v), lambda: None), "K and V read once (parallel sum): the bandwidth floor"
         bq, bk, _ = cpu.plan(1, case["N"], case["M"], q.dtype)
         sample = np.zeros(1, q.dtype)
         total = case["N"] * case["M"]
 
         def gemms():
             with cpu._blas_single_thread():
-                K.gemm_roof(q, k, v, bq, bk)
+                roofs.gemm_roof(q, k, v, bq, bk)
 
         def exps():
-            K.exp_roof(total, sample)
+            roofs.exp_roof(total, sample)
 
         return (gemms, exps), f"GEMM tiles {bq}x{bk} alone + polynomial exp over N*M"
     raise ValueError(path)
@@ -160,7 +165,7 @@ def worker(case, path, repeats):
     q, k, v, u = _inputs(case)
     res = {"path": path}
     t0 = time.perf_counter()
-    if path == "cpu" or path == "roof":  # compile or load the kernels on a tiny problem first
+    if path in ("cpu", "baseline", "roof"):  # compile or load the kernels on a tiny problem first
         from iem_ref.accel import cpu
 
         small = [x[:4] for x in (q, k, v, u)]
@@ -265,19 +270,30 @@ def machine():
     return info
 
 
-def cases(quick):
+def cases(quick, kinds=None):
+    """The cases of a run; ``kinds`` (forward, backward, decode) selects among them.
+
+    Quick: forward at N = M in {1024, 4096}, backward at 4096 (only if asked
+    for), decoding at M = 2**20; D = 64.  Full: N = M in {1024, 4096, 16384},
+    D in {64, 128}, forward and backward, decoding at M = 2**22.
+    """
+    if kinds is None:
+        kinds = ["forward", "decode"] if quick else ["forward", "backward", "decode"]
     out = []
-    sizes, dims, kinds, dtypes = ([1024, 4096], [64], ["forward"], ["float64", "float32"]) if quick else (
-        [1024, 4096, 16384], [64, 128], ["forward", "backward"], ["float64", "float32"])
-    for kind in kinds:
+    dtypes = ["float64", "float32"]
+    for kind in ("forward", "backward"):
+        if kind not in kinds:
+            continue
+        sizes = ([1024, 4096] if kind == "forward" else [4096]) if quick else [1024, 4096, 16384]
         for n in sizes:
-            for d in dims:
+            for d in ([64] if quick else [64, 128]):
                 for dt in dtypes:
                     out.append(dict(kind=kind, N=n, M=n, D=d, dtype=dt))
-    m_dec = 1 << 20 if quick else 4 * 2**20
-    for n in [1, 16]:
-        for dt in dtypes:
-            out.append(dict(kind="decode", N=n, M=m_dec, D=64, dtype=dt))
+    if "decode" in kinds:
+        m_dec = 1 << 20 if quick else 4 * 2**20
+        for n in [1, 16]:
+            for dt in dtypes:
+                out.append(dict(kind="decode", N=n, M=m_dec, D=64, dtype=dt))
     return out
 
 
@@ -293,13 +309,21 @@ def run(args):
     except ImportError:
         have_torch = False
     paths = [p for p in args.paths if p != "torch" or have_torch]
+    if "baseline" in paths and not args.baseline:
+        raise SystemExit("--paths baseline needs --baseline DIR (another checkout of this repository)")
     result = {"machine": machine(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "repeats": args.repeats, "rounds": args.rounds,
               "loadavg_start": _loadavg(), "cases": [], "notes": []}
+    if args.baseline:
+        rev = subprocess.run(["git", "-C", args.baseline, "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+        result["baseline"] = {"dir": os.path.abspath(args.baseline), "commit": rev.stdout.strip() or None}
     if not have_torch:
         result["notes"].append("torch is not installed: no torch column (pip install -e '.[bench]')")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for case in cases(args.quick):
+    envs = {path: env for path in paths}
+    if args.baseline:
+        envs["baseline"] = dict(os.environ, PYTHONPATH=os.path.abspath(args.baseline) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for case in cases(args.quick, args.kinds):
         entry = dict(case, loadavg_before=_loadavg(), results={})
         got = {path: [] for path in paths}
         for rnd in range(args.rounds):
@@ -311,7 +335,7 @@ def run(args):
                     continue  # the slow reference has no target: one round
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case), "--path", path, "--repeats", str(args.repeats)]
                 t0 = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=envs[path], timeout=args.timeout)
                 if proc.returncode != 0:
                     r = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
                 else:
@@ -329,7 +353,7 @@ def run(args):
         entry["loadavg_after"] = _loadavg()
         res = entry["results"]
         if "median_s" in res.get("cpu", {}):
-            for other in ("torch", "roof", "reference"):
+            for other in ("torch", "roof", "reference", "baseline"):
                 if "median_s" in res.get(other, {}):
                     entry[f"{other}_over_cpu"] = res[other]["median_s"] / res["cpu"]["median_s"]
             if "gemm_median_s" in res.get("roof", {}):
@@ -352,8 +376,12 @@ def table(result):
     lines.append(f"Command: `{result['command']}`; median of {result.get('rounds', 1)} rounds x {result['repeats']} runs (each round: one process per path, "
                  "a warm-up call, then the timed calls; the paths take turns); "
                  f"load average (1 min) at start {result.get('loadavg_start', ['?'])[0]}, at end {(result.get('loadavg_end') or ['?'])[0]}.")
+    if result.get("baseline"):
+        b = result["baseline"]
+        lines.append(f"Baseline: the same calls to the checkout `{b.get('commit') or b['dir']}` (column \"baseline\").")
     lines.append("")
-    hdr = "| case | N | M | D | dtype | reference | accel.cpu | torch SDPA 4-D | roof (GEMMs + exp) | torch / cpu | cpu / GEMMs (decode: / read K, V) | peak extra MB (ref / cpu / torch) | load before-after |"
+    base = any("baseline" in c["results"] for c in result["cases"])
+    hdr = "| case | N | M | D | dtype | reference | accel.cpu |" + (" baseline | baseline / cpu |" if base else "") + " torch SDPA 4-D | roof (GEMMs + exp) | torch / cpu | cpu / GEMMs (decode: / read K, V) | peak extra MB (ref / cpu / torch) | load before-after |"
     lines.append(hdr)
     lines.append("|" + "---|" * (hdr.count("|") - 1))
     def ms(r):
@@ -372,6 +400,7 @@ def table(result):
             roof_s += " est."
         lines.append(
             f"| {c['kind']} | {c['N']} | {c['M']} | {c['D']} | {c['dtype']} | {ms(R.get('reference', {}))} | {ms(R.get('cpu', {}))} | "
+            + (f"{ms(R.get('baseline', {}))} | {c.get('baseline_over_cpu', float('nan')):.2f} | " if base else "") +
             f"{ms(R.get('torch', {}))} | {roof_s} | {c.get('torch_over_cpu', float('nan')):.2f} | "
             f"{c.get('cpu_over_gemms', float('nan')):.2f} | {mb(R.get('reference', {}))} / {mb(R.get('cpu', {}))} / {mb(R.get('torch', {}))} | "
             f"{c['loadavg_before'][0]}-{c['loadavg_after'][0]} |"
@@ -385,7 +414,11 @@ def main(argv=None):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="N = M in {1024, 4096}, D = 64, forward, decoding with M = 2**20")
     g.add_argument("--full", action="store_true", help="N = M in {1024, 4096, 16384}, D in {64, 128}, forward and backward, and decoding (default)")
-    p.add_argument("--paths", nargs="+", default=["reference", "cpu", "torch", "roof"])
+    p.add_argument("--paths", nargs="+", default=["reference", "cpu", "torch", "roof"],
+                   choices=["reference", "cpu", "baseline", "torch", "roof"])
+    p.add_argument("--kinds", nargs="+", choices=["forward", "backward", "decode"],
+                   help="which cases (default: forward and decode with --quick, all with --full)")
+    p.add_argument("--baseline", metavar="DIR", help="another checkout of this repository, timed as the path 'baseline'")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per path and round (after one warm-up call)")
     p.add_argument("--rounds", type=int, default=3, help="rounds: every path runs once per round, in turn (the reference only in the first)")
     p.add_argument("--max-ref-gb", type=float, default=8.0)

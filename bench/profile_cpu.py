@@ -15,7 +15,7 @@ tiles, the same BLAS calls and the same helpers: ``_row_max``,
 - ``torch``: ``scaled_dot_product_attention`` (4-D inputs, flash CPU kernel), if installed.
 
 Each phase's cost is its time minus ``gemm``'s.  The tile sweep times the
-kernel and its own GEMMs (:func:`~iem_ref.accel._cpu_kernels.gemm_roof`) for
+kernel and its own GEMMs (``gemm_roof`` of ``bench/roofs.py``) for
 several ``(bq, bk)``.  Variants are interleaved round by round (this machine
 is a shared VM: its speed drifts by tens of percent over minutes, which
 interleaving spreads evenly) and the median per variant is reported.
@@ -43,8 +43,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from iem_ref.accel import cpu  # noqa: E402
-from iem_ref.accel._cpu_kernels import _N, _T, _exp_shift_sum, _row_max, gemm, gemm_roof  # noqa: E402
+from iem_ref.accel._cpu_kernels import _NOTRANS, _TRANS, _exp_shift_sum, _row_max, gemm  # noqa: E402
 from iem_ref.accel._fastexp import like  # noqa: E402
+from roofs import gemm_roof  # noqa: E402
 
 GEMM, MAX, EXP, RESCALE = 0, 1, 2, 4
 PHASES = {"gemm": GEMM, "+max": MAX, "+exp": EXP, "+rescale": RESCALE, "skeleton": MAX | EXP | RESCALE}
@@ -68,7 +69,7 @@ def _skeleton_block(q, k, v, i0, i1, bk_max, phases, o, m, l):
             o[r, c] = 0.0
     for jb in range(0, M, bk_max):
         bk = min(bk_max, M - jb)
-        gemm(_T, _N, bk, bq, D, scale, k, jb * D, D, q, i0 * D, D, 0.0, S, 0, bk_max)
+        gemm(_TRANS, _NOTRANS, bk, bq, D, scale, k, jb * D, D, q, i0 * D, D, 0.0, S, 0, bk_max)
         for r in range(bq):
             row = S[r]
             mx = np.float64(_row_max(row, bk)) if phases & MAX else 0.0
@@ -78,7 +79,7 @@ def _skeleton_block(q, k, v, i0, i1, bk_max, phases, o, m, l):
             alpha[r] = a
             m[r] = m_new
             l[r] = a * l[r] + np.float64(tile_sum)
-        gemm(_N, _N, Dv, bq, bk, 1.0, v, jb * Dv, Dv, S, 0, bk_max, 0.0, T, 0, Dv)
+        gemm(_NOTRANS, _NOTRANS, Dv, bq, bk, 1.0, v, jb * Dv, Dv, S, 0, bk_max, 0.0, T, 0, Dv)
         if phases & RESCALE:
             for r in range(bq):
                 a = alpha[r]

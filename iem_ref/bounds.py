@@ -1184,7 +1184,7 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         a, L, _ = comp.summary("zero")  # the reference's output and log-partition
         L = _finite(L)  # an empty row has no weight: its terms vanish with P
         ta, tL, f = _forward_terms(comp, P_all, a, L, precision)
-        u_s, u_a, u_o = f.u_s, f.u_a, f.u_o
+        u_s, u_a = f.u_s, f.u_a
         z_all = -comp.e if comp.x is not None else -comp.e * inp.scale
         x, S, v64, c = f.x, f.S, f.v, f.c
         eta = gamma(D, u_s) * S + u_s * np.abs(x)
@@ -1295,7 +1295,7 @@ def _delta_terms(ta, f, a, u, b, delta, Dv):
     independent across columns.
     """
     u_s, u_p, u_a, u_o = f.u_s, f.u_p, f.u_a, f.u_o
-    absu, A = np.abs(u), np.abs(a)
+    absu = np.abs(u)
     ua = np.abs(u * a)
     R = (absu * ta.bound("rigorous")).sum(-1, keepdims=True) + tree_depth(Dv) * u_a * ua.sum(-1, keepdims=True) + u_o * ua.sum(-1, keepdims=True)
     rr, rc, sq, ax, v = f.rr, f.rc, f.sq, np.abs(f.x), f.v

@@ -236,7 +236,6 @@ def _build(kind, token, row_ops, col_ops, mask, batch, bchunks, nchunks, mchunks
     a_name, L_name = f"iem-{kind}-out-{token}", f"iem-{kind}-lse-{token}"
     layer = {}
     noffs, moffs = _offsets(nchunks), _offsets(mchunks)
-    boffs = [_offsets(c) for c in bchunks]
     for bidx in itertools.product(*(range(len(c)) for c in bchunks)):
         bshape = tuple(int(c[b]) for c, b in zip(bchunks, bidx))
         for i in range(len(nchunks)):

@@ -63,7 +63,7 @@ from decimal import Decimal
 
 import numpy as np
 
-from ._validation import as_float_array, as_mask, check_axis, check_choice, check_scale, check_tau, need_ndim
+from ._validation import as_float_array, as_mask, check_axis, check_choice, check_tau, need_ndim
 from .attention import prepare_attention
 from .precision import LOW_PRECISION, is_low_precision, low_precision_dtype, round_to
 

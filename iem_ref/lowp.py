@@ -69,7 +69,6 @@ from __future__ import annotations
 import numpy as np
 
 from .attention import prepare_attention
-from .gradients import _sum_groups
 from .precision import Precision, round_to
 
 __all__ = ["attention", "attention_vjp"]

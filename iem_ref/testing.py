@@ -88,7 +88,7 @@ import numpy as np
 from . import exact as _exact
 from ._validation import as_float_array, as_mask, check_axis, check_choice
 from .attention import _NO_VARIANTS, Competition, attention, prepare_attention
-from .bounds import LAMBDA, U64, kernel_forward_bounds, tree_depth, unit_roundoff
+from .bounds import U64, kernel_forward_bounds, tree_depth, unit_roundoff
 from .precision import LOW_PRECISION, Precision, infer_precision, round_to
 from .competition import log_partition, responsibilities
 

@@ -263,10 +263,10 @@ def test_strided_device_arrays_are_read_in_place(rng):
         k_view = cuda.as_cuda_array(_View(iface, kT))
     op = C._operand(k_view, (), np.dtype(np.float64))
     if CUDA_SIMULATED:
-        assert np.shares_memory(op.flat._ary, kT._ary)
+        assert np.shares_memory(op.data._ary, kT._ary)
     else:
-        assert op.flat.device_ctypes_pointer.value == kT.device_ctypes_pointer.value
-    assert (op.rs, op.cs) == (1, 8)
+        assert op.data.device_ctypes_pointer.value == kT.device_ctypes_pointer.value
+    assert (op.row, op.col) == (1, 8)
     np.testing.assert_array_equal(_host(C.attention(q, k_view, v)), C.attention(q, k, v))
 
 
@@ -323,8 +323,8 @@ def test_framework_tensors_are_read_in_place(rng, framework, dtype):
     tkT = fw.dev(np.swapaxes(k, -1, -2))
     tk = fw.swap(tkT)
     op = C._operand(tk, (2, 1), np.dtype(dtype))
-    assert op.flat.device_ctypes_pointer.value == fw.ptr(tkT)  # a view of the tensor's memory, not a copy
-    assert (op.rs, op.cs) == (1, m)
+    assert op.data.device_ctypes_pointer.value == fw.ptr(tkT)  # a view of the tensor's memory, not a copy
+    assert (op.row, op.col) == (1, m)
     a, L = C.attention(tq, tk, tv, mask=tmask, return_lse=True)
     assert hasattr(a, "copy_to_host") and a.shape == (2, 1, n, dv) and np.dtype(a.dtype) == dtype
     a_np, L_np = C.attention(q, k, v, mask=mask, return_lse=True)
@@ -363,11 +363,12 @@ _PTX_SCRIPT = textwrap.dedent(
         print(json.dumps({"skip": f"{type(exc).__name__}: {exc}"[:300]}))
         sys.exit(0)
     from iem_ref.accel import _cuda_kernels as K
+    from iem_ref.accel._problem import DOT, PRECOMPUTED, SQEUCLIDEAN
     # Every kernel, both dtypes; one energy per dtype (the energies differ by a constant branch only),
     # plus the precomputed-energy forward of softmin_summary.  IEM_REF_PTX_ALL=1 compiles every combination.
-    combos = [("float32", K.DOT), ("float64", K.SQEUCLIDEAN), ("float32", K.PRECOMPUTED), ("float64", K.PRECOMPUTED)]
+    combos = [("float32", DOT), ("float64", SQEUCLIDEAN), ("float32", PRECOMPUTED), ("float64", PRECOMPUTED)]
     if os.environ.get("IEM_REF_PTX_ALL") == "1":
-        combos = [(t, e) for t in ("float32", "float64") for e in (K.DOT, K.SQEUCLIDEAN, K.PRECOMPUTED)]
+        combos = [(t, e) for t in ("float32", "float64") for e in (DOT, SQEUCLIDEAN, PRECOMPUTED)]
     report = {}
     try:  # the ptxas of the toolkit that the test extra installs: the same version as NVVM, so it reads its PTX
         from cuda.pathfinder import find_nvidia_binary_utility
@@ -378,7 +379,7 @@ _PTX_SCRIPT = textwrap.dedent(
     for dtype, energy in combos:
         kern = K.build(dtype, energy)
         for name, sig in K.signatures(dtype, energy).items():
-            if energy == K.PRECOMPUTED and name != "forward":
+            if energy == PRECOMPUTED and name != "forward":
                 continue
             ptx, _ = cuda.compile_ptx(getattr(kern, name).py_func, sig, cc=(9, 0))
             entry = {"ptx_lines": len(ptx.splitlines()), "bar_sync": ptx.count("bar.sync")}
@@ -395,8 +396,8 @@ _PTX_SCRIPT = textwrap.dedent(
                     entry[key] = int(found[-1]) if found else None
             report[f"{name}/{dtype}/{energy}"] = entry
     # configure(launch_bounds=(128, 4)) must hold the tiled kernels to 128 registers (2**16 / (128 * 4)).
-    kern = K.build("float32", K.DOT)
-    ptx, _ = cuda.compile_ptx(kern.forward.py_func, K.signatures("float32", K.DOT)["forward"], cc=(9, 0),
+    kern = K.build("float32", DOT)
+    ptx, _ = cuda.compile_ptx(kern.forward.py_func, K.signatures("float32", DOT)["forward"], cc=(9, 0),
                               launch_bounds=(128, 4))
     entry = {"bar_sync": ptx.count("bar.sync")}
     if ptxas:

@@ -18,7 +18,7 @@ import pytest
 
 ml_dtypes = pytest.importorskip("ml_dtypes", reason="optional peer ml_dtypes absent")
 
-from iem_ref import attention, attention_vjp, lowp  # noqa: E402
+from iem_ref import attention, lowp  # noqa: E402
 from iem_ref.bounds import Arithmetic, attention_bounds, attention_vjp_bounds  # noqa: E402
 from iem_ref.precision import Precision, unit_roundoff  # noqa: E402
 

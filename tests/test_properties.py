@@ -15,7 +15,6 @@
 """
 
 import decimal
-import math
 from decimal import Decimal
 
 import numpy as np

@@ -37,15 +37,17 @@ results are bitwise identical across runs and thread counts.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.np.linalg import ensure_blas
 
 from ._fastexp import f32_bits, f64_bits, fexp, fexp_shifted, like
+from ._problem import DOT, PRECOMPUTED, SQEUCLIDEAN, head_of, log_partition_of_row, summary_of_row
 
 ensure_blas()  # SciPy's BLAS (scipy.linalg.cython_blas), the one Numba's np.dot uses
 
@@ -151,8 +153,8 @@ def gemv(typingctx, trans, m, n, alpha, a, ia, lda, x, ix, beta, y, iy):
     return sig, codegen
 
 
-_N = ord("n")
-_T = ord("t")
+_NOTRANS = ord("n")  # BLAS operand codes
+_TRANS = ord("t")
 _GEMV_ROWS = 4  # query blocks with fewer rows use GEMV per row instead of GEMM
 
 _FM = {"contract"}  # FMA contraction only: fastmath=True would assume no inf/NaN, and the edge-case policy needs them
@@ -322,45 +324,66 @@ def _direct_sqeuclid_score(q, i, k, j, scale):
     return -d * scale
 
 
+class Norms(NamedTuple):
+    """Scratch of the squared-Euclidean energy (K2): half squared norms of a query block and a key tile, and their non-finite flags."""
+
+    q: np.ndarray  # (bq,) |q_i|^2 / 2
+    qbad: np.ndarray  # (bq,) bool
+    k: np.ndarray  # (bk,) |k_j|^2 / 2
+    kbad: np.ndarray  # (bk,) bool
+
+
+@njit(cache=True)
+def _norms(h, i0, i1, bk):
+    """:class:`Norms` scratch for queries ``[i0, i1)`` (their norms filled in for K2) and key tiles of ``bk``."""
+    bq = i1 - i0
+    n = Norms(np.empty(bq, h.q.dtype), np.empty(bq, np.bool_), np.empty(bk, h.q.dtype), np.empty(bk, np.bool_))
+    if h.energy == SQEUCLIDEAN:
+        _half_sqnorms(h.q[i0:i1], n.q, n.qbad)
+    return n
+
+
 @njit(cache=True, fastmath=_FM)
-def _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, causal, off, has_mask, mask):
+def _scores(S, bq, bk, h, i0, jb, norms):
     """Fill the score tile ``S[:bq, :bk]`` with ``s_ij`` (A1 / K2 times ``scale``), ``-inf`` where key ``jb + j`` does not take part.
 
     One GEMM ``S = Q_b K_b^T`` (row stride of ``S``: its buffer width), then
     the scale, the squared-Euclidean correction and the selection, row by row.
+    ``h``: the batch element's :class:`~iem_ref.accel._problem.Head`.
     """
     ld = S.shape[1]
+    q, k, scale = h.q, h.k, h.scale
     D = q.shape[1]
     ninf = like(-np.inf, scale)  # scale has the tile's dtype: no promotion below
     zero = like(0.0, scale)
-    if energy == 2:  # precomputed energies: the raw score is -d
+    if h.energy == PRECOMPUTED:  # the raw score is -d
         for r in range(bq):
             for j in range(bk):
-                S[r, j] = -dd[i0 + r, jb + j]
+                S[r, j] = -h.d[i0 + r, jb + j]
     elif D > 0:
-        # the dot energy's scale rides on the GEMM (alpha): one rounding, as a separate product would make;
+        # the dot energy's scale rides on the GEMM's factor: one rounding, as a separate product would make;
         # scale = 0 needs the raw products (their inf/NaN), and K2 subtracts the norms first
-        alpha = scale if (energy == 0 and scale > 0.0) else like(1.0, scale)
+        factor = scale if (h.energy == DOT and scale > 0.0) else like(1.0, scale)
         if bq < _GEMV_ROWS:
             for r in range(bq):
-                gemv(_T, D, bk, alpha, k, jb * D, D, q, (i0 + r) * D, 0.0, S, r * ld)
+                gemv(_TRANS, D, bk, factor, k, jb * D, D, q, (i0 + r) * D, 0.0, S, r * ld)
         else:
-            gemm(_T, _N, bk, bq, D, alpha, k, jb * D, D, q, i0 * D, D, 0.0, S, 0, ld)
+            gemm(_TRANS, _NOTRANS, bk, bq, D, factor, k, jb * D, D, q, i0 * D, D, 0.0, S, 0, ld)
     else:  # D = 0: every dot product is 0
         for r in range(bq):
             for j in range(bk):
                 S[r, j] = zero
-    if energy == 1:
-        _half_sqnorms(k[jb : jb + bk], hk, kbad)
+    if h.energy == SQEUCLIDEAN:
+        _half_sqnorms(k[jb : jb + bk], norms.k, norms.kbad)
     for r in range(bq):
         i = i0 + r
         row = S[r]
-        lim = bk
-        if causal:
-            lim = min(max(i + off - jb + 1, 0), bk)
-        if energy != 1:
+        lim = bk  # keys jb + j with j >= lim are after the causal limit of query i
+        if h.causal:
+            lim = min(max(i + h.offset - jb + 1, 0), bk)
+        if h.energy != SQEUCLIDEAN:
             if scale > 0.0:
-                if energy == 2:
+                if h.energy == PRECOMPUTED:
                     for j in range(lim):
                         row[j] = row[j] * scale
             else:  # scale = 0: finite scores tie at 0, +-inf and NaN keep their meaning
@@ -368,74 +391,80 @@ def _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, caus
                     x = row[j]
                     row[j] = zero if np.isfinite(x) else x
         else:
-            hqr = hq[r]
+            hq = norms.q[r]
             if scale > 0.0:
                 for j in range(lim):
-                    row[j] = (row[j] - (hqr + hk[j])) * scale
+                    row[j] = (row[j] - (hq + norms.k[j])) * scale
             else:
                 for j in range(lim):
                     row[j] = zero
-            if qbad[r]:
+            if norms.qbad[r]:
                 for j in range(lim):
                     row[j] = _direct_sqeuclid_score(q, i, k, jb + j, scale)
             else:
                 for j in range(lim):
-                    if kbad[j]:
+                    if norms.kbad[j]:
                         row[j] = _direct_sqeuclid_score(q, i, k, jb + j, scale)
         for j in range(lim, bk):
             row[j] = ninf
-        if has_mask:
+        if h.has_mask:
             for j in range(lim):
-                if not mask[i, jb + j]:
+                if not h.mask[i, jb + j]:
                     row[j] = ninf
 
 
 @njit(cache=True)
-def _value_product(v, iv, Dv, S, bq, bk, ld, T):
-    """``T (bq, Dv) = P (bq, bk) @ V_tile (bk, Dv)`` with ``P`` in ``S`` (row stride ``ld``) and the tile at offset ``iv`` of ``v``."""
+def _value_product(v, iv, Dv, S, bq, bk, ld, pv):
+    """``pv (bq, Dv) = P (bq, bk) @ V_tile (bk, Dv)`` with ``P`` in ``S`` (row stride ``ld``) and the tile at offset ``iv`` of ``v``."""
     if bq < _GEMV_ROWS:
         for r in range(bq):
-            gemv(_N, Dv, bk, 1.0, v, iv, Dv, S, r * ld, 0.0, T, r * Dv)
+            gemv(_NOTRANS, Dv, bk, 1.0, v, iv, Dv, S, r * ld, 0.0, pv, r * Dv)
     else:
-        gemm(_N, _N, Dv, bq, bk, 1.0, v, iv, Dv, S, 0, ld, 0.0, T, 0, Dv)
+        gemm(_NOTRANS, _NOTRANS, Dv, bq, bk, 1.0, v, iv, Dv, S, 0, ld, 0.0, pv, 0, Dv)
 
 
 # --- forward: one query block over one key range --------------------------------
-@njit(cache=True, fastmath=_FM)
-def _forward_block(q, k, v, dd, mask, has_mask, causal, off, energy, scale, i0, i1, j0, j1, bk_max, m, l, o, nan_row):
-    """M1 over keys ``[j0, j1)`` for queries ``[i0, i1)``: the partial ``(m, l, o)`` (float64) and NaN flags.
+class Partials(NamedTuple):
+    """M1's running state of some rows, in float64: merged tile after tile (and split after split) by M2."""
 
-    ``m (bq,)`` running maximum score (``-inf`` while nothing takes part),
-    ``l (bq,)`` ``sum exp(s - m)``, ``o (bq, Dv)`` ``sum exp(s - m) v_j``,
-    merged tile after tile by M2.
-    """
+    m: np.ndarray  # (rows,) running maximum score (-inf while nothing takes part)
+    l: np.ndarray  # (rows,) sum exp(s - m)
+    o: np.ndarray  # (rows, Dv) sum exp(s - m) v_j
+    nan: np.ndarray  # (rows,) bool: a NaN score spoiled the row
+
+
+@njit(cache=True)
+def _partials_at(parts, b, split, i0, i1):
+    """The rows ``[i0, i1)`` of batch element ``b``, key split ``split`` of the ``(B, nsplit, N[, Dv])`` partials."""
+    return Partials(parts.m[b, split, i0:i1], parts.l[b, split, i0:i1], parts.o[b, split, i0:i1], parts.nan[b, split, i0:i1])
+
+
+@njit(cache=True, fastmath=_FM)
+def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
+    """M1 over keys ``[j0, j1)`` for queries ``[i0, i1)`` of one batch element ``h``, into the :class:`Partials` ``acc``."""
+    q, v = h.q, h.v
     bq = i1 - i0
     Dv = v.shape[1]
     S = np.empty((bq, bk_max), dtype=q.dtype)
-    T = np.empty((bq, Dv), dtype=q.dtype)
+    pv = np.empty((bq, Dv), dtype=q.dtype)
     vt = np.empty((bk_max, Dv), dtype=q.dtype)
     part = np.empty((bq, bk_max), dtype=np.bool_)
     vbad = np.empty(bk_max, dtype=np.bool_)
-    hk = np.empty(bk_max, dtype=q.dtype)
-    kbad = np.empty(bk_max, dtype=np.bool_)
-    alpha = np.empty(bq, dtype=np.float64)
-    hq = np.empty(bq, dtype=q.dtype)
-    qbad = np.empty(bq, dtype=np.bool_)
-    if energy == 1:
-        _half_sqnorms(q[i0:i1], hq, qbad)
+    rescale = np.empty(bq, dtype=np.float64)
+    norms = _norms(h, i0, i1, bk_max)
     ninf = -np.inf
     for r in range(bq):
-        m[r] = ninf
-        l[r] = 0.0
-        nan_row[r] = False
+        acc.m[r] = ninf
+        acc.l[r] = 0.0
+        acc.nan[r] = False
         for c in range(Dv):
-            o[r, c] = 0.0
+            acc.o[r, c] = 0.0
     jb = j0
     while jb < j1:
-        if causal and jb > i1 - 1 + off:
+        if h.causal and jb > i1 - 1 + h.offset:
             break  # no query of this block sees keys from jb on
         bk = min(bk_max, j1 - jb)
-        _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, causal, off, has_mask, mask)
+        _scores(S, bq, bk, h, i0, jb, norms)
         nbad = _bad_rows(v[jb : jb + bk], vbad)  # the tile is about to be read by the GEMM: cache-hot
         if nbad:
             for r in range(bq):
@@ -443,160 +472,129 @@ def _forward_block(q, k, v, dd, mask, has_mask, causal, off, energy, scale, i0, 
                     part[r, j] = S[r, j] != ninf  # NaN scores take part (and spoil their row)
         for r in range(bq):
             row = S[r]
-            m_old = m[r]
+            m_old = acc.m[r]
             mx = np.float64(_row_max(row, bk))
             m_new = mx if mx > m_old else m_old
             if m_new == ninf:
                 # nothing has taken part yet in this row; a NaN score would still spoil it
                 for j in range(bk):
                     if row[j] != row[j]:
-                        nan_row[r] = True
+                        acc.nan[r] = True
                     row[j] = 0.0
-                alpha[r] = 1.0
+                rescale[r] = 1.0
                 continue
             tile_sum = _exp_shift_sum(row, bk, like(m_new, row[0]))
             a = 1.0 if m_old == m_new else math.exp(m_old - m_new)  # M2: rescale the running sums
-            alpha[r] = a
-            m[r] = m_new
-            l[r] = a * l[r] + np.float64(tile_sum)
+            rescale[r] = a
+            acc.m[r] = m_new
+            acc.l[r] = a * acc.l[r] + np.float64(tile_sum)
             if tile_sum != tile_sum:
-                nan_row[r] = True
+                acc.nan[r] = True
         if Dv > 0:
             if nbad == 0:
-                _value_product(v, jb * Dv, Dv, S, bq, bk, bk_max, T)
+                _value_product(v, jb * Dv, Dv, S, bq, bk, bk_max, pv)
             else:
                 _finite_copy(v[jb : jb + bk], vbad, vt)
-                _value_product(vt, 0, Dv, S, bq, bk, bk_max, T)
-                _add_nonfinite(S, bq, bk, part, v[jb : jb + bk], vbad, T, False, True)
+                _value_product(vt, 0, Dv, S, bq, bk, bk_max, pv)
+                _add_nonfinite(S, bq, bk, part, v[jb : jb + bk], vbad, pv, False, True)
         for r in range(bq):
-            a = alpha[r]
+            a = rescale[r]
             if a == 1.0:
                 for c in range(Dv):
-                    o[r, c] += np.float64(T[r, c])
+                    acc.o[r, c] += np.float64(pv[r, c])
             else:
                 for c in range(Dv):  # an infinite sum stays itself: the factor is positive in exact arithmetic
-                    oc = o[r, c]
-                    o[r, c] = (a * oc if np.isfinite(oc) else oc) + np.float64(T[r, c])
+                    oc = acc.o[r, c]
+                    acc.o[r, c] = (a * oc if np.isfinite(oc) else oc) + np.float64(pv[r, c])
         jb += bk
 
 
 @njit(cache=True)
-def _finalize_rows(m, l, o, nan_row, empty_nan, out, lse):
-    """M2 (result): ``a = o / l``, ``L = m + log l`` (float64, rounded once to ``out``'s dtype), with the edge cases."""
-    for r in range(m.shape[0]):
-        Dv = o.shape[1]
-        if nan_row[r]:
-            lse[r] = np.nan
-            for c in range(Dv):
-                out[r, c] = np.nan
-        elif l[r] == 0.0:  # empty row: no key takes part
-            lse[r] = -np.inf
-            for c in range(Dv):
-                out[r, c] = np.nan if empty_nan else 0.0
-        else:
-            lse[r] = np.inf if m[r] == np.inf else m[r] + math.log(l[r])
-            inv = l[r]
-            for c in range(Dv):
-                out[r, c] = o[r, c] / inv
+def _finish_rows(acc, empty_nan, out, lse):
+    """M2's result for the rows of ``acc``: ``a = o / l``, ``L = m + log l`` (float64, rounded once to ``out``'s dtype), with the policy."""
+    Dv = acc.o.shape[1]
+    for r in range(acc.m.shape[0]):
+        lse[r] = log_partition_of_row(acc.m[r], acc.l[r], acc.nan[r])
+        for c in range(Dv):
+            out[r, c] = summary_of_row(acc.o[r, c], acc.l[r], acc.nan[r], empty_nan)
 
 
-def forward(stage, t, T, q3, k3, v3, qmap, kmap, vmap, d3, dmap, mask3, mmap, has_mask, causal, off, energy, scale, bq, bk,
-            nsplit, empty_nan, pm, pl, po, pn, out, lse):
-    """A1-A4 fused, over the flattened batch: ``out (B, N, Dv)``, ``lse (B, N)``; this thread's share of one stage.
+def forward(stage, thread, nthreads, p, mask, bq, bk, nsplit, parts, out, lse):
+    """A1-A4 fused over the flattened batch of the :class:`~iem_ref.accel._problem.Problem` ``p`` (and its ``mask``); this thread's share of one stage.
 
-    Plain Python: :mod:`iem_ref.accel.cpu` compiles it (``nogil``, one
-    explicit signature per dtype) and runs it on ``T`` threads, thread ``t``
-    taking the work items ``t, t + T, t + 2T, ...`` (which items a thread
-    takes changes no result).  ``energy``: 0 dot, 1 sqeuclidean, 2
-    precomputed energies ``d3`` (then ``q3``, ``k3`` are unused).
+    ``out (B, N, Dv)``, ``lse (B, N)``; ``parts``: :class:`Partials` of shape
+    ``(B, nsplit, N[, Dv])``.  Plain Python: :mod:`iem_ref.accel.cpu`
+    compiles it (``nogil``, one explicit signature per dtype) and runs it on
+    ``nthreads`` threads, thread ``thread`` taking the work items ``thread,
+    thread + nthreads, ...`` (which items a thread takes changes no result).
 
     Stage 0: work items ``(batch, query block, key split)``, each M1 over its
-    keys into the float64 partials ``pm, pl, po, pn`` of shape
-    ``(B, nsplit, N[, Dv])``; with one split the item also finishes its rows.
+    keys into its partials; with one split the item also finishes its rows.
     Stage 1 (``nsplit > 1``, decoding: few queries, many keys): items
     ``(batch, query block)`` merge the splits in split order (M2) and finish.
     """
     B = out.shape[0]
     N = out.shape[1]
     Dv = out.shape[2]
-    M = k3.shape[1]
+    M = p.k.shape[1]
     nqb = (N + bq - 1) // bq
     nkb = (M + bk - 1) // bk
     if stage == 0:
-        for w in range(t, B * nqb * nsplit, T):
+        for w in range(thread, B * nqb * nsplit, nthreads):
             b = w // (nqb * nsplit)
             rest = w % (nqb * nsplit)
-            qblk = rest // nsplit
-            sp = rest % nsplit
-            i0 = qblk * bq
+            i0 = (rest // nsplit) * bq
             i1 = min(N, i0 + bq)
-            j0 = min(M, (sp * nkb // nsplit) * bk)
-            j1 = min(M, ((sp + 1) * nkb // nsplit) * bk)
-            _forward_block(
-                q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off, energy, scale,
-                i0, i1, j0, j1, bk, pm[b, sp, i0:i1], pl[b, sp, i0:i1], po[b, sp, i0:i1], pn[b, sp, i0:i1],
-            )
+            split = rest % nsplit
+            j0 = min(M, (split * nkb // nsplit) * bk)
+            j1 = min(M, ((split + 1) * nkb // nsplit) * bk)
+            acc = _partials_at(parts, b, split, i0, i1)
+            _forward_block(head_of(p, mask, b), i0, i1, j0, j1, bk, acc)
             if nsplit == 1:
-                _finalize_rows(pm[b, 0, i0:i1], pl[b, 0, i0:i1], po[b, 0, i0:i1], pn[b, 0, i0:i1], empty_nan, out[b, i0:i1], lse[b, i0:i1])
+                _finish_rows(acc, p.empty_nan, out[b, i0:i1], lse[b, i0:i1])
         return
-    for w in range(t, B * nqb, T):
+    for w in range(thread, B * nqb, nthreads):
         b = w // nqb
         i0 = (w % nqb) * bq
         i1 = min(N, i0 + bq)
-        for sp in range(1, nsplit):  # M2, in split order
-            for i in range(i0, i1):
-                m1 = pm[b, 0, i]
-                m2 = pm[b, sp, i]
+        first = _partials_at(parts, b, 0, i0, i1)
+        for split in range(1, nsplit):  # M2, in split order
+            other = _partials_at(parts, b, split, i0, i1)
+            for r in range(i1 - i0):
+                m1 = first.m[r]
+                m2 = other.m[r]
                 mm = m1 if m1 > m2 else m2
                 c1 = 1.0 if m1 == mm else math.exp(m1 - mm)
                 c2 = 1.0 if m2 == mm else math.exp(m2 - mm)
-                pm[b, 0, i] = mm
-                pl[b, 0, i] = c1 * pl[b, 0, i] + c2 * pl[b, sp, i]
-                pn[b, 0, i] = pn[b, 0, i] or pn[b, sp, i]
+                first.m[r] = mm
+                first.l[r] = c1 * first.l[r] + c2 * other.l[r]
+                first.nan[r] = first.nan[r] or other.nan[r]
                 for c in range(Dv):
-                    o1 = po[b, 0, i, c]
-                    o2 = po[b, sp, i, c]
-                    po[b, 0, i, c] = (c1 * o1 if np.isfinite(o1) else o1) + (c2 * o2 if np.isfinite(o2) else o2)
-        _finalize_rows(pm[b, 0, i0:i1], pl[b, 0, i0:i1], po[b, 0, i0:i1], pn[b, 0, i0:i1], empty_nan, out[b, i0:i1], lse[b, i0:i1])
-
-
-# --- the roof: the kernel's own GEMMs, alone ------------------------------------
-@njit(cache=True)
-def _gemm_block(q, k, v, i0, i1, bk_max):
-    bq = i1 - i0
-    D = q.shape[1]
-    Dv = v.shape[1]
-    M = k.shape[0]
-    S = np.full((bq, bk_max), 0.5, dtype=q.dtype)
-    T = np.zeros((bq, Dv), dtype=q.dtype)
-    acc = 0.0
-    for jb in range(0, M, bk_max):
-        bk = min(bk_max, M - jb)
-        gemm(_T, _N, bk, bq, D, 1.0, k, jb * D, D, q, i0 * D, D, 0.0, S, 0, bk_max)
-        gemm(_N, _N, Dv, bq, bk, 1.0, v, jb * Dv, Dv, S, 0, bk_max, 0.0, T, 0, Dv)
-        acc += T[0, 0]
-    return acc
-
-
-@njit(cache=True, parallel=True)
-def gemm_roof(q, k, v, bq, bk):
-    """The forward kernel's BLAS calls alone (score tile and value tile per key tile, same tiles, same ``prange``): its floor.
-
-    Returns a checksum (so that nothing is optimised away).  The value GEMM
-    multiplies the raw score tile (no softmin in between).
-    """
-    N = q.shape[0]
-    nqb = (N + bq - 1) // bq
-    total = 0.0
-    for w in prange(nqb):
-        i0 = w * bq
-        total += _gemm_block(q, k, v, i0, min(N, i0 + bq), bk)
-    return total
+                    o1 = first.o[r, c]
+                    o2 = other.o[r, c]
+                    first.o[r, c] = (c1 * o1 if np.isfinite(o1) else o1) + (c2 * o2 if np.isfinite(o2) else o2)
+        _finish_rows(first, p.empty_nan, out[b, i0:i1], lse[b, i0:i1])
 
 
 # --- backward (G4) ------------------------------------------------------------------
+class Saved(NamedTuple):
+    """What the backward reads from the forward, float64 per ``(B, N)``: ``L_i``, ``Delta_i = <u_i, a_i>`` and the certain-key count."""
+
+    lse: np.ndarray
+    delta: np.ndarray
+    cnt: np.ndarray  # filled by the backward's stage 0
+
+
+class Grads(NamedTuple):
+    """The backward's results: ``dq (B, N, D)``, ``dk (B, M, D)``, ``dv (B, M, Dv)``."""
+
+    dq: np.ndarray
+    dk: np.ndarray
+    dv: np.ndarray
+
+
 @njit(cache=True, fastmath=_FM)
-def _p_ds_tile(S, Bt, bq, bk, lse, cnt, delta, i0, part, keep_part):
+def _p_ds_tile(S, Bt, bq, bk, saved, i0, part, keep_part):
     """Responsibilities and routing gradients of a tile, in place: ``S <- r_ij``, ``Bt <- dLoss/ds_ij = r_ij (b_ij - Delta_i)``.
 
     ``r_ij = exp(s_ij - L_i)`` (the saved log-partition, G1), ``Delta_i =
@@ -613,7 +611,7 @@ def _p_ds_tile(S, Bt, bq, bk, lse, cnt, delta, i0, part, keep_part):
         if keep_part:
             for j in range(bk):
                 part[r, j] = srow[j] != ninf
-        L = lse[i0 + r]
+        L = saved.lse[i0 + r]
         if L != L:  # NaN on the keys the row sees only: keys outside its mask stay unaffected
             for j in range(bk):
                 nan_or_zero = np.nan if srow[j] != ninf else 0.0
@@ -624,8 +622,8 @@ def _p_ds_tile(S, Bt, bq, bk, lse, cnt, delta, i0, part, keep_part):
                 srow[j] = 0.0
                 brow[j] = 0.0
         elif L == np.inf:
-            w = 1.0 / cnt[i0 + r]
-            dl = delta[i0 + r]
+            w = 1.0 / saved.cnt[i0 + r]
+            dl = saved.delta[i0 + r]
             for j in range(bk):
                 if srow[j] == np.inf:
                     srow[j] = w
@@ -635,7 +633,7 @@ def _p_ds_tile(S, Bt, bq, bk, lse, cnt, delta, i0, part, keep_part):
                     brow[j] = 0.0
         else:
             Lt = like(L, srow[0])
-            dt = like(delta[i0 + r], srow[0])
+            dt = like(saved.delta[i0 + r], srow[0])
             zero = like(0.0, Lt)
             for j in range(bk):
                 s = srow[j]
@@ -658,34 +656,30 @@ def _rows_flags(x, i0, n, flags):
 
 
 @njit(cache=True)
-def _count_certain(q, k, dd, mask, has_mask, causal, off, energy, scale, i0, i1, bk_max, lse, cnt):
+def _count_certain(h, i0, i1, bk_max, saved):
     """``cnt_i``: how many keys take part with score ``+inf`` (rows with ``L = +inf`` only)."""
     bq = i1 - i0
     any_certain = False
     for r in range(bq):
-        cnt[i0 + r] = 0.0
-        any_certain |= lse[i0 + r] == np.inf
+        saved.cnt[i0 + r] = 0.0
+        any_certain |= saved.lse[i0 + r] == np.inf
     if not any_certain:
         return
-    M = k.shape[0]
-    S = np.empty((bq, bk_max), dtype=q.dtype)
-    hq = np.empty(bq, dtype=q.dtype)
-    qbad = np.empty(bq, dtype=np.bool_)
-    hk = np.empty(bk_max, dtype=q.dtype)
-    kbad = np.empty(bk_max, dtype=np.bool_)
-    if energy == 1:
-        _half_sqnorms(q[i0:i1], hq, qbad)
+    M = h.k.shape[0]
+    S = np.empty((bq, bk_max), dtype=h.q.dtype)
+    norms = _norms(h, i0, i1, bk_max)
     for jb in range(0, M, bk_max):
         bk = min(bk_max, M - jb)
-        _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, causal, off, has_mask, mask)
+        _scores(S, bq, bk, h, i0, jb, norms)
         for r in range(bq):
             for j in range(bk):
-                cnt[i0 + r] += S[r, j] == np.inf
+                saved.cnt[i0 + r] += S[r, j] == np.inf
 
 
 @njit(cache=True, fastmath=_FM)
-def _backward_keys(q, k, v, u, dd, mask, has_mask, causal, off, energy, scale, j0, j1, bq_max, lse, cnt, delta, dk, dv):
+def _backward_keys(h, j0, j1, bq_max, saved, dk, dv):
     """G4, keys ``[j0, j1)``: ``dv_j = sum_i r_ij u_i`` and ``dk_j = scale sum_i dS_ij q_i`` (minus ``scale k_j sum_i dS_ij`` for K2), over all queries."""
+    q, k, v, u = h.q, h.k, h.v, h.u
     bk = j1 - j0
     N = q.shape[0]
     D = q.shape[1]
@@ -699,69 +693,64 @@ def _backward_keys(q, k, v, u, dd, mask, has_mask, causal, off, energy, scale, j
     ufin = np.empty((bq_max, Dv), dtype=q.dtype)
     qflag = np.empty(bq_max, dtype=np.bool_)
     uflag = np.empty(bq_max, dtype=np.bool_)
-    hq = np.empty(bq_max, dtype=q.dtype)
-    qbad = np.empty(bq_max, dtype=np.bool_)
-    hk = np.empty(bk, dtype=q.dtype)
-    kbad = np.empty(bk, dtype=np.bool_)
     acc_k = np.zeros((bk, D), dtype=np.float64)
     acc_v = np.zeros((bk, Dv), dtype=np.float64)
     colsum = np.zeros(bk, dtype=np.float64)
     i_start = 0
-    if causal:  # queries i with i + off < j0 see none of these keys
-        i_start = min(N, max(0, j0 - off))
+    if h.causal:  # queries i with i + offset < j0 see none of these keys
+        i_start = min(N, max(0, j0 - h.offset))
         i_start -= i_start % bq_max  # keep the query tiling of the forward
     for i0 in range(i_start, N, bq_max):
         i1 = min(N, i0 + bq_max)
         bq = i1 - i0
-        if energy == 1:
-            _half_sqnorms(q[i0:i1], hq, qbad)
-        _scores(S, bq, bk, q, k, dd, i0, j0, energy, scale, hq, qbad, hk, kbad, causal, off, has_mask, mask)
+        _scores(S, bq, bk, h, i0, j0, _norms(h, i0, i1, bk))
         if Dv > 0:
-            gemm(_T, _N, bk, bq, Dv, 1.0, v, j0 * Dv, Dv, u, i0 * Dv, Dv, 0.0, Bt, 0, bk)  # b_ij = <u_i, v_j>
+            gemm(_TRANS, _NOTRANS, bk, bq, Dv, 1.0, v, j0 * Dv, Dv, u, i0 * Dv, Dv, 0.0, Bt, 0, bk)  # b_ij = <u_i, v_j>
         else:
             Bt[:bq, :] = 0.0
-        nq = _rows_flags(q, i0, bq, qflag) if energy != 2 else 0
+        nq = _rows_flags(q, i0, bq, qflag) if h.energy != PRECOMPUTED else 0
         nu = _rows_flags(u, i0, bq, uflag)
-        _p_ds_tile(S, Bt, bq, bk, lse, cnt, delta, i0, part, nq + nu > 0)
+        _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nq + nu > 0)
         if Dv > 0:
             if nu == 0:
-                gemm(_N, _T, Dv, bk, bq, 1.0, u, i0 * Dv, Dv, S, 0, bk, 0.0, tv, 0, Dv)
+                gemm(_NOTRANS, _TRANS, Dv, bk, bq, 1.0, u, i0 * Dv, Dv, S, 0, bk, 0.0, tv, 0, Dv)
             else:
                 _finite_copy(u[i0:i1], uflag, ufin)
-                gemm(_N, _T, Dv, bk, bq, 1.0, ufin, 0, Dv, S, 0, bk, 0.0, tv, 0, Dv)
+                gemm(_NOTRANS, _TRANS, Dv, bk, bq, 1.0, ufin, 0, Dv, S, 0, bk, 0.0, tv, 0, Dv)
                 _add_nonfinite(S, bq, bk, part, u[i0:i1], uflag, tv, True, False)
             for j in range(bk):
                 for c in range(Dv):
                     acc_v[j, c] += np.float64(tv[j, c])
-        if D > 0 and energy != 2:
+        if D > 0 and h.energy != PRECOMPUTED:
             if nq == 0:
-                gemm(_N, _T, D, bk, bq, 1.0, q, i0 * D, D, Bt, 0, bk, 0.0, tk, 0, D)
+                gemm(_NOTRANS, _TRANS, D, bk, bq, 1.0, q, i0 * D, D, Bt, 0, bk, 0.0, tk, 0, D)
             else:
                 _finite_copy(q[i0:i1], qflag, qfin)
-                gemm(_N, _T, D, bk, bq, 1.0, qfin, 0, D, Bt, 0, bk, 0.0, tk, 0, D)
+                gemm(_NOTRANS, _TRANS, D, bk, bq, 1.0, qfin, 0, D, Bt, 0, bk, 0.0, tk, 0, D)
                 _add_nonfinite(Bt, bq, bk, part, q[i0:i1], qflag, tk, True, False)
             for j in range(bk):
                 for c in range(D):
                     acc_k[j, c] += np.float64(tk[j, c])
-        if energy == 1:
+        if h.energy == SQEUCLIDEAN:
             for r in range(bq):
                 for j in range(bk):
                     colsum[j] += np.float64(Bt[r, j])
-    sc = np.float64(scale)
+    sc = np.float64(h.scale)
     for j in range(bk):
         for c in range(Dv):
             dv[j0 + j, c] = acc_v[j, c]
         for c in range(D):
             g = sc * acc_k[j, c]
-            if energy == 1:
+            if h.energy == SQEUCLIDEAN:
                 kj = np.float64(k[j0 + j, c])
                 g -= sc * (kj if np.isfinite(kj) else 0.0) * colsum[j]
             dk[j0 + j, c] = g
 
 
 @njit(cache=True, fastmath=_FM)
-def _backward_queries(q, k, v, u, dd, mask, has_mask, causal, off, energy, scale, i0, i1, bk_max, lse, cnt, delta, dq):
+def _backward_queries(h, i0, i1, bk_max, saved, dq):
     """G4, queries ``[i0, i1)``: ``dq_i = scale sum_j dS_ij k_j`` over all keys (for K2 too: ``sum_j dS_ij = 0``)."""
+    q, k, v, u = h.q, h.k, h.v, h.u
     bq = i1 - i0
     M = k.shape[0]
     D = q.shape[1]
@@ -772,117 +761,70 @@ def _backward_queries(q, k, v, u, dd, mask, has_mask, causal, off, energy, scale
     tq = np.empty((bq, D), dtype=q.dtype)
     kfin = np.empty((bk_max, D), dtype=q.dtype)
     kflag = np.empty(bk_max, dtype=np.bool_)
-    hq = np.empty(bq, dtype=q.dtype)
-    qbad = np.empty(bq, dtype=np.bool_)
-    hk = np.empty(bk_max, dtype=q.dtype)
-    kbad = np.empty(bk_max, dtype=np.bool_)
+    norms = _norms(h, i0, i1, bk_max)
     acc = np.zeros((bq, D), dtype=np.float64)
-    if energy == 1:
-        _half_sqnorms(q[i0:i1], hq, qbad)
     for jb in range(0, M, bk_max):
-        if causal and jb > i1 - 1 + off:
+        if h.causal and jb > i1 - 1 + h.offset:
             break
         bk = min(bk_max, M - jb)
-        _scores(S, bq, bk, q, k, dd, i0, jb, energy, scale, hq, qbad, hk, kbad, causal, off, has_mask, mask)
+        _scores(S, bq, bk, h, i0, jb, norms)
         if Dv > 0:
-            gemm(_T, _N, bk, bq, Dv, 1.0, v, jb * Dv, Dv, u, i0 * Dv, Dv, 0.0, Bt, 0, bk_max)
+            gemm(_TRANS, _NOTRANS, bk, bq, Dv, 1.0, v, jb * Dv, Dv, u, i0 * Dv, Dv, 0.0, Bt, 0, bk_max)
         else:
             Bt[:, :] = 0.0
-        nk = _rows_flags(k, jb, bk, kflag) if energy != 2 else 0
-        _p_ds_tile(S, Bt, bq, bk, lse, cnt, delta, i0, part, nk > 0)
-        if D > 0 and energy != 2:
+        nk = _rows_flags(k, jb, bk, kflag) if h.energy != PRECOMPUTED else 0
+        _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nk > 0)
+        if D > 0 and h.energy != PRECOMPUTED:
             if nk == 0:
-                gemm(_N, _N, D, bq, bk, 1.0, k, jb * D, D, Bt, 0, bk_max, 0.0, tq, 0, D)
+                gemm(_NOTRANS, _NOTRANS, D, bq, bk, 1.0, k, jb * D, D, Bt, 0, bk_max, 0.0, tq, 0, D)
             else:
                 _finite_copy(k[jb : jb + bk], kflag, kfin)
-                gemm(_N, _N, D, bq, bk, 1.0, kfin, 0, D, Bt, 0, bk_max, 0.0, tq, 0, D)
+                gemm(_NOTRANS, _NOTRANS, D, bq, bk, 1.0, kfin, 0, D, Bt, 0, bk_max, 0.0, tq, 0, D)
                 _add_nonfinite(Bt, bq, bk, part, k[jb : jb + bk], kflag, tq, False, False)
             for r in range(bq):
                 for c in range(D):
                     acc[r, c] += np.float64(tq[r, c])
-    sc = np.float64(scale)
+    sc = np.float64(h.scale)
     for r in range(bq):
         for c in range(D):
             dq[i0 + r, c] = sc * acc[r, c]
 
 
-def backward(stage, t, T, q3, k3, v3, u3, qmap, kmap, vmap, umap, d3, dmap, mask3, mmap, has_mask, causal, off, energy, scale,
-             bq, bk, lse, delta, cnt, dq, dk, dv):
-    """G4 over the flattened batch: ``dq (B, N, D)``, ``dk (B, M, D)``, ``dv (B, M, Dv)`` from the saved ``lse`` and ``delta = <u_i, a_i>`` (float64).
+@njit(cache=True)
+def _saved_at(saved, b):
+    return Saved(saved.lse[b], saved.delta[b], saved.cnt[b])
 
-    This thread's share (items ``t, t + T, ...``) of one stage, as
-    :func:`forward`.  Stage 0: per query block, ``cnt``, the number of keys
-    with score ``+inf`` of each certain row.  Then two stages free of races:
-    stage 1 over key blocks (``dk``, ``dv``: sums over queries), stage 2 over
-    query blocks (``dq``: sums over keys).  Each recomputes the score tile and
-    ``b = U V^T``: 7 GEMMs per tile pair instead of 5, in exchange for
-    ``O((N + M) D)`` memory, no atomics and a fixed summation order.  Plain
-    Python: compiled by :mod:`iem_ref.accel.cpu`.
+
+def backward(stage, thread, nthreads, p, mask, bq, bk, saved, grads):
+    """G4 over the flattened batch of the :class:`~iem_ref.accel._problem.Problem` ``p`` (and its ``mask``), into the :class:`Grads` ``grads``.
+
+    ``saved``: :class:`Saved` (``L``, ``Delta = <u_i, a_i>``, float64).
+    This thread's share (items ``thread, thread + nthreads, ...``) of one
+    stage, as :func:`forward`.  Stage 0: per query block, ``cnt``, the number
+    of keys with score ``+inf`` of each certain row.  Then two stages free of
+    races: stage 1 over key blocks (``dk``, ``dv``: sums over queries), stage
+    2 over query blocks (``dq``: sums over keys).  Each recomputes the score
+    tile and ``b = U V^T``: 7 GEMMs per tile pair instead of 5, in exchange
+    for ``O((N + M) D)`` memory, no atomics and a fixed summation order.
+    Plain Python: compiled by :mod:`iem_ref.accel.cpu`.
     """
-    B = dq.shape[0]
-    N = dq.shape[1]
-    M = dk.shape[1]
+    B = grads.dq.shape[0]
+    N = grads.dq.shape[1]
+    M = grads.dk.shape[1]
     nqb = (N + bq - 1) // bq
     nkb = (M + bk - 1) // bk
     if stage == 0:
-        for w in range(t, B * nqb, T):
+        for w in range(thread, B * nqb, nthreads):
             b = w // nqb
             i0 = (w % nqb) * bq
-            _count_certain(q3[qmap[b]], k3[kmap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off, energy, scale,
-                           i0, min(N, i0 + bq), bk, lse[b], cnt[b])
+            _count_certain(head_of(p, mask, b), i0, min(N, i0 + bq), bk, _saved_at(saved, b))
     elif stage == 1:
-        for w in range(t, B * nkb, T):
+        for w in range(thread, B * nkb, nthreads):
             b = w // nkb
             j0 = (w % nkb) * bk
-            _backward_keys(q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], u3[umap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off,
-                           energy, scale, j0, min(M, j0 + bk), bq, lse[b], cnt[b], delta[b], dk[b], dv[b])
+            _backward_keys(head_of(p, mask, b), j0, min(M, j0 + bk), bq, _saved_at(saved, b), grads.dk[b], grads.dv[b])
     else:
-        for w in range(t, B * nqb, T):
+        for w in range(thread, B * nqb, nthreads):
             b = w // nqb
             i0 = (w % nqb) * bq
-            _backward_queries(q3[qmap[b]], k3[kmap[b]], v3[vmap[b]], u3[umap[b]], d3[dmap[b]], mask3[mmap[b]], has_mask, causal, off,
-                              energy, scale, i0, min(N, i0 + bq), bk, lse[b], cnt[b], delta[b], dq[b])
-
-
-@njit(cache=True, parallel=True, fastmath=_FM)
-def exp_roof(total, sample):
-    """The kernels' polynomial ``exp`` applied ``total`` times, on cache-resident 4096-element buffers (as in the tiles).
-
-    Each pass maps ``x -> exp(x) - 1``, which keeps ``x`` in ``(-1, 0]``; ``sample``
-    (a 1-element array) fixes the dtype.  Returns a checksum.
-    """
-    chunk = 4096
-    passes = 64
-    nitems = (total + chunk * passes - 1) // (chunk * passes)
-    one = like(1.0, sample[0])
-    acc = 0.0
-    for c in prange(nitems):
-        buf = np.empty(chunk, dtype=sample.dtype)
-        for j in range(chunk):
-            buf[j] = -(j % 97) * like(0.01, sample[0])
-        for _ in range(passes):
-            for j in range(chunk):
-                buf[j] = fexp_shifted(buf[j]) - one
-        acc += buf[c % chunk]
-    return acc
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def stream_roof(k, v):
-    """Read ``k`` and ``v`` once, in parallel (a sum): the memory-bandwidth floor of decoding. Returns the checksum.
-
-    ``fastmath=True`` lets the sum vectorise; this is a timing floor, not a result (no inf/NaN semantics needed).
-    """
-    M = k.shape[0]
-    chunk = 4096
-    n = (M + chunk - 1) // chunk
-    acc = 0.0
-    for c in prange(n):
-        s = 0.0
-        for j in range(c * chunk, min(M, (c + 1) * chunk)):
-            for d in range(k.shape[1]):
-                s += k[j, d]
-            for d in range(v.shape[1]):
-                s += v[j, d]
-        acc += s
-    return acc
+            _backward_queries(head_of(p, mask, b), i0, min(N, i0 + bq), bk, _saved_at(saved, b), grads.dq[b])

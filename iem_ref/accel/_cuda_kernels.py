@@ -52,6 +52,9 @@ import numba
 import numpy as _np
 from numba import cuda
 
+from . import _problem
+from ._problem import DOT, PRECOMPUTED, SQEUCLIDEAN, device_problem_type
+
 if not hasattr(_np, "row_stack"):
     # numba-cuda (0.30.4 and earlier) registers an overload of np.row_stack when it compiles its
     # first kernel; NumPy 2.5 removed that alias of np.vstack, and every compilation then fails
@@ -98,9 +101,6 @@ def use_layout(name):
 
 _CACHE = {}
 use_layout(_default_layout())
-
-DOT, SQEUCLIDEAN, PRECOMPUTED = 0, 1, 2
-ENERGY_CODES = {"dot": DOT, "sqeuclidean": SQEUCLIDEAN}
 
 _OPTIONS = {"launch_bounds": None}
 
@@ -160,6 +160,10 @@ def _build(dtype_name, energy):
     US = numba.uint32  # unsigned indices: Numba emits no negative-index wraparound for them
     UX = numba.uint64
     tiled = _tiled_jit()
+    # the row finish shared with the CPU path: the same Python source, compiled as device functions
+    # (calling the CPU dispatchers from a kernel would need a CUDA driver to compile, even for PTX alone)
+    log_partition_of_row = cuda.jit(device=True, inline=True)(_problem.log_partition_of_row.py_func)
+    summary_of_row = cuda.jit(device=True, inline=True)(_problem.summary_of_row.py_func)
 
     @cuda.jit(device=True, inline=True)
     def _tile_dot(A, ao, ar, ac, r0, nr, Bm, bo, br, bc, c0, nc, K, As, Bs, acc, tid, tx, ty):
@@ -294,14 +298,21 @@ def _build(dtype_name, energy):
         return acc_ac
 
     @tiled
-    def forward(Q, qo, qr, qc, K, ko, kr, kc, V, vo, vr, vc, MK, mo, mr, mc, has_mask, causal, coff,
-                n, m, d, dv, scale, empty_nan, nqb, O, LSE, CNT):
-        """M1-M2: one block per (batch, 32 queries); online softmin over key tiles.
+    def forward(prob, nqb, O, LSE, CNT):
+        """M1-M2 for the :class:`~iem_ref.accel._problem.DeviceProblem` ``prob``: one block per (batch, 32 queries), ``nqb`` blocks per batch element.
 
-        For ``PRECOMPUTED`` the energies ``d (Bf, N, M)`` come in as the ``Q``
-        operand (``K`` unused).  Writes ``O (Bf, N, Dv)``, ``LSE (Bf, N)`` and
-        ``CNT (Bf, N)`` (number of certain keys; 0 for an ordinary row).
+        Online softmin over key tiles.  For ``PRECOMPUTED`` the energies
+        ``d (Bf, N, M)`` come in as the ``q`` operand (``k`` unused).  Writes
+        ``O (Bf, N, Dv)``, ``LSE (Bf, N)`` and ``CNT (Bf, N)`` (number of
+        certain keys; 0 for an ordinary row).
         """
+        Q, qo, qr, qc = prob.q  # the record's operands and sizes, under the names the body uses
+        K, ko, kr, kc = prob.k
+        V, vo, vr, vc = prob.v
+        MK, mo, mr, mc = prob.mask
+        has_mask, causal, coff = prob.has_mask, prob.causal, prob.offset
+        n, m, d, dv, scale = prob.n, prob.m, prob.d, prob.dv, prob.scale
+        empty_nan = prob.empty_nan
         tid = cuda.threadIdx.x
         tx = tid % TX
         ty = tid // TX
@@ -402,23 +413,11 @@ def _build(dtype_name, energy):
                     for o in range(OC):
                         col = p0 + tx + TX * o
                         if col < dv:
-                            if lrow == ZERO:  # empty row: no key takes part
-                                val = NAN if empty_nan else ZERO
-                            else:
-                                val = oacc[a, o] / lrow
-                            O[b, i, col] = val
+                            O[b, i, col] = summary_of_row(oacc[a, o], lrow, False, empty_nan)  # a NaN row has l = NaN
             if p == 0 and tid < BR and r0 + tid < n:
                 lrow = l_s[US(tid)]
                 mrow = m_s[US(tid)]
-                if lrow != lrow:
-                    lse = NAN
-                elif mrow == INF:
-                    lse = INF
-                elif lrow == ZERO:
-                    lse = NINF
-                else:
-                    lse = mrow + math.log(lrow)
-                LSE[b, r0 + tid] = lse
+                LSE[b, r0 + tid] = log_partition_of_row(mrow, lrow, False)  # a NaN row has l = NaN
                 CNT[b, r0 + tid] = lrow if mrow == INF else ZERO
             cuda.syncthreads()  # before the next pass resets the row state
 
@@ -434,9 +433,15 @@ def _build(dtype_name, energy):
         return math.exp(x - lse)
 
     @tiled
-    def dq(Q, qo, qr, qc, K, ko, kr, kc, V, vo, vr, vc, U, uo, ur, uc, MK, mo, mr, mc, has_mask, causal, coff,
-           n, m, d, dv, scale, nqb, LSE, CNT, DEL, DQ):
+    def dq(prob, nqb, LSE, CNT, DEL, DQ):
         """G4, dq_i = scale * sum_j dS_ij k_j with dS_ij = r_ij (<u_i, v_j> - delta_i); block per 32 queries."""
+        Q, qo, qr, qc = prob.q  # the record's operands and sizes, under the names the body uses
+        K, ko, kr, kc = prob.k
+        V, vo, vr, vc = prob.v
+        U, uo, ur, uc = prob.u
+        MK, mo, mr, mc = prob.mask
+        has_mask, causal, coff = prob.has_mask, prob.causal, prob.offset
+        n, m, d, dv, scale = prob.n, prob.m, prob.d, prob.dv, prob.scale
         tid = cuda.threadIdx.x
         tx = tid % TX
         ty = tid // TX
@@ -491,13 +496,19 @@ def _build(dtype_name, energy):
                             DQ[b, i, col] = scale * oacc[a, o]
 
     @tiled
-    def dkv(Q, qo, qr, qc, K, ko, kr, kc, V, vo, vr, vc, U, uo, ur, uc, MK, mo, mr, mc, has_mask, causal, coff,
-            n, m, d, dv, scale, nkb, LSE, CNT, DEL, DK, DV):
+    def dkv(prob, nkb, LSE, CNT, DEL, DK, DV):
         """G4, per block of 32 keys: dv_j = sum_i r_ij u_i and dk_j = scale * sum_i dS_ij q_i.
 
         For ``SQEUCLIDEAN`` also ``- scale * k_j * sum_i dS_ij`` (``k_j`` taken as 0 where not finite).
         Passes ``0 .. ceil(D/CW) - 1`` produce dk columns, the following ones dv columns.
         """
+        Q, qo, qr, qc = prob.q  # the record's operands and sizes, under the names the body uses
+        K, ko, kr, kc = prob.k
+        V, vo, vr, vc = prob.v
+        U, uo, ur, uc = prob.u
+        MK, mo, mr, mc = prob.mask
+        has_mask, causal, coff = prob.has_mask, prob.causal, prob.offset
+        n, m, d, dv, scale = prob.n, prob.m, prob.d, prob.dv, prob.scale
         tid = cuda.threadIdx.x
         tx = tid % TX
         ty = tid // TX
@@ -578,8 +589,10 @@ def _build(dtype_name, energy):
             cuda.syncthreads()  # before the next pass resets rs_s
 
     @cuda.jit
-    def rowdot(U, uo, ur, uc, O, oo, orr, oc, n, dv, DEL):
-        """delta_i = <u_i, a_i> (= sum_j r_ij <u_i, v_j>), one thread per row."""
+    def rowdot(u, o, n, dv, DEL):
+        """delta_i = <u_i, a_i> (= sum_j r_ij <u_i, v_j>) for the operands ``u``, ``o`` (:class:`~iem_ref.accel._problem.Operand`), one thread per row."""
+        U, uo, ur, uc = u
+        O, oo, orr, oc = o
         g = cuda.grid(1)
         b = g // max(n, 1)
         i = g - b * max(n, 1)
@@ -605,21 +618,17 @@ def signatures(dtype_name, energy):
 
     ft = getattr(types, dtype_name)
     i64 = types.int64
-    flat = types.Array(ft, 1, "C")
-    off = types.Array(i64, 1, "C")
-    mk = types.Array(types.uint8, 1, "C")
     a2 = types.Array(ft, 2, "C")
     a3 = types.Array(ft, 3, "C")
-    op = (flat, off, i64, i64)
-    mask = (mk, off, i64, i64, i64, i64, i64)
-    sizes = (i64, i64, i64, i64, ft)
+    p = device_problem_type(ft)
+    op = p[0]
     sigs = {
-        "forward": (*op, *op, *op, *mask, *sizes, i64, i64, a3, a2, a2),
-        "rowdot": (*op, *op, i64, i64, a2),
+        "forward": (p, i64, a3, a2, a2),
+        "rowdot": (op, op, i64, i64, a2),
     }
     if energy != PRECOMPUTED:
-        sigs["dq"] = (*op, *op, *op, *op, *mask, *sizes, i64, a2, a2, a2, a3)
-        sigs["dkv"] = (*op, *op, *op, *op, *mask, *sizes, i64, a2, a2, a2, a3, a3)
+        sigs["dq"] = (p, i64, a2, a2, a2, a3)
+        sigs["dkv"] = (p, i64, a2, a2, a2, a3, a3)
     return {name: types.void(*args) for name, args in sigs.items()}
 
 

@@ -68,6 +68,7 @@ from .._validation import (
 from ..attention import prepare_attention
 from . import _cpu_kernels as _k
 from ._compile import compile_kernel
+from ._problem import ENERGY_CODES, MASK_TYPE, PRECOMPUTED, Problem, problem_type
 from ._scalar import sign_mean, signed_gaussian_mean, softplus_scalar
 
 __all__ = [
@@ -81,9 +82,8 @@ __all__ = [
     "plan",
 ]
 
-#: energies with a fused kernel (name -> kernel code)
-ENERGIES = {"dot": 0, "sqeuclidean": 1}
-_PRECOMPUTED = 2
+#: energies with a fused kernel: name -> the code shared by every path (:mod:`iem_ref.accel._problem`)
+ENERGIES = ENERGY_CODES
 
 #: tile shapes per dtype: (most queries per block, keys per tile).  Fixed per dtype
 #: (never from the thread count) so that results are reproducible.  Measured at
@@ -106,33 +106,22 @@ def _arr(dtype, ndim, layout="C", readonly=True):
 
 def _forward_sig(t):
     i64, b1, f64 = types.int64, types.boolean, types.float64
+    partials = types.NamedTuple([_arr(f64, 3, readonly=False), _arr(f64, 3, readonly=False), _arr(f64, 4, readonly=False),
+                                 _arr(b1, 3, readonly=False)], _k.Partials)
     return types.void(
         i64, i64, i64,  # stage, this thread, thread count
-        _arr(t, 3), _arr(t, 3), _arr(t, 3),  # q3, k3, v3
-        _arr(i64, 1), _arr(i64, 1), _arr(i64, 1),  # batch maps
-        _arr(t, 3), _arr(i64, 1),  # d3 (precomputed energies) and its map
-        _arr(b1, 3, "A"), _arr(i64, 1),  # mask3 and its map
-        b1, b1, i64, i64, t,  # has_mask, causal, offset, energy, scale
-        i64, i64, i64, b1,  # bq, bk, nsplit, empty_nan
-        _arr(f64, 3, readonly=False), _arr(f64, 3, readonly=False),  # partials m, l
-        _arr(f64, 4, readonly=False), _arr(b1, 3, readonly=False),  # partials o, NaN flags
+        problem_type(t), MASK_TYPE,
+        i64, i64, i64,  # bq, bk, nsplit
+        partials,
         _arr(t, 3, readonly=False), _arr(t, 2, readonly=False),  # out, lse
     )
 
 
 def _backward_sig(t):
-    i64, b1, f64 = types.int64, types.boolean, types.float64
-    return types.void(
-        i64, i64, i64,  # stage, this thread, thread count
-        _arr(t, 3), _arr(t, 3), _arr(t, 3), _arr(t, 3),  # q3, k3, v3, u3
-        _arr(i64, 1), _arr(i64, 1), _arr(i64, 1), _arr(i64, 1),  # batch maps
-        _arr(t, 3), _arr(i64, 1),  # d3 (unused by the attention backward) and its map
-        _arr(b1, 3, "A"), _arr(i64, 1),  # mask3 and its map
-        b1, b1, i64, i64, t,  # has_mask, causal, offset, energy, scale
-        i64, i64,  # bq, bk
-        _arr(f64, 2), _arr(f64, 2), _arr(f64, 2, readonly=False),  # lse, delta, cnt
-        _arr(t, 3, readonly=False), _arr(t, 3, readonly=False), _arr(t, 3, readonly=False),  # dq, dk, dv
-    )
+    i64, f64 = types.int64, types.float64
+    saved = types.NamedTuple([_arr(f64, 2), _arr(f64, 2), _arr(f64, 2, readonly=False)], _k.Saved)
+    grads = types.NamedUniTuple(_arr(t, 3, readonly=False), 3, _k.Grads)
+    return types.void(i64, i64, i64, problem_type(t), MASK_TYPE, i64, i64, saved, grads)  # stage, thread, thread count, problem, mask, bq, bk
 
 
 _COMPILED = {}
@@ -158,7 +147,7 @@ def _kernel(name, dtype):
 
 
 def _run_stages(fn, stages, *args):
-    """``fn(stage, t, T, *args)`` for ``t < T`` threads (``numba.get_num_threads()``), stage after stage, BLAS pinned."""
+    """``fn(stage, thread, nthreads, *args)`` for every ``thread < nthreads`` (``numba.get_num_threads()``), stage after stage, BLAS pinned."""
     nthreads = max(1, numba.get_num_threads())
     with _blas_single_thread():
         for stage in stages:
@@ -220,7 +209,7 @@ def _stack(x, batch, dtype):
 def _stack_mask(mask, batch, n, m):
     """The boolean mask as ``(own, N, M)`` (broadcast rows/columns keep stride 0) and its batch map."""
     if mask is None:
-        return _ro(np.ones((1, 1, 1), np.bool_)), _ro(np.zeros(max(int(np.prod(batch, dtype=np.int64)), 1), np.int64)), False
+        return _ro(np.ones((1, 1, 1), np.bool_)), _zero_map(batch), False
     mk = np.asarray(mask)
     full = len(batch) + 2
     mk = mk.reshape((1,) * (full - mk.ndim) + mk.shape)
@@ -267,28 +256,52 @@ def _scale_of(tau):
     return 0.0 if math.isinf(tau) else 1.0 / tau
 
 
-def _run_forward(dtype, batch, n, m, dv, q3, k3, v3, maps, d3, dmap, mask, empty, energy, scale, causal, off, nsplit=None):
+def _zero_map(batch):
+    return _ro(np.zeros(max(1, int(np.prod(batch, dtype=np.int64))), np.int64))
+
+
+def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=None, d=None, mask=None, causal=False,
+             offset=0, empty="zero"):
+    """The :class:`~iem_ref.accel._problem.Problem` of one call and its mask, built once from validated inputs.
+
+    Operands are flattened over ``batch`` without copying broadcast ones
+    (:func:`_stack`); those the kernel will not read (``u`` in the forward,
+    ``q, k`` for precomputed energies, ``d`` otherwise) are empty placeholders.
+    """
+    placeholder = {"q": (n, 0), "k": (m, 0), "v": (m, 0), "u": (n, 0), "d": (1, 0)}
+    ops = {}
+    for name, x in (("q", q), ("k", k), ("v", v), ("u", u), ("d", d)):
+        if x is None:
+            ops[name] = (_ro(np.zeros((1,) + placeholder[name], dtype)), _zero_map(batch))
+        else:
+            x3, xmap = _stack(x, batch, dtype)
+            if x3.shape[0] == 0:  # an empty batch axis: nothing will be read
+                x3 = _ro(np.zeros((1,) + x3.shape[1:], dtype))
+            ops[name] = (x3, xmap)
+    mask3, mmap, has_mask = _stack_mask(mask, batch, n, m)
+    p = Problem(ops["q"][0], ops["k"][0], ops["v"][0], ops["u"][0], ops["d"][0],
+                ops["q"][1], ops["k"][1], ops["v"][1], ops["u"][1], ops["d"][1], mmap,
+                int(energy), dtype.type(scale), bool(causal), int(offset), has_mask, empty == "nan")
+    return p, mask3
+
+
+def _new_partials(B, nsplit, n, dv):
+    return _k.Partials(np.empty((B, nsplit, n)), np.empty((B, nsplit, n)), np.empty((B, nsplit, n, dv)),
+                       np.empty((B, nsplit, n), np.bool_))
+
+
+def _run_forward(pm, batch, n, m, dv, nsplit=None):
+    dtype = pm[0].v.dtype
     B = int(np.prod(batch, dtype=np.int64))
     out = np.empty((B, n, dv), dtype)
     lse = np.empty((B, n), dtype)
     if B == 0 or n == 0:
         return out.reshape(batch + (n, dv)), lse.reshape(batch + (n,))
-    mask3, mmap, has_mask = _stack_mask(mask, batch, n, m)
     bq, bk, ns = plan(B, n, m, dtype)
     if nsplit is not None:
         ns = nsplit
-    pm = np.empty((B, ns, n))
-    pl = np.empty((B, ns, n))
-    po = np.empty((B, ns, n, dv))
-    pn = np.empty((B, ns, n), np.bool_)
-    _run_stages(_kernel("forward", dtype), (0, 1) if ns > 1 else (0,), q3, k3, v3, maps[0], maps[1], maps[2], d3, dmap,
-                mask3, mmap, has_mask, bool(causal), int(off), int(energy), dtype.type(scale), bq, bk, ns, empty == "nan",
-                pm, pl, po, pn, out, lse)
+    _run_stages(_kernel("forward", dtype), (0, 1) if ns > 1 else (0,), *pm, bq, bk, ns, _new_partials(B, ns, n, dv), out, lse)
     return out.reshape(batch + (n, dv)), lse.reshape(batch + (n,))
-
-
-def _dummy(dtype):
-    return _ro(np.zeros((1, 1, 0), dtype)), _ro(np.zeros(1, np.int64))
 
 
 # --- public API ---------------------------------------------------------------------
@@ -302,12 +315,10 @@ def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
     _check_energy(energy)
     dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v)
-    (q3, qm), (k3, km), (v3, vm) = (_stack(as_float_array(x, name), inp.batch, dtype) for x, name in ((q, "q"), (k, "k"), (v, "v")))
-    if q3.shape[0] == 0 or k3.shape[0] == 0 or v3.shape[0] == 0:  # an empty batch axis somewhere
-        q3, k3, v3 = (np.zeros((1,) + x.shape[1:], dtype) for x in (q3, k3, v3))
-    d3, dmap = _dummy(dtype)
-    return _run_forward(dtype, inp.batch, inp.n, inp.m, inp.dv, q3, k3, v3, (qm, km, vm), d3, dmap, inp.mask, empty,
-                        ENERGIES[energy], _scale_of(inp.tau), inp.is_causal, inp.causal_offset, nsplit), inp
+    pm = _problem(dtype, inp.batch, inp.n, inp.m, q=as_float_array(q, "q"), k=as_float_array(k, "k"), v=as_float_array(v, "v"),
+                 mask=inp.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau), causal=inp.is_causal,
+                 offset=inp.causal_offset, empty=empty)
+    return _run_forward(pm, inp.batch, inp.n, inp.m, inp.dv, nsplit), inp
 
 
 def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero", return_lse=False):
@@ -351,15 +362,8 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
         raise ValueError(f"leading (batch) axes do not broadcast: d {d.shape}, v {v.shape}") from None
     n, m, dv = d.shape[-2], d.shape[-1], v.shape[-1]
     mask_b = None if mask is None else np.broadcast_to(np.asarray(mask), d.shape)
-    d3, dmap = _stack(d, batch, dtype)
-    v3, vm = _stack(v, batch, dtype)
-    q3 = _ro(np.zeros((1, n, 0), dtype))
-    k3 = _ro(np.zeros((1, m, 0), dtype))
-    zmap = _ro(np.zeros(max(1, int(np.prod(batch, dtype=np.int64))), np.int64))
-    if d3.shape[0] == 0 or v3.shape[0] == 0:
-        d3, v3 = (np.zeros((1,) + x.shape[1:], dtype) for x in (d3, v3))
-    a, L = _run_forward(dtype, batch, n, m, dv, q3, k3, v3, (zmap, zmap, vm), d3, dmap, mask_b, empty, _PRECOMPUTED,
-                        _scale_of(tau), False, 0)
+    pm = _problem(dtype, batch, n, m, v=v, d=d, mask=mask_b, energy=PRECOMPUTED, scale=_scale_of(tau), empty=empty)
+    a, L = _run_forward(pm, batch, n, m, dv)
     # L depends on d (and the mask) only: return it with d's batch shape, as the reference does.
     own = d.shape[:-2]
     Lb = L.reshape((-1,) + L.shape[len(batch) - len(own):]) [0] if len(own) < len(batch) else L
@@ -399,13 +403,11 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     shaped = (dq.reshape(batch + (n, D)), dk.reshape(batch + (m, D)), dv.reshape(batch + (m, dv_)))
     if B == 0 or n == 0 or m == 0:
         return shaped
-    (q3, qm), (k3, km), (v3, vm), (u3, um) = (
-        _stack(as_float_array(x, name), batch, dtype) for x, name in ((q, "q"), (k, "k"), (v, "v"), (u, "grad_out"))
-    )
+    pm = _problem(dtype, batch, n, m, q=as_float_array(q, "q"), k=as_float_array(k, "k"), v=as_float_array(v, "v"),
+                 u=as_float_array(u, "grad_out"), mask=inp.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau),
+                 causal=inp.is_causal, offset=inp.causal_offset)
     if out is None or lse is None:
-        d3, dmap = _dummy(dtype)
-        a, L = _run_forward(dtype, batch, n, m, dv_, q3, k3, v3, (qm, km, vm), d3, dmap, inp.mask, "zero",
-                            ENERGIES[energy], _scale_of(inp.tau), inp.is_causal, inp.causal_offset)
+        a, L = _run_forward(pm, batch, n, m, dv_)
     else:
         a = as_float_array(out, "out")
         L = as_float_array(lse, "lse")
@@ -417,13 +419,9 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     with np.errstate(invalid="ignore", over="ignore"):
         delta = _ro(np.ascontiguousarray(np.einsum("bnc,bnc->bn", u64, a64)))  # Delta_i = <u_i, a_i> = sum_j r_ij b_ij
     del a64, u64
-    mask3, mmap, has_mask = _stack_mask(inp.mask, batch, n, m)
-    d3, dmap = _dummy(dtype)
     bq, bk, _ = plan(B, n, m, dtype, backward=True)
-    cnt = np.zeros((B, n))
-    _run_stages(_kernel("backward", dtype), (0, 1, 2), q3, k3, v3, u3, qm, km, vm, um, d3, dmap, mask3, mmap, has_mask,
-                bool(inp.is_causal), int(inp.causal_offset), ENERGIES[energy], dtype.type(_scale_of(inp.tau)), bq, bk,
-                L64, delta, cnt, dq, dk, dv)
+    saved = _k.Saved(L64, delta, np.zeros((B, n)))
+    _run_stages(_kernel("backward", dtype), (0, 1, 2), *pm, bq, bk, saved, _k.Grads(dq, dk, dv))
     return shaped
 
 
@@ -496,22 +494,23 @@ def softplus(z, tau=1.0):
 
 
 # --- un-finalised partials (M1), for reductions across processes or machines ---------------
-def _partials_of(fn, args, B, n, dv, batch, threads):
+def _partials_of(pm, bq, bk, B, n, dv, batch, threads):
     """Run the forward's stage 0 with one key split and return its float64 partials, shaped ``batch + (N[, Dv])``.
 
     With one split the kernel also finishes the rows into ``out`` and ``lse``: scratch here, not returned.
     """
-    dtype = args[0].dtype
-    pm, pl, po, pn = np.empty((B, 1, n)), np.empty((B, 1, n)), np.empty((B, 1, n, dv)), np.empty((B, 1, n), np.bool_)
+    parts = _new_partials(B, 1, n, dv)
     if B > 0 and n > 0:
-        full = args + (pm, pl, po, pn, np.empty((B, n, dv), dtype), np.empty((B, n), dtype))
+        dtype = pm[0].v.dtype
+        args = (*pm, bq, bk, 1, parts, np.empty((B, n, dv), dtype), np.empty((B, n), dtype))
+        fn = _kernel("forward", dtype)
         if threads == 1:
             with _blas_single_thread():
-                fn(0, 0, 1, *full)
+                fn(0, 0, 1, *args)
         else:
-            _run_stages(fn, (0,), *full)
+            _run_stages(fn, (0,), *args)
     shape = batch + (n,)
-    return pm[:, 0].reshape(shape), pl[:, 0].reshape(shape), po[:, 0].reshape(shape + (dv,)), pn[:, 0].reshape(shape)
+    return parts.m[:, 0].reshape(shape), parts.l[:, 0].reshape(shape), parts.o[:, 0].reshape(shape + (dv,)), parts.nan[:, 0].reshape(shape)
 
 
 def _check_tiles(tiles, B, n, m, dtype):
@@ -568,17 +567,13 @@ def attention_partials(q, k, v, *, scale=None, mask=None, causal_offset=None, en
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, energy=energy)
     _check_energy(energy)
     dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v)
-    (q3, qm), (k3, km), (v3, vm) = (_stack(as_float_array(x, name), inp.batch, dtype) for x, name in ((q, "q"), (k, "k"), (v, "v")))
-    if q3.shape[0] == 0 or k3.shape[0] == 0 or v3.shape[0] == 0:
-        q3, k3, v3 = (np.zeros((1,) + x.shape[1:], dtype) for x in (q3, k3, v3))
     B = int(np.prod(inp.batch, dtype=np.int64))
     bq, bk = _check_tiles(tiles, B, inp.n, inp.m, dtype)
-    d3, dmap = _dummy(dtype)
-    mask3, mmap, has_mask = _stack_mask(inp.mask, inp.batch, inp.n, inp.m)
     causal = causal_offset is not None
-    args = (q3, k3, v3, qm, km, vm, d3, dmap, mask3, mmap, has_mask, causal, int(causal_offset) if causal else 0,
-            ENERGIES[energy], dtype.type(_scale_of(inp.tau)), bq, bk, 1, False)
-    return _partials_of(_kernel("forward", dtype), args, B, inp.n, inp.dv, inp.batch, threads)
+    pm = _problem(dtype, inp.batch, inp.n, inp.m, q=as_float_array(q, "q"), k=as_float_array(k, "k"), v=as_float_array(v, "v"),
+                 mask=inp.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau), causal=causal,
+                 offset=int(causal_offset) if causal else 0)
+    return _partials_of(pm, bq, bk, B, inp.n, inp.dv, inp.batch, threads)
 
 
 def softmin_partials(d, v, tau=1.0, *, mask=None, tiles=None, threads=None):
@@ -600,16 +595,7 @@ def softmin_partials(d, v, tau=1.0, *, mask=None, tiles=None, threads=None):
         raise ValueError(f"leading (batch) axes do not broadcast: d {d.shape}, v {v.shape}") from None
     n, m, dv = d.shape[-2], d.shape[-1], v.shape[-1]
     mask_b = None if mask is None else np.broadcast_to(np.asarray(mask), batch + (n, m))
-    d3, dmap = _stack(d, batch, dtype)
-    v3, vm = _stack(v, batch, dtype)
-    q3 = _ro(np.zeros((1, n, 0), dtype))
-    k3 = _ro(np.zeros((1, m, 0), dtype))
     B = int(np.prod(batch, dtype=np.int64))
-    zmap = _ro(np.zeros(max(1, B), np.int64))
-    if d3.shape[0] == 0 or v3.shape[0] == 0:
-        d3, v3 = (np.zeros((1,) + x.shape[1:], dtype) for x in (d3, v3))
     bq, bk = _check_tiles(tiles, B, n, m, dtype)
-    mask3, mmap, has_mask = _stack_mask(mask_b, batch, n, m)
-    args = (q3, k3, v3, zmap, zmap, vm, d3, dmap, mask3, mmap, has_mask, False, 0, _PRECOMPUTED,
-            dtype.type(_scale_of(tau)), bq, bk, 1, False)
-    return _partials_of(_kernel("forward", dtype), args, B, n, dv, batch, threads)
+    pm = _problem(dtype, batch, n, m, v=v, d=d, mask=mask_b, energy=PRECOMPUTED, scale=_scale_of(tau))
+    return _partials_of(pm, bq, bk, B, n, dv, batch, threads)

@@ -57,6 +57,7 @@ from .._validation import (
 )
 from ..attention import prepare_attention
 from . import _cuda_kernels as _k
+from ._problem import DOT, ENERGY_CODES, PRECOMPUTED, DeviceProblem, Operand
 
 __all__ = [
     "attention",
@@ -72,7 +73,7 @@ __all__ = [
 
 SIMULATED = bool(_nb_config.ENABLE_CUDASIM)
 BACKEND = "simulator" if SIMULATED else "gpu"
-SUPPORTED_ENERGIES = tuple(sorted(_k.ENERGY_CODES))
+SUPPORTED_ENERGIES = tuple(sorted(ENERGY_CODES))
 launches = {}
 
 if SIMULATED:
@@ -124,17 +125,6 @@ class _Iface:
         self._owner = owner
 
 
-class _Operand:
-    """A strided view for the kernels: element ``[b, i, c]`` is ``flat[off[b] + i * rs + c * cs]``."""
-
-    def __init__(self, flat, off, rs, cs, real=True):
-        self.flat, self.off, self.rs, self.cs = flat, off, rs, cs
-        self.real = real  # False for the placeholder of an absent mask
-
-    def args(self):
-        return (self.flat, self.off, self.rs, self.cs)
-
-
 def _span(shape, strides):
     """``(lo, hi)`` element offsets of the first and last byte-wise extreme elements of a strided array."""
     lo = sum(min(0, (n - 1) * s) for n, s in zip(shape, strides))
@@ -179,13 +169,13 @@ def _flat_device(x, dtype):
         flat = cuda.as_cuda_array(_Iface(ptr, n, typestr, arr))
         if src_dtype != np.bool_ and dtype is not None and src_dtype != dtype:
             cast = cuda.device_array(n, dtype=dtype)
-            _launch(_k.build("float64", _k.DOT).cast, (n + 255) // 256, 256, flat, cast)
+            _launch(_k.build("float64", DOT).cast, (n + 255) // 256, 256, flat, cast)
             flat = cast
     return flat, shape, strides, -lo
 
 
 def _operand(x, batch, dtype, mask=False):
-    """The kernel view of ``x`` broadcast to ``batch + x.shape[-2:]`` (its own two trailing axes)."""
+    """The kernel view (:class:`~iem_ref.accel._problem.Operand`) of ``x`` broadcast to ``batch + x.shape[-2:]`` (its own two trailing axes)."""
     if _is_device(x):
         flat, shape, strides, base = _flat_device(x, None if mask else dtype)
     else:
@@ -206,11 +196,12 @@ def _operand(x, batch, dtype, mask=False):
             off = off + (np.arange(n, dtype=np.int64) * s).reshape((1,) * ax + (n,) + (1,) * (len(batch) - ax - 1))
     off = np.ascontiguousarray(np.broadcast_to(off, batch)).reshape(-1)
     off_dev = cuda.to_device(off if off.size else np.zeros(1, dtype=np.int64))
-    return _Operand(flat, off_dev, int(strides[-2]), int(strides[-1]))
+    return Operand(flat, off_dev, int(strides[-2]), int(strides[-1]))
 
 
-def _no_mask(bf):
-    return _Operand(cuda.to_device(np.zeros(1, dtype=np.uint8)), cuda.to_device(np.zeros(max(bf, 1), dtype=np.int64)), 0, 0, real=False)
+def _placeholder(bf, dtype):
+    """An operand the kernel does not read (an absent mask, the forward's upstream gradient)."""
+    return Operand(cuda.to_device(np.zeros(1, dtype=dtype)), cuda.to_device(np.zeros(max(bf, 1), dtype=np.int64)), 0, 0)
 
 
 def _launch(kernel, grid, block, *args):
@@ -231,7 +222,7 @@ def _finish(arrays, shapes, device):
 
 
 def _check_energy(energy):
-    if callable(energy) or energy not in _k.ENERGY_CODES:
+    if callable(energy) or energy not in ENERGY_CODES:
         raise ValueError(
             f"iem_ref.accel.cuda supports energy in {list(SUPPORTED_ENERGIES)}; got {energy!r} "
             "(iem_ref.attention computes every kernel of iem_ref.energies)"
@@ -251,24 +242,23 @@ def _scale_value(scale, tau, dtype):
 # The forward pass, shared by attention and softmin_summary.
 
 
-def _forward(kern, rows, cols, vals, mask_op, *, n, m, d, dv, bf, causal, coff, scale, empty_nan, dtype):
+def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, causal, offset, scale, empty_nan, dtype):
+    """The :class:`~iem_ref.accel._problem.DeviceProblem` of one call; ``u`` (and ``mask``) may be None."""
+    bf = int(np.prod(batch, dtype=np.int64))
+    ops = [_operand(x, batch, dtype) if x is not None else _placeholder(bf, dtype) for x in (q, k, v, u)]
+    mk = _operand(mask, batch, None, mask=True) if mask is not None else _placeholder(bf, np.uint8)
+    return DeviceProblem(*ops, mk, int(mask is not None), int(causal), int(offset), n, m, d, dv, scale, int(empty_nan))
+
+
+def _forward(kern, prob, bf, dtype):
+    n, dv = prob.n, prob.dv
     O = cuda.device_array((bf, n, dv), dtype=dtype)
     LSE = cuda.device_array((bf, n), dtype=dtype)
     CNT = cuda.device_array((bf, n), dtype=dtype)
     nqb = (n + _k.BR - 1) // _k.BR
     if bf * nqb > 0:
-        _launch(
-            kern.forward, bf * nqb, _k.NT,
-            *rows.args(), *cols.args(), *vals.args(), *mask_op.args(), int(mask_op.real),
-            int(causal), int(coff), n, m, d, dv, scale, int(empty_nan), nqb, O, LSE, CNT,
-        )
+        _launch(kern.forward, bf * nqb, _k.NT, prob, nqb, O, LSE, CNT)
     return O, LSE, CNT
-
-
-def _mask_operand(mask, batch, bf):
-    if mask is None:
-        return _no_mask(bf)
-    return _operand(mask, batch, None, mask=True)
 
 
 def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero", return_lse=False):
@@ -315,12 +305,10 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
     d = inp.q.shape[-1]
     bf = int(np.prod(batch, dtype=np.int64))
-    kern = _k.build(dtype.name, _k.ENERGY_CODES[energy])
-    qo, ko, vo = (_operand(x, batch, dtype) for x in (q, k, v))
-    O, LSE, _ = _forward(
-        kern, qo, ko, vo, _mask_operand(mask, batch, bf), n=n, m=m, d=d, dv=dv, bf=bf, causal=inp.is_causal,
-        coff=inp.causal_offset, scale=_scale_value(scale, inp.tau, dtype), empty_nan=(empty == "nan"), dtype=dtype,
-    )
+    kern = _k.build(dtype.name, ENERGY_CODES[energy])
+    prob = _problem(q, k, v, None, mask, batch, n=n, m=m, d=d, dv=dv, causal=inp.is_causal, offset=inp.causal_offset,
+                    scale=_scale_value(scale, inp.tau, dtype), empty_nan=(empty == "nan"), dtype=dtype)
+    O, LSE, _ = _forward(kern, prob, bf, dtype)
     a, lse = _finish([O, LSE], [batch + (n, dv), batch + (n,)], device)
     return (a, lse) if return_lse else a
 
@@ -357,14 +345,11 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     dtype = kernel_dtype(d=dp, v=vp)
     n, m, dv = dp.shape[-2], dp.shape[-1], vp.shape[-1]
     bf = int(np.prod(batch, dtype=np.int64))
-    kern = _k.build(dtype.name, _k.PRECOMPUTED)
-    do = _operand(d, batch, dtype)
-    vo = _operand(v, batch, dtype)
+    kern = _k.build(dtype.name, PRECOMPUTED)
     scale = dtype.type(0.0) if math.isinf(tau) else dtype.type(1.0 / tau)
-    O, LSE, _ = _forward(
-        kern, do, do, vo, _mask_operand(mask, batch, bf), n=n, m=m, d=0, dv=dv, bf=bf, causal=False, coff=0,
-        scale=scale, empty_nan=(empty == "nan"), dtype=dtype,
-    )
+    prob = _problem(d, None, v, None, mask, batch, n=n, m=m, d=0, dv=dv, causal=False, offset=0, scale=scale,
+                    empty_nan=(empty == "nan"), dtype=dtype)  # the energies come in as the q operand
+    O, LSE, _ = _forward(kern, prob, bf, dtype)
     a, L = _finish([O, LSE], [batch + (n, dv), batch + (n,)], device)
     # L depends on d only: its shape is d's, not the batch broadcast against v (as the reference).
     pad = len(batch) - (dp.ndim - 2)
@@ -416,11 +401,9 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v, grad_out=up)
     d = inp.q.shape[-1]
     bf = int(np.prod(batch, dtype=np.int64))
-    kern = _k.build(dtype.name, _k.ENERGY_CODES[energy])
-    qo, ko, vo, uo = (_operand(x, batch, dtype) for x in (q, k, v, grad_out))
-    mask_op = _mask_operand(mask, batch, bf)
-    scale_ = _scale_value(scale, inp.tau, dtype)
-    fwd = dict(n=n, m=m, d=d, dv=dv, bf=bf, causal=inp.is_causal, coff=inp.causal_offset, scale=scale_, empty_nan=False, dtype=dtype)
+    kern = _k.build(dtype.name, ENERGY_CODES[energy])
+    prob = _problem(q, k, v, grad_out, mask, batch, n=n, m=m, d=d, dv=dv, causal=inp.is_causal, offset=inp.causal_offset,
+                    scale=_scale_value(scale, inp.tau, dtype), empty_nan=False, dtype=dtype)
 
     LSE = CNT = None
     if out is not None and lse is not None:
@@ -435,23 +418,22 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
             CNT = cuda.to_device(np.zeros((bf, n), dtype=dtype))
             oo = _operand(out, batch, dtype)
     if LSE is None:
-        O, LSE, CNT = _forward(kern, qo, ko, vo, mask_op, **fwd)
-        oo = _Operand(O.reshape(-1) if O.size else cuda.to_device(np.zeros(1, dtype=dtype)),
-                      cuda.to_device(np.arange(bf, dtype=np.int64) * n * dv if bf else np.zeros(1, np.int64)), dv, 1)
+        O, LSE, CNT = _forward(kern, prob, bf, dtype)
+        oo = Operand(O.reshape(-1) if O.size else cuda.to_device(np.zeros(1, dtype=dtype)),
+                     cuda.to_device(np.arange(bf, dtype=np.int64) * n * dv if bf else np.zeros(1, np.int64)), dv, 1)
 
     DEL = cuda.device_array((bf, n), dtype=dtype)
     DQ = cuda.device_array((bf, n, d), dtype=dtype)
     DK = cuda.device_array((bf, m, d), dtype=dtype)
     DV = cuda.device_array((bf, m, dv), dtype=dtype)
     if bf * n > 0:
-        _launch(kern.rowdot, (bf * n + 127) // 128, 128, *uo.args(), *oo.args(), n, dv, DEL)
-    common = (*qo.args(), *ko.args(), *vo.args(), *uo.args(), *mask_op.args(), int(mask is not None), int(inp.is_causal), int(inp.causal_offset), n, m, d, dv, scale_)
+        _launch(kern.rowdot, (bf * n + 127) // 128, 128, prob.u, oo, n, dv, DEL)
     nqb = (n + _k.BR - 1) // _k.BR
     nkb = (m + _k.BR - 1) // _k.BR
     if bf * nqb > 0 and d > 0:
-        _launch(kern.dq, bf * nqb, _k.NT, *common, nqb, LSE, CNT, DEL, DQ)
+        _launch(kern.dq, bf * nqb, _k.NT, prob, nqb, LSE, CNT, DEL, DQ)
     if bf * nkb > 0 and d + dv > 0:
-        _launch(kern.dkv, bf * nkb, _k.NT, *common, nkb, LSE, CNT, DEL, DK, DV)
+        _launch(kern.dkv, bf * nkb, _k.NT, prob, nkb, LSE, CNT, DEL, DK, DV)
     dq, dk, dv_ = _finish([DQ, DK, DV], [batch + (n, d), batch + (m, d), batch + (m, dv)], device)
     return dq, dk, dv_
 

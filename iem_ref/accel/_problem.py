@@ -1,0 +1,197 @@
+"""What an attention kernel is asked to compute, described once for every accelerated path.
+
+The host wrappers validate the inputs (with the reference's own checks) and
+build one :class:`Problem` record; the kernels read everything from it, so a
+new variant adds a field here, its validation, and the lines of the score
+pipeline that use it, not an argument to every kernel signature.
+
+Named codes shared by :mod:`iem_ref.accel.cpu` and :mod:`iem_ref.accel.cuda`:
+
+- energies: :data:`DOT` (``d = -<q, k>``, A1), :data:`SQEUCLIDEAN`
+  (``d = ||q - k||^2 / 2``, K2), :data:`PRECOMPUTED` (the energies are given,
+  ``d``);
+
+and the row finish that every path applies (M2's result with the edge-case
+policy: a NaN spoils the row, an empty row has ``L = -inf``, certain keys
+give ``L = +inf``) as two ``@njit`` scalar functions, callable from CPU and
+CUDA kernels alike.
+
+Examples
+--------
+>>> import math
+>>> log_partition_of_row(0.0, 2.0, False) == math.log(2.0)
+True
+>>> log_partition_of_row(-math.inf, 0.0, False)  # no key takes part
+-inf
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, types
+
+__all__ = [
+    "DOT",
+    "SQEUCLIDEAN",
+    "PRECOMPUTED",
+    "ENERGY_CODES",
+    "Problem",
+    "Head",
+    "head_of",
+    "problem_type",
+    "MASK_TYPE",
+    "Operand",
+    "DeviceProblem",
+    "device_problem_type",
+    "log_partition_of_row",
+    "summary_of_row",
+]
+
+#: energy codes (``Problem.energy``): one spelling for every path
+DOT, SQEUCLIDEAN, PRECOMPUTED = 0, 1, 2
+#: the energies a caller may name (precomputed energies come through ``softmin_summary``)
+ENERGY_CODES = {"dot": DOT, "sqeuclidean": SQEUCLIDEAN}
+
+
+class Problem(NamedTuple):
+    """One attention problem over a flattened batch ``b = 0 .. B-1``, as the kernels read it.
+
+    Operands keep their own batch (broadcast operands are not copied); the
+    ``*map`` arrays give the operand's index for each flat batch index.
+    Unused operands (``u`` in the forward, ``d`` unless the energies are
+    precomputed, ``q`` and ``k`` when they are) are empty placeholders.
+
+    The boolean mask ``(Bm, N, M)`` (True = takes part; broadcast axes keep
+    stride 0, so its layout varies from call to call) is the kernels'
+    argument beside the record: Numba converts a C-contiguous array to the
+    signature's any-layout type for a plain argument, not inside a tuple.
+    """
+
+    q: np.ndarray  # (Bq, N, D) queries
+    k: np.ndarray  # (Bk, M, D) keys
+    v: np.ndarray  # (Bv, M, Dv) values
+    u: np.ndarray  # (Bu, N, Dv) upstream gradient of the output (backward)
+    d: np.ndarray  # (Bd, N, M) precomputed energies
+    qmap: np.ndarray  # (B,) int64, and the same for every operand
+    kmap: np.ndarray
+    vmap: np.ndarray
+    umap: np.ndarray
+    dmap: np.ndarray
+    mmap: np.ndarray  # for the mask, which travels beside the record (see below)
+    energy: int  # DOT, SQEUCLIDEAN or PRECOMPUTED
+    scale: float  # s = -d * scale, in the kernel's dtype; 0 for tau = inf
+    causal: bool  # query i sees key j only if j <= i + offset
+    offset: int
+    has_mask: bool  # False: mask is a placeholder, every pair takes part
+    empty_nan: bool  # an empty row's output is NaN (else 0)
+
+
+class Head(NamedTuple):
+    """One batch element of a :class:`Problem`: 2-D operands and the scalars (built inside the kernels by :func:`head_of`)."""
+
+    q: np.ndarray  # (N, D)
+    k: np.ndarray  # (M, D)
+    v: np.ndarray  # (M, Dv)
+    u: np.ndarray  # (N, Dv)
+    d: np.ndarray  # (N, M)
+    mask: np.ndarray  # (N, M)
+    energy: int
+    scale: float
+    causal: bool
+    offset: int
+    has_mask: bool
+
+
+@njit(cache=True)
+def head_of(p, mask, b):
+    """The operands of flat batch element ``b`` of the problem ``p`` and its ``mask`` (views, no copies)."""
+    return Head(p.q[p.qmap[b]], p.k[p.kmap[b]], p.v[p.vmap[b]], p.u[p.umap[b]], p.d[p.dmap[b]], mask[p.mmap[b]],
+                p.energy, p.scale, p.causal, p.offset, p.has_mask)
+
+
+def problem_type(t):
+    """The Numba type of a :class:`Problem` whose floating-point operands have the Numba float type ``t``."""
+    f3 = types.Array(t, 3, "C", readonly=True)
+    i1 = types.Array(types.int64, 1, "C", readonly=True)
+    b1, i64 = types.boolean, types.int64
+    return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, b1, i64, b1, b1], Problem)
+
+
+#: the Numba type of the mask argument beside the record
+MASK_TYPE = types.Array(types.boolean, 3, "A", readonly=True)
+
+
+# --- the GPU kernels' record: the same problem, operands as strided views of flat device arrays
+class Operand(NamedTuple):
+    """An operand of any strides (broadcast axes: stride 0): element ``[b, i, c]`` is ``data[offset[b] + i * row + c * col]``."""
+
+    data: object  # 1-D device array
+    offset: object  # (B,) int64 device array: where batch element b starts
+    row: int
+    col: int
+
+
+class DeviceProblem(NamedTuple):
+    """:class:`Problem` for :mod:`iem_ref.accel.cuda`: operands as :class:`Operand`, flags as 0/1 integers.
+
+    The energy is not a field: the GPU kernels are built per energy (and
+    dtype), so that its branches are resolved when they compile.
+    """
+
+    q: Operand  # (B, N, D); for PRECOMPUTED the energies d (B, N, M)
+    k: Operand  # (B, M, D)
+    v: Operand  # (B, M, Dv)
+    u: Operand  # (B, N, Dv) upstream gradient (backward; a placeholder in the forward)
+    mask: Operand  # (B, N, M) uint8, 1 = takes part
+    has_mask: int
+    causal: int
+    offset: int
+    n: int
+    m: int
+    d: int
+    dv: int
+    scale: float
+    empty_nan: int
+
+
+def device_problem_type(t):
+    """The Numba type of a :class:`DeviceProblem` with float type ``t`` (for compiling the GPU kernels ahead of time)."""
+    i64 = types.int64
+    offset = types.Array(i64, 1, "C")
+
+    def operand(dtype):
+        return types.NamedTuple([types.Array(dtype, 1, "C"), offset, i64, i64], Operand)
+
+    op = operand(t)
+    return types.NamedTuple([op, op, op, op, operand(types.uint8)] + [i64] * 7 + [t, i64], DeviceProblem)
+
+
+# --- the row finish (M2's result), one definition for every path ---------------
+@njit(cache=True)
+def log_partition_of_row(m, l, nan):
+    """``L = m + log l`` from a row's running maximum score ``m`` and sum ``l = sum exp(s - m)``, with the policy.
+
+    ``nan``: a NaN score spoiled the row (``L = NaN``); ``m = +inf``: certain
+    keys (``L = +inf``, their count is ``l``); ``l = 0``: no key takes part
+    (``L = -inf``).
+    """
+    if nan or l != l:
+        return math.nan
+    if m == math.inf:
+        return math.inf
+    if l == 0.0:
+        return -math.inf
+    return m + math.log(l)
+
+
+@njit(cache=True)
+def summary_of_row(o, l, nan, empty_nan):
+    """``a = o / l`` for one output entry, with the policy: NaN for a spoiled row, 0 (or NaN) for an empty one."""
+    if nan:
+        return math.nan
+    if l == 0.0:
+        return math.nan if empty_nan else 0.0
+    return o / l
