@@ -371,7 +371,8 @@ def table(result):
     """Markdown tables (one row per case) from a bench_cpu JSON result."""
     lines = []
     m = result["machine"]
-    lines.append(f"Machine: {m.get('cpu', '?')}, {m.get('cores')} cores, {m.get('memory_gb')} GiB; Python {m.get('python')}, "
+    lines.append(f"Machine: {m.get('cpu', '?')} ({m.get('cpu_family_model', '?')}, {m.get('vector_isa', '?')}, L2 {m.get('l2_per_core', '?')} per core), "
+                 f"{m.get('cores')} cores, {m.get('memory_gb')} GiB; Python {m.get('python')}, "
                  f"NumPy {m.get('numpy')}, SciPy {m.get('scipy')}, Numba {m.get('numba')}, torch {m.get('torch')}.")
     lines.append(f"Command: `{result['command']}`; median of {result.get('rounds', 1)} rounds x {result['repeats']} runs (each round: one process per path, "
                  "a warm-up call, then the timed calls; the paths take turns); "

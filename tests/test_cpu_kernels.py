@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import pathlib
 import os
 import subprocess
 import sys
@@ -369,3 +371,38 @@ def test_warmup_command_compiles_every_kernel(tmp_path):
         assert name in out.stdout, out.stdout
     assert out.stderr == "", out.stderr
     assert any(f.endswith(".nbi") for _, _, files in os.walk(tmp_path) for f in files)
+
+
+def _is_jit(decorator):
+    """``@njit``, ``@njit(...)``, ``@numba.njit``, ``@cuda.jit(...)`` and the like."""
+    node = decorator.func if isinstance(decorator, ast.Call) else decorator
+    return (getattr(node, "id", None) or getattr(node, "attr", None)) in ("njit", "jit")
+
+
+def test_helpers_without_a_python_entry_point_are_private():
+    """A helper compiled with ``_compile.INNER`` has no CPython wrapper: called from Python, Numba would crash.
+
+    So every such helper has a leading underscore, and none is called from
+    Python by the package, its tests or its benchmarks (they call the public
+    kernels, or ``@njit`` code of their own).
+    """
+    root = pathlib.Path(__file__).resolve().parents[1]
+    inner = set()
+    for path in (root / "iem_ref" / "accel").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                for dec in node.decorator_list:
+                    if isinstance(dec, ast.Call) and any(isinstance(k.value, ast.Name) and k.value.id == "INNER" for k in dec.keywords):
+                        inner.add(node.name)
+    assert inner, "no helper compiled with INNER found: the check would be vacuous"
+    assert all(name.startswith("_") for name in inner), sorted(n for n in inner if not n.startswith("_"))
+    # no plain-Python call site: a name may appear in Python code only inside @njit functions or imports
+    for folder in ("tests", "bench", "derivations"):
+        for path in (root / folder).glob("*.py"):
+            tree = ast.parse(path.read_text())
+            jitted = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and any(_is_jit(d) for d in f.decorator_list)
+                      for n in ast.walk(f)}
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and id(node) not in jitted:
+                    name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                    assert name not in inner, f"{path.name}:{node.lineno} calls {name} from Python"

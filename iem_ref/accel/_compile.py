@@ -1,6 +1,6 @@
 """Compiling the CPU kernels on first use: Numba's on-disk cache, a one-time notice, and ahead-of-time warm-up.
 
-A kernel is compiled for one dtype when a call first needs it (about 8 s
+A kernel is compiled for one dtype when a call first needs it (about 4.5 s
 each on a 2-core VM: ``bench/first_call.py``), then loaded from Numba's cache by later processes
 (well under a second).  The cache lives in ``__pycache__`` beside the
 package's modules, or under ``NUMBA_CACHE_DIR`` when that environment
@@ -18,7 +18,14 @@ import warnings
 
 from numba import njit
 
-__all__ = ["CompilationNotice", "compile_kernel", "cache_dir", "warmup"]
+__all__ = ["CompilationNotice", "INNER", "compile_kernel", "cache_dir", "warmup"]
+
+#: ``@njit`` options of the helpers that only other kernels call: no CPython or C wrapper.  Numba builds
+#: both for every function it compiles, and for the kernels' twenty-odd helpers that was a fifth of a
+#: first call (float64 forward, 2-core AMD EPYC family 26: 5.2 s -> 4.2 s of CPU time).  Such a function
+#: must never be called from Python: it has no entry point there (Numba crashes, numba/numba#2541), so
+#: every one of them has a leading underscore and is called from ``@njit`` code only.
+INNER = {"cache": True, "no_cpython_wrapper": True, "no_cfunc_wrapper": True}
 
 
 class CompilationNotice(UserWarning):

@@ -46,6 +46,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.np.linalg import ensure_blas
 
+from ._compile import INNER
 from ._fastexp import f32_bits, f64_bits, fexp, fexp_shifted, like
 from ._problem import DOT, PRECOMPUTED, SQEUCLIDEAN, head_of, log_partition_of_row, summary_of_row
 
@@ -207,7 +208,7 @@ def _row_max(row, n):
     return m
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(fastmath=_FM, **INNER)
 def _exp_shift_sum(row, n, mt):
     """``row[j] <- exp(row[j] - mt)`` (1 where ``row[j] == mt``, so equal ``+inf`` scores share the mass); returns the sum.
 
@@ -237,7 +238,7 @@ def _exp_shift_sum(row, n, mt):
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
-@njit(cache=True)
+@njit(**INNER)
 def _bad_rows(x, flags):
     """``flags[j] = True`` where row ``x[j]`` holds a non-finite entry; returns how many.
 
@@ -254,7 +255,7 @@ def _bad_rows(x, flags):
     return nbad
 
 
-@njit(cache=True)
+@njit(**INNER)
 def _finite_copy(x, flags, out):
     """``out = x`` with the non-finite entries of the flagged rows set to 0 (the GEMM operand)."""
     zero = 0.0  # stored into out's dtype exactly
@@ -268,7 +269,7 @@ def _finite_copy(x, flags, out):
                 out[j, c] = x[j, c]
 
 
-@njit(cache=True)
+@njit(**INNER)
 def _add_nonfinite(w, R, C, part, x, flags, out, transpose, limit):
     """The non-finite part of ``W @ X`` (``W^T @ X`` if ``transpose``), only over the pairs that take part.
 
@@ -300,7 +301,7 @@ def _add_nonfinite(w, R, C, part, x, flags, out, transpose, limit):
                                 out[j, c] += w[i, j] * x[i, c]
 
 
-@njit(cache=True)
+@njit(**INNER)
 def _half_sqnorms(x, out, bad):
     """``out[j] = |x_j|^2 / 2`` (accumulated in float64, rounded to ``out``'s dtype); ``bad[j]`` if it is not finite."""
     for j in range(x.shape[0]):
@@ -311,7 +312,7 @@ def _half_sqnorms(x, out, bad):
         bad[j] = not np.isfinite(out[j])
 
 
-@njit(cache=True)
+@njit(**INNER)
 def _direct_sqeuclid_score(q, i, k, j, scale):
     """K2 by its definition, for rows with non-finite entries: ``s = -scale ||q_i - k_j||^2 / 2`` in float64."""
     acc = 0.0
@@ -333,7 +334,7 @@ class Norms(NamedTuple):
     kbad: np.ndarray  # (bk,) bool
 
 
-@njit(cache=True)
+@njit(**INNER)
 def _norms(h, i0, i1, bk):
     """:class:`Norms` scratch for queries ``[i0, i1)`` (their norms filled in for K2) and key tiles of ``bk``."""
     bq = i1 - i0
@@ -343,7 +344,7 @@ def _norms(h, i0, i1, bk):
     return n
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(fastmath=_FM, **INNER)
 def _scores(S, bq, bk, h, i0, jb, norms):
     """Fill the score tile ``S[:bq, :bk]`` with ``s_ij`` (A1 / K2 times ``scale``), ``-inf`` where key ``jb + j`` does not take part.
 
@@ -413,7 +414,7 @@ def _scores(S, bq, bk, h, i0, jb, norms):
                     row[j] = ninf
 
 
-@njit(cache=True)
+@njit(**INNER)
 def _value_product(v, iv, Dv, S, bq, bk, ld, pv):
     """``pv (bq, Dv) = P (bq, bk) @ V_tile (bk, Dv)`` with ``P`` in ``S`` (row stride ``ld``) and the tile at offset ``iv`` of ``v``."""
     if bq < _GEMV_ROWS:
@@ -433,13 +434,13 @@ class Partials(NamedTuple):
     nan: np.ndarray  # (rows,) bool: a NaN score spoiled the row
 
 
-@njit(cache=True)
+@njit(**INNER)
 def _partials_at(parts, b, split, i0, i1):
     """The rows ``[i0, i1)`` of batch element ``b``, key split ``split`` of the ``(B, nsplit, N[, Dv])`` partials."""
     return Partials(parts.m[b, split, i0:i1], parts.l[b, split, i0:i1], parts.o[b, split, i0:i1], parts.nan[b, split, i0:i1])
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(fastmath=_FM, **INNER)
 def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
     """M1 over keys ``[j0, j1)`` for queries ``[i0, i1)`` of one batch element ``h``, into the :class:`Partials` ``acc``."""
     q, v = h.q, h.v
@@ -509,7 +510,7 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
         jb += bk
 
 
-@njit(cache=True)
+@njit(**INNER)
 def _finish_rows(acc, empty_nan, out, lse):
     """M2's result for the rows of ``acc``: ``a = o / l``, ``L = m + log l`` (float64, rounded once to ``out``'s dtype), with the policy."""
     Dv = acc.o.shape[1]
@@ -593,7 +594,7 @@ class Grads(NamedTuple):
     dv: np.ndarray
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(fastmath=_FM, **INNER)
 def _p_ds_tile(S, Bt, bq, bk, saved, i0, part, keep_part):
     """Responsibilities and routing gradients of a tile, in place: ``S <- r_ij``, ``Bt <- dLoss/ds_ij = r_ij (b_ij - Delta_i)``.
 
@@ -642,7 +643,7 @@ def _p_ds_tile(S, Bt, bq, bk, saved, i0, part, keep_part):
                 brow[j] = p * (brow[j] - dt) if s != ninf else zero
 
 
-@njit(cache=True)
+@njit(**INNER)
 def _rows_flags(x, i0, n, flags):
     """``flags[r]``: row ``i0 + r`` of ``x`` holds a non-finite entry; returns how many."""
     nb = 0
@@ -655,7 +656,7 @@ def _rows_flags(x, i0, n, flags):
     return nb
 
 
-@njit(cache=True)
+@njit(**INNER)
 def _count_certain(h, i0, i1, bk_max, saved):
     """``cnt_i``: how many keys take part with score ``+inf`` (rows with ``L = +inf`` only)."""
     bq = i1 - i0
@@ -676,7 +677,7 @@ def _count_certain(h, i0, i1, bk_max, saved):
                 saved.cnt[i0 + r] += S[r, j] == np.inf
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(fastmath=_FM, **INNER)
 def _backward_keys(h, j0, j1, bq_max, saved, dk, dv):
     """G4, keys ``[j0, j1)``: ``dv_j = sum_i r_ij u_i`` and ``dk_j = scale sum_i dS_ij q_i`` (minus ``scale k_j sum_i dS_ij`` for K2), over all queries."""
     q, k, v, u = h.q, h.k, h.v, h.u
@@ -747,7 +748,7 @@ def _backward_keys(h, j0, j1, bq_max, saved, dk, dv):
             dk[j0 + j, c] = g
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(fastmath=_FM, **INNER)
 def _backward_queries(h, i0, i1, bk_max, saved, dq):
     """G4, queries ``[i0, i1)``: ``dq_i = scale sum_j dS_ij k_j`` over all keys (for K2 too: ``sum_j dS_ij = 0``)."""
     q, k, v, u = h.q, h.k, h.v, h.u
@@ -790,7 +791,7 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq):
             dq[i0 + r, c] = sc * acc[r, c]
 
 
-@njit(cache=True)
+@njit(**INNER)
 def _saved_at(saved, b):
     return Saved(saved.lse[b], saved.delta[b], saved.cnt[b])
 

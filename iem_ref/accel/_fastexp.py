@@ -54,6 +54,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from ._compile import INNER
+
 __all__ = ["exp64", "exp32", "exp64_shifted", "exp32_shifted", "exp_array", "exp_shifted_array", "fexp", "fexp_shifted", "like", "interpolation_coefficients", "C64", "C32"]
 
 
@@ -167,7 +169,7 @@ _ONE_BIAS64 = 1023
 _ONE_BIAS32 = 127
 
 
-@njit(fastmath={"contract"}, cache=True)
+@njit(fastmath={"contract"}, **INNER)
 def _poly64(r):
     """``sum_k A_k r**k`` (degree 11): two Horner steps at the bottom, Estrin's scheme above.
 
@@ -184,7 +186,7 @@ def _poly64(r):
     return _A0 + r * (_A1 + r * h)
 
 
-@njit(fastmath={"contract"}, cache=True)
+@njit(fastmath={"contract"}, **INNER)
 def _poly32(r):
     """``sum_k B_k r**k`` (degree 6, float32): as :func:`_poly64`, two Horner steps below an Estrin part."""
     r2 = r * r
@@ -192,7 +194,7 @@ def _poly32(r):
     return _B0 + r * (_B1 + r * h)
 
 
-@njit(fastmath={"contract"}, cache=True)
+@njit(fastmath={"contract"}, **INNER)
 def _reduced64(x):
     """``(p, n)`` with ``exp(x) ~ p * 2**n``: the reduction and polynomial shared by :func:`exp64` and :func:`exp64_shifted`."""
     t = x * _LOG2E + _SHIFT
@@ -201,7 +203,7 @@ def _reduced64(x):
     return _poly64(r), f64_bits(t) - _SHIFT_BITS  # n: the same integer, from the bits of t
 
 
-@njit(fastmath={"contract"}, cache=True)
+@njit(fastmath={"contract"}, **INNER)
 def _reduced32(x):
     """:func:`_reduced64` for float32 (typed constants: nothing promotes to float64)."""
     t = x * _LOG2E_F + _SHIFT_F
