@@ -731,11 +731,11 @@ def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None):
     return ForwardBounds(a=a, L=L, a_path=a_path, L_path=L_path, E=E)
 
 
-def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment):
+def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window=None):
     from .attention import prepare_attention
 
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal,
-                            causal_alignment=causal_alignment, energy=energy)
+                            causal_alignment=causal_alignment, energy=energy, window=window)
     sc = 0.0 if math.isinf(inp.tau) else 1.0 / inp.tau  # the reference's scale (section 5)
     with np.errstate(invalid="ignore"):
         x = -inp.energies() * sc
@@ -744,7 +744,8 @@ def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_align
     return inp, sc, x, take, S
 
 
-def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False, causal_alignment="top_left"):
+def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False, causal_alignment="top_left",
+                     window=None):
     """The reference's ``(a, L)`` for ``attention`` and :class:`ForwardBounds` of ``path`` against it (finite inputs).
 
     Examples
@@ -756,10 +757,10 @@ def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mas
     """
     from .attention import attention
 
-    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
+    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, window=window)
     a_ref, L_ref = attention(q, k, v, return_lse=True, **kw)
     dtype = np.dtype(a_ref.dtype if dtype is None else dtype)
-    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment)
+    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window)
     D = np.shape(q)[-1]
     return a_ref, L_ref, forward_bounds(path, dtype, x, S, sc, D, v, a_ref, L_ref, take)
 
@@ -813,7 +814,7 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
 
 
 def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False,
-                         causal_alignment="top_left", forward=None):
+                         causal_alignment="top_left", window=None, forward=None):
     """The reference's ``(dq, dk, dv)`` and the bounds of ``path`` against them (section 10), finite inputs.
 
     ``forward``: the path's :class:`ForwardBounds` for the same call (computed if None).
@@ -828,13 +829,13 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
     from .attention import attention
     from .gradients import attention_vjp
 
-    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
+    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, window=window)
     refs = attention_vjp(q, k, v, grad_out, **kw)
     dtype = np.dtype(refs[0].dtype if dtype is None else dtype)
     u = unit_roundoff(dtype)
     if forward is None:
         forward = attention_bounds(path, q, k, v, dtype, **kw)[2]
-    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment)
+    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window)
     q64, k64, v64 = (np.asarray(z, np.float64) for z in (q, k, v))
     g64 = np.asarray(grad_out, np.float64)
     a64, L64, r = attention(q64, k64, v64, return_lse=True, return_responsibilities=True, **kw)

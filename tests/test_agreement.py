@@ -173,6 +173,40 @@ def test_attention_masks_and_causal(path, rng, dtype, energy):
     assert np.isnan(a_nan[0, 1]).all() and not np.isnan(np.delete(a_nan.reshape(-1, a_nan.shape[-1]), 1, axis=0)).any()
 
 
+@pytest.mark.equation("V4", "G4")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
+def test_attention_window(path, rng, dtype, energy):
+    """The sliding window (V4), alone, with causality and a mask, both alignments, forward and backward.
+
+    The shapes cross many of the path's tiles (the CPU's 256-512 keys, the
+    simulator's 8), so that whole tiles outside the window are skipped and
+    partial ones are cut inside; N > M with bottom-right alignment leaves
+    rows with no key.
+    """
+    shapes = [((), (), (), 20, 24, 3, 2), ((), (), (), 27, 13, 2, 3)] if path.small else [
+        ((2,), (2,), (2,), 1100, 1100, 8, 5), ((), (), (), 700, 2100, 4, 3), ((), (), (), 1, 20000, 8, 4)]
+    for shape in shapes:
+        q, k, v = make_inputs(rng, shape, dtype, spread=0.5 if energy == "sqeuclidean" else 1.0)
+        N, M = shape[3], shape[4]
+        gout = rand(rng, np.broadcast_shapes(shape[0], shape[1], shape[2]) + (N, shape[6]), dtype)
+        w = 3 if path.small else 300
+        cases = [dict(window=(w, 0)), dict(window=(w, w // 2), causal_alignment="bottom_right"), dict(window=(None, 1)),
+                 dict(window=(2 * w, w), is_causal=True, mask=rng.random((N, M)) < 0.8), dict(window=(0, 0))]
+        for n_case, kw in enumerate(cases):
+            a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True, **kw)
+            a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)
+            assert np.array_equal(np.isneginf(L), np.isneginf(L_ref)), f"{path.name} {shape} {kw}: empty rows"
+            assert_within(a, a_ref, fb.a, f"{path.name} a {shape} {sorted(kw)}")
+            assert_within(L, L_ref, fb.L, f"{path.name} L {shape} {sorted(kw)}")
+            if path.small and n_case % 2:
+                continue  # the simulator: about 10 s per backward here
+            refs, bnds = vjp_bounds(path, q, k, v, gout, dtype, fb, energy=energy, **kw)
+            grads = path.mod.attention_vjp(q, k, v, gout, energy=energy, out=a, lse=L, **kw)
+            for name, got, ref, bound in zip(("dq", "dk", "dv"), grads, refs, bnds):
+                assert_within(got, ref, bound, f"{path.name} {name} {shape} {sorted(kw)}")
+
+
 @pytest.mark.equation("A4")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_return_lse_off_and_defaults(path, rng, dtype):
@@ -428,6 +462,9 @@ BAD_ATTENTION = [
     ("bad alignment", lambda x: dict(is_causal=True, causal_alignment="middle")),
     ("bad empty", lambda x: dict(empty="one")),
     ("unknown energy", lambda x: dict(energy="nope")),
+    ("window negative", lambda x: dict(window=(-3, 0))),
+    ("window not a pair", lambda x: dict(window=5)),
+    ("window float", lambda x: dict(window=(2.5, 0))),
 ]
 
 

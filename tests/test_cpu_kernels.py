@@ -291,9 +291,9 @@ def test_docstring_examples_run():
     """The accelerated modules' examples are executed (tests/test_doctests.py covers the reference)."""
     import doctest
 
-    from iem_ref.accel import _scalar
+    from iem_ref.accel import _problem, _scalar
 
-    for mod in (cpu, _fastexp, _scalar):
+    for mod in (cpu, _fastexp, _scalar, _problem):
         res = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert res.attempted > 0, f"{mod.__name__} has no examples"
         assert res.failed == 0, f"{mod.__name__}: {res.failed} of {res.attempted} examples failed"

@@ -344,6 +344,30 @@ def _norms(h, i0, i1, bk):
     return n
 
 
+@njit(**INNER)
+def _band_in_tile(h, i, jb, bk):
+    """``(lo, hi)``: query ``i`` sees the keys ``jb + j`` of a tile for ``lo <= j < hi`` (the band: causality, window V4)."""
+    lo = min(max(i + h.offset - h.left - jb, 0), bk)
+    hi = min(max(i + h.offset + h.right - jb + 1, lo), bk)
+    return lo, hi
+
+
+@njit(**INNER)
+def _key_tiles(h, i0, i1, j0, j1, bk):
+    """The key tiles ``jb = j0, j0 + bk, ...`` below ``j1`` that a query of ``[i0, i1)`` may see: ``(first jb, end)``.
+
+    Tiles wholly outside the band are never computed (a window makes the
+    work linear in the sequence length); the tiles kept start where they
+    would without the band, so the summation order does not change.
+    """
+    first = i0 + h.offset - h.left  # the lowest key the block's first query sees
+    start = j0
+    if first > j0:
+        start = min(j1, j0 + (first - j0) // bk * bk)
+    end = min(j1, max(start, i1 - 1 + h.offset + h.right + 1))  # past the highest key its last query sees
+    return start, end
+
+
 @njit(fastmath=_FM, **INNER)
 def _scores(S, bq, bk, h, i0, jb, norms):
     """Fill the score tile ``S[:bq, :bk]`` with ``s_ij`` (A1 / K2 times ``scale``), ``-inf`` where key ``jb + j`` does not take part.
@@ -379,37 +403,37 @@ def _scores(S, bq, bk, h, i0, jb, norms):
     for r in range(bq):
         i = i0 + r
         row = S[r]
-        lim = bk  # keys jb + j with j >= lim are after the causal limit of query i
-        if h.causal:
-            lim = min(max(i + h.offset - jb + 1, 0), bk)
+        lo, hi = _band_in_tile(h, i, jb, bk)  # keys jb + j take part for lo <= j < hi (causality, window)
         if h.energy != SQEUCLIDEAN:
             if scale > 0.0:
                 if h.energy == PRECOMPUTED:
-                    for j in range(lim):
+                    for j in range(lo, hi):
                         row[j] = row[j] * scale
             else:  # scale = 0: finite scores tie at 0, +-inf and NaN keep their meaning
-                for j in range(lim):
+                for j in range(lo, hi):
                     x = row[j]
                     row[j] = zero if np.isfinite(x) else x
         else:
             hq = norms.q[r]
             if scale > 0.0:
-                for j in range(lim):
+                for j in range(lo, hi):
                     row[j] = (row[j] - (hq + norms.k[j])) * scale
             else:
-                for j in range(lim):
+                for j in range(lo, hi):
                     row[j] = zero
             if norms.qbad[r]:
-                for j in range(lim):
+                for j in range(lo, hi):
                     row[j] = _direct_sqeuclid_score(q, i, k, jb + j, scale)
             else:
-                for j in range(lim):
+                for j in range(lo, hi):
                     if norms.kbad[j]:
                         row[j] = _direct_sqeuclid_score(q, i, k, jb + j, scale)
-        for j in range(lim, bk):
+        for j in range(lo):
+            row[j] = ninf
+        for j in range(hi, bk):
             row[j] = ninf
         if h.has_mask:
-            for j in range(lim):
+            for j in range(lo, hi):
                 if not h.mask[i, jb + j]:
                     row[j] = ninf
 
@@ -460,10 +484,8 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
         acc.nan[r] = False
         for c in range(Dv):
             acc.o[r, c] = 0.0
-    jb = j0
-    while jb < j1:
-        if h.causal and jb > i1 - 1 + h.offset:
-            break  # no query of this block sees keys from jb on
+    jb, end = _key_tiles(h, i0, i1, j0, j1, bk_max)
+    while jb < end:
         bk = min(bk_max, j1 - jb)
         _scores(S, bq, bk, h, i0, jb, norms)
         nbad = _bad_rows(v[jb : jb + bk], vbad)  # the tile is about to be read by the GEMM: cache-hot
@@ -669,7 +691,8 @@ def _count_certain(h, i0, i1, bk_max, saved):
     M = h.k.shape[0]
     S = np.empty((bq, bk_max), dtype=h.q.dtype)
     norms = _norms(h, i0, i1, bk_max)
-    for jb in range(0, M, bk_max):
+    start, end = _key_tiles(h, i0, i1, 0, M, bk_max)
+    for jb in range(start, end, bk_max):
         bk = min(bk_max, M - jb)
         _scores(S, bq, bk, h, i0, jb, norms)
         for r in range(bq):
@@ -697,11 +720,11 @@ def _backward_keys(h, j0, j1, bq_max, saved, dk, dv):
     acc_k = np.zeros((bk, D), dtype=np.float64)
     acc_v = np.zeros((bk, Dv), dtype=np.float64)
     colsum = np.zeros(bk, dtype=np.float64)
-    i_start = 0
-    if h.causal:  # queries i with i + offset < j0 see none of these keys
-        i_start = min(N, max(0, j0 - h.offset))
-        i_start -= i_start % bq_max  # keep the query tiling of the forward
-    for i0 in range(i_start, N, bq_max):
+    # the queries that see a key of [j0, j1) (the band), in the query tiling of the forward
+    i_start = min(N, max(0, j0 - h.right - h.offset))
+    i_start -= i_start % bq_max
+    i_end = min(N, max(i_start, j1 - 1 + h.left - h.offset + 1))
+    for i0 in range(i_start, i_end, bq_max):
         i1 = min(N, i0 + bq_max)
         bq = i1 - i0
         _scores(S, bq, bk, h, i0, j0, _norms(h, i0, i1, bk))
@@ -764,9 +787,8 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq):
     kflag = np.empty(bk_max, dtype=np.bool_)
     norms = _norms(h, i0, i1, bk_max)
     acc = np.zeros((bq, D), dtype=np.float64)
-    for jb in range(0, M, bk_max):
-        if h.causal and jb > i1 - 1 + h.offset:
-            break
+    start, end = _key_tiles(h, i0, i1, 0, M, bk_max)
+    for jb in range(start, end, bk_max):
         bk = min(bk_max, M - jb)
         _scores(S, bq, bk, h, i0, jb, norms)
         if Dv > 0:

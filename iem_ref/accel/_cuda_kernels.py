@@ -244,15 +244,24 @@ def _build(dtype_name, energy):
         return t * scale
 
     @cuda.jit(device=True, inline=True)
-    def _takes_part(b, i, j, n, m, MK, mob, mr, mc, has_mask, causal, coff):
-        """Query ``i`` sees key ``j``: inside the arrays, the mask (True = takes part) and causality."""
+    def _takes_part(b, i, j, n, m, MK, mob, mr, mc, has_mask, coff, left, right):
+        """Query ``i`` sees key ``j``: inside the arrays, the mask (True = takes part) and the band (causality, window V4)."""
         if i >= n or j >= m:
             return False
-        if causal and j > i + coff:
+        if j > i + coff + right or j < i + coff - left:
             return False
         if has_mask and MK[UX(mob + i * mr + j * mc)] == 0:
             return False
         return True
+
+    @cuda.jit(device=True, inline=True)
+    def _key_range(r0, m, coff, left, right):
+        """The key tiles ``[start, end)`` (start a multiple of ``BC``) that the queries ``r0 .. r0 + BR - 1`` may see."""
+        first = r0 + coff - left
+        start = 0
+        if first > 0:
+            start = min(m, first // BC * BC)
+        return start, min(m, max(start, r0 + BR + coff + right))
 
     @cuda.jit(device=True, inline=True)
     def _tile_accum(W, S, X, xo, xr, xc, c0, nc, p0, ncol, Xs, acc, tx, ty, limit):
@@ -310,7 +319,7 @@ def _build(dtype_name, energy):
         K, ko, kr, kc = prob.k
         V, vo, vr, vc = prob.v
         MK, mo, mr, mc = prob.mask
-        has_mask, causal, coff = prob.has_mask, prob.causal, prob.offset
+        has_mask, coff, left, right = prob.has_mask, prob.offset, prob.left, prob.right  # the band: i + coff - left <= j <= i + coff + right
         n, m, d, dv, scale = prob.n, prob.m, prob.d, prob.dv, prob.scale
         empty_nan = prob.empty_nan
         tid = cuda.threadIdx.x
@@ -330,10 +339,8 @@ def _build(dtype_name, energy):
         qob = qo[b]
         kob = ko[b]
         vob = vo[b]
-        # Causal: the block's last query sees keys j <= r0 + BR - 1 + coff; later tiles are skipped.
-        m_end = m
-        if causal:
-            m_end = min(m, max(0, r0 + BR + coff))
+        # The band: the block's queries see keys r0 + coff - left <= j <= r0 + BR - 1 + coff + right; other tiles are skipped.
+        m_start, m_end = _key_range(r0, m, coff, left, right)
         n_pass = max(1, (dv + CW - 1) // CW)
         for p in range(n_pass):
             p0 = p * CW
@@ -344,14 +351,14 @@ def _build(dtype_name, energy):
                 for o in range(OC):
                     oacc[a, o] = ZERO
             cuda.syncthreads()  # row state initialised
-            for c0 in range(0, m_end, BC):
+            for c0 in range(m_start, m_end, BC):
                 if ENERGY != PRECOMPUTED:
                     _tile_dot(Q, qob, qr, qc, r0, n, K, kob, kr, kc, c0, m, d, As, Bs, sacc, tid, tx, ty)
                 for a in range(RS):
                     i = r0 + ty * RS + a
                     for c in range(CS):
                         j = c0 + tx + TX * c
-                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, causal, coff)
+                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, coff, left, right)
                         t = ZERO
                         if take:
                             t = _pair_score(sacc[a, c], Q, qob, qr, qc, b, i, j)
@@ -440,7 +447,7 @@ def _build(dtype_name, energy):
         V, vo, vr, vc = prob.v
         U, uo, ur, uc = prob.u
         MK, mo, mr, mc = prob.mask
-        has_mask, causal, coff = prob.has_mask, prob.causal, prob.offset
+        has_mask, coff, left, right = prob.has_mask, prob.offset, prob.left, prob.right  # the band: i + coff - left <= j <= i + coff + right
         n, m, d, dv, scale = prob.n, prob.m, prob.d, prob.dv, prob.scale
         tid = cuda.threadIdx.x
         tx = tid % TX
@@ -455,16 +462,14 @@ def _build(dtype_name, energy):
         sacc = cuda.local.array((RS, CS), ft)
         bacc = cuda.local.array((RS, CS), ft)
         oacc = cuda.local.array((RS, OC), ft)
-        m_end = m
-        if causal:
-            m_end = min(m, max(0, r0 + BR + coff))
+        m_start, m_end = _key_range(r0, m, coff, left, right)
         n_pass = (d + CW - 1) // CW
         for p in range(n_pass):
             p0 = p * CW
             for a in range(RS):
                 for o in range(OC):
                     oacc[a, o] = ZERO
-            for c0 in range(0, m_end, BC):
+            for c0 in range(m_start, m_end, BC):
                 _tile_dot(Q, qo[b], qr, qc, r0, n, K, ko[b], kr, kc, c0, m, d, As, Bs, sacc, tid, tx, ty)
                 _tile_dot_plain(U, uo[b], ur, uc, r0, n, V, vo[b], vr, vc, c0, m, dv, As, Bs, bacc, tid, tx, ty)
                 for a in range(RS):
@@ -478,7 +483,7 @@ def _build(dtype_name, energy):
                         dl = DEL[b, i]
                     for c in range(CS):
                         j = c0 + tx + TX * c
-                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, causal, coff)
+                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, coff, left, right)
                         t = ZERO
                         if take:
                             t = _pair_score(sacc[a, c], Q, qo[b], qr, qc, b, i, j)
@@ -507,7 +512,7 @@ def _build(dtype_name, energy):
         V, vo, vr, vc = prob.v
         U, uo, ur, uc = prob.u
         MK, mo, mr, mc = prob.mask
-        has_mask, causal, coff = prob.has_mask, prob.causal, prob.offset
+        has_mask, coff, left, right = prob.has_mask, prob.offset, prob.left, prob.right  # the band: i + coff - left <= j <= i + coff + right
         n, m, d, dv, scale = prob.n, prob.m, prob.d, prob.dv, prob.scale
         tid = cuda.threadIdx.x
         tx = tid % TX
@@ -523,10 +528,9 @@ def _build(dtype_name, energy):
         sacc = cuda.local.array((RS, CS), ft)
         bacc = cuda.local.array((RS, CS), ft)
         oacc = cuda.local.array((RS, OC), ft)
-        # Causal: key j is seen by queries i >= j - coff; earlier query tiles are skipped.
-        n_start = 0
-        if causal:
-            n_start = min(n, max(0, r0 - coff))
+        # The band: key j is seen by queries j - coff - right <= i <= j - coff + left; other query tiles are skipped.
+        n_start = min(n, max(0, r0 - coff - right))
+        n_end = min(n, max(n_start, r0 + BR - 1 - coff + left + 1))
         n_dk = (d + CW - 1) // CW
         n_pass = n_dk + (dv + CW - 1) // CW
         for p in range(n_pass):
@@ -538,14 +542,14 @@ def _build(dtype_name, energy):
             for a in range(RS):
                 for o in range(OC):
                     oacc[a, o] = ZERO
-            for c0 in range(n_start, n, BC):
+            for c0 in range(n_start, n_end, BC):
                 _tile_dot(K, ko[b], kr, kc, r0, m, Q, qo[b], qr, qc, c0, n, d, As, Bs, sacc, tid, tx, ty)
                 _tile_dot_plain(V, vo[b], vr, vc, r0, m, U, uo[b], ur, uc, c0, n, kb, As, Bs, bacc, tid, tx, ty)
                 for a in range(RS):
                     j = r0 + ty * RS + a
                     for c in range(CS):
                         i = c0 + tx + TX * c
-                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, causal, coff)
+                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, coff, left, right)
                         t = ZERO
                         lse = ZERO
                         cnt = ZERO

@@ -10,6 +10,10 @@ Named codes shared by :mod:`iem_ref.accel.cpu` and :mod:`iem_ref.accel.cuda`:
 - energies: :data:`DOT` (``d = -<q, k>``, A1), :data:`SQEUCLIDEAN`
   (``d = ||q - k||^2 / 2``, K2), :data:`PRECOMPUTED` (the energies are given,
   ``d``);
+- the band of keys a query sees: causality and the sliding window (V4) are
+  one rule, key ``j`` takes part for query ``i`` when
+  ``i' - left <= j <= i' + right`` with ``i' = i + offset`` (the alignment),
+  :data:`UNBOUNDED` for a side without a limit (causal: ``right = 0``);
 
 and the row finish that every path applies (M2's result with the edge-case
 policy: a NaN spoils the row, an empty row has ``L = -inf``, certain keys
@@ -38,6 +42,8 @@ __all__ = [
     "SQEUCLIDEAN",
     "PRECOMPUTED",
     "ENERGY_CODES",
+    "UNBOUNDED",
+    "band",
     "Problem",
     "Head",
     "head_of",
@@ -54,6 +60,24 @@ __all__ = [
 DOT, SQEUCLIDEAN, PRECOMPUTED = 0, 1, 2
 #: the energies a caller may name (precomputed energies come through ``softmin_summary``)
 ENERGY_CODES = {"dot": DOT, "sqeuclidean": SQEUCLIDEAN}
+#: a side of the band without a limit: farther than any sequence, small enough that ``i + offset + UNBOUNDED`` fits an int64
+UNBOUNDED = 2**40
+
+
+def band(is_causal, window):
+    """``(left, right)`` of the keys a query sees, from causality and the validated window ``(left, right)`` (None: no window).
+
+    Examples
+    --------
+    >>> band(True, None) == (UNBOUNDED, 0)
+    True
+    >>> band(True, (256, 8))  # causal cuts the window's right side
+    (256, 0)
+    """
+    left, right = window if window is not None else (None, None)
+    left = UNBOUNDED if left is None else int(left)
+    right = UNBOUNDED if right is None else int(right)
+    return left, min(right, 0) if is_causal else right
 
 
 class Problem(NamedTuple):
@@ -83,8 +107,9 @@ class Problem(NamedTuple):
     mmap: np.ndarray  # for the mask, which travels beside the record (see below)
     energy: int  # DOT, SQEUCLIDEAN or PRECOMPUTED
     scale: float  # s = -d * scale, in the kernel's dtype; 0 for tau = inf
-    causal: bool  # query i sees key j only if j <= i + offset
-    offset: int
+    offset: int  # the band (causality, V4): query i sees key j when i + offset - left <= j <= i + offset + right
+    left: int
+    right: int
     has_mask: bool  # False: mask is a placeholder, every pair takes part
     empty_nan: bool  # an empty row's output is NaN (else 0)
 
@@ -100,8 +125,9 @@ class Head(NamedTuple):
     mask: np.ndarray  # (N, M)
     energy: int
     scale: float
-    causal: bool
     offset: int
+    left: int
+    right: int
     has_mask: bool
 
 
@@ -109,7 +135,7 @@ class Head(NamedTuple):
 def head_of(p, mask, b):
     """The operands of flat batch element ``b`` of the problem ``p`` and its ``mask`` (views, no copies)."""
     return Head(p.q[p.qmap[b]], p.k[p.kmap[b]], p.v[p.vmap[b]], p.u[p.umap[b]], p.d[p.dmap[b]], mask[p.mmap[b]],
-                p.energy, p.scale, p.causal, p.offset, p.has_mask)
+                p.energy, p.scale, p.offset, p.left, p.right, p.has_mask)
 
 
 def problem_type(t):
@@ -117,7 +143,7 @@ def problem_type(t):
     f3 = types.Array(t, 3, "C", readonly=True)
     i1 = types.Array(types.int64, 1, "C", readonly=True)
     b1, i64 = types.boolean, types.int64
-    return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, b1, i64, b1, b1], Problem)
+    return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, i64, i64, i64, b1, b1], Problem)
 
 
 #: the Numba type of the mask argument beside the record
@@ -147,8 +173,9 @@ class DeviceProblem(NamedTuple):
     u: Operand  # (B, N, Dv) upstream gradient (backward; a placeholder in the forward)
     mask: Operand  # (B, N, M) uint8, 1 = takes part
     has_mask: int
-    causal: int
-    offset: int
+    offset: int  # the band, as in Problem
+    left: int
+    right: int
     n: int
     m: int
     d: int
@@ -166,7 +193,7 @@ def device_problem_type(t):
         return types.NamedTuple([types.Array(dtype, 1, "C"), offset, i64, i64], Operand)
 
     op = operand(t)
-    return types.NamedTuple([op, op, op, op, operand(types.uint8)] + [i64] * 7 + [t, i64], DeviceProblem)
+    return types.NamedTuple([op, op, op, op, operand(types.uint8)] + [i64] * 8 + [t, i64], DeviceProblem)
 
 
 # --- the row finish (M2's result), one definition for every path ---------------

@@ -68,7 +68,7 @@ from .._validation import (
 from ..attention import prepare_attention
 from . import _cpu_kernels as _k
 from ._compile import compile_kernel
-from ._problem import ENERGY_CODES, MASK_TYPE, PRECOMPUTED, Problem, problem_type
+from ._problem import ENERGY_CODES, MASK_TYPE, PRECOMPUTED, UNBOUNDED, Problem, band, problem_type
 from ._scalar import sign_mean, signed_gaussian_mean, softplus_scalar
 
 __all__ = [
@@ -220,12 +220,15 @@ def _stack_mask(mask, batch, n, m):
     return _ro(m3), _ro(np.ascontiguousarray(idx)), True
 
 
-def plan(B, N, M, dtype, backward=False):
+def plan(B, N, M, dtype, backward=False, band=None):
     """Tile shape and key splits ``(bq, bk, nsplit)``, from the shapes and dtype only (never the thread count).
 
     Query blocks hold at most ``TILES[dtype][0]`` queries, fewer when that
     would leave under ``_MIN_BLOCKS`` blocks (so that every core gets work),
-    but not under ``_SMALL_BLOCK``.  Keys are split (and the partials merged
+    but not under ``_SMALL_BLOCK``.  ``band``: the number of keys a query
+    sees under a window (V4), ``left + right + 1``; the forward's query blocks
+    are then cut to about that many queries (a multiple of 32), since a
+    block's key tiles span its queries plus the band.  Keys are split (and the partials merged
     by M2) only when there are fewer than 16 query blocks in the whole batch
     and at least 8192 keys per split: decoding then uses every core.  A
     query's own reduction order depends on ``bk`` and ``nsplit`` only.
@@ -238,11 +241,15 @@ def plan(B, N, M, dtype, backward=False):
     (256, 512, 1)
     >>> plan(1, 1, 4 * 2**20, np.float64)
     (1, 2048, 16)
+    >>> plan(1, 16384, 16384, np.float64, band=257)  # window=(256, 0)
+    (288, 256, 1)
     """
     bq, bk = (BACKWARD_TILES if backward else TILES)[np.dtype(dtype)]
     if not backward:
         spread = 32 * -(-N // (32 * _MIN_BLOCKS))  # N / _MIN_BLOCKS, rounded up to a multiple of 32
         bq = min(bq, max(_SMALL_BLOCK, spread))
+        if band is not None:
+            bq = min(bq, max(_SMALL_BLOCK, 32 * -(-band // 32)))
     bq = max(1, min(bq, N))
     if bq < _SMALL_BLOCK:  # few queries (decoding): longer key tiles amortise the per-tile BLAS calls
         bk = _DECODE_KEYS
@@ -250,6 +257,12 @@ def plan(B, N, M, dtype, backward=False):
     want = -(-_TARGET_ITEMS // max(1, B * nqb))
     nsplit = int(max(1, min(want, M // _MIN_SPLIT_KEYS)))
     return bq, bk, nsplit
+
+
+def _band(inp):
+    """The band of keys each query sees (causality and the window V4), as :class:`Problem` fields."""
+    left, right = band(inp.is_causal, inp.window)
+    return {"left": left, "right": right}
 
 
 def _scale_of(tau):
@@ -260,8 +273,8 @@ def _zero_map(batch):
     return _ro(np.zeros(max(1, int(np.prod(batch, dtype=np.int64))), np.int64))
 
 
-def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=None, d=None, mask=None, causal=False,
-             offset=0, empty="zero"):
+def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=None, d=None, mask=None, offset=0,
+             left=UNBOUNDED, right=UNBOUNDED, empty="zero"):
     """The :class:`~iem_ref.accel._problem.Problem` of one call and its mask, built once from validated inputs.
 
     Operands are flattened over ``batch`` without copying broadcast ones
@@ -281,7 +294,7 @@ def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=Non
     mask3, mmap, has_mask = _stack_mask(mask, batch, n, m)
     p = Problem(ops["q"][0], ops["k"][0], ops["v"][0], ops["u"][0], ops["d"][0],
                 ops["q"][1], ops["k"][1], ops["v"][1], ops["u"][1], ops["d"][1], mmap,
-                int(energy), dtype.type(scale), bool(causal), int(offset), has_mask, empty == "nan")
+                int(energy), dtype.type(scale), int(offset), int(left), int(right), has_mask, empty == "nan")
     return p, mask3
 
 
@@ -297,7 +310,8 @@ def _run_forward(pm, batch, n, m, dv, nsplit=None):
     lse = np.empty((B, n), dtype)
     if B == 0 or n == 0:
         return out.reshape(batch + (n, dv)), lse.reshape(batch + (n,))
-    bq, bk, ns = plan(B, n, m, dtype)
+    p = pm[0]
+    bq, bk, ns = plan(B, n, m, dtype, band=p.left + p.right + 1 if max(p.left, p.right) < UNBOUNDED else None)
     if nsplit is not None:
         ns = nsplit
     _run_stages(_kernel("forward", dtype), (0, 1) if ns > 1 else (0,), *pm, bq, bk, ns, _new_partials(B, ns, n, dv), out, lse)
@@ -310,22 +324,26 @@ def _check_energy(energy):
         raise ValueError(f"iem_ref.accel.cpu supports energy in {sorted(ENERGIES)}; got {energy!r} (use iem_ref.attention for the others)")
 
 
-def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, nsplit=None):
+def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, window=None, nsplit=None):
     check_choice(empty, "empty", {"zero", "nan"})
-    inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
+    inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
+                            energy=energy, window=window)
     _check_energy(energy)
     dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v)
     pm = _problem(dtype, inp.batch, inp.n, inp.m, q=as_float_array(q, "q"), k=as_float_array(k, "k"), v=as_float_array(v, "v"),
-                 mask=inp.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau), causal=inp.is_causal,
-                 offset=inp.causal_offset, empty=empty)
+                 mask=inp.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=inp.causal_offset,
+                 empty=empty, **_band(inp))
     return _run_forward(pm, inp.batch, inp.n, inp.m, inp.dv, nsplit), inp
 
 
-def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero", return_lse=False):
+def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero",
+              window=None, return_lse=False):
     """A1-A4 fused (M1-M2): ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one pass, as :func:`iem_ref.attention`.
 
     Parameters and edge cases as the reference; ``energy`` is ``"dot"`` or
-    ``"sqeuclidean"`` (others raise ``ValueError``).  No
+    ``"sqeuclidean"`` (others raise ``ValueError``); ``window=(left, right)``
+    is the sliding window (V4): key tiles outside it are never computed, so
+    the cost grows with ``N (left + right)``, not ``N M``.  No
     ``return_responsibilities``: that is the ``N x M`` array this path avoids.
 
     Returns
@@ -340,7 +358,7 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     >>> a, lse
     (array([[2.]]), array([0.69314718]))
     """
-    (a, lse), _ = _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty)
+    (a, lse), _ = _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, window)
     return (a, lse) if return_lse else a
 
 
@@ -372,7 +390,8 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     return a, np.ascontiguousarray(Lb)
 
 
-def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", out=None, lse=None):
+def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot",
+                  window=None, out=None, lse=None):
     """G4: ``(dq, dk, dv)`` for the upstream gradient ``u = grad_out``, as :func:`iem_ref.attention_vjp`.
 
     With ``r_ij = exp(s_ij - L_i)`` rebuilt tile by tile from the saved
@@ -391,7 +410,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
            [0.5]])
     """
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
-    inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy)
+    inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
+                            energy=energy, window=window)
     u = check_grad_out(grad_out, inp.batch, inp.n, inp.dv)
     dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v, grad_out=u)
     batch, n, m, dv_ = inp.batch, inp.n, inp.m, inp.v.shape[-1]
@@ -405,7 +425,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         return shaped
     pm = _problem(dtype, batch, n, m, q=as_float_array(q, "q"), k=as_float_array(k, "k"), v=as_float_array(v, "v"),
                  u=as_float_array(u, "grad_out"), mask=inp.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau),
-                 causal=inp.is_causal, offset=inp.causal_offset)
+                 offset=inp.causal_offset, **_band(inp))
     if out is None or lse is None:
         a, L = _run_forward(pm, batch, n, m, dv_)
     else:
@@ -571,8 +591,8 @@ def attention_partials(q, k, v, *, scale=None, mask=None, causal_offset=None, en
     bq, bk = _check_tiles(tiles, B, inp.n, inp.m, dtype)
     causal = causal_offset is not None
     pm = _problem(dtype, inp.batch, inp.n, inp.m, q=as_float_array(q, "q"), k=as_float_array(k, "k"), v=as_float_array(v, "v"),
-                 mask=inp.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau), causal=causal,
-                 offset=int(causal_offset) if causal else 0)
+                 mask=inp.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=int(causal_offset) if causal else 0,
+                 right=0 if causal else UNBOUNDED)
     return _partials_of(pm, bq, bk, B, inp.n, inp.dv, inp.batch, threads)
 
 

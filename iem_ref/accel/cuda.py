@@ -57,7 +57,7 @@ from .._validation import (
 )
 from ..attention import prepare_attention
 from . import _cuda_kernels as _k
-from ._problem import DOT, ENERGY_CODES, PRECOMPUTED, DeviceProblem, Operand
+from ._problem import DOT, ENERGY_CODES, PRECOMPUTED, DeviceProblem, Operand, band
 
 __all__ = [
     "attention",
@@ -242,12 +242,13 @@ def _scale_value(scale, tau, dtype):
 # The forward pass, shared by attention and softmin_summary.
 
 
-def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, causal, offset, scale, empty_nan, dtype):
+def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, offset, scale, empty_nan, dtype, is_causal=False, window=None):
     """The :class:`~iem_ref.accel._problem.DeviceProblem` of one call; ``u`` (and ``mask``) may be None."""
     bf = int(np.prod(batch, dtype=np.int64))
     ops = [_operand(x, batch, dtype) if x is not None else _placeholder(bf, dtype) for x in (q, k, v, u)]
     mk = _operand(mask, batch, None, mask=True) if mask is not None else _placeholder(bf, np.uint8)
-    return DeviceProblem(*ops, mk, int(mask is not None), int(causal), int(offset), n, m, d, dv, scale, int(empty_nan))
+    left, right = band(is_causal, window)
+    return DeviceProblem(*ops, mk, int(mask is not None), int(offset), left, right, n, m, d, dv, scale, int(empty_nan))
 
 
 def _forward(kern, prob, bf, dtype):
@@ -261,7 +262,8 @@ def _forward(kern, prob, bf, dtype):
     return O, LSE, CNT
 
 
-def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero", return_lse=False):
+def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero",
+              window=None, return_lse=False):
     """A1-A4 on the GPU: ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one tiled pass (M1-M2).
 
     Parameters
@@ -279,6 +281,8 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
         ``d = -<q, k>`` (A1, K1) or ``d = ||q - k||^2 / 2`` (K2); anything else is a ``ValueError``.
     empty : {"zero", "nan"}
         Output of a row with no key that takes part (its log-partition is ``-inf``).
+    window : (left, right), optional
+        The sliding window (V4, :func:`iem_ref.attention`): key tiles outside it are never computed.
     return_lse : bool
         Also return ``L_i = log sum_j exp(-d_ij * scale)`` (B..., N).
 
@@ -298,7 +302,7 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     _check_energy(energy)
     inp = prepare_attention(
         _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
-        causal_alignment=causal_alignment, energy=energy,
+        causal_alignment=causal_alignment, energy=energy, window=window,
     )
     device = any(_is_device(x) for x in (q, k, v, mask))
     dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v)
@@ -306,8 +310,8 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     d = inp.q.shape[-1]
     bf = int(np.prod(batch, dtype=np.int64))
     kern = _k.build(dtype.name, ENERGY_CODES[energy])
-    prob = _problem(q, k, v, None, mask, batch, n=n, m=m, d=d, dv=dv, causal=inp.is_causal, offset=inp.causal_offset,
-                    scale=_scale_value(scale, inp.tau, dtype), empty_nan=(empty == "nan"), dtype=dtype)
+    prob = _problem(q, k, v, None, mask, batch, n=n, m=m, d=d, dv=dv, offset=inp.causal_offset, is_causal=inp.is_causal,
+                    window=inp.window, scale=_scale_value(scale, inp.tau, dtype), empty_nan=(empty == "nan"), dtype=dtype)
     O, LSE, _ = _forward(kern, prob, bf, dtype)
     a, lse = _finish([O, LSE], [batch + (n, dv), batch + (n,)], device)
     return (a, lse) if return_lse else a
@@ -347,7 +351,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     bf = int(np.prod(batch, dtype=np.int64))
     kern = _k.build(dtype.name, PRECOMPUTED)
     scale = dtype.type(0.0) if math.isinf(tau) else dtype.type(1.0 / tau)
-    prob = _problem(d, None, v, None, mask, batch, n=n, m=m, d=0, dv=dv, causal=False, offset=0, scale=scale,
+    prob = _problem(d, None, v, None, mask, batch, n=n, m=m, d=0, dv=dv, offset=0, scale=scale,
                     empty_nan=(empty == "nan"), dtype=dtype)  # the energies come in as the q operand
     O, LSE, _ = _forward(kern, prob, bf, dtype)
     a, L = _finish([O, LSE], [batch + (n, dv), batch + (n,)], device)
@@ -361,7 +365,8 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     return a, L
 
 
-def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", out=None, lse=None):
+def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot",
+                  window=None, out=None, lse=None):
     """G4 on the GPU: ``(dq, dk, dv)`` for the upstream gradient ``u = dLoss/da``.
 
     ``b_ij = <u_i, v_j>``, ``delta_i = sum_j r_ij b_ij = <u_i, a_i>``,
@@ -372,7 +377,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
 
     Parameters
     ----------
-    q, k, v, scale, mask, is_causal, causal_alignment : as :func:`attention`
+    q, k, v, scale, mask, is_causal, causal_alignment, window : as :func:`attention`
     grad_out : array (B..., N, Dv)
     energy : {"dot", "sqeuclidean"}
     out, lse : the forward's output (B..., N, Dv) and log-partition (B..., N), optional
@@ -393,7 +398,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
     inp = prepare_attention(
         _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
-        causal_alignment=causal_alignment, energy=energy,
+        causal_alignment=causal_alignment, energy=energy, window=window,
     )
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
     up = check_grad_out(_proxy(grad_out), batch, n, dv)
@@ -402,8 +407,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     d = inp.q.shape[-1]
     bf = int(np.prod(batch, dtype=np.int64))
     kern = _k.build(dtype.name, ENERGY_CODES[energy])
-    prob = _problem(q, k, v, grad_out, mask, batch, n=n, m=m, d=d, dv=dv, causal=inp.is_causal, offset=inp.causal_offset,
-                    scale=_scale_value(scale, inp.tau, dtype), empty_nan=False, dtype=dtype)
+    prob = _problem(q, k, v, grad_out, mask, batch, n=n, m=m, d=d, dv=dv, offset=inp.causal_offset, is_causal=inp.is_causal,
+                    window=inp.window, scale=_scale_value(scale, inp.tau, dtype), empty_nan=False, dtype=dtype)
 
     LSE = CNT = None
     if out is not None and lse is not None:

@@ -1,0 +1,193 @@
+"""CPU benchmark of the variants on the accelerated path: a sliding window against full causal attention and torch.
+
+Cases (``N = M``, D = 64, float64 and float32), each (case, path) in its own
+process, the paths taking turns for ``--rounds`` rounds (one warm-up call,
+then ``--repeats`` timed calls each); reported: the median over all timed
+calls, and the ratios that matter:
+
+- ``cpu causal``: :func:`iem_ref.accel.cpu.attention` with ``is_causal=True``;
+- ``cpu window``: the same with ``window=(W, 0)`` (a causal sliding window of
+  ``W`` keys before each query, FlashAttention's ``window_size=(W, 0)``);
+- ``torch causal``: ``scaled_dot_product_attention(is_causal=True)``;
+- ``torch window``: SDPA given the equivalent boolean ``(N, M)`` mask (torch
+  has no window argument); the mask is built before the timing;
+- with ``--backward``, ``cpu causal`` and ``cpu window`` backward
+  (:func:`iem_ref.accel.cpu.attention_vjp` with the saved ``out`` and ``lse``).
+
+Writes ``bench/results/variants.json`` (with the machine and the load) and
+prints the Markdown table.
+
+    python bench/bench_variants.py [--n 16384] [--window 256] [--backward] [--out PATH]
+    python bench/bench_variants.py --table bench/results/variants.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+PATHS = ["cpu causal", "cpu window", "torch causal", "torch window"]
+
+
+def _call(case, path):
+    """The timed callable of one (case, path)."""
+    rng = np.random.default_rng(0)
+    dt = np.dtype(case["dtype"])
+    N, D, W = case["N"], case["D"], case["window"]
+    q, k, v, u = (rng.standard_normal((N, D)).astype(dt) for _ in range(4))
+    if path.startswith("cpu"):
+        from iem_ref.accel import cpu
+
+        kw = dict(is_causal=True, window=(W, 0) if path.endswith("window") else None)
+        if case["kind"] == "backward":
+            a, L = cpu.attention(q, k, v, return_lse=True, **kw)
+            return lambda: cpu.attention_vjp(q, k, v, u, out=a, lse=L, **kw)
+        return lambda: cpu.attention(q, k, v, **kw)
+    import torch
+    import torch.nn.functional as F
+
+    tq, tk, tv = (torch.from_numpy(x)[None, None] for x in (q, k, v))
+    if path.endswith("window"):
+        i = torch.arange(N)[:, None]
+        j = torch.arange(N)[None, :]
+        band = (j <= i) & (j >= i - W)  # the same keys as window=(W, 0) with causality
+
+        def fwd():
+            with torch.no_grad():
+                return F.scaled_dot_product_attention(tq, tk, tv, attn_mask=band)
+
+        return fwd
+
+    def fwd_causal():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+
+    return fwd_causal
+
+
+def worker(case, path, repeats):
+    fn = _call(case, path)
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"first_s": first, "times_s": times}
+
+
+def run(args):
+    from bench_cpu import _loadavg, machine
+
+    paths = PATHS
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        paths = [p for p in PATHS if not p.startswith("torch")]
+    cases = [dict(kind="forward", N=args.n, M=args.n, D=64, dtype=dt, window=args.window) for dt in ("float64", "float32")]
+    if args.backward:
+        cases += [dict(kind="backward", N=args.n, M=args.n, D=64, dtype=dt, window=args.window) for dt in ("float64", "float32")]
+    result = {"machine": machine(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "rounds": args.rounds,
+              "repeats": args.repeats, "loadavg_start": _loadavg(), "cases": []}
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for case in cases:
+        entry = dict(case, loadavg_before=_loadavg(), results={})
+        case_paths = [p for p in paths if case["kind"] == "forward" or p.startswith("cpu")]
+        got = {p: [] for p in case_paths}
+        for _ in range(args.rounds):
+            for path in case_paths:
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case), "--path", path, "--repeats", str(args.repeats)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+                if proc.returncode != 0:
+                    got[path].append({"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]})
+                else:
+                    got[path].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        for path, rounds in got.items():
+            bad = [r for r in rounds if "error" in r]
+            if bad:
+                entry["results"][path] = bad[0]
+                continue
+            times = [t for r in rounds for t in r["times_s"]]
+            entry["results"][path] = {"median_s": float(np.median(times)), "min_s": min(times), "times_s": times,
+                                      "round_medians_s": [float(np.median(r["times_s"])) for r in rounds]}
+        entry["loadavg_after"] = _loadavg()
+        R = entry["results"]
+        med = {p: R[p]["median_s"] for p in R if "median_s" in R[p]}
+        if "cpu causal" in med and "cpu window" in med:
+            entry["causal_over_window_cpu"] = med["cpu causal"] / med["cpu window"]
+        if "torch window" in med and "cpu window" in med:
+            entry["torch_window_over_cpu_window"] = med["torch window"] / med["cpu window"]
+        if "torch causal" in med and "cpu causal" in med:
+            entry["torch_causal_over_cpu_causal"] = med["torch causal"] / med["cpu causal"]
+        print(json.dumps({k: v for k, v in entry.items() if k != "results"}), {p: f"{t * 1e3:.1f} ms" for p, t in med.items()}, flush=True)
+        result["cases"].append(entry)
+    result["loadavg_end"] = _loadavg()
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(table(result))
+    print(f"wrote {args.out}")
+
+
+def table(result):
+    m = result["machine"]
+    lines = [
+        f"Machine: {m.get('cpu', '?')} ({m.get('cpu_family_model', '?')}, {m.get('vector_isa', '?')}, L2 {m.get('l2_per_core', '?')} per core), "
+        f"{m.get('cores')} cores; NumPy {m.get('numpy')}, Numba {m.get('numba')}, torch {m.get('torch')}.",
+        f"Command: `{result['command']}`; median of {result['rounds']} rounds x {result['repeats']} runs, one process per path and round, "
+        f"the paths taking turns; load average (1 min) at start {result['loadavg_start'][0]}, at end {result['loadavg_end'][0]}.",
+        "",
+        "| case | N = M | D | window | dtype | " + " | ".join(PATHS) + " | cpu causal / cpu window | torch window / cpu window | torch causal / cpu causal |",
+        "|" + "---|" * (8 + len(PATHS)),
+    ]
+
+    def ms(r):
+        return f"{r['median_s'] * 1e3:.1f}" if r and "median_s" in r else ("error" if r and "error" in r else "-")
+
+    def ratio(c, key):
+        return f"{c[key]:.1f}" if key in c else "-"
+
+    for c in result["cases"]:
+        R = c["results"]
+        lines.append(f"| {c['kind']} | {c['N']} | {c['D']} | ({c['window']}, 0), causal | {c['dtype']} | "
+                     + " | ".join(ms(R.get(p)) for p in PATHS)
+                     + f" | {ratio(c, 'causal_over_window_cpu')} | {ratio(c, 'torch_window_over_cpu_window')} | {ratio(c, 'torch_causal_over_cpu_causal')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=16384, help="N = M")
+    p.add_argument("--window", type=int, default=256, help="keys before each query (window=(W, 0), causal)")
+    p.add_argument("--backward", action="store_true", help="also time the CPU path's backward, window against causal")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "variants.json"))
+    p.add_argument("--table", metavar="JSON")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(table(json.load(f)))
+        return
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker), args.path, args.repeats)))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
