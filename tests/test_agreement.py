@@ -185,14 +185,15 @@ def test_attention_window(path, rng, dtype, energy):
     rows with no key.
     """
     shapes = [((), (), (), 20, 24, 3, 2), ((), (), (), 27, 13, 2, 3)] if path.small else [
-        ((2,), (2,), (2,), 1100, 1100, 8, 5), ((), (), (), 700, 2100, 4, 3), ((), (), (), 1, 20000, 8, 4)]
+        ((2,), (2,), (2,), 1100, 1100, 8, 5), ((), (), (), 700, 2100, 4, 3), ((), (), (), 1, 20000, 8, 4), ((), (), (), 900, 500, 4, 3)]
     for shape in shapes:
         q, k, v = make_inputs(rng, shape, dtype, spread=0.5 if energy == "sqeuclidean" else 1.0)
         N, M = shape[3], shape[4]
         gout = rand(rng, np.broadcast_shapes(shape[0], shape[1], shape[2]) + (N, shape[6]), dtype)
         w = 3 if path.small else 300
         cases = [dict(window=(w, 0)), dict(window=(w, w // 2), causal_alignment="bottom_right"), dict(window=(None, 1)),
-                 dict(window=(2 * w, w), is_causal=True, mask=rng.random((N, M)) < 0.8), dict(window=(0, 0))]
+                 dict(window=(2 * w, w), is_causal=True, mask=rng.random((N, M)) < 0.8), dict(window=(0, 0)),
+                 dict(window=(0, 0), causal_alignment="bottom_right")]  # N > M: the first N - M rows see no key
         for n_case, kw in enumerate(cases):
             a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True, **kw)
             a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)

@@ -1,8 +1,17 @@
 """Numba kernels behind :mod:`iem_ref.accel.cpu`: the fused one-pass softmin summary (M1-M2) and its backward (G4).
 
-Shape legend (one batch element): ``q (N, D)``, ``k (M, D)``, ``v (M, Dv)``,
-``u (N, Dv)`` (upstream gradient), mask ``(N, M)`` (any strides, 0 for
-broadcast axes); tiles: ``bq`` queries x ``bk`` keys.
+The kernels read the problem from one record built by the host wrapper
+(:class:`~iem_ref.accel._problem.Problem`: operands, batch maps, energy,
+scale, the band, mask flag, empty-row policy), one batch element of it at a
+time as a :class:`~iem_ref.accel._problem.Head`.  Shape legend (one batch
+element): ``q (N, D)``, ``k (M, D)``, ``v (M, Dv)``, ``u (N, Dv)`` (upstream
+gradient), mask ``(N, M)`` (any strides, 0 for broadcast axes); tiles:
+``bq`` queries x ``bk`` keys.
+
+Participation: the band (causality and the sliding window V4, key ``j`` for
+query ``i`` when ``i + offset - left <= j <= i + offset + right``) and the
+mask.  Tiles wholly outside the band are never computed; the tiles kept
+are those of the full grid, so the summation order does not depend on it.
 
 Scores, not energies: inside the kernels ``s_ij = -d_ij * scale`` (for the dot
 energy ``s = scale <q_i, k_j>``; for the squared-Euclidean one

@@ -226,9 +226,14 @@ def plan(B, N, M, dtype, backward=False, band=None):
     Query blocks hold at most ``TILES[dtype][0]`` queries, fewer when that
     would leave under ``_MIN_BLOCKS`` blocks (so that every core gets work),
     but not under ``_SMALL_BLOCK``.  ``band``: the number of keys a query
-    sees under a window (V4), ``left + right + 1``; the forward's query blocks
-    are then cut to about that many queries (a multiple of 32), since a
-    block's key tiles span its queries plus the band.  Keys are split (and the partials merged
+    sees under a window (V4), ``left + right + 1``; query blocks and key
+    tiles are then cut to about that many (a multiple of 32), since a block's
+    tiles span its own length plus the band, as long as a band still meets
+    no more tiles than a row of ``M`` keys (a column of ``N`` queries) has
+    without the window: a row's roundings come only from the tiles that meet
+    its band (elsewhere its weights are exactly 0), so the error bounds of
+    :mod:`iem_ref.bounds`, which count the tiles of the plan without the
+    band, stay valid.  Keys are split (and the partials merged
     by M2) only when there are fewer than 16 query blocks in the whole batch
     and at least 8192 keys per split: decoding then uses every core.  A
     query's own reduction order depends on ``bk`` and ``nsplit`` only.
@@ -243,13 +248,21 @@ def plan(B, N, M, dtype, backward=False, band=None):
     (1, 2048, 16)
     >>> plan(1, 16384, 16384, np.float64, band=257)  # window=(256, 0)
     (288, 256, 1)
+    >>> plan(1, 16384, 16384, np.float32, band=257)
+    (288, 288, 1)
     """
     bq, bk = (BACKWARD_TILES if backward else TILES)[np.dtype(dtype)]
     if not backward:
         spread = 32 * -(-N // (32 * _MIN_BLOCKS))  # N / _MIN_BLOCKS, rounded up to a multiple of 32
         bq = min(bq, max(_SMALL_BLOCK, spread))
-        if band is not None:
-            bq = min(bq, max(_SMALL_BLOCK, 32 * -(-band // 32)))
+    if band is not None:
+        short = max(_SMALL_BLOCK, 32 * -(-band // 32))
+        if short < bk and -(-(band - 1) // short) + 1 <= -(-M // bk):
+            bk = short
+        if not backward:
+            bq = min(bq, short)
+        elif short < bq and -(-(band - 1) // short) + 1 <= -(-N // bq):
+            bq = short
     bq = max(1, min(bq, N))
     if bq < _SMALL_BLOCK:  # few queries (decoding): longer key tiles amortise the per-tile BLAS calls
         bk = _DECODE_KEYS
@@ -439,7 +452,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     with np.errstate(invalid="ignore", over="ignore"):
         delta = _ro(np.ascontiguousarray(np.einsum("bnc,bnc->bn", u64, a64)))  # Delta_i = <u_i, a_i> = sum_j r_ij b_ij
     del a64, u64
-    bq, bk, _ = plan(B, n, m, dtype, backward=True)
+    left, right = pm[0].left, pm[0].right
+    bq, bk, _ = plan(B, n, m, dtype, backward=True, band=left + right + 1 if max(left, right) < UNBOUNDED else None)
     saved = _k.Saved(L64, delta, np.zeros((B, n)))
     _run_stages(_kernel("backward", dtype), (0, 1, 2), *pm, bq, bk, saved, _k.Grads(dq, dk, dv))
     return shaped
