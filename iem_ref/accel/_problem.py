@@ -1,9 +1,11 @@
 """What an attention kernel is asked to compute, described once for every accelerated path.
 
 The host wrappers validate the inputs (with the reference's own checks) and
-build one :class:`Problem` record; the kernels read everything from it, so a
-new variant adds a field here, its validation, and the lines of the score
-pipeline that use it, not an argument to every kernel signature.
+build one record, :class:`Problem` for the CPU kernels and
+:class:`DeviceProblem` for the GPU ones (the same fields, operands as strided
+device views); the kernels read everything from it, so a new variant adds a
+field here, its validation, and the lines of the score pipeline that use it,
+not an argument to every kernel signature.
 
 Named codes shared by :mod:`iem_ref.accel.cpu` and :mod:`iem_ref.accel.cuda`:
 
@@ -17,8 +19,8 @@ Named codes shared by :mod:`iem_ref.accel.cpu` and :mod:`iem_ref.accel.cuda`:
 
 and the row finish that every path applies (M2's result with the edge-case
 policy: a NaN spoils the row, an empty row has ``L = -inf``, certain keys
-give ``L = +inf``) as two ``@njit`` scalar functions, callable from CPU and
-CUDA kernels alike.
+give ``L = +inf``) as two ``@njit`` scalar functions; the CUDA kernels
+compile the same source as device functions.
 
 Examples
 --------
