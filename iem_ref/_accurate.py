@@ -27,6 +27,11 @@ returned ``r_j`` within ``2u + (log2 M)^2 u^2 + O(u^2)`` of 1: the weights'
 own errors cancel in ``w_j / S``, leaving the rounding of ``S`` and of the
 ``M`` quotients, each up to ``u``.
 
+The posterior mean ``sum_j r_j g_j`` (A4, and every weighted sum of the
+gradients and variants) goes through :func:`weighted_sum`: one matmul over
+the finite values, the non-finite ones added only where their hypothesis
+takes part, so a NaN in a masked value never leaks.
+
 Extreme ranges: a ``d_j - m`` that overflows has weight 0 (its TwoSum
 error term, ``inf - inf``, is discarded); for ``tau`` above ``2**900`` or
 below ``2**-800`` TwoProduct works on operands rescaled by ``2**600`` so that
@@ -196,3 +201,38 @@ def softmin_terms(d, tau, take):
             np.put_along_axis(w_rest, winner[..., None], 0.0, axis=-1)
             rest = accurate_sum(w_rest)
     return SoftminTerms(m=m, hi=hi, lo=lo, w=w, total=total, rest=rest, empty=empty, nan_row=nan_row, certain=certain)
+
+
+def weighted_sum(r, g, take, limit=False):
+    """``sum_j r_j g_j`` over participating ``j`` only (float64, ``r @ g`` shapes).
+
+    The finite values go through one matmul; the rare non-finite values are
+    added separately, and only where the hypothesis takes part, so a NaN in a
+    masked value cannot leak.  ``limit``: ``r`` are computed responsibilities
+    whose exact values are positive where they take part, so a weight that is
+    0 in floating point (underflow, or a finite energy beside ``-inf`` ones)
+    lets an infinite value through as itself instead of ``0 * inf = NaN``.
+    """
+    one_row = r.ndim == 1
+    vector = g.ndim >= 2
+    if one_row:
+        r = r[None, :]
+        take = None if take is None else take[None, :]
+    if not vector:
+        g = g[:, None]
+    finite = np.isfinite(g)
+    out = r @ np.where(finite, g, 0.0)  # (..., N, Dv)
+    if not finite.all():
+        other_axes = tuple(i for i in range(g.ndim) if i != g.ndim - 2)
+        bad = np.nonzero(~finite.all(axis=other_axes))[0]  # hypotheses with a non-finite value
+        g_bad = np.where(finite, 0.0, g)[..., bad, :]  # (..., J, Dv)
+        with np.errstate(invalid="ignore"):
+            terms = r[..., bad][..., None] * g_bad[..., None, :, :]  # (..., N, J, Dv)
+        if limit:
+            terms = np.where(r[..., bad][..., None] == 0, g_bad[..., None, :, :], terms)
+        if take is not None:
+            terms = np.where(take[..., bad][..., None], terms, 0.0)
+        out = out + terms.sum(axis=-2)
+    if not vector:
+        out = out[..., 0]
+    return out[0] if one_row else out

@@ -44,7 +44,8 @@ from ._validation import (
 )
 from .competition import hard_responsibilities, responsibilities
 from .energies import ENERGIES
-from .summaries import _softmin_summary, _weighted_sum
+from ._accurate import weighted_sum
+from .summaries import _softmin_summary
 from .variants import (
     _segment_ids,
     alibi_bias,
@@ -493,7 +494,7 @@ def hard_attention(q, k, v, *, mask=None, is_causal=False, causal_alignment="top
     d = inp.energies()
     take = inp.takes_part()
     r = hard_responsibilities(d, mask=take, ties=ties, empty=empty)
-    a = _weighted_sum(r, inp.v.astype(np.float64), r > 0)
+    a = weighted_sum(r, inp.v.astype(np.float64), r > 0)
     a = np.where(np.isnan(r).any(axis=-1, keepdims=True), np.nan, a)
     if empty == "nan":  # also when M = 0, where r has no entry to carry the NaN
         a = np.where((r > 0).any(axis=-1, keepdims=True), a, np.nan)

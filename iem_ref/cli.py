@@ -53,7 +53,7 @@ def _check(args):
 
 
 def _warmup(args):
-    from .accel._compile import warmup
+    from .accel.cpu import warmup
 
     print("compiling (or loading from the cache) every iem_ref.accel.cpu kernel, float64 and float32:")
     warmup()

@@ -12,7 +12,7 @@ import numpy as np
 from ._validation import check_choice, check_grad_out, result_dtype, to_dtype
 from .attention import Competition, prepare_attention
 from .competition import responsibilities
-from .summaries import _weighted_sum
+from ._accurate import weighted_sum
 
 __all__ = ["log_partition_gradient", "responsibilities_jacobian", "neg_log_softmin_jacobian", "attention_vjp"]
 
@@ -162,10 +162,10 @@ def attention_vjp(
         dZ = np.where(part, Pk * (b - delta), 0.0)  # dLoss/dz_ij
         dX = dZ if inp.softcap is None else dZ * (1.0 - (comp.s / inp.softcap) ** 2)  # V3
     W = Pk if c is None else Pk * c
-    dv = _weighted_sum(np.swapaxes(W, -1, -2), u, np.swapaxes(part, -1, -2) if c is None else np.swapaxes(part & inp.keep, -1, -2))
+    dv = weighted_sum(np.swapaxes(W, -1, -2), u, np.swapaxes(part, -1, -2) if c is None else np.swapaxes(part & inp.keep, -1, -2))
     sc = inp.scale
-    dq = sc * _weighted_sum(dX, kk, part)  # sum_j dX_ij k_j
-    dk = sc * _weighted_sum(np.swapaxes(dX, -1, -2), qq, np.swapaxes(part, -1, -2))  # sum_i dX_ij q_i
+    dq = sc * weighted_sum(dX, kk, part)  # sum_j dX_ij k_j
+    dk = sc * weighted_sum(np.swapaxes(dX, -1, -2), qq, np.swapaxes(part, -1, -2))  # sum_i dX_ij q_i
     if energy == "sqeuclidean":
         dk = dk - sc * np.where(np.isfinite(kk), kk, 0.0) * dX.sum(axis=-2)[..., :, None]
         if inp.softcap is not None or inp.sinks is not None:

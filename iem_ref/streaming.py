@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._validation import as_float_array, as_mask, check_choice, check_tau, need_ndim
-from .summaries import _weighted_sum
+from ._accurate import weighted_sum
 
 __all__ = ["Partial", "partial_posterior", "merge_partials", "finalize_partial"]
 
@@ -75,7 +75,7 @@ def partial_posterior(d, v, tau=1.0, *, mask=None):
     m = d.min(axis=-1, initial=np.inf)
     w = np.where(participates, _block_weights(d, m, tau), 0.0)
     l = w.sum(axis=-1)
-    o = _weighted_sum(w, v, participates)
+    o = weighted_sum(w, v, participates)
     return Partial(m, l, o, tau)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._accurate import softmin_terms
+from ._accurate import softmin_terms, weighted_sum
 from ._validation import as_float_array, as_mask, check_summary_inputs, check_tau, need_ndim, result_dtype, to_dtype
 from .competition import _log_partition_rows, _responsibility_rows, hard_responsibilities
 from .variants import dropout_mean
@@ -32,41 +32,6 @@ __all__ = [
     "posterior_entropy",
     "softmin_summary",
 ]
-
-
-def _weighted_sum(r, g, take, limit=False):
-    """``sum_j r_j g_j`` over participating ``j`` only (float64, ``r @ g`` shapes).
-
-    The finite values go through one matmul; the rare non-finite values are
-    added separately, and only where the hypothesis takes part, so a NaN in a
-    masked value cannot leak.  ``limit``: ``r`` are computed responsibilities
-    whose exact values are positive where they take part, so a weight that is
-    0 in floating point (underflow, or a finite energy beside ``-inf`` ones)
-    lets an infinite value through as itself instead of ``0 * inf = NaN``.
-    """
-    one_row = r.ndim == 1
-    vector = g.ndim >= 2
-    if one_row:
-        r = r[None, :]
-        take = None if take is None else take[None, :]
-    if not vector:
-        g = g[:, None]
-    finite = np.isfinite(g)
-    out = r @ np.where(finite, g, 0.0)  # (..., N, Dv)
-    if not finite.all():
-        other_axes = tuple(i for i in range(g.ndim) if i != g.ndim - 2)
-        bad = np.nonzero(~finite.all(axis=other_axes))[0]  # hypotheses with a non-finite value
-        g_bad = np.where(finite, 0.0, g)[..., bad, :]  # (..., J, Dv)
-        with np.errstate(invalid="ignore"):
-            terms = r[..., bad][..., None] * g_bad[..., None, :, :]  # (..., N, J, Dv)
-        if limit:
-            terms = np.where(r[..., bad][..., None] == 0, g_bad[..., None, :, :], terms)
-        if take is not None:
-            terms = np.where(take[..., bad][..., None], terms, 0.0)
-        out = out + terms.sum(axis=-2)
-    if not vector:
-        out = out[..., 0]
-    return out[0] if one_row else out
 
 
 def _check_r_g(r, g):
@@ -106,7 +71,7 @@ def posterior_mean(r, g, *, mask=None):
     """
     r, g = _check_r_g(r, g)
     take = as_mask(mask, r.shape, "mask")
-    a = _weighted_sum(r.astype(np.float64), g.astype(np.float64), take)
+    a = weighted_sum(r.astype(np.float64), g.astype(np.float64), take)
     return to_dtype(a, result_dtype(r, g))[()]
 
 
@@ -126,7 +91,7 @@ def posterior_mode(d, g, *, mask=None, ties="split"):
     _, g = _check_r_g(d, g)
     r = hard_responsibilities(d.astype(np.float64), mask=mask, ties=ties)
     take = as_mask(mask, d.shape, "mask")
-    a = _weighted_sum(r, g.astype(np.float64), take)
+    a = weighted_sum(r, g.astype(np.float64), take)
     return to_dtype(a, result_dtype(d, g))[()]
 
 
@@ -145,7 +110,7 @@ def posterior_variance(r, g, *, mask=None):
     r, g = _check_r_g(r, g)
     take = as_mask(mask, r.shape, "mask")
     r64, g64 = r.astype(np.float64), g.astype(np.float64)
-    a = _weighted_sum(r64, g64, take)
+    a = weighted_sum(r64, g64, take)
     if g64.ndim == 1:
         centred_sq = (g64 - a[..., None]) ** 2  # (..., K)
         var = np.where(take if take is not None else True, r64 * centred_sq, 0.0).sum(axis=-1)
@@ -221,7 +186,7 @@ def _softmin_summary(d, v, tau, take, empty, keep=None, p=0.0):
         L = _log_partition_rows(-t.m / tau + np.log1p(t.rest), t)  # G1: L = -m/tau + log(1 + sum_{j != argmin} w_j)
     participates = ~np.isposinf(d) if take is None else take & ~np.isposinf(d)
     if keep is None:
-        a = _weighted_sum(r, v, participates, limit=True)  # A4: a = sum_j r_j v_j
+        a = weighted_sum(r, v, participates, limit=True)  # A4: a = sum_j r_j v_j
     else:
         a = dropout_mean(r, keep & participates, p, v)  # V8: a = sum_j r_j keep_j v_j / (1 - p)
         a = np.where(t.nan_row[..., None], np.nan, a)  # a NaN row stays NaN even if all its keys are dropped

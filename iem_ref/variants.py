@@ -36,6 +36,7 @@ import numbers
 
 import numpy as np
 
+from ._accurate import weighted_sum
 from ._validation import as_float_array, as_mask
 
 __all__ = [
@@ -216,9 +217,8 @@ def dropout_mean(r, keep, p, v):
     >>> dropout_mean(np.array([[0.5, 0.5]]), np.array([[True, False]]), 0.5, np.array([[2.0], [np.nan]]))
     array([[2.]])
     """
-    from .summaries import _weighted_sum
 
-    return _weighted_sum(np.where(keep, r, 0.0), v, keep, limit=True) / (1.0 - p)
+    return weighted_sum(np.where(keep, r, 0.0), v, keep, limit=True) / (1.0 - p)
 
 
 # ----------------------------------------------------------------------------

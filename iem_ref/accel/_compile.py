@@ -5,7 +5,7 @@ each on a 2-core VM: ``bench/first_call.py``), then loaded from Numba's cache by
 (well under a second).  The cache lives in ``__pycache__`` beside the
 package's modules, or under ``NUMBA_CACHE_DIR`` when that environment
 variable is set (needed where the installed package is read-only).
-:func:`warmup` (``iem-ref warmup``) compiles everything ahead of time.
+:func:`iem_ref.accel.cpu.warmup` (``iem-ref warmup``) compiles everything ahead of time.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 import warnings
 
 from numba import njit
 
-__all__ = ["CompilationNotice", "INNER", "compile_kernel", "cache_dir", "warmup"]
+__all__ = ["CompilationNotice", "INNER", "compile_kernel", "cache_dir"]
 
 #: ``@njit`` options of the helpers that only other kernels call: no CPython or C wrapper.  Numba builds
 #: both for every function it compiles, and for the kernels' twenty-odd helpers that was a fifth of a
@@ -83,39 +82,3 @@ def compile_kernel(py_func, sig, label, **options):
     disp.compile(sig)
     disp.disable_compile()  # as njit(sig) does: calls convert to this one signature, never compile another
     return disp
-
-
-def warmup(report=print):
-    """Compile (or load from the cache) every CPU kernel for float32 and float64; returns ``{kernel: seconds}``.
-
-    Each kernel is reached through the public function that uses it, on tiny
-    inputs, so that nothing is compiled that a call would not compile.
-    """
-    import numpy as np
-
-    from . import cpu
-
-    times = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CompilationNotice)
-        for dtype in (np.float64, np.float32):
-            q = np.zeros((2, 3), dtype)
-            v = np.zeros((2, 1), dtype)
-            jobs = {
-                "forward": lambda: cpu.attention(q, q, v),
-                "backward": lambda: cpu.attention_vjp(q, q, v, v, out=v, lse=np.zeros(2, dtype)),
-            }
-            for name, job in jobs.items():
-                t0 = time.perf_counter()
-                job()
-                times[f"{name} ({np.dtype(dtype).name})"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        z = np.zeros(2)
-        cpu.sign_posterior_mean(z, z)
-        cpu.tanh_from_signed_gaussian(z)
-        cpu.softplus(z)
-        times["scalar activations (float64)"] = time.perf_counter() - t0
-    for name, sec in times.items():
-        report(f"{name:40s} {sec:6.2f} s")
-    report(f"{'total':40s} {sum(times.values()):6.2f} s   (cache: {cache_dir(cpu._kernel('forward', np.float64))})")
-    return times

@@ -22,7 +22,7 @@ inside the kernel's own threads oversubscribes the cores (measured on a
 
 The kernels compile on first use, once per dtype, into Numba's on-disk cache
 (:mod:`iem_ref.accel._compile`: a one-time ``CompilationNotice``, and
-``iem-ref warmup`` to compile ahead of time).
+:func:`warmup`, ``iem-ref warmup``, to compile ahead of time).
 
 float32: GEMMs, the shift, ``exp`` and the per-tile row sums run in float32
 (dot products of length ``D``, sums of at most ``bk`` terms: 512, or 2048
@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import math
 import threading
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -67,7 +69,7 @@ from .._validation import (
 )
 from ..attention import prepare_attention
 from . import _cpu_kernels as _k
-from ._compile import compile_kernel
+from ._compile import CompilationNotice, cache_dir, compile_kernel
 from ._problem import ENERGY_CODES, MASK_TYPE, PRECOMPUTED, UNBOUNDED, Problem, band, problem_type
 from ._scalar import sign_mean, signed_gaussian_mean, softplus_scalar
 
@@ -80,6 +82,7 @@ __all__ = [
     "softplus",
     "ENERGIES",
     "plan",
+    "warmup",
 ]
 
 #: energies with a fused kernel: name -> the code shared by every path (:mod:`iem_ref.accel._problem`)
@@ -525,6 +528,39 @@ def softplus(z, tau=1.0):
     out = np.empty(z.size, np.float64)
     _softplus_array(_flat64(z), tau, out)
     return np.asarray(out.reshape(z.shape), dtype=z.dtype)[()]
+
+
+# --- compiling ahead of time ----------------------------------------------------------
+def warmup(report=print):
+    """Compile (or load from the cache) every CPU kernel for float32 and float64; returns ``{kernel: seconds}``.
+
+    Each kernel is reached through the public function that uses it, on tiny
+    inputs, so that nothing is compiled that a call would not compile.
+    """
+    times = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompilationNotice)
+        for dtype in (np.float64, np.float32):
+            q = np.zeros((2, 3), dtype)
+            v = np.zeros((2, 1), dtype)
+            jobs = {
+                "forward": lambda: attention(q, q, v),
+                "backward": lambda: attention_vjp(q, q, v, v, out=v, lse=np.zeros(2, dtype)),
+            }
+            for name, job in jobs.items():
+                t0 = time.perf_counter()
+                job()
+                times[f"{name} ({np.dtype(dtype).name})"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        z = np.zeros(2)
+        sign_posterior_mean(z, z)
+        tanh_from_signed_gaussian(z)
+        softplus(z)
+        times["scalar activations (float64)"] = time.perf_counter() - t0
+    for name, sec in times.items():
+        report(f"{name:40s} {sec:6.2f} s")
+    report(f"{'total':40s} {sum(times.values()):6.2f} s   (cache: {cache_dir(_kernel('forward', np.float64))})")
+    return times
 
 
 # --- un-finalised partials (M1), for reductions across processes or machines ---------------
