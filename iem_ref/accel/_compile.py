@@ -21,7 +21,7 @@ __all__ = ["CompilationNotice", "INNER", "compile_kernel", "cache_dir"]
 
 #: ``@njit`` options of the helpers that only other kernels call: no CPython or C wrapper.  Numba builds
 #: both for every function it compiles, and for the kernels' twenty-odd helpers that was a fifth of a
-#: first call (float64 forward, 2-core AMD EPYC family 26: 5.2 s -> 4.2 s of CPU time).  Such a function
+#: first call (float64 forward, 2-core AMD EPYC family 26: 5.5 s -> 4.5 s of CPU time).  Such a function
 #: must never be called from Python: it has no entry point there (Numba crashes, numba/numba#2541), so
 #: every one of them has a leading underscore and is called from ``@njit`` code only.
 INNER = {"cache": True, "no_cpython_wrapper": True, "no_cfunc_wrapper": True}

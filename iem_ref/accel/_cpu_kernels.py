@@ -344,13 +344,16 @@ class Norms(NamedTuple):
 
 
 @njit(**INNER)
-def _norms(h, i0, i1, bk):
-    """:class:`Norms` scratch for queries ``[i0, i1)`` (their norms filled in for K2) and key tiles of ``bk``."""
-    bq = i1 - i0
-    n = Norms(np.empty(bq, h.q.dtype), np.empty(bq, np.bool_), np.empty(bk, h.q.dtype), np.empty(bk, np.bool_))
+def _norms(h, bq, bk):
+    """:class:`Norms` scratch for query blocks of up to ``bq`` queries and key tiles of up to ``bk`` keys."""
+    return Norms(np.empty(bq, h.q.dtype), np.empty(bq, np.bool_), np.empty(bk, h.q.dtype), np.empty(bk, np.bool_))
+
+
+@njit(**INNER)
+def _set_query_norms(h, norms, i0, i1):
+    """The half squared norms of queries ``[i0, i1)`` into ``norms`` (K2 only; the key tile's are set by :func:`_scores`)."""
     if h.energy == SQEUCLIDEAN:
-        _half_sqnorms(h.q[i0:i1], n.q, n.qbad)
-    return n
+        _half_sqnorms(h.q[i0:i1], norms.q, norms.qbad)
 
 
 @njit(**INNER)
@@ -485,7 +488,8 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
     part = np.empty((bq, bk_max), dtype=np.bool_)
     vbad = np.empty(bk_max, dtype=np.bool_)
     rescale = np.empty(bq, dtype=np.float64)
-    norms = _norms(h, i0, i1, bk_max)
+    norms = _norms(h, bq, bk_max)
+    _set_query_norms(h, norms, i0, i1)
     ninf = -np.inf
     for r in range(bq):
         acc.m[r] = ninf
@@ -699,7 +703,8 @@ def _count_certain(h, i0, i1, bk_max, saved):
         return
     M = h.k.shape[0]
     S = np.empty((bq, bk_max), dtype=h.q.dtype)
-    norms = _norms(h, i0, i1, bk_max)
+    norms = _norms(h, bq, bk_max)
+    _set_query_norms(h, norms, i0, i1)
     start, end = _key_tiles(h, i0, i1, 0, M, bk_max)
     for jb in range(start, end, bk_max):
         bk = min(bk_max, M - jb)
@@ -729,6 +734,7 @@ def _backward_keys(h, j0, j1, bq_max, saved, dk, dv):
     acc_k = np.zeros((bk, D), dtype=np.float64)
     acc_v = np.zeros((bk, Dv), dtype=np.float64)
     colsum = np.zeros(bk, dtype=np.float64)
+    norms = _norms(h, bq_max, bk)
     # the queries that see a key of [j0, j1) (the band), in the query tiling of the forward
     i_start = min(N, max(0, j0 - h.right - h.offset))
     i_start -= i_start % bq_max
@@ -736,7 +742,8 @@ def _backward_keys(h, j0, j1, bq_max, saved, dk, dv):
     for i0 in range(i_start, i_end, bq_max):
         i1 = min(N, i0 + bq_max)
         bq = i1 - i0
-        _scores(S, bq, bk, h, i0, j0, _norms(h, i0, i1, bk))
+        _set_query_norms(h, norms, i0, i1)
+        _scores(S, bq, bk, h, i0, j0, norms)
         if Dv > 0:
             gemm(_TRANS, _NOTRANS, bk, bq, Dv, 1.0, v, j0 * Dv, Dv, u, i0 * Dv, Dv, 0.0, Bt, 0, bk)  # b_ij = <u_i, v_j>
         else:
@@ -794,7 +801,8 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq):
     tq = np.empty((bq, D), dtype=q.dtype)
     kfin = np.empty((bk_max, D), dtype=q.dtype)
     kflag = np.empty(bk_max, dtype=np.bool_)
-    norms = _norms(h, i0, i1, bk_max)
+    norms = _norms(h, bq, bk_max)
+    _set_query_norms(h, norms, i0, i1)
     acc = np.zeros((bq, D), dtype=np.float64)
     start, end = _key_tiles(h, i0, i1, 0, M, bk_max)
     for jb in range(start, end, bk_max):

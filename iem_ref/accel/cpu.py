@@ -275,10 +275,9 @@ def plan(B, N, M, dtype, backward=False, band=None):
     return bq, bk, nsplit
 
 
-def _band(inp):
-    """The band of keys each query sees (causality and the window V4), as :class:`Problem` fields."""
-    left, right = band(inp.is_causal, inp.window)
-    return {"left": left, "right": right}
+def _band_width(p):
+    """How many keys a query of the :class:`Problem` ``p`` sees at most under its window (V4), None without one (:func:`plan`)."""
+    return p.left + p.right + 1 if max(p.left, p.right) < UNBOUNDED else None
 
 
 def _scale_of(tau):
@@ -290,7 +289,7 @@ def _zero_map(batch):
 
 
 def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=None, d=None, mask=None, offset=0,
-             left=UNBOUNDED, right=UNBOUNDED, empty="zero"):
+             is_causal=False, window=None, empty="zero"):
     """The :class:`~iem_ref.accel._problem.Problem` of one call and its mask, built once from validated inputs.
 
     Operands are flattened over ``batch`` without copying broadcast ones
@@ -303,11 +302,9 @@ def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=Non
         if x is None:
             ops[name] = (_ro(np.zeros((1,) + placeholder[name], dtype)), _zero_map(batch))
         else:
-            x3, xmap = _stack(x, batch, dtype)
-            if x3.shape[0] == 0:  # an empty batch axis: nothing will be read
-                x3 = _ro(np.zeros((1,) + x3.shape[1:], dtype))
-            ops[name] = (x3, xmap)
+            ops[name] = _stack(x, batch, dtype)
     mask3, mmap, has_mask = _stack_mask(mask, batch, n, m)
+    left, right = band(is_causal, window)
     p = Problem(ops["q"][0], ops["k"][0], ops["v"][0], ops["u"][0], ops["d"][0],
                 ops["q"][1], ops["k"][1], ops["v"][1], ops["u"][1], ops["d"][1], mmap,
                 int(energy), dtype.type(scale), int(offset), int(left), int(right), has_mask, empty == "nan")
@@ -326,8 +323,7 @@ def _run_forward(pm, batch, n, m, dv, nsplit=None):
     lse = np.empty((B, n), dtype)
     if B == 0 or n == 0:
         return out.reshape(batch + (n, dv)), lse.reshape(batch + (n,))
-    p = pm[0]
-    bq, bk, ns = plan(B, n, m, dtype, band=p.left + p.right + 1 if max(p.left, p.right) < UNBOUNDED else None)
+    bq, bk, ns = plan(B, n, m, dtype, band=_band_width(pm[0]))
     if nsplit is not None:
         ns = nsplit
     _run_stages(_kernel("forward", dtype), (0, 1) if ns > 1 else (0,), *pm, bq, bk, ns, _new_partials(B, ns, n, dv), out, lse)
@@ -348,7 +344,7 @@ def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy
     dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v)
     pm = _problem(dtype, inp.batch, inp.n, inp.m, q=as_float_array(q, "q"), k=as_float_array(k, "k"), v=as_float_array(v, "v"),
                  mask=inp.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=inp.causal_offset,
-                 empty=empty, **_band(inp))
+                 is_causal=inp.is_causal, window=inp.window, empty=empty)
     return _run_forward(pm, inp.batch, inp.n, inp.m, inp.dv, nsplit), inp
 
 
@@ -441,7 +437,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         return shaped
     pm = _problem(dtype, batch, n, m, q=as_float_array(q, "q"), k=as_float_array(k, "k"), v=as_float_array(v, "v"),
                  u=as_float_array(u, "grad_out"), mask=inp.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau),
-                 offset=inp.causal_offset, **_band(inp))
+                 offset=inp.causal_offset, is_causal=inp.is_causal, window=inp.window)
     if out is None or lse is None:
         a, L = _run_forward(pm, batch, n, m, dv_)
     else:
@@ -455,8 +451,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     with np.errstate(invalid="ignore", over="ignore"):
         delta = _ro(np.ascontiguousarray(np.einsum("bnc,bnc->bn", u64, a64)))  # Delta_i = <u_i, a_i> = sum_j r_ij b_ij
     del a64, u64
-    left, right = pm[0].left, pm[0].right
-    bq, bk, _ = plan(B, n, m, dtype, backward=True, band=left + right + 1 if max(left, right) < UNBOUNDED else None)
+    bq, bk, _ = plan(B, n, m, dtype, backward=True, band=_band_width(pm[0]))
     saved = _k.Saved(L64, delta, np.zeros((B, n)))
     _run_stages(_kernel("backward", dtype), (0, 1, 2), *pm, bq, bk, saved, _k.Grads(dq, dk, dv))
     return shaped
@@ -642,7 +637,7 @@ def attention_partials(q, k, v, *, scale=None, mask=None, causal_offset=None, en
     causal = causal_offset is not None
     pm = _problem(dtype, inp.batch, inp.n, inp.m, q=as_float_array(q, "q"), k=as_float_array(k, "k"), v=as_float_array(v, "v"),
                  mask=inp.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=int(causal_offset) if causal else 0,
-                 right=0 if causal else UNBOUNDED)
+                 is_causal=causal)
     return _partials_of(pm, bq, bk, B, inp.n, inp.dv, inp.batch, threads)
 
 
