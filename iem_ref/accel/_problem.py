@@ -201,7 +201,7 @@ def device_problem_type(t):
 # --- the row finish (M2's result), one definition for every path ---------------
 @njit(cache=True)
 def log_partition_of_row(m, l, nan):
-    """``L = m + log l`` from a row's running maximum score ``m`` and sum ``l = sum exp(s - m)``, with the policy.
+    """M2's result: ``L = m + log l`` from a row's running maximum score ``m`` and sum ``l = sum exp(s - m)``, with the policy.
 
     ``nan``: a NaN score spoiled the row (``L = NaN``); ``m = +inf``: certain
     keys (``L = +inf``, their count is ``l``); ``l = 0``: no key takes part
@@ -218,7 +218,7 @@ def log_partition_of_row(m, l, nan):
 
 @njit(cache=True)
 def summary_of_row(o, l, nan, empty_nan):
-    """``a = o / l`` for one output entry, with the policy: NaN for a spoiled row, 0 (or NaN) for an empty one."""
+    """M2's result: ``a = o / l`` for one output entry, with the policy: NaN for a spoiled row, 0 (or NaN) for an empty one."""
     if nan:
         return math.nan
     if l == 0.0:
