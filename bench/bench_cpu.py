@@ -267,6 +267,14 @@ def machine():
         info["numba_threads"] = numba.config.NUMBA_NUM_THREADS
     except Exception:  # noqa: BLE001
         pass
+    try:  # the BLAS the kernels call (SciPy's, through Numba) and the kernels it picked for this CPU
+        import scipy.linalg  # noqa: F401
+        import threadpoolctl
+
+        info["blas"] = [f"{i['internal_api']} {i['version']} ({i.get('architecture')}) {os.path.basename(i['filepath'])}"
+                        for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
+    except Exception:  # noqa: BLE001 - optional
+        pass
     return info
 
 
