@@ -94,7 +94,8 @@ class AttentionInputs:
     """Validated attention inputs, shared by the reference, the exact tier and the accelerated paths.
 
     Attributes: ``q, k, v`` (original dtypes, batch axes broadcast; ``k, v``
-    repeated to the query heads under V6), ``batch`` (tuple), ``n, m, dv``,
+    repeated to the query heads under V6, on first use; ``k_heads, v_heads``
+    as given, batch broadcast, ``Hkv`` heads), ``batch`` (tuple), ``n, m, dv``,
     ``tau`` (``1/scale``; ``inf`` for ``scale = 0``), ``scale`` (``1/tau``, 0
     for ``tau = inf``), ``mask`` (bool ``(B..., N, M)`` broadcast view, or
     None), ``is_causal``, ``causal_offset`` (query ``i`` sees
@@ -127,8 +128,13 @@ class AttentionInputs:
         self.group = 1
         if var["enable_gqa"]:
             self.group = _gqa_group(q, k, v)
-            k, v = repeat_kv_heads(k, self.group), repeat_kv_heads(v, self.group)  # V6
-        self.batch, (self.q, self.k, self.v) = broadcast_batch([("q", q), ("k", k), ("v", v)], [2, 2, 2])
+        # the batch as if K and V had a head per query head (V6); their own heads stay unrepeated until read
+        shapes = [("q", q), ("k", _as_query_heads(k, self.group)), ("v", _as_query_heads(v, self.group))]
+        self.batch, (self.q, k_rep, v_rep) = broadcast_batch(shapes, [2, 2, 2])
+        kv_batch = self.batch[:-1] + (k.shape[-3],) if self.group > 1 else self.batch
+        self.k_heads = np.broadcast_to(k, kv_batch + k.shape[-2:])
+        self.v_heads = np.broadcast_to(v, kv_batch + v.shape[-2:])
+        self._repeated = None if self.group > 1 else (self.k_heads, self.v_heads)
         self.n, self.m, self.dv = q.shape[-2], k.shape[-2], v.shape[-1]
         self.tau = check_scale(scale, q.shape[-1])
         self.scale = 0.0 if np.isinf(self.tau) else 1.0 / self.tau
@@ -172,6 +178,21 @@ class AttentionInputs:
             self.sinks_shape = np.shape(var["sinks"])
             self.sinks = as_head_param(var["sinks"], "sinks", self.batch, None)
         self.dropout_p, self.keep = check_dropout(var["dropout_p"], var["dropout_mask"], rows)
+
+    @property
+    def k(self):
+        """The keys ``(B..., M, D)``, one head per query head (V6 repeats a key head over its group on first use)."""
+        return self._kv()[0]
+
+    @property
+    def v(self):
+        """The values ``(B..., M, Dv)``, one head per query head (as :attr:`k`)."""
+        return self._kv()[1]
+
+    def _kv(self):
+        if self._repeated is None:
+            self._repeated = (repeat_kv_heads(self.k_heads, self.group), repeat_kv_heads(self.v_heads, self.group))  # V6
+        return self._repeated
 
     @property
     def plain_scores(self):
@@ -244,6 +265,14 @@ _NO_VARIANTS = dict(
     dropout_p=0.0,
     dropout_mask=None,
 )
+
+
+def _as_query_heads(x, group):
+    """A zero-copy stand-in for ``x (..., Hkv, M, D)`` with ``Hkv * group`` heads: for broadcasting the batch shapes only."""
+    if group == 1:
+        return x
+    shape = x.shape[:-3] + (x.shape[-3] * group,) + x.shape[-2:]
+    return np.lib.stride_tricks.as_strided(x, shape, (0,) * len(shape), writeable=False)
 
 
 def _gqa_group(q, k, v):

@@ -9,8 +9,12 @@ gradient), mask ``(N, M)`` (any strides, 0 for broadcast axes); tiles:
 ``bq`` queries x ``bk`` keys.
 
 Participation: the band (causality and the sliding window V4, key ``j`` for
-query ``i`` when ``i + offset - left <= j <= i + offset + right``) and the
-mask.  Tiles wholly outside the band are never computed; the tiles kept
+query row ``i`` when ``i' - left <= j <= i' + right``, ``i' = i // group +
+offset``) and the mask (row ``i // mask_group``).  Grouped-query heads (V6)
+come as ``group`` query heads stacked row by row over one key/value head
+(row ``i`` is position ``i // group`` of head ``i % group``), so each K/V
+tile is read once per group and ``dk, dv`` sum over the group as they sum
+over queries.  Tiles wholly outside the band are never computed; the tiles kept
 are those of the full grid, so the summation order does not depend on it.
 
 Scores, not energies: inside the kernels ``s_ij = -d_ij * scale`` (for the dot
@@ -358,9 +362,10 @@ def _set_query_norms(h, norms, i0, i1):
 
 @njit(**INNER)
 def _band_in_tile(h, i, jb, bk):
-    """``(lo, hi)``: query ``i`` sees the keys ``jb + j`` of a tile for ``lo <= j < hi`` (the band: causality, window V4)."""
-    lo = min(max(i + h.offset - h.left - jb, 0), bk)
-    hi = min(max(i + h.offset + h.right - jb + 1, lo), bk)
+    """``(lo, hi)``: query row ``i`` sees the keys ``jb + j`` of a tile for ``lo <= j < hi`` (the band: causality, window V4)."""
+    at = i // h.group + h.offset  # the row's aligned position (a group's heads share it, V6)
+    lo = min(max(at - h.left - jb, 0), bk)
+    hi = min(max(at + h.right - jb + 1, lo), bk)
     return lo, hi
 
 
@@ -372,11 +377,11 @@ def _key_tiles(h, i0, i1, j0, j1, bk):
     work linear in the sequence length); the tiles kept start where they
     would without the band, so the summation order does not change.
     """
-    first = i0 + h.offset - h.left  # the lowest key the block's first query sees
+    first = i0 // h.group + h.offset - h.left  # the lowest key the block's first query sees
     start = j0
     if first > j0:
         start = min(j1, j0 + (first - j0) // bk * bk)
-    end = min(j1, max(start, i1 - 1 + h.offset + h.right + 1))  # past the highest key its last query sees
+    end = min(j1, max(start, (i1 - 1) // h.group + h.offset + h.right + 1))  # past the highest key its last query sees
     return start, end
 
 
@@ -446,7 +451,7 @@ def _scores(S, bq, bk, h, i0, jb, norms):
             row[j] = ninf
         if h.has_mask:
             for j in range(lo, hi):
-                if not h.mask[i, jb + j]:
+                if not h.mask[i // h.mask_group, jb + j]:
                     row[j] = ninf
 
 
@@ -736,9 +741,9 @@ def _backward_keys(h, j0, j1, bq_max, saved, dk, dv):
     colsum = np.zeros(bk, dtype=np.float64)
     norms = _norms(h, bq_max, bk)
     # the queries that see a key of [j0, j1) (the band), in the query tiling of the forward
-    i_start = min(N, max(0, j0 - h.right - h.offset))
+    i_start = min(N, max(0, j0 - h.right - h.offset) * h.group)
     i_start -= i_start % bq_max
-    i_end = min(N, max(i_start, j1 - 1 + h.left - h.offset + 1))
+    i_end = min(N, max(i_start, (j1 - 1 + h.left - h.offset + 1) * h.group))
     for i0 in range(i_start, i_end, bq_max):
         i1 = min(N, i0 + bq_max)
         bq = i1 - i0

@@ -109,10 +109,12 @@ class Problem(NamedTuple):
     mmap: np.ndarray  # for the mask, which travels beside the record (see below)
     energy: int  # DOT, SQEUCLIDEAN or PRECOMPUTED
     scale: float  # s = -d * scale, in the kernel's dtype; 0 for tau = inf
-    offset: int  # the band (causality, V4): query i sees key j when i + offset - left <= j <= i + offset + right
+    offset: int  # the band (causality, V4): query row i sees key j when i' - left <= j <= i' + right, i' = i // group + offset
     left: int
     right: int
+    group: int  # grouped-query heads (V6): rows i = group * position + head of the group; 1 otherwise
     has_mask: bool  # False: mask is a placeholder, every pair takes part
+    mask_group: int  # row i reads mask row i // mask_group (group when the mask is shared by a group's heads, else 1)
     empty_nan: bool  # an empty row's output is NaN (else 0)
 
 
@@ -130,14 +132,16 @@ class Head(NamedTuple):
     offset: int
     left: int
     right: int
+    group: int
     has_mask: bool
+    mask_group: int
 
 
 @njit(cache=True)
 def head_of(p, mask, b):
     """The operands of flat batch element ``b`` of the problem ``p`` and its ``mask`` (views, no copies)."""
     return Head(p.q[p.qmap[b]], p.k[p.kmap[b]], p.v[p.vmap[b]], p.u[p.umap[b]], p.d[p.dmap[b]], mask[p.mmap[b]],
-                p.energy, p.scale, p.offset, p.left, p.right, p.has_mask)
+                p.energy, p.scale, p.offset, p.left, p.right, p.group, p.has_mask, p.mask_group)
 
 
 def problem_type(t):
@@ -145,7 +149,7 @@ def problem_type(t):
     f3 = types.Array(t, 3, "C", readonly=True)
     i1 = types.Array(types.int64, 1, "C", readonly=True)
     b1, i64 = types.boolean, types.int64
-    return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, i64, i64, i64, b1, b1], Problem)
+    return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, i64, i64, i64, i64, b1, i64, b1], Problem)
 
 
 #: the Numba type of the mask argument beside the record

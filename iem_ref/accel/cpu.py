@@ -210,7 +210,7 @@ def _stack(x, batch, dtype):
 
 
 def _stack_mask(mask, batch, n, m):
-    """The boolean mask as ``(own, N, M)`` (broadcast rows/columns keep stride 0) and its batch map."""
+    """The boolean mask as ``(own, n, M)`` (broadcast rows/columns keep stride 0) and its batch map (``n``: its rows)."""
     if mask is None:
         return _ro(np.ones((1, 1, 1), np.bool_)), _zero_map(batch), False
     mk = np.asarray(mask)
@@ -289,13 +289,16 @@ def _zero_map(batch):
 
 
 def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=None, d=None, mask=None, offset=0,
-             is_causal=False, window=None, empty="zero"):
+             is_causal=False, window=None, empty="zero", groups=None):
     """The :class:`~iem_ref.accel._problem.Problem` of one call and its mask, built once from validated inputs.
 
     Operands are flattened over ``batch`` without copying broadcast ones
     (:func:`_stack`); those the kernel will not read (``u`` in the forward,
     ``q, k`` for precomputed energies, ``d`` otherwise) are empty placeholders.
+    ``groups``: the :class:`_Groups` of grouped-query heads (V6; ``batch``,
+    ``n``, ``q``, ``u`` and ``mask`` are then already the stacked ones).
     """
+    group, mask_group = (1, 1) if groups is None else (groups.g, groups.mask_group)
     placeholder = {"q": (n, 0), "k": (m, 0), "v": (m, 0), "u": (n, 0), "d": (1, 0)}
     ops = {}
     for name, x in (("q", q), ("k", k), ("v", v), ("u", u), ("d", d)):
@@ -303,12 +306,57 @@ def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=Non
             ops[name] = (_ro(np.zeros((1,) + placeholder[name], dtype)), _zero_map(batch))
         else:
             ops[name] = _stack(x, batch, dtype)
-    mask3, mmap, has_mask = _stack_mask(mask, batch, n, m)
+    mask3, mmap, has_mask = _stack_mask(mask, batch, n // mask_group, m)
     left, right = band(is_causal, window)
     p = Problem(ops["q"][0], ops["k"][0], ops["v"][0], ops["u"][0], ops["d"][0],
                 ops["q"][1], ops["k"][1], ops["v"][1], ops["u"][1], ops["d"][1], mmap,
-                int(energy), dtype.type(scale), int(offset), int(left), int(right), has_mask, empty == "nan")
+                int(energy), dtype.type(scale), int(offset), int(left), int(right), int(group), has_mask, int(mask_group),
+                empty == "nan")
     return p, mask3
+
+
+class _Groups:
+    """Grouped-query heads (V6) as the kernels run them: the ``g`` query heads of a key/value head stacked row by row.
+
+    Row ``i g + h`` of the stacked problem is position ``i`` of the group's
+    head ``h``, so a query block holds every head of the group at a few
+    positions: each K/V tile is read once per group, the band reads the
+    position as ``row // g``, and ``dk, dv`` sum over the group as they sum
+    over queries.  Queries, the upstream gradient and the outputs are
+    reordered (copies of ``O(B N D)``); keys and values are read as given.
+    A mask shared by a group's heads (stride 0 over the heads) is read per
+    position; one that differs is stacked with the queries.  ``g = 1``: the
+    plain problem, nothing moves.
+    """
+
+    def __init__(self, inp):
+        g = self.g = inp.group
+        self.batch = inp.batch if g == 1 else inp.batch[:-1] + (inp.batch[-1] // g,)
+        self.rows = inp.n * g
+        self.mask, self.mask_group = inp.mask, 1
+        if g > 1 and inp.mask is not None:
+            if inp.mask.strides[-3] == 0:
+                self.mask, self.mask_group = inp.mask[..., ::g, :, :], g
+            else:
+                self.mask = self.stack(inp.mask)
+
+    def stack(self, x):
+        """``(B..., Hkv g, N, C) -> (B..., Hkv, N g, C)``, row ``i g + h`` from head ``h`` of each group."""
+        if self.g == 1:
+            return x
+        *lead, h, n, c = x.shape
+        grouped = np.swapaxes(x.reshape((*lead, h // self.g, self.g, n, c)), -3, -2)
+        return np.ascontiguousarray(grouped).reshape((*lead, h // self.g, n * self.g, c))
+
+    def unstack(self, x):
+        """The inverse of :meth:`stack` (``(B..., Hkv, N g[, C])``; without ``C`` for the log-partition)."""
+        if self.g == 1:
+            return x
+        if x.ndim == len(self.batch) + 1:
+            return self.unstack(x[..., None])[..., 0]
+        *lead, h, rows, c = x.shape
+        heads = np.swapaxes(x.reshape((*lead, h, rows // self.g, self.g, c)), -3, -2)
+        return np.ascontiguousarray(heads).reshape((*lead, h * self.g, rows // self.g, c))
 
 
 def _new_partials(B, nsplit, n, dv):
@@ -336,27 +384,34 @@ def _check_energy(energy):
         raise ValueError(f"iem_ref.accel.cpu supports energy in {sorted(ENERGIES)}; got {energy!r} (use iem_ref.attention for the others)")
 
 
-def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, window=None, nsplit=None):
+def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, window=None, enable_gqa=False,
+                       nsplit=None):
     check_choice(empty, "empty", {"zero", "nan"})
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
-                            energy=energy, window=window)
+                            energy=energy, window=window, enable_gqa=enable_gqa)
     _check_energy(energy)
-    dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v)
-    pm = _problem(dtype, inp.batch, inp.n, inp.m, q=as_float_array(q, "q"), k=as_float_array(k, "k"), v=as_float_array(v, "v"),
-                 mask=inp.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=inp.causal_offset,
-                 is_causal=inp.is_causal, window=inp.window, empty=empty)
-    return _run_forward(pm, inp.batch, inp.n, inp.m, inp.dv, nsplit), inp
+    dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads)
+    groups = _Groups(inp)
+    qs = as_float_array(q, "q") if groups.g == 1 else groups.stack(inp.q)
+    pm = _problem(dtype, groups.batch, groups.rows, inp.m, q=qs, k=as_float_array(k, "k"), v=as_float_array(v, "v"),
+                  mask=groups.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=inp.causal_offset,
+                  is_causal=inp.is_causal, window=inp.window, empty=empty, groups=groups)
+    a, lse = _run_forward(pm, groups.batch, groups.rows, inp.m, inp.dv, nsplit)
+    return (groups.unstack(a), groups.unstack(lse)), inp
 
 
 def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero",
-              window=None, return_lse=False):
+              window=None, enable_gqa=False, return_lse=False):
     """A1-A4 fused (M1-M2): ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one pass, as :func:`iem_ref.attention`.
 
     Parameters and edge cases as the reference; ``energy`` is ``"dot"`` or
     ``"sqeuclidean"`` (others raise ``ValueError``); ``window=(left, right)``
     is the sliding window (V4): key tiles outside it are never computed, so
-    the cost grows with ``N (left + right)``, not ``N M``.  No
-    ``return_responsibilities``: that is the ``N x M`` array this path avoids.
+    the cost grows with ``N (left + right)``, not ``N M``;
+    ``enable_gqa=True``: grouped-query heads (V6), ``q (B..., Hq, N, D)``
+    against ``k, v (B..., Hkv, M, .)``, each K/V tile read once per group.
+    No ``return_responsibilities``: that is the ``N x M`` array this path
+    avoids.
 
     Returns
     -------
@@ -370,7 +425,7 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     >>> a, lse
     (array([[2.]]), array([0.69314718]))
     """
-    (a, lse), _ = _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, window)
+    (a, lse), _ = _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, window, enable_gqa)
     return (a, lse) if return_lse else a
 
 
@@ -403,15 +458,17 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
 
 
 def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot",
-                  window=None, out=None, lse=None):
+                  window=None, enable_gqa=False, out=None, lse=None):
     """G4: ``(dq, dk, dv)`` for the upstream gradient ``u = grad_out``, as :func:`iem_ref.attention_vjp`.
 
     With ``r_ij = exp(s_ij - L_i)`` rebuilt tile by tile from the saved
     log-partition ``lse`` (G1) and ``Delta_i = <u_i, a_i>`` from the saved
     output ``out``: ``dv_j = sum_i r_ij u_i``, ``dS_ij = r_ij (<u_i, v_j> -
     Delta_i)``, ``dq = scale dS k``, ``dk = scale dS^T q`` (minus ``scale k_j
-    sum_i dS_ij`` for ``"sqeuclidean"``).  When ``out`` or ``lse`` is missing
-    both are recomputed by :func:`attention`.  No ``N x M`` array is formed.
+    sum_i dS_ij`` for ``"sqeuclidean"``).  With grouped-query heads (V6)
+    ``dk, dv (B..., Hkv, M, .)`` sum over each group's queries.  When ``out``
+    or ``lse`` is missing both are recomputed by :func:`attention`.  No
+    ``N x M`` array is formed.
 
     Examples
     --------
@@ -423,38 +480,47 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     """
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
-                            energy=energy, window=window)
+                            energy=energy, window=window, enable_gqa=enable_gqa)
     u = check_grad_out(grad_out, inp.batch, inp.n, inp.dv)
-    dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v, grad_out=u)
-    batch, n, m, dv_ = inp.batch, inp.n, inp.m, inp.v.shape[-1]
+    dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads, grad_out=u)
+    groups = _Groups(inp)
+    batch, n, m, dv_ = groups.batch, groups.rows, inp.m, inp.dv
     D = inp.q.shape[-1]
     B = int(np.prod(batch, dtype=np.int64))
     dq = np.zeros((B, n, D), dtype)
     dk = np.zeros((B, m, D), dtype)
     dv = np.zeros((B, m, dv_), dtype)
-    shaped = (dq.reshape(batch + (n, D)), dk.reshape(batch + (m, D)), dv.reshape(batch + (m, dv_)))
+    def shaped():
+        return groups.unstack(dq.reshape(batch + (n, D))), dk.reshape(batch + (m, D)), dv.reshape(batch + (m, dv_))
+
     if B == 0 or n == 0 or m == 0:
-        return shaped
-    pm = _problem(dtype, batch, n, m, q=as_float_array(q, "q"), k=as_float_array(k, "k"), v=as_float_array(v, "v"),
-                 u=as_float_array(u, "grad_out"), mask=inp.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau),
-                 offset=inp.causal_offset, is_causal=inp.is_causal, window=inp.window)
+        return shaped()
+    if groups.g > 1:
+        qs, us = groups.stack(inp.q), groups.stack(np.broadcast_to(u, inp.batch + (inp.n, dv_)))
+    else:
+        qs, us = as_float_array(q, "q"), as_float_array(u, "grad_out")
+    pm = _problem(dtype, batch, n, m, q=qs, k=as_float_array(k, "k"), v=as_float_array(v, "v"), u=us, mask=groups.mask,
+                  energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=inp.causal_offset, is_causal=inp.is_causal,
+                  window=inp.window, groups=groups)
     if out is None or lse is None:
         a, L = _run_forward(pm, batch, n, m, dv_)
     else:
         a = as_float_array(out, "out")
         L = as_float_array(lse, "lse")
-        if a.shape[-2:] != (n, dv_) or L.shape[-1:] != (n,):
-            raise ValueError(f"out must be (B..., N, Dv) and lse (B..., N) with N = {n}, Dv = {dv_}; got {a.shape} and {L.shape}")
+        if a.shape[-2:] != (inp.n, dv_) or L.shape[-1:] != (inp.n,):
+            raise ValueError(f"out must be (B..., N, Dv) and lse (B..., N) with N = {inp.n}, Dv = {dv_}; got {a.shape} and {L.shape}")
+        a = groups.stack(np.broadcast_to(a, inp.batch + (inp.n, dv_)))
+        L = groups.stack(np.broadcast_to(L, inp.batch + (inp.n,))[..., None])[..., 0]
     a64 = np.broadcast_to(a, batch + (n, dv_)).reshape(B, n, dv_).astype(np.float64)
     L64 = _ro(np.ascontiguousarray(np.broadcast_to(L, batch + (n,)).reshape(B, n), dtype=np.float64))
-    u64 = np.broadcast_to(u, batch + (n, dv_)).reshape(B, n, dv_).astype(np.float64)
+    u64 = np.broadcast_to(us, batch + (n, dv_)).reshape(B, n, dv_).astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         delta = _ro(np.ascontiguousarray(np.einsum("bnc,bnc->bn", u64, a64)))  # Delta_i = <u_i, a_i> = sum_j r_ij b_ij
     del a64, u64
     bq, bk, _ = plan(B, n, m, dtype, backward=True, band=_band_width(pm[0]))
     saved = _k.Saved(L64, delta, np.zeros((B, n)))
     _run_stages(_kernel("backward", dtype), (0, 1, 2), *pm, bq, bk, saved, _k.Grads(dq, dk, dv))
-    return shaped
+    return shaped()
 
 
 # --- scalar activations (S3, S4, H3) ----------------------------------------------
