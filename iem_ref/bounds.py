@@ -182,6 +182,16 @@ Each side (the path and the reference) against the exact gradient, summed
   + G) r_ij |u_i| + store |dv|``.  The reference: the same with ``u64``,
   ``gamma_n(u64)`` sums, ``u_scale = u64`` (its ``fl(1/tau)``) and its float32
   rounding as ``store``.
+* Grouped-query heads (V6): every term is formed per query head (keys and
+  values repeated over the group) and the bounds of ``dk``, ``dv`` are then
+  summed over the group.  A key's sums run over the ``N g`` query rows of
+  its group: the CPU stacks them into one problem (its tiles are planned
+  for ``N g`` rows, forward and backward), CUDA adds its ``g`` per-head
+  results in the dtype (``N + g - 1 <= N g`` roundings per term), the
+  reference sums in float64; so ``G`` is the bound of a sum over ``N g``
+  terms.  The per-result terms (the scale, the rounding to the dtype) use
+  the per-head magnitudes ``|dk_h|``, ``|dv_h|``, whose group sum is at
+  least ``|dk|``, ``|dv|``.
 
 11. Logits of the variants (V1-V3)
 ----------------------------------
@@ -691,17 +701,20 @@ def _weight_term(E, W, H):
     return np.minimum(np.where(np.isnan(first), np.inf, first), H)
 
 
-def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None):
+def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows=None):
     """Section 9 for scores ``x (B..., N, M)`` (float64, the reference's), sizes ``S`` and values ``v (B..., M, Dv)``.
 
     ``take`` (broadcast to ``x``; None = all) marks the pairs that take part;
-    ``a_ref``, ``L_ref`` the reference's results (their magnitudes enter the bound).
+    ``a_ref``, ``L_ref`` the reference's results (their magnitudes enter the
+    bound); ``rows``: the query rows the path plans its tiles for (``N g``
+    with grouped-query heads; default ``N``).
     """
     u = unit_roundoff(dtype)
     us = path.state_u(u)
     store = _store(u, us)
     x = np.asarray(x, np.float64)
     N, M = x.shape[-2], x.shape[-1]
+    N = N if rows is None else int(rows)
     part = np.isfinite(x) if take is None else np.broadcast_to(take, x.shape) & np.isfinite(x)
     xs = np.where(part, x, -np.inf)
     m = xs.max(axis=-1, initial=-np.inf)
@@ -731,11 +744,11 @@ def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None):
     return ForwardBounds(a=a, L=L, a_path=a_path, L_path=L_path, E=E)
 
 
-def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window=None):
+def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window=None, enable_gqa=False):
     from .attention import prepare_attention
 
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal,
-                            causal_alignment=causal_alignment, energy=energy, window=window)
+                            causal_alignment=causal_alignment, energy=energy, window=window, enable_gqa=enable_gqa)
     sc = 0.0 if math.isinf(inp.tau) else 1.0 / inp.tau  # the reference's scale (section 5)
     with np.errstate(invalid="ignore"):
         x = -inp.energies() * sc
@@ -745,7 +758,7 @@ def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_align
 
 
 def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False, causal_alignment="top_left",
-                     window=None):
+                     window=None, enable_gqa=False):
     """The reference's ``(a, L)`` for ``attention`` and :class:`ForwardBounds` of ``path`` against it (finite inputs).
 
     Examples
@@ -757,12 +770,13 @@ def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mas
     """
     from .attention import attention
 
-    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, window=window)
+    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, window=window,
+              enable_gqa=enable_gqa)
     a_ref, L_ref = attention(q, k, v, return_lse=True, **kw)
     dtype = np.dtype(a_ref.dtype if dtype is None else dtype)
-    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window)
+    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window, enable_gqa)
     D = np.shape(q)[-1]
-    return a_ref, L_ref, forward_bounds(path, dtype, x, S, sc, D, v, a_ref, L_ref, take)
+    return a_ref, L_ref, forward_bounds(path, dtype, x, S, sc, D, inp.v, a_ref, L_ref, take, rows=inp.n * inp.group)
 
 
 # --- 10: backward ------------------------------------------------------------------------
@@ -814,7 +828,7 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
 
 
 def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False,
-                         causal_alignment="top_left", window=None, forward=None):
+                         causal_alignment="top_left", window=None, enable_gqa=False, forward=None):
     """The reference's ``(dq, dk, dv)`` and the bounds of ``path`` against them (section 10), finite inputs.
 
     ``forward``: the path's :class:`ForwardBounds` for the same call (computed if None).
@@ -830,31 +844,36 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
     from .gradients import attention_vjp
 
     kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, window=window)
-    refs = attention_vjp(q, k, v, grad_out, **kw)
+    refs = attention_vjp(q, k, v, grad_out, enable_gqa=enable_gqa, **kw)
     dtype = np.dtype(refs[0].dtype if dtype is None else dtype)
     u = unit_roundoff(dtype)
     if forward is None:
-        forward = attention_bounds(path, q, k, v, dtype, **kw)[2]
-    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window)
-    q64, k64, v64 = (np.asarray(z, np.float64) for z in (q, k, v))
-    g64 = np.asarray(grad_out, np.float64)
+        forward = attention_bounds(path, q, k, v, dtype, enable_gqa=enable_gqa, **kw)[2]
+    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window, enable_gqa)
+    # per query head: keys and values repeated over a group (V6), the batch broadcast
+    q64, k64, v64 = (np.asarray(z, np.float64) for z in (inp.q, inp.k, inp.v))
+    g64 = np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (inp.n, inp.dv))
     a64, L64, r = attention(q64, k64, v64, return_lse=True, return_responsibilities=True, **kw)
     r = np.asarray(r, np.float64)
     T = lambda z: np.swapaxes(z, -1, -2)  # noqa: E731
     b = g64 @ T(v64)
     delta = (g64 * a64).sum(-1)
     dS = r * (b - delta[..., None])
+    A, C = T(dS) @ q64, dS.sum(-2)  # sum_i dS_ij q_i and sum_i dS_ij
+    dk_heads = sc * (A - _finite(k64) * C[..., None]) if energy == "sqeuclidean" else sc * A
     ctx = dict(
-        u=u, x=x, S=S, scale=sc, D=np.shape(q)[-1], L=L64, a=a64, r=r, b=b, delta=delta, dS=dS,
+        u=u, x=x, S=S, scale=sc, D=inp.q.shape[-1], L=L64, a=a64, r=r, b=b, delta=delta, dS=dS,
         absg=np.abs(_finite(g64)), absv=np.abs(_finite(v64)), absq=np.abs(_finite(q64)), absk=np.abs(_finite(k64)),
-        N=np.shape(q)[-2], M=np.shape(k)[-2], Dv=np.shape(v)[-1], sqeuclidean=energy == "sqeuclidean",
-        absA=np.abs(T(dS) @ q64), absC=np.abs(dS.sum(-2)),  # sum_i dS_ij q_i and sum_i dS_ij
-        absdq=np.abs(np.asarray(refs[0], np.float64)), absdk=np.abs(np.asarray(refs[1], np.float64)),
-        absdv=np.abs(np.asarray(refs[2], np.float64)),
+        N=inp.n * inp.group, M=inp.m, Dv=inp.dv, sqeuclidean=energy == "sqeuclidean", absA=np.abs(A), absC=np.abs(C),
+        absdq=np.abs(np.asarray(refs[0], np.float64)), absdk=np.abs(dk_heads), absdv=np.abs(T(r) @ g64),
     )
     mine = _side_vjp(path, u, dtype, ctx, forward.L_path, forward.a_path)
     ref = _side_vjp(REFERENCE, U64, dtype, ctx)
     total = [m_ + r_ for m_, r_ in zip(mine, ref)]
+    if inp.group > 1:
+        from .gradients import _sum_groups
+
+        total[1:] = [_sum_groups(t, inp.group) for t in total[1:]]
     return refs, tuple(total)
 
 

@@ -208,6 +208,46 @@ def test_attention_window(path, rng, dtype, energy):
                 assert_within(got, ref, bound, f"{path.name} {name} {shape} {sorted(kw)}")
 
 
+@pytest.mark.equation("V6", "G4")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
+def test_attention_grouped_query_heads(path, rng, dtype, energy):
+    """Grouped-query heads (V6): ``Hq = g Hkv`` query heads over ``Hkv`` key/value heads, forward and backward.
+
+    ``dk, dv`` come back per key/value head, summed over the group.  Cases:
+    plain, causal, a window with bottom-right alignment, a mask shared by
+    the heads (read per position) and one that differs between the heads of
+    a group (stacked with the queries); on the CPU also a decoding shape
+    (the key splits) and multi-query attention (``Hkv = 1``).
+    """
+    # (B, Hq, Hkv, N, M, D, Dv)
+    shapes = [(1, 4, 2, 7, 11, 3, 2)] if path.small else [
+        (2, 8, 2, 300, 700, 16, 5), (1, 4, 1, 1, 20000, 8, 4), (1, 6, 3, 130, 90, 4, 3)]
+    for B, hq, hkv, N, M, D, Dv in shapes:
+        spread = 0.5 if energy == "sqeuclidean" else 1.0
+        q = rand(rng, (B, hq, N, D), dtype, spread)
+        k, v = rand(rng, (B, hkv, M, D), dtype, spread), rand(rng, (B, hkv, M, Dv), dtype)
+        gout = rand(rng, (B, hq, N, Dv), dtype)
+        w = 3 if path.small else 200
+        cases = [dict(), dict(is_causal=True), dict(window=(w, w // 2), causal_alignment="bottom_right"),
+                 dict(mask=rng.random((B, 1, N, M)) < 0.7),
+                 dict(mask=rng.random((B, hq, N, M)) < 0.7, is_causal=True)]
+        for n_case, kw in enumerate(cases):
+            a, L = path.mod.attention(q, k, v, energy=energy, enable_gqa=True, return_lse=True, **kw)
+            a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy, enable_gqa=True, **kw)
+            assert a.shape == a_ref.shape and L.shape == L_ref.shape
+            assert np.array_equal(np.isneginf(L), np.isneginf(L_ref)), f"{path.name} {hq}/{hkv} {kw}: empty rows"
+            assert_within(a, a_ref, fb.a, f"{path.name} a {hq}/{hkv} {sorted(kw)}")
+            assert_within(L, L_ref, fb.L, f"{path.name} L {hq}/{hkv} {sorted(kw)}")
+            if path.small and n_case % 2:
+                continue  # the simulator: about 10 s per backward here
+            refs, bnds = vjp_bounds(path, q, k, v, gout, dtype, fb, energy=energy, enable_gqa=True, **kw)
+            grads = path.mod.attention_vjp(q, k, v, gout, energy=energy, enable_gqa=True, out=a, lse=L, **kw)
+            for name, got, ref, bound in zip(("dq", "dk", "dv"), grads, refs, bnds):
+                assert got.shape == ref.shape, f"{path.name} {name}: {got.shape} != {ref.shape}"
+                assert_within(got, ref, bound, f"{path.name} {name} {hq}/{hkv} {sorted(kw)}")
+
+
 @pytest.mark.equation("A4")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_return_lse_off_and_defaults(path, rng, dtype):
