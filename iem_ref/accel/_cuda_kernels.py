@@ -136,13 +136,13 @@ def build(dtype_name, energy):
 
 
 class Kernels:
-    """The compiled kernels of one (dtype, energy): ``forward``, ``dq``, ``dkv``, ``rowdot``."""
+    """The compiled kernels of one (dtype, energy): ``forward``, ``dq``, ``dkv``, ``rowdot``, ``group_sum``."""
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
     def all(self):
-        return dict(forward=self.forward, dq=self.dq, dkv=self.dkv, rowdot=self.rowdot)
+        return dict(forward=self.forward, dq=self.dq, dkv=self.dkv, rowdot=self.rowdot, group_sum=self.group_sum)
 
 
 def _build(dtype_name, energy):
@@ -607,13 +607,26 @@ def _build(dtype_name, energy):
             DEL[b, i] = s
 
     @cuda.jit
+    def group_sum(X, g, Y):
+        """V6: ``Y[b, e] = sum_h X[b g + h, e]`` over ``h = 0 .. g - 1`` in order (a key/value head's gradient from its group's query heads)."""
+        e = cuda.grid(1)
+        width = Y.shape[1]
+        if e < Y.shape[0] * width:
+            b = e // width
+            c = e - b * width
+            s = ZERO
+            for h in range(g):
+                s += X[b * g + h, c]
+            Y[b, c] = s
+
+    @cuda.jit
     def cast(src, dst):
         """dst[i] = src[i] in dst's dtype (a device array of another dtype, cast once)."""
         g = cuda.grid(1)
         if g < dst.shape[0]:
             dst[g] = src[g]
 
-    return Kernels(forward=forward, dq=dq, dkv=dkv, rowdot=rowdot, cast=cast, ft=ft)
+    return Kernels(forward=forward, dq=dq, dkv=dkv, rowdot=rowdot, group_sum=group_sum, cast=cast, ft=ft)
 
 
 def signatures(dtype_name, energy):
@@ -633,6 +646,7 @@ def signatures(dtype_name, energy):
     if energy != PRECOMPUTED:
         sigs["dq"] = (p, i64, a2, a2, a2, a3)
         sigs["dkv"] = (p, i64, a2, a2, a2, a3, a3)
+        sigs["group_sum"] = (a2, i64, a2)
     return {name: types.void(*args) for name, args in sigs.items()}
 
 

@@ -174,8 +174,13 @@ def _flat_device(x, dtype):
     return flat, shape, strides, -lo
 
 
-def _operand(x, batch, dtype, mask=False):
-    """The kernel view (:class:`~iem_ref.accel._problem.Operand`) of ``x`` broadcast to ``batch + x.shape[-2:]`` (its own two trailing axes)."""
+def _operand(x, batch, dtype, mask=False, group=1):
+    """The kernel view (:class:`~iem_ref.accel._problem.Operand`) of ``x`` broadcast to ``batch + x.shape[-2:]`` (its own two trailing axes).
+
+    ``group > 1``: ``x`` has ``Hkv = H / group`` heads on the last batch axis
+    and query head ``h`` reads head ``h // group`` (V6): offsets, no copy.
+    """
+    own_batch = batch if group == 1 else batch[:-1] + (batch[-1] // group,)
     if _is_device(x):
         flat, shape, strides, base = _flat_device(x, None if mask else dtype)
     else:
@@ -194,7 +199,10 @@ def _operand(x, batch, dtype, mask=False):
     for ax, (n, s) in enumerate(zip(shape[: len(batch)], strides[: len(batch)])):
         if n > 1:
             off = off + (np.arange(n, dtype=np.int64) * s).reshape((1,) * ax + (n,) + (1,) * (len(batch) - ax - 1))
-    off = np.ascontiguousarray(np.broadcast_to(off, batch)).reshape(-1)
+    off = np.broadcast_to(off, own_batch)
+    if group > 1:
+        off = np.repeat(off, group, axis=-1)
+    off = np.ascontiguousarray(off).reshape(-1)
     off_dev = cuda.to_device(off if off.size else np.zeros(1, dtype=np.int64))
     return Operand(flat, off_dev, int(strides[-2]), int(strides[-1]))
 
@@ -242,10 +250,16 @@ def _scale_value(scale, tau, dtype):
 # The forward pass, shared by attention and softmin_summary.
 
 
-def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, offset, scale, empty_nan, dtype, is_causal=False, window=None):
-    """The :class:`~iem_ref.accel._problem.DeviceProblem` of one call; ``u`` (and ``mask``) may be None."""
+def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, offset, scale, empty_nan, dtype, is_causal=False, window=None, group=1):
+    """The :class:`~iem_ref.accel._problem.DeviceProblem` of one call; ``u`` (and ``mask``) may be None.
+
+    ``group``: grouped-query heads (V6), ``k`` and ``v`` read through offsets
+    (query head ``h`` reads head ``h // group``; each query head's blocks
+    read its K/V tiles, from the L2 cache after the first of a group).
+    """
     bf = int(np.prod(batch, dtype=np.int64))
-    ops = [_operand(x, batch, dtype) if x is not None else _placeholder(bf, dtype) for x in (q, k, v, u)]
+    ops = [_operand(x, batch, dtype, group=group if name in "kv" else 1) if x is not None else _placeholder(bf, dtype)
+           for name, x in zip("qkvu", (q, k, v, u))]
     mk = _operand(mask, batch, None, mask=True) if mask is not None else _placeholder(bf, np.uint8)
     left, right = band(is_causal, window)
     return DeviceProblem(*ops, mk, int(mask is not None), int(offset), left, right, n, m, d, dv, scale, int(empty_nan))
@@ -263,7 +277,7 @@ def _forward(kern, prob, bf, dtype):
 
 
 def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero",
-              window=None, return_lse=False):
+              window=None, enable_gqa=False, return_lse=False):
     """A1-A4 on the GPU: ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one tiled pass (M1-M2).
 
     Parameters
@@ -283,6 +297,9 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
         Output of a row with no key that takes part (its log-partition is ``-inf``).
     window : (left, right), optional
         The sliding window (V4, :func:`iem_ref.attention`): key tiles outside it are never computed.
+    enable_gqa : bool
+        Grouped-query heads (V6): ``q (B..., Hq, N, D)`` against ``k, v (B..., Hkv, M, .)``,
+        query head ``h`` reading key/value head ``h // (Hq / Hkv)`` in place.
     return_lse : bool
         Also return ``L_i = log sum_j exp(-d_ij * scale)`` (B..., N).
 
@@ -302,16 +319,17 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     _check_energy(energy)
     inp = prepare_attention(
         _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
-        causal_alignment=causal_alignment, energy=energy, window=window,
+        causal_alignment=causal_alignment, energy=energy, window=window, enable_gqa=enable_gqa,
     )
     device = any(_is_device(x) for x in (q, k, v, mask))
-    dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v)
+    dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads)
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
     d = inp.q.shape[-1]
     bf = int(np.prod(batch, dtype=np.int64))
     kern = _k.build(dtype.name, ENERGY_CODES[energy])
     prob = _problem(q, k, v, None, mask, batch, n=n, m=m, d=d, dv=dv, offset=inp.causal_offset, is_causal=inp.is_causal,
-                    window=inp.window, scale=_scale_value(scale, inp.tau, dtype), empty_nan=(empty == "nan"), dtype=dtype)
+                    window=inp.window, scale=_scale_value(scale, inp.tau, dtype), empty_nan=(empty == "nan"), dtype=dtype,
+                    group=inp.group)
     O, LSE, _ = _forward(kern, prob, bf, dtype)
     a, lse = _finish([O, LSE], [batch + (n, dv), batch + (n,)], device)
     return (a, lse) if return_lse else a
@@ -366,7 +384,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
 
 
 def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot",
-                  window=None, out=None, lse=None):
+                  window=None, enable_gqa=False, out=None, lse=None):
     """G4 on the GPU: ``(dq, dk, dv)`` for the upstream gradient ``u = dLoss/da``.
 
     ``b_ij = <u_i, v_j>``, ``delta_i = sum_j r_ij b_ij = <u_i, a_i>``,
@@ -377,7 +395,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
 
     Parameters
     ----------
-    q, k, v, scale, mask, is_causal, causal_alignment, window : as :func:`attention`
+    q, k, v, scale, mask, is_causal, causal_alignment, window, enable_gqa : as :func:`attention`
     grad_out : array (B..., N, Dv)
     energy : {"dot", "sqeuclidean"}
     out, lse : the forward's output (B..., N, Dv) and log-partition (B..., N), optional
@@ -386,7 +404,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
 
     Returns
     -------
-    dq (B..., N, D), dk (B..., M, D), dv (B..., M, Dv)
+    dq (B..., N, D), dk (B..., M, D), dv (B..., M, Dv); with ``enable_gqa`` ``dk, dv`` per key/value
+    head, each the sum over its group's query heads
 
     Examples
     --------
@@ -398,17 +417,18 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
     inp = prepare_attention(
         _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
-        causal_alignment=causal_alignment, energy=energy, window=window,
+        causal_alignment=causal_alignment, energy=energy, window=window, enable_gqa=enable_gqa,
     )
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
     up = check_grad_out(_proxy(grad_out), batch, n, dv)
     device = any(_is_device(x) for x in (q, k, v, grad_out, mask))
-    dtype = kernel_dtype(q=inp.q, k=inp.k, v=inp.v, grad_out=up)
+    dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads, grad_out=up)
     d = inp.q.shape[-1]
     bf = int(np.prod(batch, dtype=np.int64))
     kern = _k.build(dtype.name, ENERGY_CODES[energy])
     prob = _problem(q, k, v, grad_out, mask, batch, n=n, m=m, d=d, dv=dv, offset=inp.causal_offset, is_causal=inp.is_causal,
-                    window=inp.window, scale=_scale_value(scale, inp.tau, dtype), empty_nan=False, dtype=dtype)
+                    window=inp.window, scale=_scale_value(scale, inp.tau, dtype), empty_nan=False, dtype=dtype,
+                    group=inp.group)
 
     LSE = CNT = None
     if out is not None and lse is not None:
@@ -439,8 +459,22 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         _launch(kern.dq, bf * nqb, _k.NT, prob, nqb, LSE, CNT, DEL, DQ)
     if bf * nkb > 0 and d + dv > 0:
         _launch(kern.dkv, bf * nkb, _k.NT, prob, nkb, LSE, CNT, DEL, DK, DV)
-    dq, dk, dv_ = _finish([DQ, DK, DV], [batch + (n, d), batch + (m, d), batch + (m, dv)], device)
+    kv_batch = batch
+    if inp.group > 1:  # V6: each key/value head's gradient is the sum over its group's query heads
+        kv_batch = inp.k_heads.shape[:-2]
+        DK, DV = (_group_sum(kern, X, inp.group) for X in (DK, DV))
+    dq, dk, dv_ = _finish([DQ, DK, DV], [batch + (n, d), kv_batch + (m, d), kv_batch + (m, dv)], device)
     return dq, dk, dv_
+
+
+def _group_sum(kern, X, group):
+    """``X (Hkv g, R, C) -> (Hkv, R, C)``: the sum over each group of ``g`` heads (in order), on the device."""
+    bf, rows, cols = X.shape
+    Y = cuda.device_array((bf // group, rows, cols), dtype=X.dtype)
+    size = Y.size
+    if size > 0:
+        _launch(kern.group_sum, (size + 127) // 128, 128, X.reshape(bf, rows * cols), group, Y.reshape(bf // group, rows * cols))
+    return Y
 
 
 # --------------------------------------------------------------------------
