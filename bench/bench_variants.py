@@ -1,9 +1,10 @@
-"""CPU benchmark of the variants on the accelerated path: a sliding window against full causal attention and torch.
+"""CPU benchmark of the variants on the accelerated path: a sliding window, grouped-query decoding; against torch and the machine.
 
-Cases (``N = M``, D = 64, float64 and float32), each (case, path) in its own
-process, the paths taking turns for ``--rounds`` rounds (one warm-up call,
-then ``--repeats`` timed calls each); reported: the median over all timed
-calls, and the ratios that matter:
+Each (case, path) runs in its own process, the paths taking turns for
+``--rounds`` rounds (one warm-up call, then ``--repeats`` timed calls each);
+reported: the median over all timed calls, and the ratios that matter.
+
+``--case window`` (``N = M``, D = 64, float64 and float32):
 
 - ``cpu causal``: :func:`iem_ref.accel.cpu.attention` with ``is_causal=True``;
 - ``cpu window``: the same with ``window=(W, 0)`` (a causal sliding window of
@@ -14,10 +15,21 @@ calls, and the ratios that matter:
 - with ``--backward``, ``cpu causal`` and ``cpu window`` backward
   (:func:`iem_ref.accel.cpu.attention_vjp` with the saved ``out`` and ``lse``).
 
-Writes ``bench/results/variants.json`` (with the machine and the load) and
-prints the Markdown table.
+``--case gqa``: grouped-query decoding (V6), ``Hq = 32`` query heads over
+``Hkv = 8`` key/value heads, ``N = 1``, ``M = 2^20``, D = 128, float32 (K
+and V take 8 GiB; float64 would not leave room for torch's run on a 24 GiB
+machine):
+
+- ``cpu gqa``: :func:`iem_ref.accel.cpu.attention` with ``enable_gqa=True``;
+- ``torch gqa``: ``scaled_dot_product_attention(enable_gqa=True)``;
+- ``read K, V``: one parallel read of K and V (``roofs.stream_roof``, all
+  cores): the memory floor of decoding.
+
+Writes ``bench/results/variants.json`` or ``bench/results/gqa_decode.json``
+(with the machine and the load) and prints the Markdown table.
 
     python bench/bench_variants.py [--n 16384] [--window 256] [--backward] [--out PATH]
+    python bench/bench_variants.py --case gqa [--m 1048576]
     python bench/bench_variants.py --table bench/results/variants.json
 """
 
@@ -37,10 +49,42 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 PATHS = ["cpu causal", "cpu window", "torch causal", "torch window"]
+GQA_PATHS = ["cpu gqa", "torch gqa", "read K, V"]
+
+
+def _gqa_call(case, path):
+    """The timed callable of one grouped-query decoding (case, path)."""
+    rng = np.random.default_rng(0)
+    dt = np.dtype(case["dtype"])
+    hq, hkv, N, M, D = case["Hq"], case["Hkv"], case["N"], case["M"], case["D"]
+    q = rng.standard_normal((1, hq, N, D), dtype=dt)
+    k = rng.standard_normal((1, hkv, M, D), dtype=dt)
+    v = rng.standard_normal((1, hkv, M, D), dtype=dt)
+    if path == "cpu gqa":
+        from iem_ref.accel import cpu
+
+        return lambda: cpu.attention(q, k, v, enable_gqa=True)
+    if path == "read K, V":
+        import roofs
+
+        k2, v2 = k.reshape(-1, D), v.reshape(-1, D)
+        return lambda: roofs.stream_roof(k2, v2)
+    import torch
+    import torch.nn.functional as F
+
+    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+
+    def fwd():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True)
+
+    return fwd
 
 
 def _call(case, path):
     """The timed callable of one (case, path)."""
+    if case["kind"] == "gqa decode":
+        return _gqa_call(case, path)
     rng = np.random.default_rng(0)
     dt = np.dtype(case["dtype"])
     N, D, W = case["N"], case["D"], case["window"]
@@ -91,12 +135,15 @@ def worker(case, path, repeats):
 def run(args):
     from bench_cpu import _loadavg, machine
 
-    paths = PATHS
+    paths = GQA_PATHS if args.case == "gqa" else PATHS
     try:
         import torch  # noqa: F401
     except ImportError:
-        paths = [p for p in PATHS if not p.startswith("torch")]
-    cases = [dict(kind="forward", N=args.n, M=args.n, D=64, dtype=dt, window=args.window) for dt in ("float64", "float32")]
+        paths = [p for p in paths if not p.startswith("torch")]
+    if args.case == "gqa":
+        cases = [dict(kind="gqa decode", Hq=32, Hkv=8, N=1, M=args.m, D=128, dtype="float32")]
+    else:
+        cases = [dict(kind="forward", N=args.n, M=args.n, D=64, dtype=dt, window=args.window) for dt in ("float64", "float32")]
     if args.backward:
         cases += [dict(kind="backward", N=args.n, M=args.n, D=64, dtype=dt, window=args.window) for dt in ("float64", "float32")]
     result = {"machine": machine(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "rounds": args.rounds,
@@ -104,7 +151,7 @@ def run(args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for case in cases:
         entry = dict(case, loadavg_before=_loadavg(), results={})
-        case_paths = [p for p in paths if case["kind"] == "forward" or p.startswith("cpu")]
+        case_paths = [p for p in paths if case["kind"] != "backward" or p.startswith("cpu")]
         got = {p: [] for p in case_paths}
         for _ in range(args.rounds):
             for path in case_paths:
@@ -131,6 +178,10 @@ def run(args):
             entry["torch_window_over_cpu_window"] = med["torch window"] / med["cpu window"]
         if "torch causal" in med and "cpu causal" in med:
             entry["torch_causal_over_cpu_causal"] = med["torch causal"] / med["cpu causal"]
+        if "cpu gqa" in med and "read K, V" in med:
+            entry["cpu_gqa_over_read"] = med["cpu gqa"] / med["read K, V"]
+        if "cpu gqa" in med and "torch gqa" in med:
+            entry["torch_gqa_over_cpu_gqa"] = med["torch gqa"] / med["cpu gqa"]
         print(json.dumps({k: v for k, v in entry.items() if k != "results"}), {p: f"{t * 1e3:.1f} ms" for p, t in med.items()}, flush=True)
         result["cases"].append(entry)
     result["loadavg_end"] = _loadavg()
@@ -148,6 +199,10 @@ def table(result):
         f"Command: `{result['command']}`; median of {result['rounds']} rounds x {result['repeats']} runs, one process per path and round, "
         f"the paths taking turns; load average (1 min) at start {result['loadavg_start'][0]}, at end {result['loadavg_end'][0]}.",
         "",
+    ]
+    if result["cases"] and result["cases"][0]["kind"] == "gqa decode":
+        return "\n".join(lines + _gqa_table(result))
+    lines += [
         "| case | N = M | D | window | dtype | " + " | ".join(PATHS) + " | cpu causal / cpu window | torch window / cpu window | torch causal / cpu causal |",
         "|" + "---|" * (8 + len(PATHS)),
     ]
@@ -166,15 +221,30 @@ def table(result):
     return "\n".join(lines)
 
 
+def _gqa_table(result):
+    lines = ["| case | Hq / Hkv | N | M | D | dtype | " + " | ".join(f"{p} (ms)" for p in GQA_PATHS) + " | cpu / read | torch / cpu |",
+             "|" + "---|" * (8 + len(GQA_PATHS))]
+    for c in result["cases"]:
+        R = c["results"]
+        cells = [f"{R[p]['median_s'] * 1e3:.1f}" if p in R and "median_s" in R[p] else ("error" if p in R else "-") for p in GQA_PATHS]
+        r1 = f"{c['cpu_gqa_over_read']:.2f}" if "cpu_gqa_over_read" in c else "-"
+        r2 = f"{c['torch_gqa_over_cpu_gqa']:.1f}" if "torch_gqa_over_cpu_gqa" in c else "-"
+        lines.append(f"| {c['kind']} | {c['Hq']} / {c['Hkv']} | {c['N']} | {c['M']} | {c['D']} | {c['dtype']} | " + " | ".join(cells)
+                     + f" | {r1} | {r2} |")
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", choices=["window", "gqa"], default="window")
     p.add_argument("--n", type=int, default=16384, help="N = M")
+    p.add_argument("--m", type=int, default=2**20, help="keys of the grouped-query decoding")
     p.add_argument("--window", type=int, default=256, help="keys before each query (window=(W, 0), causal)")
     p.add_argument("--backward", action="store_true", help="also time the CPU path's backward, window against causal")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--out", default=os.path.join(HERE, "results", "variants.json"))
+    p.add_argument("--out", help="default: bench/results/variants.json, or gqa_decode.json with --case gqa")
     p.add_argument("--table", metavar="JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -186,6 +256,8 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker), args.path, args.repeats)))
         return
+    if args.out is None:
+        args.out = os.path.join(HERE, "results", "gqa_decode.json" if args.case == "gqa" else "variants.json")
     run(args)
 
 

@@ -27,7 +27,11 @@ the partial posterior M1, merged across key tiles and key splits by M2.
 Arithmetic per dtype ``T`` (float32 or float64):
 - score tile ``S = Q_b K_b^T`` and value tile ``P V_b``: one BLAS GEMM each, in
   ``T`` (so float32 inputs give float32 dot products of length ``D`` and
-  float32 sums over the ``bk`` keys of a tile);
+  float32 sums over the ``bk`` keys of a tile); blocks of at most
+  ``_FEW_ROWS`` queries (decoding, a group of query heads) use two loops
+  instead that read each key and value row once for the whole block, with
+  the same roundings (dot products of ``D`` terms, sums over the tile's keys
+  in order);
 - shift, ``exp`` (the polynomial of :mod:`._fastexp`, <= 2 ulps) and the
   tile's row sum in ``T`` (the row sum with 8 fixed partial sums);
 - running ``m, l, o`` (across tiles and splits), the final ``o / l`` and
@@ -70,7 +74,7 @@ ensure_blas()  # SciPy's BLAS (scipy.linalg.cython_blas), the one Numba's np.dot
 class _BlasArgs:
     """Lowering of Numba values to the pointer/integer arguments of Numba's ``numba_xx*`` BLAS shims.
 
-    One instance per call site (``gemm`` and ``gemv`` share it): ``dt`` is
+    One instance per call site: ``dt`` is
     the call's float dtype (the scalars ``alpha``/``beta`` are passed by
     pointer in that type).
     """
@@ -141,37 +145,14 @@ def gemm(typingctx, transa, transb, m, n, k, alpha, a, ia, lda, b, ib, ldb, beta
     return sig, codegen
 
 
-@intrinsic
-def gemv(typingctx, trans, m, n, alpha, a, ia, lda, x, ix, beta, y, iy):
-    """Fortran ``y[iy:] = alpha op(A[ia:]) x[ix:] + beta y[iy:]`` (unit strides), ``?gemv`` from SciPy's BLAS.
-
-    For query blocks of very few rows (decoding): GEMM would pack (copy) the
-    whole key tile for one or two columns of work.
-    """
-    if not (a.dtype == x.dtype == y.dtype and a.dtype in (types.float32, types.float64)):
-        return None
-    sig = types.int32(trans, m, n, alpha, a, ia, lda, x, ix, beta, y, iy)
-
-    def codegen(context, builder, signature, args):
-        (tr, m_, n_, al, a_, ia_, lda_, x_, ix_, be, y_, iy_) = args
-        t = signature.args
-        B = _BlasArgs(context, builder, t[4].dtype)
-        ch, vp, ip = B.char, B.void_p, B.intp
-        fn = B.function("numba_xxgemv", [ch, ch, ip, ip, vp, vp, ip, vp, vp, vp])
-        return builder.call(fn, (
-            B.kind(), B.flag(tr, t[0]), B.int(m_, t[1]), B.int(n_, t[2]),
-            B.scalar(al, t[3]), B.ptr(a_, t[4], ia_, t[5]), B.int(lda_, t[6]),
-            B.ptr(x_, t[7], ix_, t[8]), B.scalar(be, t[9]), B.ptr(y_, t[10], iy_, t[11]),
-        ))
-
-    return sig, codegen
-
-
 _NOTRANS = ord("n")  # BLAS operand codes
 _TRANS = ord("t")
-_GEMV_ROWS = 4  # query blocks with fewer rows use GEMV per row instead of GEMM
+_FEW_ROWS = 16  # query blocks with at most this many rows use the loops of _few_rows_* instead of BLAS
 
 _FM = {"contract"}  # FMA contraction only: fastmath=True would assume no inf/NaN, and the edge-case policy needs them
+# A dot product's D-term sum in any order: its bound (gamma_D, bounds section 5) holds for every order, and
+# reassociation lets LLVM vectorise the sum; still no finite-math flags, so inf and NaN keep their meaning.
+_DOT_FM = {"contract", "reassoc"}
 
 
 # --- small tile helpers -------------------------------------------------------
@@ -266,6 +247,16 @@ def _bad_rows(x, flags):
         flags[j] = bad != 0
         nbad += bad != 0
     return nbad
+
+
+@njit(**INNER)
+def _all_finite(x, rows):
+    """True when the first ``rows`` rows of ``x`` hold no inf or NaN (by the exponent bits, as :func:`_bad_rows`)."""
+    bad = 0
+    for j in range(rows):
+        for c in range(x.shape[1]):
+            bad |= _nonfinite_bits(x[j, c])
+    return bad == 0
 
 
 @njit(**INNER)
@@ -406,9 +397,8 @@ def _scores(S, bq, bk, h, i0, jb, norms):
         # the dot energy's scale rides on the GEMM's factor: one rounding, as a separate product would make;
         # scale = 0 needs the raw products (their inf/NaN), and K2 subtracts the norms first
         factor = scale if (h.energy == DOT and scale > 0.0) else like(1.0, scale)
-        if bq < _GEMV_ROWS:
-            for r in range(bq):
-                gemv(_TRANS, D, bk, factor, k, jb * D, D, q, (i0 + r) * D, 0.0, S, r * ld)
+        if bq <= _FEW_ROWS:
+            _few_rows_scores(S, bq, bk, q, i0, k, jb, factor)
         else:
             gemm(_TRANS, _NOTRANS, bk, bq, D, factor, k, jb * D, D, q, i0 * D, D, 0.0, S, 0, ld)
     else:  # D = 0: every dot product is 0
@@ -455,14 +445,83 @@ def _scores(S, bq, bk, h, i0, jb, norms):
                     row[j] = ninf
 
 
-@njit(**INNER)
-def _value_product(v, iv, Dv, S, bq, bk, ld, pv):
-    """``pv (bq, Dv) = P (bq, bk) @ V_tile (bk, Dv)`` with ``P`` in ``S`` (row stride ``ld``) and the tile at offset ``iv`` of ``v``."""
-    if bq < _GEMV_ROWS:
+@njit(fastmath=_DOT_FM, **INNER)
+def _few_rows_scores(S, bq, bk, q, i0, k, jb, factor):
+    """``S[r, j] = factor <q_{i0 + r}, k_{jb + j}>`` for a block of few queries (decoding, a group of query heads).
+
+    Each key row is read once for all the block's queries, while it is in
+    L1; BLAS would pack (copy) the whole key tile for a few columns of work.
+    Two keys per step: two independent sums per query row keep the vector
+    units busy while the other's horizontal reduction runs.
+    """
+    D = q.shape[1]
+    zero = factor - factor  # 0 in the tile's dtype
+    j = 0
+    while j + 2 <= bk:
+        ka = k[jb + j]
+        kb = k[jb + j + 1]
         for r in range(bq):
-            gemv(_NOTRANS, Dv, bk, 1.0, v, iv, Dv, S, r * ld, 0.0, pv, r * Dv)
+            qr = q[i0 + r]
+            sa = zero
+            sb = zero
+            for c in range(D):
+                sa += qr[c] * ka[c]
+                sb += qr[c] * kb[c]
+            S[r, j] = factor * sa
+            S[r, j + 1] = factor * sb
+        j += 2
+    if j < bk:
+        kj = k[jb + j]
+        for r in range(bq):
+            qr = q[i0 + r]
+            s = zero
+            for c in range(D):
+                s += qr[c] * kj[c]
+            S[r, j] = factor * s
+
+
+@njit(fastmath=_FM, **INNER)
+def _few_rows_values(v, jv, S, bq, bk, pv):
+    """``pv (bq, Dv) = P (bq, bk) @ v[jv : jv + bk]`` for few rows: each value row read once, the keys summed in order.
+
+    Four keys per step: ``pv`` is loaded and stored once per four fused
+    multiply-adds, which still run key after key (the order of a sequential sum).
+    """
+    Dv = v.shape[1]
+    for r in range(bq):
+        for c in range(Dv):
+            pv[r, c] = 0.0
+    j = 0
+    while j + 4 <= bk:
+        va = v[jv + j]
+        vb = v[jv + j + 1]
+        vc = v[jv + j + 2]
+        vd = v[jv + j + 3]
+        for r in range(bq):
+            pa = S[r, j]
+            pb = S[r, j + 1]
+            pc = S[r, j + 2]
+            pd = S[r, j + 3]
+            for c in range(Dv):
+                pv[r, c] = pv[r, c] + pa * va[c] + pb * vb[c] + pc * vc[c] + pd * vd[c]
+        j += 4
+    while j < bk:
+        vj = v[jv + j]
+        for r in range(bq):
+            p = S[r, j]
+            for c in range(Dv):
+                pv[r, c] += p * vj[c]
+        j += 1
+
+
+@njit(**INNER)
+def _value_product(v, jv, S, bq, bk, ld, pv):
+    """``pv (bq, Dv) = P (bq, bk) @ v[jv : jv + bk]`` with ``P`` in ``S`` (row stride ``ld``)."""
+    Dv = v.shape[1]
+    if bq <= _FEW_ROWS:
+        _few_rows_values(v, jv, S, bq, bk, pv)
     else:
-        gemm(_NOTRANS, _NOTRANS, Dv, bq, bk, 1.0, v, iv, Dv, S, 0, ld, 0.0, pv, 0, Dv)
+        gemm(_NOTRANS, _NOTRANS, Dv, bq, bk, 1.0, v, jv * Dv, Dv, S, 0, ld, 0.0, pv, 0, Dv)
 
 
 # --- forward: one query block over one key range --------------------------------
@@ -502,12 +561,17 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
         acc.nan[r] = False
         for c in range(Dv):
             acc.o[r, c] = 0.0
+    # Non-finite values are found before the tile's product when it is a GEMM (one more pass over the tile
+    # is cheap beside it); for few rows the product is a single pass over the values, so they are found
+    # from it: any inf or NaN value makes its entries of pv non-finite (0 * inf is NaN), and only then is
+    # the tile scanned and redone by selection.
+    values_first = bq > _FEW_ROWS
     jb, end = _key_tiles(h, i0, i1, j0, j1, bk_max)
     while jb < end:
         bk = min(bk_max, j1 - jb)
         _scores(S, bq, bk, h, i0, jb, norms)
-        nbad = _bad_rows(v[jb : jb + bk], vbad)  # the tile is about to be read by the GEMM: cache-hot
-        if nbad:
+        nbad = _bad_rows(v[jb : jb + bk], vbad) if values_first else 0  # the tile is about to be read by the GEMM: cache-hot
+        if nbad or not values_first:
             for r in range(bq):
                 for j in range(bk):
                     part[r, j] = S[r, j] != ninf  # NaN scores take part (and spoil their row)
@@ -533,10 +597,12 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
                 acc.nan[r] = True
         if Dv > 0:
             if nbad == 0:
-                _value_product(v, jb * Dv, Dv, S, bq, bk, bk_max, pv)
-            else:
+                _value_product(v, jb, S, bq, bk, bk_max, pv)
+                if not values_first and not _all_finite(pv, bq):
+                    nbad = _bad_rows(v[jb : jb + bk], vbad)  # else an overflow: pv is already what selection gives
+            if nbad:
                 _finite_copy(v[jb : jb + bk], vbad, vt)
-                _value_product(vt, 0, Dv, S, bq, bk, bk_max, pv)
+                _value_product(vt, 0, S, bq, bk, bk_max, pv)
                 _add_nonfinite(S, bq, bk, part, v[jb : jb + bk], vbad, pv, False, True)
         for r in range(bq):
             a = rescale[r]
