@@ -282,8 +282,8 @@ def cases(quick, kinds=None):
     """The cases of a run; ``kinds`` (forward, backward, decode) selects among them.
 
     Quick: forward at N = M in {1024, 4096}, backward at 4096 (only if asked
-    for), decoding at M = 2**20; D = 64.  Full: N = M in {1024, 4096, 16384},
-    D in {64, 128}, forward and backward, decoding at M = 2**22.
+    for), decoding (N in {1, 4, 16, 64}) at M = 2**20; D = 64.  Full: N = M in
+    {1024, 4096, 16384}, D in {64, 128}, forward and backward, decoding at M = 2**22.
     """
     if kinds is None:
         kinds = ["forward", "decode"] if quick else ["forward", "backward", "decode"]
@@ -299,7 +299,7 @@ def cases(quick, kinds=None):
                     out.append(dict(kind=kind, N=n, M=n, D=d, dtype=dt))
     if "decode" in kinds:
         m_dec = 1 << 20 if quick else 4 * 2**20
-        for n in [1, 16]:
+        for n in [1, 4, 16, 64]:
             for dt in dtypes:
                 out.append(dict(kind="decode", N=n, M=m_dec, D=64, dtype=dt))
     return out

@@ -27,11 +27,11 @@ the partial posterior M1, merged across key tiles and key splits by M2.
 Arithmetic per dtype ``T`` (float32 or float64):
 - score tile ``S = Q_b K_b^T`` and value tile ``P V_b``: one BLAS GEMM each, in
   ``T`` (so float32 inputs give float32 dot products of length ``D`` and
-  float32 sums over the ``bk`` keys of a tile); blocks of at most
-  ``_FEW_ROWS`` queries (decoding, a group of query heads) use two loops
-  instead that read each key and value row once for the whole block, with
-  the same roundings (dot products of ``D`` terms, sums over the tile's keys
-  in order);
+  float32 sums over the ``bk`` keys of a tile); one query row uses GEMV, and
+  blocks of a few (decoding, a group of query heads; ``_FEW_ROW_BYTES``) two
+  loops that read each key and value row once for the whole block, with the
+  same roundings (dot products of ``D`` terms, sums over the tile's keys in
+  order);
 - shift, ``exp`` (the polynomial of :mod:`._fastexp`, <= 2 ulps) and the
   tile's row sum in ``T`` (the row sum with 8 fixed partial sums);
 - running ``m, l, o`` (across tiles and splits), the final ``o / l`` and
@@ -74,7 +74,7 @@ ensure_blas()  # SciPy's BLAS (scipy.linalg.cython_blas), the one Numba's np.dot
 class _BlasArgs:
     """Lowering of Numba values to the pointer/integer arguments of Numba's ``numba_xx*`` BLAS shims.
 
-    One instance per call site: ``dt`` is
+    One instance per call site (``gemm`` and ``gemv`` share it): ``dt`` is
     the call's float dtype (the scalars ``alpha``/``beta`` are passed by
     pointer in that type).
     """
@@ -145,9 +145,41 @@ def gemm(typingctx, transa, transb, m, n, k, alpha, a, ia, lda, b, ib, ldb, beta
     return sig, codegen
 
 
+@intrinsic
+def gemv(typingctx, trans, m, n, alpha, a, ia, lda, x, ix, beta, y, iy):
+    """Fortran ``y[iy:] = alpha op(A[ia:]) x[ix:] + beta y[iy:]`` (unit strides), ``?gemv`` from SciPy's BLAS.
+
+    For query blocks of very few rows (decoding): GEMM would pack (copy) the
+    whole key tile for one or two columns of work.
+    """
+    if not (a.dtype == x.dtype == y.dtype and a.dtype in (types.float32, types.float64)):
+        return None
+    sig = types.int32(trans, m, n, alpha, a, ia, lda, x, ix, beta, y, iy)
+
+    def codegen(context, builder, signature, args):
+        (tr, m_, n_, al, a_, ia_, lda_, x_, ix_, be, y_, iy_) = args
+        t = signature.args
+        B = _BlasArgs(context, builder, t[4].dtype)
+        ch, vp, ip = B.char, B.void_p, B.intp
+        fn = B.function("numba_xxgemv", [ch, ch, ip, ip, vp, vp, ip, vp, vp, vp])
+        return builder.call(fn, (
+            B.kind(), B.flag(tr, t[0]), B.int(m_, t[1]), B.int(n_, t[2]),
+            B.scalar(al, t[3]), B.ptr(a_, t[4], ia_, t[5]), B.int(lda_, t[6]),
+            B.ptr(x_, t[7], ix_, t[8]), B.scalar(be, t[9]), B.ptr(y_, t[10], iy_, t[11]),
+        ))
+
+    return sig, codegen
+
+
 _NOTRANS = ord("n")  # BLAS operand codes
 _TRANS = ord("t")
-_FEW_ROWS = 16  # query blocks with at most this many rows use the loops of _few_rows_* instead of BLAS
+# How a tile's two products run, by the query block's rows (measured at M = 2^20, D = 64 on Zen 5, AVX-512;
+# bench/results/cpu_decode.md): one row, a BLAS GEMV (it streams the tile at memory speed); up to 32 bytes of
+# query per key (8 float32 rows, 4 float64), the loops of _few_rows_*, which read each key and value row once
+# for the block (a GEMM packs the tile first: 2x slower at 4 rows); more rows, a GEMM, whose cost per row falls
+# as the loops' does not (the loops were 1.2-1.4x slower than it at 8 float64 and 16 rows).
+_GEMV_ROWS = 1
+_FEW_ROW_BYTES = 32
 
 _FM = {"contract"}  # FMA contraction only: fastmath=True would assume no inf/NaN, and the edge-case policy needs them
 # A dot product's D-term sum in any order: its bound (gamma_D, bounds section 5) holds for every order, and
@@ -397,7 +429,10 @@ def _scores(S, bq, bk, h, i0, jb, norms):
         # the dot energy's scale rides on the GEMM's factor: one rounding, as a separate product would make;
         # scale = 0 needs the raw products (their inf/NaN), and K2 subtracts the norms first
         factor = scale if (h.energy == DOT and scale > 0.0) else like(1.0, scale)
-        if bq <= _FEW_ROWS:
+        if bq <= _GEMV_ROWS:
+            for r in range(bq):
+                gemv(_TRANS, D, bk, factor, k, jb * D, D, q, (i0 + r) * D, 0.0, S, r * ld)
+        elif _few_rows(bq, q):
             _few_rows_scores(S, bq, bk, q, i0, k, jb, factor)
         else:
             gemm(_TRANS, _NOTRANS, bk, bq, D, factor, k, jb * D, D, q, i0 * D, D, 0.0, S, 0, ld)
@@ -443,6 +478,12 @@ def _scores(S, bq, bk, h, i0, jb, norms):
             for j in range(lo, hi):
                 if not h.mask[i // h.mask_group, jb + j]:
                     row[j] = ninf
+
+
+@njit(**INNER)
+def _few_rows(bq, x):
+    """True when a block of ``bq`` query rows of ``x``'s dtype takes the loops of ``_few_rows_*`` (see ``_FEW_ROW_BYTES``)."""
+    return bq > _GEMV_ROWS and bq * x.itemsize <= _FEW_ROW_BYTES
 
 
 @njit(fastmath=_DOT_FM, **INNER)
@@ -518,7 +559,10 @@ def _few_rows_values(v, jv, S, bq, bk, pv):
 def _value_product(v, jv, S, bq, bk, ld, pv):
     """``pv (bq, Dv) = P (bq, bk) @ v[jv : jv + bk]`` with ``P`` in ``S`` (row stride ``ld``)."""
     Dv = v.shape[1]
-    if bq <= _FEW_ROWS:
+    if bq <= _GEMV_ROWS:
+        for r in range(bq):
+            gemv(_NOTRANS, Dv, bk, 1.0, v, jv * Dv, Dv, S, r * ld, 0.0, pv, r * Dv)
+    elif _few_rows(bq, v):
         _few_rows_values(v, jv, S, bq, bk, pv)
     else:
         gemm(_NOTRANS, _NOTRANS, Dv, bq, bk, 1.0, v, jv * Dv, Dv, S, 0, ld, 0.0, pv, 0, Dv)
@@ -562,10 +606,10 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
         for c in range(Dv):
             acc.o[r, c] = 0.0
     # Non-finite values are found before the tile's product when it is a GEMM (one more pass over the tile
-    # is cheap beside it); for few rows the product is a single pass over the values, so they are found
-    # from it: any inf or NaN value makes its entries of pv non-finite (0 * inf is NaN), and only then is
-    # the tile scanned and redone by selection.
-    values_first = bq > _FEW_ROWS
+    # is cheap beside it); for one or a few rows the product is a single pass over the values, so they are
+    # found from it: any inf or NaN value makes its entries of pv non-finite (0 * inf is NaN), and only then
+    # is the tile scanned and redone by selection.
+    values_first = bq > _GEMV_ROWS and not _few_rows(bq, q)
     jb, end = _key_tiles(h, i0, i1, j0, j1, bk_max)
     while jb < end:
         bk = min(bk_max, j1 - jb)
