@@ -701,13 +701,15 @@ def _weight_term(E, W, H):
     return np.minimum(np.where(np.isnan(first), np.inf, first), H)
 
 
-def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows=None):
+def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows=None, merges=0):
     """Section 9 for scores ``x (B..., N, M)`` (float64, the reference's), sizes ``S`` and values ``v (B..., M, Dv)``.
 
     ``take`` (broadcast to ``x``; None = all) marks the pairs that take part;
     ``a_ref``, ``L_ref`` the reference's results (their magnitudes enter the
     bound); ``rows``: the query rows the path plans its tiles for (``N g``
-    with grouped-query heads; default ``N``).
+    with grouped-query heads; default ``N``); ``merges``: partials merged
+    into each row after its key tiles (1 for a sink, V5: one more rescale,
+    one multiply and one addition in the state precision).
     """
     u = unit_roundoff(dtype)
     us = path.state_u(u)
@@ -724,8 +726,9 @@ def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows
     exp_term = ulps(path.exp_ulps, u)
     E_path = np.where(part, sig_path + shift, 0.0).max(axis=-1, initial=0.0) + exp_term
     E = np.where(part, sig_path + sig_ref + shift, 0.0).max(axis=-1, initial=0.0) + exp_term
-    rho = path.rescales(M, dtype, N) * ulps(path.rescale_exp_ulps, us)
-    G = sum_bound(path, path.key_sum(M, dtype, N), u)
+    rho = (path.rescales(M, dtype, N) + merges) * ulps(path.rescale_exp_ulps, us)
+    k_T, k_s = path.key_sum(M, dtype, N)
+    G = sum_bound(path, (k_T, k_s + 2 * merges), u)
     # rows with scores +inf (energies -inf): those keys share the mass equally (weights exactly 1)
     cert = np.isposinf(x) if take is None else np.broadcast_to(take, x.shape) & np.isposinf(x)
     has_cert = cert.any(axis=-1, keepdims=True)
@@ -744,11 +747,11 @@ def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows
     return ForwardBounds(a=a, L=L, a_path=a_path, L_path=L_path, E=E)
 
 
-def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window=None, enable_gqa=False):
+def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window=None, enable_gqa=False, sinks=None):
     from .attention import prepare_attention
 
-    inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal,
-                            causal_alignment=causal_alignment, energy=energy, window=window, enable_gqa=enable_gqa)
+    inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
+                            energy=energy, window=window, enable_gqa=enable_gqa, sinks=sinks)
     sc = 0.0 if math.isinf(inp.tau) else 1.0 / inp.tau  # the reference's scale (section 5)
     with np.errstate(invalid="ignore"):
         x = -inp.energies() * sc
@@ -758,7 +761,7 @@ def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_align
 
 
 def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False, causal_alignment="top_left",
-                     window=None, enable_gqa=False):
+                     window=None, enable_gqa=False, sinks=None):
     """The reference's ``(a, L)`` for ``attention`` and :class:`ForwardBounds` of ``path`` against it (finite inputs).
 
     Examples
@@ -771,12 +774,27 @@ def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mas
     from .attention import attention
 
     kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, window=window,
-              enable_gqa=enable_gqa)
+              enable_gqa=enable_gqa, sinks=sinks)
     a_ref, L_ref = attention(q, k, v, return_lse=True, **kw)
     dtype = np.dtype(a_ref.dtype if dtype is None else dtype)
-    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window, enable_gqa)
+    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window, enable_gqa, sinks)
     D = np.shape(q)[-1]
-    return a_ref, L_ref, forward_bounds(path, dtype, x, S, sc, D, inp.v, a_ref, L_ref, take, rows=inp.n * inp.group)
+    vals = np.broadcast_to(inp.v, inp.batch + inp.v.shape[-2:])
+    if inp.sinks is not None:  # V5: the sink as one more key of exact score and value 0, merged after the tiles
+        x, S, take, vals = _with_sink_column(inp, x, S, take, vals)
+    return a_ref, L_ref, forward_bounds(path, dtype, x, S, sc, D, vals, a_ref, L_ref, take, rows=inp.n * inp.group,
+                                        merges=int(inp.sinks is not None))
+
+
+def _with_sink_column(inp, x, S, take, v):
+    """Section 9's inputs with the sink (V5) as a last key: its score (exact, ``S = 0``), participation and value 0."""
+    rows = inp.batch + (inp.n, 1)
+    x = np.concatenate([np.broadcast_to(x, inp.batch + x.shape[-2:]), np.broadcast_to(inp.sinks[..., None, None], rows)], axis=-1)
+    S = np.concatenate([np.broadcast_to(S, inp.batch + np.shape(S)[-2:]), np.zeros(rows)], axis=-1)
+    if take is not None:
+        take = np.concatenate([np.broadcast_to(take, inp.batch + take.shape[-2:]), np.ones(rows, bool)], axis=-1)
+    v = np.concatenate([v, np.zeros(inp.batch + (1, v.shape[-1]))], axis=-2)
+    return x, S, take, v
 
 
 # --- 10: backward ------------------------------------------------------------------------
@@ -801,6 +819,7 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
         u_scale = scale_rounding(u)
         store = _store(u, us)
     r, b, delta, dS = c["r"], c["b"], c["delta"], c["dS"]
+    rsink = c["rsink"]
     absg, absv, absq, absk = c["absg"], c["absv"], c["absq"], c["absk"]
     M, N, Dv, sc = c["M"], c["N"], c["Dv"], c["scale"]
     phi = np.where(r > 0, phi, 0.0)
@@ -815,6 +834,21 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
     Gk = sum_bound(side, side.key_sum(M, dtype, N, backward=True), u)
     Gq = sum_bound(side, side.query_sum(N, dtype), u)
     bq = sc * ((ddS + Gk * absdS) @ absk) + (u_scale + us + store) * c["absdq"]
+    dsink = None
+    if rsink is not None:  # V5: C_i = sum_j dS_ij = Delta_i r_sink,i = -dLoss/dsink_i
+        absC = np.abs(rsink * delta)
+        if side.kind == "reference":  # its P_sink within its ulps of the exact, its Delta as above
+            phi_s = ulps(REFERENCE_R_ULPS, U64)
+        else:  # r_sink = exp(sink - L) in float64 from the path's L: L's error, the subtraction, the exp
+            with np.errstate(invalid="ignore"):
+                phi_s = L_err + U64 * np.abs(_finite(c["sink"] - c["L"])) + 2 * U64
+        dC = np.where(rsink > 0, rsink * (phi_s * np.abs(delta) + ddelta), 0.0) + U64 * absC
+        dsink = dC  # per row; summed to the sinks' shape by the caller
+        if c["sqeuclidean"]:  # dq_i -= scale q_i C_i: C's error, two products, the subtraction (as dk's)
+            if side.kind == "reference":  # it sums dS over the keys itself
+                dC = ddS.sum(-1) + gamma(M, U64) * absdS.sum(-1)
+            bq = (sc * ((ddS + Gk * absdS) @ absk) + sc * absq * dC[..., None] + (u_scale + us) * sc * c["absAq"]
+                  + (u_scale + 3 * us) * sc * absq * absC[..., None] + (us + store) * c["absdq"])
     bk = sc * (T(ddS + Gq * absdS) @ absq)
     if c["sqeuclidean"]:  # dk_j -= scale k_j C_j: C's sum, two products, the subtraction
         Gc = sum_bound(side, side.column_sum(N, dtype), u)
@@ -824,12 +858,12 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
     else:
         bk = bk + (u_scale + us + store) * c["absdk"]
     bv = T(r * (phi + Gq)) @ absg + store * c["absdv"]
-    return bq, bk, bv
+    return bq, bk, bv, dsink
 
 
 def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False,
-                         causal_alignment="top_left", window=None, enable_gqa=False, forward=None):
-    """The reference's ``(dq, dk, dv)`` and the bounds of ``path`` against them (section 10), finite inputs.
+                         causal_alignment="top_left", window=None, enable_gqa=False, sinks=None, forward=None):
+    """The reference's ``(dq, dk, dv[, dsinks])`` and the bounds of ``path`` against them (section 10), finite inputs.
 
     ``forward``: the path's :class:`ForwardBounds` for the same call (computed if None).
 
@@ -841,19 +875,21 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
     ([(1, 2), (2, 2), (2, 1)], True)
     """
     from .attention import attention
-    from .gradients import attention_vjp
+    from .gradients import _sum_groups, _sum_to_shape, attention_vjp
 
     kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, window=window)
-    refs = attention_vjp(q, k, v, grad_out, enable_gqa=enable_gqa, **kw)
+    refs = attention_vjp(q, k, v, grad_out, enable_gqa=enable_gqa, sinks=sinks, **kw)
     dtype = np.dtype(refs[0].dtype if dtype is None else dtype)
     u = unit_roundoff(dtype)
     if forward is None:
-        forward = attention_bounds(path, q, k, v, dtype, enable_gqa=enable_gqa, **kw)[2]
-    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window, enable_gqa)
+        forward = attention_bounds(path, q, k, v, dtype, enable_gqa=enable_gqa, sinks=sinks, **kw)[2]
+    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window, enable_gqa,
+                                           sinks)
     # per query head: keys and values repeated over a group (V6), the batch broadcast
     q64, k64, v64 = (np.asarray(z, np.float64) for z in (inp.q, inp.k, inp.v))
     g64 = np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (inp.n, inp.dv))
-    a64, L64, r = attention(q64, k64, v64, return_lse=True, return_responsibilities=True, **kw)
+    out = attention(q64, k64, v64, return_lse=True, return_responsibilities=True, sinks=inp.sinks, **kw)
+    a64, L64, r = out[:3]
     r = np.asarray(r, np.float64)
     T = lambda z: np.swapaxes(z, -1, -2)  # noqa: E731
     b = g64 @ T(v64)
@@ -866,14 +902,19 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
         absg=np.abs(_finite(g64)), absv=np.abs(_finite(v64)), absq=np.abs(_finite(q64)), absk=np.abs(_finite(k64)),
         N=inp.n * inp.group, M=inp.m, Dv=inp.dv, sqeuclidean=energy == "sqeuclidean", absA=np.abs(A), absC=np.abs(C),
         absdq=np.abs(np.asarray(refs[0], np.float64)), absdk=np.abs(dk_heads), absdv=np.abs(T(r) @ g64),
+        rsink=None if inp.sinks is None else np.asarray(out[3], np.float64),
+        sink=None if inp.sinks is None else inp.sinks[..., None], absAq=np.abs(dS @ k64),
     )
     mine = _side_vjp(path, u, dtype, ctx, forward.L_path, forward.a_path)
     ref = _side_vjp(REFERENCE, U64, dtype, ctx)
-    total = [m_ + r_ for m_, r_ in zip(mine, ref)]
+    total = [m_ + r_ for m_, r_ in zip(mine[:3], ref[:3])]
     if inp.group > 1:
-        from .gradients import _sum_groups
-
         total[1:] = [_sum_groups(t, inp.group) for t in total[1:]]
+    if inp.sinks is not None:  # the rows' bounds summed as the rows are, then each side's float64 sum and rounding
+        rows = np.prod(inp.batch + (inp.n,), dtype=np.int64) // max(1, int(np.prod(inp.sinks_shape, dtype=np.int64)))
+        absd = np.abs(_finite(np.asarray(refs[3], np.float64)))
+        per_row = _finite(mine[3] + ref[3]) + 2 * gamma(int(rows), U64) * np.abs(_finite(ctx["rsink"] * delta))
+        total.append(_sum_to_shape(per_row.sum(axis=-1), inp.sinks_shape) + 2 * _store(u, U64) * absd)  # both round to the dtype
     return refs, tuple(total)
 
 

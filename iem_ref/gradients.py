@@ -191,6 +191,9 @@ def _sum_groups(x, group):
 def _sum_to_shape(x, shape):
     """Reduce a broadcast gradient to the shape its argument was given in."""
     lead = x.ndim - len(shape)
+    if lead < 0:  # given with leading axes of length 1 that the batch lacks: one head, (1,), for q (N, D)
+        x = x.reshape((1,) * -lead + x.shape)
+        lead = 0
     x = x.sum(axis=tuple(range(lead))) if lead > 0 else x
     axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
     return x.sum(axis=axes, keepdims=True).reshape(shape) if axes else x.reshape(shape)

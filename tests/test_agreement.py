@@ -248,6 +248,75 @@ def test_attention_grouped_query_heads(path, rng, dtype, energy):
                 assert_within(got, ref, bound, f"{path.name} {name} {hq}/{hkv} {sorted(kw)}")
 
 
+@pytest.mark.equation("V5", "G6")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
+def test_attention_sinks(path, rng, dtype, energy):
+    """Attention sinks (V5): one more hypothesis per row with a per-head logit and value 0, forward and backward.
+
+    The backward returns ``dsinks`` (the sinks' shape) after ``dq, dk, dv``;
+    the squared-Euclidean ``dq`` keeps its ``q_i`` term (the rows' ``dS``
+    no longer sum to 0).  Cases: plain, causal with grouped-query heads, a
+    window, a mask that empties rows (the sink takes their mass), and a sink
+    of ``-inf`` on one head (no sink there).
+    """
+    # (H, Hkv, N, M, D, Dv)
+    shapes = [(2, 2, 6, 9, 3, 2)] if path.small else [(4, 4, 300, 700, 16, 5), (4, 2, 1, 20000, 8, 4), (6, 3, 130, 90, 4, 3)]
+    for H, hkv, N, M, D, Dv in shapes:
+        spread = 0.5 if energy == "sqeuclidean" else 1.0
+        q = rand(rng, (H, N, D), dtype, spread)
+        k, v = rand(rng, (hkv, M, D), dtype, spread), rand(rng, (hkv, M, Dv), dtype)
+        gout = rand(rng, (H, N, Dv), dtype)
+        sinks = rng.standard_normal(H) * 2.0
+        no_head = sinks.copy()
+        no_head[0] = -np.inf
+        empty = rng.random((N, M)) < 0.5
+        empty[: max(1, N // 3)] = False  # these rows see no key: the sink takes all their mass
+        w = 3 if path.small else 200
+        cases = [dict(sinks=sinks), dict(sinks=sinks, is_causal=True), dict(sinks=no_head, window=(w, w // 2)),
+                 dict(sinks=sinks, mask=empty)]
+        if hkv != H:
+            cases = [dict(c, enable_gqa=True) for c in cases]
+        for n_case, kw in enumerate(cases):
+            a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True, **kw)
+            a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)
+            assert_within(a, a_ref, fb.a, f"{path.name} a {H}/{hkv} {sorted(kw)}")
+            assert_within(L, L_ref, fb.L, f"{path.name} L {H}/{hkv} {sorted(kw)}")
+            if "mask" in kw:  # rows without a key: output 0, log-partition = the sink's logit
+                gone = ~empty.any(axis=-1)
+                assert (a[:, gone] == 0).all() and np.array_equal(L[:, gone], np.broadcast_to(sinks.astype(dtype)[:, None], L[:, gone].shape))
+            if path.small and n_case % 2:
+                continue  # the simulator: about 10 s per backward here
+            refs, bnds = vjp_bounds(path, q, k, v, gout, dtype, fb, energy=energy, **kw)
+            grads = path.mod.attention_vjp(q, k, v, gout, energy=energy, out=a, lse=L, **kw)
+            assert len(grads) == 4 and grads[3].shape == sinks.shape and grads[3].dtype == dtype
+            for name, got, ref, bound in zip(("dq", "dk", "dv", "dsinks"), grads, refs, bnds):
+                assert_within(got, ref, bound, f"{path.name} {name} {H}/{hkv} {sorted(kw)}")
+
+
+@pytest.mark.equation("V5")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_edge_sinks(path, rng, dtype):
+    """The sink's rows of the edge-case policy: an empty row is not empty, ``-inf`` is no sink, ``+inf`` certain, NaN spoils its row."""
+    q, k, v = make_inputs(rng, ((), (), (), 3, 5, 2, 2), dtype)
+    mask = np.ones((3, 5), bool)
+    mask[1] = False
+    a0, L0 = path.mod.attention(q, k, v, mask=mask, return_lse=True)
+    for s, check in [(0.5, "finite"), (-np.inf, "none"), (np.inf, "certain"), (np.nan, "nan")]:
+        a, L = path.mod.attention(q, k, v, mask=mask, sinks=np.array([s]), return_lse=True, empty="nan")
+        if check == "finite":
+            assert (a[1] == 0).all() and L[1] == dtype(0.5)
+        elif check == "none":  # the plain result, empty="nan" applies again
+            assert np.isnan(a[1]).all() and np.array_equal(a[[0, 2]], a0[[0, 2]]) and np.array_equal(L, L0)
+        elif check == "certain":
+            assert (a == 0).all() and np.isposinf(L).all()
+        else:
+            assert np.isnan(a).all() and np.isnan(L).all()
+        dsinks = path.mod.attention_vjp(q, k, v, np.ones_like(a0), mask=mask, sinks=np.array([s]))[3]
+        ref = iem_ref.attention_vjp(q, k, v, np.ones_like(a0), mask=mask, sinks=np.array([s]))[3]
+        assert np.array_equal(np.isnan(dsinks), np.isnan(ref)) and (check == "nan" or dsinks[0] == 0 or check == "finite")
+
+
 @pytest.mark.equation("A4")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_return_lse_off_and_defaults(path, rng, dtype):

@@ -65,7 +65,7 @@ from numba.np.linalg import ensure_blas
 
 from ._compile import INNER
 from ._fastexp import f32_bits, f64_bits, fexp, fexp_shifted, like
-from ._problem import DOT, PRECOMPUTED, SQEUCLIDEAN, head_of, log_partition_of_row, summary_of_row
+from ._problem import DOT, PRECOMPUTED, SQEUCLIDEAN, head_of, log_partition_of_row, merge_sink, summary_of_row
 
 ensure_blas()  # SciPy's BLAS (scipy.linalg.cython_blas), the one Numba's np.dot uses
 
@@ -661,13 +661,21 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
 
 
 @njit(**INNER)
-def _finish_rows(acc, empty_nan, out, lse):
-    """M2's result for the rows of ``acc``: ``a = o / l``, ``L = m + log l`` (float64, rounded once to ``out``'s dtype), with the policy."""
+def _finish_rows(acc, sinks, i0, empty_nan, out, lse):
+    """M2's result for the rows ``i0, i0 + 1, ...`` of ``acc``: ``a = o / l``, ``L = m + log l`` (float64, rounded once to ``out``'s dtype), with the policy.
+
+    ``sinks``: the element's sink logits (V5), row ``i`` taking ``sinks[i % len(sinks)]``
+    (a group's heads, V6), merged as one more partial; ``-inf`` for none.
+    """
     Dv = acc.o.shape[1]
     for r in range(acc.m.shape[0]):
-        lse[r] = log_partition_of_row(acc.m[r], acc.l[r], acc.nan[r])
-        for c in range(Dv):
-            out[r, c] = summary_of_row(acc.o[r, c], acc.l[r], acc.nan[r], empty_nan)
+        sink = sinks[(i0 + r) % sinks.shape[0]]
+        nan = acc.nan[r] or sink != sink
+        m, l, c = merge_sink(acc.m[r], acc.l[r], sink)
+        lse[r] = log_partition_of_row(m, l, nan)
+        for col in range(Dv):
+            o = acc.o[r, col]
+            out[r, col] = summary_of_row(c * o if np.isfinite(o) else o, l, nan, empty_nan)
 
 
 def forward(stage, thread, nthreads, p, mask, bq, bk, nsplit, parts, out, lse):
@@ -702,7 +710,7 @@ def forward(stage, thread, nthreads, p, mask, bq, bk, nsplit, parts, out, lse):
             acc = _partials_at(parts, b, split, i0, i1)
             _forward_block(head_of(p, mask, b), i0, i1, j0, j1, bk, acc)
             if nsplit == 1:
-                _finish_rows(acc, p.empty_nan, out[b, i0:i1], lse[b, i0:i1])
+                _finish_rows(acc, p.sinks[b], i0, p.empty_nan, out[b, i0:i1], lse[b, i0:i1])
         return
     for w in range(thread, B * nqb, nthreads):
         b = w // nqb
@@ -724,16 +732,17 @@ def forward(stage, thread, nthreads, p, mask, bq, bk, nsplit, parts, out, lse):
                     o1 = first.o[r, c]
                     o2 = other.o[r, c]
                     first.o[r, c] = (c1 * o1 if np.isfinite(o1) else o1) + (c2 * o2 if np.isfinite(o2) else o2)
-        _finish_rows(first, p.empty_nan, out[b, i0:i1], lse[b, i0:i1])
+        _finish_rows(first, p.sinks[b], i0, p.empty_nan, out[b, i0:i1], lse[b, i0:i1])
 
 
 # --- backward (G4) ------------------------------------------------------------------
 class Saved(NamedTuple):
-    """What the backward reads from the forward, float64 per ``(B, N)``: ``L_i``, ``Delta_i = <u_i, a_i>`` and the certain-key count."""
+    """What the backward reads from the forward, float64 per ``(B, N)``: ``L_i``, ``Delta_i = <u_i, a_i>``, the certain-key count, the row sum of ``dS``."""
 
     lse: np.ndarray
     delta: np.ndarray
     cnt: np.ndarray  # filled by the backward's stage 0
+    rowsum: np.ndarray  # sum_j dS_ij over the keys: Delta_i r_sink,i with sinks (V5), else 0 (K2's dq needs it)
 
 
 class Grads(NamedTuple):
@@ -827,6 +836,9 @@ def _count_certain(h, i0, i1, bk_max, saved):
         for r in range(bq):
             for j in range(bk):
                 saved.cnt[i0 + r] += S[r, j] == np.inf
+    for r in range(bq):  # a sink of logit +inf (V5) is a certain key too
+        if saved.lse[i0 + r] == np.inf and h.sinks[(i0 + r) % h.sinks.shape[0]] == np.inf:
+            saved.cnt[i0 + r] += 1.0
 
 
 @njit(fastmath=_FM, **INNER)
@@ -904,7 +916,7 @@ def _backward_keys(h, j0, j1, bq_max, saved, dk, dv):
 
 @njit(fastmath=_FM, **INNER)
 def _backward_queries(h, i0, i1, bk_max, saved, dq):
-    """G4, queries ``[i0, i1)``: ``dq_i = scale sum_j dS_ij k_j`` over all keys (for K2 too: ``sum_j dS_ij = 0``)."""
+    """G4, queries ``[i0, i1)``: ``dq_i = scale sum_j dS_ij k_j`` over all keys (for K2 minus ``scale q_i sum_j dS_ij``, nonzero with sinks only)."""
     q, k, v, u = h.q, h.k, h.v, h.u
     bq = i1 - i0
     M = k.shape[0]
@@ -941,13 +953,18 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq):
                     acc[r, c] += np.float64(tq[r, c])
     sc = np.float64(h.scale)
     for r in range(bq):
+        rowsum = saved.rowsum[i0 + r]
         for c in range(D):
-            dq[i0 + r, c] = sc * acc[r, c]
+            g = sc * acc[r, c]
+            if h.energy == SQEUCLIDEAN and rowsum != 0.0:
+                qi = np.float64(q[i0 + r, c])
+                g -= sc * (qi if np.isfinite(qi) else 0.0) * rowsum
+            dq[i0 + r, c] = g
 
 
 @njit(**INNER)
 def _saved_at(saved, b):
-    return Saved(saved.lse[b], saved.delta[b], saved.cnt[b])
+    return Saved(saved.lse[b], saved.delta[b], saved.cnt[b], saved.rowsum[b])
 
 
 def backward(stage, thread, nthreads, p, mask, bq, bk, saved, grads):

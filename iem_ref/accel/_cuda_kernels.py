@@ -164,6 +164,7 @@ def _build(dtype_name, energy):
     # (calling the CPU dispatchers from a kernel would need a CUDA driver to compile, even for PTX alone)
     log_partition_of_row = cuda.jit(device=True, inline=True)(_problem.log_partition_of_row.py_func)
     summary_of_row = cuda.jit(device=True, inline=True)(_problem.summary_of_row.py_func)
+    merge_sink = cuda.jit(device=True, inline=True)(_problem.merge_sink.py_func)
 
     @cuda.jit(device=True, inline=True)
     def _tile_dot(A, ao, ar, ac, r0, nr, Bm, bo, br, bc, c0, nc, K, As, Bs, acc, tid, tx, ty):
@@ -412,15 +413,25 @@ def _build(dtype_name, energy):
                     l_s[US(tid)] = lsum
                 _tile_accum(S, S, V, vob, vr, vc, c0, m, p0, dv, Xs, oacc, tx, ty, True)
             cuda.syncthreads()  # l_s final
+            if tid < BR:  # the sink (V5): one more partial, merged into the row's state (M2)
+                sink = prob.sinks[b]
+                m_new, l_new, factor = merge_sink(m_s[US(tid)], l_s[US(tid)], sink)
+                m_s[US(tid)] = m_new
+                l_s[US(tid)] = l_new if sink == sink else NAN  # a NaN logit spoils the row
+                al_s[US(tid)] = factor
+            cuda.syncthreads()  # the merged state
             for a in range(RS):
                 r = ty * RS + a
                 i = r0 + r
                 if i < n:
                     lrow = l_s[US(r)]
+                    factor = al_s[US(r)]
                     for o in range(OC):
                         col = p0 + tx + TX * o
                         if col < dv:
-                            O[b, i, col] = summary_of_row(oacc[a, o], lrow, False, empty_nan)  # a NaN row has l = NaN
+                            x = oacc[a, o]
+                            x = x * factor if x - x == ZERO else x  # an infinite sum stays itself
+                            O[b, i, col] = summary_of_row(x, lrow, False, empty_nan)  # a NaN row has l = NaN
             if p == 0 and tid < BR and r0 + tid < n:
                 lrow = l_s[US(tid)]
                 mrow = m_s[US(tid)]
@@ -440,8 +451,12 @@ def _build(dtype_name, energy):
         return math.exp(x - lse)
 
     @tiled
-    def dq(prob, nqb, LSE, CNT, DEL, DQ):
-        """G4, dq_i = scale * sum_j dS_ij k_j with dS_ij = r_ij (<u_i, v_j> - delta_i); block per 32 queries."""
+    def dq(prob, nqb, LSE, CNT, DEL, RSUM, DQ):
+        """G4, dq_i = scale * sum_j dS_ij k_j with dS_ij = r_ij (<u_i, v_j> - delta_i); block per 32 queries.
+
+        For ``SQEUCLIDEAN`` also ``- scale * q_i * RSUM_i`` with ``RSUM_i = sum_j dS_ij``
+        (nonzero with sinks only, V5; ``q_i`` taken as 0 where not finite).
+        """
         Q, qo, qr, qc = prob.q  # the record's operands and sizes, under the names the body uses
         K, ko, kr, kc = prob.k
         V, vo, vr, vc = prob.v
@@ -495,10 +510,17 @@ def _build(dtype_name, energy):
             for a in range(RS):
                 i = r0 + ty * RS + a
                 if i < n:
+                    rsum = RSUM[b, i]
                     for o in range(OC):
                         col = p0 + tx + TX * o
                         if col < d:
-                            DQ[b, i, col] = scale * oacc[a, o]
+                            val = scale * oacc[a, o]
+                            if ENERGY == SQEUCLIDEAN and rsum != ZERO:
+                                qv = Q[UX(qo[b] + i * qr + col * qc)]
+                                if qv - qv != ZERO:  # not finite: the reference takes it as 0
+                                    qv = ZERO
+                                val -= scale * qv * rsum
+                            DQ[b, i, col] = val
 
     @tiled
     def dkv(prob, nkb, LSE, CNT, DEL, DK, DV):
@@ -644,7 +666,7 @@ def signatures(dtype_name, energy):
         "rowdot": (op, op, i64, i64, a2),
     }
     if energy != PRECOMPUTED:
-        sigs["dq"] = (p, i64, a2, a2, a2, a3)
+        sigs["dq"] = (p, i64, a2, a2, a2, a2, a3)
         sigs["dkv"] = (p, i64, a2, a2, a2, a3, a3)
         sigs["group_sum"] = (a2, i64, a2)
     return {name: types.void(*args) for name, args in sigs.items()}

@@ -56,6 +56,8 @@ __all__ = [
     "device_problem_type",
     "log_partition_of_row",
     "summary_of_row",
+    "merge_sink",
+    "sink_responsibility",
 ]
 
 #: energy codes (``Problem.energy``): one spelling for every path
@@ -116,6 +118,7 @@ class Problem(NamedTuple):
     has_mask: bool  # False: mask is a placeholder, every pair takes part
     mask_group: int  # row i reads mask row i // mask_group (group when the mask is shared by a group's heads, else 1)
     empty_nan: bool  # an empty row's output is NaN (else 0)
+    sinks: np.ndarray  # (B, group) float64: the sink logit (V5) of row i of element b is sinks[b, i % group]; -inf: none
 
 
 class Head(NamedTuple):
@@ -135,13 +138,14 @@ class Head(NamedTuple):
     group: int
     has_mask: bool
     mask_group: int
+    sinks: np.ndarray  # (group,)
 
 
 @njit(cache=True)
 def head_of(p, mask, b):
     """The operands of flat batch element ``b`` of the problem ``p`` and its ``mask`` (views, no copies)."""
     return Head(p.q[p.qmap[b]], p.k[p.kmap[b]], p.v[p.vmap[b]], p.u[p.umap[b]], p.d[p.dmap[b]], mask[p.mmap[b]],
-                p.energy, p.scale, p.offset, p.left, p.right, p.group, p.has_mask, p.mask_group)
+                p.energy, p.scale, p.offset, p.left, p.right, p.group, p.has_mask, p.mask_group, p.sinks[b])
 
 
 def problem_type(t):
@@ -149,7 +153,8 @@ def problem_type(t):
     f3 = types.Array(t, 3, "C", readonly=True)
     i1 = types.Array(types.int64, 1, "C", readonly=True)
     b1, i64 = types.boolean, types.int64
-    return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, i64, i64, i64, i64, b1, i64, b1], Problem)
+    f2 = types.Array(types.float64, 2, "C", readonly=True)
+    return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, i64, i64, i64, i64, b1, i64, b1, f2], Problem)
 
 
 #: the Numba type of the mask argument beside the record
@@ -188,6 +193,7 @@ class DeviceProblem(NamedTuple):
     dv: int
     scale: float
     empty_nan: int
+    sinks: object  # (B,) device array in the dtype: the sink logit (V5) of each flat batch element, -inf for none
 
 
 def device_problem_type(t):
@@ -199,7 +205,7 @@ def device_problem_type(t):
         return types.NamedTuple([types.Array(dtype, 1, "C"), offset, i64, i64], Operand)
 
     op = operand(t)
-    return types.NamedTuple([op, op, op, op, operand(types.uint8)] + [i64] * 8 + [t, i64], DeviceProblem)
+    return types.NamedTuple([op, op, op, op, operand(types.uint8)] + [i64] * 8 + [t, i64, types.Array(t, 1, "C")], DeviceProblem)
 
 
 # --- the row finish (M2's result), one definition for every path ---------------
@@ -221,6 +227,31 @@ def log_partition_of_row(m, l, nan):
 
 
 @njit(cache=True)
+def merge_sink(m, l, sink):
+    """V5 in M2's terms: the sink is one more partial ``(m, l, o) = (sink, 1, 0)``, merged into a row's ``(m, l)``.
+
+    Returns ``(m', l', c)``: the merged maximum and sum, and the factor of
+    the row's own ``o`` (``o' = c o``; an infinite ``o`` stays itself, as in
+    every rescale).  ``sink = -inf``: no sink, nothing changes; ``+inf``: a
+    certain key of value 0 (counted in ``l`` beside the row's own certain
+    keys).  A NaN sink spoils the row: the caller's NaN flag.
+
+    Examples
+    --------
+    >>> merge_sink(-math.inf, 0.0, 1.5)  # no key takes part: the sink takes the mass
+    (1.5, 1.0, 0.0)
+    >>> merge_sink(0.0, 2.0, -math.inf)
+    (0.0, 2.0, 1.0)
+    """
+    if sink == -math.inf or sink != sink:
+        return m, l, 1.0
+    mm = m if m > sink else sink
+    c = 1.0 if m == mm else math.exp(m - mm)
+    cs = 1.0 if sink == mm else math.exp(sink - mm)
+    return mm, c * l + cs, c
+
+
+@njit(cache=True)
 def summary_of_row(o, l, nan, empty_nan):
     """M2's result: ``a = o / l`` for one output entry, with the policy: NaN for a spoiled row, 0 (or NaN) for an empty one."""
     if nan:
@@ -228,3 +259,10 @@ def summary_of_row(o, l, nan, empty_nan):
     if l == 0.0:
         return math.nan if empty_nan else 0.0
     return o / l
+
+
+def sink_responsibility(sink, L, cnt):
+    """V5: ``r_sink,i = exp(sink_i - L_i)``; a row made certain (``L = +inf``) shares its mass among its ``cnt`` certain keys, the sink among them if ``+inf``; no sink (``-inf``) has 0."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        certain = np.where(np.isposinf(sink), 1.0 / np.where(cnt > 0, cnt, 1.0), 0.0)
+        return np.where(np.isneginf(sink), 0.0, np.where(np.isposinf(L), certain, np.exp(sink - L)))

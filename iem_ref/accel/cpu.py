@@ -68,9 +68,10 @@ from .._validation import (
     kernel_dtype,
 )
 from ..attention import prepare_attention
+from ..gradients import _sum_to_shape
 from . import _cpu_kernels as _k
 from ._compile import CompilationNotice, cache_dir, compile_kernel
-from ._problem import ENERGY_CODES, MASK_TYPE, PRECOMPUTED, UNBOUNDED, Problem, band, problem_type
+from ._problem import ENERGY_CODES, MASK_TYPE, PRECOMPUTED, UNBOUNDED, Problem, band, problem_type, sink_responsibility
 from ._scalar import sign_mean, signed_gaussian_mean, softplus_scalar
 
 __all__ = [
@@ -122,7 +123,7 @@ def _forward_sig(t):
 
 def _backward_sig(t):
     i64, f64 = types.int64, types.float64
-    saved = types.NamedTuple([_arr(f64, 2), _arr(f64, 2), _arr(f64, 2, readonly=False)], _k.Saved)
+    saved = types.NamedTuple([_arr(f64, 2), _arr(f64, 2), _arr(f64, 2, readonly=False), _arr(f64, 2)], _k.Saved)
     grads = types.NamedUniTuple(_arr(t, 3, readonly=False), 3, _k.Grads)
     return types.void(i64, i64, i64, problem_type(t), MASK_TYPE, i64, i64, saved, grads)  # stage, thread, thread count, problem, mask, bq, bk
 
@@ -289,16 +290,23 @@ def _zero_map(batch):
 
 
 def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=None, d=None, mask=None, offset=0,
-             is_causal=False, window=None, empty="zero", groups=None):
+             is_causal=False, window=None, empty="zero", groups=None, sinks=None):
     """The :class:`~iem_ref.accel._problem.Problem` of one call and its mask, built once from validated inputs.
 
     Operands are flattened over ``batch`` without copying broadcast ones
     (:func:`_stack`); those the kernel will not read (``u`` in the forward,
     ``q, k`` for precomputed energies, ``d`` otherwise) are empty placeholders.
     ``groups``: the :class:`_Groups` of grouped-query heads (V6; ``batch``,
-    ``n``, ``q``, ``u`` and ``mask`` are then already the stacked ones).
+    ``n``, ``q``, ``u`` and ``mask`` are then already the stacked ones);
+    ``sinks``: the validated sink logits (V5) broadcast to the query heads'
+    batch, or None.
     """
     group, mask_group = (1, 1) if groups is None else (groups.g, groups.mask_group)
+    B = max(1, int(np.prod(batch, dtype=np.int64)))
+    if sinks is None or np.size(sinks) == 0:
+        sink_rows = np.full((B, group), -np.inf)
+    else:  # (B..., Hkv * g) -> (Bkv, g): the sinks of a group's heads, in the order its rows interleave them
+        sink_rows = np.ascontiguousarray(np.asarray(sinks, np.float64)).reshape(B, group)
     placeholder = {"q": (n, 0), "k": (m, 0), "v": (m, 0), "u": (n, 0), "d": (1, 0)}
     ops = {}
     for name, x in (("q", q), ("k", k), ("v", v), ("u", u), ("d", d)):
@@ -311,7 +319,7 @@ def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=Non
     p = Problem(ops["q"][0], ops["k"][0], ops["v"][0], ops["u"][0], ops["d"][0],
                 ops["q"][1], ops["k"][1], ops["v"][1], ops["u"][1], ops["d"][1], mmap,
                 int(energy), dtype.type(scale), int(offset), int(left), int(right), int(group), has_mask, int(mask_group),
-                empty == "nan")
+                empty == "nan", _ro(sink_rows))
     return p, mask3
 
 
@@ -385,23 +393,23 @@ def _check_energy(energy):
 
 
 def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, window=None, enable_gqa=False,
-                       nsplit=None):
+                       sinks=None, nsplit=None):
     check_choice(empty, "empty", {"zero", "nan"})
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
-                            energy=energy, window=window, enable_gqa=enable_gqa)
+                            energy=energy, window=window, enable_gqa=enable_gqa, sinks=sinks)
     _check_energy(energy)
     dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads)
     groups = _Groups(inp)
     qs = as_float_array(q, "q") if groups.g == 1 else groups.stack(inp.q)
     pm = _problem(dtype, groups.batch, groups.rows, inp.m, q=qs, k=as_float_array(k, "k"), v=as_float_array(v, "v"),
                   mask=groups.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=inp.causal_offset,
-                  is_causal=inp.is_causal, window=inp.window, empty=empty, groups=groups)
+                  is_causal=inp.is_causal, window=inp.window, empty=empty, groups=groups, sinks=inp.sinks)
     a, lse = _run_forward(pm, groups.batch, groups.rows, inp.m, inp.dv, nsplit)
     return (groups.unstack(a), groups.unstack(lse)), inp
 
 
 def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero",
-              window=None, enable_gqa=False, return_lse=False):
+              window=None, enable_gqa=False, sinks=None, return_lse=False):
     """A1-A4 fused (M1-M2): ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one pass, as :func:`iem_ref.attention`.
 
     Parameters and edge cases as the reference; ``energy`` is ``"dot"`` or
@@ -409,7 +417,9 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     is the sliding window (V4): key tiles outside it are never computed, so
     the cost grows with ``N (left + right)``, not ``N M``;
     ``enable_gqa=True``: grouped-query heads (V6), ``q (B..., Hq, N, D)``
-    against ``k, v (B..., Hkv, M, .)``, each K/V tile read once per group.
+    against ``k, v (B..., Hkv, M, .)``, each K/V tile read once per group;
+    ``sinks (H,)``: one more hypothesis per row with that logit and value 0
+    (V5), merged into each row's running state as one more partial (M2).
     No ``return_responsibilities``: that is the ``N x M`` array this path
     avoids.
 
@@ -425,7 +435,7 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     >>> a, lse
     (array([[2.]]), array([0.69314718]))
     """
-    (a, lse), _ = _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, window, enable_gqa)
+    (a, lse), _ = _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, window, enable_gqa, sinks)
     return (a, lse) if return_lse else a
 
 
@@ -458,7 +468,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
 
 
 def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot",
-                  window=None, enable_gqa=False, out=None, lse=None):
+                  window=None, enable_gqa=False, sinks=None, out=None, lse=None):
     """G4: ``(dq, dk, dv)`` for the upstream gradient ``u = grad_out``, as :func:`iem_ref.attention_vjp`.
 
     With ``r_ij = exp(s_ij - L_i)`` rebuilt tile by tile from the saved
@@ -466,7 +476,11 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     output ``out``: ``dv_j = sum_i r_ij u_i``, ``dS_ij = r_ij (<u_i, v_j> -
     Delta_i)``, ``dq = scale dS k``, ``dk = scale dS^T q`` (minus ``scale k_j
     sum_i dS_ij`` for ``"sqeuclidean"``).  With grouped-query heads (V6)
-    ``dk, dv (B..., Hkv, M, .)`` sum over each group's queries.  When ``out``
+    ``dk, dv (B..., Hkv, M, .)`` sum over each group's queries.  With sinks
+    (V5) also ``dsinks``, the shape of ``sinks``: ``dsink_i = -r_sink,i
+    Delta_i`` (``r_sink,i = exp(sink - L_i)``) summed over rows and
+    broadcast axes; then ``sum_j dS_ij = Delta_i r_sink,i``, which the
+    squared-Euclidean ``dq`` subtracts times ``scale q_i``.  When ``out``
     or ``lse`` is missing both are recomputed by :func:`attention`.  No
     ``N x M`` array is formed.
 
@@ -480,7 +494,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     """
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
-                            energy=energy, window=window, enable_gqa=enable_gqa)
+                            energy=energy, window=window, enable_gqa=enable_gqa, sinks=sinks)
     u = check_grad_out(grad_out, inp.batch, inp.n, inp.dv)
     dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads, grad_out=u)
     groups = _Groups(inp)
@@ -490,10 +504,13 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     dq = np.zeros((B, n, D), dtype)
     dk = np.zeros((B, m, D), dtype)
     dv = np.zeros((B, m, dv_), dtype)
-    def shaped():
-        return groups.unstack(dq.reshape(batch + (n, D))), dk.reshape(batch + (m, D)), dv.reshape(batch + (m, dv_))
+    dsinks = None if inp.sinks is None else np.zeros(inp.sinks_shape, dtype)
 
-    if B == 0 or n == 0 or m == 0:
+    def shaped():
+        grads = (groups.unstack(dq.reshape(batch + (n, D))), dk.reshape(batch + (m, D)), dv.reshape(batch + (m, dv_)))
+        return grads if dsinks is None else grads + (dsinks,)
+
+    if B == 0 or n == 0 or m == 0:  # no keys: a = 0, so Delta = 0 and dsinks = 0
         return shaped()
     if groups.g > 1:
         qs, us = groups.stack(inp.q), groups.stack(np.broadcast_to(u, inp.batch + (inp.n, dv_)))
@@ -501,7 +518,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         qs, us = as_float_array(q, "q"), as_float_array(u, "grad_out")
     pm = _problem(dtype, batch, n, m, q=qs, k=as_float_array(k, "k"), v=as_float_array(v, "v"), u=us, mask=groups.mask,
                   energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=inp.causal_offset, is_causal=inp.is_causal,
-                  window=inp.window, groups=groups)
+                  window=inp.window, groups=groups, sinks=inp.sinks)
     if out is None or lse is None:
         a, L = _run_forward(pm, batch, n, m, dv_)
     else:
@@ -518,9 +535,19 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         delta = _ro(np.ascontiguousarray(np.einsum("bnc,bnc->bn", u64, a64)))  # Delta_i = <u_i, a_i> = sum_j r_ij b_ij
     del a64, u64
     bq, bk, _ = plan(B, n, m, dtype, backward=True, band=_band_width(pm[0]))
-    saved = _k.Saved(L64, delta, np.zeros((B, n)))
-    _run_stages(_kernel("backward", dtype), (0, 1, 2), *pm, bq, bk, saved, _k.Grads(dq, dk, dv))
+    rowsum = np.zeros((B, n))
+    saved = _k.Saved(L64, delta, np.zeros((B, n)), _ro(rowsum))  # rowsum is filled below, through its own name
+    if inp.sinks is not None:
+        _run_stages(_kernel("backward", dtype), (0,), *pm, bq, bk, saved, _k.Grads(dq, dk, dv))  # the certain-key counts
+        sink = np.tile(pm[0].sinks, (1, n // groups.g))  # row i of element b: sinks[b, i % g]
+        r_sink = sink_responsibility(sink, L64, saved.cnt)
+        with np.errstate(invalid="ignore"):
+            rowsum[...] = r_sink * delta  # sum_j dS_ij = Delta_i r_sink,i: dLoss/dsink_i = -that
+        per_head = groups.unstack(-rowsum.reshape(batch + (n,)))
+        dsinks[...] = _sum_to_shape(per_head.sum(axis=-1), inp.sinks_shape)
+    _run_stages(_kernel("backward", dtype), (0, 1, 2) if inp.sinks is None else (1, 2), *pm, bq, bk, saved, _k.Grads(dq, dk, dv))
     return shaped()
+
 
 
 # --- scalar activations (S3, S4, H3) ----------------------------------------------

@@ -56,8 +56,9 @@ from .._validation import (
     kernel_dtype,
 )
 from ..attention import prepare_attention
+from ..gradients import _sum_to_shape
 from . import _cuda_kernels as _k
-from ._problem import DOT, ENERGY_CODES, PRECOMPUTED, DeviceProblem, Operand, band
+from ._problem import DOT, ENERGY_CODES, PRECOMPUTED, DeviceProblem, Operand, band, sink_responsibility
 
 __all__ = [
     "attention",
@@ -250,19 +251,23 @@ def _scale_value(scale, tau, dtype):
 # The forward pass, shared by attention and softmin_summary.
 
 
-def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, offset, scale, empty_nan, dtype, is_causal=False, window=None, group=1):
+def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, offset, scale, empty_nan, dtype, is_causal=False, window=None, group=1,
+             sinks=None):
     """The :class:`~iem_ref.accel._problem.DeviceProblem` of one call; ``u`` (and ``mask``) may be None.
 
     ``group``: grouped-query heads (V6), ``k`` and ``v`` read through offsets
     (query head ``h`` reads head ``h // group``; each query head's blocks
-    read its K/V tiles, from the L2 cache after the first of a group).
+    read its K/V tiles, from the L2 cache after the first of a group);
+    ``sinks``: the validated sink logits (V5) broadcast to ``batch``, or None.
     """
     bf = int(np.prod(batch, dtype=np.int64))
     ops = [_operand(x, batch, dtype, group=group if name in "kv" else 1) if x is not None else _placeholder(bf, dtype)
            for name, x in zip("qkvu", (q, k, v, u))]
     mk = _operand(mask, batch, None, mask=True) if mask is not None else _placeholder(bf, np.uint8)
     left, right = band(is_causal, window)
-    return DeviceProblem(*ops, mk, int(mask is not None), int(offset), left, right, n, m, d, dv, scale, int(empty_nan))
+    sink = np.full(max(bf, 1), -np.inf, dtype) if sinks is None or bf == 0 else np.asarray(sinks, dtype).reshape(-1)
+    return DeviceProblem(*ops, mk, int(mask is not None), int(offset), left, right, n, m, d, dv, scale, int(empty_nan),
+                         cuda.to_device(np.ascontiguousarray(sink)))
 
 
 def _forward(kern, prob, bf, dtype):
@@ -277,7 +282,7 @@ def _forward(kern, prob, bf, dtype):
 
 
 def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero",
-              window=None, enable_gqa=False, return_lse=False):
+              window=None, enable_gqa=False, sinks=None, return_lse=False):
     """A1-A4 on the GPU: ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one tiled pass (M1-M2).
 
     Parameters
@@ -300,6 +305,8 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     enable_gqa : bool
         Grouped-query heads (V6): ``q (B..., Hq, N, D)`` against ``k, v (B..., Hkv, M, .)``,
         query head ``h`` reading key/value head ``h // (Hq / Hkv)`` in place.
+    sinks : array (H,), optional
+        Attention sinks (V5): one more hypothesis per row with that logit and value 0.
     return_lse : bool
         Also return ``L_i = log sum_j exp(-d_ij * scale)`` (B..., N).
 
@@ -319,7 +326,7 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     _check_energy(energy)
     inp = prepare_attention(
         _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
-        causal_alignment=causal_alignment, energy=energy, window=window, enable_gqa=enable_gqa,
+        causal_alignment=causal_alignment, energy=energy, window=window, enable_gqa=enable_gqa, sinks=sinks,
     )
     device = any(_is_device(x) for x in (q, k, v, mask))
     dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads)
@@ -329,7 +336,7 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     kern = _k.build(dtype.name, ENERGY_CODES[energy])
     prob = _problem(q, k, v, None, mask, batch, n=n, m=m, d=d, dv=dv, offset=inp.causal_offset, is_causal=inp.is_causal,
                     window=inp.window, scale=_scale_value(scale, inp.tau, dtype), empty_nan=(empty == "nan"), dtype=dtype,
-                    group=inp.group)
+                    group=inp.group, sinks=inp.sinks)
     O, LSE, _ = _forward(kern, prob, bf, dtype)
     a, lse = _finish([O, LSE], [batch + (n, dv), batch + (n,)], device)
     return (a, lse) if return_lse else a
@@ -384,7 +391,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
 
 
 def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot",
-                  window=None, enable_gqa=False, out=None, lse=None):
+                  window=None, enable_gqa=False, sinks=None, out=None, lse=None):
     """G4 on the GPU: ``(dq, dk, dv)`` for the upstream gradient ``u = dLoss/da``.
 
     ``b_ij = <u_i, v_j>``, ``delta_i = sum_j r_ij b_ij = <u_i, a_i>``,
@@ -395,7 +402,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
 
     Parameters
     ----------
-    q, k, v, scale, mask, is_causal, causal_alignment, window, enable_gqa : as :func:`attention`
+    q, k, v, scale, mask, is_causal, causal_alignment, window, enable_gqa, sinks : as :func:`attention`
     grad_out : array (B..., N, Dv)
     energy : {"dot", "sqeuclidean"}
     out, lse : the forward's output (B..., N, Dv) and log-partition (B..., N), optional
@@ -405,7 +412,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     Returns
     -------
     dq (B..., N, D), dk (B..., M, D), dv (B..., M, Dv); with ``enable_gqa`` ``dk, dv`` per key/value
-    head, each the sum over its group's query heads
+    head, each the sum over its group's query heads; with ``sinks`` also dsinks (their shape),
+    ``-sum_i r_sink,i delta_i`` (the sum on the host, in float64)
 
     Examples
     --------
@@ -417,7 +425,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
     inp = prepare_attention(
         _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
-        causal_alignment=causal_alignment, energy=energy, window=window, enable_gqa=enable_gqa,
+        causal_alignment=causal_alignment, energy=energy, window=window, enable_gqa=enable_gqa, sinks=sinks,
     )
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
     up = check_grad_out(_proxy(grad_out), batch, n, dv)
@@ -428,7 +436,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     kern = _k.build(dtype.name, ENERGY_CODES[energy])
     prob = _problem(q, k, v, grad_out, mask, batch, n=n, m=m, d=d, dv=dv, offset=inp.causal_offset, is_causal=inp.is_causal,
                     window=inp.window, scale=_scale_value(scale, inp.tau, dtype), empty_nan=False, dtype=dtype,
-                    group=inp.group)
+                    group=inp.group, sinks=inp.sinks)
 
     LSE = CNT = None
     if out is not None and lse is not None:
@@ -455,8 +463,18 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         _launch(kern.rowdot, (bf * n + 127) // 128, 128, prob.u, oo, n, dv, DEL)
     nqb = (n + _k.BR - 1) // _k.BR
     nkb = (m + _k.BR - 1) // _k.BR
+    RSUM = cuda.to_device(np.zeros((max(bf, 1), max(n, 1)), dtype=dtype))
+    dsinks = None
+    if inp.sinks is not None:  # V5: r_sink,i and sum_j dS_ij = Delta_i r_sink,i = -dLoss/dsink_i, per row on the host
+        L64, cnt, delta = (np.asarray(X.copy_to_host(), np.float64) for X in (LSE, CNT, DEL))
+        sink = np.broadcast_to(np.asarray(inp.sinks, np.float64).reshape(-1, 1), (bf, n))
+        with np.errstate(invalid="ignore"):
+            rowsum = sink_responsibility(sink, L64, cnt) * delta
+        if bf * n > 0:
+            RSUM = cuda.to_device(np.ascontiguousarray(rowsum, dtype=dtype))
+        dsinks = _sum_to_shape((-rowsum).reshape(batch + (n,)).sum(axis=-1), inp.sinks_shape).astype(dtype)
     if bf * nqb > 0 and d > 0:
-        _launch(kern.dq, bf * nqb, _k.NT, prob, nqb, LSE, CNT, DEL, DQ)
+        _launch(kern.dq, bf * nqb, _k.NT, prob, nqb, LSE, CNT, DEL, RSUM, DQ)
     if bf * nkb > 0 and d + dv > 0:
         _launch(kern.dkv, bf * nkb, _k.NT, prob, nkb, LSE, CNT, DEL, DK, DV)
     kv_batch = batch
@@ -464,7 +482,9 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         kv_batch = inp.k_heads.shape[:-2]
         DK, DV = (_group_sum(kern, X, inp.group) for X in (DK, DV))
     dq, dk, dv_ = _finish([DQ, DK, DV], [batch + (n, d), kv_batch + (m, d), kv_batch + (m, dv)], device)
-    return dq, dk, dv_
+    if dsinks is None:
+        return dq, dk, dv_
+    return dq, dk, dv_, (cuda.to_device(dsinks) if device else dsinks)
 
 
 def _group_sum(kern, X, group):
