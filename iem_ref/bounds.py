@@ -151,7 +151,10 @@ float32; CUDA: the division in the dtype, ``u``).  ``L = m + log l``:
 float32 the rounding of the float64 ``L``).  The comparison with the
 reference adds its own error (section 4: ``(6 u64 + gamma_M(u64)) P`` and
 ``4 u64 |L| + 2 u64 max|x|``, plus its float32 rounding); its score error is
-already in ``E``.  :func:`forward_bounds`, :func:`attention_bounds`.
+already in ``E``.  A sink (V5) is one more key of exact score and value 0,
+merged after the tiles as one more partial: one more rescale in ``rho`` and
+two more roundings (a product and a sum) in the state precision in ``G``.
+:func:`forward_bounds`, :func:`attention_bounds`.
 
 10. Backward bounds (G4)
 ------------------------
@@ -192,6 +195,17 @@ Each side (the path and the reference) against the exact gradient, summed
   terms.  The per-result terms (the scale, the rounding to the dtype) use
   the per-head magnitudes ``|dk_h|``, ``|dv_h|``, whose group sum is at
   least ``|dk|``, ``|dv|``.
+* Sinks (V5): ``r`` sums to ``1 - r_sink`` over the keys and ``C_i = sum_j
+  dS_ij = Delta_i r_sink,i = -dsink_i``.  The paths form ``r_sink = exp(sink
+  - L)`` in float64 from their saved ``L``: relative ``|dL| + u64 |sink - L|
+  + 2 u64``; so ``|dC_i| <= r_sink (phi_s |Delta_i| + dDelta_i) + u64 |C_i|``
+  (the reference: its ``r_sink`` within its ulps, its ``Delta``).  ``dsinks``
+  sums the rows' bounds in float64 (``gamma_n(u64)`` per side) and rounds
+  once to the dtype (per side).  The squared-Euclidean ``dq_i`` subtracts
+  ``scale q_i C_i``: ``scale |q_i| |dC_i|`` and the products and subtraction
+  as ``dk``'s, one more rounding for CUDA's ``C`` in the dtype; the
+  reference sums its own ``dS`` over the keys (``sum_j |ddS_ij| +
+  gamma_M(u64) sum_j |dS_ij|``).
 
 11. Logits of the variants (V1-V3)
 ----------------------------------
