@@ -434,7 +434,7 @@ def test_every_kernel_compiles_to_ptx_for_sm90():
     print(json.dumps(report, indent=1))
     assert {"forward/float32/0", "dq/float32/0", "dkv/float32/0", "forward/float64/1", "dq/float64/1", "dkv/float64/1"} <= set(report)
     for name, entry in report.items():
-        assert entry["bar_sync"] > 0 or name.startswith("rowdot"), name
+        assert entry["bar_sync"] > 0 or name.split("/")[0] in ("rowdot", "group_sum"), name  # those two are per element
         assert entry.get("ptxas_rc") == 0, f"{name}: ptxas missing or failed (the test extra installs it)"
         assert entry["smem"] is None or entry["smem"] <= 48 * 1024, name
     capped = report["forward/float32/0/launch_bounds=128,4"]
