@@ -30,7 +30,12 @@ Operations on the float inputs themselves (energies ``-<q, k>`` and
 context with unbounded precision).  A result is accepted when both ends of
 ``[x - e, x + e]`` round to the same float64 *and* the same float32; otherwise
 ``p`` is doubled (40, 80, 160, ... digits, at most :data:`MAX_DIGITS`) and the
-whole computation repeated.  A computation that raised no ``Inexact`` signal
+whole computation repeated.  A value whose float64 and float32 roundings
+settle but which lies within the last ``e`` of a float16, bfloat16 or float8
+rounding midpoint (``log_partition([11788, 0.6875])`` is ``-0.6875 + 7e-5120``,
+and ``-0.6875`` is a float8_e5m2 midpoint) comes back as :class:`Unsettled`:
+its float64 and float32 roundings are correct, and rounding it to a
+low-precision dtype raises ``ArithmeticError``.  A computation that raised no ``Inexact`` signal
 has ``e = 0`` (so exact results such as ``r = (1/2, 1/2)`` settle at once,
 even on a rounding midpoint).  Tiny results and cancellation are what the loop
 is for: ``log_partition([0, 700])`` (about ``1e-304``) settles at 40 digits
@@ -171,8 +176,15 @@ def _next_low(r, up, dtype):
     return float(np.array([nxt], dtype=uint).view(dtype).astype(np.float64)[0])
 
 
+class Unsettled(Decimal):
+    """A result settled for float64 and float32 only: within ``10**-MAX_DIGITS`` of a low-precision rounding midpoint."""
+
+
 def _round_low(x, dtype):
     """The ``dtype`` (float16, bfloat16, float8) value nearest the Decimal ``x``, ties to even."""
+    if isinstance(x, Unsettled):
+        raise ArithmeticError(f"the exact tier could not settle the rounding of {x:.6e} to {np.dtype(dtype).name} "
+                              f"within {MAX_DIGITS} digits (it lies that close to one of its rounding midpoints)")
     f = float(x)
     mid = _low_midpoint(f, dtype)
     if mid is None or x == _dec(f):
@@ -204,8 +216,8 @@ def to_float(x, dtype=np.float64):
     return out.reshape(arr.shape)
 
 
-def _rounds_alike(lo, hi):
-    """Every value in ``[lo, hi]`` rounds alike to float64, float32 and the low-precision dtypes.
+def _rounds_alike(lo, hi, low=True):
+    """Every value in ``[lo, hi]`` rounds alike to float64, float32 and (``low``) the low-precision dtypes.
 
     For a low-precision dtype: when the float64 rounding is the same over the
     interval, the interval can straddle one of its midpoints only if that
@@ -217,7 +229,7 @@ def _rounds_alike(lo, hi):
         return False
     if round_to_float32(lo) != round_to_float32(hi):
         return False
-    if lo == hi or not _few_bits(f) or not (lo <= _dec(f) <= hi):
+    if not low or lo == hi or not _few_bits(f) or not (lo <= _dec(f) <= hi):
         return True
     return all(_low_midpoint(f, dt) is None for dt in _low_dtypes())
 
@@ -239,8 +251,8 @@ def _low_dtypes():
     return dts
 
 
-def _settled(x, e, p):
-    """True when every value within ``e`` of ``x`` rounds to the same float64 and float32.
+def _settled(x, e, p, low=True):
+    """True when every value within ``e`` of ``x`` rounds to the same float64 and float32 (and, ``low``, low-precision value).
 
     The ends are rounded outwards at ``p + 10`` digits (``p`` the working
     precision): a coarser grid could land exactly on a rounding midpoint
@@ -250,7 +262,7 @@ def _settled(x, e, p):
         return True
     lo = _context(p + 10, decimal.ROUND_FLOOR).subtract(x, e)
     hi = _context(p + 10, decimal.ROUND_CEILING).add(x, e)
-    return _rounds_alike(lo, hi)
+    return _rounds_alike(lo, hi, low)
 
 
 def _ziv(compute):
@@ -263,9 +275,11 @@ def _ziv(compute):
             outs = compute(C, delta)
         if all(_settled(v, e, p) for vals, errs in outs for v, e in zip(vals, errs)):
             return [vals for vals, _ in outs], p
-        p *= 2
-        if p > MAX_DIGITS:
+        if p * 2 > MAX_DIGITS:
+            if all(_settled(v, e, p, low=False) for vals, errs in outs for v, e in zip(vals, errs)):
+                return [[v if _settled(v, e, p) else Unsettled(v) for v, e in zip(vals, errs)] for vals, errs in outs], p
             raise ArithmeticError(f"the exact tier could not settle the rounding within {MAX_DIGITS} digits")
+        p *= 2
 
 
 def _object_array(values, shape):

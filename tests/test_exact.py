@@ -236,3 +236,17 @@ def test_regression_average_on_a_midpoint_settles(scale):
     a = exact.attention(np.array([[0.3, -0.2]]), k, v, scale=scale)
     assert exact._EXACT.multiply(a[0, 0], Decimal(2**53)) == 2**53 + 1  # a = 1 + 2**-53 exactly
     assert float(a[0, 0]) == 1.0
+
+
+def test_a_value_within_digits_of_a_low_precision_midpoint_settles_for_float64_only():
+    """``L = -0.6875 + log1p(exp(-11787.3125))``: float64 and float32 round to -0.6875; float8_e5m2 cannot be decided.
+
+    ``-0.6875`` is a float8_e5m2 midpoint and ``L`` lies about ``7e-5120`` above it,
+    beyond the Ziv loop's digits: the value comes back :class:`iem_ref.exact.Unsettled`.
+    """
+    L = exact.log_partition(np.array([11788.0, 0.6875]), 1.0)
+    assert isinstance(L, exact.Unsettled)
+    assert exact.to_float(np.array([L]))[0] == -0.6875 and exact.to_float(np.array([L]), np.float32)[0] == np.float32(-0.6875)
+    with pytest.raises(ArithmeticError, match="float8_e5m2"):
+        exact.to_float(np.array([L]), "float8_e5m2")
+    assert not isinstance(exact.log_partition(np.array([0.0, 700.0]), 1.0), exact.Unsettled)
