@@ -761,11 +761,11 @@ def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows
     return ForwardBounds(a=a, L=L, a_path=a_path, L_path=L_path, E=E)
 
 
-def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window=None, enable_gqa=False, sinks=None):
+def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, **variants):
     from .attention import prepare_attention
 
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
-                            energy=energy, window=window, enable_gqa=enable_gqa, sinks=sinks)
+                            energy=energy, **variants)
     sc = 0.0 if math.isinf(inp.tau) else 1.0 / inp.tau  # the reference's scale (section 5)
     with np.errstate(invalid="ignore"):
         x = -inp.energies() * sc
@@ -775,7 +775,7 @@ def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_align
 
 
 def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False, causal_alignment="top_left",
-                     window=None, enable_gqa=False, sinks=None):
+                     window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None):
     """The reference's ``(a, L)`` for ``attention`` and :class:`ForwardBounds` of ``path`` against it (finite inputs).
 
     Examples
@@ -787,11 +787,11 @@ def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mas
     """
     from .attention import attention
 
-    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, window=window,
-              enable_gqa=enable_gqa, sinks=sinks)
+    variants = dict(window=window, enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, **variants)
     a_ref, L_ref = attention(q, k, v, return_lse=True, **kw)
     dtype = np.dtype(a_ref.dtype if dtype is None else dtype)
-    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window, enable_gqa, sinks)
+    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, **variants)
     D = np.shape(q)[-1]
     vals = np.broadcast_to(inp.v, inp.batch + inp.v.shape[-2:])
     if inp.sinks is not None:  # V5: the sink as one more key of exact score and value 0, merged after the tiles
@@ -876,7 +876,8 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
 
 
 def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False,
-                         causal_alignment="top_left", window=None, enable_gqa=False, sinks=None, forward=None):
+                         causal_alignment="top_left", window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None,
+                         cu_seqlens_k=None, forward=None):
     """The reference's ``(dq, dk, dv[, dsinks])`` and the bounds of ``path`` against them (section 10), finite inputs.
 
     ``forward``: the path's :class:`ForwardBounds` for the same call (computed if None).
@@ -891,14 +892,15 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
     from .attention import attention
     from .gradients import _sum_groups, _sum_to_shape, attention_vjp
 
-    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, window=window)
+    kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, window=window,
+              cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     refs = attention_vjp(q, k, v, grad_out, enable_gqa=enable_gqa, sinks=sinks, **kw)
     dtype = np.dtype(refs[0].dtype if dtype is None else dtype)
     u = unit_roundoff(dtype)
     if forward is None:
         forward = attention_bounds(path, q, k, v, dtype, enable_gqa=enable_gqa, sinks=sinks, **kw)[2]
-    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window, enable_gqa,
-                                           sinks)
+    inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window=window,
+                                           enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     # per query head: keys and values repeated over a group (V6), the batch broadcast
     q64, k64, v64 = (np.asarray(z, np.float64) for z in (inp.q, inp.k, inp.v))
     g64 = np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (inp.n, inp.dv))

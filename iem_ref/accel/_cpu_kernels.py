@@ -8,9 +8,10 @@ element): ``q (N, D)``, ``k (M, D)``, ``v (M, Dv)``, ``u (N, Dv)`` (upstream
 gradient), mask ``(N, M)`` (any strides, 0 for broadcast axes); tiles:
 ``bq`` queries x ``bk`` keys.
 
-Participation: the band (causality and the sliding window V4, key ``j`` for
-query row ``i`` when ``i' - left <= j <= i' + right``, ``i' = i // group +
-offset``) and the mask (row ``i // mask_group``).  Grouped-query heads (V6)
+Participation: the key range of the row's position (causality, the sliding
+window V4 and packed segments V7 as one interval per position, key ``j``
+for query row ``i`` when ``keys[i // group, 0] <= j < keys[i // group, 1]``)
+and the mask (row ``i // mask_group``).  Grouped-query heads (V6)
 come as ``group`` query heads stacked row by row over one key/value head
 (row ``i`` is position ``i // group`` of head ``i % group``), so each K/V
 tile is read once per group and ``dk, dv`` sum over the group as they sum
@@ -65,7 +66,7 @@ from numba.np.linalg import ensure_blas
 
 from ._compile import INNER
 from ._fastexp import f32_bits, f64_bits, fexp, fexp_shifted, like
-from ._problem import DOT, PRECOMPUTED, SQEUCLIDEAN, head_of, log_partition_of_row, merge_sink, summary_of_row
+from ._problem import DOT, PRECOMPUTED, SQEUCLIDEAN, first_position_above, head_of, log_partition_of_row, merge_sink, summary_of_row
 
 ensure_blas()  # SciPy's BLAS (scipy.linalg.cython_blas), the one Numba's np.dot uses
 
@@ -385,10 +386,10 @@ def _set_query_norms(h, norms, i0, i1):
 
 @njit(**INNER)
 def _band_in_tile(h, i, jb, bk):
-    """``(lo, hi)``: query row ``i`` sees the keys ``jb + j`` of a tile for ``lo <= j < hi`` (the band: causality, window V4)."""
-    at = i // h.group + h.offset  # the row's aligned position (a group's heads share it, V6)
-    lo = min(max(at - h.left - jb, 0), bk)
-    hi = min(max(at + h.right - jb + 1, lo), bk)
+    """``(lo, hi)``: query row ``i`` sees the keys ``jb + j`` of a tile for ``lo <= j < hi`` (causality, window V4, segments V7)."""
+    at = i // h.group  # the row's position (a group's heads share it, V6)
+    lo = min(max(h.keys[at, 0] - jb, 0), bk)
+    hi = min(max(h.keys[at, 1] - jb, lo), bk)
     return lo, hi
 
 
@@ -396,15 +397,17 @@ def _band_in_tile(h, i, jb, bk):
 def _key_tiles(h, i0, i1, j0, j1, bk):
     """The key tiles ``jb = j0, j0 + bk, ...`` below ``j1`` that a query of ``[i0, i1)`` may see: ``(first jb, end)``.
 
-    Tiles wholly outside the band are never computed (a window makes the
-    work linear in the sequence length); the tiles kept start where they
-    would without the band, so the summation order does not change.
+    Tiles wholly outside the rows' key ranges are never computed (a window
+    makes the work linear in the sequence length, segments skip every
+    cross-segment tile); the tiles kept start where they would without the
+    structure, so the summation order does not change.  The ranges' ends
+    never decrease with the row, so the block's first and last rows bound it.
     """
-    first = i0 // h.group + h.offset - h.left  # the lowest key the block's first query sees
+    first = h.keys[i0 // h.group, 0]  # the lowest key the block's first query sees
     start = j0
     if first > j0:
         start = min(j1, j0 + (first - j0) // bk * bk)
-    end = min(j1, max(start, (i1 - 1) // h.group + h.offset + h.right + 1))  # past the highest key its last query sees
+    end = min(j1, max(start, h.keys[(i1 - 1) // h.group, 1]))  # past the highest key its last query sees
     return start, end
 
 
@@ -862,10 +865,10 @@ def _backward_keys(h, j0, j1, bq_max, saved, dk, dv):
     acc_v = np.zeros((bk, Dv), dtype=np.float64)
     colsum = np.zeros(bk, dtype=np.float64)
     norms = _norms(h, bq_max, bk)
-    # the queries that see a key of [j0, j1) (the band), in the query tiling of the forward
-    i_start = min(N, max(0, j0 - h.right - h.offset) * h.group)
+    # the queries that see a key of [j0, j1) (causality, window, segments), in the query tiling of the forward
+    i_start = min(N, first_position_above(h.keys, 1, j0) * h.group)
     i_start -= i_start % bq_max
-    i_end = min(N, max(i_start, (j1 - 1 + h.left - h.offset + 1) * h.group))
+    i_end = min(N, max(i_start, first_position_above(h.keys, 0, j1 - 1) * h.group))
     for i0 in range(i_start, i_end, bq_max):
         i1 = min(N, i0 + bq_max)
         bq = i1 - i0

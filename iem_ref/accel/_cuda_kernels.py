@@ -165,6 +165,7 @@ def _build(dtype_name, energy):
     log_partition_of_row = cuda.jit(device=True, inline=True)(_problem.log_partition_of_row.py_func)
     summary_of_row = cuda.jit(device=True, inline=True)(_problem.summary_of_row.py_func)
     merge_sink = cuda.jit(device=True, inline=True)(_problem.merge_sink.py_func)
+    first_position_above = cuda.jit(device=True, inline=True)(_problem.first_position_above.py_func)
 
     @cuda.jit(device=True, inline=True)
     def _tile_dot(A, ao, ar, ac, r0, nr, Bm, bo, br, bc, c0, nc, K, As, Bs, acc, tid, tx, ty):
@@ -245,24 +246,22 @@ def _build(dtype_name, energy):
         return t * scale
 
     @cuda.jit(device=True, inline=True)
-    def _takes_part(b, i, j, n, m, MK, mob, mr, mc, has_mask, coff, left, right):
-        """Query ``i`` sees key ``j``: inside the arrays, the mask (True = takes part) and the band (causality, window V4)."""
+    def _takes_part(b, i, j, n, m, MK, mob, mr, mc, has_mask, keys):
+        """Query ``i`` sees key ``j``: inside the arrays, the mask (True = takes part) and its key range (causality, window V4, segments V7)."""
         if i >= n or j >= m:
             return False
-        if j > i + coff + right or j < i + coff - left:
+        if j < keys[i, 0] or j >= keys[i, 1]:
             return False
         if has_mask and MK[UX(mob + i * mr + j * mc)] == 0:
             return False
         return True
 
     @cuda.jit(device=True, inline=True)
-    def _key_range(r0, m, coff, left, right):
-        """The key tiles ``[start, end)`` (start a multiple of ``BC``) that the queries ``r0 .. r0 + BR - 1`` may see."""
-        first = r0 + coff - left
-        start = 0
-        if first > 0:
-            start = min(m, first // BC * BC)
-        return start, min(m, max(start, r0 + BR + coff + right))
+    def _key_range(r0, n, m, keys):
+        """The key tiles ``[start, end)`` (start a multiple of ``BC``) that the queries ``r0 .. r0 + BR - 1`` may see (the ranges' ends never decrease)."""
+        first = keys[r0, 0]
+        start = min(m, first // BC * BC)
+        return start, min(m, max(start, keys[min(n, r0 + BR) - 1, 1]))
 
     @cuda.jit(device=True, inline=True)
     def _tile_accum(W, S, X, xo, xr, xc, c0, nc, p0, ncol, Xs, acc, tx, ty, limit):
@@ -320,7 +319,7 @@ def _build(dtype_name, energy):
         K, ko, kr, kc = prob.k
         V, vo, vr, vc = prob.v
         MK, mo, mr, mc = prob.mask
-        has_mask, coff, left, right = prob.has_mask, prob.offset, prob.left, prob.right  # the band: i + coff - left <= j <= i + coff + right
+        has_mask, keys = prob.has_mask, prob.keys  # query i sees keys keys[i, 0] <= j < keys[i, 1] (causality, V4, V7)
         n, m, d, dv, scale = prob.n, prob.m, prob.d, prob.dv, prob.scale
         empty_nan = prob.empty_nan
         tid = cuda.threadIdx.x
@@ -340,8 +339,8 @@ def _build(dtype_name, energy):
         qob = qo[b]
         kob = ko[b]
         vob = vo[b]
-        # The band: the block's queries see keys r0 + coff - left <= j <= r0 + BR - 1 + coff + right; other tiles are skipped.
-        m_start, m_end = _key_range(r0, m, coff, left, right)
+        # the keys the block's queries see: other tiles are skipped
+        m_start, m_end = _key_range(r0, n, m, keys)
         n_pass = max(1, (dv + CW - 1) // CW)
         for p in range(n_pass):
             p0 = p * CW
@@ -359,7 +358,7 @@ def _build(dtype_name, energy):
                     i = r0 + ty * RS + a
                     for c in range(CS):
                         j = c0 + tx + TX * c
-                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, coff, left, right)
+                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, keys)
                         t = ZERO
                         if take:
                             t = _pair_score(sacc[a, c], Q, qob, qr, qc, b, i, j)
@@ -462,7 +461,7 @@ def _build(dtype_name, energy):
         V, vo, vr, vc = prob.v
         U, uo, ur, uc = prob.u
         MK, mo, mr, mc = prob.mask
-        has_mask, coff, left, right = prob.has_mask, prob.offset, prob.left, prob.right  # the band: i + coff - left <= j <= i + coff + right
+        has_mask, keys = prob.has_mask, prob.keys  # query i sees keys keys[i, 0] <= j < keys[i, 1] (causality, V4, V7)
         n, m, d, dv, scale = prob.n, prob.m, prob.d, prob.dv, prob.scale
         tid = cuda.threadIdx.x
         tx = tid % TX
@@ -477,7 +476,7 @@ def _build(dtype_name, energy):
         sacc = cuda.local.array((RS, CS), ft)
         bacc = cuda.local.array((RS, CS), ft)
         oacc = cuda.local.array((RS, OC), ft)
-        m_start, m_end = _key_range(r0, m, coff, left, right)
+        m_start, m_end = _key_range(r0, n, m, keys)
         n_pass = (d + CW - 1) // CW
         for p in range(n_pass):
             p0 = p * CW
@@ -498,7 +497,7 @@ def _build(dtype_name, energy):
                         dl = DEL[b, i]
                     for c in range(CS):
                         j = c0 + tx + TX * c
-                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, coff, left, right)
+                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, keys)
                         t = ZERO
                         if take:
                             t = _pair_score(sacc[a, c], Q, qo[b], qr, qc, b, i, j)
@@ -534,7 +533,7 @@ def _build(dtype_name, energy):
         V, vo, vr, vc = prob.v
         U, uo, ur, uc = prob.u
         MK, mo, mr, mc = prob.mask
-        has_mask, coff, left, right = prob.has_mask, prob.offset, prob.left, prob.right  # the band: i + coff - left <= j <= i + coff + right
+        has_mask, keys = prob.has_mask, prob.keys  # query i sees keys keys[i, 0] <= j < keys[i, 1] (causality, V4, V7)
         n, m, d, dv, scale = prob.n, prob.m, prob.d, prob.dv, prob.scale
         tid = cuda.threadIdx.x
         tx = tid % TX
@@ -550,9 +549,9 @@ def _build(dtype_name, energy):
         sacc = cuda.local.array((RS, CS), ft)
         bacc = cuda.local.array((RS, CS), ft)
         oacc = cuda.local.array((RS, OC), ft)
-        # The band: key j is seen by queries j - coff - right <= i <= j - coff + left; other query tiles are skipped.
-        n_start = min(n, max(0, r0 - coff - right))
-        n_end = min(n, max(n_start, r0 + BR - 1 - coff + left + 1))
+        # the queries that see a key of the block: other query tiles are skipped
+        n_start = first_position_above(keys, 1, r0)
+        n_end = max(n_start, first_position_above(keys, 0, min(m, r0 + BR) - 1))
         n_dk = (d + CW - 1) // CW
         n_pass = n_dk + (dv + CW - 1) // CW
         for p in range(n_pass):
@@ -571,7 +570,7 @@ def _build(dtype_name, energy):
                     j = r0 + ty * RS + a
                     for c in range(CS):
                         i = c0 + tx + TX * c
-                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, coff, left, right)
+                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, keys)
                         t = ZERO
                         lse = ZERO
                         cnt = ZERO

@@ -12,10 +12,12 @@ Named codes shared by :mod:`iem_ref.accel.cpu` and :mod:`iem_ref.accel.cuda`:
 - energies: :data:`DOT` (``d = -<q, k>``, A1), :data:`SQEUCLIDEAN`
   (``d = ||q - k||^2 / 2``, K2), :data:`PRECOMPUTED` (the energies are given,
   ``d``);
-- the band of keys a query sees: causality and the sliding window (V4) are
-  one rule, key ``j`` takes part for query ``i`` when
-  ``i' - left <= j <= i' + right`` with ``i' = i + offset`` (the alignment),
-  :data:`UNBOUNDED` for a side without a limit (causal: ``right = 0``);
+- the keys a query position sees, whatever the structure: causality, the
+  sliding window (V4) and packed segments (V7) leave each query position
+  ``i`` one interval of keys ``keys[i, 0] <= j < keys[i, 1]``
+  (:func:`key_ranges`, built once on the host; both ends never decrease
+  with ``i``, so a block of queries sees one interval and the queries that
+  see a key are found by bisection, :func:`first_position_above`);
 
 and the row finish that every path applies (M2's result with the edge-case
 policy: a NaN spoils the row, an empty row has ``L = -inf``, certain keys
@@ -46,6 +48,9 @@ __all__ = [
     "ENERGY_CODES",
     "UNBOUNDED",
     "band",
+    "key_ranges",
+    "segment_args",
+    "first_position_above",
     "Problem",
     "Head",
     "head_of",
@@ -84,6 +89,69 @@ def band(is_causal, window):
     return left, min(right, 0) if is_causal else right
 
 
+def key_ranges(n, m, left=UNBOUNDED, right=UNBOUNDED, offset=0, cu_seqlens=None, bottom_right=False):
+    """``keys (n, 2)`` int64: query position ``i`` may see the keys ``keys[i, 0] <= j < keys[i, 1]`` (V4, V7).
+
+    The band ``i' - left <= j <= i' + right`` (from :func:`band`) around the
+    aligned position ``i' = i + offset``; with packed segments
+    ``cu_seqlens = (cu_q, cu_k)`` (V7) positions and the alignment
+    (``bottom_right``: ``len_k - len_q``) count inside the query's segment,
+    and the interval is cut to the segment's keys.  Both ends are clipped so
+    that they never decrease with ``i`` (an empty interval sits at its
+    segment's end), which the kernels' tile skipping relies on.
+
+    Examples
+    --------
+    >>> key_ranges(3, 3, *band(True, None)).tolist()  # causal
+    [[0, 1], [0, 2], [0, 3]]
+    >>> key_ranges(4, 4, *band(True, None), cu_seqlens=(np.array([0, 1, 4]), np.array([0, 2, 4]))).tolist()
+    [[0, 1], [2, 3], [2, 4], [2, 4]]
+    """
+    i = np.arange(n, dtype=np.int64)
+    if cu_seqlens is None:
+        at, first, end = i + offset, np.zeros(n, np.int64), np.full(n, m, np.int64)
+    else:
+        cu_q, cu_k = (np.asarray(c, np.int64) for c in cu_seqlens)
+        s = np.searchsorted(cu_q, i, side="right") - 1
+        at = i - cu_q[s] + cu_k[s]
+        if bottom_right:
+            at += (cu_k[s + 1] - cu_k[s]) - (cu_q[s + 1] - cu_q[s])
+        first, end = cu_k[s], cu_k[s + 1]
+    lo = np.minimum(np.maximum(at - left, first), end)
+    hi = np.minimum(np.maximum(at + right + 1, lo), end)
+    return np.ascontiguousarray(np.stack([lo, hi], axis=-1).reshape(n, 2))
+
+
+def segment_args(inp):
+    """:func:`key_ranges`' segment keywords from validated attention inputs with packed segments (V7); none without (or for None)."""
+    if inp is None or inp.cu_seqlens_q is None:
+        return {}
+    return dict(cu_seqlens=(inp.cu_seqlens_q, inp.cu_seqlens_k), bottom_right=inp.causal_alignment == "bottom_right")
+
+
+@njit(cache=True)
+def first_position_above(keys, end, key):
+    """The first query position ``i`` whose key range's ``end`` (0: first key, 1: past the last) exceeds ``key``, by bisection (``len(keys)`` if none).
+
+    The positions that see a key of ``[j0, j1)`` are
+    ``first_position_above(keys, 1, j0) <= i < first_position_above(keys, 0, j1 - 1)``.
+
+    Examples
+    --------
+    >>> first_position_above(np.array([[0, 1], [0, 2], [0, 3]]), 1, 1)
+    1
+    """
+    lo = 0
+    hi = keys.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if keys[mid, end] > key:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 class Problem(NamedTuple):
     """One attention problem over a flattened batch ``b = 0 .. B-1``, as the kernels read it.
 
@@ -111,9 +179,7 @@ class Problem(NamedTuple):
     mmap: np.ndarray  # for the mask, which travels beside the record (see below)
     energy: int  # DOT, SQEUCLIDEAN or PRECOMPUTED
     scale: float  # s = -d * scale, in the kernel's dtype; 0 for tau = inf
-    offset: int  # the band (causality, V4): query row i sees key j when i' - left <= j <= i' + right, i' = i // group + offset
-    left: int
-    right: int
+    keys: np.ndarray  # (N // group, 2) int64: query row i sees keys keys[i // group, 0] <= j < keys[i // group, 1] (causality, V4, V7)
     group: int  # grouped-query heads (V6): rows i = group * position + head of the group; 1 otherwise
     has_mask: bool  # False: mask is a placeholder, every pair takes part
     mask_group: int  # row i reads mask row i // mask_group (group when the mask is shared by a group's heads, else 1)
@@ -132,9 +198,7 @@ class Head(NamedTuple):
     mask: np.ndarray  # (N, M)
     energy: int
     scale: float
-    offset: int
-    left: int
-    right: int
+    keys: np.ndarray  # (N // group, 2)
     group: int
     has_mask: bool
     mask_group: int
@@ -145,7 +209,7 @@ class Head(NamedTuple):
 def head_of(p, mask, b):
     """The operands of flat batch element ``b`` of the problem ``p`` and its ``mask`` (views, no copies)."""
     return Head(p.q[p.qmap[b]], p.k[p.kmap[b]], p.v[p.vmap[b]], p.u[p.umap[b]], p.d[p.dmap[b]], mask[p.mmap[b]],
-                p.energy, p.scale, p.offset, p.left, p.right, p.group, p.has_mask, p.mask_group, p.sinks[b])
+                p.energy, p.scale, p.keys, p.group, p.has_mask, p.mask_group, p.sinks[b])
 
 
 def problem_type(t):
@@ -154,7 +218,8 @@ def problem_type(t):
     i1 = types.Array(types.int64, 1, "C", readonly=True)
     b1, i64 = types.boolean, types.int64
     f2 = types.Array(types.float64, 2, "C", readonly=True)
-    return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, i64, i64, i64, i64, b1, i64, b1, f2], Problem)
+    i2 = types.Array(types.int64, 2, "C", readonly=True)
+    return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, i2, i64, b1, i64, b1, f2], Problem)
 
 
 #: the Numba type of the mask argument beside the record
@@ -184,9 +249,7 @@ class DeviceProblem(NamedTuple):
     u: Operand  # (B, N, Dv) upstream gradient (backward; a placeholder in the forward)
     mask: Operand  # (B, N, M) uint8, 1 = takes part
     has_mask: int
-    offset: int  # the band, as in Problem
-    left: int
-    right: int
+    keys: object  # (N, 2) int64 device array: the keys each query position sees, as in Problem
     n: int
     m: int
     d: int
@@ -205,7 +268,9 @@ def device_problem_type(t):
         return types.NamedTuple([types.Array(dtype, 1, "C"), offset, i64, i64], Operand)
 
     op = operand(t)
-    return types.NamedTuple([op, op, op, op, operand(types.uint8)] + [i64] * 8 + [t, i64, types.Array(t, 1, "C")], DeviceProblem)
+    keys = types.Array(i64, 2, "C")
+    return types.NamedTuple([op, op, op, op, operand(types.uint8), i64, keys] + [i64] * 4 + [t, i64, types.Array(t, 1, "C")],
+                            DeviceProblem)
 
 
 # --- the row finish (M2's result), one definition for every path ---------------

@@ -71,7 +71,7 @@ from ..attention import prepare_attention
 from ..gradients import _sum_to_shape
 from . import _cpu_kernels as _k
 from ._compile import CompilationNotice, cache_dir, compile_kernel
-from ._problem import ENERGY_CODES, MASK_TYPE, PRECOMPUTED, UNBOUNDED, Problem, band, problem_type, sink_responsibility
+from ._problem import ENERGY_CODES, MASK_TYPE, PRECOMPUTED, Problem, band, key_ranges, problem_type, segment_args, sink_responsibility
 from ._scalar import sign_mean, signed_gaussian_mean, softplus_scalar
 
 __all__ = [
@@ -277,8 +277,11 @@ def plan(B, N, M, dtype, backward=False, band=None):
 
 
 def _band_width(p):
-    """How many keys a query of the :class:`Problem` ``p`` sees at most under its window (V4), None without one (:func:`plan`)."""
-    return p.left + p.right + 1 if max(p.left, p.right) < UNBOUNDED else None
+    """How many keys a query of the :class:`Problem` ``p`` sees at most (a window V4, segments V7), None when that is all of them (:func:`plan`)."""
+    if p.keys.shape[0] == 0:
+        return None
+    width = int((p.keys[:, 1] - p.keys[:, 0]).max())
+    return width if width < p.k.shape[1] else None
 
 
 def _scale_of(tau):
@@ -290,7 +293,7 @@ def _zero_map(batch):
 
 
 def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=None, d=None, mask=None, offset=0,
-             is_causal=False, window=None, empty="zero", groups=None, sinks=None):
+             is_causal=False, window=None, segments=None, empty="zero", groups=None, sinks=None):
     """The :class:`~iem_ref.accel._problem.Problem` of one call and its mask, built once from validated inputs.
 
     Operands are flattened over ``batch`` without copying broadcast ones
@@ -299,7 +302,8 @@ def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=Non
     ``groups``: the :class:`_Groups` of grouped-query heads (V6; ``batch``,
     ``n``, ``q``, ``u`` and ``mask`` are then already the stacked ones);
     ``sinks``: the validated sink logits (V5) broadcast to the query heads'
-    batch, or None.
+    batch, or None; ``segments``: the validated inputs (V7) when they carry
+    ``cu_seqlens``, else None.
     """
     group, mask_group = (1, 1) if groups is None else (groups.g, groups.mask_group)
     B = max(1, int(np.prod(batch, dtype=np.int64)))
@@ -315,10 +319,10 @@ def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=Non
         else:
             ops[name] = _stack(x, batch, dtype)
     mask3, mmap, has_mask = _stack_mask(mask, batch, n // mask_group, m)
-    left, right = band(is_causal, window)
+    keys = key_ranges(n // group, m, *band(is_causal, window), offset=offset, **segment_args(segments))
     p = Problem(ops["q"][0], ops["k"][0], ops["v"][0], ops["u"][0], ops["d"][0],
                 ops["q"][1], ops["k"][1], ops["v"][1], ops["u"][1], ops["d"][1], mmap,
-                int(energy), dtype.type(scale), int(offset), int(left), int(right), int(group), has_mask, int(mask_group),
+                int(energy), dtype.type(scale), _ro(keys), int(group), has_mask, int(mask_group),
                 empty == "nan", _ro(sink_rows))
     return p, mask3
 
@@ -392,24 +396,23 @@ def _check_energy(energy):
         raise ValueError(f"iem_ref.accel.cpu supports energy in {sorted(ENERGIES)}; got {energy!r} (use iem_ref.attention for the others)")
 
 
-def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, window=None, enable_gqa=False,
-                       sinks=None, nsplit=None):
+def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, nsplit=None, **variants):
     check_choice(empty, "empty", {"zero", "nan"})
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
-                            energy=energy, window=window, enable_gqa=enable_gqa, sinks=sinks)
+                            energy=energy, **variants)
     _check_energy(energy)
     dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads)
     groups = _Groups(inp)
     qs = as_float_array(q, "q") if groups.g == 1 else groups.stack(inp.q)
     pm = _problem(dtype, groups.batch, groups.rows, inp.m, q=qs, k=as_float_array(k, "k"), v=as_float_array(v, "v"),
                   mask=groups.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=inp.causal_offset,
-                  is_causal=inp.is_causal, window=inp.window, empty=empty, groups=groups, sinks=inp.sinks)
+                  is_causal=inp.is_causal, window=inp.window, segments=inp, empty=empty, groups=groups, sinks=inp.sinks)
     a, lse = _run_forward(pm, groups.batch, groups.rows, inp.m, inp.dv, nsplit)
     return (groups.unstack(a), groups.unstack(lse)), inp
 
 
 def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero",
-              window=None, enable_gqa=False, sinks=None, return_lse=False):
+              window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False):
     """A1-A4 fused (M1-M2): ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one pass, as :func:`iem_ref.attention`.
 
     Parameters and edge cases as the reference; ``energy`` is ``"dot"`` or
@@ -419,7 +422,9 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     ``enable_gqa=True``: grouped-query heads (V6), ``q (B..., Hq, N, D)``
     against ``k, v (B..., Hkv, M, .)``, each K/V tile read once per group;
     ``sinks (H,)``: one more hypothesis per row with that logit and value 0
-    (V5), merged into each row's running state as one more partial (M2).
+    (V5), merged into each row's running state as one more partial (M2);
+    ``cu_seqlens_q, cu_seqlens_k``: packed sequences (V7), each query's keys
+    cut to its segment, so tiles across segments are never computed.
     No ``return_responsibilities``: that is the ``N x M`` array this path
     avoids.
 
@@ -435,7 +440,8 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     >>> a, lse
     (array([[2.]]), array([0.69314718]))
     """
-    (a, lse), _ = _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, window, enable_gqa, sinks)
+    (a, lse), _ = _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, window=window,
+                                     enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return (a, lse) if return_lse else a
 
 
@@ -468,7 +474,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
 
 
 def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot",
-                  window=None, enable_gqa=False, sinks=None, out=None, lse=None):
+                  window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, out=None, lse=None):
     """G4: ``(dq, dk, dv)`` for the upstream gradient ``u = grad_out``, as :func:`iem_ref.attention_vjp`.
 
     With ``r_ij = exp(s_ij - L_i)`` rebuilt tile by tile from the saved
@@ -494,7 +500,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     """
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
-                            energy=energy, window=window, enable_gqa=enable_gqa, sinks=sinks)
+                            energy=energy, window=window, enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q,
+                            cu_seqlens_k=cu_seqlens_k)
     u = check_grad_out(grad_out, inp.batch, inp.n, inp.dv)
     dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads, grad_out=u)
     groups = _Groups(inp)
@@ -518,7 +525,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         qs, us = as_float_array(q, "q"), as_float_array(u, "grad_out")
     pm = _problem(dtype, batch, n, m, q=qs, k=as_float_array(k, "k"), v=as_float_array(v, "v"), u=us, mask=groups.mask,
                   energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=inp.causal_offset, is_causal=inp.is_causal,
-                  window=inp.window, groups=groups, sinks=inp.sinks)
+                  window=inp.window, segments=inp, groups=groups, sinks=inp.sinks)
     if out is None or lse is None:
         a, L = _run_forward(pm, batch, n, m, dv_)
     else:

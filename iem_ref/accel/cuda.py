@@ -58,7 +58,7 @@ from .._validation import (
 from ..attention import prepare_attention
 from ..gradients import _sum_to_shape
 from . import _cuda_kernels as _k
-from ._problem import DOT, ENERGY_CODES, PRECOMPUTED, DeviceProblem, Operand, band, sink_responsibility
+from ._problem import DOT, ENERGY_CODES, PRECOMPUTED, DeviceProblem, Operand, band, key_ranges, segment_args, sink_responsibility
 
 __all__ = [
     "attention",
@@ -251,9 +251,11 @@ def _scale_value(scale, tau, dtype):
 # The forward pass, shared by attention and softmin_summary.
 
 
-def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, offset, scale, empty_nan, dtype, is_causal=False, window=None, group=1,
-             sinks=None):
+def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, scale, empty_nan, dtype, inp=None, group=1, sinks=None):
     """The :class:`~iem_ref.accel._problem.DeviceProblem` of one call; ``u`` (and ``mask``) may be None.
+
+    ``inp``: the validated attention inputs, for the keys each query sees
+    (causality, window V4, segments V7); None: every key.
 
     ``group``: grouped-query heads (V6), ``k`` and ``v`` read through offsets
     (query head ``h`` reads head ``h // group``; each query head's blocks
@@ -264,10 +266,13 @@ def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, offset, scale, empty_nan, 
     ops = [_operand(x, batch, dtype, group=group if name in "kv" else 1) if x is not None else _placeholder(bf, dtype)
            for name, x in zip("qkvu", (q, k, v, u))]
     mk = _operand(mask, batch, None, mask=True) if mask is not None else _placeholder(bf, np.uint8)
-    left, right = band(is_causal, window)
+    if inp is None:
+        keys = key_ranges(n, m)
+    else:
+        keys = key_ranges(n, m, *band(inp.is_causal, inp.window), offset=inp.causal_offset, **segment_args(inp))
     sink = np.full(max(bf, 1), -np.inf, dtype) if sinks is None or bf == 0 else np.asarray(sinks, dtype).reshape(-1)
-    return DeviceProblem(*ops, mk, int(mask is not None), int(offset), left, right, n, m, d, dv, scale, int(empty_nan),
-                         cuda.to_device(np.ascontiguousarray(sink)))
+    return DeviceProblem(*ops, mk, int(mask is not None), cuda.to_device(keys if n else np.zeros((1, 2), np.int64)),
+                         n, m, d, dv, scale, int(empty_nan), cuda.to_device(np.ascontiguousarray(sink)))
 
 
 def _forward(kern, prob, bf, dtype):
@@ -282,7 +287,7 @@ def _forward(kern, prob, bf, dtype):
 
 
 def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero",
-              window=None, enable_gqa=False, sinks=None, return_lse=False):
+              window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False):
     """A1-A4 on the GPU: ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one tiled pass (M1-M2).
 
     Parameters
@@ -307,6 +312,8 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
         query head ``h`` reading key/value head ``h // (Hq / Hkv)`` in place.
     sinks : array (H,), optional
         Attention sinks (V5): one more hypothesis per row with that logit and value 0.
+    cu_seqlens_q, cu_seqlens_k : array of int (S + 1,), optional
+        Packed sequences (V7): each query sees only its segment's keys; tiles across segments are never computed.
     return_lse : bool
         Also return ``L_i = log sum_j exp(-d_ij * scale)`` (B..., N).
 
@@ -327,6 +334,7 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     inp = prepare_attention(
         _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
         causal_alignment=causal_alignment, energy=energy, window=window, enable_gqa=enable_gqa, sinks=sinks,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
     )
     device = any(_is_device(x) for x in (q, k, v, mask))
     dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads)
@@ -334,9 +342,8 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     d = inp.q.shape[-1]
     bf = int(np.prod(batch, dtype=np.int64))
     kern = _k.build(dtype.name, ENERGY_CODES[energy])
-    prob = _problem(q, k, v, None, mask, batch, n=n, m=m, d=d, dv=dv, offset=inp.causal_offset, is_causal=inp.is_causal,
-                    window=inp.window, scale=_scale_value(scale, inp.tau, dtype), empty_nan=(empty == "nan"), dtype=dtype,
-                    group=inp.group, sinks=inp.sinks)
+    prob = _problem(q, k, v, None, mask, batch, n=n, m=m, d=d, dv=dv, scale=_scale_value(scale, inp.tau, dtype),
+                    empty_nan=(empty == "nan"), dtype=dtype, inp=inp, group=inp.group, sinks=inp.sinks)
     O, LSE, _ = _forward(kern, prob, bf, dtype)
     a, lse = _finish([O, LSE], [batch + (n, dv), batch + (n,)], device)
     return (a, lse) if return_lse else a
@@ -376,7 +383,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
     bf = int(np.prod(batch, dtype=np.int64))
     kern = _k.build(dtype.name, PRECOMPUTED)
     scale = dtype.type(0.0) if math.isinf(tau) else dtype.type(1.0 / tau)
-    prob = _problem(d, None, v, None, mask, batch, n=n, m=m, d=0, dv=dv, offset=0, scale=scale,
+    prob = _problem(d, None, v, None, mask, batch, n=n, m=m, d=0, dv=dv, scale=scale,
                     empty_nan=(empty == "nan"), dtype=dtype)  # the energies come in as the q operand
     O, LSE, _ = _forward(kern, prob, bf, dtype)
     a, L = _finish([O, LSE], [batch + (n, dv), batch + (n,)], device)
@@ -391,7 +398,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
 
 
 def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot",
-                  window=None, enable_gqa=False, sinks=None, out=None, lse=None):
+                  window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, out=None, lse=None):
     """G4 on the GPU: ``(dq, dk, dv)`` for the upstream gradient ``u = dLoss/da``.
 
     ``b_ij = <u_i, v_j>``, ``delta_i = sum_j r_ij b_ij = <u_i, a_i>``,
@@ -402,7 +409,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
 
     Parameters
     ----------
-    q, k, v, scale, mask, is_causal, causal_alignment, window, enable_gqa, sinks : as :func:`attention`
+    q, k, v, scale, mask, is_causal, causal_alignment, window, enable_gqa, sinks, cu_seqlens_q, cu_seqlens_k : as :func:`attention`
     grad_out : array (B..., N, Dv)
     energy : {"dot", "sqeuclidean"}
     out, lse : the forward's output (B..., N, Dv) and log-partition (B..., N), optional
@@ -426,6 +433,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     inp = prepare_attention(
         _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
         causal_alignment=causal_alignment, energy=energy, window=window, enable_gqa=enable_gqa, sinks=sinks,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
     )
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
     up = check_grad_out(_proxy(grad_out), batch, n, dv)
@@ -434,9 +442,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     d = inp.q.shape[-1]
     bf = int(np.prod(batch, dtype=np.int64))
     kern = _k.build(dtype.name, ENERGY_CODES[energy])
-    prob = _problem(q, k, v, grad_out, mask, batch, n=n, m=m, d=d, dv=dv, offset=inp.causal_offset, is_causal=inp.is_causal,
-                    window=inp.window, scale=_scale_value(scale, inp.tau, dtype), empty_nan=False, dtype=dtype,
-                    group=inp.group, sinks=inp.sinks)
+    prob = _problem(q, k, v, grad_out, mask, batch, n=n, m=m, d=d, dv=dv, scale=_scale_value(scale, inp.tau, dtype),
+                    empty_nan=False, dtype=dtype, inp=inp, group=inp.group, sinks=inp.sinks)
 
     LSE = CNT = None
     if out is not None and lse is not None:
