@@ -681,11 +681,12 @@ def _finish_rows(acc, sinks, i0, empty_nan, out, lse):
             out[r, col] = summary_of_row(c * o if np.isfinite(o) else o, l, nan, empty_nan)
 
 
-def forward(stage, thread, nthreads, p, mask, bq, bk, nsplit, parts, out, lse):
+def forward(stage, thread, nthreads, p, mask, blocks, bk, nsplit, parts, out, lse):
     """A1-A4 fused over the flattened batch of the :class:`~iem_ref.accel._problem.Problem` ``p`` (and its ``mask``); this thread's share of one stage.
 
     ``out (B, N, Dv)``, ``lse (B, N)``; ``parts``: :class:`Partials` of shape
-    ``(B, nsplit, N[, Dv])``.  Plain Python: :mod:`iem_ref.accel.cpu`
+    ``(B, nsplit, N[, Dv])``; ``blocks``: the query blocks' row boundaries
+    (block ``t`` is rows ``blocks[t] .. blocks[t + 1] - 1``).  Plain Python: :mod:`iem_ref.accel.cpu`
     compiles it (``nogil``, one explicit signature per dtype) and runs it on
     ``nthreads`` threads, thread ``thread`` taking the work items ``thread,
     thread + nthreads, ...`` (which items a thread takes changes no result).
@@ -699,14 +700,14 @@ def forward(stage, thread, nthreads, p, mask, bq, bk, nsplit, parts, out, lse):
     N = out.shape[1]
     Dv = out.shape[2]
     M = p.k.shape[1]
-    nqb = (N + bq - 1) // bq
+    nqb = blocks.shape[0] - 1
     nkb = (M + bk - 1) // bk
     if stage == 0:
         for w in range(thread, B * nqb * nsplit, nthreads):
             b = w // (nqb * nsplit)
             rest = w % (nqb * nsplit)
-            i0 = (rest // nsplit) * bq
-            i1 = min(N, i0 + bq)
+            i0 = blocks[rest // nsplit]
+            i1 = blocks[rest // nsplit + 1]
             split = rest % nsplit
             j0 = min(M, (split * nkb // nsplit) * bk)
             j1 = min(M, ((split + 1) * nkb // nsplit) * bk)
@@ -717,8 +718,8 @@ def forward(stage, thread, nthreads, p, mask, bq, bk, nsplit, parts, out, lse):
         return
     for w in range(thread, B * nqb, nthreads):
         b = w // nqb
-        i0 = (w % nqb) * bq
-        i1 = min(N, i0 + bq)
+        i0 = blocks[w % nqb]
+        i1 = blocks[w % nqb + 1]
         first = _partials_at(parts, b, 0, i0, i1)
         for split in range(1, nsplit):  # M2, in split order
             other = _partials_at(parts, b, split, i0, i1)
@@ -845,13 +846,16 @@ def _count_certain(h, i0, i1, bk_max, saved):
 
 
 @njit(fastmath=_FM, **INNER)
-def _backward_keys(h, j0, j1, bq_max, saved, dk, dv):
+def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
     """G4, keys ``[j0, j1)``: ``dv_j = sum_i r_ij u_i`` and ``dk_j = scale sum_i dS_ij q_i`` (minus ``scale k_j sum_i dS_ij`` for K2), over all queries."""
     q, k, v, u = h.q, h.k, h.v, h.u
     bk = j1 - j0
     N = q.shape[0]
     D = q.shape[1]
     Dv = v.shape[1]
+    bq_max = 0
+    for t in range(blocks.shape[0] - 1):
+        bq_max = max(bq_max, blocks[t + 1] - blocks[t])
     S = np.empty((bq_max, bk), dtype=q.dtype)
     Bt = np.empty((bq_max, bk), dtype=q.dtype)
     part = np.empty((bq_max, bk), dtype=np.bool_)
@@ -865,12 +869,17 @@ def _backward_keys(h, j0, j1, bq_max, saved, dk, dv):
     acc_v = np.zeros((bk, Dv), dtype=np.float64)
     colsum = np.zeros(bk, dtype=np.float64)
     norms = _norms(h, bq_max, bk)
-    # the queries that see a key of [j0, j1) (causality, window, segments), in the query tiling of the forward
+    # the queries that see a key of [j0, j1) (causality, window, segments), in the query blocks of the forward
     i_start = min(N, first_position_above(h.keys, 1, j0) * h.group)
-    i_start -= i_start % bq_max
-    i_end = min(N, max(i_start, first_position_above(h.keys, 0, j1 - 1) * h.group))
-    for i0 in range(i_start, i_end, bq_max):
-        i1 = min(N, i0 + bq_max)
+    i_end = min(N, first_position_above(h.keys, 0, j1 - 1) * h.group)
+    t = 0
+    while t + 2 < blocks.shape[0] and blocks[t + 1] <= i_start:
+        t += 1
+    for t in range(t, blocks.shape[0] - 1):
+        i0 = blocks[t]
+        i1 = blocks[t + 1]
+        if i0 >= i_end:
+            break
         bq = i1 - i0
         _set_query_norms(h, norms, i0, i1)
         _scores(S, bq, bk, h, i0, j0, norms)
@@ -970,7 +979,7 @@ def _saved_at(saved, b):
     return Saved(saved.lse[b], saved.delta[b], saved.cnt[b], saved.rowsum[b])
 
 
-def backward(stage, thread, nthreads, p, mask, bq, bk, saved, grads):
+def backward(stage, thread, nthreads, p, mask, blocks, bk, saved, grads):
     """G4 over the flattened batch of the :class:`~iem_ref.accel._problem.Problem` ``p`` (and its ``mask``), into the :class:`Grads` ``grads``.
 
     ``saved``: :class:`Saved` (``L``, ``Delta = <u_i, a_i>``, float64).
@@ -986,20 +995,18 @@ def backward(stage, thread, nthreads, p, mask, bq, bk, saved, grads):
     B = grads.dq.shape[0]
     N = grads.dq.shape[1]
     M = grads.dk.shape[1]
-    nqb = (N + bq - 1) // bq
+    nqb = blocks.shape[0] - 1
     nkb = (M + bk - 1) // bk
     if stage == 0:
         for w in range(thread, B * nqb, nthreads):
             b = w // nqb
-            i0 = (w % nqb) * bq
-            _count_certain(head_of(p, mask, b), i0, min(N, i0 + bq), bk, _saved_at(saved, b))
+            _count_certain(head_of(p, mask, b), blocks[w % nqb], blocks[w % nqb + 1], bk, _saved_at(saved, b))
     elif stage == 1:
         for w in range(thread, B * nkb, nthreads):
             b = w // nkb
             j0 = (w % nkb) * bk
-            _backward_keys(head_of(p, mask, b), j0, min(M, j0 + bk), bq, _saved_at(saved, b), grads.dk[b], grads.dv[b])
+            _backward_keys(head_of(p, mask, b), j0, min(M, j0 + bk), blocks, _saved_at(saved, b), grads.dk[b], grads.dv[b])
     else:
         for w in range(thread, B * nqb, nthreads):
             b = w // nqb
-            i0 = (w % nqb) * bq
-            _backward_queries(head_of(p, mask, b), i0, min(N, i0 + bq), bk, _saved_at(saved, b), grads.dq[b])
+            _backward_queries(head_of(p, mask, b), blocks[w % nqb], blocks[w % nqb + 1], bk, _saved_at(saved, b), grads.dq[b])

@@ -180,6 +180,7 @@ class Problem(NamedTuple):
     energy: int  # DOT, SQEUCLIDEAN or PRECOMPUTED
     scale: float  # s = -d * scale, in the kernel's dtype; 0 for tau = inf
     keys: np.ndarray  # (N // group, 2) int64: query row i sees keys keys[i // group, 0] <= j < keys[i // group, 1] (causality, V4, V7)
+    segments: np.ndarray  # (S + 1,) int64: the rows where packed segments start (V7), then N; [0, N] without (query blocks never straddle two)
     group: int  # grouped-query heads (V6): rows i = group * position + head of the group; 1 otherwise
     has_mask: bool  # False: mask is a placeholder, every pair takes part
     mask_group: int  # row i reads mask row i // mask_group (group when the mask is shared by a group's heads, else 1)
@@ -219,7 +220,7 @@ def problem_type(t):
     b1, i64 = types.boolean, types.int64
     f2 = types.Array(types.float64, 2, "C", readonly=True)
     i2 = types.Array(types.int64, 2, "C", readonly=True)
-    return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, i2, i64, b1, i64, b1, f2], Problem)
+    return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, i2, i1, i64, b1, i64, b1, f2], Problem)
 
 
 #: the Numba type of the mask argument beside the record

@@ -115,7 +115,7 @@ def _forward_sig(t):
     return types.void(
         i64, i64, i64,  # stage, this thread, thread count
         problem_type(t), MASK_TYPE,
-        i64, i64, i64,  # bq, bk, nsplit
+        _arr(types.int64, 1), i64, i64,  # the query blocks' row boundaries, bk, nsplit
         partials,
         _arr(t, 3, readonly=False), _arr(t, 2, readonly=False),  # out, lse
     )
@@ -125,7 +125,8 @@ def _backward_sig(t):
     i64, f64 = types.int64, types.float64
     saved = types.NamedTuple([_arr(f64, 2), _arr(f64, 2), _arr(f64, 2, readonly=False), _arr(f64, 2)], _k.Saved)
     grads = types.NamedUniTuple(_arr(t, 3, readonly=False), 3, _k.Grads)
-    return types.void(i64, i64, i64, problem_type(t), MASK_TYPE, i64, i64, saved, grads)  # stage, thread, thread count, problem, mask, bq, bk
+    # stage, thread, thread count, problem, mask, the query blocks' row boundaries, bk
+    return types.void(i64, i64, i64, problem_type(t), MASK_TYPE, _arr(i64, 1), i64, saved, grads)
 
 
 _COMPILED = {}
@@ -276,6 +277,23 @@ def plan(B, N, M, dtype, backward=False, band=None):
     return bq, bk, nsplit
 
 
+def _blocks(p, bq):
+    """The query blocks' row boundaries: ``bq`` rows each, cut afresh at every packed segment (V7), so that none straddles two.
+
+    A block's key tiles span the keys its rows see: one straddling two
+    segments would compute each segment's rows against the other's keys.
+
+    Examples
+    --------
+    >>> import types
+    >>> _blocks(types.SimpleNamespace(segments=np.array([0, 5, 5, 12])), 4).tolist()
+    [0, 4, 5, 9, 12]
+    """
+    starts = p.segments
+    cuts = [np.arange(s0, s1, bq) for s0, s1 in zip(starts[:-1], starts[1:])]
+    return _ro(np.concatenate(cuts + [starts[-1:]]).astype(np.int64))
+
+
 def _band_width(p):
     """How many keys a query of the :class:`Problem` ``p`` sees at most (a window V4, segments V7), None when that is all of them (:func:`plan`)."""
     if p.keys.shape[0] == 0:
@@ -320,9 +338,10 @@ def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=Non
             ops[name] = _stack(x, batch, dtype)
     mask3, mmap, has_mask = _stack_mask(mask, batch, n // mask_group, m)
     keys = key_ranges(n // group, m, *band(is_causal, window), offset=offset, **segment_args(segments))
+    starts = [0, n] if segments is None or segments.cu_seqlens_q is None else segments.cu_seqlens_q * group
     p = Problem(ops["q"][0], ops["k"][0], ops["v"][0], ops["u"][0], ops["d"][0],
                 ops["q"][1], ops["k"][1], ops["v"][1], ops["u"][1], ops["d"][1], mmap,
-                int(energy), dtype.type(scale), _ro(keys), int(group), has_mask, int(mask_group),
+                int(energy), dtype.type(scale), _ro(keys), _ro(np.asarray(starts, np.int64)), int(group), has_mask, int(mask_group),
                 empty == "nan", _ro(sink_rows))
     return p, mask3
 
@@ -386,7 +405,8 @@ def _run_forward(pm, batch, n, m, dv, nsplit=None):
     bq, bk, ns = plan(B, n, m, dtype, band=_band_width(pm[0]))
     if nsplit is not None:
         ns = nsplit
-    _run_stages(_kernel("forward", dtype), (0, 1) if ns > 1 else (0,), *pm, bq, bk, ns, _new_partials(B, ns, n, dv), out, lse)
+    _run_stages(_kernel("forward", dtype), (0, 1) if ns > 1 else (0,), *pm, _blocks(pm[0], bq), bk, ns, _new_partials(B, ns, n, dv),
+                out, lse)
     return out.reshape(batch + (n, dv)), lse.reshape(batch + (n,))
 
 
@@ -542,17 +562,18 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         delta = _ro(np.ascontiguousarray(np.einsum("bnc,bnc->bn", u64, a64)))  # Delta_i = <u_i, a_i> = sum_j r_ij b_ij
     del a64, u64
     bq, bk, _ = plan(B, n, m, dtype, backward=True, band=_band_width(pm[0]))
+    blocks = _blocks(pm[0], bq)
     rowsum = np.zeros((B, n))
     saved = _k.Saved(L64, delta, np.zeros((B, n)), _ro(rowsum))  # rowsum is filled below, through its own name
     if inp.sinks is not None:
-        _run_stages(_kernel("backward", dtype), (0,), *pm, bq, bk, saved, _k.Grads(dq, dk, dv))  # the certain-key counts
+        _run_stages(_kernel("backward", dtype), (0,), *pm, blocks, bk, saved, _k.Grads(dq, dk, dv))  # the certain-key counts
         sink = np.tile(pm[0].sinks, (1, n // groups.g))  # row i of element b: sinks[b, i % g]
         r_sink = sink_responsibility(sink, L64, saved.cnt)
         with np.errstate(invalid="ignore"):
             rowsum[...] = r_sink * delta  # sum_j dS_ij = Delta_i r_sink,i: dLoss/dsink_i = -that
         per_head = groups.unstack(-rowsum.reshape(batch + (n,)))
         dsinks[...] = _sum_to_shape(per_head.sum(axis=-1), inp.sinks_shape)
-    _run_stages(_kernel("backward", dtype), (0, 1, 2) if inp.sinks is None else (1, 2), *pm, bq, bk, saved, _k.Grads(dq, dk, dv))
+    _run_stages(_kernel("backward", dtype), (0, 1, 2) if inp.sinks is None else (1, 2), *pm, blocks, bk, saved, _k.Grads(dq, dk, dv))
     return shaped()
 
 
@@ -667,7 +688,7 @@ def _partials_of(pm, bq, bk, B, n, dv, batch, threads):
     parts = _new_partials(B, 1, n, dv)
     if B > 0 and n > 0:
         dtype = pm[0].v.dtype
-        args = (*pm, bq, bk, 1, parts, np.empty((B, n, dv), dtype), np.empty((B, n), dtype))
+        args = (*pm, _blocks(pm[0], bq), bk, 1, parts, np.empty((B, n, dv), dtype), np.empty((B, n), dtype))
         fn = _kernel("forward", dtype)
         if threads == 1:
             with _blas_single_thread():
