@@ -66,7 +66,7 @@ from numba.np.linalg import ensure_blas
 
 from ._compile import INNER
 from ._fastexp import f32_bits, f64_bits, fexp, fexp_shifted, like
-from ._problem import DOT, PRECOMPUTED, SQEUCLIDEAN, first_position_above, head_of, log_partition_of_row, merge_sink, summary_of_row
+from ._problem import DOT, PRECOMPUTED, SQEUCLIDEAN, first_position_above, head_of, log_partition_of_row, logit, merge_sink, summary_of_row
 
 ensure_blas()  # SciPy's BLAS (scipy.linalg.cython_blas), the one Numba's np.dot uses
 
@@ -411,13 +411,28 @@ def _key_tiles(h, i0, i1, j0, j1, bk):
     return start, end
 
 
+@njit(**INNER)
+def _pair_logit(h, x, i, j):
+    """V1-V3 for query row ``i`` and key ``j`` of the head ``h``: :func:`~iem_ref.accel._problem.logit` with the pair's bias and ALiBi prior."""
+    bias = 0.0
+    if h.has_bias:  # the bias's own data: an axis it broadcasts over has length 1
+        bias = h.bias[i // h.bias_group if h.bias.shape[0] > 1 else 0, j if h.bias.shape[1] > 1 else 0]
+    alibi = 0.0
+    if h.has_alibi:
+        alibi = -h.slopes[i] * abs(h.keys[i // h.group, 2] - j)  # -slope |i' - j|
+    return logit(np.float64(x), h.softcap, bias, alibi)
+
+
 @njit(fastmath=_FM, **INNER)
-def _scores(S, bq, bk, h, i0, jb, norms):
-    """Fill the score tile ``S[:bq, :bk]`` with ``s_ij`` (A1 / K2 times ``scale``), ``-inf`` where key ``jb + j`` does not take part.
+def _scores(S, bq, bk, h, i0, jb, norms, F):
+    """Fill the score tile ``S[:bq, :bk]`` with the logits ``z_ij``, ``-inf`` where key ``jb + j`` does not take part.
 
     One GEMM ``S = Q_b K_b^T`` (row stride of ``S``: its buffer width), then
-    the scale, the squared-Euclidean correction and the selection, row by row.
-    ``h``: the batch element's :class:`~iem_ref.accel._problem.Head`.
+    the scale, the squared-Euclidean correction (A1 / K2 times ``scale``:
+    the scores ``x``), the variants' logits (V1-V3) and the selection, row
+    by row.  ``h``: the batch element's :class:`~iem_ref.accel._problem.Head`;
+    ``F``: with a soft-cap and rows to hold it (the backward), the factor
+    ``dz/dx = 1 - tanh(x / c)^2`` of each pair.
     """
     ld = S.shape[1]
     q, k, scale = h.q, h.k, h.scale
@@ -473,6 +488,15 @@ def _scores(S, bq, bk, h, i0, jb, norms):
                 for j in range(lo, hi):
                     if norms.kbad[j]:
                         row[j] = _direct_sqeuclid_score(q, i, k, jb + j, scale)
+        if h.logits:  # V1-V3, pair by pair
+            if h.softcap > 0.0 and F.shape[0] > 0:
+                for j in range(bk):
+                    F[r, j] = 1.0  # pairs that do not take part have dZ = 0: a finite factor keeps them 0
+                for j in range(lo, hi):
+                    t = math.tanh(np.float64(row[j]) / h.softcap)
+                    F[r, j] = 1.0 - t * t
+            for j in range(lo, hi):
+                row[j] = _pair_logit(h, row[j], i, jb + j)
         for j in range(lo):
             row[j] = ninf
         for j in range(hi, bk):
@@ -599,6 +623,7 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
     part = np.empty((bq, bk_max), dtype=np.bool_)
     vbad = np.empty(bk_max, dtype=np.bool_)
     rescale = np.empty(bq, dtype=np.float64)
+    F = np.empty((0, 0), dtype=q.dtype)  # the forward needs no soft-cap derivative
     norms = _norms(h, bq, bk_max)
     _set_query_norms(h, norms, i0, i1)
     ninf = -np.inf
@@ -616,7 +641,7 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
     jb, end = _key_tiles(h, i0, i1, j0, j1, bk_max)
     while jb < end:
         bk = min(bk_max, j1 - jb)
-        _scores(S, bq, bk, h, i0, jb, norms)
+        _scores(S, bq, bk, h, i0, jb, norms, F)
         nbad = _bad_rows(v[jb : jb + bk], vbad) if values_first else 0  # the tile is about to be read by the GEMM: cache-hot
         if nbad or not values_first:
             for r in range(bq):
@@ -750,11 +775,12 @@ class Saved(NamedTuple):
 
 
 class Grads(NamedTuple):
-    """The backward's results: ``dq (B, N, D)``, ``dk (B, M, D)``, ``dv (B, M, Dv)``."""
+    """The backward's results: ``dq (B, N, D)``, ``dk (B, M, D)``, ``dv (B, M, Dv)``; ``dz (B, N, M)`` float64 ``dZ`` with a bias (V1), else ``(B, 0, 0)``."""
 
     dq: np.ndarray
     dk: np.ndarray
     dv: np.ndarray
+    dz: np.ndarray
 
 
 @njit(fastmath=_FM, **INNER)
@@ -831,18 +857,32 @@ def _count_certain(h, i0, i1, bk_max, saved):
         return
     M = h.k.shape[0]
     S = np.empty((bq, bk_max), dtype=h.q.dtype)
+    F = np.empty((0, 0), dtype=h.q.dtype)
     norms = _norms(h, bq, bk_max)
     _set_query_norms(h, norms, i0, i1)
     start, end = _key_tiles(h, i0, i1, 0, M, bk_max)
     for jb in range(start, end, bk_max):
         bk = min(bk_max, M - jb)
-        _scores(S, bq, bk, h, i0, jb, norms)
+        _scores(S, bq, bk, h, i0, jb, norms, F)
         for r in range(bq):
             for j in range(bk):
                 saved.cnt[i0 + r] += S[r, j] == np.inf
     for r in range(bq):  # a sink of logit +inf (V5) is a certain key too
         if saved.lse[i0 + r] == np.inf and h.sinks[(i0 + r) % h.sinks.shape[0]] == np.inf:
             saved.cnt[i0 + r] += 1.0
+
+
+@njit(fastmath=_FM, **INNER)
+def _logit_grads(h, Bt, F, bq, bk, i0, jb, dz):
+    """The variants' chain rule on a tile of ``Bt = dZ`` (V1, V3): ``dz[i0 + r, jb + j] = dZ`` (``dbias``'s terms) when ``dz`` has rows, then ``Bt <- dX = dZ (1 - tanh(x / c)^2)``."""
+    if h.has_bias and dz.shape[0] > 0:
+        for r in range(bq):
+            for j in range(bk):
+                dz[i0 + r, jb + j] = Bt[r, j]
+    if h.softcap > 0.0:
+        for r in range(bq):
+            for j in range(bk):
+                Bt[r, j] = Bt[r, j] * F[r, j]
 
 
 @njit(fastmath=_FM, **INNER)
@@ -868,6 +908,8 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
     acc_k = np.zeros((bk, D), dtype=np.float64)
     acc_v = np.zeros((bk, Dv), dtype=np.float64)
     colsum = np.zeros(bk, dtype=np.float64)
+    F = np.empty((bq_max if h.softcap > 0.0 else 0, bk), dtype=q.dtype)
+    nodz = np.empty((0, 0), dtype=np.float64)
     norms = _norms(h, bq_max, bk)
     # the queries that see a key of [j0, j1) (causality, window, segments), in the query blocks of the forward
     i_start = min(N, first_position_above(h.keys, 1, j0) * h.group)
@@ -882,7 +924,7 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
             break
         bq = i1 - i0
         _set_query_norms(h, norms, i0, i1)
-        _scores(S, bq, bk, h, i0, j0, norms)
+        _scores(S, bq, bk, h, i0, j0, norms, F)
         if Dv > 0:
             gemm(_TRANS, _NOTRANS, bk, bq, Dv, 1.0, v, j0 * Dv, Dv, u, i0 * Dv, Dv, 0.0, Bt, 0, bk)  # b_ij = <u_i, v_j>
         else:
@@ -890,6 +932,8 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
         nq = _rows_flags(q, i0, bq, qflag) if h.energy != PRECOMPUTED else 0
         nu = _rows_flags(u, i0, bq, uflag)
         _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nq + nu > 0)
+        if h.logits:
+            _logit_grads(h, Bt, F, bq, bk, i0, j0, nodz)
         if Dv > 0:
             if nu == 0:
                 gemm(_NOTRANS, _TRANS, Dv, bk, bq, 1.0, u, i0 * Dv, Dv, S, 0, bk, 0.0, tv, 0, Dv)
@@ -927,8 +971,12 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
 
 
 @njit(fastmath=_FM, **INNER)
-def _backward_queries(h, i0, i1, bk_max, saved, dq):
-    """G4, queries ``[i0, i1)``: ``dq_i = scale sum_j dS_ij k_j`` over all keys (for K2 minus ``scale q_i sum_j dS_ij``, nonzero with sinks only)."""
+def _backward_queries(h, i0, i1, bk_max, saved, dq, dz):
+    """G4, queries ``[i0, i1)``: ``dq_i = scale sum_j dX_ij k_j`` over all keys (for K2 minus ``scale q_i sum_j dX_ij``, nonzero with sinks or a soft-cap only).
+
+    ``dX = dZ = dS`` without a soft-cap (V3); with a bias (V1) ``dz``
+    receives ``dZ`` of the rows (``dbias``'s terms, summed by the host).
+    """
     q, k, v, u = h.q, h.k, h.v, h.u
     bq = i1 - i0
     M = k.shape[0]
@@ -943,16 +991,24 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq):
     norms = _norms(h, bq, bk_max)
     _set_query_norms(h, norms, i0, i1)
     acc = np.zeros((bq, D), dtype=np.float64)
+    F = np.empty((bq if h.softcap > 0.0 else 0, bk_max), dtype=q.dtype)
+    xsum = np.zeros(bq, dtype=np.float64)  # sum_j dX_ij, for K2 with a soft-cap
     start, end = _key_tiles(h, i0, i1, 0, M, bk_max)
     for jb in range(start, end, bk_max):
         bk = min(bk_max, M - jb)
-        _scores(S, bq, bk, h, i0, jb, norms)
+        _scores(S, bq, bk, h, i0, jb, norms, F)
         if Dv > 0:
             gemm(_TRANS, _NOTRANS, bk, bq, Dv, 1.0, v, jb * Dv, Dv, u, i0 * Dv, Dv, 0.0, Bt, 0, bk_max)
         else:
             Bt[:, :] = 0.0
         nk = _rows_flags(k, jb, bk, kflag) if h.energy != PRECOMPUTED else 0
         _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nk > 0)
+        if h.logits:
+            _logit_grads(h, Bt, F, bq, bk, i0, jb, dz)
+            if h.softcap > 0.0 and h.energy == SQEUCLIDEAN:
+                for r in range(bq):
+                    for j in range(bk):
+                        xsum[r] += np.float64(Bt[r, j])
         if D > 0 and h.energy != PRECOMPUTED:
             if nk == 0:
                 gemm(_NOTRANS, _NOTRANS, D, bq, bk, 1.0, k, jb * D, D, Bt, 0, bk_max, 0.0, tq, 0, D)
@@ -965,7 +1021,7 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq):
                     acc[r, c] += np.float64(tq[r, c])
     sc = np.float64(h.scale)
     for r in range(bq):
-        rowsum = saved.rowsum[i0 + r]
+        rowsum = xsum[r] if h.softcap > 0.0 else saved.rowsum[i0 + r]
         for c in range(D):
             g = sc * acc[r, c]
             if h.energy == SQEUCLIDEAN and rowsum != 0.0:
@@ -1009,4 +1065,5 @@ def backward(stage, thread, nthreads, p, mask, blocks, bk, saved, grads):
     else:
         for w in range(thread, B * nqb, nthreads):
             b = w // nqb
-            _backward_queries(head_of(p, mask, b), blocks[w % nqb], blocks[w % nqb + 1], bk, _saved_at(saved, b), grads.dq[b])
+            _backward_queries(head_of(p, mask, b), blocks[w % nqb], blocks[w % nqb + 1], bk, _saved_at(saved, b), grads.dq[b],
+                              grads.dz[b])

@@ -62,6 +62,7 @@ __all__ = [
     "log_partition_of_row",
     "summary_of_row",
     "merge_sink",
+    "logit",
     "sink_responsibility",
 ]
 
@@ -90,7 +91,7 @@ def band(is_causal, window):
 
 
 def key_ranges(n, m, left=UNBOUNDED, right=UNBOUNDED, offset=0, cu_seqlens=None, bottom_right=False):
-    """``keys (n, 2)`` int64: query position ``i`` may see the keys ``keys[i, 0] <= j < keys[i, 1]`` (V4, V7).
+    """``keys (n, 3)`` int64: query position ``i`` may see the keys ``keys[i, 0] <= j < keys[i, 1]`` (V4, V7); ``keys[i, 2] = i'``.
 
     The band ``i' - left <= j <= i' + right`` (from :func:`band`) around the
     aligned position ``i' = i + offset``; with packed segments
@@ -98,13 +99,15 @@ def key_ranges(n, m, left=UNBOUNDED, right=UNBOUNDED, offset=0, cu_seqlens=None,
     (``bottom_right``: ``len_k - len_q``) count inside the query's segment,
     and the interval is cut to the segment's keys.  Both ends are clipped so
     that they never decrease with ``i`` (an empty interval sits at its
-    segment's end), which the kernels' tile skipping relies on.
+    segment's end), which the kernels' tile skipping relies on.  The third
+    column is the aligned position ``i'`` in key indices, so that ALiBi's
+    ``i' - j`` (V2) is ``keys[i, 2] - j``.
 
     Examples
     --------
     >>> key_ranges(3, 3, *band(True, None)).tolist()  # causal
-    [[0, 1], [0, 2], [0, 3]]
-    >>> key_ranges(4, 4, *band(True, None), cu_seqlens=(np.array([0, 1, 4]), np.array([0, 2, 4]))).tolist()
+    [[0, 1, 0], [0, 2, 1], [0, 3, 2]]
+    >>> key_ranges(4, 4, *band(True, None), cu_seqlens=(np.array([0, 1, 4]), np.array([0, 2, 4])))[:, :2].tolist()
     [[0, 1], [2, 3], [2, 4], [2, 4]]
     """
     i = np.arange(n, dtype=np.int64)
@@ -119,7 +122,7 @@ def key_ranges(n, m, left=UNBOUNDED, right=UNBOUNDED, offset=0, cu_seqlens=None,
         first, end = cu_k[s], cu_k[s + 1]
     lo = np.minimum(np.maximum(at - left, first), end)
     hi = np.minimum(np.maximum(at + right + 1, lo), end)
-    return np.ascontiguousarray(np.stack([lo, hi], axis=-1).reshape(n, 2))
+    return np.ascontiguousarray(np.stack([lo, hi, at], axis=-1).reshape(n, 3))
 
 
 def segment_args(inp):
@@ -179,13 +182,22 @@ class Problem(NamedTuple):
     mmap: np.ndarray  # for the mask, which travels beside the record (see below)
     energy: int  # DOT, SQEUCLIDEAN or PRECOMPUTED
     scale: float  # s = -d * scale, in the kernel's dtype; 0 for tau = inf
-    keys: np.ndarray  # (N // group, 2) int64: query row i sees keys keys[i // group, 0] <= j < keys[i // group, 1] (causality, V4, V7)
+    keys: np.ndarray  # (N // group, 3) int64: query row i sees keys keys[i // group, 0] <= j < keys[i // group, 1] (causality, V4, V7); [.., 2]: i'
+
     segments: np.ndarray  # (S + 1,) int64: the rows where packed segments start (V7), then N; [0, N] without (query blocks never straddle two)
     group: int  # grouped-query heads (V6): rows i = group * position + head of the group; 1 otherwise
     has_mask: bool  # False: mask is a placeholder, every pair takes part
     mask_group: int  # row i reads mask row i // mask_group (group when the mask is shared by a group's heads, else 1)
     empty_nan: bool  # an empty row's output is NaN (else 0)
     sinks: np.ndarray  # (B, group) float64: the sink logit (V5) of row i of element b is sinks[b, i % group]; -inf: none
+    logits: bool  # any of V1-V3: the scores pass through logit() below
+    softcap: float  # V3's c (float64); 0: none
+    bias: np.ndarray  # V1: (Bb, Nb, Mb) float64, the bias's own data (axes it broadcasts over kept at length 1); row i // bias_group
+    bias_map: np.ndarray  # (B,) int64: the bias element of each flat batch element
+    bias_group: int
+    has_bias: bool
+    slopes: np.ndarray  # V2: (B, N) float64, the ALiBi slope of each query row
+    has_alibi: bool
 
 
 class Head(NamedTuple):
@@ -199,18 +211,26 @@ class Head(NamedTuple):
     mask: np.ndarray  # (N, M)
     energy: int
     scale: float
-    keys: np.ndarray  # (N // group, 2)
+    keys: np.ndarray  # (N // group, 3)
     group: int
     has_mask: bool
     mask_group: int
     sinks: np.ndarray  # (group,)
+    logits: bool
+    softcap: float
+    bias: np.ndarray  # (Nb, Mb)
+    bias_group: int
+    has_bias: bool
+    slopes: np.ndarray  # (N,)
+    has_alibi: bool
 
 
 @njit(cache=True)
 def head_of(p, mask, b):
     """The operands of flat batch element ``b`` of the problem ``p`` and its ``mask`` (views, no copies)."""
     return Head(p.q[p.qmap[b]], p.k[p.kmap[b]], p.v[p.vmap[b]], p.u[p.umap[b]], p.d[p.dmap[b]], mask[p.mmap[b]],
-                p.energy, p.scale, p.keys, p.group, p.has_mask, p.mask_group, p.sinks[b])
+                p.energy, p.scale, p.keys, p.group, p.has_mask, p.mask_group, p.sinks[b],
+                p.logits, p.softcap, p.bias[p.bias_map[b]], p.bias_group, p.has_bias, p.slopes[b], p.has_alibi)
 
 
 def problem_type(t):
@@ -220,7 +240,9 @@ def problem_type(t):
     b1, i64 = types.boolean, types.int64
     f2 = types.Array(types.float64, 2, "C", readonly=True)
     i2 = types.Array(types.int64, 2, "C", readonly=True)
-    return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, i2, i1, i64, b1, i64, b1, f2], Problem)
+    b3 = types.Array(types.float64, 3, "C", readonly=True)
+    return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, i2, i1, i64, b1, i64, b1, f2,
+                             b1, types.float64, b3, i1, i64, b1, f2, b1], Problem)
 
 
 #: the Numba type of the mask argument beside the record
@@ -250,7 +272,7 @@ class DeviceProblem(NamedTuple):
     u: Operand  # (B, N, Dv) upstream gradient (backward; a placeholder in the forward)
     mask: Operand  # (B, N, M) uint8, 1 = takes part
     has_mask: int
-    keys: object  # (N, 2) int64 device array: the keys each query position sees, as in Problem
+    keys: object  # (N, 3) int64 device array: the keys each query position sees and its aligned position, as in Problem
     n: int
     m: int
     d: int
@@ -315,6 +337,29 @@ def merge_sink(m, l, sink):
     c = 1.0 if m == mm else math.exp(m - mm)
     cs = 1.0 if sink == mm else math.exp(sink - mm)
     return mm, c * l + cs, c
+
+
+@njit(cache=True)
+def logit(x, softcap, bias, alibi):
+    """V1-V3 for one pair, in float64: the scaled score ``x`` (T1) -> ``z = softcap(x) + bias + alibi``.
+
+    The order and roundings of :meth:`iem_ref.attention.AttentionInputs.scores`:
+    ``s = c tanh(x / c)`` (``softcap = 0``: none), then ``+ bias``, then
+    ``+ alibi`` (``0`` for none: adding it changes nothing).  Selection,
+    never arithmetic: an excluded score (``-inf``) or a ``-inf`` bias gives
+    ``-inf`` (never ``-inf + inf``); a ``+inf`` score is capped to ``c``.
+
+    Examples
+    --------
+    >>> logit(1e9, 30.0, 0.5, 0.0)
+    30.5
+    >>> logit(-math.inf, 30.0, math.inf, 0.0)
+    -inf
+    """
+    if x == -math.inf or bias == -math.inf:
+        return -math.inf
+    s = softcap * math.tanh(x / softcap) if softcap > 0.0 else x
+    return (s + bias) + alibi
 
 
 @njit(cache=True)

@@ -69,6 +69,7 @@ from .._validation import (
 )
 from ..attention import prepare_attention
 from ..gradients import _sum_to_shape
+from ..variants import _segment_ids
 from . import _cpu_kernels as _k
 from ._compile import CompilationNotice, cache_dir, compile_kernel
 from ._problem import ENERGY_CODES, MASK_TYPE, PRECOMPUTED, Problem, band, key_ranges, problem_type, segment_args, sink_responsibility
@@ -124,7 +125,9 @@ def _forward_sig(t):
 def _backward_sig(t):
     i64, f64 = types.int64, types.float64
     saved = types.NamedTuple([_arr(f64, 2), _arr(f64, 2), _arr(f64, 2, readonly=False), _arr(f64, 2)], _k.Saved)
-    grads = types.NamedUniTuple(_arr(t, 3, readonly=False), 3, _k.Grads)
+    fields = [_arr(t, 3, readonly=False)] * 3 + [_arr(f64, 3, readonly=False)]
+    # Numba types a tuple of one field type as a "uni" tuple (float64 here): the signature must say the same
+    grads = types.NamedUniTuple(fields[0], 4, _k.Grads) if t == f64 else types.NamedTuple(fields, _k.Grads)
     # stage, thread, thread count, problem, mask, the query blocks' row boundaries, bk
     return types.void(i64, i64, i64, problem_type(t), MASK_TYPE, _arr(i64, 1), i64, saved, grads)
 
@@ -311,7 +314,7 @@ def _zero_map(batch):
 
 
 def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=None, d=None, mask=None, offset=0,
-             is_causal=False, window=None, segments=None, empty="zero", groups=None, sinks=None):
+             is_causal=False, window=None, inp=None, empty="zero", groups=None, sinks=None):
     """The :class:`~iem_ref.accel._problem.Problem` of one call and its mask, built once from validated inputs.
 
     Operands are flattened over ``batch`` without copying broadcast ones
@@ -320,8 +323,8 @@ def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=Non
     ``groups``: the :class:`_Groups` of grouped-query heads (V6; ``batch``,
     ``n``, ``q``, ``u`` and ``mask`` are then already the stacked ones);
     ``sinks``: the validated sink logits (V5) broadcast to the query heads'
-    batch, or None; ``segments``: the validated inputs (V7) when they carry
-    ``cu_seqlens``, else None.
+    batch, or None; ``inp``: the validated attention inputs, for the
+    packed segments (V7) and the logits' variants (V1-V3); None: neither.
     """
     group, mask_group = (1, 1) if groups is None else (groups.g, groups.mask_group)
     B = max(1, int(np.prod(batch, dtype=np.int64)))
@@ -337,13 +340,52 @@ def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=Non
         else:
             ops[name] = _stack(x, batch, dtype)
     mask3, mmap, has_mask = _stack_mask(mask, batch, n // mask_group, m)
-    keys = key_ranges(n // group, m, *band(is_causal, window), offset=offset, **segment_args(segments))
-    starts = [0, n] if segments is None or segments.cu_seqlens_q is None else segments.cu_seqlens_q * group
+    keys = key_ranges(n // group, m, *band(is_causal, window), offset=offset, **segment_args(inp))
+    starts = [0, n] if inp is None or inp.cu_seqlens_q is None else inp.cu_seqlens_q * group
     p = Problem(ops["q"][0], ops["k"][0], ops["v"][0], ops["u"][0], ops["d"][0],
                 ops["q"][1], ops["k"][1], ops["v"][1], ops["u"][1], ops["d"][1], mmap,
                 int(energy), dtype.type(scale), _ro(keys), _ro(np.asarray(starts, np.int64)), int(group), has_mask, int(mask_group),
-                empty == "nan", _ro(sink_rows))
+                empty == "nan", _ro(sink_rows), *_logit_fields(inp, groups, batch, n, m))
     return p, mask3
+
+
+def _own_data(x, batch):
+    """``x`` broadcast to ``batch + (R, C)`` as its own data: ``(Bx, R', C')`` float64 C-contiguous (an axis of stride 0 kept at length 1) and the map flat batch -> ``Bx``."""
+    x = np.broadcast_to(x, batch + x.shape[-2:])
+    own = np.ascontiguousarray(x[tuple(slice(0, 1) if st == 0 else slice(None) for st in x.strides)], dtype=np.float64)
+    lead = own.shape[:-2]
+    nb = int(np.prod(lead, dtype=np.int64))
+    idx = np.broadcast_to(np.arange(nb, dtype=np.int64).reshape(lead), batch).reshape(-1)
+    return _ro(own.reshape((nb,) + own.shape[-2:])), _ro(np.ascontiguousarray(idx))
+
+
+def _logit_fields(inp, groups, batch, n, m):
+    """The :class:`Problem`'s fields of V1-V3: ``(logits, softcap, bias, bias_map, bias_group, has_bias, slopes, has_alibi)``.
+
+    The bias is read through its own data (no ``N x M`` copy when it
+    broadcasts); under grouped-query heads a bias shared by a group's heads
+    is read per position, one that differs is stacked with the queries.
+    ALiBi's slope is one per query row (per segment with V7).
+    """
+    B = max(1, int(np.prod(batch, dtype=np.int64)))
+    none = _ro(np.zeros((1, 1, 1))), _zero_map(batch), 1, False
+    if inp is None:
+        return (False, 0.0) + none + (_ro(np.zeros((B, 0))), False)
+    g = 1 if groups is None else groups.g
+    bias = none
+    if inp.bias is not None:
+        b, bias_group = groups.rows_of(inp.bias) if groups is not None else (inp.bias, 1)
+        bias = _own_data(b, batch) + (bias_group, True)
+    slopes, has_alibi = _ro(np.zeros((B, 0))), inp.slopes is not None
+    if has_alibi:
+        if inp.cu_seqlens_q is not None and inp.slopes.ndim == len(inp.batch) + 1:  # one slope per segment
+            per_row = inp.slopes[..., _segment_ids(inp.cu_seqlens_q, inp.n)]
+        else:
+            per_row = np.broadcast_to(inp.slopes[..., None], inp.batch + (inp.n,))
+        stacked = per_row if g == 1 else groups.stack(np.ascontiguousarray(per_row)[..., None])[..., 0]
+        slopes = _ro(np.ascontiguousarray(np.broadcast_to(stacked, batch + (n,)).reshape(B, n), dtype=np.float64))
+    softcap = 0.0 if inp.softcap is None else float(inp.softcap)
+    return (softcap > 0.0 or inp.bias is not None or has_alibi, softcap) + bias + (slopes, has_alibi)
 
 
 class _Groups:
@@ -364,12 +406,19 @@ class _Groups:
         g = self.g = inp.group
         self.batch = inp.batch if g == 1 else inp.batch[:-1] + (inp.batch[-1] // g,)
         self.rows = inp.n * g
-        self.mask, self.mask_group = inp.mask, 1
-        if g > 1 and inp.mask is not None:
-            if inp.mask.strides[-3] == 0:
-                self.mask, self.mask_group = inp.mask[..., ::g, :, :], g
-            else:
-                self.mask = self.stack(inp.mask)
+        self.mask, self.mask_group = (None, 1) if inp.mask is None else self.rows_of(inp.mask)
+
+    def rows_of(self, x):
+        """A per-row array ``x (B..., Hq, N, M)`` (mask, bias) as the kernels read it, and its row group.
+
+        Shared by a group's heads (stride 0 over the heads): read per
+        position (row ``i`` reads ``i // g``); else stacked with the queries.
+        """
+        if self.g == 1:
+            return x, 1
+        if x.strides[-3] == 0:
+            return x[..., :: self.g, :, :], self.g
+        return self.stack(x), 1
 
     def stack(self, x):
         """``(B..., Hkv g, N, C) -> (B..., Hkv, N g, C)``, row ``i g + h`` from head ``h`` of each group."""
@@ -426,17 +475,22 @@ def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy
     qs = as_float_array(q, "q") if groups.g == 1 else groups.stack(inp.q)
     pm = _problem(dtype, groups.batch, groups.rows, inp.m, q=qs, k=as_float_array(k, "k"), v=as_float_array(v, "v"),
                   mask=groups.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=inp.causal_offset,
-                  is_causal=inp.is_causal, window=inp.window, segments=inp, empty=empty, groups=groups, sinks=inp.sinks)
+                  is_causal=inp.is_causal, window=inp.window, inp=inp, empty=empty, groups=groups, sinks=inp.sinks)
     a, lse = _run_forward(pm, groups.batch, groups.rows, inp.m, inp.dv, nsplit)
     return (groups.unstack(a), groups.unstack(lse)), inp
 
 
 def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero",
-              window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False):
+              bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None,
+              cu_seqlens_k=None, return_lse=False):
     """A1-A4 fused (M1-M2): ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one pass, as :func:`iem_ref.attention`.
 
     Parameters and edge cases as the reference; ``energy`` is ``"dot"`` or
-    ``"sqeuclidean"`` (others raise ``ValueError``); ``window=(left, right)``
+    ``"sqeuclidean"`` (others raise ``ValueError``); ``bias`` (V1, read
+    tile by tile from its own data: no ``N x M`` copy when it broadcasts),
+    ``alibi_slopes`` (V2) and ``softcap`` (V3) turn each score into its
+    logit pair by pair, in float64 (:func:`~iem_ref.accel._problem.logit`),
+    before the online softmin; ``window=(left, right)``
     is the sliding window (V4): key tiles outside it are never computed, so
     the cost grows with ``N (left + right)``, not ``N M``;
     ``enable_gqa=True``: grouped-query heads (V6), ``q (B..., Hq, N, D)``
@@ -460,8 +514,9 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     >>> a, lse
     (array([[2.]]), array([0.69314718]))
     """
-    (a, lse), _ = _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, window=window,
-                                     enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    (a, lse), _ = _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, bias=bias,
+                                     alibi_slopes=alibi_slopes, softcap=softcap, window=window, enable_gqa=enable_gqa,
+                                     sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return (a, lse) if return_lse else a
 
 
@@ -494,8 +549,9 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
 
 
 def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot",
-                  window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, out=None, lse=None):
-    """G4: ``(dq, dk, dv)`` for the upstream gradient ``u = grad_out``, as :func:`iem_ref.attention_vjp`.
+                  bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None,
+                  cu_seqlens_k=None, out=None, lse=None):
+    """G4: ``(dq, dk, dv[, dbias][, dsinks])`` for the upstream gradient ``u = grad_out``, as :func:`iem_ref.attention_vjp`.
 
     With ``r_ij = exp(s_ij - L_i)`` rebuilt tile by tile from the saved
     log-partition ``lse`` (G1) and ``Delta_i = <u_i, a_i>`` from the saved
@@ -506,9 +562,14 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     (V5) also ``dsinks``, the shape of ``sinks``: ``dsink_i = -r_sink,i
     Delta_i`` (``r_sink,i = exp(sink - L_i)``) summed over rows and
     broadcast axes; then ``sum_j dS_ij = Delta_i r_sink,i``, which the
-    squared-Euclidean ``dq`` subtracts times ``scale q_i``.  When ``out``
+    squared-Euclidean ``dq`` subtracts times ``scale q_i``.  With the
+    logits' variants (V1-V3) ``dS`` is ``dZ = dLoss/dz``; a soft-cap
+    multiplies it by ``1 - tanh(x / c)^2`` before ``dq, dk`` (``dX``, whose
+    row sums the squared-Euclidean ``dq`` then needs, summed in the
+    kernel); ``dbias`` is ``dZ`` summed to the bias's shape.  When ``out``
     or ``lse`` is missing both are recomputed by :func:`attention`.  No
-    ``N x M`` array is formed.
+    ``N x M`` array is formed, except ``dZ`` itself (float64) when a bias
+    asks for its gradient.
 
     Examples
     --------
@@ -520,8 +581,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     """
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
-                            energy=energy, window=window, enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q,
-                            cu_seqlens_k=cu_seqlens_k)
+                            energy=energy, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window,
+                            enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     u = check_grad_out(grad_out, inp.batch, inp.n, inp.dv)
     dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads, grad_out=u)
     groups = _Groups(inp)
@@ -532,9 +593,12 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     dk = np.zeros((B, m, D), dtype)
     dv = np.zeros((B, m, dv_), dtype)
     dsinks = None if inp.sinks is None else np.zeros(inp.sinks_shape, dtype)
+    dz = np.zeros((B, n, m) if inp.bias is not None else (B, 0, 0))  # V1: dZ, summed to the bias's shape below
 
     def shaped():
         grads = (groups.unstack(dq.reshape(batch + (n, D))), dk.reshape(batch + (m, D)), dv.reshape(batch + (m, dv_)))
+        if inp.bias is not None:
+            grads += (_sum_to_shape(groups.unstack(dz.reshape(batch + (n, m))), inp.bias_shape).astype(dtype),)
         return grads if dsinks is None else grads + (dsinks,)
 
     if B == 0 or n == 0 or m == 0:  # no keys: a = 0, so Delta = 0 and dsinks = 0
@@ -545,7 +609,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         qs, us = as_float_array(q, "q"), as_float_array(u, "grad_out")
     pm = _problem(dtype, batch, n, m, q=qs, k=as_float_array(k, "k"), v=as_float_array(v, "v"), u=us, mask=groups.mask,
                   energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=inp.causal_offset, is_causal=inp.is_causal,
-                  window=inp.window, segments=inp, groups=groups, sinks=inp.sinks)
+                  window=inp.window, inp=inp, groups=groups, sinks=inp.sinks)
     if out is None or lse is None:
         a, L = _run_forward(pm, batch, n, m, dv_)
     else:
@@ -566,14 +630,15 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     rowsum = np.zeros((B, n))
     saved = _k.Saved(L64, delta, np.zeros((B, n)), _ro(rowsum))  # rowsum is filled below, through its own name
     if inp.sinks is not None:
-        _run_stages(_kernel("backward", dtype), (0,), *pm, blocks, bk, saved, _k.Grads(dq, dk, dv))  # the certain-key counts
+        _run_stages(_kernel("backward", dtype), (0,), *pm, blocks, bk, saved, _k.Grads(dq, dk, dv, dz))  # the certain-key counts
         sink = np.tile(pm[0].sinks, (1, n // groups.g))  # row i of element b: sinks[b, i % g]
         r_sink = sink_responsibility(sink, L64, saved.cnt)
         with np.errstate(invalid="ignore"):
             rowsum[...] = r_sink * delta  # sum_j dS_ij = Delta_i r_sink,i: dLoss/dsink_i = -that
         per_head = groups.unstack(-rowsum.reshape(batch + (n,)))
         dsinks[...] = _sum_to_shape(per_head.sum(axis=-1), inp.sinks_shape)
-    _run_stages(_kernel("backward", dtype), (0, 1, 2) if inp.sinks is None else (1, 2), *pm, blocks, bk, saved, _k.Grads(dq, dk, dv))
+    _run_stages(_kernel("backward", dtype), (0, 1, 2) if inp.sinks is None else (1, 2), *pm, blocks, bk, saved,
+                _k.Grads(dq, dk, dv, dz))
     return shaped()
 
 
