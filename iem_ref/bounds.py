@@ -37,6 +37,21 @@ depth ``ceil(log2 n)`` (:func:`tree_depth`, the ``lg`` of
 the probabilistic bounds of section 13, add to at most
 :func:`tree_squares`.
 
+3b. Gradual underflow
+--------------------
+The relative model above holds for normal results.  A result in the
+subnormal range is rounded to a multiple of ``eta``, the dtype's smallest
+subnormal (``2**-149`` in float32, ``2**-1074`` in float64), so each
+rounding may add ``eta / 2`` absolute besides its relative ``u``
+(Higham, section 2.1).  The backward forms each gradient element through a
+chain of at most ``M + N g + D + Dv + 8`` roundings (the exponential, the
+two dot products, the tile sums, the final scale and store) whose factors
+are at most ``F = (1 + scale) prod (1 + max |x|)`` over ``q, k, v`` and the
+upstream gradient; :func:`underflow` adds ``n eta F`` per side to every
+gradient bound.  Negligible next to every relative term unless the
+gradient itself is subnormal (far keys under ALiBi, say, whose weights
+underflow in float32).
+
 4. The reference (float64)
 --------------------------
 Documented and tested accuracy of :mod:`iem_ref` for its own computed
@@ -427,6 +442,17 @@ def gamma(n, u):
     return out[()] if out.ndim == 0 else out
 
 
+def underflow(dtype, roundings, factor):
+    """Section 3b: the absolute error ``roundings * eta * factor`` that gradual underflow may add (``eta`` the dtype's smallest subnormal).
+
+    Examples
+    --------
+    >>> float(underflow(np.float32, 10, 2.0)) == 20 * 2.0**-149
+    True
+    """
+    return float(roundings) * float(np.finfo(np.dtype(dtype)).smallest_subnormal) * float(factor)
+
+
 def ulps(k, u):
     """The relative error of a normal result within ``k`` ulps: ``2 k u`` (an ulp of ``y`` is at most ``2 u |y|``).
 
@@ -715,7 +741,7 @@ def _weight_term(E, W, H):
     return np.minimum(np.where(np.isnan(first), np.inf, first), H)
 
 
-def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows=None, merges=0):
+def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows=None, merges=0, eta=None):
     """Section 9 for scores ``x (B..., N, M)`` (float64, the reference's), sizes ``S`` and values ``v (B..., M, Dv)``.
 
     ``take`` (broadcast to ``x``; None = all) marks the pairs that take part;
@@ -723,7 +749,9 @@ def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows
     bound); ``rows``: the query rows the path plans its tiles for (``N g``
     with grouped-query heads; default ``N``); ``merges``: partials merged
     into each row after its key tiles (1 for a sink, V5: one more rescale,
-    one multiply and one addition in the state precision).
+    one multiply and one addition in the state precision); ``eta``: with the
+    logits' variants (V1-V3, section 11) ``x`` holds the logits ``z`` and
+    ``eta = (path's, reference's)`` their errors, in place of section 5's.
     """
     u = unit_roundoff(dtype)
     us = path.state_u(u)
@@ -735,7 +763,7 @@ def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows
     xs = np.where(part, x, -np.inf)
     m = xs.max(axis=-1, initial=-np.inf)
     m = np.where(np.isfinite(m), m, 0.0)
-    sig_path, sig_ref = score_error(path, u, np.asarray(S, np.float64), x, scale, D)
+    sig_path, sig_ref = score_error(path, u, np.asarray(S, np.float64), x, scale, D) if eta is None else eta
     shift = u * np.abs(_finite(x - m[..., None]))
     exp_term = ulps(path.exp_ulps, u)
     E_path = np.where(part, sig_path + shift, 0.0).max(axis=-1, initial=0.0) + exp_term
@@ -775,7 +803,8 @@ def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_align
 
 
 def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False, causal_alignment="top_left",
-                     window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None):
+                     bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None,
+                     cu_seqlens_k=None):
     """The reference's ``(a, L)`` for ``attention`` and :class:`ForwardBounds` of ``path`` against it (finite inputs).
 
     Examples
@@ -787,17 +816,40 @@ def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mas
     """
     from .attention import attention
 
-    variants = dict(window=window, enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    variants = dict(bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window, enable_gqa=enable_gqa, sinks=sinks,
+                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, **variants)
     a_ref, L_ref = attention(q, k, v, return_lse=True, **kw)
     dtype = np.dtype(a_ref.dtype if dtype is None else dtype)
     inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, **variants)
     D = np.shape(q)[-1]
     vals = np.broadcast_to(inp.v, inp.batch + inp.v.shape[-2:])
+    x, eta = _logits(path, dtype, inp, x, S, sc, D)
     if inp.sinks is not None:  # V5: the sink as one more key of exact score and value 0, merged after the tiles
         x, S, take, vals = _with_sink_column(inp, x, S, take, vals)
+        if eta is not None:
+            eta = tuple(np.concatenate([np.broadcast_to(e, inp.batch + e.shape[-2:]), np.zeros(inp.batch + (inp.n, 1))], axis=-1)
+                        for e in eta)  # the sink's logit is exact
     return a_ref, L_ref, forward_bounds(path, dtype, x, S, sc, D, vals, a_ref, L_ref, take, rows=inp.n * inp.group,
-                                        merges=int(inp.sinks is not None))
+                                        merges=int(inp.sinks is not None), eta=eta)
+
+
+def _has_logits(inp):
+    """True when V1-V3 turn the scores into other logits (section 11)."""
+    return inp.bias is not None or inp.slopes is not None or inp.softcap is not None
+
+
+def _logits(path, dtype, inp, x, S, scale, D):
+    """The logits ``z`` of the inputs and ``(path's, reference's)`` errors of section 11; ``(x, None)`` without V1-V3."""
+    if not _has_logits(inp):
+        return x, None
+    from .attention import Competition
+
+    comp = Competition(inp)
+    u = unit_roundoff(dtype)
+    sig_path, sig_ref = score_error(path, u, np.asarray(S, np.float64), x, scale, D)
+    z = -comp.e[..., : inp.m]
+    return z, (logit_error(comp, sig_path, u), logit_error(comp, sig_ref, U64))
 
 
 def _with_sink_column(inp, x, S, take, v):
@@ -822,13 +874,15 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
     T = lambda z: np.swapaxes(z, -1, -2)  # noqa: E731
     us = side.state_u(u)
     sig_path, sig_ref = score_error(side, u, c["S"], c["x"], c["scale"], c["D"])
+    if c["comp"] is not None:  # V1-V3: the logits' errors (section 11)
+        sig_path, sig_ref = logit_error(c["comp"], sig_path, u), logit_error(c["comp"], sig_ref, U64)
     if side.kind == "reference":
         phi = sig_ref + ulps(REFERENCE_R_ULPS, U64)  # its r within 3 ulps of its energies' r
         u_scale = U64  # its fl(1/tau)
         store = c["u"] if c["u"] > U64 else 0.0  # its float32 rounding of the float64 gradients
     else:
         with np.errstate(invalid="ignore"):
-            shift = u * np.abs(_finite(c["x"] - c["L"][..., None]))
+            shift = u * np.abs(_finite(c["z"] - c["L"][..., None]))
         phi = sig_path + L_err[..., None] + shift + ulps(side.exp_ulps, u)
         u_scale = scale_rounding(u)
         store = _store(u, us)
@@ -844,11 +898,21 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
     else:  # Delta = <u, a> from the saved output
         ddelta = (absg * (a_err + gamma(Dv, u) * np.abs(c["a"]))).sum(-1)
     ddS = r * (phi * np.abs(b - delta[..., None]) + db + ddelta[..., None]) + 2 * u * np.abs(dS)
+    ddZ = ddS  # V1: dbias's terms
+    if c["softcap"] is not None:  # V3: dX = dZ (1 - (s/c)^2), as section 12 (the factor from the path's x, then one product)
+        eta = sig_path if side.kind != "reference" else sig_ref
+        ddS = ddS + np.abs(dS) * (2 * eta / c["softcap"] + 3 * u)
+        dS = c["dX"]
     absdS = np.abs(dS)
     Gk = sum_bound(side, side.key_sum(M, dtype, N, backward=True), u)
     Gq = sum_bound(side, side.query_sum(N, dtype), u)
     bq = sc * ((ddS + Gk * absdS) @ absk) + (u_scale + us + store) * c["absdq"]
     dsink = None
+    if c["softcap"] is not None and c["sqeuclidean"]:  # dq_i -= scale q_i C_i, C_i = sum_j dX_ij summed in float64 by the path
+        dC = ddS.sum(-1) + gamma(M, U64) * absdS.sum(-1)
+        absC = np.abs(dS.sum(-1))
+        bq = (sc * ((ddS + Gk * absdS) @ absk) + sc * absq * dC[..., None] + (u_scale + us) * sc * c["absAq"]
+              + (u_scale + 3 * us) * sc * absq * absC[..., None] + (us + store) * c["absdq"])
     if rsink is not None:  # V5: C_i = sum_j dS_ij = Delta_i r_sink,i = -dLoss/dsink_i
         absC = np.abs(rsink * delta)
         if side.kind == "reference":  # its P_sink within its ulps of the exact, its Delta as above
@@ -858,7 +922,7 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
                 phi_s = L_err + U64 * np.abs(_finite(c["sink"] - c["L"])) + 2 * U64
         dC = np.where(rsink > 0, rsink * (phi_s * np.abs(delta) + ddelta), 0.0) + U64 * absC
         dsink = dC  # per row; summed to the sinks' shape by the caller
-        if c["sqeuclidean"]:  # dq_i -= scale q_i C_i: C's error, two products, the subtraction (as dk's)
+        if c["sqeuclidean"] and c["softcap"] is None:  # dq_i -= scale q_i C_i: C's error, two products, the subtraction (as dk's)
             if side.kind == "reference":  # it sums dS over the keys itself
                 dC = ddS.sum(-1) + gamma(M, U64) * absdS.sum(-1)
             bq = (sc * ((ddS + Gk * absdS) @ absk) + sc * absq * dC[..., None] + (u_scale + us) * sc * c["absAq"]
@@ -872,15 +936,17 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
     else:
         bk = bk + (u_scale + us + store) * c["absdk"]
     bv = T(r * (phi + Gq)) @ absg + store * c["absdv"]
-    return bq, bk, bv, dsink
+    return bq, bk, bv, dsink, ddZ
 
 
 def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False,
-                         causal_alignment="top_left", window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None,
-                         cu_seqlens_k=None, forward=None):
-    """The reference's ``(dq, dk, dv[, dsinks])`` and the bounds of ``path`` against them (section 10), finite inputs.
+                         causal_alignment="top_left", bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False,
+                         sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, forward=None):
+    """The reference's ``(dq, dk, dv[, dbias][, dsinks])`` and the bounds of ``path`` against them (section 10), finite inputs.
 
-    ``forward``: the path's :class:`ForwardBounds` for the same call (computed if None).
+    ``forward``: the path's :class:`ForwardBounds` for the same call (computed if None).  With the
+    logits' variants (V1-V3) the path's side runs on ``dZ`` (``dX`` after a soft-cap) and the
+    reference's side is section 12's.
 
     Examples
     --------
@@ -892,15 +958,19 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
     from .attention import attention
     from .gradients import _sum_groups, _sum_to_shape, attention_vjp
 
+    from .attention import Competition
+
     kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, window=window,
-              cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+              cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap)
     refs = attention_vjp(q, k, v, grad_out, enable_gqa=enable_gqa, sinks=sinks, **kw)
     dtype = np.dtype(refs[0].dtype if dtype is None else dtype)
     u = unit_roundoff(dtype)
     if forward is None:
         forward = attention_bounds(path, q, k, v, dtype, enable_gqa=enable_gqa, sinks=sinks, **kw)[2]
     inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window=window,
-                                           enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+                                           enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                           bias=bias, alibi_slopes=alibi_slopes, softcap=softcap)
+    comp = Competition(inp) if _has_logits(inp) else None
     # per query head: keys and values repeated over a group (V6), the batch broadcast
     q64, k64, v64 = (np.asarray(z, np.float64) for z in (inp.q, inp.k, inp.v))
     g64 = np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (inp.n, inp.dv))
@@ -910,18 +980,41 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
     T = lambda z: np.swapaxes(z, -1, -2)  # noqa: E731
     b = g64 @ T(v64)
     delta = (g64 * a64).sum(-1)
-    dS = r * (b - delta[..., None])
-    A, C = T(dS) @ q64, dS.sum(-2)  # sum_i dS_ij q_i and sum_i dS_ij
+    dS = r * (b - delta[..., None])  # dZ with V1-V3
+    dX = dS if inp.softcap is None else dS * (1.0 - (_finite(comp.s) / inp.softcap) ** 2)  # V3
+    A, C = T(dX) @ q64, dX.sum(-2)  # sum_i dX_ij q_i and sum_i dX_ij
     dk_heads = sc * (A - _finite(k64) * C[..., None]) if energy == "sqeuclidean" else sc * A
     ctx = dict(
-        u=u, x=x, S=S, scale=sc, D=inp.q.shape[-1], L=L64, a=a64, r=r, b=b, delta=delta, dS=dS,
+        u=u, x=x, S=S, scale=sc, D=inp.q.shape[-1], L=L64, a=a64, r=r, b=b, delta=delta, dS=dS, dX=dX, comp=comp,
+        z=x if comp is None else -comp.e[..., : inp.m], softcap=inp.softcap,
         absg=np.abs(_finite(g64)), absv=np.abs(_finite(v64)), absq=np.abs(_finite(q64)), absk=np.abs(_finite(k64)),
         N=inp.n * inp.group, M=inp.m, Dv=inp.dv, sqeuclidean=energy == "sqeuclidean", absA=np.abs(A), absC=np.abs(C),
         absdq=np.abs(np.asarray(refs[0], np.float64)), absdk=np.abs(dk_heads), absdv=np.abs(T(r) @ g64),
         rsink=None if inp.sinks is None else np.asarray(out[3], np.float64),
-        sink=None if inp.sinks is None else inp.sinks[..., None], absAq=np.abs(dS @ k64),
+        sink=None if inp.sinks is None else inp.sinks[..., None], absAq=np.abs(dX @ k64),
     )
     mine = _side_vjp(path, u, dtype, ctx, forward.L_path, forward.a_path)
+    sizes = [np.abs(_finite(z)).max(initial=0.0) for z in (q64, k64, v64, g64)]
+    floor = 2 * underflow(dtype, inp.m + inp.n * inp.group + inp.q.shape[-1] + inp.dv + 8,
+                          (1.0 + sc) * np.prod([1.0 + z for z in sizes]))  # section 3b, both sides
+    if comp is not None:  # the reference's side: section 12, then its rounding to the dtype
+        ref_store = u if u > U64 else 0.0
+        ref12 = variant_vjp_error(q, k, v, grad_out, enable_gqa=enable_gqa, sinks=sinks, **kw)
+        ref12 = [e + ref_store * np.abs(_finite(np.asarray(g_, np.float64))) for e, g_ in zip(ref12, refs)]
+        total = [mine[0] + ref12[0]] + [_sum_groups(m_, inp.group) + r_ for m_, r_ in zip(mine[1:3], ref12[1:3])]
+        rest = ref12[3:]
+        if inp.bias is not None:  # dZ in the dtype, summed in float64 over the broadcast entries, rounded once
+            absd = np.abs(_finite(np.asarray(refs[3], np.float64)))
+            n = max(1, int(np.prod(mine[4].shape)) // max(1, int(np.prod(inp.bias_shape))))
+            mine_db = _sum_to_shape(mine[4] + gamma(n, U64) * np.abs(dS), inp.bias_shape) + _store(u, U64) * absd
+            total.append(mine_db + rest[0])
+            rest = rest[1:]
+        if inp.sinks is not None:
+            rows = np.prod(inp.batch + (inp.n,), dtype=np.int64) // max(1, int(np.prod(inp.sinks_shape, dtype=np.int64)))
+            absd = np.abs(_finite(np.asarray(refs[-1], np.float64)))
+            per_row = _finite(mine[3]) + gamma(int(rows), U64) * np.abs(_finite(ctx["rsink"] * delta))
+            total.append(_sum_to_shape(per_row.sum(axis=-1), inp.sinks_shape) + _store(u, U64) * absd + rest[0])
+        return refs, _with_floor(total, floor, inp)
     ref = _side_vjp(REFERENCE, U64, dtype, ctx)
     total = [m_ + r_ for m_, r_ in zip(mine[:3], ref[:3])]
     if inp.group > 1:
@@ -931,7 +1024,13 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
         absd = np.abs(_finite(np.asarray(refs[3], np.float64)))
         per_row = _finite(mine[3] + ref[3]) + 2 * gamma(int(rows), U64) * np.abs(_finite(ctx["rsink"] * delta))
         total.append(_sum_to_shape(per_row.sum(axis=-1), inp.sinks_shape) + 2 * _store(u, U64) * absd)  # both round to the dtype
-    return refs, tuple(total)
+    return refs, _with_floor(total, floor, inp)
+
+
+def _with_floor(total, floor, inp):
+    """Section 3b's ``floor`` added to each gradient bound, times the rows (and heads) a ``dbias`` or ``dsinks`` element sums."""
+    rows = max(1, int(np.prod(inp.batch + (inp.n, inp.m), dtype=np.int64)))
+    return tuple(t + floor * (1 if i < 3 else rows // max(1, t.size)) for i, t in enumerate(total))
 
 
 # --- 11: logits of the variants -------------------------------------------------------

@@ -248,6 +248,86 @@ def test_attention_grouped_query_heads(path, rng, dtype, energy):
                 assert_within(got, ref, bound, f"{path.name} {name} {hq}/{hkv} {sorted(kw)}")
 
 
+@pytest.mark.equation("V1", "V2", "V3", "G4")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
+def test_attention_logits(path, rng, dtype, energy):
+    """The logits' variants: a bias (V1), ALiBi (V2) and a soft-cap (V3), alone and together, forward and backward.
+
+    The backward returns ``dbias`` (the bias's shape) after ``dq, dk, dv``.
+    Biases: one per head and query (with ``-inf`` entries, which exclude
+    their keys), one shared by the heads (a group's heads read it per
+    position), one per key only (read from its own data); ALiBi with both
+    alignments, with segments (one slope per segment) and far keys whose
+    float32 weights underflow; a soft-cap small enough to bend the scores;
+    with grouped-query heads, causality, a window and sinks.
+    """
+    # (H, Hkv, N, M, D, Dv)
+    shapes = [(2, 1, 7, 9, 3, 2)] if path.small else [(4, 2, 300, 700, 16, 5), (2, 2, 1, 20000, 8, 4)]
+    for H, hkv, N, M, D, Dv in shapes:
+        spread = 0.5 if energy == "sqeuclidean" else 1.0
+        q = rand(rng, (H, N, D), dtype, spread)
+        k, v = rand(rng, (hkv, M, D), dtype, spread), rand(rng, (hkv, M, Dv), dtype)
+        gout = rand(rng, (H, N, Dv), dtype)
+        per_head = rand(rng, (H, N, M), dtype)
+        per_head[0, : max(1, N // 3), : M // 2] = -np.inf
+        shared, per_key = rand(rng, (1, N, M), dtype), rng.standard_normal(M)
+        slopes = 2.0 ** -np.arange(1, H + 1)
+        w = 2 if path.small else 100
+        seg = dict(cu_seqlens_q=np.array([0, N // 2, N]), cu_seqlens_k=np.array([0, M // 3, M]))
+        cases = [dict(bias=per_head), dict(bias=shared, is_causal=True, causal_alignment="bottom_right"),
+                 dict(softcap=1.5), dict(alibi_slopes=slopes), dict(alibi_slopes=slopes, is_causal=True),
+                 dict(bias=per_key, alibi_slopes=slopes, softcap=2.0, window=(w, w), sinks=np.ones(H))]
+        if N > 1:
+            cases.append(dict(alibi_slopes=np.stack([slopes, 2 * slopes]), softcap=3.0, is_causal=True, **seg))
+        if hkv != H:
+            cases = [dict(c, enable_gqa=True) for c in cases]
+        for n_case, kw in enumerate(cases):
+            a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True, **kw)
+            a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)
+            assert np.array_equal(np.isneginf(L), np.isneginf(L_ref)), f"{path.name} {sorted(kw)}: empty rows"
+            assert_within(a, a_ref, fb.a, f"{path.name} a {H}/{hkv} {sorted(kw)}")
+            assert_within(L, L_ref, fb.L, f"{path.name} L {H}/{hkv} {sorted(kw)}")
+            if path.small and n_case % 2:
+                continue  # the simulator: about 10 s per backward here
+            refs, bnds = vjp_bounds(path, q, k, v, gout, dtype, fb, energy=energy, **kw)
+            grads = path.mod.attention_vjp(q, k, v, gout, energy=energy, out=a, lse=L, **kw)
+            names = ("dq", "dk", "dv") + (("dbias",) if "bias" in kw else ()) + (("dsinks",) if "sinks" in kw else ())
+            assert len(grads) == len(names) and all(g.dtype == dtype for g in grads)
+            for name, got, ref, bound in zip(names, grads, refs, bnds):
+                assert got.shape == ref.shape, f"{path.name} {name}: {got.shape} != {ref.shape}"
+                assert_within(got, ref, bound, f"{path.name} {name} {H}/{hkv} {sorted(kw)}")
+
+
+@pytest.mark.equation("V1", "V3")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_edge_logits(path, rng, dtype):
+    """The logits' rows of the edge-case policy, as the reference: a ``-inf`` bias excludes its key, ``+inf`` makes it
+    certain, NaN spoils its row, a row whose bias is ``-inf`` everywhere is empty; a soft-cap bounds even an infinite score."""
+    q, k, v = make_inputs(rng, ((), (), (), 4, 5, 2, 2), dtype)
+    bias = np.zeros((4, 5))
+    bias[0, 1] = -np.inf
+    bias[1, 2] = np.inf
+    bias[2, 3] = np.nan
+    bias[3] = -np.inf
+    for kw in [dict(bias=bias), dict(bias=bias, softcap=2.0), dict(bias=bias, empty="nan")]:
+        a, L = path.mod.attention(q, k, v, return_lse=True, **kw)
+        a_ref, L_ref = iem_ref.attention(q, k, v, return_lse=True, **kw)
+        assert np.array_equal(np.isnan(a), np.isnan(a_ref)) and np.array_equal(np.isnan(L), np.isnan(L_ref)), kw
+        assert np.isnan(L[2]) and np.isposinf(L[1]) and np.isneginf(L[3]), kw
+        assert np.array_equal(a[1], v[2]), kw  # the certain key's value, exactly
+        masked = np.ones((4, 5), bool)
+        masked[0, 1] = False  # a -inf bias is the mask's selection: the same arithmetic, the same bits
+        a_mask = path.mod.attention(q, k, v, bias=np.zeros((4, 5)), mask=masked, **{n: kw[n] for n in kw if n != "bias"})
+        assert np.array_equal(a[0], a_mask[0]), kw
+    qp = np.abs(q) + 1
+    k_inf, k_big = k.copy(), k.copy()
+    k_inf[0], k_big[0] = np.inf, 1e30  # scores of +-inf and of +-1e30: both capped to exactly +-c
+    a, L = path.mod.attention(qp, k_inf, v, softcap=2.0, return_lse=True)
+    a_big, L_big = path.mod.attention(qp, k_big, v, softcap=2.0, return_lse=True)
+    assert np.isfinite(L).all() and np.array_equal(a, a_big) and np.array_equal(L, L_big)
+
+
 def _cumulative(rng, total, segments, empty=()):
     """Cumulative lengths of ``segments`` random segments summing to ``total``; the segments in ``empty`` have length 0."""
     cuts = np.sort(rng.choice(np.arange(1, total), size=segments - 1 - len(empty), replace=False))
