@@ -166,6 +166,8 @@ def _build(dtype_name, energy):
     summary_of_row = cuda.jit(device=True, inline=True)(_problem.summary_of_row.py_func)
     merge_sink = cuda.jit(device=True, inline=True)(_problem.merge_sink.py_func)
     first_position_above = cuda.jit(device=True, inline=True)(_problem.first_position_above.py_func)
+    logit = cuda.jit(device=True, inline=True)(_problem.logit.py_func)
+    f64 = numba.float64
 
     @cuda.jit(device=True, inline=True)
     def _tile_dot(A, ao, ar, ac, r0, nr, Bm, bo, br, bc, c0, nc, K, As, Bs, acc, tid, tx, ty):
@@ -255,6 +257,26 @@ def _build(dtype_name, energy):
         if has_mask and MK[UX(mob + i * mr + j * mc)] == 0:
             return False
         return True
+
+    @cuda.jit(device=True, inline=True)
+    def _logit_of(prob, b, i, j, x):
+        """V1-V3 for the pair ``(i, j)`` of batch element ``b`` that takes part: the shared :func:`~iem_ref.accel._problem.logit`, in float64."""
+        bias = f64(0.0)
+        if prob.has_bias:
+            BI, bio, bir, bic = prob.bias
+            bias = BI[UX(bio[b] + i * bir + j * bic)]
+        alibi = f64(0.0)
+        if prob.has_alibi:
+            alibi = -prob.slopes[b, i] * abs(prob.keys[i, 2] - j)  # -slope |i' - j|
+        return ft(logit(f64(x), prob.softcap, bias, alibi))
+
+    @cuda.jit(device=True, inline=True)
+    def _softcap_factor(prob, x):
+        """V3's ``dz/dx = 1 - tanh(x / c)^2`` of an encoded score (1 without a soft-cap)."""
+        if prob.softcap > 0.0:
+            t = math.tanh(f64(x) / prob.softcap)
+            return ft(1.0 - t * t)
+        return ONE
 
     @cuda.jit(device=True, inline=True)
     def _key_range(r0, n, m, keys):
@@ -362,7 +384,10 @@ def _build(dtype_name, energy):
                         t = ZERO
                         if take:
                             t = _pair_score(sacc[a, c], Q, qob, qr, qc, b, i, j)
-                        S[US(ty * RS + a), US(tx + TX * c)] = _classify(t, take, scale)
+                        x = _classify(t, take, scale)
+                        if take and prob.logits:
+                            x = _logit_of(prob, b, i, j, x)
+                        S[US(ty * RS + a), US(tx + TX * c)] = x
                 cuda.syncthreads()  # S holds the tile's encoded scores
                 if tid < BR:  # M2: the new running maximum and the rescale factor of the old state
                     mt = NINF
@@ -450,11 +475,14 @@ def _build(dtype_name, energy):
         return math.exp(x - lse)
 
     @tiled
-    def dq(prob, nqb, LSE, CNT, DEL, RSUM, DQ):
-        """G4, dq_i = scale * sum_j dS_ij k_j with dS_ij = r_ij (<u_i, v_j> - delta_i); block per 32 queries.
+    def dq(prob, nqb, LSE, CNT, DEL, RSUM, DQ, DZ):
+        """G4, dq_i = scale * sum_j dX_ij k_j with dX_ij = dZ_ij = r_ij (<u_i, v_j> - delta_i); block per 32 queries.
 
-        For ``SQEUCLIDEAN`` also ``- scale * q_i * RSUM_i`` with ``RSUM_i = sum_j dS_ij``
-        (nonzero with sinks only, V5; ``q_i`` taken as 0 where not finite).
+        A soft-cap (V3) multiplies ``dZ`` by ``1 - tanh(x / c)^2`` (``dX``); with
+        a bias (V1) ``DZ (B, N, M)`` (float64) receives ``dZ``.  For
+        ``SQEUCLIDEAN`` also ``- scale * q_i * C_i``, ``C_i = sum_j dX_ij``:
+        ``RSUM_i`` (nonzero with sinks only, V5), or with a soft-cap summed
+        here (``q_i`` taken as 0 where not finite).
         """
         Q, qo, qr, qc = prob.q  # the record's operands and sizes, under the names the body uses
         K, ko, kr, kc = prob.k
@@ -473,13 +501,16 @@ def _build(dtype_name, energy):
         S = cuda.shared.array((BR, BC), ft)
         Wt = cuda.shared.array((BR, BC), ft)
         Xs = cuda.shared.array((KC, CW), ft)
+        xs_s = cuda.shared.array(BR, ft)  # sum_j dX_ij (K2 with a soft-cap)
         sacc = cuda.local.array((RS, CS), ft)
         bacc = cuda.local.array((RS, CS), ft)
         oacc = cuda.local.array((RS, OC), ft)
         m_start, m_end = _key_range(r0, n, m, keys)
-        n_pass = (d + CW - 1) // CW
+        n_pass = max(prob.has_bias, (d + CW - 1) // CW)  # a bias's gradient needs the pass even without features
         for p in range(n_pass):
             p0 = p * CW
+            if tid < BR:
+                xs_s[US(tid)] = ZERO
             for a in range(RS):
                 for o in range(OC):
                     oacc[a, o] = ZERO
@@ -501,15 +532,30 @@ def _build(dtype_name, energy):
                         t = ZERO
                         if take:
                             t = _pair_score(sacc[a, c], Q, qo[b], qr, qc, b, i, j)
-                        w = _weight(_classify(t, take, scale), lse, cnt)
+                        x = _classify(t, take, scale)
+                        factor = ONE
+                        if take and prob.logits:
+                            factor = _softcap_factor(prob, x)
+                            x = _logit_of(prob, b, i, j, x)
+                        w = _weight(x, lse, cnt)
+                        dz = ZERO if w == SENT else w * (bacc[a, c] - dl)
+                        if take and prob.has_bias and p == 0:
+                            DZ[b, i, j] = dz
                         S[US(ty * RS + a), US(tx + TX * c)] = w
-                        Wt[US(ty * RS + a), US(tx + TX * c)] = w * (bacc[a, c] - dl)
-                cuda.syncthreads()  # S (flags) and Wt (dS) ready
+                        Wt[US(ty * RS + a), US(tx + TX * c)] = dz * factor
+                cuda.syncthreads()  # S (flags) and Wt (dX) ready
+                if tid < BR and prob.softcap > 0.0:
+                    s = xs_s[US(tid)]
+                    for c in range(BC):
+                        if S[US(tid), US(c)] != SENT:
+                            s += Wt[US(tid), US(c)]
+                    xs_s[US(tid)] = s
                 _tile_accum(Wt, S, K, ko[b], kr, kc, c0, m, p0, d, Xs, oacc, tx, ty, False)
+            cuda.syncthreads()  # xs_s final
             for a in range(RS):
                 i = r0 + ty * RS + a
                 if i < n:
-                    rsum = RSUM[b, i]
+                    rsum = xs_s[US(ty * RS + a)] if prob.softcap > 0.0 else RSUM[b, i]
                     for o in range(OC):
                         col = p0 + tx + TX * o
                         if col < d:
@@ -580,9 +626,14 @@ def _build(dtype_name, energy):
                             lse = LSE[b, i]
                             cnt = CNT[b, i]
                             dl = DEL[b, i]
-                        w = _weight(_classify(t, take, scale), lse, cnt)
+                        x = _classify(t, take, scale)
+                        factor = ONE
+                        if take and prob.logits:
+                            factor = _softcap_factor(prob, x)
+                            x = _logit_of(prob, b, i, j, x)
+                        w = _weight(x, lse, cnt)
                         S[US(ty * RS + a), US(tx + TX * c)] = w
-                        Wt[US(ty * RS + a), US(tx + TX * c)] = w * (bacc[a, c] - dl) if is_dk else w
+                        Wt[US(ty * RS + a), US(tx + TX * c)] = w * (bacc[a, c] - dl) * factor if is_dk else w
                 cuda.syncthreads()  # S (flags) and Wt ready
                 if tid < BR:
                     s = rs_s[US(tid)]
@@ -665,7 +716,7 @@ def signatures(dtype_name, energy):
         "rowdot": (op, op, i64, i64, a2),
     }
     if energy != PRECOMPUTED:
-        sigs["dq"] = (p, i64, a2, a2, a2, a2, a3)
+        sigs["dq"] = (p, i64, a2, a2, a2, a2, a3, types.Array(types.float64, 3, "C"))
         sigs["dkv"] = (p, i64, a2, a2, a2, a3, a3)
         sigs["group_sum"] = (a2, i64, a2)
     return {name: types.void(*args) for name, args in sigs.items()}

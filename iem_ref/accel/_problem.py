@@ -280,6 +280,12 @@ class DeviceProblem(NamedTuple):
     scale: float
     empty_nan: int
     sinks: object  # (B,) device array in the dtype: the sink logit (V5) of each flat batch element, -inf for none
+    logits: int  # any of V1-V3, as in Problem (the logits in float64, rounded once to the dtype)
+    softcap: float  # float64; 0: none
+    bias: Operand  # (B, N, M) float64 strided view (V1)
+    has_bias: int
+    slopes: object  # (B, N) float64 device array: the ALiBi slope of each query row (V2)
+    has_alibi: int
 
 
 def device_problem_type(t):
@@ -292,8 +298,9 @@ def device_problem_type(t):
 
     op = operand(t)
     keys = types.Array(i64, 2, "C")
-    return types.NamedTuple([op, op, op, op, operand(types.uint8), i64, keys] + [i64] * 4 + [t, i64, types.Array(t, 1, "C")],
-                            DeviceProblem)
+    f64 = types.float64
+    return types.NamedTuple([op, op, op, op, operand(types.uint8), i64, keys] + [i64] * 4 + [t, i64, types.Array(t, 1, "C")]
+                            + [i64, f64, operand(f64), i64, types.Array(f64, 2, "C"), i64], DeviceProblem)
 
 
 # --- the row finish (M2's result), one definition for every path ---------------

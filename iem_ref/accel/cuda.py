@@ -57,6 +57,7 @@ from .._validation import (
 )
 from ..attention import prepare_attention
 from ..gradients import _sum_to_shape
+from ..variants import _segment_ids
 from . import _cuda_kernels as _k
 from ._problem import DOT, ENERGY_CODES, PRECOMPUTED, DeviceProblem, Operand, band, key_ranges, segment_args, sink_responsibility
 
@@ -271,8 +272,33 @@ def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, scale, empty_nan, dtype, i
     else:
         keys = key_ranges(n, m, *band(inp.is_causal, inp.window), offset=inp.causal_offset, **segment_args(inp))
     sink = np.full(max(bf, 1), -np.inf, dtype) if sinks is None or bf == 0 else np.asarray(sinks, dtype).reshape(-1)
-    return DeviceProblem(*ops, mk, int(mask is not None), cuda.to_device(keys if n else np.zeros((1, 2), np.int64)),
-                         n, m, d, dv, scale, int(empty_nan), cuda.to_device(np.ascontiguousarray(sink)))
+    return DeviceProblem(*ops, mk, int(mask is not None), cuda.to_device(keys if n else np.zeros((1, 3), np.int64)),
+                         n, m, d, dv, scale, int(empty_nan), cuda.to_device(np.ascontiguousarray(sink)),
+                         *_logit_fields(inp, batch, bf, n))
+
+
+def _logit_fields(inp, batch, bf, n):
+    """The :class:`~iem_ref.accel._problem.DeviceProblem`'s fields of V1-V3: ``(logits, softcap, bias, has_bias, slopes, has_alibi)``.
+
+    The bias is read in place through its strides (broadcast axes: stride 0), in float64.
+    """
+    if inp is None:
+        return 0, 0.0, _placeholder(bf, np.float64), 0, cuda.to_device(np.zeros((1, 1))), 0
+    bias = _placeholder(bf, np.float64)
+    if inp.bias is not None:  # its own data (an axis of stride 0 kept at length 1): no N x M copy when it broadcasts
+        own = inp.bias[tuple(slice(0, 1) if st == 0 else slice(None) for st in inp.bias.strides)]
+        bias = _operand(own, batch, np.float64)
+    slopes = np.zeros((1, 1))
+    if inp.slopes is not None:
+        if inp.cu_seqlens_q is not None and inp.slopes.ndim == len(inp.batch) + 1:  # one slope per segment (V7)
+            per_row = inp.slopes[..., _segment_ids(inp.cu_seqlens_q, inp.n)]
+        else:
+            per_row = np.broadcast_to(inp.slopes[..., None], inp.batch + (inp.n,))
+        slopes = np.ascontiguousarray(np.broadcast_to(per_row, batch + (n,)).reshape(max(bf, 1), n) if bf else slopes,
+                                      dtype=np.float64)
+    softcap = 0.0 if inp.softcap is None else float(inp.softcap)
+    logits = softcap > 0.0 or inp.bias is not None or inp.slopes is not None
+    return int(logits), softcap, bias, int(inp.bias is not None), cuda.to_device(slopes), int(inp.slopes is not None)
 
 
 def _forward(kern, prob, bf, dtype):
@@ -287,7 +313,8 @@ def _forward(kern, prob, bf, dtype):
 
 
 def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero",
-              window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False):
+              bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None,
+              cu_seqlens_k=None, return_lse=False):
     """A1-A4 on the GPU: ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one tiled pass (M1-M2).
 
     Parameters
@@ -305,6 +332,10 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
         ``d = -<q, k>`` (A1, K1) or ``d = ||q - k||^2 / 2`` (K2); anything else is a ``ValueError``.
     empty : {"zero", "nan"}
         Output of a row with no key that takes part (its log-partition is ``-inf``).
+    bias, alibi_slopes, softcap : optional
+        The logits' variants (V1-V3, :func:`iem_ref.attention`): each score becomes its logit pair by
+        pair, in float64, rounded once to the dtype; the bias (NumPy, float64) is read in place
+        through its strides.
     window : (left, right), optional
         The sliding window (V4, :func:`iem_ref.attention`): key tiles outside it are never computed.
     enable_gqa : bool
@@ -333,8 +364,8 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     _check_energy(energy)
     inp = prepare_attention(
         _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
-        causal_alignment=causal_alignment, energy=energy, window=window, enable_gqa=enable_gqa, sinks=sinks,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        causal_alignment=causal_alignment, energy=energy, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window,
+        enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
     )
     device = any(_is_device(x) for x in (q, k, v, mask))
     dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads)
@@ -398,7 +429,8 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
 
 
 def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot",
-                  window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, out=None, lse=None):
+                  bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None,
+                  cu_seqlens_k=None, out=None, lse=None):
     """G4 on the GPU: ``(dq, dk, dv)`` for the upstream gradient ``u = dLoss/da``.
 
     ``b_ij = <u_i, v_j>``, ``delta_i = sum_j r_ij b_ij = <u_i, a_i>``,
@@ -409,7 +441,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
 
     Parameters
     ----------
-    q, k, v, scale, mask, is_causal, causal_alignment, window, enable_gqa, sinks, cu_seqlens_q, cu_seqlens_k : as :func:`attention`
+    q, k, v, scale, mask, is_causal, causal_alignment, bias, alibi_slopes, softcap, window, enable_gqa, sinks, cu_seqlens_q, cu_seqlens_k
+        As :func:`attention`.
     grad_out : array (B..., N, Dv)
     energy : {"dot", "sqeuclidean"}
     out, lse : the forward's output (B..., N, Dv) and log-partition (B..., N), optional
@@ -419,8 +452,9 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     Returns
     -------
     dq (B..., N, D), dk (B..., M, D), dv (B..., M, Dv); with ``enable_gqa`` ``dk, dv`` per key/value
-    head, each the sum over its group's query heads; with ``sinks`` also dsinks (their shape),
-    ``-sum_i r_sink,i delta_i`` (the sum on the host, in float64)
+    head, each the sum over its group's query heads; with ``bias`` also dbias (its shape): ``dZ``
+    formed on the device as ``(B, N, M)`` float64, summed on the host; with ``sinks`` also dsinks
+    (their shape), ``-sum_i r_sink,i delta_i`` (the sum on the host, in float64)
 
     Examples
     --------
@@ -432,8 +466,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
     inp = prepare_attention(
         _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
-        causal_alignment=causal_alignment, energy=energy, window=window, enable_gqa=enable_gqa, sinks=sinks,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        causal_alignment=causal_alignment, energy=energy, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window,
+        enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
     )
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
     up = check_grad_out(_proxy(grad_out), batch, n, dv)
@@ -480,18 +514,23 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         if bf * n > 0:
             RSUM = cuda.to_device(np.ascontiguousarray(rowsum, dtype=dtype))
         dsinks = _sum_to_shape((-rowsum).reshape(batch + (n,)).sum(axis=-1), inp.sinks_shape).astype(dtype)
-    if bf * nqb > 0 and d > 0:
-        _launch(kern.dq, bf * nqb, _k.NT, prob, nqb, LSE, CNT, DEL, RSUM, DQ)
+    DZ = cuda.to_device(np.zeros((bf, n, m) if inp.bias is not None and bf * n * m else (1, 1, 1)))  # V1: dZ, float64
+    if bf * nqb > 0 and (d > 0 or inp.bias is not None):
+        _launch(kern.dq, bf * nqb, _k.NT, prob, nqb, LSE, CNT, DEL, RSUM, DQ, DZ)
     if bf * nkb > 0 and d + dv > 0:
         _launch(kern.dkv, bf * nkb, _k.NT, prob, nkb, LSE, CNT, DEL, DK, DV)
     kv_batch = batch
     if inp.group > 1:  # V6: each key/value head's gradient is the sum over its group's query heads
         kv_batch = inp.k_heads.shape[:-2]
         DK, DV = (_group_sum(kern, X, inp.group) for X in (DK, DV))
-    dq, dk, dv_ = _finish([DQ, DK, DV], [batch + (n, d), kv_batch + (m, d), kv_batch + (m, dv)], device)
-    if dsinks is None:
-        return dq, dk, dv_
-    return dq, dk, dv_, (cuda.to_device(dsinks) if device else dsinks)
+    grads = tuple(_finish([DQ, DK, DV], [batch + (n, d), kv_batch + (m, d), kv_batch + (m, dv)], device))
+    if inp.bias is not None:
+        dz = DZ.copy_to_host() if bf * n * m else np.zeros((bf, n, m))
+        dbias = _sum_to_shape(dz.reshape(batch + (n, m)), inp.bias_shape).astype(dtype)
+        grads += (cuda.to_device(dbias) if device else dbias,)
+    if dsinks is not None:
+        grads += (cuda.to_device(dsinks) if device else dsinks,)
+    return grads
 
 
 def _group_sum(kern, X, group):
