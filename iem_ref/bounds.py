@@ -704,11 +704,12 @@ class ForwardBounds:
     E: np.ndarray
 
 
-def _spreads(x, part, v, a_ref):
+def _spreads(x, part, v, a_ref, c=None):
     """``(P, W, V)`` of section 9, ``(B..., N, Dv)``: ``sum_j r_j |v_j|``, ``sum_j r_j |v_j - a|``, ``max_j |v_j|``.
 
     ``r`` the responsibilities of the scores ``x`` over the pairs ``part``; one value column at a time
-    (memory ``O(B N M)``).
+    (memory ``O(B N M)``).  ``c (B..., N, M)``: per-pair factors of the values (dropout, V8: the mean
+    is ``sum_j r_j c_j v_j``, a dropped pair a value 0 that still shares the normaliser).
     """
     with np.errstate(invalid="ignore", over="ignore"):
         m = np.where(part, x, -np.inf).max(axis=-1, keepdims=True, initial=-np.inf)
@@ -717,12 +718,14 @@ def _spreads(x, part, v, a_ref):
     r = w / np.where(total > 0, total, 1.0)
     v = _finite(np.asarray(v, np.float64))
     a = _finite(np.asarray(a_ref, np.float64))
-    P = r @ np.abs(v)
+    f = 1.0 if c is None else c
+    P = (r * f) @ np.abs(v)
     cols = range(v.shape[-1])
-    W = np.stack([(r * np.abs(v[..., None, :, c] - a[..., :, c, None])).sum(-1) for c in cols], axis=-1) if cols else np.zeros(P.shape)
+    W = np.stack([(r * np.abs(f * v[..., None, :, k] - a[..., :, k, None])).sum(-1) for k in cols], axis=-1) if cols else np.zeros(P.shape)
     # H: the farthest participating value from a; any convex combination of the values is within it
-    H = np.stack([np.where(part, np.abs(v[..., None, :, c] - a[..., :, c, None]), 0.0).max(-1, initial=0.0) for c in cols], axis=-1) if cols else np.zeros(P.shape)
-    V = np.abs(v).max(axis=-2, keepdims=True, initial=0.0)
+    H = np.stack([np.where(part, np.abs(f * v[..., None, :, k] - a[..., :, k, None]), 0.0).max(-1, initial=0.0) for k in cols],
+                 axis=-1) if cols else np.zeros(P.shape)
+    V = np.abs(v).max(axis=-2, keepdims=True, initial=0.0) * np.max(f)
     shape = np.broadcast_shapes(P.shape, W.shape, a.shape)
     return (np.broadcast_to(P, shape), np.broadcast_to(W, shape), np.broadcast_to(V, v.shape[:-2] + (1, v.shape[-1])),
             np.broadcast_to(H, shape))
@@ -741,7 +744,7 @@ def _weight_term(E, W, H):
     return np.minimum(np.where(np.isnan(first), np.inf, first), H)
 
 
-def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows=None, merges=0, eta=None):
+def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows=None, merges=0, eta=None, c=None):
     """Section 9 for scores ``x (B..., N, M)`` (float64, the reference's), sizes ``S`` and values ``v (B..., M, Dv)``.
 
     ``take`` (broadcast to ``x``; None = all) marks the pairs that take part;
@@ -751,7 +754,10 @@ def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows
     into each row after its key tiles (1 for a sink, V5: one more rescale,
     one multiply and one addition in the state precision); ``eta``: with the
     logits' variants (V1-V3, section 11) ``x`` holds the logits ``z`` and
-    ``eta = (path's, reference's)`` their errors, in place of section 5's.
+    ``eta = (path's, reference's)`` their errors, in place of section 5's;
+    ``c``: dropout's per-pair factors (V8, ``keep / (1 - p)``): the values
+    of each pair are ``c v_j`` and each side divides its mean by ``1 - p``
+    once more (``u |a|``).
     """
     u = unit_roundoff(dtype)
     us = path.state_u(u)
@@ -774,15 +780,16 @@ def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows
     # rows with scores +inf (energies -inf): those keys share the mass equally (weights exactly 1)
     cert = np.isposinf(x) if take is None else np.broadcast_to(take, x.shape) & np.isposinf(x)
     has_cert = cert.any(axis=-1, keepdims=True)
-    Pv, W, V, H = _spreads(np.where(cert, 0.0, x), np.where(has_cert, cert, part), v, a_ref)
+    Pv, W, V, H = _spreads(np.where(cert, 0.0, x), np.where(has_cert, cert, part), v, a_ref, c)
     A = np.abs(_finite(np.asarray(a_ref, np.float64)))
     La = np.abs(_finite(np.asarray(L_ref, np.float64)))
     xmax = np.abs(np.where(part, x, 0.0)).max(axis=-1, initial=0.0)
     out_ref = u if u > U64 else 0.0  # the reference's float32 rounding of its float64 results
     moved = rho * np.minimum(0.5 * V, W)  # the rescale factors (section 7)
-    a_path = _weight_term(E_path, W, H) + G * (Pv + A) + moved + (us + store) * A
-    ref_own = (ulps(REFERENCE_R_ULPS, U64) + gamma(M, U64)) * Pv
-    a = _weight_term(E, W, H) + G * (Pv + A) + moved + ref_own + (us + store + out_ref) * A
+    drop = 0.0 if c is None else u  # the division by 1 - p (V8)
+    a_path = _weight_term(E_path, W, H) + G * (Pv + A) + moved + (us + store + drop) * A
+    ref_own = (ulps(REFERENCE_R_ULPS, U64) + gamma(M, U64)) * Pv + (0.0 if c is None else U64) * A
+    a = _weight_term(E, W, H) + G * (Pv + A) + moved + ref_own + (us + store + out_ref + drop) * A
     log_term = 2 * us * math.log(max(M, 1))
     L_path = E_path + G + rho + log_term + (us + store) * La
     L = E + G + rho + log_term + (us + store) * La + log_partition_error(La, xmax) + out_ref * La
@@ -804,7 +811,7 @@ def _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_align
 
 def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False, causal_alignment="top_left",
                      bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None,
-                     cu_seqlens_k=None):
+                     cu_seqlens_k=None, dropout_p=0.0, dropout_mask=None):
     """The reference's ``(a, L)`` for ``attention`` and :class:`ForwardBounds` of ``path`` against it (finite inputs).
 
     Examples
@@ -817,7 +824,7 @@ def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mas
     from .attention import attention
 
     variants = dict(bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window, enable_gqa=enable_gqa, sinks=sinks,
-                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p, dropout_mask=dropout_mask)
     kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, **variants)
     a_ref, L_ref = attention(q, k, v, return_lse=True, **kw)
     dtype = np.dtype(a_ref.dtype if dtype is None else dtype)
@@ -830,8 +837,13 @@ def attention_bounds(path, q, k, v, dtype=None, *, scale=None, energy="dot", mas
         if eta is not None:
             eta = tuple(np.concatenate([np.broadcast_to(e, inp.batch + e.shape[-2:]), np.zeros(inp.batch + (inp.n, 1))], axis=-1)
                         for e in eta)  # the sink's logit is exact
+    c = None
+    if inp.keep is not None:  # V8: the values of each pair times keep / (1 - p); the sink's column (value 0) kept at 0
+        c = np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)
+        if inp.sinks is not None:
+            c = np.concatenate([c, np.zeros(inp.batch + (inp.n, 1))], axis=-1)
     return a_ref, L_ref, forward_bounds(path, dtype, x, S, sc, D, vals, a_ref, L_ref, take, rows=inp.n * inp.group,
-                                        merges=int(inp.sinks is not None), eta=eta)
+                                        merges=int(inp.sinks is not None), eta=eta, c=c)
 
 
 def _has_logits(inp):
@@ -892,6 +904,10 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
     M, N, Dv, sc = c["M"], c["N"], c["Dv"], c["scale"]
     phi = np.where(r > 0, phi, 0.0)
     db = gamma(Dv, u) * (absg @ T(absv))
+    rv = r  # the weights of dv
+    if c["drop"] is not None:  # V8: b = c <u, v> and dv = sum_i r c u: the factor's rounding and the product's
+        db = c["drop"] * db + 2 * u * np.abs(b)
+        rv = r * c["drop"]
     if side.kind == "reference":  # Delta = sum_j r_j b_j: its products and M-term sum
         absb = np.abs(b)
         ddelta = (r * (phi * absb + db)).sum(-1) + gamma(M, U64) * (r * absb).sum(-1)
@@ -935,13 +951,13 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
               + (us + store) * c["absdk"])
     else:
         bk = bk + (u_scale + us + store) * c["absdk"]
-    bv = T(r * (phi + Gq)) @ absg + store * c["absdv"]
+    bv = T(rv * (phi + Gq + (0.0 if c["drop"] is None else 2 * u))) @ absg + store * c["absdv"]
     return bq, bk, bv, dsink, ddZ
 
 
 def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False,
                          causal_alignment="top_left", bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False,
-                         sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, forward=None):
+                         sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, dropout_p=0.0, dropout_mask=None, forward=None):
     """The reference's ``(dq, dk, dv[, dbias][, dsinks])`` and the bounds of ``path`` against them (section 10), finite inputs.
 
     ``forward``: the path's :class:`ForwardBounds` for the same call (computed if None).  With the
@@ -961,7 +977,8 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
     from .attention import Competition
 
     kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, window=window,
-              cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap)
+              cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap,
+              dropout_p=dropout_p, dropout_mask=dropout_mask)
     refs = attention_vjp(q, k, v, grad_out, enable_gqa=enable_gqa, sinks=sinks, **kw)
     dtype = np.dtype(refs[0].dtype if dtype is None else dtype)
     u = unit_roundoff(dtype)
@@ -969,8 +986,10 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
         forward = attention_bounds(path, q, k, v, dtype, enable_gqa=enable_gqa, sinks=sinks, **kw)[2]
     inp, sc, x, take, S = _attention_setup(path, q, k, v, scale, energy, mask, is_causal, causal_alignment, window=window,
                                            enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                                           bias=bias, alibi_slopes=alibi_slopes, softcap=softcap)
-    comp = Competition(inp) if _has_logits(inp) else None
+                                           bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
+                                           dropout_mask=dropout_mask)
+    comp = Competition(inp) if _has_logits(inp) or inp.keep is not None else None
+    drop = None if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)  # V8's c
     # per query head: keys and values repeated over a group (V6), the batch broadcast
     q64, k64, v64 = (np.asarray(z, np.float64) for z in (inp.q, inp.k, inp.v))
     g64 = np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (inp.n, inp.dv))
@@ -978,7 +997,7 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
     a64, L64, r = out[:3]
     r = np.asarray(r, np.float64)
     T = lambda z: np.swapaxes(z, -1, -2)  # noqa: E731
-    b = g64 @ T(v64)
+    b = g64 @ T(v64) if drop is None else drop * (g64 @ T(v64))
     delta = (g64 * a64).sum(-1)
     dS = r * (b - delta[..., None])  # dZ with V1-V3
     dX = dS if inp.softcap is None else dS * (1.0 - (_finite(comp.s) / inp.softcap) ** 2)  # V3
@@ -986,10 +1005,10 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
     dk_heads = sc * (A - _finite(k64) * C[..., None]) if energy == "sqeuclidean" else sc * A
     ctx = dict(
         u=u, x=x, S=S, scale=sc, D=inp.q.shape[-1], L=L64, a=a64, r=r, b=b, delta=delta, dS=dS, dX=dX, comp=comp,
-        z=x if comp is None else -comp.e[..., : inp.m], softcap=inp.softcap,
+        z=x if comp is None or comp.x is None else -comp.e[..., : inp.m], softcap=inp.softcap, drop=drop,
         absg=np.abs(_finite(g64)), absv=np.abs(_finite(v64)), absq=np.abs(_finite(q64)), absk=np.abs(_finite(k64)),
         N=inp.n * inp.group, M=inp.m, Dv=inp.dv, sqeuclidean=energy == "sqeuclidean", absA=np.abs(A), absC=np.abs(C),
-        absdq=np.abs(np.asarray(refs[0], np.float64)), absdk=np.abs(dk_heads), absdv=np.abs(T(r) @ g64),
+        absdq=np.abs(np.asarray(refs[0], np.float64)), absdk=np.abs(dk_heads), absdv=np.abs(T(r if drop is None else r * drop) @ g64),
         rsink=None if inp.sinks is None else np.asarray(out[3], np.float64),
         sink=None if inp.sinks is None else inp.sinks[..., None], absAq=np.abs(dX @ k64),
     )

@@ -299,6 +299,54 @@ def test_attention_logits(path, rng, dtype, energy):
                 assert_within(got, ref, bound, f"{path.name} {name} {H}/{hkv} {sorted(kw)}")
 
 
+@pytest.mark.equation("V8", "G4")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
+def test_attention_dropout(path, rng, dtype, energy):
+    """Dropout with an explicit mask (V8): the dropped pairs leave the mean, not the normaliser, forward and backward.
+
+    ``L`` is the one without dropout; ``a = sum_j r_ij keep_ij v_j / (1 - p)``;
+    ``dv`` sums ``r c u`` and ``dZ`` uses ``b = c <u, v>``.  Masks: one per
+    head and query, one shared by the heads, one that drops every key of
+    some rows; with causality, grouped-query heads, a bias and sinks.  A
+    dropped key's NaN value is never read.
+    """
+    # (H, Hkv, N, M, D, Dv)
+    shapes = [(2, 1, 7, 9, 3, 2)] if path.small else [(4, 2, 300, 700, 16, 5), (2, 2, 1, 20000, 8, 4)]
+    for H, hkv, N, M, D, Dv in shapes:
+        spread = 0.5 if energy == "sqeuclidean" else 1.0
+        q = rand(rng, (H, N, D), dtype, spread)
+        k, v = rand(rng, (hkv, M, D), dtype, spread), rand(rng, (hkv, M, Dv), dtype)
+        gout = rand(rng, (H, N, Dv), dtype)
+        per_head = rng.random((H, N, M)) >= 0.3
+        shared = rng.random((1, N, M)) >= 0.5
+        shared[:, : max(1, N // 4)] = False  # these rows keep nothing: a = 0, L as without dropout
+        cases = [dict(dropout_p=0.3, dropout_mask=per_head), dict(dropout_p=0.5, dropout_mask=shared, is_causal=True),
+                 dict(dropout_p=0.2, dropout_mask=per_head, bias=rand(rng, (1, N, M), dtype), sinks=np.ones(H))]
+        if hkv != H:
+            cases = [dict(c, enable_gqa=True) for c in cases]
+        for n_case, kw in enumerate(cases):
+            a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True, **kw)
+            a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)
+            assert_within(a, a_ref, fb.a, f"{path.name} a {H}/{hkv} {sorted(kw)}")
+            assert_within(L, L_ref, fb.L, f"{path.name} L {H}/{hkv} {sorted(kw)}")
+            if path.small and n_case % 2:
+                continue  # the simulator: about 10 s per backward here
+            refs, bnds = vjp_bounds(path, q, k, v, gout, dtype, fb, energy=energy, **kw)
+            grads = path.mod.attention_vjp(q, k, v, gout, energy=energy, out=a, lse=L, **kw)
+            names = ("dq", "dk", "dv") + (("dbias",) if "bias" in kw else ()) + (("dsinks",) if "sinks" in kw else ())
+            assert len(grads) == len(names)
+            for name, got, ref, bound in zip(names, grads, refs, bnds):
+                assert_within(got, ref, bound, f"{path.name} {name} {H}/{hkv} {sorted(kw)}")
+    q, k, v = make_inputs(rng, ((), (), (), 3, 5, 2, 2), dtype)
+    keep = np.ones((3, 5), bool)
+    keep[:, 1] = False
+    v_nan = v.copy()
+    v_nan[1] = np.nan  # dropped everywhere: never read
+    a = path.mod.attention(q, k, v_nan, dropout_p=0.25, dropout_mask=keep)
+    assert np.isfinite(a).all() and np.array_equal(a, path.mod.attention(q, k, v, dropout_p=0.25, dropout_mask=keep))
+
+
 @pytest.mark.equation("V1", "V3")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_edge_logits(path, rng, dtype):

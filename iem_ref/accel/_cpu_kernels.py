@@ -423,6 +423,27 @@ def _pair_logit(h, x, i, j):
     return logit(np.float64(x), h.softcap, bias, alibi)
 
 
+@njit(**INNER)
+def _kept(h, i, j):
+    """V8: the dropout mask of query row ``i`` and key ``j`` (True = kept), read from its own data."""
+    return h.keep[i // h.keep_group if h.keep.shape[0] > 1 else 0, j if h.keep.shape[1] > 1 else 0]
+
+
+@njit(**INNER)
+def _dropout_factors(h, W, bq, bk, i0, jb, part):
+    """V8 on a tile of the backward: ``W[r, j] *= c_ij`` (``1 / (1 - p)`` where kept, else 0, as the reference's ``c``); ``part[r, j]`` cleared where dropped when given rows."""
+    c = like(1.0 / h.dropout_keep, W[0, 0])
+    zero = like(0.0, c)
+    for r in range(bq):
+        for j in range(bk):
+            if _kept(h, i0 + r, jb + j):
+                W[r, j] = W[r, j] * c
+            else:
+                W[r, j] = W[r, j] * zero
+                if part.shape[0] > 0:
+                    part[r, j] = False
+
+
 @njit(fastmath=_FM, **INNER)
 def _scores(S, bq, bk, h, i0, jb, norms, F):
     """Fill the score tile ``S[:bq, :bk]`` with the logits ``z_ij``, ``-inf`` where key ``jb + j`` does not take part.
@@ -643,7 +664,7 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
         bk = min(bk_max, j1 - jb)
         _scores(S, bq, bk, h, i0, jb, norms, F)
         nbad = _bad_rows(v[jb : jb + bk], vbad) if values_first else 0  # the tile is about to be read by the GEMM: cache-hot
-        if nbad or not values_first:
+        if nbad or not values_first or h.has_keep:
             for r in range(bq):
                 for j in range(bk):
                     part[r, j] = S[r, j] != ninf  # NaN scores take part (and spoil their row)
@@ -667,6 +688,12 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
             acc.l[r] = a * acc.l[r] + np.float64(tile_sum)
             if tile_sum != tile_sum:
                 acc.nan[r] = True
+        if h.has_keep:  # V8: a dropped pair's weight leaves the mean, not the sum l; its value is never read
+            for r in range(bq):
+                for j in range(bk):
+                    if not _kept(h, i0 + r, jb + j):
+                        S[r, j] = 0.0
+                        part[r, j] = False
         if Dv > 0:
             if nbad == 0:
                 _value_product(v, jb, S, bq, bk, bk_max, pv)
@@ -689,11 +716,12 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
 
 
 @njit(**INNER)
-def _finish_rows(acc, sinks, i0, empty_nan, out, lse):
+def _finish_rows(acc, sinks, i0, empty_nan, keep_div, out, lse):
     """M2's result for the rows ``i0, i0 + 1, ...`` of ``acc``: ``a = o / l``, ``L = m + log l`` (float64, rounded once to ``out``'s dtype), with the policy.
 
     ``sinks``: the element's sink logits (V5), row ``i`` taking ``sinks[i % len(sinks)]``
-    (a group's heads, V6), merged as one more partial; ``-inf`` for none.
+    (a group's heads, V6), merged as one more partial; ``-inf`` for none;
+    ``keep_div``: dropout's ``1 - p`` (V8), which divides the mean (1 without).
     """
     Dv = acc.o.shape[1]
     for r in range(acc.m.shape[0]):
@@ -703,7 +731,7 @@ def _finish_rows(acc, sinks, i0, empty_nan, out, lse):
         lse[r] = log_partition_of_row(m, l, nan)
         for col in range(Dv):
             o = acc.o[r, col]
-            out[r, col] = summary_of_row(c * o if np.isfinite(o) else o, l, nan, empty_nan)
+            out[r, col] = summary_of_row(c * o if np.isfinite(o) else o, l, nan, empty_nan) / keep_div
 
 
 def forward(stage, thread, nthreads, p, mask, blocks, bk, nsplit, parts, out, lse):
@@ -739,7 +767,7 @@ def forward(stage, thread, nthreads, p, mask, blocks, bk, nsplit, parts, out, ls
             acc = _partials_at(parts, b, split, i0, i1)
             _forward_block(head_of(p, mask, b), i0, i1, j0, j1, bk, acc)
             if nsplit == 1:
-                _finish_rows(acc, p.sinks[b], i0, p.empty_nan, out[b, i0:i1], lse[b, i0:i1])
+                _finish_rows(acc, p.sinks[b], i0, p.empty_nan, p.dropout_keep, out[b, i0:i1], lse[b, i0:i1])
         return
     for w in range(thread, B * nqb, nthreads):
         b = w // nqb
@@ -761,7 +789,7 @@ def forward(stage, thread, nthreads, p, mask, blocks, bk, nsplit, parts, out, ls
                     o1 = first.o[r, c]
                     o2 = other.o[r, c]
                     first.o[r, c] = (c1 * o1 if np.isfinite(o1) else o1) + (c2 * o2 if np.isfinite(o2) else o2)
-        _finish_rows(first, p.sinks[b], i0, p.empty_nan, out[b, i0:i1], lse[b, i0:i1])
+        _finish_rows(first, p.sinks[b], i0, p.empty_nan, p.dropout_keep, out[b, i0:i1], lse[b, i0:i1])
 
 
 # --- backward (G4) ------------------------------------------------------------------
@@ -910,6 +938,8 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
     colsum = np.zeros(bk, dtype=np.float64)
     F = np.empty((bq_max if h.softcap > 0.0 else 0, bk), dtype=q.dtype)
     nodz = np.empty((0, 0), dtype=np.float64)
+    nopart = np.empty((0, 0), dtype=np.bool_)
+    part_kept = np.empty((bq_max if h.has_keep else 0, bk), dtype=np.bool_)
     norms = _norms(h, bq_max, bk)
     # the queries that see a key of [j0, j1) (causality, window, segments), in the query blocks of the forward
     i_start = min(N, first_position_above(h.keys, 1, j0) * h.group)
@@ -931,16 +961,23 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
             Bt[:bq, :] = 0.0
         nq = _rows_flags(q, i0, bq, qflag) if h.energy != PRECOMPUTED else 0
         nu = _rows_flags(u, i0, bq, uflag)
+        if h.has_keep:  # V8: b_ij = c_ij <u_i, v_j>
+            _dropout_factors(h, Bt, bq, bk, i0, j0, nopart)
         _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nq + nu > 0)
         if h.logits:
             _logit_grads(h, Bt, F, bq, bk, i0, j0, nodz)
         if Dv > 0:
+            partv = part
+            if h.has_keep:  # dv_j = sum_i r_ij c_ij u_i, a dropped pair's u never read
+                partv = part_kept
+                partv[:bq, :] = part[:bq, :]
+                _dropout_factors(h, S, bq, bk, i0, j0, partv)
             if nu == 0:
                 gemm(_NOTRANS, _TRANS, Dv, bk, bq, 1.0, u, i0 * Dv, Dv, S, 0, bk, 0.0, tv, 0, Dv)
             else:
                 _finite_copy(u[i0:i1], uflag, ufin)
                 gemm(_NOTRANS, _TRANS, Dv, bk, bq, 1.0, ufin, 0, Dv, S, 0, bk, 0.0, tv, 0, Dv)
-                _add_nonfinite(S, bq, bk, part, u[i0:i1], uflag, tv, True, False)
+                _add_nonfinite(S, bq, bk, partv, u[i0:i1], uflag, tv, True, False)
             for j in range(bk):
                 for c in range(Dv):
                     acc_v[j, c] += np.float64(tv[j, c])
@@ -1002,6 +1039,8 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq, dz):
         else:
             Bt[:, :] = 0.0
         nk = _rows_flags(k, jb, bk, kflag) if h.energy != PRECOMPUTED else 0
+        if h.has_keep:  # V8: b_ij = c_ij <u_i, v_j>
+            _dropout_factors(h, Bt, bq, bk, i0, jb, np.empty((0, 0), dtype=np.bool_))
         _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nk > 0)
         if h.logits:
             _logit_grads(h, Bt, F, bq, bk, i0, jb, dz)

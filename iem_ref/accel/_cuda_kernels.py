@@ -271,6 +271,16 @@ def _build(dtype_name, energy):
         return ft(logit(f64(x), prob.softcap, bias, alibi))
 
     @cuda.jit(device=True, inline=True)
+    def _dropout_factor(prob, b, i, j):
+        """V8's ``c_ij``: ``1 / (1 - p)`` where the pair is kept, 0 where dropped (1 without dropout)."""
+        if not prob.has_keep:
+            return ONE
+        KP, kpo, kpr, kpc = prob.keep
+        if KP[UX(kpo[b] + i * kpr + j * kpc)] == 0:
+            return ZERO
+        return ft(1.0 / prob.dropout_keep)
+
+    @cuda.jit(device=True, inline=True)
     def _softcap_factor(prob, x):
         """V3's ``dz/dx = 1 - tanh(x / c)^2`` of an encoded score (1 without a soft-cap)."""
         if prob.softcap > 0.0:
@@ -435,6 +445,14 @@ def _build(dtype_name, energy):
                         if w != SENT:
                             lsum += w
                     l_s[US(tid)] = lsum
+                if prob.has_keep:  # V8: a dropped pair leaves the mean, not the sum l; its value is never read
+                    cuda.syncthreads()  # the row sums have read the weights
+                    for a in range(RS):
+                        i = r0 + ty * RS + a
+                        for c in range(CS):
+                            j = c0 + tx + TX * c
+                            if i < n and j < m and _dropout_factor(prob, b, i, j) == ZERO:
+                                S[US(ty * RS + a), US(tx + TX * c)] = SENT
                 _tile_accum(S, S, V, vob, vr, vc, c0, m, p0, dv, Xs, oacc, tx, ty, True)
             cuda.syncthreads()  # l_s final
             if tid < BR:  # the sink (V5): one more partial, merged into the row's state (M2)
@@ -455,7 +473,8 @@ def _build(dtype_name, energy):
                         if col < dv:
                             x = oacc[a, o]
                             x = x * factor if x - x == ZERO else x  # an infinite sum stays itself
-                            O[b, i, col] = summary_of_row(x, lrow, False, empty_nan)  # a NaN row has l = NaN
+                            a_ic = summary_of_row(x, lrow, False, empty_nan)  # a NaN row has l = NaN
+                            O[b, i, col] = a_ic if not prob.has_keep else ft(f64(a_ic) / prob.dropout_keep)  # V8
             if p == 0 and tid < BR and r0 + tid < n:
                 lrow = l_s[US(tid)]
                 mrow = m_s[US(tid)]
@@ -538,7 +557,10 @@ def _build(dtype_name, energy):
                             factor = _softcap_factor(prob, x)
                             x = _logit_of(prob, b, i, j, x)
                         w = _weight(x, lse, cnt)
-                        dz = ZERO if w == SENT else w * (bacc[a, c] - dl)
+                        bij = bacc[a, c]
+                        if take and prob.has_keep:
+                            bij = bij * _dropout_factor(prob, b, i, j)  # V8: b_ij = c_ij <u_i, v_j>
+                        dz = ZERO if w == SENT else w * (bij - dl)
                         if take and prob.has_bias and p == 0:
                             DZ[b, i, j] = dz
                         S[US(ty * RS + a), US(tx + TX * c)] = w
@@ -632,8 +654,13 @@ def _build(dtype_name, energy):
                             factor = _softcap_factor(prob, x)
                             x = _logit_of(prob, b, i, j, x)
                         w = _weight(x, lse, cnt)
+                        cij = ONE
+                        if take and prob.has_keep:
+                            cij = _dropout_factor(prob, b, i, j)  # V8: b_ij = c_ij <u_i, v_j>, dv_j = sum_i r_ij c_ij u_i
+                        if not is_dk and cij == ZERO:
+                            w = SENT  # a dropped pair's upstream gradient is never read
                         S[US(ty * RS + a), US(tx + TX * c)] = w
-                        Wt[US(ty * RS + a), US(tx + TX * c)] = w * (bacc[a, c] - dl) * factor if is_dk else w
+                        Wt[US(ty * RS + a), US(tx + TX * c)] = w * (bacc[a, c] * cij - dl) * factor if is_dk else w * cij
                 cuda.syncthreads()  # S (flags) and Wt ready
                 if tid < BR:
                     s = rs_s[US(tid)]

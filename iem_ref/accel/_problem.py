@@ -198,6 +198,11 @@ class Problem(NamedTuple):
     has_bias: bool
     slopes: np.ndarray  # V2: (B, N) float64, the ALiBi slope of each query row
     has_alibi: bool
+    keep: np.ndarray  # V8: (Bk, Nk, Mk) bool, the dropout mask's own data (as the bias); row i // keep_group
+    keep_map: np.ndarray  # (B,) int64
+    keep_group: int
+    has_keep: bool
+    dropout_keep: float  # 1 - p (float64): the kept weights are divided by it
 
 
 class Head(NamedTuple):
@@ -223,6 +228,10 @@ class Head(NamedTuple):
     has_bias: bool
     slopes: np.ndarray  # (N,)
     has_alibi: bool
+    keep: np.ndarray  # (Nk, Mk)
+    keep_group: int
+    has_keep: bool
+    dropout_keep: float
 
 
 @njit(cache=True)
@@ -230,7 +239,8 @@ def head_of(p, mask, b):
     """The operands of flat batch element ``b`` of the problem ``p`` and its ``mask`` (views, no copies)."""
     return Head(p.q[p.qmap[b]], p.k[p.kmap[b]], p.v[p.vmap[b]], p.u[p.umap[b]], p.d[p.dmap[b]], mask[p.mmap[b]],
                 p.energy, p.scale, p.keys, p.group, p.has_mask, p.mask_group, p.sinks[b],
-                p.logits, p.softcap, p.bias[p.bias_map[b]], p.bias_group, p.has_bias, p.slopes[b], p.has_alibi)
+                p.logits, p.softcap, p.bias[p.bias_map[b]], p.bias_group, p.has_bias, p.slopes[b], p.has_alibi,
+                p.keep[p.keep_map[b]], p.keep_group, p.has_keep, p.dropout_keep)
 
 
 def problem_type(t):
@@ -242,7 +252,8 @@ def problem_type(t):
     i2 = types.Array(types.int64, 2, "C", readonly=True)
     b3 = types.Array(types.float64, 3, "C", readonly=True)
     return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, i2, i1, i64, b1, i64, b1, f2,
-                             b1, types.float64, b3, i1, i64, b1, f2, b1], Problem)
+                             b1, types.float64, b3, i1, i64, b1, f2, b1,
+                             types.Array(types.boolean, 3, "C", readonly=True), i1, i64, b1, types.float64], Problem)
 
 
 #: the Numba type of the mask argument beside the record
@@ -286,6 +297,9 @@ class DeviceProblem(NamedTuple):
     has_bias: int
     slopes: object  # (B, N) float64 device array: the ALiBi slope of each query row (V2)
     has_alibi: int
+    keep: Operand  # (B, N, M) uint8, the dropout mask (V8), 1 = kept
+    has_keep: int
+    dropout_keep: float  # 1 - p (float64)
 
 
 def device_problem_type(t):
@@ -300,7 +314,8 @@ def device_problem_type(t):
     keys = types.Array(i64, 2, "C")
     f64 = types.float64
     return types.NamedTuple([op, op, op, op, operand(types.uint8), i64, keys] + [i64] * 4 + [t, i64, types.Array(t, 1, "C")]
-                            + [i64, f64, operand(f64), i64, types.Array(f64, 2, "C"), i64], DeviceProblem)
+                            + [i64, f64, operand(f64), i64, types.Array(f64, 2, "C"), i64, operand(types.uint8), i64, f64],
+                            DeviceProblem)
 
 
 # --- the row finish (M2's result), one definition for every path ---------------

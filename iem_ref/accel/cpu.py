@@ -345,14 +345,23 @@ def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=Non
     p = Problem(ops["q"][0], ops["k"][0], ops["v"][0], ops["u"][0], ops["d"][0],
                 ops["q"][1], ops["k"][1], ops["v"][1], ops["u"][1], ops["d"][1], mmap,
                 int(energy), dtype.type(scale), _ro(keys), _ro(np.asarray(starts, np.int64)), int(group), has_mask, int(mask_group),
-                empty == "nan", _ro(sink_rows), *_logit_fields(inp, groups, batch, n, m))
+                empty == "nan", _ro(sink_rows), *_logit_fields(inp, groups, batch, n, m), *_dropout_fields(inp, groups, batch))
     return p, mask3
 
 
-def _own_data(x, batch):
-    """``x`` broadcast to ``batch + (R, C)`` as its own data: ``(Bx, R', C')`` float64 C-contiguous (an axis of stride 0 kept at length 1) and the map flat batch -> ``Bx``."""
+def _dropout_fields(inp, groups, batch):
+    """The :class:`Problem`'s fields of V8: ``(keep, keep_map, keep_group, has_keep, dropout_keep)``, the mask read from its own data."""
+    if inp is None or inp.keep is None:
+        return _ro(np.ones((1, 1, 1), np.bool_)), _zero_map(batch), 1, False, 1.0
+    keep, keep_group = groups.rows_of(inp.keep)
+    own, keep_map = _own_data(keep, batch, np.bool_)
+    return own, keep_map, keep_group, True, 1.0 - inp.dropout_p
+
+
+def _own_data(x, batch, dtype=np.float64):
+    """``x`` broadcast to ``batch + (R, C)`` as its own data: ``(Bx, R', C')`` C-contiguous (an axis of stride 0 kept at length 1) and the map flat batch -> ``Bx``."""
     x = np.broadcast_to(x, batch + x.shape[-2:])
-    own = np.ascontiguousarray(x[tuple(slice(0, 1) if st == 0 else slice(None) for st in x.strides)], dtype=np.float64)
+    own = np.ascontiguousarray(x[tuple(slice(0, 1) if st == 0 else slice(None) for st in x.strides)], dtype=dtype)
     lead = own.shape[:-2]
     nb = int(np.prod(lead, dtype=np.int64))
     idx = np.broadcast_to(np.arange(nb, dtype=np.int64).reshape(lead), batch).reshape(-1)
@@ -482,7 +491,7 @@ def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy
 
 def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero",
               bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None,
-              cu_seqlens_k=None, return_lse=False):
+              cu_seqlens_k=None, dropout_p=0.0, dropout_mask=None, return_lse=False):
     """A1-A4 fused (M1-M2): ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one pass, as :func:`iem_ref.attention`.
 
     Parameters and edge cases as the reference; ``energy`` is ``"dot"`` or
@@ -498,7 +507,10 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     ``sinks (H,)``: one more hypothesis per row with that logit and value 0
     (V5), merged into each row's running state as one more partial (M2);
     ``cu_seqlens_q, cu_seqlens_k``: packed sequences (V7), each query's keys
-    cut to its segment, so tiles across segments are never computed.
+    cut to its segment, so tiles across segments are never computed;
+    ``dropout_p, dropout_mask``: dropout with an explicit mask (V8), the
+    dropped pairs' weights left out of the value product (their values never
+    read), the mean divided by ``1 - p``.
     No ``return_responsibilities``: that is the ``N x M`` array this path
     avoids.
 
@@ -516,7 +528,8 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     """
     (a, lse), _ = _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, bias=bias,
                                      alibi_slopes=alibi_slopes, softcap=softcap, window=window, enable_gqa=enable_gqa,
-                                     sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+                                     sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p,
+                                     dropout_mask=dropout_mask)
     return (a, lse) if return_lse else a
 
 
@@ -550,7 +563,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
 
 def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot",
                   bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None,
-                  cu_seqlens_k=None, out=None, lse=None):
+                  cu_seqlens_k=None, dropout_p=0.0, dropout_mask=None, out=None, lse=None):
     """G4: ``(dq, dk, dv[, dbias][, dsinks])`` for the upstream gradient ``u = grad_out``, as :func:`iem_ref.attention_vjp`.
 
     With ``r_ij = exp(s_ij - L_i)`` rebuilt tile by tile from the saved
@@ -566,7 +579,9 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     logits' variants (V1-V3) ``dS`` is ``dZ = dLoss/dz``; a soft-cap
     multiplies it by ``1 - tanh(x / c)^2`` before ``dq, dk`` (``dX``, whose
     row sums the squared-Euclidean ``dq`` then needs, summed in the
-    kernel); ``dbias`` is ``dZ`` summed to the bias's shape.  When ``out``
+    kernel); ``dbias`` is ``dZ`` summed to the bias's shape.  With dropout
+    (V8) ``b_ij = c_ij <u_i, v_j>`` and ``dv_j = sum_i r_ij c_ij u_i``,
+    ``c = keep / (1 - p)``.  When ``out``
     or ``lse`` is missing both are recomputed by :func:`attention`.  No
     ``N x M`` array is formed, except ``dZ`` itself (float64) when a bias
     asks for its gradient.
@@ -582,7 +597,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
                             energy=energy, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window,
-                            enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+                            enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                            dropout_p=dropout_p, dropout_mask=dropout_mask)
     u = check_grad_out(grad_out, inp.batch, inp.n, inp.dv)
     dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads, grad_out=u)
     groups = _Groups(inp)

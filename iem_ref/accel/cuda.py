@@ -274,7 +274,15 @@ def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, scale, empty_nan, dtype, i
     sink = np.full(max(bf, 1), -np.inf, dtype) if sinks is None or bf == 0 else np.asarray(sinks, dtype).reshape(-1)
     return DeviceProblem(*ops, mk, int(mask is not None), cuda.to_device(keys if n else np.zeros((1, 3), np.int64)),
                          n, m, d, dv, scale, int(empty_nan), cuda.to_device(np.ascontiguousarray(sink)),
-                         *_logit_fields(inp, batch, bf, n))
+                         *_logit_fields(inp, batch, bf, n), *_dropout_fields(inp, batch, bf))
+
+
+def _dropout_fields(inp, batch, bf):
+    """The :class:`~iem_ref.accel._problem.DeviceProblem`'s fields of V8: ``(keep, has_keep, dropout_keep)``, the mask read in place."""
+    if inp is None or inp.keep is None:
+        return _placeholder(bf, np.uint8), 0, 1.0
+    own = inp.keep[tuple(slice(0, 1) if st == 0 else slice(None) for st in inp.keep.strides)]
+    return _operand(own, batch, None, mask=True), 1, 1.0 - inp.dropout_p
 
 
 def _logit_fields(inp, batch, bf, n):
@@ -314,7 +322,7 @@ def _forward(kern, prob, bf, dtype):
 
 def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero",
               bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None,
-              cu_seqlens_k=None, return_lse=False):
+              cu_seqlens_k=None, dropout_p=0.0, dropout_mask=None, return_lse=False):
     """A1-A4 on the GPU: ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one tiled pass (M1-M2).
 
     Parameters
@@ -345,6 +353,9 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
         Attention sinks (V5): one more hypothesis per row with that logit and value 0.
     cu_seqlens_q, cu_seqlens_k : array of int (S + 1,), optional
         Packed sequences (V7): each query sees only its segment's keys; tiles across segments are never computed.
+    dropout_p, dropout_mask : optional
+        Dropout with an explicit mask (V8): dropped pairs leave the mean (their values never read),
+        which is divided by ``1 - p``.
     return_lse : bool
         Also return ``L_i = log sum_j exp(-d_ij * scale)`` (B..., N).
 
@@ -365,7 +376,8 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     inp = prepare_attention(
         _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
         causal_alignment=causal_alignment, energy=energy, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window,
-        enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
     )
     device = any(_is_device(x) for x in (q, k, v, mask))
     dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads)
@@ -430,7 +442,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
 
 def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot",
                   bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None,
-                  cu_seqlens_k=None, out=None, lse=None):
+                  cu_seqlens_k=None, dropout_p=0.0, dropout_mask=None, out=None, lse=None):
     """G4 on the GPU: ``(dq, dk, dv)`` for the upstream gradient ``u = dLoss/da``.
 
     ``b_ij = <u_i, v_j>``, ``delta_i = sum_j r_ij b_ij = <u_i, a_i>``,
@@ -441,7 +453,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
 
     Parameters
     ----------
-    q, k, v, scale, mask, is_causal, causal_alignment, bias, alibi_slopes, softcap, window, enable_gqa, sinks, cu_seqlens_q, cu_seqlens_k
+    q, k, v, scale, mask, is_causal, causal_alignment, bias, alibi_slopes, softcap, window, enable_gqa, sinks, cu_seqlens_q, cu_seqlens_k, dropout_p, dropout_mask
         As :func:`attention`.
     grad_out : array (B..., N, Dv)
     energy : {"dot", "sqeuclidean"}
@@ -467,7 +479,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     inp = prepare_attention(
         _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
         causal_alignment=causal_alignment, energy=energy, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window,
-        enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
     )
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
     up = check_grad_out(_proxy(grad_out), batch, n, dv)
