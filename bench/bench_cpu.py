@@ -399,6 +399,8 @@ def table(result):
         return "skipped" if "skipped" in r else ("error" if "error" in r else "-")
     def mb(r):
         return f"{r['peak_extra_mb']:.0f}" if "peak_extra_mb" in r else "-"
+    def ratio(c, key):
+        return f"{c[key]:.2f}" if key in c else "-"  # a path that was not run has no ratio
     for c in result["cases"]:
         R = c["results"]
         roof = R.get("roof", {})
@@ -409,9 +411,9 @@ def table(result):
             roof_s += " est."
         lines.append(
             f"| {c['kind']} | {c['N']} | {c['M']} | {c['D']} | {c['dtype']} | {ms(R.get('reference', {}))} | {ms(R.get('cpu', {}))} | "
-            + (f"{ms(R.get('baseline', {}))} | {c.get('baseline_over_cpu', float('nan')):.2f} | " if base else "") +
-            f"{ms(R.get('torch', {}))} | {roof_s} | {c.get('torch_over_cpu', float('nan')):.2f} | "
-            f"{c.get('cpu_over_gemms', float('nan')):.2f} | {mb(R.get('reference', {}))} / {mb(R.get('cpu', {}))} / {mb(R.get('torch', {}))} | "
+            + (f"{ms(R.get('baseline', {}))} | {ratio(c, 'baseline_over_cpu')} | " if base else "") +
+            f"{ms(R.get('torch', {}))} | {roof_s} | {ratio(c, 'torch_over_cpu')} | "
+            f"{ratio(c, 'cpu_over_gemms')} | {mb(R.get('reference', {}))} / {mb(R.get('cpu', {}))} / {mb(R.get('torch', {}))} | "
             f"{c['loadavg_before'][0]}-{c['loadavg_after'][0]} |"
         )
     return "\n".join(lines)

@@ -15,8 +15,8 @@ and the mask (row ``i // mask_group``).  Grouped-query heads (V6)
 come as ``group`` query heads stacked row by row over one key/value head
 (row ``i`` is position ``i // group`` of head ``i % group``), so each K/V
 tile is read once per group and ``dk, dv`` sum over the group as they sum
-over queries.  Tiles wholly outside the band are never computed; the tiles kept
-are those of the full grid, so the summation order does not depend on it.
+over queries.  Key tiles wholly outside a block's key ranges are never
+computed; the kept ones start at the first key the block sees.
 
 Scores, not energies: inside the kernels ``s_ij = -d_ij * scale`` (for the dot
 energy ``s = scale <q_i, k_j>``; for the squared-Euclidean one
@@ -399,14 +399,17 @@ def _key_tiles(h, i0, i1, j0, j1, bk):
 
     Tiles wholly outside the rows' key ranges are never computed (a window
     makes the work linear in the sequence length, segments skip every
-    cross-segment tile); the tiles kept start where they would without the
-    structure, so the summation order does not change.  The ranges' ends
-    never decrease with the row, so the block's first and last rows bound it.
+    cross-segment tile).  The tiles start at the first key the block sees,
+    as a call on that segment alone would (a diagonal block of a causal
+    segment then meets as many tiles as in its own call); a row still meets
+    at most ``ceil(M / bk)`` tiles of at most ``bk`` keys, the counts of the
+    error bounds.  The ranges' ends never decrease with the row, so the
+    block's first and last rows bound it.
     """
     first = h.keys[i0 // h.group, 0]  # the lowest key the block's first query sees
     start = j0
     if first > j0:
-        start = min(j1, j0 + (first - j0) // bk * bk)
+        start = min(j1, first)
     end = min(j1, max(start, h.keys[(i1 - 1) // h.group, 1]))  # past the highest key its last query sees
     return start, end
 
@@ -731,7 +734,8 @@ def _finish_rows(acc, sinks, i0, empty_nan, keep_div, out, lse):
         lse[r] = log_partition_of_row(m, l, nan)
         for col in range(Dv):
             o = acc.o[r, col]
-            out[r, col] = summary_of_row(c * o if np.isfinite(o) else o, l, nan, empty_nan) / keep_div
+            a = summary_of_row(c * o if np.isfinite(o) else o, l, nan, empty_nan)
+            out[r, col] = a if keep_div == 1.0 else a / keep_div
 
 
 def forward(stage, thread, nthreads, p, mask, blocks, bk, nsplit, parts, out, lse):
