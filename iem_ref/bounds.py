@@ -221,6 +221,19 @@ Each side (the path and the reference) against the exact gradient, summed
   as ``dk``'s, one more rounding for CUDA's ``C`` in the dtype; the
   reference sums its own ``dS`` over the keys (``sum_j |ddS_ij| +
   gamma_M(u64) sum_j |dS_ij|``).
+* The variants (V1-V3, V8): the path's ``phi`` takes section 11's logit
+  error in place of the score error, and its shift is on the logits
+  ``z``; ``dS`` is ``dZ``.  A soft-cap gives ``dX = dZ f``,
+  ``f = 1 - (s/c)^2 <= 1``, within ``|ddZ| + |dZ| (2 eta / c + 3 u)`` (the
+  factor from the path's ``x``, rounded, and the product), and ``dX``
+  replaces ``dS`` in ``dq, dk`` and in the squared-Euclidean row sums,
+  which the path sums in float64.  Dropout's ``c = keep / (1 - p)``: ``b =
+  c <u, v>`` within ``c db + 2 u |b|`` (``c``'s rounding and the product)
+  and ``dv_j = sum_i r_ij c_ij u_i`` with ``2 u`` more per term.  ``dbias``
+  is the path's ``dZ`` summed over the broadcast entries in float64
+  (``sum ddZ + gamma_n(u64) sum |dZ|``) and rounded once.  The reference's
+  side is then section 12's bound (its formulas in float64) plus its
+  rounding to the dtype.
 
 11. Logits of the variants (V1-V3)
 ----------------------------------

@@ -754,7 +754,6 @@ def forward(stage, thread, nthreads, p, mask, blocks, bk, nsplit, parts, out, ls
     ``(batch, query block)`` merge the splits in split order (M2) and finish.
     """
     B = out.shape[0]
-    N = out.shape[1]
     Dv = out.shape[2]
     M = p.k.shape[1]
     nqb = blocks.shape[0] - 1
@@ -1092,7 +1091,6 @@ def backward(stage, thread, nthreads, p, mask, blocks, bk, saved, grads):
     Plain Python: compiled by :mod:`iem_ref.accel.cpu`.
     """
     B = grads.dq.shape[0]
-    N = grads.dq.shape[1]
     M = grads.dk.shape[1]
     nqb = blocks.shape[0] - 1
     nkb = (M + bk - 1) // bk

@@ -50,6 +50,7 @@ __all__ = [
     "band",
     "key_ranges",
     "segment_args",
+    "slopes_per_row",
     "first_position_above",
     "Problem",
     "Head",
@@ -130,6 +131,15 @@ def segment_args(inp):
     if inp is None or inp.cu_seqlens_q is None:
         return {}
     return dict(cu_seqlens=(inp.cu_seqlens_q, inp.cu_seqlens_k), bottom_right=inp.causal_alignment == "bottom_right")
+
+
+def slopes_per_row(inp):
+    """V2: the ALiBi slope of each query row, ``(B..., N)`` float64, from validated inputs with ``alibi_slopes`` (one per segment with V7)."""
+    from ..variants import _segment_ids
+
+    if inp.cu_seqlens_q is not None and inp.slopes.ndim == len(inp.batch) + 1:  # one slope per segment
+        return inp.slopes[..., _segment_ids(inp.cu_seqlens_q, inp.n)]
+    return np.broadcast_to(inp.slopes[..., None], inp.batch + (inp.n,))
 
 
 @njit(cache=True)

@@ -69,10 +69,20 @@ from .._validation import (
 )
 from ..attention import prepare_attention
 from ..gradients import _sum_to_shape
-from ..variants import _segment_ids
 from . import _cpu_kernels as _k
 from ._compile import CompilationNotice, cache_dir, compile_kernel
-from ._problem import ENERGY_CODES, MASK_TYPE, PRECOMPUTED, Problem, band, key_ranges, problem_type, segment_args, sink_responsibility
+from ._problem import (
+    ENERGY_CODES,
+    MASK_TYPE,
+    PRECOMPUTED,
+    Problem,
+    band,
+    key_ranges,
+    problem_type,
+    segment_args,
+    sink_responsibility,
+    slopes_per_row,
+)
 from ._scalar import sign_mean, signed_gaussian_mean, softplus_scalar
 
 __all__ = [
@@ -387,10 +397,7 @@ def _logit_fields(inp, groups, batch, n, m):
         bias = _own_data(b, batch) + (bias_group, True)
     slopes, has_alibi = _ro(np.zeros((B, 0))), inp.slopes is not None
     if has_alibi:
-        if inp.cu_seqlens_q is not None and inp.slopes.ndim == len(inp.batch) + 1:  # one slope per segment
-            per_row = inp.slopes[..., _segment_ids(inp.cu_seqlens_q, inp.n)]
-        else:
-            per_row = np.broadcast_to(inp.slopes[..., None], inp.batch + (inp.n,))
+        per_row = slopes_per_row(inp)
         stacked = per_row if g == 1 else groups.stack(np.ascontiguousarray(per_row)[..., None])[..., 0]
         slopes = _ro(np.ascontiguousarray(np.broadcast_to(stacked, batch + (n,)).reshape(B, n), dtype=np.float64))
     softcap = 0.0 if inp.softcap is None else float(inp.softcap)

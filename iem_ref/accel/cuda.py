@@ -57,9 +57,19 @@ from .._validation import (
 )
 from ..attention import prepare_attention
 from ..gradients import _sum_to_shape
-from ..variants import _segment_ids
 from . import _cuda_kernels as _k
-from ._problem import DOT, ENERGY_CODES, PRECOMPUTED, DeviceProblem, Operand, band, key_ranges, segment_args, sink_responsibility
+from ._problem import (
+    DOT,
+    ENERGY_CODES,
+    PRECOMPUTED,
+    DeviceProblem,
+    Operand,
+    band,
+    key_ranges,
+    segment_args,
+    sink_responsibility,
+    slopes_per_row,
+)
 
 __all__ = [
     "attention",
@@ -298,10 +308,7 @@ def _logit_fields(inp, batch, bf, n):
         bias = _operand(own, batch, np.float64)
     slopes = np.zeros((1, 1))
     if inp.slopes is not None:
-        if inp.cu_seqlens_q is not None and inp.slopes.ndim == len(inp.batch) + 1:  # one slope per segment (V7)
-            per_row = inp.slopes[..., _segment_ids(inp.cu_seqlens_q, inp.n)]
-        else:
-            per_row = np.broadcast_to(inp.slopes[..., None], inp.batch + (inp.n,))
+        per_row = slopes_per_row(inp)
         slopes = np.ascontiguousarray(np.broadcast_to(per_row, batch + (n,)).reshape(max(bf, 1), n) if bf else slopes,
                                       dtype=np.float64)
     softcap = 0.0 if inp.softcap is None else float(inp.softcap)
