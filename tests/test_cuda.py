@@ -423,7 +423,7 @@ def test_every_kernel_compiles_to_ptx_for_sm90():
     The simulator runs the Python source and checks no typing; this catches the
     errors only a device build shows (a non-literal shared-array shape did,
     once).  NVVM, NVRTC and ptxas come with the test extra (``numba-cuda[cu13]``, ``cuda-toolkit[nvcc]``).  Register counts are printed
-    (``pytest -s``); shared memory must stay under the 48 KiB static limit.
+    (``pytest -s``); shared memory must stay under the 48 KiB static limit, and no kernel may spill.
     """
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
@@ -437,6 +437,7 @@ def test_every_kernel_compiles_to_ptx_for_sm90():
         assert entry["bar_sync"] > 0 or name.split("/")[0] in ("rowdot", "group_sum"), name  # those two are per element
         assert entry.get("ptxas_rc") == 0, f"{name}: ptxas missing or failed (the test extra installs it)"
         assert entry["smem"] is None or entry["smem"] <= 48 * 1024, name
+        assert not entry.get("spill_stores"), f"{name}: ptxas spills {entry.get('spill_stores')} bytes"
     capped = report["forward/float32/0/launch_bounds=128,4"]
     assert capped["registers"] is not None and capped["registers"] <= 128
 

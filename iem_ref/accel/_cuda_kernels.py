@@ -160,6 +160,10 @@ def _build(dtype_name, energy):
     US = numba.uint32  # unsigned indices: Numba emits no negative-index wraparound for them
     UX = numba.uint64
     tiled = _tiled_jit()
+    # Which backward kernel writes a bias's dZ (V1): either can, each pair once.  Chosen per dtype
+    # so that no kernel spills at sm_90's 255 registers (ptxas -v): float64 dq spilled 156-204
+    # bytes without the write and none with it; float32 dq spilled 16 bytes with it, dkv none.
+    DZ_IN_DQ = dtype_name == "float64"
     # the row finish shared with the CPU path: the same Python source, compiled as device functions
     # (calling the CPU dispatchers from a kernel would need a CUDA driver to compile, even for PTX alone)
     log_partition_of_row = cuda.jit(device=True, inline=True)(_problem.log_partition_of_row.py_func)
@@ -260,7 +264,12 @@ def _build(dtype_name, energy):
 
     @cuda.jit(device=True, inline=True)
     def _logit_of(prob, b, i, j, x):
-        """V1-V3 for the pair ``(i, j)`` of batch element ``b`` that takes part: the shared :func:`~iem_ref.accel._problem.logit`, in float64."""
+        """V1-V3 for the pair ``(i, j)`` of batch element ``b`` that takes part: the shared :func:`~iem_ref.accel._problem.logit`.
+
+        The soft-cap runs in the kernel's dtype (a float64 ``tanh`` in the
+        float32 kernels cost registers they do not have: ``dq`` spilled),
+        the priors are added in float64, the logit rounded once.
+        """
         bias = f64(0.0)
         if prob.has_bias:
             BI, bio, bir, bic = prob.bias
@@ -268,7 +277,7 @@ def _build(dtype_name, energy):
         alibi = f64(0.0)
         if prob.has_alibi:
             alibi = -prob.slopes[b, i] * abs(prob.keys[i, 2] - j)  # -slope |i' - j|
-        return ft(logit(f64(x), prob.softcap, bias, alibi))
+        return ft(logit(x, ft(prob.softcap), bias, alibi))
 
     @cuda.jit(device=True, inline=True)
     def _dropout_factor(prob, b, i, j):
@@ -281,11 +290,16 @@ def _build(dtype_name, energy):
         return ft(1.0 / prob.dropout_keep)
 
     @cuda.jit(device=True, inline=True)
+    def _logit_and_factor(prob, b, i, j, x):
+        """``(z, dz/dx)`` of a pair that takes part (V1-V3), the soft-cap's derivative ``1 - tanh(x / c)^2`` (1 without one)."""
+        return _logit_of(prob, b, i, j, x), _softcap_factor(prob, x)
+
+    @cuda.jit(device=True, inline=True)
     def _softcap_factor(prob, x):
         """V3's ``dz/dx = 1 - tanh(x / c)^2`` of an encoded score (1 without a soft-cap)."""
         if prob.softcap > 0.0:
-            t = math.tanh(f64(x) / prob.softcap)
-            return ft(1.0 - t * t)
+            t = math.tanh(x / ft(prob.softcap))
+            return ONE - t * t
         return ONE
 
     @cuda.jit(device=True, inline=True)
@@ -394,10 +408,14 @@ def _build(dtype_name, energy):
                         t = ZERO
                         if take:
                             t = _pair_score(sacc[a, c], Q, qob, qr, qc, b, i, j)
-                        x = _classify(t, take, scale)
-                        if take and prob.logits:
-                            x = _logit_of(prob, b, i, j, x)
-                        S[US(ty * RS + a), US(tx + TX * c)] = x
+                        S[US(ty * RS + a), US(tx + TX * c)] = _classify(t, take, scale)
+                if prob.logits:  # V1-V3, each thread on its own entries (a pass of its own: the score tile is dead there)
+                    for a in range(RS):
+                        i = r0 + ty * RS + a
+                        for c in range(CS):
+                            j = c0 + tx + TX * c
+                            if i < n and j < m:
+                                S[US(ty * RS + a), US(tx + TX * c)] = _logit_of(prob, b, i, j, S[US(ty * RS + a), US(tx + TX * c)])
                 cuda.syncthreads()  # S holds the tile's encoded scores
                 if tid < BR:  # M2: the new running maximum and the rescale factor of the old state
                     mt = NINF
@@ -498,7 +516,8 @@ def _build(dtype_name, energy):
         """G4, dq_i = scale * sum_j dX_ij k_j with dX_ij = dZ_ij = r_ij (<u_i, v_j> - delta_i); block per 32 queries.
 
         A soft-cap (V3) multiplies ``dZ`` by ``1 - tanh(x / c)^2`` (``dX``); with
-        a bias (V1) ``DZ (B, N, M)`` (float64) receives ``dZ``.  For
+        a bias (V1) and ``DZ_IN_DQ`` the first pass writes ``dZ`` to ``DZ``
+        (else :func:`dkv` does).  For
         ``SQEUCLIDEAN`` also ``- scale * q_i * C_i``, ``C_i = sum_j dX_ij``:
         ``RSUM_i`` (nonzero with sinks only, V5), or with a soft-cap summed
         here (``q_i`` taken as 0 where not finite).
@@ -525,7 +544,7 @@ def _build(dtype_name, energy):
         bacc = cuda.local.array((RS, CS), ft)
         oacc = cuda.local.array((RS, OC), ft)
         m_start, m_end = _key_range(r0, n, m, keys)
-        n_pass = max(prob.has_bias, (d + CW - 1) // CW)  # a bias's gradient needs the pass even without features
+        n_pass = max(prob.has_bias, (d + CW - 1) // CW)
         for p in range(n_pass):
             p0 = p * CW
             if tid < BR:
@@ -554,19 +573,18 @@ def _build(dtype_name, energy):
                         x = _classify(t, take, scale)
                         factor = ONE
                         if take and prob.logits:
-                            factor = _softcap_factor(prob, x)
-                            x = _logit_of(prob, b, i, j, x)
+                            x, factor = _logit_and_factor(prob, b, i, j, x)
                         w = _weight(x, lse, cnt)
                         bij = bacc[a, c]
                         if take and prob.has_keep:
                             bij = bij * _dropout_factor(prob, b, i, j)  # V8: b_ij = c_ij <u_i, v_j>
                         dz = ZERO if w == SENT else w * (bij - dl)
-                        if take and prob.has_bias and p == 0:
+                        if DZ_IN_DQ and take and prob.has_bias and p == 0:
                             DZ[b, i, j] = dz
                         S[US(ty * RS + a), US(tx + TX * c)] = w
                         Wt[US(ty * RS + a), US(tx + TX * c)] = dz * factor
                 cuda.syncthreads()  # S (flags) and Wt (dX) ready
-                if tid < BR and prob.softcap > 0.0:
+                if ENERGY == SQEUCLIDEAN and tid < BR and prob.softcap > 0.0:  # only K2's dq reads the row sums
                     s = xs_s[US(tid)]
                     for c in range(BC):
                         if S[US(tid), US(c)] != SENT:
@@ -590,8 +608,11 @@ def _build(dtype_name, energy):
                             DQ[b, i, col] = val
 
     @tiled
-    def dkv(prob, nkb, LSE, CNT, DEL, DK, DV):
+    def dkv(prob, nkb, LSE, CNT, DEL, DK, DV, DZ):
         """G4, per block of 32 keys: dv_j = sum_i r_ij u_i and dk_j = scale * sum_i dS_ij q_i.
+
+        With a bias (V1), unless ``DZ_IN_DQ``, the first pass also writes ``dZ``
+        to ``DZ (B, N, M)`` (float64; a pass with no ``dk`` column when ``D = 0``).
 
         For ``SQEUCLIDEAN`` also ``- scale * k_j * sum_i dS_ij`` (``k_j`` taken as 0 where not finite).
         Passes ``0 .. ceil(D/CW) - 1`` produce dk columns, the following ones dv columns.
@@ -620,7 +641,7 @@ def _build(dtype_name, energy):
         # the queries that see a key of the block: other query tiles are skipped
         n_start = first_position_above(keys, 1, r0)
         n_end = max(n_start, first_position_above(keys, 0, min(m, r0 + BR) - 1))
-        n_dk = (d + CW - 1) // CW
+        n_dk = max(prob.has_bias, (d + CW - 1) // CW)  # a bias's gradient needs a dk pass even without features
         n_pass = n_dk + (dv + CW - 1) // CW
         for p in range(n_pass):
             is_dk = p < n_dk
@@ -651,8 +672,7 @@ def _build(dtype_name, energy):
                         x = _classify(t, take, scale)
                         factor = ONE
                         if take and prob.logits:
-                            factor = _softcap_factor(prob, x)
-                            x = _logit_of(prob, b, i, j, x)
+                            x, factor = _logit_and_factor(prob, b, i, j, x)
                         w = _weight(x, lse, cnt)
                         cij = ONE
                         if take and prob.has_keep:
@@ -660,7 +680,13 @@ def _build(dtype_name, energy):
                         if not is_dk and cij == ZERO:
                             w = SENT  # a dropped pair's upstream gradient is never read
                         S[US(ty * RS + a), US(tx + TX * c)] = w
-                        Wt[US(ty * RS + a), US(tx + TX * c)] = w * (bacc[a, c] * cij - dl) * factor if is_dk else w * cij
+                        if is_dk:
+                            dz = ZERO if w == SENT else w * (bacc[a, c] * cij - dl)
+                            if not DZ_IN_DQ and take and prob.has_bias and p == 0:
+                                DZ[b, i, j] = dz
+                            Wt[US(ty * RS + a), US(tx + TX * c)] = dz * factor
+                        else:
+                            Wt[US(ty * RS + a), US(tx + TX * c)] = w * cij
                 cuda.syncthreads()  # S (flags) and Wt ready
                 if tid < BR:
                     s = rs_s[US(tid)]
@@ -743,8 +769,9 @@ def signatures(dtype_name, energy):
         "rowdot": (op, op, i64, i64, a2),
     }
     if energy != PRECOMPUTED:
-        sigs["dq"] = (p, i64, a2, a2, a2, a2, a3, types.Array(types.float64, 3, "C"))
-        sigs["dkv"] = (p, i64, a2, a2, a2, a3, a3)
+        dz = types.Array(types.float64, 3, "C")
+        sigs["dq"] = (p, i64, a2, a2, a2, a2, a3, dz)
+        sigs["dkv"] = (p, i64, a2, a2, a2, a3, a3, dz)
         sigs["group_sum"] = (a2, i64, a2)
     return {name: types.void(*args) for name, args in sigs.items()}
 

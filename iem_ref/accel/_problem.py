@@ -301,7 +301,7 @@ class DeviceProblem(NamedTuple):
     scale: float
     empty_nan: int
     sinks: object  # (B,) device array in the dtype: the sink logit (V5) of each flat batch element, -inf for none
-    logits: int  # any of V1-V3, as in Problem (the logits in float64, rounded once to the dtype)
+    logits: int  # any of V1-V3, as in Problem (the soft-cap in the dtype, the priors added in float64, rounded once)
     softcap: float  # float64; 0: none
     bias: Operand  # (B, N, M) float64 strided view (V1)
     has_bias: int

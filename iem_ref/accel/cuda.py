@@ -349,8 +349,8 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
         Output of a row with no key that takes part (its log-partition is ``-inf``).
     bias, alibi_slopes, softcap : optional
         The logits' variants (V1-V3, :func:`iem_ref.attention`): each score becomes its logit pair by
-        pair, in float64, rounded once to the dtype; the bias (NumPy, float64) is read in place
-        through its strides.
+        pair (the soft-cap in the dtype, the priors added in float64, rounded once to the dtype); the
+        bias (NumPy, float64) is read in place through its strides.
     window : (left, right), optional
         The sliding window (V4, :func:`iem_ref.attention`): key tiles outside it are never computed.
     enable_gqa : bool
@@ -537,8 +537,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     DZ = cuda.to_device(np.zeros((bf, n, m) if inp.bias is not None and bf * n * m else (1, 1, 1)))  # V1: dZ, float64
     if bf * nqb > 0 and (d > 0 or inp.bias is not None):
         _launch(kern.dq, bf * nqb, _k.NT, prob, nqb, LSE, CNT, DEL, RSUM, DQ, DZ)
-    if bf * nkb > 0 and d + dv > 0:
-        _launch(kern.dkv, bf * nkb, _k.NT, prob, nkb, LSE, CNT, DEL, DK, DV)
+    if bf * nkb > 0 and (d + dv > 0 or inp.bias is not None):
+        _launch(kern.dkv, bf * nkb, _k.NT, prob, nkb, LSE, CNT, DEL, DK, DV, DZ)
     kv_batch = batch
     if inp.group > 1:  # V6: each key/value head's gradient is the sum over its group's query heads
         kv_batch = inp.k_heads.shape[:-2]
