@@ -375,6 +375,12 @@ def run(args):
     print(f"wrote {args.out}")
 
 
+def blas_line(m):
+    """The results page's line naming the BLAS libraries threadpoolctl found (and the kernels they picked), from the machine record."""
+    found = m.get("blas") or ["not recorded"]
+    return f"BLAS (threadpoolctl): {'; '.join(found)}; the kernels call SciPy's (`libscipy_openblas`; NumPy's is `libscipy_openblas64_`)."
+
+
 def table(result):
     """Markdown tables (one row per case) from a bench_cpu JSON result."""
     lines = []
@@ -382,6 +388,7 @@ def table(result):
     lines.append(f"Machine: {m.get('cpu', '?')} ({m.get('cpu_family_model', '?')}, {m.get('vector_isa', '?')}, L2 {m.get('l2_per_core', '?')} per core), "
                  f"{m.get('cores')} cores, {m.get('memory_gb')} GiB; Python {m.get('python')}, "
                  f"NumPy {m.get('numpy')}, SciPy {m.get('scipy')}, Numba {m.get('numba')}, torch {m.get('torch')}.")
+    lines.append(blas_line(m))
     lines.append(f"Command: `{result['command']}`; median of {result.get('rounds', 1)} rounds x {result['repeats']} runs (each round: one process per path, "
                  "a warm-up call, then the timed calls; the paths take turns); "
                  f"load average (1 min) at start {result.get('loadavg_start', ['?'])[0]}, at end {(result.get('loadavg_end') or ['?'])[0]}.")

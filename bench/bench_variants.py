@@ -268,10 +268,13 @@ def run(args):
 
 
 def table(result):
+    from bench_cpu import blas_line
+
     m = result["machine"]
     lines = [
         f"Machine: {m.get('cpu', '?')} ({m.get('cpu_family_model', '?')}, {m.get('vector_isa', '?')}, L2 {m.get('l2_per_core', '?')} per core), "
         f"{m.get('cores')} cores; NumPy {m.get('numpy')}, Numba {m.get('numba')}, torch {m.get('torch')}.",
+        blas_line(m),
         f"Command: `{result['command']}`; median of {result['rounds']} rounds x {result['repeats']} runs, one process per path and round, "
         f"the paths taking turns; load average (1 min) at start {result['loadavg_start'][0]}, at end {result['loadavg_end'][0]}.",
         "",

@@ -94,6 +94,29 @@ def make_inputs(rng, shape, dtype, spread=1.0):
     return rand(rng, bq + (N, D), dtype, spread), rand(rng, bk + (M, D), dtype, spread), rand(rng, bv + (M, Dv), dtype)
 
 
+def agrees_forward(path, q, k, v, dtype, what, **kw):
+    """The path's ``(a, L)`` within the bounds of the reference's, with its shapes and empty rows; returns ``(a, L, bounds)``."""
+    a, L = path.mod.attention(q, k, v, return_lse=True, **kw)
+    a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, **kw)
+    assert a.shape == a_ref.shape and L.shape == L_ref.shape, f"{path.name} {what}: {a.shape}, {L.shape}"
+    assert np.array_equal(np.isneginf(L), np.isneginf(L_ref)), f"{path.name} {what}: empty rows"
+    assert_within(a, a_ref, fb.a, f"{path.name} a {what}")
+    assert_within(L, L_ref, fb.L, f"{path.name} L {what}")
+    return a, L, fb
+
+
+def agrees_backward(path, q, k, v, gout, dtype, forward, what, **kw):
+    """The path's gradients from the saved ``forward = (a, L, bounds)`` within their bounds: ``dq, dk, dv``, then ``dbias`` and ``dsinks`` when given."""
+    a, L, fb = forward
+    refs, bnds = vjp_bounds(path, q, k, v, gout, dtype, fb, **kw)
+    grads = path.mod.attention_vjp(q, k, v, gout, out=a, lse=L, **kw)
+    names = ("dq", "dk", "dv") + (("dbias",) if kw.get("bias") is not None else ()) + (("dsinks",) if kw.get("sinks") is not None else ())
+    assert len(grads) == len(names) and all(g.dtype == dtype for g in grads), f"{path.name} {what}: {len(grads)} gradients"
+    for name, got, ref, bound in zip(names, grads, refs, bnds):
+        assert got.shape == ref.shape, f"{path.name} {name}: {got.shape} != {ref.shape}"
+        assert_within(got, ref, bound, f"{path.name} {name} {what}")
+
+
 # --- forward --------------------------------------------------------------------------
 @pytest.mark.equation("A1", "A3", "A4", "T1", "M1", "M2")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -195,17 +218,11 @@ def test_attention_window(path, rng, dtype, energy):
                  dict(window=(2 * w, w), is_causal=True, mask=rng.random((N, M)) < 0.8), dict(window=(0, 0)),
                  dict(window=(0, 0), causal_alignment="bottom_right")]  # N > M: the first N - M rows see no key
         for n_case, kw in enumerate(cases):
-            a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True, **kw)
-            a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)
-            assert np.array_equal(np.isneginf(L), np.isneginf(L_ref)), f"{path.name} {shape} {kw}: empty rows"
-            assert_within(a, a_ref, fb.a, f"{path.name} a {shape} {sorted(kw)}")
-            assert_within(L, L_ref, fb.L, f"{path.name} L {shape} {sorted(kw)}")
+            what = f"{shape} {sorted(kw)}"
+            fwd = agrees_forward(path, q, k, v, dtype, what, energy=energy, **kw)
             if path.small and n_case % 2:
                 continue  # the simulator: about 10 s per backward here
-            refs, bnds = vjp_bounds(path, q, k, v, gout, dtype, fb, energy=energy, **kw)
-            grads = path.mod.attention_vjp(q, k, v, gout, energy=energy, out=a, lse=L, **kw)
-            for name, got, ref, bound in zip(("dq", "dk", "dv"), grads, refs, bnds):
-                assert_within(got, ref, bound, f"{path.name} {name} {shape} {sorted(kw)}")
+            agrees_backward(path, q, k, v, gout, dtype, fwd, what, energy=energy, **kw)
 
 
 @pytest.mark.equation("V6", "G4")
@@ -233,19 +250,11 @@ def test_attention_grouped_query_heads(path, rng, dtype, energy):
                  dict(mask=rng.random((B, 1, N, M)) < 0.7),
                  dict(mask=rng.random((B, hq, N, M)) < 0.7, is_causal=True)]
         for n_case, kw in enumerate(cases):
-            a, L = path.mod.attention(q, k, v, energy=energy, enable_gqa=True, return_lse=True, **kw)
-            a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy, enable_gqa=True, **kw)
-            assert a.shape == a_ref.shape and L.shape == L_ref.shape
-            assert np.array_equal(np.isneginf(L), np.isneginf(L_ref)), f"{path.name} {hq}/{hkv} {kw}: empty rows"
-            assert_within(a, a_ref, fb.a, f"{path.name} a {hq}/{hkv} {sorted(kw)}")
-            assert_within(L, L_ref, fb.L, f"{path.name} L {hq}/{hkv} {sorted(kw)}")
+            what = f"{hq}/{hkv} {sorted(kw)}"
+            fwd = agrees_forward(path, q, k, v, dtype, what, energy=energy, enable_gqa=True, **kw)
             if path.small and n_case % 2:
                 continue  # the simulator: about 10 s per backward here
-            refs, bnds = vjp_bounds(path, q, k, v, gout, dtype, fb, energy=energy, enable_gqa=True, **kw)
-            grads = path.mod.attention_vjp(q, k, v, gout, energy=energy, enable_gqa=True, out=a, lse=L, **kw)
-            for name, got, ref, bound in zip(("dq", "dk", "dv"), grads, refs, bnds):
-                assert got.shape == ref.shape, f"{path.name} {name}: {got.shape} != {ref.shape}"
-                assert_within(got, ref, bound, f"{path.name} {name} {hq}/{hkv} {sorted(kw)}")
+            agrees_backward(path, q, k, v, gout, dtype, fwd, what, energy=energy, enable_gqa=True, **kw)
 
 
 @pytest.mark.equation("V1", "V2", "V3", "G4")
@@ -283,20 +292,11 @@ def test_attention_logits(path, rng, dtype, energy):
         if hkv != H:
             cases = [dict(c, enable_gqa=True) for c in cases]
         for n_case, kw in enumerate(cases):
-            a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True, **kw)
-            a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)
-            assert np.array_equal(np.isneginf(L), np.isneginf(L_ref)), f"{path.name} {sorted(kw)}: empty rows"
-            assert_within(a, a_ref, fb.a, f"{path.name} a {H}/{hkv} {sorted(kw)}")
-            assert_within(L, L_ref, fb.L, f"{path.name} L {H}/{hkv} {sorted(kw)}")
+            what = f"{H}/{hkv} {sorted(kw)}"
+            fwd = agrees_forward(path, q, k, v, dtype, what, energy=energy, **kw)
             if path.small and n_case % 2:
                 continue  # the simulator: about 10 s per backward here
-            refs, bnds = vjp_bounds(path, q, k, v, gout, dtype, fb, energy=energy, **kw)
-            grads = path.mod.attention_vjp(q, k, v, gout, energy=energy, out=a, lse=L, **kw)
-            names = ("dq", "dk", "dv") + (("dbias",) if "bias" in kw else ()) + (("dsinks",) if "sinks" in kw else ())
-            assert len(grads) == len(names) and all(g.dtype == dtype for g in grads)
-            for name, got, ref, bound in zip(names, grads, refs, bnds):
-                assert got.shape == ref.shape, f"{path.name} {name}: {got.shape} != {ref.shape}"
-                assert_within(got, ref, bound, f"{path.name} {name} {H}/{hkv} {sorted(kw)}")
+            agrees_backward(path, q, k, v, gout, dtype, fwd, what, energy=energy, **kw)
 
 
 @pytest.mark.equation("V8", "G4")
@@ -326,18 +326,11 @@ def test_attention_dropout(path, rng, dtype, energy):
         if hkv != H:
             cases = [dict(c, enable_gqa=True) for c in cases]
         for n_case, kw in enumerate(cases):
-            a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True, **kw)
-            a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)
-            assert_within(a, a_ref, fb.a, f"{path.name} a {H}/{hkv} {sorted(kw)}")
-            assert_within(L, L_ref, fb.L, f"{path.name} L {H}/{hkv} {sorted(kw)}")
+            what = f"{H}/{hkv} {sorted(kw)}"
+            fwd = agrees_forward(path, q, k, v, dtype, what, energy=energy, **kw)
             if path.small and n_case % 2:
                 continue  # the simulator: about 10 s per backward here
-            refs, bnds = vjp_bounds(path, q, k, v, gout, dtype, fb, energy=energy, **kw)
-            grads = path.mod.attention_vjp(q, k, v, gout, energy=energy, out=a, lse=L, **kw)
-            names = ("dq", "dk", "dv") + (("dbias",) if "bias" in kw else ()) + (("dsinks",) if "sinks" in kw else ())
-            assert len(grads) == len(names)
-            for name, got, ref, bound in zip(names, grads, refs, bnds):
-                assert_within(got, ref, bound, f"{path.name} {name} {H}/{hkv} {sorted(kw)}")
+            agrees_backward(path, q, k, v, gout, dtype, fwd, what, energy=energy, **kw)
     q, k, v = make_inputs(rng, ((), (), (), 3, 5, 2, 2), dtype)
     keep = np.ones((3, 5), bool)
     keep[:, 1] = False
@@ -411,18 +404,11 @@ def test_attention_packed_segments(path, rng, dtype, energy):
             cases = [dict(c, enable_gqa=True) for c in cases]
         for n_case, kw in enumerate(cases):
             kw.update(seg)
-            a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True, **kw)
-            a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)
-            assert np.array_equal(np.isneginf(L), np.isneginf(L_ref)), f"{path.name} {kw}: empty rows"
-            assert_within(a, a_ref, fb.a, f"{path.name} a {H}/{hkv} {sorted(kw)}")
-            assert_within(L, L_ref, fb.L, f"{path.name} L {H}/{hkv} {sorted(kw)}")
+            what = f"{H}/{hkv} {sorted(kw)}"
+            fwd = agrees_forward(path, q, k, v, dtype, what, energy=energy, **kw)
             if path.small and n_case % 2:
                 continue  # the simulator: about 10 s per backward here
-            refs, bnds = vjp_bounds(path, q, k, v, gout, dtype, fb, energy=energy, **kw)
-            grads = path.mod.attention_vjp(q, k, v, gout, energy=energy, out=a, lse=L, **kw)
-            for name, got, ref, bound in zip(("dq", "dk", "dv"), grads, refs, bnds):
-                assert got.shape == ref.shape, f"{path.name} {name}: {got.shape} != {ref.shape}"
-                assert_within(got, ref, bound, f"{path.name} {name} {H}/{hkv} {sorted(kw)}")
+            agrees_backward(path, q, k, v, gout, dtype, fwd, what, energy=energy, **kw)
 
 
 @pytest.mark.equation("V5", "G6")
@@ -455,20 +441,14 @@ def test_attention_sinks(path, rng, dtype, energy):
         if hkv != H:
             cases = [dict(c, enable_gqa=True) for c in cases]
         for n_case, kw in enumerate(cases):
-            a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True, **kw)
-            a_ref, L_ref, fb = attention_bounds(path, q, k, v, dtype, energy=energy, **kw)
-            assert_within(a, a_ref, fb.a, f"{path.name} a {H}/{hkv} {sorted(kw)}")
-            assert_within(L, L_ref, fb.L, f"{path.name} L {H}/{hkv} {sorted(kw)}")
+            what = f"{H}/{hkv} {sorted(kw)}"
+            fwd = agrees_forward(path, q, k, v, dtype, what, energy=energy, **kw)
             if "mask" in kw:  # rows without a key: output 0, log-partition = the sink's logit
-                gone = ~empty.any(axis=-1)
+                a, L, gone = fwd[0], fwd[1], ~empty.any(axis=-1)
                 assert (a[:, gone] == 0).all() and np.array_equal(L[:, gone], np.broadcast_to(sinks.astype(dtype)[:, None], L[:, gone].shape))
             if path.small and n_case % 2:
                 continue  # the simulator: about 10 s per backward here
-            refs, bnds = vjp_bounds(path, q, k, v, gout, dtype, fb, energy=energy, **kw)
-            grads = path.mod.attention_vjp(q, k, v, gout, energy=energy, out=a, lse=L, **kw)
-            assert len(grads) == 4 and grads[3].shape == sinks.shape and grads[3].dtype == dtype
-            for name, got, ref, bound in zip(("dq", "dk", "dv", "dsinks"), grads, refs, bnds):
-                assert_within(got, ref, bound, f"{path.name} {name} {H}/{hkv} {sorted(kw)}")
+            agrees_backward(path, q, k, v, gout, dtype, fwd, what, energy=energy, **kw)
 
 
 @pytest.mark.equation("V5")

@@ -415,11 +415,17 @@ def _key_tiles(h, i0, i1, j0, j1, bk):
 
 
 @njit(**INNER)
+def _own_at(x, group, i, j):
+    """Entry ``(i, j)`` of a per-pair array kept as its own data (bias, dropout mask): an axis of length 1 is broadcast; rows read ``i // group``."""
+    return x[i // group if x.shape[0] > 1 else 0, j if x.shape[1] > 1 else 0]
+
+
+@njit(**INNER)
 def _pair_logit(h, x, i, j):
     """V1-V3 for query row ``i`` and key ``j`` of the head ``h``: :func:`~iem_ref.accel._problem.logit` with the pair's bias and ALiBi prior."""
     bias = 0.0
-    if h.has_bias:  # the bias's own data: an axis it broadcasts over has length 1
-        bias = h.bias[i // h.bias_group if h.bias.shape[0] > 1 else 0, j if h.bias.shape[1] > 1 else 0]
+    if h.has_bias:
+        bias = _own_at(h.bias, h.bias_group, i, j)
     alibi = 0.0
     if h.has_alibi:
         alibi = -h.slopes[i] * abs(h.keys[i // h.group, 2] - j)  # -slope |i' - j|
@@ -429,7 +435,7 @@ def _pair_logit(h, x, i, j):
 @njit(**INNER)
 def _kept(h, i, j):
     """V8: the dropout mask of query row ``i`` and key ``j`` (True = kept), read from its own data."""
-    return h.keep[i // h.keep_group if h.keep.shape[0] > 1 else 0, j if h.keep.shape[1] > 1 else 0]
+    return _own_at(h.keep, h.keep_group, i, j)
 
 
 @njit(**INNER)
@@ -1033,6 +1039,7 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq, dz):
     acc = np.zeros((bq, D), dtype=np.float64)
     F = np.empty((bq if h.softcap > 0.0 else 0, bk_max), dtype=q.dtype)
     xsum = np.zeros(bq, dtype=np.float64)  # sum_j dX_ij, for K2 with a soft-cap
+    nopart = np.empty((0, 0), dtype=np.bool_)
     start, end = _key_tiles(h, i0, i1, 0, M, bk_max)
     for jb in range(start, end, bk_max):
         bk = min(bk_max, M - jb)
@@ -1043,7 +1050,7 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq, dz):
             Bt[:, :] = 0.0
         nk = _rows_flags(k, jb, bk, kflag) if h.energy != PRECOMPUTED else 0
         if h.has_keep:  # V8: b_ij = c_ij <u_i, v_j>
-            _dropout_factors(h, Bt, bq, bk, i0, jb, np.empty((0, 0), dtype=np.bool_))
+            _dropout_factors(h, Bt, bq, bk, i0, jb, nopart)
         _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nk > 0)
         if h.logits:
             _logit_grads(h, Bt, F, bq, bk, i0, jb, dz)

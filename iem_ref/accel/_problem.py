@@ -49,6 +49,7 @@ __all__ = [
     "UNBOUNDED",
     "band",
     "key_ranges",
+    "own_data",
     "segment_args",
     "slopes_per_row",
     "first_position_above",
@@ -124,6 +125,17 @@ def key_ranges(n, m, left=UNBOUNDED, right=UNBOUNDED, offset=0, cu_seqlens=None,
     lo = np.minimum(np.maximum(at - left, first), end)
     hi = np.minimum(np.maximum(at + right + 1, lo), end)
     return np.ascontiguousarray(np.stack([lo, hi, at], axis=-1).reshape(n, 3))
+
+
+def own_data(x):
+    """The data a broadcast view ``x`` holds: each axis of stride 0 cut to length 1 (a view; the kernels read such an axis at index 0).
+
+    Examples
+    --------
+    >>> own_data(np.broadcast_to(np.arange(3.0), (4, 3))).shape
+    (1, 3)
+    """
+    return x[tuple(slice(0, 1) if st == 0 else slice(None) for st in x.strides)]
 
 
 def segment_args(inp):

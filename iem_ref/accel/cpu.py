@@ -78,6 +78,7 @@ from ._problem import (
     Problem,
     band,
     key_ranges,
+    own_data,
     problem_type,
     segment_args,
     sink_responsibility,
@@ -371,7 +372,7 @@ def _dropout_fields(inp, groups, batch):
 def _own_data(x, batch, dtype=np.float64):
     """``x`` broadcast to ``batch + (R, C)`` as its own data: ``(Bx, R', C')`` C-contiguous (an axis of stride 0 kept at length 1) and the map flat batch -> ``Bx``."""
     x = np.broadcast_to(x, batch + x.shape[-2:])
-    own = np.ascontiguousarray(x[tuple(slice(0, 1) if st == 0 else slice(None) for st in x.strides)], dtype=dtype)
+    own = np.ascontiguousarray(own_data(x), dtype=dtype)
     lead = own.shape[:-2]
     nb = int(np.prod(lead, dtype=np.int64))
     idx = np.broadcast_to(np.arange(nb, dtype=np.int64).reshape(lead), batch).reshape(-1)

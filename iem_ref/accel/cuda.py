@@ -66,6 +66,7 @@ from ._problem import (
     Operand,
     band,
     key_ranges,
+    own_data,
     segment_args,
     sink_responsibility,
     slopes_per_row,
@@ -291,8 +292,7 @@ def _dropout_fields(inp, batch, bf):
     """The :class:`~iem_ref.accel._problem.DeviceProblem`'s fields of V8: ``(keep, has_keep, dropout_keep)``, the mask read in place."""
     if inp is None or inp.keep is None:
         return _placeholder(bf, np.uint8), 0, 1.0
-    own = inp.keep[tuple(slice(0, 1) if st == 0 else slice(None) for st in inp.keep.strides)]
-    return _operand(own, batch, None, mask=True), 1, 1.0 - inp.dropout_p
+    return _operand(own_data(inp.keep), batch, None, mask=True), 1, 1.0 - inp.dropout_p
 
 
 def _logit_fields(inp, batch, bf, n):
@@ -303,9 +303,8 @@ def _logit_fields(inp, batch, bf, n):
     if inp is None:
         return 0, 0.0, _placeholder(bf, np.float64), 0, cuda.to_device(np.zeros((1, 1))), 0
     bias = _placeholder(bf, np.float64)
-    if inp.bias is not None:  # its own data (an axis of stride 0 kept at length 1): no N x M copy when it broadcasts
-        own = inp.bias[tuple(slice(0, 1) if st == 0 else slice(None) for st in inp.bias.strides)]
-        bias = _operand(own, batch, np.float64)
+    if inp.bias is not None:  # its own data: no N x M copy when it broadcasts
+        bias = _operand(own_data(inp.bias), batch, np.float64)
     slopes = np.zeros((1, 1))
     if inp.slopes is not None:
         per_row = slopes_per_row(inp)
