@@ -62,6 +62,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+#: OpenBLAS's settings that override what it reads from the CPU: its kernel set and its L2 size.
+OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def openblas_detects(env):
+    """``env`` without :data:`OPENBLAS_OVERRIDES`: OpenBLAS picks its kernels and blocking for the CPU it runs on."""
+    return {k: v for k, v in env.items() if k not in OPENBLAS_OVERRIDES}
+
+
+def kernels_blas():
+    """The BLAS the CPU kernels call (SciPy's OpenBLAS) and the kernel set it picked, as threadpoolctl reports them."""
+    try:
+        import scipy.linalg  # noqa: F401
+        import threadpoolctl
+    except ImportError:
+        return None
+    for i in threadpoolctl.threadpool_info():
+        if i.get("user_api") == "blas" and os.path.basename(i["filepath"]).startswith("libscipy_openblas-"):
+            return f"{i['internal_api']} {i['version']} ({i.get('architecture')})"
+    return None
+
+
 # --- the worker: one (case, path) in this process -------------------------------------
 def _status(key):
     with open("/proc/self/status") as f:
@@ -186,6 +208,8 @@ def worker(case, path, repeats):
         res.update(first_s=first, times_s=times)
     if can_peak:
         res["peak_extra_mb"] = (_status("VmHWM:") - base) / 2**20
+    if path in ("cpu", "baseline", "roof"):
+        res["blas"] = kernels_blas()
     res["inputs_mb"] = sum(x.nbytes for x in (q, k, v, u)) / 2**20
     return res
 
@@ -320,17 +344,19 @@ def run(args):
     if "baseline" in paths and not args.baseline:
         raise SystemExit("--paths baseline needs --baseline DIR (another checkout of this repository)")
     result = {"machine": machine(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "repeats": args.repeats, "rounds": args.rounds,
-              "loadavg_start": _loadavg(), "cases": [], "notes": []}
+              "loadavg_start": _loadavg(), "cases": [], "notes": [], "openblas": args.openblas,
+              "openblas_environment": {k: os.environ[k] for k in OPENBLAS_OVERRIDES if k in os.environ}}
     if args.baseline:
         rev = subprocess.run(["git", "-C", args.baseline, "log", "-1", "--format=%h %s"], capture_output=True, text=True)
         result["baseline"] = {"dir": os.path.abspath(args.baseline), "commit": rev.stdout.strip() or None}
     if not have_torch:
         result["notes"].append("torch is not installed: no torch column (pip install -e '.[bench]')")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    base_env = openblas_detects(os.environ) if args.openblas == "detected" else dict(os.environ)
+    env = dict(base_env, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     envs = {path: env for path in paths}
     if args.baseline:
-        envs["baseline"] = dict(os.environ, PYTHONPATH=os.path.abspath(args.baseline) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        envs["baseline"] = dict(base_env, PYTHONPATH=os.path.abspath(args.baseline) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for case in cases(args.quick, args.kinds):
         entry = dict(case, loadavg_before=_loadavg(), results={})
         got = {path: [] for path in paths}
@@ -375,10 +401,21 @@ def run(args):
     print(f"wrote {args.out}")
 
 
-def blas_line(m):
-    """The results page's line naming the BLAS libraries threadpoolctl found (and the kernels they picked), from the machine record."""
+def blas_line(m, result=None):
+    """The results page's line naming the BLAS libraries threadpoolctl found (and the kernels they picked), from the machine record.
+
+    With a whole ``result``, also the OpenBLAS settings the workers ran with
+    and the kernel set the kernels' OpenBLAS picked in them.
+    """
     found = m.get("blas") or ["not recorded"]
-    return f"BLAS (threadpoolctl): {'; '.join(found)}; the kernels call SciPy's (`libscipy_openblas`; NumPy's is `libscipy_openblas64_`)."
+    line = f"BLAS (threadpoolctl): {'; '.join(found)}; the kernels call SciPy's (`libscipy_openblas`; NumPy's is `libscipy_openblas64_`)."
+    if result is None or "openblas" not in result:
+        return line
+    env = ", ".join(f"`{k}={v}`" for k, v in result.get("openblas_environment", {}).items()) or "no OpenBLAS overrides"
+    picked = sorted({r["blas"] for c in result["cases"] for p, r in c["results"].items() if r.get("blas")})
+    how = ("removed for the workers (`--openblas detected`): OpenBLAS read the CPU itself" if result["openblas"] == "detected"
+           else "kept for the workers")
+    return line + f"  Environment: {env}, {how}; in the workers the kernels' OpenBLAS ran {', '.join(picked) or 'not recorded'}."
 
 
 def table(result):
@@ -388,7 +425,7 @@ def table(result):
     lines.append(f"Machine: {m.get('cpu', '?')} ({m.get('cpu_family_model', '?')}, {m.get('vector_isa', '?')}, L2 {m.get('l2_per_core', '?')} per core), "
                  f"{m.get('cores')} cores, {m.get('memory_gb')} GiB; Python {m.get('python')}, "
                  f"NumPy {m.get('numpy')}, SciPy {m.get('scipy')}, Numba {m.get('numba')}, torch {m.get('torch')}.")
-    lines.append(blas_line(m))
+    lines.append(blas_line(m, result))
     lines.append(f"Command: `{result['command']}`; median of {result.get('rounds', 1)} rounds x {result['repeats']} runs (each round: one process per path, "
                  "a warm-up call, then the timed calls; the paths take turns); "
                  f"load average (1 min) at start {result.get('loadavg_start', ['?'])[0]}, at end {(result.get('loadavg_end') or ['?'])[0]}.")
@@ -437,6 +474,9 @@ def main(argv=None):
     p.add_argument("--kinds", nargs="+", choices=["forward", "backward", "decode"],
                    help="which cases (default: forward and decode with --quick, all with --full)")
     p.add_argument("--baseline", metavar="DIR", help="another checkout of this repository, timed as the path 'baseline'")
+    p.add_argument("--openblas", choices=["environment", "detected"], default="environment",
+                   help="the worker processes' OpenBLAS: as the environment configures it (default), or 'detected': "
+                        "without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, so that it picks its kernels for this CPU")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per path and round (after one warm-up call)")
     p.add_argument("--rounds", type=int, default=3, help="rounds: every path runs once per round, in turn (the reference only in the first)")
     p.add_argument("--max-ref-gb", type=float, default=8.0)
