@@ -44,6 +44,18 @@ Usage::
 The machine (CPU model, cores, memory, library versions) and ``/proc/loadavg``
 before and after every case are recorded in the JSON: other processes on the
 machine inflate timings, so check the load.
+
+BLAS: the kernels' tiles are SciPy's OpenBLAS GEMMs, whose speed depends on
+the kernel set OpenBLAS runs (on the AVX-512 AMD EPYC of
+``bench/results/gemm_cores.md`` its AVX-512 ``SkylakeX`` kernels are 1.5x
+(float64) and 1.8x (float32) faster than its AVX2 ``Haswell`` ones on these
+tiles).  OpenBLAS picks the set from the CPU unless
+``OPENBLAS_CORETYPE`` names one.  The workers run with the environment as
+given (``--openblas environment``) or without OpenBLAS's overrides
+(``--openblas detected``); each records the set its kernels ran.  With
+``detected`` the roof's GEMMs run OpenBLAS's own choice for the CPU;
+``gemm_cores.py`` says whether another GEMM on the host (MKL, torch's) is
+faster on the same tiles, i.e. whether that roof is the machine's limit.
 """
 
 from __future__ import annotations
@@ -291,6 +303,13 @@ def machine():
         info["numba_threads"] = numba.config.NUMBA_NUM_THREADS
     except Exception:  # noqa: BLE001
         pass
+    try:  # torch's build: the BLAS and the vector width its CPU kernels use
+        import torch
+
+        info["torch_build"] = (f"MKL {torch.backends.mkl.is_available()}, oneDNN {torch.backends.mkldnn.is_available()}, "
+                               f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    except Exception:  # noqa: BLE001 - optional
+        pass
     try:  # the BLAS the kernels call (SciPy's, through Numba) and the kernels it picked for this CPU
         import scipy.linalg  # noqa: F401
         import threadpoolctl
@@ -408,7 +427,7 @@ def blas_line(m, result=None):
     and the kernel set the kernels' OpenBLAS picked in them.
     """
     found = m.get("blas") or ["not recorded"]
-    line = f"BLAS (threadpoolctl): {'; '.join(found)}; the kernels call SciPy's (`libscipy_openblas`; NumPy's is `libscipy_openblas64_`)."
+    line = f"BLAS in the driver process (threadpoolctl): {'; '.join(found)}; the kernels call SciPy's (`libscipy_openblas`; NumPy's is `libscipy_openblas64_`)."
     if result is None or "openblas" not in result:
         return line
     env = ", ".join(f"`{k}={v}`" for k, v in result.get("openblas_environment", {}).items()) or "no OpenBLAS overrides"
@@ -424,7 +443,8 @@ def table(result):
     m = result["machine"]
     lines.append(f"Machine: {m.get('cpu', '?')} ({m.get('cpu_family_model', '?')}, {m.get('vector_isa', '?')}, L2 {m.get('l2_per_core', '?')} per core), "
                  f"{m.get('cores')} cores, {m.get('memory_gb')} GiB; Python {m.get('python')}, "
-                 f"NumPy {m.get('numpy')}, SciPy {m.get('scipy')}, Numba {m.get('numba')}, torch {m.get('torch')}.")
+                 f"NumPy {m.get('numpy')}, SciPy {m.get('scipy')}, Numba {m.get('numba')}, torch {m.get('torch')}"
+                 + (f" ({m['torch_build']})." if m.get("torch_build") else "."))
     lines.append(blas_line(m, result))
     lines.append(f"Command: `{result['command']}`; median of {result.get('rounds', 1)} rounds x {result['repeats']} runs (each round: one process per path, "
                  "a warm-up call, then the timed calls; the paths take turns); "

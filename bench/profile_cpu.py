@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -45,6 +44,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from iem_ref.accel import cpu  # noqa: E402
 from iem_ref.accel._cpu_kernels import _NOTRANS, _TRANS, _exp_shift_sum, _row_max, gemm  # noqa: E402
 from iem_ref.accel._fastexp import like  # noqa: E402
+import bench_cpu  # noqa: E402
 from roofs import gemm_roof  # noqa: E402
 
 GEMM, MAX, EXP, RESCALE = 0, 1, 2, 4
@@ -103,6 +103,13 @@ def _inputs(dtype, N, M, D):
     return tuple(rng.standard_normal((n, D)).astype(dtype) for n in (N, M, M))
 
 
+#: Pause before every timed call.  The skeleton runs under Numba's ``prange``, whose OpenMP threads
+#: spin for a while after a parallel region; a call started at once shares the cores with them
+#: (on a 2-core AVX-512 EPYC the kernel took 37 ms right after the skeleton, 33 ms after a pause,
+#: and 33 ms alone in its own process).
+SETTLE_S = 0.2
+
+
 def _interleaved(variants, rounds):
     """``{name: [ms per round]}``: each variant once per round, after one warm-up call each."""
     for f in variants.values():
@@ -110,6 +117,7 @@ def _interleaved(variants, rounds):
     times = {name: [] for name in variants}
     for _ in range(rounds):
         for name, f in variants.items():
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             f()
             times[name].append((time.perf_counter() - t0) * 1e3)
@@ -177,8 +185,12 @@ def tile_sweep(dtype, N, M, D, shapes, rounds):
 
 
 def markdown(res):
-    lines = [f"CPU profile, {res['machine']['cpu']}, {res['machine']['cores']} cores, N = M = {res['N']}, D = {res['D']}, "
-             f"median of {res['rounds']} interleaved rounds ({res['date']}).", ""]
+    m = res["machine"]
+    env = ", ".join(f"{k}={v}" for k, v in (m.get("openblas_environment") or {}).items()) or "none"
+    lines = [f"CPU profile, {m['cpu']} ({m.get('cpu_family_model', '?')}, {m.get('vector_isa', '?')}, L2 {m.get('l2_per_core', '?')} per core), "
+             f"{m['cores']} cores, N = M = {res['N']}, D = {res['D']}, median of {res['rounds']} interleaved rounds ({res['date']}).",
+             f"The kernels' BLAS: {m.get('kernels_blas', 'not recorded')} (OpenBLAS overrides in the environment: {env}); "
+             f"torch {m.get('torch')}" + (f" ({m['torch_build']})." if m.get("torch_build") else "."), ""]
     lines += ["| dtype | tiles | GEMMs | +max | +exp & row sum | +rescale | skeleton | kernel | torch SDPA | kernel / GEMMs | torch / kernel |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in res["profiles"]:
@@ -210,7 +222,8 @@ def main():
     shapes = {np.float64: [(128, 256), (256, 256), (512, 256), (512, 512), (1024, 256)],
               np.float32: [(256, 512), (512, 512), (512, 1024), (1024, 512)]}
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "N": N, "M": M, "D": args.d, "rounds": args.rounds,
-           "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "numpy": np.__version__},
+           "machine": dict(bench_cpu.machine(), kernels_blas=bench_cpu.kernels_blas(),
+                           openblas_environment={k: os.environ[k] for k in bench_cpu.OPENBLAS_OVERRIDES if k in os.environ}),
            "loadavg_before": open("/proc/loadavg").read().split()[:3]}
     res["profiles"] = [profile(dt, N, M, args.d, args.rounds) for dt in (np.float64, np.float32)]
     res["tiles"] = [tile_sweep(dt, N, M, args.d, shapes[dt], max(3, args.rounds // 2)) for dt in (np.float64, np.float32)]
@@ -222,17 +235,6 @@ def main():
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write(md)
     print(md)
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":
