@@ -1,4 +1,4 @@
-"""The ``iem-ref`` command: ``check`` (the main job), ``equations`` (the map) and ``warmup`` (compile the CPU kernels ahead of time)."""
+"""The ``iem-ref`` command: ``check`` (the main job), ``equations`` (the map), ``warmup`` (compile the CPU kernels ahead of time) and ``machine`` (what they run on)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,20 @@ def _warmup(args):
     return 0
 
 
+def _machine(args):
+    from .accel.machine import describe
+
+    info = describe()
+    blas = info["blas"] or {}
+    overrides = ", ".join(f"{k}={v}" for k, v in info["overrides"].items()) or "none"
+    print(f"CPU:      {info['cpu'] or '?'} ({info['vector']}), {info['cores']} cores, {info['numba_threads']} Numba threads")
+    print(f"BLAS:     {blas.get('library', '?')} {blas.get('version', '?')}, {blas.get('kernels', '?')} kernels ({blas.get('file', '?')})")
+    print(f"OpenBLAS overrides in the environment: {overrides}")
+    if info["advice"]:
+        print(f"note:     {info['advice']}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="iem-ref", description="The implicit-EM reference: check every equation, list the map.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +85,8 @@ def main(argv=None):
     p_eq.set_defaults(func=_equations)
     p_warm = sub.add_parser("warmup", help="compile and cache every CPU kernel ahead of time (NUMBA_CACHE_DIR sets where)")
     p_warm.set_defaults(func=_warmup)
+    p_machine = sub.add_parser("machine", help="what the CPU kernels run on: the CPU, the BLAS behind their tiles and its kernel set")
+    p_machine.set_defaults(func=_machine)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -291,9 +291,9 @@ def test_docstring_examples_run():
     """The accelerated modules' examples are executed (tests/test_doctests.py covers the reference)."""
     import doctest
 
-    from iem_ref.accel import _problem, _scalar
+    from iem_ref.accel import _problem, _scalar, machine
 
-    for mod in (cpu, _fastexp, _scalar, _problem):
+    for mod in (cpu, _fastexp, _scalar, _problem, machine):
         res = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert res.attempted > 0, f"{mod.__name__} has no examples"
         assert res.failed == 0, f"{mod.__name__}: {res.failed} of {res.attempted} examples failed"
@@ -371,6 +371,37 @@ def test_warmup_command_compiles_every_kernel(tmp_path):
         assert name in out.stdout, out.stdout
     assert out.stderr == "", out.stderr
     assert any(f.endswith(".nbi") for _, _, files in os.walk(tmp_path) for f in files)
+
+
+_AVX512 = {"avx2", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+
+
+@pytest.mark.parametrize("flags, architecture, environ, says", [
+    ({"avx2", "fma"}, "Haswell", {}, None),  # the CPU has nothing better
+    (_AVX512, "SkylakeX", {}, None),
+    (_AVX512, "SapphireRapids", {"OPENBLAS_CORETYPE": "SapphireRapids"}, None),
+    (_AVX512, None, {}, None),  # not OpenBLAS: nothing to say
+    ({"avx2", "avx512f"}, "Haswell", {}, None),  # AVX-512 without the subsets OpenBLAS's kernels need
+    (_AVX512, "Haswell", {"OPENBLAS_CORETYPE": "Haswell"}, "OPENBLAS_CORETYPE=Haswell makes OpenBLAS run its Haswell kernels"),
+    (_AVX512, "Zen", {}, "OPENBLAS_CORETYPE=SkylakeX, set before Python starts"),
+])
+def test_machine_advice_names_a_blas_below_the_cpu(flags, architecture, environ, says):
+    from iem_ref.accel.machine import advice
+
+    got = advice(flags, architecture, environ)
+    assert (got is None) if says is None else (says in got), got
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="OpenBLAS's x86 kernel sets")
+def test_machine_command_reports_the_kernel_set_in_use():
+    """``iem-ref machine`` reports the kernels OpenBLAS runs, an override of them, and the advice where the CPU has more."""
+    from iem_ref.accel.machine import AVX512_FLAGS, _cpu
+
+    env = dict(os.environ, OPENBLAS_CORETYPE="Haswell")
+    out = subprocess.run([sys.executable, "-m", "iem_ref.cli", "machine"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Haswell kernels" in out.stdout and "OPENBLAS_CORETYPE=Haswell" in out.stdout, out.stdout
+    assert ("note:" in out.stdout) == (AVX512_FLAGS <= _cpu()[1]), out.stdout
 
 
 def _is_jit(decorator):
