@@ -404,6 +404,34 @@ def test_machine_command_reports_the_kernel_set_in_use():
     assert ("note:" in out.stdout) == (AVX512_FLAGS <= _cpu()[1]), out.stdout
 
 
+def _openblas_sets():
+    """OpenBLAS's x86 kernel sets this CPU can run: AVX2's, and AVX-512's where the CPU has it."""
+    from iem_ref.accel.machine import AVX512_FLAGS, _cpu
+
+    flags = _cpu()[1]
+    return ["Haswell"] * ("avx2" in flags) + ["SkylakeX"] * (AVX512_FLAGS <= flags)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel_set", _openblas_sets())
+def test_agreement_under_each_openblas_kernel_set(kernel_set):
+    """The CPU kernels stay within the bounds whichever GEMM kernels OpenBLAS runs under their tiles.
+
+    A GEMM's summation order belongs to its kernel set (blocking, vector
+    width, FMA order); the bounds assume none.  The agreement suite's GEMM-heavy
+    tests run again in a process whose OpenBLAS was told the set.
+    """
+    env = dict(os.environ, OPENBLAS_CORETYPE=kernel_set)
+    check = subprocess.run([sys.executable, "-c", "from iem_ref.accel.machine import describe; print(describe()['blas']['kernels'])"],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert check.returncode == 0 and check.stdout.strip() == kernel_set, (check.stdout, check.stderr)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_agreement.py",
+                          "-k", "cpu and (random or vjp or decoding_split)"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]
+
+
 def _is_jit(decorator):
     """``@njit``, ``@njit(...)``, ``@numba.njit``, ``@cuda.jit(...)`` and the like."""
     node = decorator.func if isinstance(decorator, ast.Call) else decorator
