@@ -268,6 +268,9 @@ def _loadavg():
         return None
 
 
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
 def machine():
     info = {"platform": platform.platform(), "python": sys.version.split()[0], "cores": os.cpu_count()}
     try:
@@ -283,11 +286,20 @@ def machine():
         info["cpu_family_model"] = f"{fields.get('vendor_id')} family {fields.get('cpu family')} model {fields.get('model')}"
         flags = fields.get("flags", "").split()
         info["vector_isa"] = "avx512f" if "avx512f" in flags else ("avx2" if "avx2" in flags else "other")
-        try:
-            with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
-                info["l2_per_core"] = f.read().strip()
-        except OSError:
-            pass
+        info["isa_flags"] = [f for f in _ISA_FLAGS if f in flags]  # the ones the GEMMs and exp can use
+        caches = {}
+        for index in range(8):  # L1d, L1i, L2, L3 as the OS reports them for the first core
+            base = f"/sys/devices/system/cpu/cpu0/cache/index{index}/"
+            try:
+                with open(base + "level") as f, open(base + "type") as g, open(base + "size") as h:
+                    level, kind, size = f.read().strip(), g.read().strip(), h.read().strip()
+            except OSError:
+                continue
+            if kind != "Instruction":
+                caches[f"L{level}"] = size
+        info["caches"] = caches
+        if "L2" in caches:
+            info["l2_per_core"] = caches["L2"]
         with open("/proc/meminfo") as f:
             info["memory_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
     except OSError:
@@ -441,7 +453,8 @@ def table(result):
     """Markdown tables (one row per case) from a bench_cpu JSON result."""
     lines = []
     m = result["machine"]
-    lines.append(f"Machine: {m.get('cpu', '?')} ({m.get('cpu_family_model', '?')}, {m.get('vector_isa', '?')}, L2 {m.get('l2_per_core', '?')} per core), "
+    lines.append(f"Machine: {m.get('cpu', '?')} ({m.get('cpu_family_model', '?')}, {' '.join(m['isa_flags']) if m.get('isa_flags') else m.get('vector_isa', '?')}, "
+                 + (", ".join(f"{k} {v}" for k, v in m["caches"].items()) if m.get("caches") else f"L2 {m.get('l2_per_core', '?')} per core") + "), "
                  f"{m.get('cores')} cores, {m.get('memory_gb')} GiB; Python {m.get('python')}, "
                  f"NumPy {m.get('numpy')}, SciPy {m.get('scipy')}, Numba {m.get('numba')}, torch {m.get('torch')}"
                  + (f" ({m['torch_build']})." if m.get("torch_build") else "."))
