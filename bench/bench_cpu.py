@@ -74,7 +74,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-#: OpenBLAS's settings that override what it reads from the CPU: its kernel set and its L2 size.
+#: OpenBLAS's settings that override what it reads from the CPU: its kernel set and its L2 size.  The same
+#: names as ``iem_ref.accel.machine.OVERRIDES``, not imported: a baseline worker runs an older ``iem_ref``.
 OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 

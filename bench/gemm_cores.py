@@ -44,6 +44,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
+import bench_cpu  # noqa: E402  (the machine record and OpenBLAS's kernel set, as the CPU benchmark records them)
+
 _OPENBLAS_CORES = ("Haswell", "SkylakeX")
 _D = 64
 
@@ -106,21 +108,10 @@ def _calls(provider, dtype, bq, bk):
     raise ValueError(provider)
 
 
-def _core():
-    import threadpoolctl
-
-    import scipy.linalg  # noqa: F401  (loads SciPy's OpenBLAS)
-
-    for i in threadpoolctl.threadpool_info():
-        if i.get("internal_api") == "openblas" and "libscipy_openblas-" in os.path.basename(i["filepath"]):
-            return f"{i['version']} {i.get('architecture')}"
-    return None
-
-
 def worker(provider, batches, reps):
     out = {"provider": provider}
     if provider.startswith("openblas"):
-        out["openblas"] = _core()
+        out["openblas"] = bench_cpu.kernels_blas()
     for dtype in ("float64", "float32"):
         bq, bk = _tiles(dtype)
         flops = 2.0 * bk * bq * _D
@@ -153,8 +144,6 @@ def providers():
 
 
 def _env(provider):
-    import bench_cpu
-
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if provider != "openblas:environment":  # OpenBLAS reads the CPU (and its caches) itself
         env = bench_cpu.openblas_detects(env)
@@ -164,8 +153,6 @@ def _env(provider):
 
 
 def run(args):
-    import bench_cpu
-
     found = providers()
     result = {"machine": bench_cpu.machine(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
               "environment": {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("OPENBLAS_", "MKL_"))},
