@@ -109,22 +109,44 @@ def test_reference_matches_exact(d, tau):
     assert np.all(err[normal] <= 3.0)
 
 
+def mp_to_float(f):
+    """The float64 rounding of the real number ``f()`` (an mpmath expression), decided at rising precision.
+
+    A fixed precision cannot decide a value next to a rounding midpoint:
+    ``tanh(1.5 z)`` for ``z = 3.87e-268`` lies ``x**3 / 3`` (1e-535 relative)
+    below the midpoint ``1.5 z``.  So widen the result by ``10**-p`` of itself
+    (mpmath is accurate to its working precision; 10 guard digits) and
+    accept when both ends round alike.  The ends go through a decimal string,
+    which float() rounds correctly: mpmath's own float() rounds to 53 bits
+    and then again to the subnormal grid.
+    """
+    import mpmath as mp
+
+    p = 60
+    while p <= 5000:
+        with mp.workdps(p + 10):
+            t = f()
+            ends = [float(mp.nstr(t + s * abs(t) * mp.mpf(10) ** -p, p + 10)) for s in (-1, 1)]
+        if ends[0] == ends[1]:
+            return ends[0]
+        p *= 2
+    raise ArithmeticError("the rounding was not settled at 5000 digits")
+
+
 @pytest.mark.equation("S4")
 @SETTINGS
 @given(z=st.floats(min_value=-50.0, max_value=50.0), m=st.floats(min_value=0.1, max_value=3.0))
 @example(z=1.1577205315433633e-307, m=0.1015625)  # a subnormal tanh
+@example(z=3.8726452922817475e-268, m=1.5)  # m z is a float64 midpoint; tanh lies 1e-535 relative below it
 def test_exact_tanh_is_tanh(z, m):
     """S4 on the exact tier: r_+ - r_- of the signed Gaussian energies is tanh(m z) (sigma = 1), correctly rounded.
 
     The reference's ``np.tanh`` is not correctly rounded, so compare with an
-    independent 60-digit evaluation instead.
+    independent mpmath evaluation whose precision rises until it decides the rounding.
     """
     import mpmath as mp
 
-    with mp.workdps(60):
-        # through a 50-digit decimal string, which float() rounds correctly: mpmath's own float() rounds
-        # to 53 bits and then again to the subnormal grid (tanh(0.1015625 * 1.1577e-307) came out 1 ulp off)
-        want = float(mp.nstr(mp.tanh(mp.mpf(m) * mp.mpf(z)), 50))
+    want = mp_to_float(lambda: mp.tanh(mp.mpf(m) * mp.mpf(z)))
     assert float(exact.tanh_from_signed_gaussian(z, m, 1.0)) == want
 
 
