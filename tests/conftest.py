@@ -41,10 +41,27 @@ def rng():
     return np.random.default_rng(20261129)
 
 
+def _selects_slow(config):
+    expr = config.getoption("markexpr", "") or ""
+    return "slow" in expr and "not slow" not in expr
+
+
+def pytest_configure(config):
+    """Hypothesis draws the same examples on every run unless ``-m`` selects ``slow``.
+
+    A failure then reproduces on any machine and a passing run predicts the
+    next one; ``-m slow`` draws new examples each time.  Loaded before the test
+    modules are imported, so their ``settings(...)`` inherit it.
+    """
+    from hypothesis import settings
+
+    settings.register_profile("iem-ref", derandomize=not _selects_slow(config), deadline=None, print_blob=True)
+    settings.load_profile("iem-ref")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``long`` (the long fuzz budgets, the large mutation sizes) run only when ``-m`` selects ``slow``."""
-    expr = config.getoption("markexpr", "") or ""
-    if "slow" in expr and "not slow" not in expr:
+    if _selects_slow(config):
         return
     keep = [item for item in items if item.get_closest_marker("long") is None]
     if len(keep) != len(items):
