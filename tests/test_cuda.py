@@ -270,6 +270,41 @@ def test_strided_device_arrays_are_read_in_place(rng):
     np.testing.assert_array_equal(_host(C.attention(q, k_view, v)), C.attention(q, k, v))
 
 
+@pytest.mark.parametrize("case", ["all", "all+varlen"])
+def test_variant_operands_may_be_device_arrays(rng, case):
+    """bias and dropout_mask are read in place, the per-head and per-segment arrays read to the host once:
+    the same bits as host arguments, and the results stay on the device."""
+    from tests.test_variants import CASES, make_case
+
+    q, k, v, kw = make_case(rng, CASES[case])
+    q, k, v = (x.astype(np.float32) for x in (q, k, v))
+    arrays = [name for name, x in kw.items() if isinstance(x, np.ndarray)]
+    assert {"bias", "dropout_mask", "alibi_slopes", "sinks"} <= set(arrays)
+    on_device = dict(kw, **{name: cuda.to_device(kw[name]) for name in arrays})
+    a, L = C.attention(q, k, v, return_lse=True, **on_device)
+    assert hasattr(a, "copy_to_host") and hasattr(L, "copy_to_host")
+    a_np, L_np = C.attention(q, k, v, return_lse=True, **kw)
+    np.testing.assert_array_equal(_host(a), a_np)
+    np.testing.assert_array_equal(_host(L), L_np)
+    g = rng.standard_normal(a_np.shape).astype(np.float32)
+    grads = C.attention_vjp(q, k, v, g, **on_device)
+    assert all(hasattr(x, "copy_to_host") for x in grads)
+    for got, want in zip(grads, C.attention_vjp(q, k, v, g, **kw), strict=True):
+        np.testing.assert_array_equal(_host(got), want)
+
+
+def test_device_bias_that_broadcasts_is_read_in_place(rng):
+    bias = cuda.to_device(rng.standard_normal((5, 6)))  # (N, M), broadcast over the batch: no (B, N, M) copy
+    op = C._operand(bias, (3,), np.dtype(np.float64))
+    if CUDA_SIMULATED:
+        assert np.shares_memory(op.data._ary, bias._ary)
+    else:
+        assert op.data.device_ctypes_pointer.value == bias.device_ctypes_pointer.value
+    assert (op.row, op.col) == (6, 1) and not _host(op.offset).any()  # every batch element reads the same (N, M)
+    q, k, v = _inputs(rng, (3,), 5, 6, 2, 2, np.float64)
+    np.testing.assert_array_equal(_host(C.attention(q, k, v, bias=bias)), C.attention(q, k, v, bias=bias.copy_to_host()))
+
+
 def test_device_array_of_other_dtype_is_cast(rng):
     q, k, v = _inputs(rng, (), 5, 6, 2, 2, np.float64)
     a = C.attention(cuda.to_device(q.astype(np.float32)), k, v)

@@ -17,8 +17,12 @@ Inputs and outputs:
   ``numba.cuda.to_device``) are read in place, whatever their strides
   (transposed layouts, broadcast axes with stride 0); the results are new
   Numba device arrays (wrap them with ``cupy.asarray`` or
-  ``torch.as_tensor(..., device="cuda")``, zero-copy).  If any of q, k, v,
-  mask (or d, v) is a device array the results stay on the device.  A device
+  ``torch.as_tensor(..., device="cuda")``, zero-copy).  The same holds for
+  the ``(B..., N, M)`` variant operands, ``bias`` and ``dropout_mask``; the
+  small ones (``alibi_slopes``, ``sinks``, ``cu_seqlens_q/k``: a value per
+  head or per segment) are read to the host once when they are device arrays,
+  since the key ranges and per-row tables are built there.  If any array
+  input is a device array the results stay on the device.  A device
   array whose dtype is not the computation dtype (float32 only when every
   input is float32, else float64; integers become float64) is cast once on
   the device.  Kernels run on the default stream; the producer's stream is
@@ -128,6 +132,21 @@ def _proxy(x):
     if dtype.kind in "iu":
         dtype = np.dtype(np.float64)
     return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
+
+def _on_host(x):
+    """A small operand (a value per head or per segment) as a host array: copied once if it is a device array."""
+    if not _is_device(x):
+        return x
+    return (x if SIMULATED else cuda.as_cuda_array(x)).copy_to_host()
+
+
+def _prepare(q, k, v, mask, variants):
+    """Validated attention inputs (:func:`~iem_ref.attention.prepare_attention`) seeing device arrays through :func:`_proxy`."""
+    small = {name: _on_host(variants[name]) for name in ("alibi_slopes", "sinks", "cu_seqlens_q", "cu_seqlens_k")}
+    large = {name: _proxy(variants[name]) for name in ("bias", "dropout_mask")}
+    rest = {name: x for name, x in variants.items() if name not in small and name not in large}
+    return prepare_attention(_proxy(q), _proxy(k), _proxy(v), mask=_proxy(mask), **rest, **small, **large)
 
 
 class _Iface:
@@ -263,7 +282,8 @@ def _scale_value(scale, tau, dtype):
 # The forward pass, shared by attention and softmin_summary.
 
 
-def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, scale, empty_nan, dtype, inp=None, group=1, sinks=None):
+def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, scale, empty_nan, dtype, inp=None, group=1, sinks=None, bias=None,
+             dropout_mask=None):
     """The :class:`~iem_ref.accel._problem.DeviceProblem` of one call; ``u`` (and ``mask``) may be None.
 
     ``inp``: the validated attention inputs, for the keys each query sees
@@ -272,7 +292,9 @@ def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, scale, empty_nan, dtype, i
     ``group``: grouped-query heads (V6), ``k`` and ``v`` read through offsets
     (query head ``h`` reads head ``h // group``; each query head's blocks
     read its K/V tiles, from the L2 cache after the first of a group);
-    ``sinks``: the validated sink logits (V5) broadcast to ``batch``, or None.
+    ``sinks``: the validated sink logits (V5) broadcast to ``batch``, or None;
+    ``bias``, ``dropout_mask``: the caller's arrays, read in place when they
+    are device arrays (``inp`` holds host views of them otherwise).
     """
     bf = int(np.prod(batch, dtype=np.int64))
     ops = [_operand(x, batch, dtype, group=group if name in "kv" else 1) if x is not None else _placeholder(bf, dtype)
@@ -285,17 +307,18 @@ def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, scale, empty_nan, dtype, i
     sink = np.full(max(bf, 1), -np.inf, dtype) if sinks is None or bf == 0 else np.asarray(sinks, dtype).reshape(-1)
     return DeviceProblem(*ops, mk, int(mask is not None), cuda.to_device(keys if n else np.zeros((1, 3), np.int64)),
                          n, m, d, dv, scale, int(empty_nan), cuda.to_device(np.ascontiguousarray(sink)),
-                         *_logit_fields(inp, batch, bf, n), *_dropout_fields(inp, batch, bf))
+                         *_logit_fields(inp, batch, bf, n, bias), *_dropout_fields(inp, batch, bf, dropout_mask))
 
 
-def _dropout_fields(inp, batch, bf):
+def _dropout_fields(inp, batch, bf, dropout_mask=None):
     """The :class:`~iem_ref.accel._problem.DeviceProblem`'s fields of V8: ``(keep, has_keep, dropout_keep)``, the mask read in place."""
     if inp is None or inp.keep is None:
         return _placeholder(bf, np.uint8), 0, 1.0
-    return _operand(own_data(inp.keep), batch, None, mask=True), 1, 1.0 - inp.dropout_p
+    keep = dropout_mask if _is_device(dropout_mask) else own_data(inp.keep)
+    return _operand(keep, batch, None, mask=True), 1, 1.0 - inp.dropout_p
 
 
-def _logit_fields(inp, batch, bf, n):
+def _logit_fields(inp, batch, bf, n, bias_arg=None):
     """The :class:`~iem_ref.accel._problem.DeviceProblem`'s fields of V1-V3: ``(logits, softcap, bias, has_bias, slopes, has_alibi)``.
 
     The bias is read in place through its strides (broadcast axes: stride 0), in float64.
@@ -304,7 +327,7 @@ def _logit_fields(inp, batch, bf, n):
         return 0, 0.0, _placeholder(bf, np.float64), 0, cuda.to_device(np.zeros((1, 1))), 0
     bias = _placeholder(bf, np.float64)
     if inp.bias is not None:  # its own data: no N x M copy when it broadcasts
-        bias = _operand(own_data(inp.bias), batch, np.float64)
+        bias = _operand(bias_arg if _is_device(bias_arg) else own_data(inp.bias), batch, np.float64)
     slopes = np.zeros((1, 1))
     if inp.slopes is not None:
         per_row = slopes_per_row(inp)
@@ -379,20 +402,20 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     """
     check_choice(empty, "empty", {"zero", "nan"})
     _check_energy(energy)
-    inp = prepare_attention(
-        _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
-        causal_alignment=causal_alignment, energy=energy, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window,
-        enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p,
-        dropout_mask=dropout_mask,
-    )
-    device = any(_is_device(x) for x in (q, k, v, mask))
+    inp = _prepare(q, k, v, mask, dict(
+        scale=scale, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, bias=bias, alibi_slopes=alibi_slopes,
+        softcap=softcap, window=window, enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        dropout_p=dropout_p, dropout_mask=dropout_mask,
+    ))
+    device = any(_is_device(x) for x in (q, k, v, mask, bias, dropout_mask, alibi_slopes, sinks))
     dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads)
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
     d = inp.q.shape[-1]
     bf = int(np.prod(batch, dtype=np.int64))
     kern = _k.build(dtype.name, ENERGY_CODES[energy])
     prob = _problem(q, k, v, None, mask, batch, n=n, m=m, d=d, dv=dv, scale=_scale_value(scale, inp.tau, dtype),
-                    empty_nan=(empty == "nan"), dtype=dtype, inp=inp, group=inp.group, sinks=inp.sinks)
+                    empty_nan=(empty == "nan"), dtype=dtype, inp=inp, group=inp.group, sinks=inp.sinks, bias=bias,
+                    dropout_mask=dropout_mask)
     O, LSE, _ = _forward(kern, prob, bf, dtype)
     a, lse = _finish([O, LSE], [batch + (n, dv), batch + (n,)], device)
     return (a, lse) if return_lse else a
@@ -482,21 +505,21 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
            [0.5]])
     """
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
-    inp = prepare_attention(
-        _proxy(q), _proxy(k), _proxy(v), scale=scale, mask=_proxy(mask), is_causal=is_causal,
-        causal_alignment=causal_alignment, energy=energy, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window,
-        enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p,
-        dropout_mask=dropout_mask,
-    )
+    inp = _prepare(q, k, v, mask, dict(
+        scale=scale, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, bias=bias, alibi_slopes=alibi_slopes,
+        softcap=softcap, window=window, enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        dropout_p=dropout_p, dropout_mask=dropout_mask,
+    ))
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
     up = check_grad_out(_proxy(grad_out), batch, n, dv)
-    device = any(_is_device(x) for x in (q, k, v, grad_out, mask))
+    device = any(_is_device(x) for x in (q, k, v, grad_out, mask, bias, dropout_mask, alibi_slopes, sinks))
     dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads, grad_out=up)
     d = inp.q.shape[-1]
     bf = int(np.prod(batch, dtype=np.int64))
     kern = _k.build(dtype.name, ENERGY_CODES[energy])
     prob = _problem(q, k, v, grad_out, mask, batch, n=n, m=m, d=d, dv=dv, scale=_scale_value(scale, inp.tau, dtype),
-                    empty_nan=False, dtype=dtype, inp=inp, group=inp.group, sinks=inp.sinks)
+                    empty_nan=False, dtype=dtype, inp=inp, group=inp.group, sinks=inp.sinks, bias=bias,
+                    dropout_mask=dropout_mask)
 
     LSE = CNT = None
     if out is not None and lse is not None:
