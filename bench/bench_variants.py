@@ -25,6 +25,10 @@ machine):
 - ``read K, V``: one parallel read of K and V (``roofs.stream_roof``, all
   cores): the memory floor of decoding.
 
+``--threads 1 2``: the same case at each thread count (``NUMBA_NUM_THREADS``
+and ``OMP_NUM_THREADS`` of the worker processes, the read included), in one
+run: whether the kernel is held by the memory or by its own work per core.
+
 ``--case packed``: packed variable-length sequences (V7), ``S = 8`` causal
 segments of random lengths (fixed seed, recorded) summing to ``N = 16384``,
 D = 64, float64 and float32:
@@ -43,7 +47,7 @@ Writes ``bench/results/variants.json``, ``bench/results/gqa_decode.json`` or
 the Markdown table.
 
     python bench/bench_variants.py [--n 16384] [--window 256] [--backward] [--out PATH]
-    python bench/bench_variants.py --case gqa [--m 1048576]
+    python bench/bench_variants.py --case gqa [--m 1048576] [--threads 1 2]
     python bench/bench_variants.py --case packed [--n 16384] [--segments 8] [--backward]
     python bench/bench_variants.py --table bench/results/variants.json
 """
@@ -210,7 +214,8 @@ def run(args):
     except ImportError:
         paths = [p for p in paths if not p.startswith("torch")]
     if args.case == "gqa":
-        cases = [dict(kind="gqa decode", Hq=32, Hkv=8, N=1, M=args.m, D=128, dtype="float32")]
+        cases = [dict(kind="gqa decode", Hq=32, Hkv=8, N=1, M=args.m, D=128, dtype="float32", **({"threads": t} if t else {}))
+                 for t in (args.threads or [None])]
     elif args.case == "packed":
         lengths = packed_lengths(args.n, args.segments).tolist()
         kinds = ["packed forward"] + (["packed backward"] if args.backward else [])
@@ -229,7 +234,8 @@ def run(args):
         for _ in range(args.rounds):
             for path in case_paths:
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case), "--path", path, "--repeats", str(args.repeats)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+                threads = {"NUMBA_NUM_THREADS": str(case["threads"]), "OMP_NUM_THREADS": str(case["threads"])} if "threads" in case else {}
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, **threads), timeout=args.timeout)
                 if proc.returncode != 0:
                     got[path].append({"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]})
                 else:
@@ -303,14 +309,15 @@ def table(result):
 
 
 def _gqa_table(result):
-    lines = ["| case | Hq / Hkv | N | M | D | dtype | " + " | ".join(f"{p} (ms)" for p in GQA_PATHS) + " | cpu / read | torch / cpu |",
-             "|" + "---|" * (8 + len(GQA_PATHS))]
+    lines = ["| case | Hq / Hkv | N | M | D | dtype | threads | " + " | ".join(f"{p} (ms)" for p in GQA_PATHS) + " | cpu / read | torch / cpu |",
+             "|" + "---|" * (9 + len(GQA_PATHS))]
     for c in result["cases"]:
         R = c["results"]
         cells = [f"{R[p]['median_s'] * 1e3:.1f}" if p in R and "median_s" in R[p] else ("error" if p in R else "-") for p in GQA_PATHS]
         r1 = f"{c['cpu_gqa_over_read']:.2f}" if "cpu_gqa_over_read" in c else "-"
         r2 = f"{c['torch_gqa_over_cpu_gqa']:.1f}" if "torch_gqa_over_cpu_gqa" in c else "-"
-        lines.append(f"| {c['kind']} | {c['Hq']} / {c['Hkv']} | {c['N']} | {c['M']} | {c['D']} | {c['dtype']} | " + " | ".join(cells)
+        lines.append(f"| {c['kind']} | {c['Hq']} / {c['Hkv']} | {c['N']} | {c['M']} | {c['D']} | {c['dtype']} | {c.get('threads', 'all')} | "
+                     + " | ".join(cells)
                      + f" | {r1} | {r2} |")
     return lines
 
@@ -338,6 +345,7 @@ def main(argv=None):
     p.add_argument("--m", type=int, default=2**20, help="keys of the grouped-query decoding")
     p.add_argument("--window", type=int, default=256, help="keys before each query (window=(W, 0), causal)")
     p.add_argument("--segments", type=int, default=8, help="packed segments (--case packed)")
+    p.add_argument("--threads", type=int, nargs="+", help="--case gqa: thread counts to run the case at (default: all cores)")
     p.add_argument("--backward", action="store_true", help="also time the CPU path's backward (window against causal, packed against per segment)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
