@@ -372,7 +372,7 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     bias, alibi_slopes, softcap : optional
         The logits' variants (V1-V3, :func:`iem_ref.attention`): each score becomes its logit pair by
         pair (the soft-cap in the dtype, the priors added in float64, rounded once to the dtype); the
-        bias (NumPy, float64) is read in place through its strides.
+        bias (NumPy or device) is read in place through its strides, in float64.
     window : (left, right), optional
         The sliding window (V4, :func:`iem_ref.attention`): key tiles outside it are never computed.
     enable_gqa : bool
@@ -383,8 +383,8 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     cu_seqlens_q, cu_seqlens_k : array of int (S + 1,), optional
         Packed sequences (V7): each query sees only its segment's keys; tiles across segments are never computed.
     dropout_p, dropout_mask : optional
-        Dropout with an explicit mask (V8): dropped pairs leave the mean (their values never read),
-        which is divided by ``1 - p``.
+        Dropout with an explicit mask (V8, NumPy or device): dropped pairs leave the mean (their values
+        never read), which is divided by ``1 - p``.
     return_lse : bool
         Also return ``L_i = log sum_j exp(-d_ij * scale)`` (B..., N).
 
