@@ -113,8 +113,8 @@ def mp_to_float(f):
     """The float64 rounding of the real number ``f()`` (an mpmath expression), decided at rising precision.
 
     A fixed precision cannot decide a value next to a rounding midpoint:
-    ``tanh(1.5 z)`` for ``z = 3.87e-268`` lies ``x**3 / 3`` (1e-535 relative)
-    below the midpoint ``1.5 z``.  So widen the result by ``10**-p`` of itself
+    ``tanh(x)`` for ``x = 1.5 * 3.87e-268`` lies ``x**3 / 3`` (1e-535
+    relative) below ``x``, a midpoint.  So widen the result by ``10**-p`` of itself
     (mpmath is accurate to its working precision; 10 guard digits) and
     accept when both ends round alike.  The ends go through a decimal string,
     which float() rounds correctly: mpmath's own float() rounds to 53 bits
@@ -122,15 +122,15 @@ def mp_to_float(f):
     """
     import mpmath as mp
 
-    p = 60
-    while p <= 5000:
+    p = 64
+    while p <= 4096:
         with mp.workdps(p + 10):
             t = f()
             ends = [float(mp.nstr(t + s * abs(t) * mp.mpf(10) ** -p, p + 10)) for s in (-1, 1)]
         if ends[0] == ends[1]:
             return ends[0]
         p *= 2
-    raise ArithmeticError("the rounding was not settled at 5000 digits")
+    raise ArithmeticError("the rounding was not settled at 4096 digits")
 
 
 @pytest.mark.equation("S4")

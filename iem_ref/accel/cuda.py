@@ -135,18 +135,19 @@ def _proxy(x):
 
 
 def _on_host(x):
-    """A small operand (a value per head or per segment) as a host array: copied once if it is a device array."""
+    """A small operand (a value per head, segment or row) on the host: copied once if it is a device array."""
     if not _is_device(x):
         return x
     return (x if SIMULATED else cuda.as_cuda_array(x)).copy_to_host()
 
 
-def _prepare(q, k, v, mask, variants):
+def _prepare(q, k, v, mask, **kw):
     """Validated attention inputs (:func:`~iem_ref.attention.prepare_attention`) seeing device arrays through :func:`_proxy`."""
-    small = {name: _on_host(variants[name]) for name in ("alibi_slopes", "sinks", "cu_seqlens_q", "cu_seqlens_k")}
-    large = {name: _proxy(variants[name]) for name in ("bias", "dropout_mask")}
-    rest = {name: x for name, x in variants.items() if name not in small and name not in large}
-    return prepare_attention(_proxy(q), _proxy(k), _proxy(v), mask=_proxy(mask), **rest, **small, **large)
+    for name in ("alibi_slopes", "sinks", "cu_seqlens_q", "cu_seqlens_k"):
+        kw[name] = _on_host(kw[name])
+    for name in ("bias", "dropout_mask"):
+        kw[name] = _proxy(kw[name])
+    return prepare_attention(_proxy(q), _proxy(k), _proxy(v), mask=_proxy(mask), **kw)
 
 
 class _Iface:
@@ -402,11 +403,11 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     """
     check_choice(empty, "empty", {"zero", "nan"})
     _check_energy(energy)
-    inp = _prepare(q, k, v, mask, dict(
-        scale=scale, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, bias=bias, alibi_slopes=alibi_slopes,
-        softcap=softcap, window=window, enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        dropout_p=dropout_p, dropout_mask=dropout_mask,
-    ))
+    inp = _prepare(
+        q, k, v, mask, scale=scale, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, bias=bias,
+        alibi_slopes=alibi_slopes, softcap=softcap, window=window, enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p, dropout_mask=dropout_mask,
+    )
     device = any(_is_device(x) for x in (q, k, v, mask, bias, dropout_mask, alibi_slopes, sinks))
     dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads)
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
@@ -505,11 +506,11 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
            [0.5]])
     """
     check_choice(energy, "energy", {"dot", "sqeuclidean"})
-    inp = _prepare(q, k, v, mask, dict(
-        scale=scale, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, bias=bias, alibi_slopes=alibi_slopes,
-        softcap=softcap, window=window, enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        dropout_p=dropout_p, dropout_mask=dropout_mask,
-    ))
+    inp = _prepare(
+        q, k, v, mask, scale=scale, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, bias=bias,
+        alibi_slopes=alibi_slopes, softcap=softcap, window=window, enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p, dropout_mask=dropout_mask,
+    )
     batch, n, m, dv = inp.batch, inp.n, inp.m, inp.dv
     up = check_grad_out(_proxy(grad_out), batch, n, dv)
     device = any(_is_device(x) for x in (q, k, v, grad_out, mask, bias, dropout_mask, alibi_slopes, sinks))
@@ -523,10 +524,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
 
     LSE = CNT = None
     if out is not None and lse is not None:
-        if _is_device(lse):  # a Numba device array, or a torch / CuPy tensor (no copy_to_host of their own)
-            lse_h = (lse if SIMULATED else cuda.as_cuda_array(lse)).copy_to_host()
-        else:
-            lse_h = np.asarray(lse)
+        lse_h = np.asarray(_on_host(lse))  # a torch / CuPy tensor has no copy_to_host of its own
         if lse_h.shape[-1:] != (n,):
             raise ValueError(f"lse must have shape (B..., N) = (..., {n}); got {lse_h.shape}")
         if not np.isposinf(lse_h).any():  # else the certain rows need their key counts: recompute below
