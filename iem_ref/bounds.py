@@ -203,11 +203,9 @@ Each side (the path and the reference) against the exact gradient, summed
 * Grouped-query heads (V6): every term is formed per query head (keys and
   values repeated over the group) and the bounds of ``dk``, ``dv`` are then
   summed over the group.  A key's sums run over the ``N g`` query rows of
-  its group: the CPU stacks them into one problem (its tiles are planned
-  for ``N g`` rows, forward and backward), CUDA adds its ``g`` per-head
-  results in the dtype (``N + g - 1 <= N g`` roundings per term), the
-  reference sums in float64; so ``G`` is the bound of a sum over ``N g``
-  terms.  The per-result terms (the scale, the rounding to the dtype) use
+  its group: the CPU and CUDA stack them into one problem (the tiles are
+  planned for ``N g`` rows, forward and backward), the reference sums in
+  float64; so ``G`` is the bound of a sum over ``N g`` terms.  The per-result terms (the scale, the rounding to the dtype) use
   the per-head magnitudes ``|dk_h|``, ``|dv_h|``, whose group sum is at
   least ``|dk|``, ``|dv|``.
 * Sinks (V5): ``r`` sums to ``1 - r_sink`` over the keys and ``C_i = sum_j

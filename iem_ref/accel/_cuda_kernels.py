@@ -13,7 +13,10 @@ The block layout on a GPU (``LAYOUTS["gpu"]``; the simulator runs the same code 
 and 8 x 8 tiles, ``LAYOUTS["simulator"]``): ``NT = 128`` threads as a 16 x 8 grid
 ``(tx, ty)``; a block owns ``BR = 32`` *rows* (queries in the forward and
 dq kernels, keys in the dk/dv kernel) and walks over tiles of ``BC = 32``
-*columns* (keys, resp. queries).  Per column tile:
+*columns* (keys, resp. queries).  With grouped-query heads (V6) the queries
+of a key/value head are its group's, packed ``row = g i + h`` (query ``i``
+of the group's head ``h``), so each key/value tile serves the whole group
+and ``dk, dv`` sum over it in one accumulator.  Per column tile:
 
 1. ``_tile_dot``: the 32 x 32 score tile, each thread a 4 x 2 register
    micro-tile, the row and column operands staged through shared memory in
@@ -136,13 +139,13 @@ def build(dtype_name, energy):
 
 
 class Kernels:
-    """The compiled kernels of one (dtype, energy): ``forward``, ``dq``, ``dkv``, ``rowdot``, ``group_sum``."""
+    """The compiled kernels of one (dtype, energy): ``forward``, ``dq``, ``dkv``, ``rowdot``."""
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
     def all(self):
-        return dict(forward=self.forward, dq=self.dq, dkv=self.dkv, rowdot=self.rowdot, group_sum=self.group_sum)
+        return dict(forward=self.forward, dq=self.dq, dkv=self.dkv, rowdot=self.rowdot)
 
 
 def _build(dtype_name, energy):
@@ -174,26 +177,46 @@ def _build(dtype_name, energy):
     f64 = numba.float64
 
     @cuda.jit(device=True, inline=True)
-    def _tile_dot(A, ao, ar, ac, r0, nr, Bm, bo, br, bc, c0, nc, K, As, Bs, acc, tid, tx, ty):
-        """acc[a, c] = sum_k A[r0 + 4 ty + a, k] * B[c0 + tx + TX c, k]  (or sum (A - B)^2 for SQEUCLIDEAN)."""
+    def _query_of(b, g, row):
+        """V6: row ``row`` of key/value element ``b`` is query ``i`` of query element ``bq``: ``row = g i + h``, ``bq = b g + h``."""
+        if g == 1:
+            return b, row
+        i = numba.int64(US(row) // US(g))  # unsigned: a cheaper division on the GPU
+        return b * g + (row - i * g), i
+
+    @cuda.jit(device=True, inline=True)
+    def _row_start(X, b, g, row):
+        """Where row ``row`` of element ``b`` of the :class:`~iem_ref.accel._problem.Operand` ``X`` starts (rows packed ``g`` per query, V6)."""
+        bx, i = _query_of(b, g, row)
+        return X.offset[bx] + i * X.row
+
+    @cuda.jit(device=True, inline=True)
+    def _stage(X, b, g, r0, nr, rows, k0, K, Xs, tid):
+        """Xs[r, kk] = X[r0 + r, k0 + kk] for a tile of ``rows`` rows and ``DC`` features (0 outside the arrays)."""
+        for e in range(tid, rows * DC, NT):
+            r = e // DC
+            kk = e - r * DC
+            val = ZERO
+            if r0 + r < nr and k0 + kk < K:
+                if g == 1:
+                    start = X.offset[b] + (r0 + r) * X.row
+                else:
+                    start = _row_start(X, b, g, r0 + r)
+                val = X.data[UX(start + (k0 + kk) * X.col)]
+            Xs[US(r), US(kk)] = val
+
+    @cuda.jit(device=True, inline=True)
+    def _tile_dot(A, ab, ag, r0, nr, Bm, bb, bg, c0, nc, K, As, Bs, acc, tid, tx, ty):
+        """acc[a, c] = sum_k A[r0 + 4 ty + a, k] * B[c0 + tx + TX c, k]  (or sum (A - B)^2 for SQEUCLIDEAN).
+
+        ``A``, ``B``: operands, rows of elements ``ab``, ``bb`` packed ``ag``, ``bg`` per query (V6; 1 for keys).
+        """
         for a in range(RS):
             for c in range(CS):
                 acc[a, c] = ZERO
         for k0 in range(0, K, DC):  # same trip count for the whole block: the barriers below are safe
-            for e in range(tid, BR * DC, NT):
-                r = e // DC
-                kk = e - r * DC
-                val = ZERO
-                if r0 + r < nr and k0 + kk < K:
-                    val = A[UX(ao + (r0 + r) * ar + (k0 + kk) * ac)]
-                As[US(r), US(kk)] = val
-            for e in range(tid, BC * DC, NT):
-                r = e // DC
-                kk = e - r * DC
-                val = ZERO
-                if c0 + r < nc and k0 + kk < K:
-                    val = Bm[UX(bo + (c0 + r) * br + (k0 + kk) * bc)]
-                Bs[US(r), US(kk)] = val
+            _stage(A, ab, ag, r0, nr, BR, k0, K, As, tid)
+            _stage(Bm, bb, bg, c0, nc, BC, k0, K, Bs, tid)
             cuda.syncthreads()  # the chunk is staged
             kmax = min(DC, K - k0)
             for kk in range(kmax):
@@ -209,26 +232,14 @@ def _build(dtype_name, energy):
             cuda.syncthreads()  # everyone is done with the chunk before it is overwritten
 
     @cuda.jit(device=True, inline=True)
-    def _tile_dot_plain(A, ao, ar, ac, r0, nr, Bm, bo, br, bc, c0, nc, K, As, Bs, acc, tid, tx, ty):
-        """The plain inner-product tile (``<u_i, v_j>``), whatever the energy."""
+    def _tile_dot_plain(A, ab, ag, r0, nr, Bm, bb, bg, c0, nc, K, As, Bs, acc, tid, tx, ty):
+        """The plain inner-product tile (``<u_i, v_j>``), whatever the energy; operands as :func:`_tile_dot`."""
         for a in range(RS):
             for c in range(CS):
                 acc[a, c] = ZERO
         for k0 in range(0, K, DC):
-            for e in range(tid, BR * DC, NT):
-                r = e // DC
-                kk = e - r * DC
-                val = ZERO
-                if r0 + r < nr and k0 + kk < K:
-                    val = A[UX(ao + (r0 + r) * ar + (k0 + kk) * ac)]
-                As[US(r), US(kk)] = val
-            for e in range(tid, BC * DC, NT):
-                r = e // DC
-                kk = e - r * DC
-                val = ZERO
-                if c0 + r < nc and k0 + kk < K:
-                    val = Bm[UX(bo + (c0 + r) * br + (k0 + kk) * bc)]
-                Bs[US(r), US(kk)] = val
+            _stage(A, ab, ag, r0, nr, BR, k0, K, As, tid)
+            _stage(Bm, bb, bg, c0, nc, BC, k0, K, Bs, tid)
             cuda.syncthreads()  # the chunk is staged
             kmax = min(DC, K - k0)
             for kk in range(kmax):
@@ -252,14 +263,16 @@ def _build(dtype_name, energy):
         return t * scale
 
     @cuda.jit(device=True, inline=True)
-    def _takes_part(b, i, j, n, m, MK, mob, mr, mc, has_mask, keys):
-        """Query ``i`` sees key ``j``: inside the arrays, the mask (True = takes part) and its key range (causality, window V4, segments V7)."""
-        if i >= n or j >= m:
+    def _takes_part(prob, b, i, j):
+        """Query ``i`` of element ``b`` sees key ``j``: inside the arrays, its key range (causality, window V4, segments V7) and the mask (True = takes part)."""
+        if i >= prob.n or j >= prob.m:
             return False
-        if j < keys[i, 0] or j >= keys[i, 1]:
+        if j < prob.keys[i, 0] or j >= prob.keys[i, 1]:
             return False
-        if has_mask and MK[UX(mob + i * mr + j * mc)] == 0:
-            return False
+        if prob.has_mask:
+            MK, mo, mr, mc = prob.mask
+            if MK[UX(mo[b] + i * mr + j * mc)] == 0:
+                return False
         return True
 
     @cuda.jit(device=True, inline=True)
@@ -303,15 +316,17 @@ def _build(dtype_name, energy):
         return ONE
 
     @cuda.jit(device=True, inline=True)
-    def _key_range(r0, n, m, keys):
-        """The key tiles ``[start, end)`` (start a multiple of ``BC``) that the queries ``r0 .. r0 + BR - 1`` may see (the ranges' ends never decrease)."""
-        first = keys[r0, 0]
+    def _key_range(r0, nr, g, m, keys):
+        """The key tiles ``[start, end)`` (start a multiple of ``BC``) that the rows ``r0 .. r0 + BR - 1`` of ``nr`` may see (query ``row // g``; the ranges' ends never decrease)."""
+        first = keys[r0 // g, 0]
         start = min(m, first // BC * BC)
-        return start, min(m, max(start, keys[min(n, r0 + BR) - 1, 1]))
+        return start, min(m, max(start, keys[(min(nr, r0 + BR) - 1) // g, 1]))
 
     @cuda.jit(device=True, inline=True)
-    def _tile_accum(W, S, X, xo, xr, xc, c0, nc, p0, ncol, Xs, acc, tx, ty, limit):
+    def _tile_accum(W, S, X, xb, xg, c0, nc, p0, ncol, Xs, acc, tx, ty, limit):
         """acc[a, o] += sum_k W[4 ty + a, k] * X[c0 + k, p0 + tx + TX o] over the tile's taking-part k.
+
+        ``X``: an operand, rows of element ``xb`` packed ``xg`` per query (V6; 1 for keys).
 
         ``S[r, k] == SENT`` marks a pair that does not take part: skipped, so
         its value (possibly NaN or inf) is never used.  ``limit`` (the
@@ -326,7 +341,7 @@ def _build(dtype_name, energy):
                 col = e - kk * CW
                 val = ZERO
                 if c0 + k0 + kk < nc and p0 + col < ncol:
-                    val = X[UX(xo + (c0 + k0 + kk) * xr + (p0 + col) * xc)]
+                    val = X.data[UX(_row_start(X, xb, xg, c0 + k0 + kk) + (p0 + col) * X.col)]
                 Xs[US(kk), US(col)] = val
             cuda.syncthreads()  # the value chunk is staged
             for kk in range(KC):
@@ -344,34 +359,34 @@ def _build(dtype_name, energy):
             cuda.syncthreads()  # done with the chunk
 
     @cuda.jit(device=True, inline=True)
-    def _pair_score(acc_ac, D_or_d, do, dr, dc, b, i, j):
-        """The score ``t = -d`` of one pair from the tile GEMM (or read from ``d`` when precomputed)."""
+    def _pair_score(prob, acc_ac, b, i, j):
+        """The score ``t = -d`` of one pair from the tile GEMM (or read from ``d``, the ``q`` operand, when precomputed)."""
         if ENERGY == PRECOMPUTED:
-            return -D_or_d[UX(do + i * dr + j * dc)]
+            D, do, dr, dc = prob.q
+            return -D[UX(do[b] + i * dr + j * dc)]
         if ENERGY == SQEUCLIDEAN:
             return -(HALF * acc_ac)
         return acc_ac
 
     @tiled
     def forward(prob, nqb, O, LSE, CNT):
-        """M1-M2 for the :class:`~iem_ref.accel._problem.DeviceProblem` ``prob``: one block per (batch, 32 queries), ``nqb`` blocks per batch element.
+        """M1-M2 for the :class:`~iem_ref.accel._problem.DeviceProblem` ``prob``: one block per (key/value element, 32 rows), ``nqb`` blocks per element.
 
-        Online softmin over key tiles.  For ``PRECOMPUTED`` the energies
-        ``d (Bf, N, M)`` come in as the ``q`` operand (``k`` unused).  Writes
-        ``O (Bf, N, Dv)``, ``LSE (Bf, N)`` and ``CNT (Bf, N)`` (number of
-        certain keys; 0 for an ordinary row).
+        Online softmin over key tiles.  The rows of key/value element ``b``
+        are its group's queries (``row = g i + h``: query ``i`` of element
+        ``b g + h``, V6; ``g = 1`` without grouped-query heads), so each
+        key/value tile is read once for the group.  For ``PRECOMPUTED`` the
+        energies ``d (Bf, N, M)`` come in as the ``q`` operand (``k``
+        unused).  Writes ``O (Bf, N, Dv)``, ``LSE (Bf, N)`` and ``CNT (Bf,
+        N)`` (number of certain keys; 0 for an ordinary row).
         """
-        Q, qo, qr, qc = prob.q  # the record's operands and sizes, under the names the body uses
-        K, ko, kr, kc = prob.k
-        V, vo, vr, vc = prob.v
-        MK, mo, mr, mc = prob.mask
-        has_mask, keys = prob.has_mask, prob.keys  # query i sees keys keys[i, 0] <= j < keys[i, 1] (causality, V4, V7)
-        n, m, d, dv, scale = prob.n, prob.m, prob.d, prob.dv, prob.scale
+        m, d, dv, scale, g = prob.m, prob.d, prob.dv, prob.scale, prob.group
+        nr = prob.n * g  # the rows of a key/value element
         empty_nan = prob.empty_nan
         tid = cuda.threadIdx.x
         tx = tid % TX
         ty = tid // TX
-        b = cuda.blockIdx.x // nqb
+        b = cuda.blockIdx.x // nqb  # the key/value element
         r0 = (cuda.blockIdx.x - b * nqb) * BR
         As = cuda.shared.array((BR, DCP), ft)
         Bs = cuda.shared.array((BC, DCP), ft)
@@ -382,11 +397,8 @@ def _build(dtype_name, energy):
         al_s = cuda.shared.array(BR, ft)
         sacc = cuda.local.array((RS, CS), ft)
         oacc = cuda.local.array((RS, OC), ft)
-        qob = qo[b]
-        kob = ko[b]
-        vob = vo[b]
         # the keys the block's queries see: other tiles are skipped
-        m_start, m_end = _key_range(r0, n, m, keys)
+        m_start, m_end = _key_range(r0, nr, g, m, prob.keys)
         n_pass = max(1, (dv + CW - 1) // CW)
         for p in range(n_pass):
             p0 = p * CW
@@ -399,23 +411,23 @@ def _build(dtype_name, energy):
             cuda.syncthreads()  # row state initialised
             for c0 in range(m_start, m_end, BC):
                 if ENERGY != PRECOMPUTED:
-                    _tile_dot(Q, qob, qr, qc, r0, n, K, kob, kr, kc, c0, m, d, As, Bs, sacc, tid, tx, ty)
+                    _tile_dot(prob.q, b, g, r0, nr, prob.k, b, 1, c0, m, d, As, Bs, sacc, tid, tx, ty)
                 for a in range(RS):
-                    i = r0 + ty * RS + a
+                    bq, i = _query_of(b, g, r0 + ty * RS + a)
                     for c in range(CS):
                         j = c0 + tx + TX * c
-                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, keys)
+                        take = _takes_part(prob, bq, i, j)
                         t = ZERO
                         if take:
-                            t = _pair_score(sacc[a, c], Q, qob, qr, qc, b, i, j)
+                            t = _pair_score(prob, sacc[a, c], bq, i, j)
                         S[US(ty * RS + a), US(tx + TX * c)] = _classify(t, take, scale)
                 if prob.logits:  # V1-V3, each thread on its own entries (a pass of its own: the score tile is dead there)
                     for a in range(RS):
-                        i = r0 + ty * RS + a
+                        bq, i = _query_of(b, g, r0 + ty * RS + a)
                         for c in range(CS):
                             j = c0 + tx + TX * c
-                            if i < n and j < m:
-                                S[US(ty * RS + a), US(tx + TX * c)] = _logit_of(prob, b, i, j, S[US(ty * RS + a), US(tx + TX * c)])
+                            if i < prob.n and j < m:
+                                S[US(ty * RS + a), US(tx + TX * c)] = _logit_of(prob, bq, i, j, S[US(ty * RS + a), US(tx + TX * c)])
                 cuda.syncthreads()  # S holds the tile's encoded scores
                 if tid < BR:  # M2: the new running maximum and the rescale factor of the old state
                     mt = NINF
@@ -466,15 +478,15 @@ def _build(dtype_name, energy):
                 if prob.has_keep:  # V8: a dropped pair leaves the mean, not the sum l; its value is never read
                     cuda.syncthreads()  # the row sums have read the weights
                     for a in range(RS):
-                        i = r0 + ty * RS + a
+                        bq, i = _query_of(b, g, r0 + ty * RS + a)
                         for c in range(CS):
                             j = c0 + tx + TX * c
-                            if i < n and j < m and _dropout_factor(prob, b, i, j) == ZERO:
+                            if i < prob.n and j < m and _dropout_factor(prob, bq, i, j) == ZERO:
                                 S[US(ty * RS + a), US(tx + TX * c)] = SENT
-                _tile_accum(S, S, V, vob, vr, vc, c0, m, p0, dv, Xs, oacc, tx, ty, True)
+                _tile_accum(S, S, prob.v, b, 1, c0, m, p0, dv, Xs, oacc, tx, ty, True)
             cuda.syncthreads()  # l_s final
             if tid < BR:  # the sink (V5): one more partial, merged into the row's state (M2)
-                sink = prob.sinks[b]
+                sink = prob.sinks[_query_of(b, g, r0 + tid)[0]]
                 m_new, l_new, factor = merge_sink(m_s[US(tid)], l_s[US(tid)], sink)
                 m_s[US(tid)] = m_new
                 l_s[US(tid)] = l_new if sink == sink else NAN  # a NaN logit spoils the row
@@ -482,8 +494,8 @@ def _build(dtype_name, energy):
             cuda.syncthreads()  # the merged state
             for a in range(RS):
                 r = ty * RS + a
-                i = r0 + r
-                if i < n:
+                bq, i = _query_of(b, g, r0 + r)
+                if r0 + r < nr:
                     lrow = l_s[US(r)]
                     factor = al_s[US(r)]
                     for o in range(OC):
@@ -492,12 +504,13 @@ def _build(dtype_name, energy):
                             x = oacc[a, o]
                             x = x * factor if x - x == ZERO else x  # an infinite sum stays itself
                             a_ic = summary_of_row(x, lrow, False, empty_nan)  # a NaN row has l = NaN
-                            O[b, i, col] = a_ic if not prob.has_keep else ft(f64(a_ic) / prob.dropout_keep)  # V8
-            if p == 0 and tid < BR and r0 + tid < n:
+                            O[bq, i, col] = a_ic if not prob.has_keep else ft(f64(a_ic) / prob.dropout_keep)  # V8
+            if p == 0 and tid < BR and r0 + tid < nr:
+                bq, i = _query_of(b, g, r0 + tid)
                 lrow = l_s[US(tid)]
                 mrow = m_s[US(tid)]
-                LSE[b, r0 + tid] = log_partition_of_row(mrow, lrow, False)  # a NaN row has l = NaN
-                CNT[b, r0 + tid] = lrow if mrow == INF else ZERO
+                LSE[bq, i] = log_partition_of_row(mrow, lrow, False)  # a NaN row has l = NaN
+                CNT[bq, i] = lrow if mrow == INF else ZERO
             cuda.syncthreads()  # before the next pass resets the row state
 
     @cuda.jit(device=True, inline=True)
@@ -520,19 +533,15 @@ def _build(dtype_name, energy):
         (else :func:`dkv` does).  For
         ``SQEUCLIDEAN`` also ``- scale * q_i * C_i``, ``C_i = sum_j dX_ij``:
         ``RSUM_i`` (nonzero with sinks only, V5), or with a soft-cap summed
-        here (``q_i`` taken as 0 where not finite).
+        here (``q_i`` taken as 0 where not finite).  Rows as in :func:`forward`
+        (a group's queries, V6).
         """
-        Q, qo, qr, qc = prob.q  # the record's operands and sizes, under the names the body uses
-        K, ko, kr, kc = prob.k
-        V, vo, vr, vc = prob.v
-        U, uo, ur, uc = prob.u
-        MK, mo, mr, mc = prob.mask
-        has_mask, keys = prob.has_mask, prob.keys  # query i sees keys keys[i, 0] <= j < keys[i, 1] (causality, V4, V7)
-        n, m, d, dv, scale = prob.n, prob.m, prob.d, prob.dv, prob.scale
+        m, d, dv, scale, g = prob.m, prob.d, prob.dv, prob.scale, prob.group
+        nr = prob.n * g
         tid = cuda.threadIdx.x
         tx = tid % TX
         ty = tid // TX
-        b = cuda.blockIdx.x // nqb
+        b = cuda.blockIdx.x // nqb  # the key/value element
         r0 = (cuda.blockIdx.x - b * nqb) * BR
         As = cuda.shared.array((BR, DCP), ft)
         Bs = cuda.shared.array((BC, DCP), ft)
@@ -543,7 +552,7 @@ def _build(dtype_name, energy):
         sacc = cuda.local.array((RS, CS), ft)
         bacc = cuda.local.array((RS, CS), ft)
         oacc = cuda.local.array((RS, OC), ft)
-        m_start, m_end = _key_range(r0, n, m, keys)
+        m_start, m_end = _key_range(r0, nr, g, m, prob.keys)
         n_pass = max(prob.has_bias, (d + CW - 1) // CW)
         for p in range(n_pass):
             p0 = p * CW
@@ -553,34 +562,34 @@ def _build(dtype_name, energy):
                 for o in range(OC):
                     oacc[a, o] = ZERO
             for c0 in range(m_start, m_end, BC):
-                _tile_dot(Q, qo[b], qr, qc, r0, n, K, ko[b], kr, kc, c0, m, d, As, Bs, sacc, tid, tx, ty)
-                _tile_dot_plain(U, uo[b], ur, uc, r0, n, V, vo[b], vr, vc, c0, m, dv, As, Bs, bacc, tid, tx, ty)
+                _tile_dot(prob.q, b, g, r0, nr, prob.k, b, 1, c0, m, d, As, Bs, sacc, tid, tx, ty)
+                _tile_dot_plain(prob.u, b, g, r0, nr, prob.v, b, 1, c0, m, dv, As, Bs, bacc, tid, tx, ty)
                 for a in range(RS):
-                    i = r0 + ty * RS + a
+                    bq, i = _query_of(b, g, r0 + ty * RS + a)
                     lse = ZERO
                     cnt = ZERO
                     dl = ZERO
-                    if i < n:
-                        lse = LSE[b, i]
-                        cnt = CNT[b, i]
-                        dl = DEL[b, i]
+                    if i < prob.n:
+                        lse = LSE[bq, i]
+                        cnt = CNT[bq, i]
+                        dl = DEL[bq, i]
                     for c in range(CS):
                         j = c0 + tx + TX * c
-                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, keys)
+                        take = _takes_part(prob, bq, i, j)
                         t = ZERO
                         if take:
-                            t = _pair_score(sacc[a, c], Q, qo[b], qr, qc, b, i, j)
+                            t = _pair_score(prob, sacc[a, c], bq, i, j)
                         x = _classify(t, take, scale)
                         factor = ONE
                         if take and prob.logits:
-                            x, factor = _logit_and_factor(prob, b, i, j, x)
+                            x, factor = _logit_and_factor(prob, bq, i, j, x)
                         w = _weight(x, lse, cnt)
                         bij = bacc[a, c]
                         if take and prob.has_keep:
-                            bij = bij * _dropout_factor(prob, b, i, j)  # V8: b_ij = c_ij <u_i, v_j>
+                            bij = bij * _dropout_factor(prob, bq, i, j)  # V8: b_ij = c_ij <u_i, v_j>
                         dz = ZERO if w == SENT else w * (bij - dl)
                         if DZ_IN_DQ and take and prob.has_bias and p == 0:
-                            DZ[b, i, j] = dz
+                            DZ[bq, i, j] = dz
                         S[US(ty * RS + a), US(tx + TX * c)] = w
                         Wt[US(ty * RS + a), US(tx + TX * c)] = dz * factor
                 cuda.syncthreads()  # S (flags) and Wt (dX) ready
@@ -590,22 +599,22 @@ def _build(dtype_name, energy):
                         if S[US(tid), US(c)] != SENT:
                             s += Wt[US(tid), US(c)]
                     xs_s[US(tid)] = s
-                _tile_accum(Wt, S, K, ko[b], kr, kc, c0, m, p0, d, Xs, oacc, tx, ty, False)
+                _tile_accum(Wt, S, prob.k, b, 1, c0, m, p0, d, Xs, oacc, tx, ty, False)
             cuda.syncthreads()  # xs_s final
             for a in range(RS):
-                i = r0 + ty * RS + a
-                if i < n:
-                    rsum = xs_s[US(ty * RS + a)] if prob.softcap > 0.0 else RSUM[b, i]
+                bq, i = _query_of(b, g, r0 + ty * RS + a)
+                if i < prob.n:
+                    rsum = xs_s[US(ty * RS + a)] if prob.softcap > 0.0 else RSUM[bq, i]
                     for o in range(OC):
                         col = p0 + tx + TX * o
                         if col < d:
                             val = scale * oacc[a, o]
                             if ENERGY == SQEUCLIDEAN and rsum != ZERO:
-                                qv = Q[UX(qo[b] + i * qr + col * qc)]
+                                qv = prob.q.data[UX(prob.q.offset[bq] + i * prob.q.row + col * prob.q.col)]
                                 if qv - qv != ZERO:  # not finite: the reference takes it as 0
                                     qv = ZERO
                                 val -= scale * qv * rsum
-                            DQ[b, i, col] = val
+                            DQ[bq, i, col] = val
 
     @tiled
     def dkv(prob, nkb, LSE, CNT, DEL, DK, DV, DZ):
@@ -616,18 +625,16 @@ def _build(dtype_name, energy):
 
         For ``SQEUCLIDEAN`` also ``- scale * k_j * sum_i dS_ij`` (``k_j`` taken as 0 where not finite).
         Passes ``0 .. ceil(D/CW) - 1`` produce dk columns, the following ones dv columns.
+        The columns of key/value element ``b`` are its group's queries, as
+        the rows of :func:`forward` (V6): ``dk``, ``dv`` sum over the group in
+        one pass, each key/value tile read once.
         """
-        Q, qo, qr, qc = prob.q  # the record's operands and sizes, under the names the body uses
-        K, ko, kr, kc = prob.k
-        V, vo, vr, vc = prob.v
-        U, uo, ur, uc = prob.u
-        MK, mo, mr, mc = prob.mask
-        has_mask, keys = prob.has_mask, prob.keys  # query i sees keys keys[i, 0] <= j < keys[i, 1] (causality, V4, V7)
-        n, m, d, dv, scale = prob.n, prob.m, prob.d, prob.dv, prob.scale
+        m, d, dv, scale, g = prob.m, prob.d, prob.dv, prob.scale, prob.group
+        nr = prob.n * g  # the columns (packed query rows) of a key/value element
         tid = cuda.threadIdx.x
         tx = tid % TX
         ty = tid // TX
-        b = cuda.blockIdx.x // nkb
+        b = cuda.blockIdx.x // nkb  # the key/value element
         r0 = (cuda.blockIdx.x - b * nkb) * BR  # first key of the block
         As = cuda.shared.array((BR, DCP), ft)
         Bs = cuda.shared.array((BC, DCP), ft)
@@ -639,8 +646,8 @@ def _build(dtype_name, energy):
         bacc = cuda.local.array((RS, CS), ft)
         oacc = cuda.local.array((RS, OC), ft)
         # the queries that see a key of the block: other query tiles are skipped
-        n_start = first_position_above(keys, 1, r0)
-        n_end = max(n_start, first_position_above(keys, 0, min(m, r0 + BR) - 1))
+        n_start = first_position_above(prob.keys, 1, r0) * g
+        n_end = max(n_start, first_position_above(prob.keys, 0, min(m, r0 + BR) - 1) * g)
         n_dk = max(prob.has_bias, (d + CW - 1) // CW)  # a bias's gradient needs a dk pass even without features
         n_pass = n_dk + (dv + CW - 1) // CW
         for p in range(n_pass):
@@ -653,37 +660,37 @@ def _build(dtype_name, energy):
                 for o in range(OC):
                     oacc[a, o] = ZERO
             for c0 in range(n_start, n_end, BC):
-                _tile_dot(K, ko[b], kr, kc, r0, m, Q, qo[b], qr, qc, c0, n, d, As, Bs, sacc, tid, tx, ty)
-                _tile_dot_plain(V, vo[b], vr, vc, r0, m, U, uo[b], ur, uc, c0, n, kb, As, Bs, bacc, tid, tx, ty)
+                _tile_dot(prob.k, b, 1, r0, m, prob.q, b, g, c0, nr, d, As, Bs, sacc, tid, tx, ty)
+                _tile_dot_plain(prob.v, b, 1, r0, m, prob.u, b, g, c0, nr, kb, As, Bs, bacc, tid, tx, ty)
                 for a in range(RS):
                     j = r0 + ty * RS + a
                     for c in range(CS):
-                        i = c0 + tx + TX * c
-                        take = _takes_part(b, i, j, n, m, MK, mo[b], mr, mc, has_mask, keys)
+                        bq, i = _query_of(b, g, c0 + tx + TX * c)
+                        take = _takes_part(prob, bq, i, j)
                         t = ZERO
                         lse = ZERO
                         cnt = ZERO
                         dl = ZERO
                         if take:
-                            t = _pair_score(sacc[a, c], Q, qo[b], qr, qc, b, i, j)
-                            lse = LSE[b, i]
-                            cnt = CNT[b, i]
-                            dl = DEL[b, i]
+                            t = _pair_score(prob, sacc[a, c], bq, i, j)
+                            lse = LSE[bq, i]
+                            cnt = CNT[bq, i]
+                            dl = DEL[bq, i]
                         x = _classify(t, take, scale)
                         factor = ONE
                         if take and prob.logits:
-                            x, factor = _logit_and_factor(prob, b, i, j, x)
+                            x, factor = _logit_and_factor(prob, bq, i, j, x)
                         w = _weight(x, lse, cnt)
                         cij = ONE
                         if take and prob.has_keep:
-                            cij = _dropout_factor(prob, b, i, j)  # V8: b_ij = c_ij <u_i, v_j>, dv_j = sum_i r_ij c_ij u_i
+                            cij = _dropout_factor(prob, bq, i, j)  # V8: b_ij = c_ij <u_i, v_j>, dv_j = sum_i r_ij c_ij u_i
                         if not is_dk and cij == ZERO:
                             w = SENT  # a dropped pair's upstream gradient is never read
                         S[US(ty * RS + a), US(tx + TX * c)] = w
                         if is_dk:
                             dz = ZERO if w == SENT else w * (bacc[a, c] * cij - dl)
                             if not DZ_IN_DQ and take and prob.has_bias and p == 0:
-                                DZ[b, i, j] = dz
+                                DZ[bq, i, j] = dz
                             Wt[US(ty * RS + a), US(tx + TX * c)] = dz * factor
                         else:
                             Wt[US(ty * RS + a), US(tx + TX * c)] = w * cij
@@ -695,9 +702,9 @@ def _build(dtype_name, energy):
                             s += Wt[US(tid), US(c)]
                     rs_s[US(tid)] = s
                 if is_dk:
-                    _tile_accum(Wt, S, Q, qo[b], qr, qc, c0, n, p0, d, Xs, oacc, tx, ty, False)
+                    _tile_accum(Wt, S, prob.q, b, g, c0, nr, p0, d, Xs, oacc, tx, ty, False)
                 else:
-                    _tile_accum(Wt, S, U, uo[b], ur, uc, c0, n, p0, dv, Xs, oacc, tx, ty, False)
+                    _tile_accum(Wt, S, prob.u, b, g, c0, nr, p0, dv, Xs, oacc, tx, ty, False)
             cuda.syncthreads()  # rs_s final
             for a in range(RS):
                 r = ty * RS + a
@@ -708,7 +715,7 @@ def _build(dtype_name, energy):
                         if is_dk and col < d:
                             val = scale * oacc[a, o]
                             if ENERGY == SQEUCLIDEAN:
-                                kv = K[UX(ko[b] + j * kr + col * kc)]
+                                kv = prob.k.data[UX(prob.k.offset[b] + j * prob.k.row + col * prob.k.col)]
                                 if kv - kv != ZERO:  # not finite: the reference takes it as 0
                                     kv = ZERO
                                 val -= scale * kv * rs_s[US(r)]
@@ -732,26 +739,13 @@ def _build(dtype_name, energy):
             DEL[b, i] = s
 
     @cuda.jit
-    def group_sum(X, g, Y):
-        """V6: ``Y[b, e] = sum_h X[b g + h, e]`` over ``h = 0 .. g - 1`` in order (a key/value head's gradient from its group's query heads)."""
-        e = cuda.grid(1)
-        width = Y.shape[1]
-        if e < Y.shape[0] * width:
-            b = e // width
-            c = e - b * width
-            s = ZERO
-            for h in range(g):
-                s += X[b * g + h, c]
-            Y[b, c] = s
-
-    @cuda.jit
     def cast(src, dst):
         """dst[i] = src[i] in dst's dtype (a device array of another dtype, cast once)."""
         g = cuda.grid(1)
         if g < dst.shape[0]:
             dst[g] = src[g]
 
-    return Kernels(forward=forward, dq=dq, dkv=dkv, rowdot=rowdot, group_sum=group_sum, cast=cast, ft=ft)
+    return Kernels(forward=forward, dq=dq, dkv=dkv, rowdot=rowdot, cast=cast, ft=ft)
 
 
 def signatures(dtype_name, energy):
@@ -772,7 +766,6 @@ def signatures(dtype_name, energy):
         dz = types.Array(types.float64, 3, "C")
         sigs["dq"] = (p, i64, a2, a2, a2, a2, a3, dz)
         sigs["dkv"] = (p, i64, a2, a2, a2, a3, a3, dz)
-        sigs["group_sum"] = (a2, i64, a2)
     return {name: types.void(*args) for name, args in sigs.items()}
 
 

@@ -300,12 +300,13 @@ class DeviceProblem(NamedTuple):
     """
 
     q: Operand  # (B, N, D); for PRECOMPUTED the energies d (B, N, M)
-    k: Operand  # (B, M, D)
-    v: Operand  # (B, M, Dv)
+    k: Operand  # (B / group, M, D)
+    v: Operand  # (B / group, M, Dv)
     u: Operand  # (B, N, Dv) upstream gradient (backward; a placeholder in the forward)
     mask: Operand  # (B, N, M) uint8, 1 = takes part
     has_mask: int
     keys: object  # (N, 3) int64 device array: the keys each query position sees and its aligned position, as in Problem
+    group: int  # grouped-query heads (V6): a kernel's rows for key/value element b are row = group * i + h, query i of element b * group + h
     n: int
     m: int
     d: int
@@ -335,7 +336,7 @@ def device_problem_type(t):
     op = operand(t)
     keys = types.Array(i64, 2, "C")
     f64 = types.float64
-    return types.NamedTuple([op, op, op, op, operand(types.uint8), i64, keys] + [i64] * 4 + [t, i64, types.Array(t, 1, "C")]
+    return types.NamedTuple([op, op, op, op, operand(types.uint8), i64, keys] + [i64] * 5 + [t, i64, types.Array(t, 1, "C")]
                             + [i64, f64, operand(f64), i64, types.Array(f64, 2, "C"), i64, operand(types.uint8), i64, f64],
                             DeviceProblem)
 

@@ -86,12 +86,15 @@ __all__ = [
     "BACKEND",
     "SUPPORTED_ENERGIES",
     "launches",
+    "blocks",
 ]
 
 SIMULATED = bool(_nb_config.ENABLE_CUDASIM)
 BACKEND = "simulator" if SIMULATED else "gpu"
 SUPPORTED_ENERGIES = tuple(sorted(ENERGY_CODES))
+#: kernel launches and thread blocks launched, by kernel name, since import (what a call costs in launches and blocks)
 launches = {}
+blocks = {}
 
 if SIMULATED:
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _FakeCUDAArray
@@ -207,13 +210,8 @@ def _flat_device(x, dtype):
     return flat, shape, strides, -lo
 
 
-def _operand(x, batch, dtype, mask=False, group=1):
-    """The kernel view (:class:`~iem_ref.accel._problem.Operand`) of ``x`` broadcast to ``batch + x.shape[-2:]`` (its own two trailing axes).
-
-    ``group > 1``: ``x`` has ``Hkv = H / group`` heads on the last batch axis
-    and query head ``h`` reads head ``h // group`` (V6): offsets, no copy.
-    """
-    own_batch = batch if group == 1 else batch[:-1] + (batch[-1] // group,)
+def _operand(x, batch, dtype, mask=False):
+    """The kernel view (:class:`~iem_ref.accel._problem.Operand`) of ``x`` broadcast to ``batch + x.shape[-2:]`` (its own two trailing axes)."""
     if _is_device(x):
         flat, shape, strides, base = _flat_device(x, None if mask else dtype)
     else:
@@ -232,10 +230,7 @@ def _operand(x, batch, dtype, mask=False, group=1):
     for ax, (n, s) in enumerate(zip(shape[: len(batch)], strides[: len(batch)])):
         if n > 1:
             off = off + (np.arange(n, dtype=np.int64) * s).reshape((1,) * ax + (n,) + (1,) * (len(batch) - ax - 1))
-    off = np.broadcast_to(off, own_batch)
-    if group > 1:
-        off = np.repeat(off, group, axis=-1)
-    off = np.ascontiguousarray(off).reshape(-1)
+    off = np.ascontiguousarray(np.broadcast_to(off, batch)).reshape(-1)
     off_dev = cuda.to_device(off if off.size else np.zeros(1, dtype=np.int64))
     return Operand(flat, off_dev, int(strides[-2]), int(strides[-1]))
 
@@ -248,6 +243,7 @@ def _placeholder(bf, dtype):
 def _launch(kernel, grid, block, *args):
     name = getattr(getattr(kernel, "py_func", None), "__name__", None) or getattr(kernel, "__name__", "kernel")
     launches[name] = launches.get(name, 0) + 1
+    blocks[name] = blocks.get(name, 0) + grid
     kernel[grid, block](*args)
 
 
@@ -290,15 +286,16 @@ def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, scale, empty_nan, dtype, i
     ``inp``: the validated attention inputs, for the keys each query sees
     (causality, window V4, segments V7); None: every key.
 
-    ``group``: grouped-query heads (V6), ``k`` and ``v`` read through offsets
-    (query head ``h`` reads head ``h // group``; each query head's blocks
-    read its K/V tiles, from the L2 cache after the first of a group);
+    ``group``: grouped-query heads (V6), ``k`` and ``v`` with ``H / group``
+    heads on the last batch axis; the kernels' rows for a key/value head are
+    its group's queries, so that each K/V tile is read once for the group;
     ``sinks``: the validated sink logits (V5) broadcast to ``batch``, or None;
     ``bias``, ``dropout_mask``: the caller's arrays, read in place when they
     are device arrays (``inp`` holds host views of them otherwise).
     """
     bf = int(np.prod(batch, dtype=np.int64))
-    ops = [_operand(x, batch, dtype, group=group if name in "kv" else 1) if x is not None else _placeholder(bf, dtype)
+    kv_batch = batch if group == 1 else batch[:-1] + (batch[-1] // group,)
+    ops = [_operand(x, kv_batch if name in "kv" else batch, dtype) if x is not None else _placeholder(bf, dtype)
            for name, x in zip("qkvu", (q, k, v, u))]
     mk = _operand(mask, batch, None, mask=True) if mask is not None else _placeholder(bf, np.uint8)
     if inp is None:
@@ -306,7 +303,7 @@ def _problem(q, k, v, u, mask, batch, *, n, m, d, dv, scale, empty_nan, dtype, i
     else:
         keys = key_ranges(n, m, *band(inp.is_causal, inp.window), offset=inp.causal_offset, **segment_args(inp))
     sink = np.full(max(bf, 1), -np.inf, dtype) if sinks is None or bf == 0 else np.asarray(sinks, dtype).reshape(-1)
-    return DeviceProblem(*ops, mk, int(mask is not None), cuda.to_device(keys if n else np.zeros((1, 3), np.int64)),
+    return DeviceProblem(*ops, mk, int(mask is not None), cuda.to_device(keys if n else np.zeros((1, 3), np.int64)), group,
                          n, m, d, dv, scale, int(empty_nan), cuda.to_device(np.ascontiguousarray(sink)),
                          *_logit_fields(inp, batch, bf, n, bias), *_dropout_fields(inp, batch, bf, dropout_mask))
 
@@ -339,14 +336,19 @@ def _logit_fields(inp, batch, bf, n, bias_arg=None):
     return int(logits), softcap, bias, int(inp.bias is not None), cuda.to_device(slopes), int(inp.slopes is not None)
 
 
+def _row_blocks(prob, bf):
+    """``(blocks per key/value element, key/value elements)`` of the kernels whose rows are a group's queries (V6)."""
+    return (prob.n * prob.group + _k.BR - 1) // _k.BR, bf // prob.group
+
+
 def _forward(kern, prob, bf, dtype):
     n, dv = prob.n, prob.dv
     O = cuda.device_array((bf, n, dv), dtype=dtype)
     LSE = cuda.device_array((bf, n), dtype=dtype)
     CNT = cuda.device_array((bf, n), dtype=dtype)
-    nqb = (n + _k.BR - 1) // _k.BR
+    nqb, bkv = _row_blocks(prob, bf)
     if bf * nqb > 0:
-        _launch(kern.forward, bf * nqb, _k.NT, prob, nqb, O, LSE, CNT)
+        _launch(kern.forward, bkv * nqb, _k.NT, prob, nqb, O, LSE, CNT)
     return O, LSE, CNT
 
 
@@ -536,14 +538,14 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         oo = Operand(O.reshape(-1) if O.size else cuda.to_device(np.zeros(1, dtype=dtype)),
                      cuda.to_device(np.arange(bf, dtype=np.int64) * n * dv if bf else np.zeros(1, np.int64)), dv, 1)
 
+    nqb, bkv = _row_blocks(prob, bf)
+    nkb = (m + _k.BR - 1) // _k.BR
     DEL = cuda.device_array((bf, n), dtype=dtype)
     DQ = cuda.device_array((bf, n, d), dtype=dtype)
-    DK = cuda.device_array((bf, m, d), dtype=dtype)
-    DV = cuda.device_array((bf, m, dv), dtype=dtype)
+    DK = cuda.device_array((bkv, m, d), dtype=dtype)  # V6: a key/value head's gradient sums its group's queries in the kernel
+    DV = cuda.device_array((bkv, m, dv), dtype=dtype)
     if bf * n > 0:
         _launch(kern.rowdot, (bf * n + 127) // 128, 128, prob.u, oo, n, dv, DEL)
-    nqb = (n + _k.BR - 1) // _k.BR
-    nkb = (m + _k.BR - 1) // _k.BR
     RSUM = cuda.to_device(np.zeros((max(bf, 1), max(n, 1)), dtype=dtype))
     dsinks = None
     if inp.sinks is not None:  # V5: r_sink,i and sum_j dS_ij = Delta_i r_sink,i = -dLoss/dsink_i, per row on the host
@@ -556,13 +558,10 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
         dsinks = _sum_to_shape((-rowsum).reshape(batch + (n,)).sum(axis=-1), inp.sinks_shape).astype(dtype)
     DZ = cuda.to_device(np.zeros((bf, n, m) if inp.bias is not None and bf * n * m else (1, 1, 1)))  # V1: dZ, float64
     if bf * nqb > 0 and (d > 0 or inp.bias is not None):
-        _launch(kern.dq, bf * nqb, _k.NT, prob, nqb, LSE, CNT, DEL, RSUM, DQ, DZ)
+        _launch(kern.dq, bkv * nqb, _k.NT, prob, nqb, LSE, CNT, DEL, RSUM, DQ, DZ)
     if bf * nkb > 0 and (d + dv > 0 or inp.bias is not None):
-        _launch(kern.dkv, bf * nkb, _k.NT, prob, nkb, LSE, CNT, DEL, DK, DV, DZ)
-    kv_batch = batch
-    if inp.group > 1:  # V6: each key/value head's gradient is the sum over its group's query heads
-        kv_batch = inp.k_heads.shape[:-2]
-        DK, DV = (_group_sum(kern, X, inp.group) for X in (DK, DV))
+        _launch(kern.dkv, bkv * nkb, _k.NT, prob, nkb, LSE, CNT, DEL, DK, DV, DZ)
+    kv_batch = batch if inp.group == 1 else inp.k_heads.shape[:-2]
     grads = tuple(_finish([DQ, DK, DV], [batch + (n, d), kv_batch + (m, d), kv_batch + (m, dv)], device))
     if inp.bias is not None:
         dz = DZ.copy_to_host() if bf * n * m else np.zeros((bf, n, m))
@@ -571,16 +570,6 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     if dsinks is not None:
         grads += (cuda.to_device(dsinks) if device else dsinks,)
     return grads
-
-
-def _group_sum(kern, X, group):
-    """``X (Hkv g, R, C) -> (Hkv, R, C)``: the sum over each group of ``g`` heads (in order), on the device."""
-    bf, rows, cols = X.shape
-    Y = cuda.device_array((bf // group, rows, cols), dtype=X.dtype)
-    size = Y.size
-    if size > 0:
-        _launch(kern.group_sum, (size + 127) // 128, 128, X.reshape(bf, rows * cols), group, Y.reshape(bf // group, rows * cols))
-    return Y
 
 
 # --------------------------------------------------------------------------
