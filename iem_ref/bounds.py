@@ -124,7 +124,9 @@ W)`` (``V``, ``W`` of section 9), and ``L`` by at most ``delta``.  A weight sees
 one per key tile after its own, ``R = ceil(M / b) - 1`` (CPU: ``b = bk`` of
 :func:`iem_ref.accel.cpu.plan`; the merges of key splits (M2) replace tiles,
 since every split holds at least one tile; CUDA: ``b = BC``, the layout's
-key tile, ``_cuda_kernels.LAYOUT["BC"]``: 32 on a GPU, 8 in the simulator).
+key tile, ``_cuda_kernels.LAYOUT["BC"]``: 32 on a GPU, 8 in the simulator;
+its key splits for decoding hold whole tiles too, and their merge, in the
+dtype, replaces tiles in the same way).
 So ``rho_R = 2 R p_s u_s``.  The product ``alpha * state`` rounds too, once
 for ``o`` and once for ``l``: counted with the sums (section 8).
 

@@ -337,6 +337,54 @@ def test_grouped_query_heads_read_each_key_value_tile_once_per_group(rng, n):
     np.testing.assert_array_equal(dq, dq_rep)
 
 
+@pytest.mark.equation("M2", "V5", "V6", "G4")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_decoding_splits_the_keys_and_merges_the_splits(rng, monkeypatch, dtype):
+    """Few row blocks over many keys (decoding): the forward splits the key tiles into runs, one block each, and ``combine`` merges the partial states (M2).
+
+    The bounds are those of one run (each split holds whole tiles, so no
+    weight passes through more rescalings or additions); the edge-case rows
+    keep their results when their special keys fall in different splits.
+    """
+    monkeypatch.setattr(C, "_multiprocessors", lambda: 8)  # the simulator's default (2) splits less
+    hq, hkv, m, d, dv = 4, 2, 25 * _K.LAYOUT["BC"], 3, 2
+    assert C.key_splits(hkv, m) == 6  # two blocks for 8 multiprocessors: 8 splits wanted, 25 tiles allow 6
+    cases = [(1, dict()), (3, dict(is_causal=True, causal_alignment="bottom_right", sinks=np.array([0.5, -1.0, 2.0, 0.0]))),
+             (2, dict(window=(70, 0), is_causal=True, causal_alignment="bottom_right"))]
+    for n, kw in cases:
+        q = rng.standard_normal((hq, n, d)).astype(dtype)
+        k, v = rng.standard_normal((hkv, m, d)).astype(dtype), rng.standard_normal((hkv, m, dv)).astype(dtype)
+        before = C.launches.get("combine", 0)
+        a, L = C.attention(q, k, v, enable_gqa=True, return_lse=True, **kw)
+        assert C.launches["combine"] == before + 1, kw
+        a_ref, L_ref, bound_a, bound_L = forward_bounds(q, k, v, dtype, enable_gqa=True, **kw)
+        assert_within(a, a_ref, bound_a, f"a, split keys, {kw}")
+        assert_within(L, L_ref, bound_L, f"L, split keys, {kw}")
+        if n == 3:  # the backward recomputes the forward (split) for its log-partition
+            g = rng.standard_normal((hq, n, dv)).astype(dtype)
+            grads = C.attention_vjp(q, k, v, g, enable_gqa=True, **kw)
+            want = ref_vjp(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), g.astype(np.float64),
+                           enable_gqa=True, **kw)
+            bounds = backward_bounds(q, k, v, g, dtype, enable_gqa=True, **kw)
+            for name, x, y, bnd in zip(("dq", "dk", "dv", "dsinks"), grads, want, bounds):
+                assert_within(x, y, bnd, f"{name}, split keys")
+    # the edge-case rows, their special keys in different splits (split s: tiles 4s .. 4s + 3, the last one 5 tiles)
+    bc = _K.LAYOUT["BC"]
+    e = rng.standard_normal((6, m))
+    vals = rng.standard_normal((m, 3))
+    e[0, 2] = -np.inf  # one certain key (split 0)
+    e[1, [5, m - 3]] = -np.inf  # two certain keys, in the first and last splits
+    e[2, 9 * bc] = np.inf  # weight 0
+    e[3] = np.inf  # empty row
+    e[4, m - 1] = np.nan  # NaN in the last split only
+    a, L = C.softmin_summary(e.astype(dtype), vals.astype(dtype), 0.8)
+    vals = vals.astype(dtype)
+    assert L[0] == np.inf and np.array_equal(a[0], vals[2])
+    assert L[1] == np.inf and np.array_equal(a[1], (vals[5] + vals[m - 3]) / 2)
+    assert np.all(a[3] == 0) and L[3] == -np.inf
+    assert np.isnan(a[4]).all() and np.isnan(L[4]) and np.isfinite(a[[0, 1, 2, 5]]).all() and np.isfinite(L[[2, 5]]).all()
+
+
 def test_device_array_of_other_dtype_is_cast(rng):
     q, k, v = _inputs(rng, (), 5, 6, 2, 2, np.float64)
     a = C.attention(cuda.to_device(q.astype(np.float32)), k, v)
@@ -432,7 +480,7 @@ _PTX_SCRIPT = textwrap.dedent(
     from iem_ref.accel import _cuda_kernels as K
     from iem_ref.accel._problem import DOT, PRECOMPUTED, SQEUCLIDEAN
     # Every kernel, both dtypes; one energy per dtype (the energies differ by a constant branch only),
-    # plus the precomputed-energy forward of softmin_summary.  IEM_REF_PTX_ALL=1 compiles every combination.
+    # plus the precomputed-energy forward kernels of softmin_summary.  IEM_REF_PTX_ALL=1 compiles every combination.
     combos = [("float32", DOT), ("float64", SQEUCLIDEAN), ("float32", PRECOMPUTED), ("float64", PRECOMPUTED)]
     if os.environ.get("IEM_REF_PTX_ALL") == "1":
         combos = [(t, e) for t in ("float32", "float64") for e in (DOT, SQEUCLIDEAN, PRECOMPUTED)]
@@ -446,7 +494,7 @@ _PTX_SCRIPT = textwrap.dedent(
     for dtype, energy in combos:
         kern = K.build(dtype, energy)
         for name, sig in K.signatures(dtype, energy).items():
-            if energy == PRECOMPUTED and name != "forward":
+            if energy == PRECOMPUTED and name not in ("forward", "forward_split", "combine"):
                 continue
             ptx, _ = cuda.compile_ptx(getattr(kern, name).py_func, sig, cc=(9, 0))
             entry = {"ptx_lines": len(ptx.splitlines()), "bar_sync": ptx.count("bar.sync")}
@@ -499,9 +547,10 @@ def test_every_kernel_compiles_to_ptx_for_sm90():
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert "skip" not in report, f"NVVM/NVRTC missing (the test extra installs them): {report.get('skip')}"
     print(json.dumps(report, indent=1))
-    assert {"forward/float32/0", "dq/float32/0", "dkv/float32/0", "forward/float64/1", "dq/float64/1", "dkv/float64/1"} <= set(report)
+    assert {"forward/float32/0", "dq/float32/0", "dkv/float32/0", "forward/float64/1", "dq/float64/1", "dkv/float64/1",
+            "forward_split/float32/0", "combine/float64/1", "forward_split/float64/2", "combine/float32/2"} <= set(report)
     for name, entry in report.items():
-        assert entry["bar_sync"] > 0 or name.split("/")[0] == "rowdot", name  # one thread per row, no tiles
+        assert entry["bar_sync"] > 0 or name.split("/")[0] in ("rowdot", "combine"), name  # one thread per row or entry, no tiles
         assert entry.get("ptxas_rc") == 0, f"{name}: ptxas missing or failed (the test extra installs it)"
         assert entry["smem"] is None or entry["smem"] <= 48 * 1024, name
         assert not entry.get("spill_stores"), f"{name}: ptxas spills {entry.get('spill_stores')} bytes"

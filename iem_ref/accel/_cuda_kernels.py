@@ -30,6 +30,11 @@ and ``dk, dv`` sum over it in one accumulator.  Per column tile:
    columns per thread, ``CW = 128`` output columns per pass (wider outputs
    take several passes, each recomputing the scores).
 
+Decoding (too few row blocks to fill the GPU): ``forward_split`` runs the
+same forward with each block's key tiles cut into ``nsplit`` runs (the
+grid's ``y``), writing each run's partial state ``(o, m, l)``, and
+``combine`` merges the runs by M2 and finishes the rows.
+
 Nothing of size N x M is ever written to global memory.  Every
 ``cuda.syncthreads()`` is reached by all threads of the block: barriers sit
 outside conditionals, inside loops whose trip counts are the same for the
@@ -139,13 +144,13 @@ def build(dtype_name, energy):
 
 
 class Kernels:
-    """The compiled kernels of one (dtype, energy): ``forward``, ``dq``, ``dkv``, ``rowdot``."""
+    """The compiled kernels of one (dtype, energy): ``forward``, ``forward_split``, ``combine``, ``dq``, ``dkv``, ``rowdot``."""
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
     def all(self):
-        return dict(forward=self.forward, dq=self.dq, dkv=self.dkv, rowdot=self.rowdot)
+        return dict(forward=self.forward, forward_split=self.forward_split, combine=self.combine, dq=self.dq, dkv=self.dkv, rowdot=self.rowdot)
 
 
 def _build(dtype_name, energy):
@@ -368,150 +373,225 @@ def _build(dtype_name, energy):
             return -(HALF * acc_ac)
         return acc_ac
 
-    @tiled
-    def forward(prob, nqb, O, LSE, CNT):
-        """M1-M2 for the :class:`~iem_ref.accel._problem.DeviceProblem` ``prob``: one block per (key/value element, 32 rows), ``nqb`` blocks per element.
+    @cuda.jit(device=True, inline=True)
+    def _merge_sink_of_row(sink, m, l):
+        """A row's ``(m, l)`` with its sink merged (V5, :func:`~iem_ref.accel._problem.merge_sink`) and the factor of its sums; a NaN sink spoils the row."""
+        m_new, l_new, factor = merge_sink(m, l, sink)
+        return m_new, (l_new if sink == sink else NAN), factor
 
-        Online softmin over key tiles.  The rows of key/value element ``b``
-        are its group's queries (``row = g i + h``: query ``i`` of element
-        ``b g + h``, V6; ``g = 1`` without grouped-query heads), so each
-        key/value tile is read once for the group.  For ``PRECOMPUTED`` the
-        energies ``d (Bf, N, M)`` come in as the ``q`` operand (``k``
-        unused).  Writes ``O (Bf, N, Dv)``, ``LSE (Bf, N)`` and ``CNT (Bf,
-        N)`` (number of certain keys; 0 for an ordinary row).
-        """
-        m, d, dv, scale, g = prob.m, prob.d, prob.dv, prob.scale, prob.group
-        nr = prob.n * g  # the rows of a key/value element
-        empty_nan = prob.empty_nan
-        tid = cuda.threadIdx.x
-        tx = tid % TX
-        ty = tid // TX
-        b = cuda.blockIdx.x // nqb  # the key/value element
-        r0 = (cuda.blockIdx.x - b * nqb) * BR
-        As = cuda.shared.array((BR, DCP), ft)
-        Bs = cuda.shared.array((BC, DCP), ft)
-        S = cuda.shared.array((BR, BC), ft)
-        Xs = cuda.shared.array((KC, CW), ft)
-        m_s = cuda.shared.array(BR, ft)
-        l_s = cuda.shared.array(BR, ft)
-        al_s = cuda.shared.array(BR, ft)
-        sacc = cuda.local.array((RS, CS), ft)
-        oacc = cuda.local.array((RS, OC), ft)
-        # the keys the block's queries see: other tiles are skipped
-        m_start, m_end = _key_range(r0, nr, g, m, prob.keys)
-        n_pass = max(1, (dv + CW - 1) // CW)
-        for p in range(n_pass):
-            p0 = p * CW
-            if tid < BR:
-                m_s[US(tid)] = NINF
-                l_s[US(tid)] = ZERO
-            for a in range(RS):
-                for o in range(OC):
-                    oacc[a, o] = ZERO
-            cuda.syncthreads()  # row state initialised
-            for c0 in range(m_start, m_end, BC):
-                if ENERGY != PRECOMPUTED:
-                    _tile_dot(prob.q, b, g, r0, nr, prob.k, b, 1, c0, m, d, As, Bs, sacc, tid, tx, ty)
+    @cuda.jit(device=True, inline=True)
+    def _output_entry(prob, x, l, factor):
+        """M2's result for one output entry: the sum ``x`` rescaled by the sink's ``factor``, over ``l`` (the policy's edge rows), over ``1 - p`` (V8)."""
+        x = x * factor if x - x == ZERO else x  # an infinite sum stays itself
+        a_ic = summary_of_row(x, l, False, prob.empty_nan)  # a NaN row has l = NaN
+        return a_ic if not prob.has_keep else ft(f64(a_ic) / prob.dropout_keep)
+
+    @cuda.jit(device=True, inline=True)
+    def _row_results(m, l):
+        """``(L, certain-key count)`` of a finished row (0 for an ordinary row)."""
+        return log_partition_of_row(m, l, False), (l if m == INF else ZERO)  # a NaN row has l = NaN
+
+    def _forward_kernel(SPLIT):
+        """The forward kernel; ``SPLIT`` (a constant of the build): the key-split form, which writes partial states."""
+
+        @tiled
+        def forward(prob, nqb, nsplit, O, LSE, CNT):
+            """M1-M2 for the :class:`~iem_ref.accel._problem.DeviceProblem` ``prob``: one block per (key/value element, 32 rows), ``nqb`` blocks per element.
+
+            Online softmin over key tiles.  The rows of key/value element ``b``
+            are its group's queries (``row = g i + h``: query ``i`` of element
+            ``b g + h``, V6; ``g = 1`` without grouped-query heads), so each
+            key/value tile is read once for the group.  For ``PRECOMPUTED`` the
+            energies ``d (Bf, N, M)`` come in as the ``q`` operand (``k``
+            unused).  Writes ``O (Bf, N, Dv)``, ``LSE (Bf, N)`` and ``CNT (Bf,
+            N)`` (number of certain keys; 0 for an ordinary row).
+
+            ``SPLIT`` (``nsplit > 1``; decoding: too few row blocks to fill the
+            GPU): block ``(row block, split)`` (the grid's ``x, y``) takes the ``split``-th of
+            ``nsplit`` equal runs of the rows' key tiles and writes its partial
+            state ``(o, m, l)`` to ``O``, ``LSE``, ``CNT`` of ``nsplit Bf`` rows
+            instead (element ``b`` split ``s`` at ``b nsplit + s``), which
+            :func:`combine` merges.
+            """
+            m, d, dv, scale, g = prob.m, prob.d, prob.dv, prob.scale, prob.group
+            nr = prob.n * g  # the rows of a key/value element
+            tid = cuda.threadIdx.x
+            tx = tid % TX
+            ty = tid // TX
+            b = cuda.blockIdx.x // nqb  # the key/value element
+            r0 = (cuda.blockIdx.x - b * nqb) * BR
+            As = cuda.shared.array((BR, DCP), ft)
+            Bs = cuda.shared.array((BC, DCP), ft)
+            S = cuda.shared.array((BR, BC), ft)
+            Xs = cuda.shared.array((KC, CW), ft)
+            m_s = cuda.shared.array(BR, ft)
+            l_s = cuda.shared.array(BR, ft)
+            al_s = cuda.shared.array(BR, ft)
+            sacc = cuda.local.array((RS, CS), ft)
+            oacc = cuda.local.array((RS, OC), ft)
+            # the keys the block's queries see: other tiles are skipped
+            m_start, m_end = _key_range(r0, nr, g, m, prob.keys)
+            if SPLIT:  # the split's run of the tiles
+                tiles = (m_end - m_start + BC - 1) // BC
+                m_end = min(m_end, m_start + (cuda.blockIdx.y + 1) * tiles // nsplit * BC)
+                m_start = min(m_end, m_start + cuda.blockIdx.y * tiles // nsplit * BC)
+            n_pass = max(1, (dv + CW - 1) // CW)
+            for p in range(n_pass):
+                p0 = p * CW
+                if tid < BR:
+                    m_s[US(tid)] = NINF
+                    l_s[US(tid)] = ZERO
                 for a in range(RS):
-                    bq, i = _query_of(b, g, r0 + ty * RS + a)
-                    for c in range(CS):
-                        j = c0 + tx + TX * c
-                        take = _takes_part(prob, bq, i, j)
-                        t = ZERO
-                        if take:
-                            t = _pair_score(prob, sacc[a, c], bq, i, j)
-                        S[US(ty * RS + a), US(tx + TX * c)] = _classify(t, take, scale)
-                if prob.logits:  # V1-V3, each thread on its own entries (a pass of its own: the score tile is dead there)
+                    for o in range(OC):
+                        oacc[a, o] = ZERO
+                cuda.syncthreads()  # row state initialised
+                for c0 in range(m_start, m_end, BC):
+                    if ENERGY != PRECOMPUTED:
+                        _tile_dot(prob.q, b, g, r0, nr, prob.k, b, 1, c0, m, d, As, Bs, sacc, tid, tx, ty)
                     for a in range(RS):
                         bq, i = _query_of(b, g, r0 + ty * RS + a)
                         for c in range(CS):
                             j = c0 + tx + TX * c
-                            if i < prob.n and j < m:
-                                S[US(ty * RS + a), US(tx + TX * c)] = _logit_of(prob, bq, i, j, S[US(ty * RS + a), US(tx + TX * c)])
-                cuda.syncthreads()  # S holds the tile's encoded scores
-                if tid < BR:  # M2: the new running maximum and the rescale factor of the old state
-                    mt = NINF
-                    ncert = 0
-                    for c in range(BC):
-                        x = S[US(tid), US(c)]
-                        if x == INF:
-                            ncert += 1
-                        elif x > mt:
-                            mt = x
-                    m_old = m_s[US(tid)]
-                    if m_old == INF or ncert > 0:  # certain keys: only they keep mass
-                        m_new = INF
-                        alpha = ONE if m_old == INF else ZERO
-                    else:
-                        m_new = max(m_old, mt)
-                        alpha = ONE if m_new == NINF else math.exp(m_old - m_new)
+                            take = _takes_part(prob, bq, i, j)
+                            t = ZERO
+                            if take:
+                                t = _pair_score(prob, sacc[a, c], bq, i, j)
+                            S[US(ty * RS + a), US(tx + TX * c)] = _classify(t, take, scale)
+                    if prob.logits:  # V1-V3, each thread on its own entries (a pass of its own: the score tile is dead there)
+                        for a in range(RS):
+                            bq, i = _query_of(b, g, r0 + ty * RS + a)
+                            for c in range(CS):
+                                j = c0 + tx + TX * c
+                                if i < prob.n and j < m:
+                                    S[US(ty * RS + a), US(tx + TX * c)] = _logit_of(prob, bq, i, j, S[US(ty * RS + a), US(tx + TX * c)])
+                    cuda.syncthreads()  # S holds the tile's encoded scores
+                    if tid < BR:  # M2: the new running maximum and the rescale factor of the old state
+                        mt = NINF
+                        ncert = 0
+                        for c in range(BC):
+                            x = S[US(tid), US(c)]
+                            if x == INF:
+                                ncert += 1
+                            elif x > mt:
+                                mt = x
+                        m_old = m_s[US(tid)]
+                        if m_old == INF or ncert > 0:  # certain keys: only they keep mass
+                            m_new = INF
+                            alpha = ONE if m_old == INF else ZERO
+                        else:
+                            m_new = max(m_old, mt)
+                            alpha = ONE if m_new == NINF else math.exp(m_old - m_new)
+                        m_s[US(tid)] = m_new
+                        al_s[US(tid)] = alpha
+                    cuda.syncthreads()  # m_s, al_s ready
+                    for a in range(RS):
+                        r = ty * RS + a
+                        mrow = m_s[US(r)]
+                        for c in range(CS):
+                            x = S[US(r), US(tx + TX * c)]
+                            if x != x:
+                                w = NAN
+                            elif x == NINF:
+                                w = SENT
+                            elif mrow == INF:
+                                w = ONE if x == INF else ZERO
+                            else:
+                                w = math.exp(x - mrow)
+                            S[US(r), US(tx + TX * c)] = w  # the same thread wrote this entry: no race
+                        alpha = al_s[US(r)]
+                        for o in range(OC):
+                            x = oacc[a, o]
+                            if x - x == ZERO:  # an infinite sum stays itself: the factor is positive in exact arithmetic
+                                oacc[a, o] = x * alpha
+                    cuda.syncthreads()  # S holds the weights
+                    if tid < BR:
+                        lsum = l_s[US(tid)] * al_s[US(tid)]
+                        for c in range(BC):
+                            w = S[US(tid), US(c)]
+                            if w != SENT:
+                                lsum += w
+                        l_s[US(tid)] = lsum
+                    if prob.has_keep:  # V8: a dropped pair leaves the mean, not the sum l; its value is never read
+                        cuda.syncthreads()  # the row sums have read the weights
+                        for a in range(RS):
+                            bq, i = _query_of(b, g, r0 + ty * RS + a)
+                            for c in range(CS):
+                                j = c0 + tx + TX * c
+                                if i < prob.n and j < m and _dropout_factor(prob, bq, i, j) == ZERO:
+                                    S[US(ty * RS + a), US(tx + TX * c)] = SENT
+                    _tile_accum(S, S, prob.v, b, 1, c0, m, p0, dv, Xs, oacc, tx, ty, True)
+                cuda.syncthreads()  # l_s final
+                if tid < BR and not SPLIT:  # the sink (V5): one more partial, merged into the row's state (M2)
+                    m_new, l_new, factor = _merge_sink_of_row(prob.sinks[_query_of(b, g, r0 + tid)[0]], m_s[US(tid)], l_s[US(tid)])
                     m_s[US(tid)] = m_new
-                    al_s[US(tid)] = alpha
-                cuda.syncthreads()  # m_s, al_s ready
+                    l_s[US(tid)] = l_new
+                    al_s[US(tid)] = factor
+                cuda.syncthreads()  # the merged state
                 for a in range(RS):
                     r = ty * RS + a
-                    mrow = m_s[US(r)]
-                    for c in range(CS):
-                        x = S[US(r), US(tx + TX * c)]
-                        if x != x:
-                            w = NAN
-                        elif x == NINF:
-                            w = SENT
-                        elif mrow == INF:
-                            w = ONE if x == INF else ZERO
-                        else:
-                            w = math.exp(x - mrow)
-                        S[US(r), US(tx + TX * c)] = w  # the same thread wrote this entry: no race
-                    alpha = al_s[US(r)]
-                    for o in range(OC):
-                        x = oacc[a, o]
-                        if x - x == ZERO:  # an infinite sum stays itself: the factor is positive in exact arithmetic
-                            oacc[a, o] = x * alpha
-                cuda.syncthreads()  # S holds the weights
-                if tid < BR:
-                    lsum = l_s[US(tid)] * al_s[US(tid)]
-                    for c in range(BC):
-                        w = S[US(tid), US(c)]
-                        if w != SENT:
-                            lsum += w
-                    l_s[US(tid)] = lsum
-                if prob.has_keep:  # V8: a dropped pair leaves the mean, not the sum l; its value is never read
-                    cuda.syncthreads()  # the row sums have read the weights
-                    for a in range(RS):
-                        bq, i = _query_of(b, g, r0 + ty * RS + a)
-                        for c in range(CS):
-                            j = c0 + tx + TX * c
-                            if i < prob.n and j < m and _dropout_factor(prob, bq, i, j) == ZERO:
-                                S[US(ty * RS + a), US(tx + TX * c)] = SENT
-                _tile_accum(S, S, prob.v, b, 1, c0, m, p0, dv, Xs, oacc, tx, ty, True)
-            cuda.syncthreads()  # l_s final
-            if tid < BR:  # the sink (V5): one more partial, merged into the row's state (M2)
-                sink = prob.sinks[_query_of(b, g, r0 + tid)[0]]
-                m_new, l_new, factor = merge_sink(m_s[US(tid)], l_s[US(tid)], sink)
-                m_s[US(tid)] = m_new
-                l_s[US(tid)] = l_new if sink == sink else NAN  # a NaN logit spoils the row
-                al_s[US(tid)] = factor
-            cuda.syncthreads()  # the merged state
-            for a in range(RS):
-                r = ty * RS + a
-                bq, i = _query_of(b, g, r0 + r)
-                if r0 + r < nr:
-                    lrow = l_s[US(r)]
-                    factor = al_s[US(r)]
-                    for o in range(OC):
-                        col = p0 + tx + TX * o
-                        if col < dv:
-                            x = oacc[a, o]
-                            x = x * factor if x - x == ZERO else x  # an infinite sum stays itself
-                            a_ic = summary_of_row(x, lrow, False, empty_nan)  # a NaN row has l = NaN
-                            O[bq, i, col] = a_ic if not prob.has_keep else ft(f64(a_ic) / prob.dropout_keep)  # V8
-            if p == 0 and tid < BR and r0 + tid < nr:
-                bq, i = _query_of(b, g, r0 + tid)
-                lrow = l_s[US(tid)]
-                mrow = m_s[US(tid)]
-                LSE[bq, i] = log_partition_of_row(mrow, lrow, False)  # a NaN row has l = NaN
-                CNT[bq, i] = lrow if mrow == INF else ZERO
-            cuda.syncthreads()  # before the next pass resets the row state
+                    bq, i = _query_of(b, g, r0 + r)
+                    if r0 + r < nr:
+                        lrow = l_s[US(r)]
+                        factor = al_s[US(r)]
+                        for o in range(OC):
+                            col = p0 + tx + TX * o
+                            if col < dv:
+                                if not SPLIT:
+                                    O[bq, i, col] = _output_entry(prob, oacc[a, o], lrow, factor)
+                                else:  # a key split's partial sum, merged by combine
+                                    O[bq * nsplit + cuda.blockIdx.y, i, col] = oacc[a, o]
+                if p == 0 and tid < BR and r0 + tid < nr:
+                    bq, i = _query_of(b, g, r0 + tid)
+                    lrow = l_s[US(tid)]
+                    mrow = m_s[US(tid)]
+                    if not SPLIT:
+                        LSE[bq, i], CNT[bq, i] = _row_results(mrow, lrow)
+                    else:
+                        LSE[bq * nsplit + cuda.blockIdx.y, i] = mrow
+                        CNT[bq * nsplit + cuda.blockIdx.y, i] = lrow
+                cuda.syncthreads()  # before the next pass resets the row state
+
+        return forward
+
+    forward = _forward_kernel(False)
+    forward_split = _forward_kernel(True)  # nsplit > 1: each block writes its split's partial state for combine
+
+    @cuda.jit
+    def combine(prob, nsplit, PO, PM, PL, O, LSE, CNT):
+        """M2 over the forward's key splits (decoding): one thread per output entry ``(b, i, c)`` of ``O (Bf, N, Dv)``.
+
+        The splits' partial states ``(o, m, l)`` (``PO (Bf nsplit, N, Dv)``,
+        ``PM``, ``PL (Bf nsplit, N)``, split ``s`` of element ``b`` at ``b
+        nsplit + s``) merge in split order as the tiles
+        do: each rescaled to the largest ``m`` (an infinite sum stays
+        itself), then the sink and the finish of :func:`forward`.  Column 0
+        also writes ``LSE`` and ``CNT``.
+        """
+        n, dv = prob.n, prob.dv
+        width = max(dv, 1)
+        t = cuda.grid(1)
+        b = t // (n * width)
+        rest = t - b * (n * width)
+        i = rest // width
+        col = rest - i * width
+        if b < LSE.shape[0]:
+            mm = NINF
+            for s in range(nsplit):
+                mm = max(mm, PM[b * nsplit + s, i])
+            lsum = ZERO
+            x = ZERO
+            for s in range(nsplit):
+                ms = PM[b * nsplit + s, i]
+                c = ONE if ms == mm else math.exp(ms - mm)
+                lsum += c * PL[b * nsplit + s, i]
+                if col < dv:
+                    xs = PO[b * nsplit + s, i, col]
+                    x += c * xs if xs - xs == ZERO else xs
+            m_new, l_new, factor = _merge_sink_of_row(prob.sinks[b], mm, lsum)
+            if col < dv:
+                O[b, i, col] = _output_entry(prob, x, l_new, factor)
+            if col == 0:
+                LSE[b, i], CNT[b, i] = _row_results(m_new, l_new)
 
     @cuda.jit(device=True, inline=True)
     def _weight(x, lse, cnt):
@@ -745,7 +825,7 @@ def _build(dtype_name, energy):
         if g < dst.shape[0]:
             dst[g] = src[g]
 
-    return Kernels(forward=forward, dq=dq, dkv=dkv, rowdot=rowdot, cast=cast, ft=ft)
+    return Kernels(forward=forward, forward_split=forward_split, combine=combine, dq=dq, dkv=dkv, rowdot=rowdot, cast=cast, ft=ft)
 
 
 def signatures(dtype_name, energy):
@@ -759,7 +839,9 @@ def signatures(dtype_name, energy):
     p = device_problem_type(ft)
     op = p[0]
     sigs = {
-        "forward": (p, i64, a3, a2, a2),
+        "forward": (p, i64, i64, a3, a2, a2),
+        "forward_split": (p, i64, i64, a3, a2, a2),
+        "combine": (p, i64, a3, a2, a2, a3, a2, a2),
         "rowdot": (op, op, i64, i64, a2),
     }
     if energy != PRECOMPUTED:

@@ -243,7 +243,7 @@ def _placeholder(bf, dtype):
 def _launch(kernel, grid, block, *args):
     name = getattr(getattr(kernel, "py_func", None), "__name__", None) or getattr(kernel, "__name__", "kernel")
     launches[name] = launches.get(name, 0) + 1
-    blocks[name] = blocks.get(name, 0) + grid
+    blocks[name] = blocks.get(name, 0) + int(np.prod(grid))
     kernel[grid, block](*args)
 
 
@@ -341,14 +341,51 @@ def _row_blocks(prob, bf):
     return (prob.n * prob.group + _k.BR - 1) // _k.BR, bf // prob.group
 
 
+#: the fewest key tiles a split of the forward takes (below, the merge costs more than the split gains)
+SPLIT_TILES = 4
+_MULTIPROCESSORS = []
+
+
+def _multiprocessors():
+    """The GPU's streaming multiprocessors (the simulator: 2, a small GPU for the small layout)."""
+    if not _MULTIPROCESSORS:
+        _MULTIPROCESSORS.append(2 if SIMULATED else int(cuda.get_current_device().MULTIPROCESSOR_COUNT))
+    return _MULTIPROCESSORS[0]
+
+
+def key_splits(blocks, m):
+    """How many key splits the forward takes for ``blocks`` row blocks over ``m`` keys.
+
+    Enough for two blocks per multiprocessor when the rows alone give fewer
+    (decoding: ``N = 1`` is one block per key/value head), each split at
+    least :data:`SPLIT_TILES` key tiles; 1 (no split) otherwise.  The splits'
+    partial states merge by M2 (:func:`~iem_ref.accel._cuda_kernels` ``combine``),
+    which changes no error bound: each split holds whole tiles, so a weight
+    passes through no more rescalings and additions than in one run over
+    the tiles.
+    """
+    want = -(-2 * _multiprocessors() // max(blocks, 1))
+    return max(1, min(want, -(-m // _k.LAYOUT["BC"]) // SPLIT_TILES))
+
+
 def _forward(kern, prob, bf, dtype):
     n, dv = prob.n, prob.dv
     O = cuda.device_array((bf, n, dv), dtype=dtype)
     LSE = cuda.device_array((bf, n), dtype=dtype)
     CNT = cuda.device_array((bf, n), dtype=dtype)
     nqb, bkv = _row_blocks(prob, bf)
-    if bf * nqb > 0:
-        _launch(kern.forward, bkv * nqb, _k.NT, prob, nqb, O, LSE, CNT)
+    if bf * nqb == 0:
+        return O, LSE, CNT
+    nsplit = key_splits(bkv * nqb, prob.m)
+    if nsplit == 1:
+        _launch(kern.forward, bkv * nqb, _k.NT, prob, nqb, 1, O, LSE, CNT)
+        return O, LSE, CNT
+    # each split's partial state (o, m, l), split s of element b at b * nsplit + s, merged by combine
+    PO = cuda.device_array((bf * nsplit, n, dv), dtype=dtype)
+    PM, PL = (cuda.device_array((bf * nsplit, n), dtype=dtype) for _ in range(2))
+    _launch(kern.forward_split, (bkv * nqb, nsplit), _k.NT, prob, nqb, nsplit, PO, PM, PL)
+    entries = bf * n * max(dv, 1)
+    _launch(kern.combine, (entries + 127) // 128, 128, prob, nsplit, PO, PM, PL, O, LSE, CNT)
     return O, LSE, CNT
 
 
