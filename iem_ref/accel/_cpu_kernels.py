@@ -181,6 +181,8 @@ _TRANS = ord("t")
 # as the loops' does not (the loops were 1.2-1.4x slower than it at 8 float64 and 16 rows).
 _GEMV_ROWS = 1
 _FEW_ROW_BYTES = 32
+#: how many key rows ahead of their use the few-rows loops prefetch K and V
+PREFETCH_ROWS = 32
 
 _FM = {"contract"}  # FMA contraction only: fastmath=True would assume no inf/NaN, and the edge-case policy needs them
 # A dot product's D-term sum in any order: its bound (gamma_D, bounds section 5) holds for every order, and
@@ -224,6 +226,45 @@ def maxnum(typingctx, a, b):
         return builder.call(fn, args)
 
     return a(a, b), codegen
+
+
+@intrinsic
+def prefetch(typingctx, x, i, j):
+    """A hint to fetch the cache line of ``x[i, j]`` (a 2-D array) now, for a later read; nothing when row ``i`` is past the last.
+
+    Why: the few-rows loops below spend as long on each key row as it takes
+    to come from memory, and the hardware prefetchers alone do not run far
+    enough ahead to hide that time behind the work (one core streaming K
+    through the score loop, D = 128, float32: 35 ns per key row without,
+    22-24 ns fetching 16-64 rows ahead, ``bench/results/gqa_decode.md``).
+    ``llvm.prefetch`` (read, high locality, data cache): no fault, no result.
+    """
+    if not (isinstance(x, types.Array) and x.ndim == 2 and isinstance(i, types.Integer) and isinstance(j, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        i_, j_ = (context.cast(builder, a, t, types.intp) for a, t in zip(args[1:], signature.args[1:]))
+        shape = cgutils.unpack_tuple(builder, ary.shape)
+        with builder.if_then(builder.icmp_signed("<", i_, shape[0]), likely=True):
+            ptr = cgutils.get_item_pointer2(context, builder, data=ary.data, shape=shape,
+                                            strides=cgutils.unpack_tuple(builder, ary.strides), layout=aryty.layout,
+                                            inds=[i_, j_], wraparound=False)
+            i8p = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+            builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(x, i, j), codegen
+
+
+@njit(**INNER)
+def _prefetch_row(x, i):
+    """:func:`prefetch` every cache line of row ``i`` of ``x`` (64-byte lines)."""
+    for c in range(0, x.shape[1], max(1, 64 // x.itemsize)):
+        prefetch(x, i, c)
 
 
 @njit(cache=True, fastmath=_FM)
@@ -550,12 +591,15 @@ def _few_rows_scores(S, bq, bk, q, i0, k, jb, factor):
     Each key row is read once for all the block's queries, while it is in
     L1; BLAS would pack (copy) the whole key tile for a few columns of work.
     Two keys per step: two independent sums per query row keep the vector
-    units busy while the other's horizontal reduction runs.
+    units busy while the other's horizontal reduction runs.  The rows
+    :data:`PREFETCH_ROWS` ahead are fetched meanwhile (:func:`prefetch`).
     """
     D = q.shape[1]
     zero = factor - factor  # 0 in the tile's dtype
     j = 0
     while j + 2 <= bk:
+        _prefetch_row(k, jb + j + PREFETCH_ROWS)
+        _prefetch_row(k, jb + j + 1 + PREFETCH_ROWS)
         ka = k[jb + j]
         kb = k[jb + j + 1]
         for r in range(bq):
@@ -584,6 +628,7 @@ def _few_rows_values(v, jv, S, bq, bk, pv):
 
     Four keys per step: ``pv`` is loaded and stored once per four fused
     multiply-adds, which still run key after key (the order of a sequential sum).
+    The rows :data:`PREFETCH_ROWS` ahead are fetched meanwhile (:func:`prefetch`).
     """
     Dv = v.shape[1]
     for r in range(bq):
@@ -591,6 +636,8 @@ def _few_rows_values(v, jv, S, bq, bk, pv):
             pv[r, c] = 0.0
     j = 0
     while j + 4 <= bk:
+        for t in range(4):
+            _prefetch_row(v, jv + j + t + PREFETCH_ROWS)
         va = v[jv + j]
         vb = v[jv + j + 1]
         vc = v[jv + j + 2]
