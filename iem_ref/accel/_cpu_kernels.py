@@ -232,11 +232,10 @@ def maxnum(typingctx, a, b):
 def prefetch(typingctx, x, i, j):
     """A hint to fetch the cache line of ``x[i, j]`` (a 2-D array) now, for a later read; nothing when row ``i`` is past the last.
 
-    Why: the few-rows loops below spend as long on each key row as it takes
-    to come from memory, and the hardware prefetchers alone do not run far
-    enough ahead to hide that time behind the work (one core streaming K
-    through the score loop, D = 128, float32: 35 ns per key row without,
-    22-24 ns fetching 16-64 rows ahead, ``bench/results/gqa_decode.md``).
+    Why: the few-rows loops below spend about as long on each key row as it
+    takes to come from memory, and with the hardware prefetchers alone the
+    core waited for each row (grouped-query decoding, ``bench/results/gqa_decode.md``:
+    one core 152.9 ms without, 105.7 ms with rows fetched 32 ahead, M = 2^18).
     ``llvm.prefetch`` (read, high locality, data cache): no fault, no result.
     """
     if not (isinstance(x, types.Array) and x.ndim == 2 and isinstance(i, types.Integer) and isinstance(j, types.Integer)):
