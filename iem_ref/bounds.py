@@ -207,9 +207,10 @@ Each side (the path and the reference) against the exact gradient, summed
   summed over the group.  A key's sums run over the ``N g`` query rows of
   its group: the CPU and CUDA stack them into one problem (the tiles are
   planned for ``N g`` rows, forward and backward), the reference sums in
-  float64; so ``G`` is the bound of a sum over ``N g`` terms.  The per-result terms (the scale, the rounding to the dtype) use
-  the per-head magnitudes ``|dk_h|``, ``|dv_h|``, whose group sum is at
-  least ``|dk|``, ``|dv|``.
+  float64; so ``G`` is the bound of a sum over ``N g`` terms.  The
+  per-result terms (the scale, the rounding to the dtype) use the per-head
+  magnitudes ``|dk_h|``, ``|dv_h|``, whose group sum is at least ``|dk|``,
+  ``|dv|``.
 * Sinks (V5): ``r`` sums to ``1 - r_sink`` over the keys and ``C_i = sum_j
   dS_ij = Delta_i r_sink,i = -dsink_i``.  The paths form ``r_sink = exp(sink
   - L)`` in float64 from their saved ``L``: relative ``|dL| + u64 |sink - L|

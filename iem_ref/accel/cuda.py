@@ -353,8 +353,8 @@ def _multiprocessors():
     return _MULTIPROCESSORS[0]
 
 
-def key_splits(blocks, m):
-    """How many key splits the forward takes for ``blocks`` row blocks over ``m`` keys.
+def key_splits(row_blocks, m):
+    """How many key splits the forward takes for ``row_blocks`` row blocks over ``m`` keys.
 
     Enough for two blocks per multiprocessor when the rows alone give fewer
     (decoding: ``N = 1`` is one block per key/value head), each split at
@@ -364,7 +364,7 @@ def key_splits(blocks, m):
     passes through no more rescalings and additions than in one run over
     the tiles.
     """
-    want = -(-2 * _multiprocessors() // max(blocks, 1))
+    want = -(-2 * _multiprocessors() // max(row_blocks, 1))
     return max(1, min(want, -(-m // _k.LAYOUT["BC"]) // SPLIT_TILES))
 
 
