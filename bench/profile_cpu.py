@@ -159,15 +159,16 @@ def tile_sweep(dtype, N, M, D, shapes, rounds):
     from threadpoolctl import threadpool_limits
 
     q, k, v = _inputs(dtype, N, M, D)
-    saved = cpu.TILES[np.dtype(dtype)]
+    saved = cpu.TILING
+    field = "forward64" if np.dtype(dtype) == np.float64 else "forward32"
     variants = {}
     for bq, bk in shapes:
         def kernel(bq=bq, bk=bk):
-            cpu.TILES[np.dtype(dtype)] = (bq, bk)
+            cpu.TILING = saved._replace(**{field: (bq, bk)})
             try:
                 cpu.attention(q, k, v)
             finally:
-                cpu.TILES[np.dtype(dtype)] = saved
+                cpu.TILING = saved
 
         def gemms(bq=bq, bk=bk):
             with threadpool_limits(1):

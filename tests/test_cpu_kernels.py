@@ -88,14 +88,15 @@ def test_plan_depends_on_shapes_only():
 def test_plan_gives_every_core_work(N, dtype):
     """Query blocks: at most the dtype's tile height, at least 64 rows (or all N), and at least 4 blocks once N allows it."""
     bq, bk, _ = cpu.plan(1, N, 4096, dtype)
-    tile_bq, tile_bk = cpu.TILES[np.dtype(dtype)]
+    t = cpu.TILING
+    tile_bq, tile_bk = t.tiles(dtype, False)
     nqb = -(-N // bq)
     assert bq <= tile_bq
-    assert bq >= min(N, cpu._SMALL_BLOCK)
-    if N >= cpu._MIN_BLOCKS * cpu._SMALL_BLOCK:
-        assert nqb >= cpu._MIN_BLOCKS
-    assert bk == (tile_bk if bq >= cpu._SMALL_BLOCK else cpu._DECODE_KEYS)
-    assert cpu.plan(1, N, 4096, dtype, backward=True)[0] <= cpu.BACKWARD_TILES[np.dtype(dtype)][0]
+    assert bq >= min(N, t.small_block)
+    if N >= t.min_blocks * t.small_block:
+        assert nqb >= t.min_blocks
+    assert bk == (tile_bk if bq >= t.small_block else t.decode_keys)
+    assert cpu.plan(1, N, 4096, dtype, backward=True)[0] <= t.tiles(dtype, True)[0]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -312,8 +313,8 @@ def test_blas_single_threaded_inside_the_kernels(monkeypatch):
     seen = []
     real = cpu._kernel
 
-    def spying(name, dtype):
-        fn = real(name, dtype)
+    def spying(name, features):
+        fn = real(name, features)
 
         def run(*args):
             seen.append({i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"})

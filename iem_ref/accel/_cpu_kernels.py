@@ -55,18 +55,20 @@ results are bitwise identical across runs and thread counts.
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
+from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 from numba.np.linalg import ensure_blas
 
-from ._compile import INNER
+from ._compile import INNER, instantiate, template
 from ._fastexp import f32_bits, f64_bits, fexp, fexp_shifted, like
-from ._problem import DOT, PRECOMPUTED, SQEUCLIDEAN, first_position_above, head_of, log_partition_of_row, logit, merge_sink, summary_of_row
+from ._problem import DOT, PRECOMPUTED, SQEUCLIDEAN, first_position_above, _head_of, log_partition_of_row, logit, merge_sink, summary_of_row
 
 ensure_blas()  # SciPy's BLAS (scipy.linalg.cython_blas), the one Numba's np.dot uses
 
@@ -172,6 +174,8 @@ def gemv(typingctx, trans, m, n, alpha, a, ia, lda, x, ix, beta, y, iy):
     return sig, codegen
 
 
+# A constant argument of a helper is written np.int64(0), not 0: Numba gives a literal a type of its own
+# (Literal[int](0)) and would compile the helper once more for it.
 _NOTRANS = ord("n")  # BLAS operand codes
 _TRANS = ord("t")
 # How a tile's two products run, by the query block's rows (measured at M = 2^20, D = 64 on Zen 5, AVX-512;
@@ -188,6 +192,61 @@ _FM = {"contract"}  # FMA contraction only: fastmath=True would assume no inf/Na
 # A dot product's D-term sum in any order: its bound (gamma_D, bounds section 5) holds for every order, and
 # reassociation lets LLVM vectorise the sum; still no finite-math flags, so inf and NaN keep their meaning.
 _DOT_FM = {"contract", "reassoc"}
+
+
+# --- compile-time features ------------------------------------------------------
+class Features(NamedTuple):
+    """What one kernel instance is compiled for: each field is a constant of its code (:func:`kernels`).
+
+    ``variants``: the steps that only the variants add, compiled only into
+    the kernels of the calls that use one of them: the logits of a bias,
+    ALiBi or a soft-cap (V1-V3, which of them is data), a sink's merge (V5)
+    and dropout (V8).  A plain call's kernel holds none of their code.
+    Causality, the mask, windows (V4), packed segments (V7) and grouped-query
+    heads (V6) need no field: every kernel reads them as data (each query's
+    key range, the mask's rows, the query blocks' boundaries, the row group),
+    a few integer operations per row.  One field rather than one per variant:
+    the variants' steps are a small part of a kernel's compilation (float64
+    forward, 2-core AMD EPYC family 25 model 17: 6.7 s plain, 8.3 s with
+    every variant), so a kernel per combination would multiply the compile
+    time of callers that use several, for little gain to the others.
+    """
+
+    dtype: str  # "float64" or "float32"
+    energy: int  # DOT, SQEUCLIDEAN or PRECOMPUTED (:mod:`._problem`)
+    variants: bool  # V1-V3, V5, V8: logits, sinks, dropout
+
+    @property
+    def tag(self):
+        """A short name of the instance (its functions' names end with it, and so do their cache files)."""
+        return "_".join(["f64" if self.dtype == "float64" else "f32", ("dot", "sqeuclidean", "precomputed")[self.energy]]
+                        + (["variants"] if self.variants else []))
+
+    def constants(self):
+        """The names the templates read, bound to this feature set."""
+        return {"ENERGY": self.energy, "VARIANTS": self.variants}
+
+
+# The templates below (@template) read these names as compile-time constants; each instance binds them
+# (Features.constants).  The values here only give the names a definition: a template never runs with them.
+ENERGY = DOT
+VARIANTS = False
+
+_INSTANCES = {}
+_INSTANCES_LOCK = threading.Lock()
+
+
+def kernels(features):
+    """The instance of this module's templates for ``features``: a namespace whose ``forward`` and ``backward`` are Numba dispatchers.
+
+    Built once per process and feature set; nothing compiles until a
+    dispatcher is called or compiled for a signature.
+    """
+    with _INSTANCES_LOCK:
+        scope = _INSTANCES.get(features)
+        if scope is None:
+            scope = _INSTANCES[features] = instantiate(globals(), features.constants(), features.tag)
+        return scope
 
 
 # --- small tile helpers -------------------------------------------------------
@@ -259,6 +318,24 @@ def prefetch(typingctx, x, i, j):
     return types.void(x, i, j), codegen
 
 
+@intrinsic
+def readonly(typingctx, x):
+    """The array ``x`` typed read-only (the same data, no copy).
+
+    Why: Numba compiles a helper once per argument type, and a scratch
+    buffer is a writable array where the operands are read-only ones; a
+    helper given both (the value product of a tile, and of the tile with its
+    non-finite values replaced) was compiled twice.
+    """
+    if not isinstance(x, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return impl_ret_borrowed(context, builder, signature.return_type, args[0])
+
+    return x.copy(readonly=True)(x), codegen
+
+
 @njit(**INNER)
 def _prefetch_row(x, i):
     """:func:`prefetch` every cache line of row ``i`` of ``x`` (64-byte lines)."""
@@ -266,7 +343,7 @@ def _prefetch_row(x, i):
         prefetch(x, i, c)
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(fastmath=_FM, **INNER)
 def _row_max(row, n):
     """Maximum of ``row[:n]`` ignoring NaN (``-inf`` if there is none), exact whatever the order."""
     m = like(-np.inf, row[0])
@@ -347,35 +424,38 @@ def _finite_copy(x, flags, out):
 
 
 @njit(**INNER)
-def _add_nonfinite(w, R, C, part, x, flags, out, transpose, limit):
-    """The non-finite part of ``W @ X`` (``W^T @ X`` if ``transpose``), only over the pairs that take part.
+def _add_nonfinite(w, R, C, part, x, flags, out, limit):
+    """The non-finite part of ``W @ X``, only over the pairs that take part: ``out (R, F) += w (R, C) @ x (C, F)``.
 
     ``w[:R, :C]`` weights, ``part[:R, :C]`` True where the pair takes part,
     ``x`` the operand whose rows ``flags`` marks as holding non-finite
-    entries (rows of ``x`` are indexed by ``C``, or by ``R`` if
-    ``transpose``); the GEMM saw those entries as 0.  ``limit`` (the
-    forward's values): a weight that is 0 in floating point (underflow, or a
-    finite key beside certain ones) stands for a positive one, so an
-    infinite value reaches the output as itself, never as ``0 * inf``.
+    entries; the GEMM saw those entries as 0.  ``limit`` (the forward's
+    values): a weight that is 0 in floating point (underflow, or a finite
+    key beside certain ones) stands for a positive one, so an infinite value
+    reaches the output as itself, never as ``0 * inf``.
     """
     F = x.shape[1]
-    if not transpose:  # out (R, F) += w (R, C) @ x (C, F)
-        for j in range(C):
-            if flags[j]:
-                for i in range(R):
-                    if part[i, j]:
-                        wij = w[i, j]
-                        for c in range(F):
-                            if not np.isfinite(x[j, c]):
-                                out[i, c] += x[j, c] if (limit and wij == 0.0) else wij * x[j, c]
-    else:  # out (C, F) += w^T (C, R) @ x (R, F)
-        for i in range(R):
-            if flags[i]:
-                for j in range(C):
-                    if part[i, j]:
-                        for c in range(F):
-                            if not np.isfinite(x[i, c]):
-                                out[j, c] += w[i, j] * x[i, c]
+    for j in range(C):
+        if flags[j]:
+            for i in range(R):
+                if part[i, j]:
+                    wij = w[i, j]
+                    for c in range(F):
+                        if not np.isfinite(x[j, c]):
+                            out[i, c] += x[j, c] if (limit and wij == 0.0) else wij * x[j, c]
+
+
+@njit(**INNER)
+def _add_nonfinite_transposed(w, R, C, part, x, flags, out):
+    """:func:`_add_nonfinite` for ``W^T @ X``: ``out (C, F) += w^T (C, R) @ x (R, F)``, ``flags`` marking the rows of ``x`` (indexed by ``R``)."""
+    F = x.shape[1]
+    for i in range(R):
+        if flags[i]:
+            for j in range(C):
+                if part[i, j]:
+                    for c in range(F):
+                        if not np.isfinite(x[i, c]):
+                            out[j, c] += w[i, j] * x[i, c]
 
 
 @njit(**INNER)
@@ -417,10 +497,10 @@ def _norms(h, bq, bk):
     return Norms(np.empty(bq, h.q.dtype), np.empty(bq, np.bool_), np.empty(bk, h.q.dtype), np.empty(bk, np.bool_))
 
 
-@njit(**INNER)
+@template(**INNER)
 def _set_query_norms(h, norms, i0, i1):
     """The half squared norms of queries ``[i0, i1)`` into ``norms`` (K2 only; the key tile's are set by :func:`_scores`)."""
-    if h.energy == SQEUCLIDEAN:
+    if ENERGY == SQEUCLIDEAN:
         _half_sqnorms(h.q[i0:i1], norms.q, norms.qbad)
 
 
@@ -493,7 +573,7 @@ def _dropout_factors(h, W, bq, bk, i0, jb, part):
                     part[r, j] = False
 
 
-@njit(fastmath=_FM, **INNER)
+@template(fastmath=_FM, **INNER)
 def _scores(S, bq, bk, h, i0, jb, norms, F):
     """Fill the score tile ``S[:bq, :bk]`` with the logits ``z_ij``, ``-inf`` where key ``jb + j`` does not take part.
 
@@ -509,14 +589,14 @@ def _scores(S, bq, bk, h, i0, jb, norms, F):
     D = q.shape[1]
     ninf = like(-np.inf, scale)  # scale has the tile's dtype: no promotion below
     zero = like(0.0, scale)
-    if h.energy == PRECOMPUTED:  # the raw score is -d
+    if ENERGY == PRECOMPUTED:  # the raw score is -d
         for r in range(bq):
             for j in range(bk):
                 S[r, j] = -h.d[i0 + r, jb + j]
     elif D > 0:
         # the dot energy's scale rides on the GEMM's factor: one rounding, as a separate product would make;
         # scale = 0 needs the raw products (their inf/NaN), and K2 subtracts the norms first
-        factor = scale if (h.energy == DOT and scale > 0.0) else like(1.0, scale)
+        factor = scale if (ENERGY == DOT and scale > 0.0) else like(1.0, scale)
         if bq <= _GEMV_ROWS:
             for r in range(bq):
                 gemv(_TRANS, D, bk, factor, k, jb * D, D, q, (i0 + r) * D, 0.0, S, r * ld)
@@ -528,15 +608,15 @@ def _scores(S, bq, bk, h, i0, jb, norms, F):
         for r in range(bq):
             for j in range(bk):
                 S[r, j] = zero
-    if h.energy == SQEUCLIDEAN:
+    if ENERGY == SQEUCLIDEAN:
         _half_sqnorms(k[jb : jb + bk], norms.k, norms.kbad)
     for r in range(bq):
         i = i0 + r
         row = S[r]
         lo, hi = _band_in_tile(h, i, jb, bk)  # keys jb + j take part for lo <= j < hi (causality, window)
-        if h.energy != SQEUCLIDEAN:
+        if ENERGY != SQEUCLIDEAN:
             if scale > 0.0:
-                if h.energy == PRECOMPUTED:
+                if ENERGY == PRECOMPUTED:
                     for j in range(lo, hi):
                         row[j] = row[j] * scale
             else:  # scale = 0: finite scores tie at 0, +-inf and NaN keep their meaning
@@ -558,7 +638,7 @@ def _scores(S, bq, bk, h, i0, jb, norms, F):
                 for j in range(lo, hi):
                     if norms.kbad[j]:
                         row[j] = _direct_sqeuclid_score(q, i, k, jb + j, scale)
-        if h.logits:  # V1-V3, pair by pair
+        if VARIANTS and h.logits:  # V1-V3, pair by pair
             if h.softcap > 0.0 and F.shape[0] > 0:
                 for j in range(bk):
                     F[r, j] = 1.0  # pairs that do not take part have dZ = 0: a finite factor keeps them 0
@@ -687,7 +767,7 @@ def _partials_at(parts, b, split, i0, i1):
     return Partials(parts.m[b, split, i0:i1], parts.l[b, split, i0:i1], parts.o[b, split, i0:i1], parts.nan[b, split, i0:i1])
 
 
-@njit(fastmath=_FM, **INNER)
+@template(fastmath=_FM, **INNER)
 def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
     """M1 over keys ``[j0, j1)`` for queries ``[i0, i1)`` of one batch element ``h``, into the :class:`Partials` ``acc``."""
     q, v = h.q, h.v
@@ -719,7 +799,7 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
         bk = min(bk_max, j1 - jb)
         _scores(S, bq, bk, h, i0, jb, norms, F)
         nbad = _bad_rows(v[jb : jb + bk], vbad) if values_first else 0  # the tile is about to be read by the GEMM: cache-hot
-        if nbad or not values_first or h.has_keep:
+        if nbad or not values_first or (VARIANTS and h.has_keep):
             for r in range(bq):
                 for j in range(bk):
                     part[r, j] = S[r, j] != ninf  # NaN scores take part (and spoil their row)
@@ -743,7 +823,7 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
             acc.l[r] = a * acc.l[r] + np.float64(tile_sum)
             if tile_sum != tile_sum:
                 acc.nan[r] = True
-        if h.has_keep:  # V8: a dropped pair's weight leaves the mean, not the sum l; its value is never read
+        if VARIANTS and h.has_keep:  # V8: a dropped pair's weight leaves the mean, not the sum l; its value is never read
             for r in range(bq):
                 for j in range(bk):
                     if not _kept(h, i0 + r, jb + j):
@@ -756,8 +836,8 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
                     nbad = _bad_rows(v[jb : jb + bk], vbad)  # else an overflow: pv is already what selection gives
             if nbad:
                 _finite_copy(v[jb : jb + bk], vbad, vt)
-                _value_product(vt, 0, S, bq, bk, bk_max, pv)
-                _add_nonfinite(S, bq, bk, part, v[jb : jb + bk], vbad, pv, False, True)
+                _value_product(readonly(vt), np.int64(0), S, bq, bk, bk_max, pv)
+                _add_nonfinite(S, bq, bk, part, v[jb : jb + bk], vbad, pv, True)
         for r in range(bq):
             a = rescale[r]
             if a == 1.0:
@@ -770,7 +850,7 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
         jb += bk
 
 
-@njit(**INNER)
+@template(**INNER)
 def _finish_rows(acc, sinks, i0, empty_nan, keep_div, out, lse):
     """M2's result for the rows ``i0, i0 + 1, ...`` of ``acc``: ``a = o / l``, ``L = m + log l`` (float64, rounded once to ``out``'s dtype), with the policy.
 
@@ -780,9 +860,11 @@ def _finish_rows(acc, sinks, i0, empty_nan, keep_div, out, lse):
     """
     Dv = acc.o.shape[1]
     for r in range(acc.m.shape[0]):
-        sink = sinks[(i0 + r) % sinks.shape[0]]
-        nan = acc.nan[r] or sink != sink
-        m, l, c = merge_sink(acc.m[r], acc.l[r], sink)
+        m, l, c, nan = acc.m[r], acc.l[r], 1.0, acc.nan[r]
+        if VARIANTS:
+            sink = sinks[(i0 + r) % sinks.shape[0]]
+            nan = nan or sink != sink
+            m, l, c = merge_sink(m, l, sink)
         lse[r] = log_partition_of_row(m, l, nan)
         for col in range(Dv):
             o = acc.o[r, col]
@@ -790,6 +872,7 @@ def _finish_rows(acc, sinks, i0, empty_nan, keep_div, out, lse):
             out[r, col] = a if keep_div == 1.0 else a / keep_div
 
 
+@template(cache=True, nogil=True)
 def forward(stage, thread, nthreads, p, mask, blocks, bk, nsplit, parts, out, lse):
     """A1-A4 fused over the flattened batch of the :class:`~iem_ref.accel._problem.Problem` ``p`` (and its ``mask``); this thread's share of one stage.
 
@@ -820,7 +903,7 @@ def forward(stage, thread, nthreads, p, mask, blocks, bk, nsplit, parts, out, ls
             j0 = min(M, (split * nkb // nsplit) * bk)
             j1 = min(M, ((split + 1) * nkb // nsplit) * bk)
             acc = _partials_at(parts, b, split, i0, i1)
-            _forward_block(head_of(p, mask, b), i0, i1, j0, j1, bk, acc)
+            _forward_block(_head_of(p, mask, b), i0, i1, j0, j1, bk, acc)
             if nsplit == 1:
                 _finish_rows(acc, p.sinks[b], i0, p.empty_nan, p.dropout_keep, out[b, i0:i1], lse[b, i0:i1])
         return
@@ -828,7 +911,7 @@ def forward(stage, thread, nthreads, p, mask, blocks, bk, nsplit, parts, out, ls
         b = w // nqb
         i0 = blocks[w % nqb]
         i1 = blocks[w % nqb + 1]
-        first = _partials_at(parts, b, 0, i0, i1)
+        first = _partials_at(parts, b, np.int64(0), i0, i1)
         for split in range(1, nsplit):  # M2, in split order
             other = _partials_at(parts, b, split, i0, i1)
             for r in range(i1 - i0):
@@ -928,7 +1011,7 @@ def _rows_flags(x, i0, n, flags):
     return nb
 
 
-@njit(**INNER)
+@template(**INNER)
 def _count_certain(h, i0, i1, bk_max, saved):
     """``cnt_i``: how many keys take part with score ``+inf`` (rows with ``L = +inf`` only)."""
     bq = i1 - i0
@@ -943,16 +1026,17 @@ def _count_certain(h, i0, i1, bk_max, saved):
     F = np.empty((0, 0), dtype=h.q.dtype)
     norms = _norms(h, bq, bk_max)
     _set_query_norms(h, norms, i0, i1)
-    start, end = _key_tiles(h, i0, i1, 0, M, bk_max)
+    start, end = _key_tiles(h, i0, i1, np.int64(0), M, bk_max)
     for jb in range(start, end, bk_max):
         bk = min(bk_max, M - jb)
         _scores(S, bq, bk, h, i0, jb, norms, F)
         for r in range(bq):
             for j in range(bk):
                 saved.cnt[i0 + r] += S[r, j] == np.inf
-    for r in range(bq):  # a sink of logit +inf (V5) is a certain key too
-        if saved.lse[i0 + r] == np.inf and h.sinks[(i0 + r) % h.sinks.shape[0]] == np.inf:
-            saved.cnt[i0 + r] += 1.0
+    if VARIANTS:
+        for r in range(bq):  # a sink of logit +inf (V5) is a certain key too
+            if saved.lse[i0 + r] == np.inf and h.sinks[(i0 + r) % h.sinks.shape[0]] == np.inf:
+                saved.cnt[i0 + r] += 1.0
 
 
 @njit(fastmath=_FM, **INNER)
@@ -968,7 +1052,7 @@ def _logit_grads(h, Bt, F, bq, bk, i0, jb, dz):
                 Bt[r, j] = Bt[r, j] * F[r, j]
 
 
-@njit(fastmath=_FM, **INNER)
+@template(fastmath=_FM, **INNER)
 def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
     """G4, keys ``[j0, j1)``: ``dv_j = sum_i r_ij u_i`` and ``dk_j = scale sum_i dS_ij q_i`` (minus ``scale k_j sum_i dS_ij`` for K2), over all queries."""
     q, k, v, u = h.q, h.k, h.v, h.u
@@ -976,7 +1060,7 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
     N = q.shape[0]
     D = q.shape[1]
     Dv = v.shape[1]
-    bq_max = 0
+    bq_max = np.int64(0)
     for t in range(blocks.shape[0] - 1):
         bq_max = max(bq_max, blocks[t + 1] - blocks[t])
     S = np.empty((bq_max, bk), dtype=q.dtype)
@@ -994,11 +1078,11 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
     F = np.empty((bq_max if h.softcap > 0.0 else 0, bk), dtype=q.dtype)
     nodz = np.empty((0, 0), dtype=np.float64)
     nopart = np.empty((0, 0), dtype=np.bool_)
-    part_kept = np.empty((bq_max if h.has_keep else 0, bk), dtype=np.bool_)
+    part_kept = np.empty((bq_max if (VARIANTS and h.has_keep) else 0, bk), dtype=np.bool_)
     norms = _norms(h, bq_max, bk)
     # the queries that see a key of [j0, j1) (causality, window, segments), in the query blocks of the forward
-    i_start = min(N, first_position_above(h.keys, 1, j0) * h.group)
-    i_end = min(N, first_position_above(h.keys, 0, j1 - 1) * h.group)
+    i_start = min(N, first_position_above(h.keys, np.int64(1), j0) * h.group)
+    i_end = min(N, first_position_above(h.keys, np.int64(0), j1 - 1) * h.group)
     t = 0
     while t + 2 < blocks.shape[0] and blocks[t + 1] <= i_start:
         t += 1
@@ -1014,16 +1098,16 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
             gemm(_TRANS, _NOTRANS, bk, bq, Dv, 1.0, v, j0 * Dv, Dv, u, i0 * Dv, Dv, 0.0, Bt, 0, bk)  # b_ij = <u_i, v_j>
         else:
             Bt[:bq, :] = 0.0
-        nq = _rows_flags(q, i0, bq, qflag) if h.energy != PRECOMPUTED else 0
+        nq = _rows_flags(q, i0, bq, qflag) if ENERGY != PRECOMPUTED else 0
         nu = _rows_flags(u, i0, bq, uflag)
-        if h.has_keep:  # V8: b_ij = c_ij <u_i, v_j>
+        if VARIANTS and h.has_keep:  # V8: b_ij = c_ij <u_i, v_j>
             _dropout_factors(h, Bt, bq, bk, i0, j0, nopart)
         _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nq + nu > 0)
-        if h.logits:
+        if VARIANTS and h.logits:
             _logit_grads(h, Bt, F, bq, bk, i0, j0, nodz)
         if Dv > 0:
             partv = part
-            if h.has_keep:  # dv_j = sum_i r_ij c_ij u_i, a dropped pair's u never read
+            if VARIANTS and h.has_keep:  # dv_j = sum_i r_ij c_ij u_i, a dropped pair's u never read
                 partv = part_kept
                 partv[:bq, :] = part[:bq, :]
                 _dropout_factors(h, S, bq, bk, i0, j0, partv)
@@ -1032,21 +1116,21 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
             else:
                 _finite_copy(u[i0:i1], uflag, ufin)
                 gemm(_NOTRANS, _TRANS, Dv, bk, bq, 1.0, ufin, 0, Dv, S, 0, bk, 0.0, tv, 0, Dv)
-                _add_nonfinite(S, bq, bk, partv, u[i0:i1], uflag, tv, True, False)
+                _add_nonfinite_transposed(S, bq, bk, partv, u[i0:i1], uflag, tv)
             for j in range(bk):
                 for c in range(Dv):
                     acc_v[j, c] += np.float64(tv[j, c])
-        if D > 0 and h.energy != PRECOMPUTED:
+        if D > 0 and ENERGY != PRECOMPUTED:
             if nq == 0:
                 gemm(_NOTRANS, _TRANS, D, bk, bq, 1.0, q, i0 * D, D, Bt, 0, bk, 0.0, tk, 0, D)
             else:
                 _finite_copy(q[i0:i1], qflag, qfin)
                 gemm(_NOTRANS, _TRANS, D, bk, bq, 1.0, qfin, 0, D, Bt, 0, bk, 0.0, tk, 0, D)
-                _add_nonfinite(Bt, bq, bk, part, q[i0:i1], qflag, tk, True, False)
+                _add_nonfinite_transposed(Bt, bq, bk, part, q[i0:i1], qflag, tk)
             for j in range(bk):
                 for c in range(D):
                     acc_k[j, c] += np.float64(tk[j, c])
-        if h.energy == SQEUCLIDEAN:
+        if ENERGY == SQEUCLIDEAN:
             for r in range(bq):
                 for j in range(bk):
                     colsum[j] += np.float64(Bt[r, j])
@@ -1056,13 +1140,13 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
             dv[j0 + j, c] = acc_v[j, c]
         for c in range(D):
             g = sc * acc_k[j, c]
-            if h.energy == SQEUCLIDEAN:
+            if ENERGY == SQEUCLIDEAN:
                 kj = np.float64(k[j0 + j, c])
                 g -= sc * (kj if np.isfinite(kj) else 0.0) * colsum[j]
             dk[j0 + j, c] = g
 
 
-@njit(fastmath=_FM, **INNER)
+@template(fastmath=_FM, **INNER)
 def _backward_queries(h, i0, i1, bk_max, saved, dq, dz):
     """G4, queries ``[i0, i1)``: ``dq_i = scale sum_j dX_ij k_j`` over all keys (for K2 minus ``scale q_i sum_j dX_ij``, nonzero with sinks or a soft-cap only).
 
@@ -1086,7 +1170,7 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq, dz):
     F = np.empty((bq if h.softcap > 0.0 else 0, bk_max), dtype=q.dtype)
     xsum = np.zeros(bq, dtype=np.float64)  # sum_j dX_ij, for K2 with a soft-cap
     nopart = np.empty((0, 0), dtype=np.bool_)
-    start, end = _key_tiles(h, i0, i1, 0, M, bk_max)
+    start, end = _key_tiles(h, i0, i1, np.int64(0), M, bk_max)
     for jb in range(start, end, bk_max):
         bk = min(bk_max, M - jb)
         _scores(S, bq, bk, h, i0, jb, norms, F)
@@ -1094,23 +1178,23 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq, dz):
             gemm(_TRANS, _NOTRANS, bk, bq, Dv, 1.0, v, jb * Dv, Dv, u, i0 * Dv, Dv, 0.0, Bt, 0, bk_max)
         else:
             Bt[:, :] = 0.0
-        nk = _rows_flags(k, jb, bk, kflag) if h.energy != PRECOMPUTED else 0
-        if h.has_keep:  # V8: b_ij = c_ij <u_i, v_j>
+        nk = _rows_flags(k, jb, bk, kflag) if ENERGY != PRECOMPUTED else 0
+        if VARIANTS and h.has_keep:  # V8: b_ij = c_ij <u_i, v_j>
             _dropout_factors(h, Bt, bq, bk, i0, jb, nopart)
         _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nk > 0)
-        if h.logits:
+        if VARIANTS and h.logits:
             _logit_grads(h, Bt, F, bq, bk, i0, jb, dz)
-            if h.softcap > 0.0 and h.energy == SQEUCLIDEAN:
+            if h.softcap > 0.0 and ENERGY == SQEUCLIDEAN:
                 for r in range(bq):
                     for j in range(bk):
                         xsum[r] += np.float64(Bt[r, j])
-        if D > 0 and h.energy != PRECOMPUTED:
+        if D > 0 and ENERGY != PRECOMPUTED:
             if nk == 0:
                 gemm(_NOTRANS, _NOTRANS, D, bq, bk, 1.0, k, jb * D, D, Bt, 0, bk_max, 0.0, tq, 0, D)
             else:
                 _finite_copy(k[jb : jb + bk], kflag, kfin)
                 gemm(_NOTRANS, _NOTRANS, D, bq, bk, 1.0, kfin, 0, D, Bt, 0, bk_max, 0.0, tq, 0, D)
-                _add_nonfinite(Bt, bq, bk, part, k[jb : jb + bk], kflag, tq, False, False)
+                _add_nonfinite(Bt, bq, bk, part, k[jb : jb + bk], kflag, tq, False)
             for r in range(bq):
                 for c in range(D):
                     acc[r, c] += np.float64(tq[r, c])
@@ -1119,7 +1203,7 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq, dz):
         rowsum = xsum[r] if h.softcap > 0.0 else saved.rowsum[i0 + r]
         for c in range(D):
             g = sc * acc[r, c]
-            if h.energy == SQEUCLIDEAN and rowsum != 0.0:
+            if ENERGY == SQEUCLIDEAN and rowsum != 0.0:
                 qi = np.float64(q[i0 + r, c])
                 g -= sc * (qi if np.isfinite(qi) else 0.0) * rowsum
             dq[i0 + r, c] = g
@@ -1130,6 +1214,7 @@ def _saved_at(saved, b):
     return Saved(saved.lse[b], saved.delta[b], saved.cnt[b], saved.rowsum[b])
 
 
+@template(cache=True, nogil=True)
 def backward(stage, thread, nthreads, p, mask, blocks, bk, saved, grads):
     """G4 over the flattened batch of the :class:`~iem_ref.accel._problem.Problem` ``p`` (and its ``mask``), into the :class:`Grads` ``grads``.
 
@@ -1150,14 +1235,14 @@ def backward(stage, thread, nthreads, p, mask, blocks, bk, saved, grads):
     if stage == 0:
         for w in range(thread, B * nqb, nthreads):
             b = w // nqb
-            _count_certain(head_of(p, mask, b), blocks[w % nqb], blocks[w % nqb + 1], bk, _saved_at(saved, b))
+            _count_certain(_head_of(p, mask, b), blocks[w % nqb], blocks[w % nqb + 1], bk, _saved_at(saved, b))
     elif stage == 1:
         for w in range(thread, B * nkb, nthreads):
             b = w // nkb
             j0 = (w % nkb) * bk
-            _backward_keys(head_of(p, mask, b), j0, min(M, j0 + bk), blocks, _saved_at(saved, b), grads.dk[b], grads.dv[b])
+            _backward_keys(_head_of(p, mask, b), j0, min(M, j0 + bk), blocks, _saved_at(saved, b), grads.dk[b], grads.dv[b])
     else:
         for w in range(thread, B * nqb, nthreads):
             b = w // nqb
-            _backward_queries(head_of(p, mask, b), blocks[w % nqb], blocks[w % nqb + 1], bk, _saved_at(saved, b), grads.dq[b],
+            _backward_queries(_head_of(p, mask, b), blocks[w % nqb], blocks[w % nqb + 1], bk, _saved_at(saved, b), grads.dq[b],
                               grads.dz[b])

@@ -41,6 +41,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, types
 
+from ._compile import INNER
+
 __all__ = [
     "DOT",
     "SQEUCLIDEAN",
@@ -55,7 +57,6 @@ __all__ = [
     "first_position_above",
     "Problem",
     "Head",
-    "head_of",
     "problem_type",
     "MASK_TYPE",
     "Operand",
@@ -228,7 +229,7 @@ class Problem(NamedTuple):
 
 
 class Head(NamedTuple):
-    """One batch element of a :class:`Problem`: 2-D operands and the scalars (built inside the kernels by :func:`head_of`)."""
+    """One batch element of a :class:`Problem`: 2-D operands and the scalars (built inside the kernels by :func:`_head_of`)."""
 
     q: np.ndarray  # (N, D)
     k: np.ndarray  # (M, D)
@@ -256,8 +257,8 @@ class Head(NamedTuple):
     dropout_keep: float
 
 
-@njit(cache=True)
-def head_of(p, mask, b):
+@njit(**INNER)
+def _head_of(p, mask, b):
     """The operands of flat batch element ``b`` of the problem ``p`` and its ``mask`` (views, no copies)."""
     return Head(p.q[p.qmap[b]], p.k[p.kmap[b]], p.v[p.vmap[b]], p.u[p.umap[b]], p.d[p.dmap[b]], mask[p.mmap[b]],
                 p.energy, p.scale, p.keys, p.group, p.has_mask, p.mask_group, p.sinks[b],

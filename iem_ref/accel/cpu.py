@@ -52,6 +52,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -95,24 +96,47 @@ __all__ = [
     "softplus",
     "ENERGIES",
     "plan",
+    "Tiling",
+    "TILING",
     "warmup",
 ]
 
 #: energies with a fused kernel: name -> the code shared by every path (:mod:`iem_ref.accel._problem`)
 ENERGIES = ENERGY_CODES
 
-#: tile shapes per dtype: (most queries per block, keys per tile).  Fixed per dtype
-#: (never from the thread count) so that results are reproducible.  Measured at
-#: N = M = 4096, D = 64 (bench/results/cpu_profile.md): taller query blocks made
-#: OpenBLAS's GEMMs faster (fewer, larger calls; the cause was not isolated further).
-TILES = {np.dtype(np.float64): (512, 256), np.dtype(np.float32): (512, 512)}
-#: the backward keeps the shapes it was tuned with
-BACKWARD_TILES = {np.dtype(np.float64): (128, 256), np.dtype(np.float32): (256, 512)}
-_MIN_BLOCKS = 4  # query blocks are shortened (to multiples of 32) so that there are at least this many
-_TARGET_ITEMS = 16  # work items wanted before keys are split (decoding)
-_MIN_SPLIT_KEYS = 8192  # fewest keys per split
-_SMALL_BLOCK = 64  # query blocks smaller than this get key tiles of _DECODE_KEYS
-_DECODE_KEYS = 2048
+class Tiling(NamedTuple):
+    """The sizes :func:`plan` cuts a problem into: fixed (never from the thread count), so that results are reproducible.
+
+    ``(most queries per block, keys per tile)`` per dtype, forward and
+    backward.  The forward's were measured at N = M = 4096, D = 64
+    (bench/results/cpu_profile.md): taller query blocks made OpenBLAS's GEMMs
+    faster (fewer, larger calls; the cause was not isolated further); the
+    backward keeps the shapes it was tuned with.  A kernel's code does not
+    depend on these sizes (they are arguments), so the tests run the same
+    kernels on small problems with a small tiling that crosses as many
+    tiles, blocks and key splits.
+    """
+
+    forward64: tuple = (512, 256)
+    forward32: tuple = (512, 512)
+    backward64: tuple = (128, 256)
+    backward32: tuple = (256, 512)
+    min_blocks: int = 4  # query blocks are shortened (to multiples of 32) so that there are at least this many
+    target_items: int = 16  # work items wanted before keys are split (decoding)
+    min_split_keys: int = 8192  # fewest keys per split
+    small_block: int = 64  # query blocks smaller than this get key tiles of decode_keys
+    decode_keys: int = 2048
+
+    def tiles(self, dtype, backward):
+        """``(bq, bk)`` for ``dtype``, forward or backward."""
+        wide = np.dtype(dtype) == np.float64
+        if backward:
+            return self.backward64 if wide else self.backward32
+        return self.forward64 if wide else self.forward32
+
+
+#: the tiling every call uses
+TILING = Tiling()
 
 
 # --- kernels, compiled once per dtype with explicit signatures ---------------
@@ -144,24 +168,37 @@ def _backward_sig(t):
 
 
 _COMPILED = {}
-_KERNELS = {"forward": (_k.forward, _forward_sig), "backward": (_k.backward, _backward_sig)}
+_COMPILED_LOCK = threading.Lock()
+_SIGNATURES = {"forward": _forward_sig, "backward": _backward_sig}
 
 
-def _kernel(name, dtype):
-    """The kernel ``name`` for ``dtype`` only, compiled on first use (or loaded from Numba's cache).
+def features_of(p):
+    """The :class:`~iem_ref.accel._cpu_kernels.Features` of the :class:`~iem_ref.accel._problem.Problem` ``p``: what its kernel must handle.
+
+    A sink of ``-inf`` is no sink (the plain kernel gives the same bits), so
+    sinks count when one of them is not ``-inf``.
+    """
+    sinks = bool(np.any(p.sinks != -np.inf))
+    return _k.Features(p.v.dtype.name, int(p.energy), bool(p.logits or sinks or p.has_keep))
+
+
+def _kernel(name, features):
+    """The kernel ``name`` (``"forward"``, ``"backward"``) of the instance for ``features``, compiled on first use (or loaded from Numba's cache).
 
     ``nogil``: the threads of :func:`_run_stages` run it side by side.  No
     ``parallel=True``: Numba's parallel pipeline more than doubled the compile
     time (measured 13 s against 8 s for the float64 forward) and the work
     items need no more than a thread each.
     """
-    key = (name, np.dtype(dtype))
+    key = (name, features)
     fn = _COMPILED.get(key)
     if fn is None:
-        py, sig = _KERNELS[name]
-        t = types.float64 if key[1] == np.float64 else types.float32
-        fn = compile_kernel(py, sig(t), f"{name} ({key[1].name})", nogil=True)
-        _COMPILED[key] = fn
+        with _COMPILED_LOCK:
+            fn = _COMPILED.get(key)
+            if fn is None:
+                t = types.float64 if features.dtype == "float64" else types.float32
+                fn = compile_kernel(_k.kernels(features)[name], _SIGNATURES[name](t), f"{name} ({features.tag})")
+                _COMPILED[key] = fn
     return fn
 
 
@@ -242,9 +279,10 @@ def _stack_mask(mask, batch, n, m):
 def plan(B, N, M, dtype, backward=False, band=None):
     """Tile shape and key splits ``(bq, bk, nsplit)``, from the shapes and dtype only (never the thread count).
 
-    Query blocks hold at most ``TILES[dtype][0]`` queries, fewer when that
-    would leave under ``_MIN_BLOCKS`` blocks (so that every core gets work),
-    but not under ``_SMALL_BLOCK``.  ``band``: the number of keys a query
+    The sizes come from :data:`TILING`.  Query blocks hold at most
+    ``TILING.tiles(dtype, backward)[0]`` queries, fewer when that would leave
+    under ``min_blocks`` blocks (so that every core gets work), but not under
+    ``small_block``.  ``band``: the number of keys a query
     sees under a window (V4), ``left + right + 1``; query blocks and key
     tiles are then cut to about that many (a multiple of 32), since a block's
     tiles span its own length plus the band, as long as a band still meets
@@ -253,8 +291,9 @@ def plan(B, N, M, dtype, backward=False, band=None):
     its band (elsewhere its weights are exactly 0), so the error bounds of
     :mod:`iem_ref.bounds`, which count the tiles of the plan without the
     band, stay valid.  Keys are split (and the partials merged
-    by M2) only when there are fewer than 16 query blocks in the whole batch
-    and at least 8192 keys per split: decoding then uses every core.  A
+    by M2) only when there are fewer than ``target_items`` (16) query blocks
+    in the whole batch and at least ``min_split_keys`` (8192) keys per split:
+    decoding then uses every core.  A
     query's own reduction order depends on ``bk`` and ``nsplit`` only.
 
     Examples
@@ -270,12 +309,13 @@ def plan(B, N, M, dtype, backward=False, band=None):
     >>> plan(1, 16384, 16384, np.float32, band=257)
     (288, 288, 1)
     """
-    bq, bk = (BACKWARD_TILES if backward else TILES)[np.dtype(dtype)]
+    t = TILING
+    bq, bk = t.tiles(dtype, backward)
     if not backward:
-        spread = 32 * -(-N // (32 * _MIN_BLOCKS))  # N / _MIN_BLOCKS, rounded up to a multiple of 32
-        bq = min(bq, max(_SMALL_BLOCK, spread))
+        spread = 32 * -(-N // (32 * t.min_blocks))  # N / min_blocks, rounded up to a multiple of 32
+        bq = min(bq, max(t.small_block, spread))
     if band is not None:
-        short = max(_SMALL_BLOCK, 32 * -(-band // 32))
+        short = max(t.small_block, 32 * -(-band // 32))
         if short < bk and -(-(band - 1) // short) + 1 <= -(-M // bk):
             bk = short
         if not backward:
@@ -283,11 +323,11 @@ def plan(B, N, M, dtype, backward=False, band=None):
         elif short < bq and -(-(band - 1) // short) + 1 <= -(-N // bq):
             bq = short
     bq = max(1, min(bq, N))
-    if bq < _SMALL_BLOCK:  # few queries (decoding): longer key tiles amortise the per-tile BLAS calls
-        bk = _DECODE_KEYS
+    if bq < t.small_block:  # few queries (decoding): longer key tiles amortise the per-tile BLAS calls
+        bk = t.decode_keys
     nqb = max(1, -(-N // bq))
-    want = -(-_TARGET_ITEMS // max(1, B * nqb))
-    nsplit = int(max(1, min(want, M // _MIN_SPLIT_KEYS)))
+    want = -(-t.target_items // max(1, B * nqb))
+    nsplit = int(max(1, min(want, M // t.min_split_keys)))
     return bq, bk, nsplit
 
 
@@ -471,7 +511,7 @@ def _run_forward(pm, batch, n, m, dv, nsplit=None):
     bq, bk, ns = plan(B, n, m, dtype, band=_band_width(pm[0]))
     if nsplit is not None:
         ns = nsplit
-    _run_stages(_kernel("forward", dtype), (0, 1) if ns > 1 else (0,), *pm, _blocks(pm[0], bq), bk, ns, _new_partials(B, ns, n, dv),
+    _run_stages(_kernel("forward", features_of(pm[0])), (0, 1) if ns > 1 else (0,), *pm, _blocks(pm[0], bq), bk, ns, _new_partials(B, ns, n, dv),
                 out, lse)
     return out.reshape(batch + (n, dv)), lse.reshape(batch + (n,))
 
@@ -654,14 +694,14 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     rowsum = np.zeros((B, n))
     saved = _k.Saved(L64, delta, np.zeros((B, n)), _ro(rowsum))  # rowsum is filled below, through its own name
     if inp.sinks is not None:
-        _run_stages(_kernel("backward", dtype), (0,), *pm, blocks, bk, saved, _k.Grads(dq, dk, dv, dz))  # the certain-key counts
+        _run_stages(_kernel("backward", features_of(pm[0])), (0,), *pm, blocks, bk, saved, _k.Grads(dq, dk, dv, dz))  # the certain-key counts
         sink = np.tile(pm[0].sinks, (1, n // groups.g))  # row i of element b: sinks[b, i % g]
         r_sink = sink_responsibility(sink, L64, saved.cnt)
         with np.errstate(invalid="ignore"):
             rowsum[...] = r_sink * delta  # sum_j dS_ij = Delta_i r_sink,i: dLoss/dsink_i = -that
         per_head = groups.unstack(-rowsum.reshape(batch + (n,)))
         dsinks[...] = _sum_to_shape(per_head.sum(axis=-1), inp.sinks_shape)
-    _run_stages(_kernel("backward", dtype), (0, 1, 2) if inp.sinks is None else (1, 2), *pm, blocks, bk, saved,
+    _run_stages(_kernel("backward", features_of(pm[0])), (0, 1, 2) if inp.sinks is None else (1, 2), *pm, blocks, bk, saved,
                 _k.Grads(dq, dk, dv, dz))
     return shaped()
 
@@ -778,7 +818,7 @@ def _partials_of(pm, bq, bk, B, n, dv, batch, threads):
     if B > 0 and n > 0:
         dtype = pm[0].v.dtype
         args = (*pm, _blocks(pm[0], bq), bk, 1, parts, np.empty((B, n, dv), dtype), np.empty((B, n), dtype))
-        fn = _kernel("forward", dtype)
+        fn = _kernel("forward", features_of(pm[0]))
         if threads == 1:
             with _blas_single_thread():
                 fn(0, 0, 1, *args)
