@@ -1,4 +1,4 @@
-"""The ``iem-ref`` command: ``check`` (the main job), ``equations`` (the map), ``warmup`` (compile the CPU kernels ahead of time) and ``machine`` (what they run on)."""
+"""The ``iem-ref`` command: ``check`` (the main job), ``equations`` (the map), ``warmup`` (compile CPU kernels ahead of time) and ``machine`` (what they run on)."""
 
 from __future__ import annotations
 
@@ -55,8 +55,13 @@ def _check(args):
 def _warmup(args):
     from .accel.cpu import warmup
 
-    print("compiling (or loading from the cache) every iem_ref.accel.cpu kernel, float64 and float32:")
-    warmup()
+    variants = {"none": (False,), "only": (True,), "both": (False, True)}[args.variants]
+    energies = ["dot", "sqeuclidean", "precomputed"] if args.all else args.energy
+    if args.all:
+        variants = (False, True)
+    print(f"iem_ref.accel.cpu kernels ({', '.join(args.dtype)}; {', '.join(args.ops)}; energies {', '.join(energies)}; "
+          f"variants: {'both' if len(variants) == 2 else ('only' if variants[0] else 'none')}), compiled or loaded from the cache:")
+    warmup(dtypes=args.dtype, ops=args.ops, energies=energies, variants=variants, activations=args.all or args.activations)
     return 0
 
 
@@ -83,7 +88,18 @@ def main(argv=None):
     p_eq.add_argument("-v", "--verbose", action="store_true", help="also print each statement and test")
     p_eq.add_argument("--markdown", action="store_true", help="print the README's equation map table")
     p_eq.set_defaults(func=_equations)
-    p_warm = sub.add_parser("warmup", help="compile and cache every CPU kernel ahead of time (NUMBA_CACHE_DIR sets where)")
+    p_warm = sub.add_parser("warmup", help="compile and cache CPU kernels ahead of time (NUMBA_CACHE_DIR sets where)",
+                            description="Compile the iem_ref.accel.cpu kernels a program will call, so that its first call loads them "
+                                        "from Numba's cache. Default: the plain kernels (no bias, ALiBi, soft-cap, sinks or dropout) "
+                                        "of the dot energy, forward and backward, float64 and float32.")
+    p_warm.add_argument("--dtype", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
+    p_warm.add_argument("--ops", nargs="+", default=["forward", "backward"], choices=["forward", "backward"])
+    p_warm.add_argument("--energy", nargs="+", default=["dot"], choices=["dot", "sqeuclidean", "precomputed"],
+                        help="precomputed: softmin_summary's kernel (forward only)")
+    p_warm.add_argument("--variants", choices=["none", "only", "both"], default="none",
+                        help="the kernels of calls with a bias, ALiBi, a soft-cap, sinks or dropout: none (default), only those, or both kinds")
+    p_warm.add_argument("--activations", action="store_true", help="also the scalar activations (S3, S4, H3)")
+    p_warm.add_argument("--all", action="store_true", help="every kernel: both kinds, every energy, and the activations")
     p_warm.set_defaults(func=_warmup)
     p_machine = sub.add_parser("machine", help="what the CPU kernels run on: the CPU, the BLAS behind their tiles and its kernel set")
     p_machine.set_defaults(func=_machine)

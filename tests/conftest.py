@@ -60,10 +60,16 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``long`` (the long fuzz budgets, the large mutation sizes) run only when ``-m`` selects ``slow``."""
+    """Tests marked ``slow`` run only when ``-m`` selects ``slow`` (``-m slow``, or ``-m "slow or not slow"`` for everything).
+
+    The default tier keeps every property with one small case each; the
+    slow tier adds the large shapes at the CPU's own tiling, the long fuzz
+    budgets, the mutation suite at N = 4096, every CUDA combination under
+    the simulator and the PTX build of every GPU kernel.
+    """
     if _selects_slow(config):
         return
-    keep = [item for item in items if item.get_closest_marker("long") is None]
+    keep = [item for item in items if item.get_closest_marker("slow") is None]
     if len(keep) != len(items):
-        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("long") is not None])
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("slow") is not None])
         items[:] = keep

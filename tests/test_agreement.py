@@ -31,6 +31,14 @@ from tests.tolerances import assert_within
 
 
 # --- the paths ------------------------------------------------------------------------
+#: The CPU's tiling in this suite: a kernel's code does not depend on its tile sizes (they are arguments), so
+#: problems of tens to a few hundred queries and keys cross as many query blocks, key tiles, few-row blocks
+#: and key splits as the default tiling does at thousands; the bounds read the same tiling (bounds.cpu() asks
+#: cpu.plan).  The slow tier reruns the variants at the default tiling and large shapes (``size="large"``).
+SMALL_TILING = dict(forward64=(32, 16), forward32=(32, 32), backward64=(16, 16), backward32=(32, 32), min_blocks=4,
+                    target_items=16, min_split_keys=40, small_block=8, decode_keys=40)
+
+
 class Path:
     """An accelerated module and the description of its arithmetic (:mod:`iem_ref.bounds`)."""
 
@@ -42,9 +50,49 @@ class Path:
 
 
 @pytest.fixture(params=["cpu", "cuda"])
-def path(request):
+def path(request, monkeypatch):
+    """The path under test; the CPU's with :data:`SMALL_TILING` (see :func:`default_tiling` for its own)."""
     mod = importlib.import_module(f"iem_ref.accel.{request.param}")
+    if request.param == "cpu":
+        monkeypatch.setattr(mod, "TILING", mod.Tiling(**SMALL_TILING))
     return Path(request.param, mod)
+
+
+@pytest.fixture
+def default_tiling(path, monkeypatch):
+    """The CPU's own tiling, for the tests whose shapes cross its tiles at their real sizes."""
+    if path.name == "cpu":
+        monkeypatch.setattr(path.mod, "TILING", path.mod.Tiling())
+
+
+#: The heavy variant suites' runs: every CPU run; on the CUDA simulator one energy per dtype (the GPU kernels
+#: are built per energy and dtype, the energy's branches resolved when they compile), the other two with -m slow.
+RUNS = [pytest.param("cpu", dtype, energy, id=f"cpu-{energy}-{np.dtype(dtype).name}")
+        for dtype in (np.float64, np.float32) for energy in ("dot", "sqeuclidean")] + [
+    pytest.param("cuda", np.float32, "dot", id="cuda-dot-float32"),
+    pytest.param("cuda", np.float64, "sqeuclidean", id="cuda-sqeuclidean-float64"),
+    pytest.param("cuda", np.float64, "dot", id="cuda-dot-float64", marks=pytest.mark.slow),
+    pytest.param("cuda", np.float32, "sqeuclidean", id="cuda-sqeuclidean-float32", marks=pytest.mark.slow),
+]
+runs = pytest.mark.parametrize("path, dtype, energy", RUNS, indirect=["path"])
+
+
+@pytest.fixture(params=["small", pytest.param("large", marks=pytest.mark.slow)])
+def size(request, path, monkeypatch):
+    """``small``: the shapes of the default tier; ``large`` (slow): thousands of keys at the CPU's own tiling."""
+    if request.param == "large":
+        if path.small:
+            pytest.skip("needs a GPU: the large shapes take hours under the CUDA simulator")
+        if path.name == "cpu":
+            monkeypatch.setattr(path.mod, "TILING", path.mod.Tiling())
+    return request.param
+
+
+def shapes(path, size, small, large, simulator):
+    """The shapes of a run: ``simulator`` under the CUDA simulator, else ``small`` or ``large`` by ``size``."""
+    if path.small:
+        return simulator
+    return large if size == "large" else small
 
 
 unit = bounds.unit_roundoff
@@ -121,7 +169,7 @@ def agrees_backward(path, q, k, v, gout, dtype, forward, what, **kw):
 @pytest.mark.equation("A1", "A3", "A4", "T1", "M1", "M2")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
-def test_attention_random(path, rng, dtype, energy):
+def test_attention_random(path, default_tiling, rng, dtype, energy):
     for shape in shapes_for(path):
         q, k, v = make_inputs(rng, shape, dtype, spread=0.5 if energy == "sqeuclidean" else 1.0)
         a, L = path.mod.attention(q, k, v, energy=energy, return_lse=True)
@@ -133,7 +181,7 @@ def test_attention_random(path, rng, dtype, energy):
 
 @pytest.mark.equation("M1", "M2")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_attention_decoding_split(path, rng, dtype):
+def test_attention_decoding_split(path, default_tiling, rng, dtype):
     """Few queries, many keys: the CPU splits the keys over the cores and merges the partials (M2)."""
     if path.small:
         pytest.skip("needs a GPU: decoding shapes take minutes under the CUDA simulator (about 50 us per query-key pair)")
@@ -165,7 +213,7 @@ def test_attention_scales(path, rng, dtype, scale):
 @pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
 def test_attention_masks_and_causal(path, rng, dtype, energy):
     """Boolean masks (full and broadcast), causal with both alignments, and both together."""
-    shape = ((2,), (2,), (2,), 5, 7, 3, 2) if path.small else ((2,), (2,), (2,), 40, 300, 8, 5)
+    shape = ((2,), (2,), (2,), 5, 7, 3, 2) if path.small else ((2,), (2,), (2,), 40, 120, 8, 5)
     _, _, _, N, M, _, _ = shape
     q, k, v = make_inputs(rng, shape, dtype, spread=0.5 if energy == "sqeuclidean" else 1.0)
     full = rng.random((2, N, M)) < 0.7
@@ -197,9 +245,8 @@ def test_attention_masks_and_causal(path, rng, dtype, energy):
 
 
 @pytest.mark.equation("V4", "G4")
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
-def test_attention_window(path, rng, dtype, energy):
+@runs
+def test_attention_window(path, rng, dtype, energy, size):
     """The sliding window (V4), alone, with causality and a mask, both alignments, forward and backward.
 
     The shapes cross many of the path's tiles (the CPU's 256-512 keys, the
@@ -207,13 +254,15 @@ def test_attention_window(path, rng, dtype, energy):
     partial ones are cut inside; N > M with bottom-right alignment leaves
     rows with no key.
     """
-    shapes = [((), (), (), 20, 24, 3, 2), ((), (), (), 27, 13, 2, 3)] if path.small else [
-        ((2,), (2,), (2,), 1100, 1100, 8, 5), ((), (), (), 700, 2100, 4, 3), ((), (), (), 1, 20000, 8, 4), ((), (), (), 900, 500, 4, 3)]
-    for shape in shapes:
+    sizes = shapes(path, size, simulator=[((), (), (), 10, 26, 3, 2), ((), (), (), 12, 8, 2, 3)],
+                   small=[((2,), (2,), (2,), 100, 110, 8, 5), ((), (), (), 70, 160, 4, 3), ((), (), (), 1, 300, 8, 4), ((), (), (), 90, 50, 4, 3)],
+                   large=[((2,), (2,), (2,), 1100, 1100, 8, 5), ((), (), (), 700, 2100, 4, 3), ((), (), (), 1, 20000, 8, 4),
+                          ((), (), (), 900, 500, 4, 3)])
+    for shape in sizes:
         q, k, v = make_inputs(rng, shape, dtype, spread=0.5 if energy == "sqeuclidean" else 1.0)
         N, M = shape[3], shape[4]
         gout = rand(rng, np.broadcast_shapes(shape[0], shape[1], shape[2]) + (N, shape[6]), dtype)
-        w = 3 if path.small else 300
+        w = 3 if path.small else {"small": 12, "large": 300}[size]
         cases = [dict(window=(w, 0)), dict(window=(w, w // 2), causal_alignment="bottom_right"), dict(window=(None, 1)),
                  dict(window=(2 * w, w), is_causal=True, mask=rng.random((N, M)) < 0.8), dict(window=(0, 0)),
                  dict(window=(0, 0), causal_alignment="bottom_right")]  # N > M: the first N - M rows see no key
@@ -226,9 +275,8 @@ def test_attention_window(path, rng, dtype, energy):
 
 
 @pytest.mark.equation("V6", "G4")
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
-def test_attention_grouped_query_heads(path, rng, dtype, energy):
+@runs
+def test_attention_grouped_query_heads(path, rng, dtype, energy, size):
     """Grouped-query heads (V6): ``Hq = g Hkv`` query heads over ``Hkv`` key/value heads, forward and backward.
 
     ``dk, dv`` come back per key/value head, summed over the group.  Cases:
@@ -238,14 +286,15 @@ def test_attention_grouped_query_heads(path, rng, dtype, energy):
     (the key splits) and multi-query attention (``Hkv = 1``).
     """
     # (B, Hq, Hkv, N, M, D, Dv)
-    shapes = [(1, 4, 2, 7, 11, 3, 2)] if path.small else [
-        (2, 8, 2, 300, 700, 16, 5), (1, 4, 1, 1, 20000, 8, 4), (1, 6, 3, 130, 90, 4, 3)]
-    for B, hq, hkv, N, M, D, Dv in shapes:
+    sizes = shapes(path, size, simulator=[(1, 4, 2, 7, 11, 3, 2)],
+                   small=[(2, 8, 2, 50, 90, 16, 5), (1, 4, 1, 1, 300, 8, 4), (1, 6, 3, 40, 30, 4, 3)],
+                   large=[(2, 8, 2, 300, 700, 16, 5), (1, 4, 1, 1, 20000, 8, 4), (1, 6, 3, 130, 90, 4, 3)])
+    for B, hq, hkv, N, M, D, Dv in sizes:
         spread = 0.5 if energy == "sqeuclidean" else 1.0
         q = rand(rng, (B, hq, N, D), dtype, spread)
         k, v = rand(rng, (B, hkv, M, D), dtype, spread), rand(rng, (B, hkv, M, Dv), dtype)
         gout = rand(rng, (B, hq, N, Dv), dtype)
-        w = 3 if path.small else 200
+        w = 3 if path.small else {"small": 12, "large": 200}[size]
         cases = [dict(), dict(is_causal=True), dict(window=(w, w // 2), causal_alignment="bottom_right"),
                  dict(mask=rng.random((B, 1, N, M)) < 0.7),
                  dict(mask=rng.random((B, hq, N, M)) < 0.7, is_causal=True)]
@@ -258,9 +307,8 @@ def test_attention_grouped_query_heads(path, rng, dtype, energy):
 
 
 @pytest.mark.equation("V1", "V2", "V3", "G4")
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
-def test_attention_logits(path, rng, dtype, energy):
+@runs
+def test_attention_logits(path, rng, dtype, energy, size):
     """The logits' variants: a bias (V1), ALiBi (V2) and a soft-cap (V3), alone and together, forward and backward.
 
     The backward returns ``dbias`` (the bias's shape) after ``dq, dk, dv``.
@@ -272,8 +320,9 @@ def test_attention_logits(path, rng, dtype, energy):
     with grouped-query heads, causality, a window and sinks.
     """
     # (H, Hkv, N, M, D, Dv)
-    shapes = [(2, 1, 7, 9, 3, 2)] if path.small else [(4, 2, 300, 700, 16, 5), (2, 2, 1, 20000, 8, 4)]
-    for H, hkv, N, M, D, Dv in shapes:
+    sizes = shapes(path, size, simulator=[(2, 1, 7, 9, 3, 2)], small=[(4, 2, 50, 90, 16, 5), (2, 2, 1, 300, 8, 4)],
+                   large=[(4, 2, 300, 700, 16, 5), (2, 2, 1, 20000, 8, 4)])
+    for H, hkv, N, M, D, Dv in sizes:
         spread = 0.5 if energy == "sqeuclidean" else 1.0
         q = rand(rng, (H, N, D), dtype, spread)
         k, v = rand(rng, (hkv, M, D), dtype, spread), rand(rng, (hkv, M, Dv), dtype)
@@ -282,7 +331,7 @@ def test_attention_logits(path, rng, dtype, energy):
         per_head[0, : max(1, N // 3), : M // 2] = -np.inf
         shared, per_key = rand(rng, (1, N, M), dtype), rng.standard_normal(M)
         slopes = 2.0 ** -np.arange(1, H + 1)
-        w = 2 if path.small else 100
+        w = 2 if path.small else {"small": 10, "large": 100}[size]
         seg = dict(cu_seqlens_q=np.array([0, N // 2, N]), cu_seqlens_k=np.array([0, M // 3, M]))
         cases = [dict(bias=per_head), dict(bias=shared, is_causal=True, causal_alignment="bottom_right"),
                  dict(softcap=1.5), dict(alibi_slopes=slopes), dict(alibi_slopes=slopes, is_causal=True),
@@ -300,9 +349,8 @@ def test_attention_logits(path, rng, dtype, energy):
 
 
 @pytest.mark.equation("V8", "G4")
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
-def test_attention_dropout(path, rng, dtype, energy):
+@runs
+def test_attention_dropout(path, rng, dtype, energy, size):
     """Dropout with an explicit mask (V8): the dropped pairs leave the mean, not the normaliser, forward and backward.
 
     ``L`` is the one without dropout; ``a = sum_j r_ij keep_ij v_j / (1 - p)``;
@@ -312,8 +360,9 @@ def test_attention_dropout(path, rng, dtype, energy):
     dropped key's NaN value is never read.
     """
     # (H, Hkv, N, M, D, Dv)
-    shapes = [(2, 1, 7, 9, 3, 2)] if path.small else [(4, 2, 300, 700, 16, 5), (2, 2, 1, 20000, 8, 4)]
-    for H, hkv, N, M, D, Dv in shapes:
+    sizes = shapes(path, size, simulator=[(2, 1, 7, 9, 3, 2)], small=[(4, 2, 50, 90, 16, 5), (2, 2, 1, 300, 8, 4)],
+                   large=[(4, 2, 300, 700, 16, 5), (2, 2, 1, 20000, 8, 4)])
+    for H, hkv, N, M, D, Dv in sizes:
         spread = 0.5 if energy == "sqeuclidean" else 1.0
         q = rand(rng, (H, N, D), dtype, spread)
         k, v = rand(rng, (hkv, M, D), dtype, spread), rand(rng, (hkv, M, Dv), dtype)
@@ -379,9 +428,8 @@ def _cumulative(rng, total, segments, empty=()):
 
 
 @pytest.mark.equation("V7", "G4")
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
-def test_attention_packed_segments(path, rng, dtype, energy):
+@runs
+def test_attention_packed_segments(path, rng, dtype, energy, size):
     """Packed variable-length sequences (V7): each query competes over its own segment's keys only, forward and backward.
 
     Segments of random lengths, one of them empty, queries and keys cut
@@ -390,14 +438,15 @@ def test_attention_packed_segments(path, rng, dtype, energy):
     tiles; with causality, a window, a mask and grouped-query heads.
     """
     # (H, Hkv, N, M, D, Dv, segments)
-    shapes = [(2, 1, 13, 11, 3, 2, 4)] if path.small else [(2, 2, 1500, 1300, 8, 5, 6), (4, 2, 300, 700, 16, 4, 5)]
-    for H, hkv, N, M, D, Dv, nseg in shapes:
+    sizes = shapes(path, size, simulator=[(2, 1, 13, 11, 3, 2, 4)], small=[(2, 2, 150, 130, 8, 5, 6), (4, 2, 50, 90, 16, 4, 5)],
+                   large=[(2, 2, 1500, 1300, 8, 5, 6), (4, 2, 300, 700, 16, 4, 5)])
+    for H, hkv, N, M, D, Dv, nseg in sizes:
         spread = 0.5 if energy == "sqeuclidean" else 1.0
         q = rand(rng, (H, N, D), dtype, spread)
         k, v = rand(rng, (hkv, M, D), dtype, spread), rand(rng, (hkv, M, Dv), dtype)
         gout = rand(rng, (H, N, Dv), dtype)
         seg = dict(cu_seqlens_q=_cumulative(rng, N, nseg, empty=[1]), cu_seqlens_k=_cumulative(rng, M, nseg, empty=[1]))
-        w = 2 if path.small else 100
+        w = 2 if path.small else {"small": 10, "large": 100}[size]
         cases = [dict(), dict(is_causal=True), dict(is_causal=True, causal_alignment="bottom_right"),
                  dict(window=(w, w // 2), mask=rng.random((N, M)) < 0.8)]
         if hkv != H:
@@ -412,9 +461,8 @@ def test_attention_packed_segments(path, rng, dtype, energy):
 
 
 @pytest.mark.equation("V5", "G6")
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
-def test_attention_sinks(path, rng, dtype, energy):
+@runs
+def test_attention_sinks(path, rng, dtype, energy, size):
     """Attention sinks (V5): one more hypothesis per row with a per-head logit and value 0, forward and backward.
 
     The backward returns ``dsinks`` (the sinks' shape) after ``dq, dk, dv``;
@@ -424,8 +472,10 @@ def test_attention_sinks(path, rng, dtype, energy):
     of ``-inf`` on one head (no sink there).
     """
     # (H, Hkv, N, M, D, Dv)
-    shapes = [(2, 2, 6, 9, 3, 2)] if path.small else [(4, 4, 300, 700, 16, 5), (4, 2, 1, 20000, 8, 4), (6, 3, 130, 90, 4, 3)]
-    for H, hkv, N, M, D, Dv in shapes:
+    sizes = shapes(path, size, simulator=[(2, 2, 6, 9, 3, 2)],
+                   small=[(4, 4, 50, 90, 16, 5), (4, 2, 1, 300, 8, 4), (6, 3, 40, 30, 4, 3)],
+                   large=[(4, 4, 300, 700, 16, 5), (4, 2, 1, 20000, 8, 4), (6, 3, 130, 90, 4, 3)])
+    for H, hkv, N, M, D, Dv in sizes:
         spread = 0.5 if energy == "sqeuclidean" else 1.0
         q = rand(rng, (H, N, D), dtype, spread)
         k, v = rand(rng, (hkv, M, D), dtype, spread), rand(rng, (hkv, M, Dv), dtype)
@@ -435,7 +485,7 @@ def test_attention_sinks(path, rng, dtype, energy):
         no_head[0] = -np.inf
         empty = rng.random((N, M)) < 0.5
         empty[: max(1, N // 3)] = False  # these rows see no key: the sink takes all their mass
-        w = 3 if path.small else 200
+        w = 3 if path.small else {"small": 12, "large": 200}[size]
         cases = [dict(sinks=sinks), dict(sinks=sinks, is_causal=True), dict(sinks=no_head, window=(w, w // 2)),
                  dict(sinks=sinks, mask=empty)]
         if hkv != H:
@@ -604,7 +654,7 @@ def test_softmin_summary_random(path, rng, dtype):
 @pytest.mark.equation("G4", "G1")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("energy", ["dot", "sqeuclidean"])
-def test_attention_vjp(path, rng, dtype, energy):
+def test_attention_vjp(path, default_tiling, rng, dtype, energy):
     shapes = [((2,), (2,), (2,), 5, 7, 3, 2)] if path.small else [((), (), (), 1, 1, 1, 1), ((), (), (), 31, 33, 16, 5), ((2,), (2,), (2,), 129, 300, 8, 6), ((), (), (), 3, 600, 4, 2)]
     for shape in shapes:
         q, k, v = make_inputs(rng, shape, dtype, spread=0.5 if energy == "sqeuclidean" else 1.0)

@@ -364,14 +364,43 @@ def test_first_call_announces_compilation_once_and_prints_nothing_else(tmp_path)
     assert second.returncode == 0 and second.stdout == "done\n" and second.stderr == "", second.stderr
 
 
-def test_warmup_command_compiles_every_kernel(tmp_path):
+def _warmup(tmp_path, *options):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "iem_ref.cli", "warmup"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    assert out.returncode == 0, out.stderr
-    for name in ("forward (float64)", "backward (float64)", "forward (float32)", "backward (float32)", "total"):
-        assert name in out.stdout, out.stdout
-    assert out.stderr == "", out.stderr
+    out = subprocess.run([sys.executable, "-m", "iem_ref.cli", "warmup", *options], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=1800)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    return out.stdout
+
+
+def test_warmup_command_compiles_what_it_is_asked_for(tmp_path):
+    """``iem-ref warmup --dtype float32 --ops forward``: that kernel alone, reported, cached; a second run loads it."""
+    first = _warmup(tmp_path, "--dtype", "float32", "--ops", "forward")
+    kernels = [line.split()[:2] for line in first.splitlines()[1:-1]]
+    assert kernels == [["forward", "f32_dot"]], first
+    assert first.splitlines()[1].endswith("compiled") and "total" in first.splitlines()[-1], first
     assert any(f.endswith(".nbi") for _, _, files in os.walk(tmp_path) for f in files)
+    second = _warmup(tmp_path, "--dtype", "float32", "--ops", "forward")
+    assert second.splitlines()[1].endswith("from the cache"), second
+
+
+@pytest.mark.slow
+def test_warmup_command_compiles_every_kernel(tmp_path):
+    """``iem-ref warmup --all``: every kernel a call can ask for, both dtypes, energies and kinds, and the activations."""
+    out = _warmup(tmp_path, "--all")
+    for dtype in ("f64", "f32"):
+        for energy in ("dot", "sqeuclidean", "precomputed"):
+            for kind in ("", "_variants"):
+                ops = ("forward",) if energy == "precomputed" else ("forward", "backward")
+                for op in ops:
+                    assert f"{op} {dtype}_{energy}{kind} " in out, out
+    assert "scalar activations" in out and "total" in out, out
+
+
+def test_warmup_refuses_unknown_choices():
+    with pytest.raises(ValueError, match="dtypes"):
+        cpu.warmup(dtypes=["float16"], report=lambda line: None)
+    with pytest.raises(ValueError, match="energies"):
+        cpu.warmup(energies="dot", report=lambda line: None)  # a string, not a list of names
 
 
 _AVX512 = {"avx2", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}

@@ -31,8 +31,8 @@ whose float64 energies are finite where the inputs are.
 
 Budgets: the ``fuzz-ci`` profile (derandomized: the same examples on every
 run, no database) runs a fixed number of examples per test (``BUDGET``: 562
-in all, about 25 seconds on two cores); the ``slow`` twins (also marked ``long``,
-collected only when ``-m`` selects ``slow``: see ``conftest.py``) run the
+in all, about 25 seconds on two cores); the ``slow`` twins (collected only
+when ``-m`` selects ``slow``: see ``conftest.py``) run the
 ``fuzz-long`` profile (random, with hypothesis' example database, 10x the
 examples).  Every
 failure found becomes a named test in tests/test_regressions.py.
@@ -74,7 +74,7 @@ def fuzz_tests(strategy, ci):
     """A CI test (``fuzz-ci``, ``ci`` examples) and its ``slow`` twin (``fuzz-long``, 10x) for one property."""
     def deco(check):
         fast = settings(CI, max_examples=ci)(given(strategy)(check))
-        slow = pytest.mark.slow(pytest.mark.long(settings(LONG, max_examples=LONG_FACTOR * ci)(given(strategy)(check))))
+        slow = pytest.mark.slow(settings(LONG, max_examples=LONG_FACTOR * ci)(given(strategy)(check)))
         return fast, slow
     return deco
 

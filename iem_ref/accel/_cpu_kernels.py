@@ -343,7 +343,7 @@ def _prefetch_row(x, i):
         prefetch(x, i, c)
 
 
-@njit(fastmath=_FM, **INNER)
+@njit(cache=True, fastmath=_FM)  # not INNER: the tests call it from Python
 def _row_max(row, n):
     """Maximum of ``row[:n]`` ignoring NaN (``-inf`` if there is none), exact whatever the order."""
     m = like(-np.inf, row[0])

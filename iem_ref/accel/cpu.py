@@ -71,7 +71,7 @@ from .._validation import (
 from ..attention import prepare_attention
 from ..gradients import _sum_to_shape
 from . import _cpu_kernels as _k
-from ._compile import CompilationNotice, cache_dir, compile_kernel
+from ._compile import CompilationNotice, _in_cache, cache_dir, compile_kernel
 from ._problem import (
     ENERGY_CODES,
     MASK_TYPE,
@@ -99,6 +99,7 @@ __all__ = [
     "Tiling",
     "TILING",
     "warmup",
+    "WARMUP_ENERGIES",
 ]
 
 #: energies with a fused kernel: name -> the code shared by every path (:mod:`iem_ref.accel._problem`)
@@ -776,35 +777,61 @@ def softplus(z, tau=1.0):
 
 
 # --- compiling ahead of time ----------------------------------------------------------
-def warmup(report=print):
-    """Compile (or load from the cache) every CPU kernel for float32 and float64; returns ``{kernel: seconds}``.
+#: the energies ``warmup`` knows: the caller's names, and ``"precomputed"`` for :func:`softmin_summary` (forward only)
+WARMUP_ENERGIES = {**ENERGIES, "precomputed": PRECOMPUTED}
 
-    Each kernel is reached through the public function that uses it, on tiny
-    inputs, so that nothing is compiled that a call would not compile.
+
+def warmup(dtypes=("float64", "float32"), ops=("forward", "backward"), energies=("dot",), variants=(False,), activations=False,
+           report=print):
+    """Compile (or load from Numba's cache) the chosen CPU kernels ahead of time; returns ``{kernel: seconds}``.
+
+    One kernel per combination of ``dtypes`` (``"float64"``, ``"float32"``),
+    ``ops`` (``"forward"``, ``"backward"``), ``energies`` (``"dot"``,
+    ``"sqeuclidean"``, ``"precomputed"``: :func:`softmin_summary`'s, forward
+    only) and ``variants`` (False: the plain kernel; True: the one that
+    calls with a bias, ALiBi, a soft-cap, sinks or dropout run).  The
+    defaults warm what a plain call runs, in both dtypes.
+    ``activations``: also the scalar activations (S3, S4, H3).  ``report``
+    receives one line per kernel (its time, and whether it was compiled or
+    loaded) and a total.
+
+    Examples
+    --------
+    >>> times = warmup(dtypes=["float64"], ops=["forward"], report=lambda line: None)
+    >>> list(times)
+    ['forward f64_dot']
     """
-    times = {}
+    for name, given, allowed in (("dtypes", dtypes, {"float64", "float32"}), ("ops", ops, set(_SIGNATURES)),
+                                 ("energies", energies, set(WARMUP_ENERGIES))):
+        bad = sorted({str(x) for x in given} - allowed)
+        if bad or isinstance(given, str):
+            raise ValueError(f"{name} must be a list drawn from {sorted(allowed)}; got {given!r}")
+    times, last = {}, None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CompilationNotice)
-        for dtype in (np.float64, np.float32):
-            q = np.zeros((2, 3), dtype)
-            v = np.zeros((2, 1), dtype)
-            jobs = {
-                "forward": lambda: attention(q, q, v),
-                "backward": lambda: attention_vjp(q, q, v, v, out=v, lse=np.zeros(2, dtype)),
-            }
-            for name, job in jobs.items():
-                t0 = time.perf_counter()
-                job()
-                times[f"{name} ({np.dtype(dtype).name})"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        z = np.zeros(2)
-        sign_posterior_mean(z, z)
-        tanh_from_signed_gaussian(z)
-        softplus(z)
-        times["scalar activations (float64)"] = time.perf_counter() - t0
-    for name, sec in times.items():
-        report(f"{name:40s} {sec:6.2f} s")
-    report(f"{'total':40s} {sum(times.values()):6.2f} s   (cache: {cache_dir(_kernel('forward', np.float64))})")
+        for dtype in dtypes:
+            for energy in energies:
+                for op in ops:
+                    if op == "backward" and energy == "precomputed":
+                        continue  # softmin_summary has no backward kernel
+                    for with_variants in variants:
+                        features = _k.Features(np.dtype(dtype).name, WARMUP_ENERGIES[energy], bool(with_variants))
+                        name = f"{op} {features.tag}"
+                        t = types.float64 if features.dtype == "float64" else types.float32
+                        cached = _in_cache(_k.kernels(features)[op], _SIGNATURES[op](t))
+                        t0 = time.perf_counter()
+                        last = _kernel(op, features)
+                        times[name] = time.perf_counter() - t0
+                        report(f"{name:40s} {times[name]:6.2f} s   {'from the cache' if cached else 'compiled'}")
+        if activations:
+            t0 = time.perf_counter()
+            z = np.zeros(2)
+            sign_posterior_mean(z, z)
+            tanh_from_signed_gaussian(z)
+            softplus(z)
+            times["scalar activations (float64)"] = time.perf_counter() - t0
+            report(f"{'scalar activations (float64)':40s} {times['scalar activations (float64)']:6.2f} s")
+    report(f"{'total':40s} {sum(times.values()):6.2f} s   (cache: {cache_dir(last)})")
     return times
 
 
