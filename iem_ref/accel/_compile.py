@@ -17,8 +17,7 @@ per machine):
   machine code five times.  The helpers here (``**INNER``) go through
   :class:`LinkedCompiler`, whose libraries stop after Numba's per-function
   optimisation: the kernel that links them optimises and compiles them once,
-  with their callers (float64 forward, 2-core AMD EPYC family 25 model 17:
-  13.6 s -> 7.9 s of compilation, with the same speed).
+  with their callers (bench/results/first_call.md has the effect alone).
 * **Numba's cache** keeps each kernel instance's machine code (well under a
   second to load).  It lives in ``__pycache__`` beside the package's
   modules, or under ``NUMBA_CACHE_DIR`` when that variable is set (needed

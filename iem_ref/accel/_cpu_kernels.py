@@ -50,6 +50,16 @@ Determinism: each query's reduction order is fixed by the tile shape and the
 split count, which depend on the shapes only, never on which thread runs an
 item; BLAS runs single-threaded inside the kernels (the caller pins it), so
 results are bitwise identical across runs and thread counts.
+
+A kernel per feature set: the functions marked ``@template`` read the
+compile-time constants ``ENERGY`` and ``VARIANTS``; :func:`kernels` returns
+their instance for one :class:`Features` (dtype, energy, whether the
+variants' steps are compiled in), built by
+:func:`~iem_ref.accel._compile.instantiate`.  Inside an instance Numba
+prunes every branch those constants decide before it types the code: the
+plain kernels hold no logit, sink or dropout step, and each energy's kernel
+only its own scores.  The other helpers (``**INNER``) are shared by every
+instance and linked into it (:class:`~iem_ref.accel._compile.LinkedCompiler`).
 """
 
 from __future__ import annotations
@@ -878,8 +888,8 @@ def forward(stage, thread, nthreads, p, mask, blocks, bk, nsplit, parts, out, ls
 
     ``out (B, N, Dv)``, ``lse (B, N)``; ``parts``: :class:`Partials` of shape
     ``(B, nsplit, N[, Dv])``; ``blocks``: the query blocks' row boundaries
-    (block ``t`` is rows ``blocks[t] .. blocks[t + 1] - 1``).  Plain Python: :mod:`iem_ref.accel.cpu`
-    compiles it (``nogil``, one explicit signature per dtype) and runs it on
+    (block ``t`` is rows ``blocks[t] .. blocks[t + 1] - 1``).  A template: :mod:`iem_ref.accel.cpu`
+    compiles an instance of it per feature set (``nogil``, one explicit signature) and runs it on
     ``nthreads`` threads, thread ``thread`` taking the work items ``thread,
     thread + nthreads, ...`` (which items a thread takes changes no result).
 
@@ -1226,7 +1236,7 @@ def backward(stage, thread, nthreads, p, mask, blocks, bk, saved, grads):
     2 over query blocks (``dq``: sums over keys).  Each recomputes the score
     tile and ``b = U V^T``: 7 GEMMs per tile pair instead of 5, in exchange
     for ``O((N + M) D)`` memory, no atomics and a fixed summation order.
-    Plain Python: compiled by :mod:`iem_ref.accel.cpu`.
+    A template: :mod:`iem_ref.accel.cpu` compiles an instance of it per feature set.
     """
     B = grads.dq.shape[0]
     M = grads.dk.shape[1]

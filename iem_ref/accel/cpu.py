@@ -20,9 +20,13 @@ thread around every kernel call (``threadpoolctl``): a multithreaded BLAS
 inside the kernel's own threads oversubscribes the cores (measured on a
 2-core VM, N = M = 4096: 266 ms instead of 92 ms).
 
-The kernels compile on first use, once per dtype, into Numba's on-disk cache
-(:mod:`iem_ref.accel._compile`: a one-time ``CompilationNotice``, and
-:func:`warmup`, ``iem-ref warmup``, to compile ahead of time).
+The kernels compile on first use into Numba's on-disk cache, one per
+feature set (:func:`features_of`: the dtype, the energy, and whether the
+call uses a variant that adds steps: a bias, ALiBi, a soft-cap, sinks or
+dropout), so a plain call compiles no variant's code
+(:mod:`iem_ref.accel._compile`: the kernel templates, a one-time
+``CompilationNotice``; :func:`warmup`, ``iem-ref warmup``, compiles chosen
+kernels ahead of time).
 
 float32: GEMMs, the shift, ``exp`` and the per-tile row sums run in float32
 (dot products of length ``D``, sums of at most ``bk`` terms: 512, or 2048
@@ -140,7 +144,7 @@ class Tiling(NamedTuple):
 TILING = Tiling()
 
 
-# --- kernels, compiled once per dtype with explicit signatures ---------------
+# --- kernels, compiled once per feature set with explicit signatures ---------------
 def _arr(dtype, ndim, layout="C", readonly=True):
     return types.Array(dtype, ndim, layout, readonly=readonly)
 
