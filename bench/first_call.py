@@ -6,12 +6,15 @@ timed with ``out`` and ``lse`` given, so that it compiles the backward kernel
 alone (its forward is compiled first, in a process of its own).  ``plain``
 calls use no variant; ``variants`` calls add a bias (the kernel every
 variant call runs).  Each row is the median of ``--runs`` fresh runs.
+``--baseline DIR`` times another checkout of this repository in turns with
+this one (a machine's speed drifts: the ratio of the two is the robust
+figure).
 
 Results accumulate in ``bench/results/first_call.json``: one record per
 machine (its CPU named) and ``--label`` (the code measured), replaced when
 measured again; ``first_call.md`` is the table of every record.
 
-    python bench/first_call.py --label "after" [--runs 3] [--kinds plain variants]
+    python bench/first_call.py --label "after" [--runs 3] [--kinds plain variants] [--baseline /tmp/before]
 """
 
 from __future__ import annotations
@@ -53,33 +56,53 @@ def _time(op, dtype, kind, env):
     return {"call_s": float(out.stdout.strip()), "process_s": time.perf_counter() - t0}
 
 
-def measure(op, dtype, kind, runs):
-    fresh, cached = [], []
+def _once(op, dtype, kind, env):
+    """One fresh and one cached first call in an empty cache of their own."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(env, NUMBA_CACHE_DIR=cache)
+        if op == "backward":  # its first call would also compile the forward: warm that first
+            _time("forward", dtype, kind, env)
+        return _time(op, dtype, kind, env), _time(op, dtype, kind, env)
+
+
+def _summary(pairs):
+    fresh, cached = [p[0] for p in pairs], [p[1] for p in pairs]
+    return {"fresh": {"call_s": statistics.median(x["call_s"] for x in fresh), "process_s": statistics.median(x["process_s"] for x in fresh),
+                      "all_call_s": [x["call_s"] for x in fresh]},
+            "cached": {"call_s": statistics.median(x["call_s"] for x in cached), "process_s": statistics.median(x["process_s"] for x in cached)}}
+
+
+def measure(op, dtype, kind, runs, baseline=None):
+    """``runs`` fresh/cached pairs of this checkout, and of ``baseline`` (another checkout's directory) taking turns with them."""
+    mine, theirs = [], []
     for _ in range(runs):
-        with tempfile.TemporaryDirectory() as cache:
-            env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-            if op == "backward":  # its first call would also compile the forward: warm that first
-                _time("forward", dtype, kind, env)
-            fresh.append(_time(op, dtype, kind, env))
-            cached.append(_time(op, dtype, kind, env))
-    med = lambda xs, key: statistics.median(x[key] for x in xs)  # noqa: E731
-    return {"op": op, "dtype": dtype, "kind": kind, "runs": runs,
-            "fresh": {"call_s": med(fresh, "call_s"), "process_s": med(fresh, "process_s"), "all_call_s": [x["call_s"] for x in fresh]},
-            "cached": {"call_s": med(cached, "call_s"), "process_s": med(cached, "process_s")}}
+        mine.append(_once(op, dtype, kind, os.environ))
+        if baseline:
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(baseline) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            theirs.append(_once(op, dtype, kind, env))
+    row = {"op": op, "dtype": dtype, "kind": kind, "runs": runs, **_summary(mine)}
+    if baseline:
+        row["baseline"] = _summary(theirs)
+    return row
 
 
 def markdown(records):
     lines = ["# First call of the CPU kernels (`bench/first_call.py`)", "",
              "Seconds of the first call in a new process: `fresh` with an empty Numba cache (the kernel is compiled), "
-             "`cached` loading it. The backward row compiles the backward kernel alone. Median of the runs.", "",
-             "| machine | code | op | dtype | kind | fresh (s) | cached (s) | runs |", "|---|---|---|---|---|---|---|---|"]
+             "`cached` loading it. The backward row compiles the backward kernel alone. Median of the runs. "
+             "`baseline`: the same calls to another checkout, taking turns with this one in the same run.", "",
+             "| machine | code | op | dtype | kind | fresh (s) | cached (s) | baseline fresh (s) | baseline / code | runs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
         m = rec["machine"]
         name = f"{m.get('cpu')} ({m.get('cpu_family_model')}, {m.get('vector_isa')})"
         for row in rec["rows"]:
+            base = row.get("baseline")
+            b = f"{base['fresh']['call_s']:.2f} | {base['fresh']['call_s'] / row['fresh']['call_s']:.2f}" if base else "- | -"
             lines.append(f"| {name} | {rec['label']} | {row['op']} | {row['dtype']} | {row.get('kind', 'plain')} | "
-                         f"{row['fresh']['call_s']:.2f} | {row['cached']['call_s']:.2f} | {row.get('runs', 1)} |")
-    return "\n".join(lines) + "\n"
+                         f"{row['fresh']['call_s']:.2f} | {row['cached']['call_s']:.2f} | {b} | {row.get('runs', 1)} |")
+    notes = [f"- {rec['label']}: baseline `{rec['baseline']}`" for rec in records if rec.get("baseline")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def main():
@@ -87,6 +110,7 @@ def main():
     p.add_argument("--label", required=True, help="the code measured (e.g. a commit, 'before', 'after')")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--kinds", nargs="+", default=["plain", "variants"], choices=["plain", "variants"])
+    p.add_argument("--baseline", help="another checkout of this repository, timed in turns with this one")
     p.add_argument("--out", default=os.path.join(HERE, "results", "first_call.json"))
     args = p.parse_args()
     from bench_cpu import machine
@@ -95,12 +119,16 @@ def main():
     for kind in args.kinds:
         for op in ("forward", "backward"):
             for dtype in ("float64", "float32"):
-                row = measure(op, dtype, kind, args.runs)
+                row = measure(op, dtype, kind, args.runs, args.baseline)
                 rows.append(row)
+                base = f", baseline {row['baseline']['fresh']['call_s']:6.2f} s" if args.baseline else ""
                 print(f"{kind:8s} {op:8s} {dtype}: first call {row['fresh']['call_s']:6.2f} s (empty cache), "
-                      f"{row['cached']['call_s']:5.2f} s (cached)", flush=True)
+                      f"{row['cached']['call_s']:5.2f} s (cached){base}", flush=True)
     me = machine()
     record = {"machine": me, "label": args.label, "loadavg": os.getloadavg(), "rows": rows}
+    if args.baseline:
+        rev = subprocess.run(["git", "-C", args.baseline, "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+        record["baseline"] = (rev.stdout.strip() or os.path.basename(os.path.abspath(args.baseline)))[:80]
     records = []
     if os.path.exists(args.out):
         with open(args.out) as f:

@@ -78,9 +78,18 @@ from numba.np.linalg import ensure_blas
 
 from ._compile import INNER, instantiate, template
 from ._fastexp import f32_bits, f64_bits, fexp, fexp_shifted, like
-from ._problem import DOT, PRECOMPUTED, SQEUCLIDEAN, first_position_above, _head_of, log_partition_of_row, logit, merge_sink, summary_of_row
+from . import _problem
+from ._problem import DOT, PRECOMPUTED, SQEUCLIDEAN, _head_of
 
 ensure_blas()  # SciPy's BLAS (scipy.linalg.cython_blas), the one Numba's np.dot uses
+
+# The scalar steps every path shares (:mod:`._problem`), linked into the kernels like their other helpers
+# (there they are Python-callable dispatchers, for their examples and the CUDA kernels' source).
+_first_position_above = njit(**INNER)(_problem.first_position_above.py_func)
+_log_partition_of_row = njit(**INNER)(_problem.log_partition_of_row.py_func)
+_summary_of_row = njit(**INNER)(_problem.summary_of_row.py_func)
+_merge_sink = njit(**INNER)(_problem.merge_sink.py_func)
+_logit = njit(**INNER)(_problem.logit.py_func)
 
 
 # --- BLAS GEMM on raw offsets ---------------------------------------------------
@@ -559,7 +568,7 @@ def _pair_logit(h, x, i, j):
     alibi = 0.0
     if h.has_alibi:
         alibi = -h.slopes[i] * abs(h.keys[i // h.group, 2] - j)  # -slope |i' - j|
-    return logit(np.float64(x), h.softcap, bias, alibi)
+    return _logit(np.float64(x), h.softcap, bias, alibi)
 
 
 @njit(**INNER)
@@ -874,15 +883,15 @@ def _finish_rows(acc, sinks, i0, empty_nan, keep_div, out, lse):
         if VARIANTS:
             sink = sinks[(i0 + r) % sinks.shape[0]]
             nan = nan or sink != sink
-            m, l, c = merge_sink(m, l, sink)
-        lse[r] = log_partition_of_row(m, l, nan)
+            m, l, c = _merge_sink(m, l, sink)
+        lse[r] = _log_partition_of_row(m, l, nan)
         for col in range(Dv):
             o = acc.o[r, col]
-            a = summary_of_row(c * o if np.isfinite(o) else o, l, nan, empty_nan)
+            a = _summary_of_row(c * o if np.isfinite(o) else o, l, nan, empty_nan)
             out[r, col] = a if keep_div == 1.0 else a / keep_div
 
 
-@template(cache=True, nogil=True)
+@template(cache=True, nogil=True, no_cfunc_wrapper=True)
 def forward(stage, thread, nthreads, p, mask, blocks, bk, nsplit, parts, out, lse):
     """A1-A4 fused over the flattened batch of the :class:`~iem_ref.accel._problem.Problem` ``p`` (and its ``mask``); this thread's share of one stage.
 
@@ -1091,8 +1100,8 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
     part_kept = np.empty((bq_max if (VARIANTS and h.has_keep) else 0, bk), dtype=np.bool_)
     norms = _norms(h, bq_max, bk)
     # the queries that see a key of [j0, j1) (causality, window, segments), in the query blocks of the forward
-    i_start = min(N, first_position_above(h.keys, np.int64(1), j0) * h.group)
-    i_end = min(N, first_position_above(h.keys, np.int64(0), j1 - 1) * h.group)
+    i_start = min(N, _first_position_above(h.keys, np.int64(1), j0) * h.group)
+    i_end = min(N, _first_position_above(h.keys, np.int64(0), j1 - 1) * h.group)
     t = 0
     while t + 2 < blocks.shape[0] and blocks[t + 1] <= i_start:
         t += 1
@@ -1119,7 +1128,9 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
             partv = part
             if VARIANTS and h.has_keep:  # dv_j = sum_i r_ij c_ij u_i, a dropped pair's u never read
                 partv = part_kept
-                partv[:bq, :] = part[:bq, :]
+                for r in range(bq):  # a loop, not partv[:bq] = part[:bq]: Numba would compile a shape-error message
+                    for j in range(bk):
+                        partv[r, j] = part[r, j]
                 _dropout_factors(h, S, bq, bk, i0, j0, partv)
             if nu == 0:
                 gemm(_NOTRANS, _TRANS, Dv, bk, bq, 1.0, u, i0 * Dv, Dv, S, 0, bk, 0.0, tv, 0, Dv)
@@ -1224,7 +1235,7 @@ def _saved_at(saved, b):
     return Saved(saved.lse[b], saved.delta[b], saved.cnt[b], saved.rowsum[b])
 
 
-@template(cache=True, nogil=True)
+@template(cache=True, nogil=True, no_cfunc_wrapper=True)
 def backward(stage, thread, nthreads, p, mask, blocks, bk, saved, grads):
     """G4 over the flattened batch of the :class:`~iem_ref.accel._problem.Problem` ``p`` (and its ``mask``), into the :class:`Grads` ``grads``.
 
