@@ -49,10 +49,14 @@ print(time.perf_counter() - t0)
 """
 
 
+ROOT = os.path.dirname(HERE)
+
+
 def _time(op, dtype, kind, env):
     t0 = time.perf_counter()
+    # cwd: the cache folder, so that the working directory (first on sys.path for -c) shadows no checkout
     out = subprocess.run([sys.executable, "-c", _CALL.format(op=op, dtype=dtype, kind=kind)], env=env, check=True,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, cwd=env["NUMBA_CACHE_DIR"])
     return {"call_s": float(out.stdout.strip()), "process_s": time.perf_counter() - t0}
 
 
@@ -75,8 +79,9 @@ def _summary(pairs):
 def measure(op, dtype, kind, runs, baseline=None):
     """``runs`` fresh/cached pairs of this checkout, and of ``baseline`` (another checkout's directory) taking turns with them."""
     mine, theirs = [], []
+    here = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for _ in range(runs):
-        mine.append(_once(op, dtype, kind, os.environ))
+        mine.append(_once(op, dtype, kind, here))
         if baseline:
             env = dict(os.environ, PYTHONPATH=os.path.abspath(baseline) + os.pathsep + os.environ.get("PYTHONPATH", ""))
             theirs.append(_once(op, dtype, kind, env))
