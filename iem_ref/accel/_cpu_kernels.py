@@ -510,30 +510,33 @@ class Norms(NamedTuple):
     kbad: np.ndarray  # (bk,) bool
 
 
+# The small helpers take the fields they read, not the whole Head: a Head argument is some hundred scalars
+# that Numba unpacks and packs again at every function boundary, about 0.2 s of a kernel's compilation per
+# helper that takes one (measured on _key_tiles: 0.27 s of compiler time, 0.07 s of it LLVM).
 @njit(**INNER)
-def _norms(h, bq, bk):
-    """:class:`Norms` scratch for query blocks of up to ``bq`` queries and key tiles of up to ``bk`` keys."""
-    return Norms(np.empty(bq, h.q.dtype), np.empty(bq, np.bool_), np.empty(bk, h.q.dtype), np.empty(bk, np.bool_))
+def _norms(q, bq, bk):
+    """:class:`Norms` scratch for query blocks of up to ``bq`` queries (of ``q``'s dtype) and key tiles of up to ``bk`` keys."""
+    return Norms(np.empty(bq, q.dtype), np.empty(bq, np.bool_), np.empty(bk, q.dtype), np.empty(bk, np.bool_))
 
 
 @template(**INNER)
-def _set_query_norms(h, norms, i0, i1):
+def _set_query_norms(q, norms, i0, i1):
     """The half squared norms of queries ``[i0, i1)`` into ``norms`` (K2 only; the key tile's are set by :func:`_scores`)."""
     if ENERGY == SQEUCLIDEAN:
-        _half_sqnorms(h.q[i0:i1], norms.q, norms.qbad)
+        _half_sqnorms(q[i0:i1], norms.q, norms.qbad)
 
 
 @njit(**INNER)
-def _band_in_tile(h, i, jb, bk):
+def _band_in_tile(keys, group, i, jb, bk):
     """``(lo, hi)``: query row ``i`` sees the keys ``jb + j`` of a tile for ``lo <= j < hi`` (causality, window V4, segments V7)."""
-    at = i // h.group  # the row's position (a group's heads share it, V6)
-    lo = min(max(h.keys[at, 0] - jb, 0), bk)
-    hi = min(max(h.keys[at, 1] - jb, lo), bk)
+    at = i // group  # the row's position (a group's heads share it, V6)
+    lo = min(max(keys[at, 0] - jb, 0), bk)
+    hi = min(max(keys[at, 1] - jb, lo), bk)
     return lo, hi
 
 
 @njit(**INNER)
-def _key_tiles(h, i0, i1, j0, j1, bk):
+def _key_tiles(keys, group, i0, i1, j0, j1, bk):
     """The key tiles ``jb = j0, j0 + bk, ...`` below ``j1`` that a query of ``[i0, i1)`` may see: ``(first jb, end)``.
 
     Tiles wholly outside the rows' key ranges are never computed (a window
@@ -545,11 +548,11 @@ def _key_tiles(h, i0, i1, j0, j1, bk):
     error bounds.  The ranges' ends never decrease with the row, so the
     block's first and last rows bound it.
     """
-    first = h.keys[i0 // h.group, 0]  # the lowest key the block's first query sees
+    first = keys[i0 // group, 0]  # the lowest key the block's first query sees
     start = j0
     if first > j0:
         start = min(j1, first)
-    end = min(j1, max(start, h.keys[(i1 - 1) // h.group, 1]))  # past the highest key its last query sees
+    end = min(j1, max(start, keys[(i1 - 1) // group, 1]))  # past the highest key its last query sees
     return start, end
 
 
@@ -572,19 +575,16 @@ def _pair_logit(h, x, i, j):
 
 
 @njit(**INNER)
-def _kept(h, i, j):
-    """V8: the dropout mask of query row ``i`` and key ``j`` (True = kept), read from its own data."""
-    return _own_at(h.keep, h.keep_group, i, j)
+def _dropout_factors(keep, keep_group, dropout_keep, W, bq, bk, i0, jb, part):
+    """V8 on a tile of the backward: ``W[r, j] *= c_ij`` (``1 / (1 - p)`` where kept, else 0, as the reference's ``c``); ``part[r, j]`` cleared where dropped when given rows.
 
-
-@njit(**INNER)
-def _dropout_factors(h, W, bq, bk, i0, jb, part):
-    """V8 on a tile of the backward: ``W[r, j] *= c_ij`` (``1 / (1 - p)`` where kept, else 0, as the reference's ``c``); ``part[r, j]`` cleared where dropped when given rows."""
-    c = like(1.0 / h.dropout_keep, W[0, 0])
+    ``keep``: the dropout mask's own data, row ``i`` read as ``i // keep_group`` (:func:`_own_at`); ``dropout_keep``: ``1 - p``.
+    """
+    c = like(1.0 / dropout_keep, W[0, 0])
     zero = like(0.0, c)
     for r in range(bq):
         for j in range(bk):
-            if _kept(h, i0 + r, jb + j):
+            if _own_at(keep, keep_group, i0 + r, jb + j):
                 W[r, j] = W[r, j] * c
             else:
                 W[r, j] = W[r, j] * zero
@@ -632,7 +632,7 @@ def _scores(S, bq, bk, h, i0, jb, norms, F):
     for r in range(bq):
         i = i0 + r
         row = S[r]
-        lo, hi = _band_in_tile(h, i, jb, bk)  # keys jb + j take part for lo <= j < hi (causality, window)
+        lo, hi = _band_in_tile(h.keys, h.group, i, jb, bk)  # keys jb + j take part for lo <= j < hi (causality, window)
         if ENERGY != SQEUCLIDEAN:
             if scale > 0.0:
                 if ENERGY == PRECOMPUTED:
@@ -799,8 +799,8 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
     vbad = np.empty(bk_max, dtype=np.bool_)
     rescale = np.empty(bq, dtype=np.float64)
     F = np.empty((0, 0), dtype=q.dtype)  # the forward needs no soft-cap derivative
-    norms = _norms(h, bq, bk_max)
-    _set_query_norms(h, norms, i0, i1)
+    norms = _norms(h.q, bq, bk_max)
+    _set_query_norms(h.q, norms, i0, i1)
     ninf = -np.inf
     for r in range(bq):
         acc.m[r] = ninf
@@ -813,7 +813,7 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
     # found from it: any inf or NaN value makes its entries of pv non-finite (0 * inf is NaN), and only then
     # is the tile scanned and redone by selection.
     values_first = bq > _GEMV_ROWS and not _few_rows(bq, q)
-    jb, end = _key_tiles(h, i0, i1, j0, j1, bk_max)
+    jb, end = _key_tiles(h.keys, h.group, i0, i1, j0, j1, bk_max)
     while jb < end:
         bk = min(bk_max, j1 - jb)
         _scores(S, bq, bk, h, i0, jb, norms, F)
@@ -845,7 +845,7 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
         if VARIANTS and h.has_keep:  # V8: a dropped pair's weight leaves the mean, not the sum l; its value is never read
             for r in range(bq):
                 for j in range(bk):
-                    if not _kept(h, i0 + r, jb + j):
+                    if not _own_at(h.keep, h.keep_group, i0 + r, jb + j):
                         S[r, j] = 0.0
                         part[r, j] = False
         if Dv > 0:
@@ -1043,9 +1043,9 @@ def _count_certain(h, i0, i1, bk_max, saved):
     M = h.k.shape[0]
     S = np.empty((bq, bk_max), dtype=h.q.dtype)
     F = np.empty((0, 0), dtype=h.q.dtype)
-    norms = _norms(h, bq, bk_max)
-    _set_query_norms(h, norms, i0, i1)
-    start, end = _key_tiles(h, i0, i1, np.int64(0), M, bk_max)
+    norms = _norms(h.q, bq, bk_max)
+    _set_query_norms(h.q, norms, i0, i1)
+    start, end = _key_tiles(h.keys, h.group, i0, i1, np.int64(0), M, bk_max)
     for jb in range(start, end, bk_max):
         bk = min(bk_max, M - jb)
         _scores(S, bq, bk, h, i0, jb, norms, F)
@@ -1098,7 +1098,7 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
     nodz = np.empty((0, 0), dtype=np.float64)
     nopart = np.empty((0, 0), dtype=np.bool_)
     part_kept = np.empty((bq_max if (VARIANTS and h.has_keep) else 0, bk), dtype=np.bool_)
-    norms = _norms(h, bq_max, bk)
+    norms = _norms(h.q, bq_max, bk)
     # the queries that see a key of [j0, j1) (causality, window, segments), in the query blocks of the forward
     i_start = min(N, _first_position_above(h.keys, np.int64(1), j0) * h.group)
     i_end = min(N, _first_position_above(h.keys, np.int64(0), j1 - 1) * h.group)
@@ -1111,7 +1111,7 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
         if i0 >= i_end:
             break
         bq = i1 - i0
-        _set_query_norms(h, norms, i0, i1)
+        _set_query_norms(h.q, norms, i0, i1)
         _scores(S, bq, bk, h, i0, j0, norms, F)
         if Dv > 0:
             gemm(_TRANS, _NOTRANS, bk, bq, Dv, 1.0, v, j0 * Dv, Dv, u, i0 * Dv, Dv, 0.0, Bt, 0, bk)  # b_ij = <u_i, v_j>
@@ -1120,7 +1120,7 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
         nq = _rows_flags(q, i0, bq, qflag) if ENERGY != PRECOMPUTED else 0
         nu = _rows_flags(u, i0, bq, uflag)
         if VARIANTS and h.has_keep:  # V8: b_ij = c_ij <u_i, v_j>
-            _dropout_factors(h, Bt, bq, bk, i0, j0, nopart)
+            _dropout_factors(h.keep, h.keep_group, h.dropout_keep, Bt, bq, bk, i0, j0, nopart)
         _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nq + nu > 0)
         if VARIANTS and h.logits:
             _logit_grads(h, Bt, F, bq, bk, i0, j0, nodz)
@@ -1131,7 +1131,7 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
                 for r in range(bq):  # a loop, not partv[:bq] = part[:bq]: Numba would compile a shape-error message
                     for j in range(bk):
                         partv[r, j] = part[r, j]
-                _dropout_factors(h, S, bq, bk, i0, j0, partv)
+                _dropout_factors(h.keep, h.keep_group, h.dropout_keep, S, bq, bk, i0, j0, partv)
             if nu == 0:
                 gemm(_NOTRANS, _TRANS, Dv, bk, bq, 1.0, u, i0 * Dv, Dv, S, 0, bk, 0.0, tv, 0, Dv)
             else:
@@ -1185,13 +1185,13 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq, dz):
     tq = np.empty((bq, D), dtype=q.dtype)
     kfin = np.empty((bk_max, D), dtype=q.dtype)
     kflag = np.empty(bk_max, dtype=np.bool_)
-    norms = _norms(h, bq, bk_max)
-    _set_query_norms(h, norms, i0, i1)
+    norms = _norms(h.q, bq, bk_max)
+    _set_query_norms(h.q, norms, i0, i1)
     acc = np.zeros((bq, D), dtype=np.float64)
     F = np.empty((bq if h.softcap > 0.0 else 0, bk_max), dtype=q.dtype)
     xsum = np.zeros(bq, dtype=np.float64)  # sum_j dX_ij, for K2 with a soft-cap
     nopart = np.empty((0, 0), dtype=np.bool_)
-    start, end = _key_tiles(h, i0, i1, np.int64(0), M, bk_max)
+    start, end = _key_tiles(h.keys, h.group, i0, i1, np.int64(0), M, bk_max)
     for jb in range(start, end, bk_max):
         bk = min(bk_max, M - jb)
         _scores(S, bq, bk, h, i0, jb, norms, F)
@@ -1201,7 +1201,7 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq, dz):
             Bt[:, :] = 0.0
         nk = _rows_flags(k, jb, bk, kflag) if ENERGY != PRECOMPUTED else 0
         if VARIANTS and h.has_keep:  # V8: b_ij = c_ij <u_i, v_j>
-            _dropout_factors(h, Bt, bq, bk, i0, jb, nopart)
+            _dropout_factors(h.keep, h.keep_group, h.dropout_keep, Bt, bq, bk, i0, jb, nopart)
         _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nk > 0)
         if VARIANTS and h.logits:
             _logit_grads(h, Bt, F, bq, bk, i0, jb, dz)
