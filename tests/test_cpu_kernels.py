@@ -364,6 +364,42 @@ def test_first_call_announces_compilation_once_and_prints_nothing_else(tmp_path)
     assert second.returncode == 0 and second.stdout == "done\n" and second.stderr == "", second.stderr
 
 
+_KINDS = textwrap.dedent(
+    """
+    import json, warnings
+    import numpy as np
+    warnings.simplefilter("ignore")
+    from iem_ref.accel import cpu, _cpu_kernels, _compile
+    x = np.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    cpu.attention(x, x, x)
+    cpu.attention(x, x, x, softcap=2.0)
+    ir = {features.variants: fn.inspect_llvm(fn.signatures[0]) for (name, features), fn in cpu._COMPILED.items()}
+    helper = _cpu_kernels._finite_copy
+    print(json.dumps({"kinds": sorted(str(k) for k in ir),
+                      "tanh": {str(k): "tanh" in v for k, v in ir.items()},
+                      "ir_lines": {str(k): v.count(chr(10)) for k, v in ir.items()},
+                      "helper_linked": all(isinstance(c.library, _compile._LinkedLibrary) for c in helper.overloads.values()),
+                      "helper_compiled": len(helper.overloads)}))
+    """
+)
+
+
+def test_a_plain_kernel_holds_no_variant_code(tmp_path):
+    """A plain call and a soft-capped one compile two kernels; only the second holds the soft-cap's ``tanh``.
+
+    Also: the helpers (``**INNER``) were compiled into libraries that only
+    link (:class:`iem_ref.accel._compile._LinkedLibrary`), with no machine code of their own.
+    """
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", _KINDS], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["kinds"] == ["False", "True"], got
+    assert got["tanh"] == {"False": False, "True": True}, got
+    assert got["ir_lines"]["False"] < got["ir_lines"]["True"], got
+    assert got["helper_compiled"] >= 1 and got["helper_linked"], got
+
+
 def _warmup(tmp_path, *options):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-m", "iem_ref.cli", "warmup", *options], capture_output=True, text=True, env=env, cwd=ROOT,
