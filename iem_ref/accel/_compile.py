@@ -4,8 +4,8 @@ Three ideas keep a first call short (``bench/first_call.py`` has the figures
 per machine):
 
 * **A kernel per feature set.**  A kernel's helpers are written once, as
-  :class:`Template` functions that read compile-time constants (``MASK``,
-  ``LOGITS``, ...).  :func:`instantiate` binds one set of constants into
+  :class:`Template` functions that read compile-time constants (the CPU
+  kernels' ``ENERGY`` and ``VARIANTS``).  :func:`instantiate` binds one set of constants into
   copies of every template, the way a C++ template is instantiated: Numba
   sees the constants as globals and prunes the branches they switch off
   before it types the code, so a plain call compiles none of the variants'
@@ -20,7 +20,12 @@ per machine):
   with their callers.  Measured alone, three pairs in turns, the plain
   float64 forward on a 2-core AMD EPYC Zen 4 (family 25 model 17) under a
   steady load: 19.3-19.6 s with the helpers compiled on their own,
-  10.7-14.6 s linked.
+  10.7-14.6 s linked.  This leans on three of Numba's internals (a
+  ``JITCodeLibrary``'s finalising steps, its ``codegen`` property, and the
+  compiler state's ``library``, which the native lowering pass fills only
+  where it is empty); ``tests/test_cpu_kernels.py`` checks that the helpers
+  still compile into linked libraries and the kernels still agree with the
+  reference.
 * **Numba's cache** keeps each kernel instance's machine code (well under a
   second to load).  It lives in ``__pycache__`` beside the package's
   modules, or under ``NUMBA_CACHE_DIR`` when that variable is set (needed
@@ -72,7 +77,12 @@ class _LinkedLibrary(JITCodeLibrary):
 
 
 class _NoEnvironment:
-    """The code generator as a linked library sees it: everything as usual, but no environment to set (its global is never emitted)."""
+    """The code generator as a linked library sees it: everything as usual, but no environment to set.
+
+    A linked library never reaches the JIT engine, so its environment global
+    has no address; in a kernel the helper's copy of it stays null and is
+    never read: the environment serves Python objects, and no helper touches one.
+    """
 
     def __init__(self, codegen):
         self._codegen = codegen
@@ -119,8 +129,8 @@ INNER = {"pipeline_class": LinkedCompiler, "no_cpython_wrapper": True, "no_cfunc
 class Template:
     """A kernel function compiled per feature set: :func:`instantiate` makes a compiled copy for each set of constants.
 
-    Calling the template itself is an error: it reads constants (``MASK``,
-    ``LOGITS``, ...) that only an instance binds.
+    Calling the template itself is an error: it reads constants (``ENERGY``,
+    ``VARIANTS``) that only an instance binds.
     """
 
     def __init__(self, py_func, options):
