@@ -153,23 +153,27 @@ def attention_vjp(
     # keeps its NaN away from the keys it cannot see (NaN reaches affected rows only).
     P = np.where(participates, responsibilities(comp.e, comp.tau, mask=take), 0.0)  # (B..., N, M [+ sink])
     part, Pk = participates[..., :M], P[..., :M]
+    certain = np.any(participates & np.isneginf(comp.e), axis=-1, keepdims=True)  # a key (or the sink) of score +inf
     c = None if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)  # V8
+    read = part if c is None else part & inp.keep  # a dropped pair reads neither v_j nor u_i
     with np.errstate(invalid="ignore"):
-        b = np.where(part, u @ np.swapaxes(comp.v[..., :M, :], -1, -2), 0.0)  # <u_i, v_j>, participating j only
+        b = np.where(read, u @ np.swapaxes(comp.v[..., :M, :], -1, -2), 0.0)  # <u_i, v_j>, participating j only
         if c is not None:
-            b = b * c
+            b = np.where(read, b * c, 0.0)
         delta = (Pk * b).sum(axis=-1, keepdims=True)  # Delta_i = <u_i, a_i>
         dZ = np.where(part, Pk * (b - delta), 0.0)  # dLoss/dz_ij
+        dZ = np.where(certain, 0.0, dZ)  # a certain row's output stays put under every finite change of its logits
+        spoilt = ~np.isfinite(delta)  # a non-finite <u_i, a_i>: its derivatives with respect to the logits are undefined
+        dZ = np.where(spoilt & part, np.nan, dZ)
         dX = dZ if inp.softcap is None else dZ * (1.0 - (comp.s / inp.softcap) ** 2)  # V3
     W = Pk if c is None else Pk * c
-    dv = weighted_sum(np.swapaxes(W, -1, -2), u, np.swapaxes(part, -1, -2) if c is None else np.swapaxes(part & inp.keep, -1, -2))
+    # dv reads u_i as the forward reads v_j: an infinite u_i reaches dv_j as itself, whatever P_ij rounds to
+    dv = weighted_sum(np.swapaxes(W, -1, -2), u, np.swapaxes(read, -1, -2), limit=True)
     sc = inp.scale
-    dq = sc * weighted_sum(dX, kk, part)  # sum_j dX_ij k_j
-    dk = sc * weighted_sum(np.swapaxes(dX, -1, -2), qq, np.swapaxes(part, -1, -2))  # sum_i dX_ij q_i
-    if energy == "sqeuclidean":
-        dk = dk - sc * np.where(np.isfinite(kk), kk, 0.0) * dX.sum(axis=-2)[..., :, None]
-        if inp.softcap is not None or inp.sinks is not None:
-            dq = dq - sc * np.where(np.isfinite(qq), qq, 0.0) * dX.sum(axis=-1)[..., :, None]
+    # a pair with dX_ij = 0 reads neither k_j nor q_i: 0 * inf is taken as 0 (a certain or soft-capped infinite score)
+    moves = part & (dX != 0.0)
+    dq = sc * weighted_sum(dX, kk, moves)  # sum_j dX_ij k_j
+    dk = sc * weighted_sum(np.swapaxes(dX, -1, -2), qq, np.swapaxes(moves, -1, -2))  # sum_i dX_ij q_i
     dtype = result_dtype(inp.q, inp.k, inp.v, u_in)
     if inp.group > 1:  # V6: each key head's gradient is the sum over its group of query heads
         dk, dv = (_sum_groups(x, inp.group) for x in (dk, dv))
@@ -177,7 +181,11 @@ def attention_vjp(
     if inp.bias is not None:
         grads.append(to_dtype(_sum_to_shape(dZ, inp.bias_shape), dtype))  # V1: dbias = dLoss/dz
     if inp.sinks is not None:
-        dsink = -P[..., M] * delta[..., 0]  # V5: dLoss/dsink_i = -P_i,sink Delta_i
+        with np.errstate(invalid="ignore"):
+            dsink = -P[..., M] * delta[..., 0]  # V5: dLoss/dsink_i = -P_i,sink Delta_i
+        # the edge cases as for the keys' logits: 0 where the sink does not take part or the row is certain
+        dsink = np.where(participates[..., M] & ~certain[..., 0], dsink, 0.0)
+        dsink = np.where(participates[..., M] & spoilt[..., 0], np.nan, dsink)
         grads.append(to_dtype(_sum_to_shape(dsink.sum(axis=-1), inp.sinks_shape), dtype))
     return tuple(grads)
 

@@ -449,9 +449,11 @@ def _add_nonfinite(w, R, C, part, x, flags, out, limit):
     ``w[:R, :C]`` weights, ``part[:R, :C]`` True where the pair takes part,
     ``x`` the operand whose rows ``flags`` marks as holding non-finite
     entries; the GEMM saw those entries as 0.  ``limit`` (the forward's
-    values): a weight that is 0 in floating point (underflow, or a finite
-    key beside certain ones) stands for a positive one, so an infinite value
-    reaches the output as itself, never as ``0 * inf``.
+    values, the backward's ``dv``): a weight that is 0 in floating point
+    (underflow, or a finite key beside certain ones) stands for a positive
+    one, so an infinite value reaches the output as itself, never as ``0 *
+    inf``.  Otherwise (the routing gradients ``dX`` times ``k`` or ``q``) a
+    zero weight reads nothing: the backward's edge-case policy.
     """
     F = x.shape[1]
     for j in range(C):
@@ -459,22 +461,27 @@ def _add_nonfinite(w, R, C, part, x, flags, out, limit):
             for i in range(R):
                 if part[i, j]:
                     wij = w[i, j]
+                    if wij == 0.0 and not limit:
+                        continue  # dX_ij = 0 reads no operand: 0 * inf is 0 (certain or soft-capped infinite scores)
                     for c in range(F):
                         if not np.isfinite(x[j, c]):
-                            out[i, c] += x[j, c] if (limit and wij == 0.0) else wij * x[j, c]
+                            out[i, c] += x[j, c] if wij == 0.0 else wij * x[j, c]
 
 
 @njit(**INNER)
-def _add_nonfinite_transposed(w, R, C, part, x, flags, out):
+def _add_nonfinite_transposed(w, R, C, part, x, flags, out, limit):
     """:func:`_add_nonfinite` for ``W^T @ X``: ``out (C, F) += w^T (C, R) @ x (R, F)``, ``flags`` marking the rows of ``x`` (indexed by ``R``)."""
     F = x.shape[1]
     for i in range(R):
         if flags[i]:
             for j in range(C):
                 if part[i, j]:
+                    wij = w[i, j]
+                    if wij == 0.0 and not limit:
+                        continue
                     for c in range(F):
                         if not np.isfinite(x[i, c]):
-                            out[j, c] += w[i, j] * x[i, c]
+                            out[j, c] += x[i, c] if wij == 0.0 else wij * x[i, c]
 
 
 @njit(**INNER)
@@ -576,20 +583,26 @@ def _pair_logit(h, x, i, j):
 
 @njit(**INNER)
 def _dropout_factors(keep, keep_group, dropout_keep, W, bq, bk, i0, jb, part):
-    """V8 on a tile of the backward: ``W[r, j] *= c_ij`` (``1 / (1 - p)`` where kept, else 0, as the reference's ``c``); ``part[r, j]`` cleared where dropped when given rows.
+    """V8 on a tile of the backward: ``W[r, j] *= c_ij`` (``1 / (1 - p)`` where kept, else 0, as the reference's ``c``).
+
+    Given rows, ``part`` marks the weights' tile (``r_ij``): a dropped pair's
+    weight becomes ``r_ij * 0`` and its ``part`` is cleared.  Without, ``W``
+    is ``b = U V^T``: a dropped pair's ``b_ij`` is set to 0 (selection).
 
     ``keep``: the dropout mask's own data, row ``i`` read as ``i // keep_group`` (:func:`_own_at`); ``dropout_keep``: ``1 - p``.
     """
     c = like(1.0 / dropout_keep, W[0, 0])
     zero = like(0.0, c)
+    weights = part.shape[0] > 0
     for r in range(bq):
         for j in range(bk):
             if _own_at(keep, keep_group, i0 + r, jb + j):
                 W[r, j] = W[r, j] * c
-            else:
+            elif weights:  # r_ij c_ij: a NaN row's weight stays NaN on every key it sees
                 W[r, j] = W[r, j] * zero
-                if part.shape[0] > 0:
-                    part[r, j] = False
+                part[r, j] = False
+            else:  # b_ij: a dropped pair reads neither v_j nor u_i, so a NaN or inf there cannot reach it
+                W[r, j] = zero
 
 
 @template(fastmath=_FM, **INNER)
@@ -975,9 +988,12 @@ def _p_ds_tile(S, Bt, bq, bk, saved, i0, part, keep_part):
     ``r_ij = exp(s_ij - L_i)`` (the saved log-partition, G1), ``Delta_i =
     sum_j r_ij b_ij = <u_i, a_i>``.  Rows by their ``L``: NaN -> NaN on
     the keys that take part (as the reference), 0 elsewhere; ``-inf`` (empty) -> 0; ``+inf``
-    (certain) -> ``1/c_i`` on the ``c_i`` keys with score ``+inf``.  A key
-    that does not take part (score ``-inf``) gets ``r = 0`` and
-    ``dLoss/ds = 0`` by selection, whatever its ``b``.
+    (certain) -> ``r = 1/c_i`` on the ``c_i`` keys with score ``+inf`` and
+    ``dLoss/ds = 0`` (the output does not move under finite changes of the
+    logits).  A non-finite ``Delta_i`` (an infinite or NaN value the output
+    reads, or a non-finite ``u_i``) makes ``dLoss/ds`` NaN on the keys that
+    take part.  A key that does not take part (score ``-inf``) gets ``r = 0``
+    and ``dLoss/ds = 0`` by selection, whatever its ``b``.
     """
     ninf = -np.inf
     for r in range(bq):
@@ -987,6 +1003,7 @@ def _p_ds_tile(S, Bt, bq, bk, saved, i0, part, keep_part):
             for j in range(bk):
                 part[r, j] = srow[j] != ninf
         L = saved.lse[i0 + r]
+        spoilt = not np.isfinite(saved.delta[i0 + r])
         if L != L:  # NaN on the keys the row sees only: keys outside its mask stay unaffected
             for j in range(bk):
                 nan_or_zero = np.nan if srow[j] != ninf else 0.0
@@ -998,14 +1015,15 @@ def _p_ds_tile(S, Bt, bq, bk, saved, i0, part, keep_part):
                 brow[j] = 0.0
         elif L == np.inf:
             w = 1.0 / saved.cnt[i0 + r]
-            dl = saved.delta[i0 + r]
             for j in range(bk):
-                if srow[j] == np.inf:
-                    srow[j] = w
-                    brow[j] = w * (brow[j] - dl)
-                else:
-                    srow[j] = 0.0
-                    brow[j] = 0.0
+                brow[j] = np.nan if (spoilt and srow[j] != ninf) else 0.0
+                srow[j] = w if srow[j] == np.inf else 0.0
+        elif spoilt:
+            Lt = like(L, srow[0])
+            for j in range(bk):
+                s = srow[j]
+                srow[j] = fexp(s - Lt)
+                brow[j] = np.nan if s != ninf else 0.0
         else:
             Lt = like(L, srow[0])
             dt = like(saved.delta[i0 + r], srow[0])
@@ -1137,7 +1155,7 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
             else:
                 _finite_copy(u[i0:i1], uflag, ufin)
                 gemm(_NOTRANS, _TRANS, Dv, bk, bq, 1.0, ufin, 0, Dv, S, 0, bk, 0.0, tv, 0, Dv)
-                _add_nonfinite_transposed(S, bq, bk, partv, u[i0:i1], uflag, tv)
+                _add_nonfinite_transposed(S, bq, bk, partv, u[i0:i1], uflag, tv, True)
             for j in range(bk):
                 for c in range(Dv):
                     acc_v[j, c] += np.float64(tv[j, c])
@@ -1147,7 +1165,7 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
             else:
                 _finite_copy(q[i0:i1], qflag, qfin)
                 gemm(_NOTRANS, _TRANS, D, bk, bq, 1.0, qfin, 0, D, Bt, 0, bk, 0.0, tk, 0, D)
-                _add_nonfinite_transposed(Bt, bq, bk, part, q[i0:i1], qflag, tk)
+                _add_nonfinite_transposed(Bt, bq, bk, part, q[i0:i1], qflag, tk, False)
             for j in range(bk):
                 for c in range(D):
                     acc_k[j, c] += np.float64(tk[j, c])

@@ -67,6 +67,7 @@ __all__ = [
     "merge_sink",
     "logit",
     "sink_responsibility",
+    "sink_routing",
 ]
 
 #: energy codes (``Problem.energy``): one spelling for every path
@@ -423,3 +424,15 @@ def sink_responsibility(sink, L, cnt):
     with np.errstate(invalid="ignore", over="ignore"):
         certain = np.where(np.isposinf(sink), 1.0 / np.where(cnt > 0, cnt, 1.0), 0.0)
         return np.where(np.isneginf(sink), 0.0, np.where(np.isposinf(L), certain, np.exp(sink - L)))
+
+
+def sink_routing(sink, L, cnt, delta):
+    """V5: ``Delta_i r_sink,i`` (``= sum_j dS_ij = -dLoss/dsink_i``) per row, with the backward's edge-case policy.
+
+    0 where the sink takes no part (``-inf``) or the row is certain (``L =
+    +inf``: the output does not move under finite changes of the logits);
+    NaN where the sink takes part and ``Delta_i = <u_i, a_i>`` is not finite.
+    """
+    with np.errstate(invalid="ignore"):
+        routed = np.where(np.isposinf(L), 0.0, sink_responsibility(sink, L, cnt) * delta)
+        return np.where(np.isneginf(sink), 0.0, np.where(np.isfinite(delta), routed, np.nan))

@@ -86,7 +86,7 @@ from ._problem import (
     own_data,
     problem_type,
     segment_args,
-    sink_responsibility,
+    sink_routing,
     slopes_per_row,
 )
 from ._scalar import sign_mean, signed_gaussian_mean, softplus_scalar
@@ -701,9 +701,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     if inp.sinks is not None:
         _run_stages(_kernel("backward", features_of(pm[0])), (0,), *pm, blocks, bk, saved, _k.Grads(dq, dk, dv, dz))  # the certain-key counts
         sink = np.tile(pm[0].sinks, (1, n // groups.g))  # row i of element b: sinks[b, i % g]
-        r_sink = sink_responsibility(sink, L64, saved.cnt)
-        with np.errstate(invalid="ignore"):
-            rowsum[...] = r_sink * delta  # sum_j dS_ij = Delta_i r_sink,i: dLoss/dsink_i = -that
+        rowsum[...] = sink_routing(sink, L64, saved.cnt, delta)  # sum_j dS_ij = Delta_i r_sink,i: dLoss/dsink_i = -that
         per_head = groups.unstack(-rowsum.reshape(batch + (n,)))
         dsinks[...] = _sum_to_shape(per_head.sum(axis=-1), inp.sinks_shape)
     _run_stages(_kernel("backward", features_of(pm[0])), (0, 1, 2) if inp.sinks is None else (1, 2), *pm, blocks, bk, saved,

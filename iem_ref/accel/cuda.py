@@ -72,7 +72,7 @@ from ._problem import (
     key_ranges,
     own_data,
     segment_args,
-    sink_responsibility,
+    sink_routing,
     slopes_per_row,
 )
 
@@ -588,8 +588,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     if inp.sinks is not None:  # V5: r_sink,i and sum_j dS_ij = Delta_i r_sink,i = -dLoss/dsink_i, per row on the host
         L64, cnt, delta = (np.asarray(X.copy_to_host(), np.float64) for X in (LSE, CNT, DEL))
         sink = np.broadcast_to(np.asarray(inp.sinks, np.float64).reshape(-1, 1), (bf, n))
-        with np.errstate(invalid="ignore"):
-            rowsum = sink_responsibility(sink, L64, cnt) * delta
+        rowsum = sink_routing(sink, L64, cnt, delta)
         if bf * n > 0:
             RSUM = cuda.to_device(np.ascontiguousarray(rowsum, dtype=dtype))
         dsinks = _sum_to_shape((-rowsum).reshape(batch + (n,)).sum(axis=-1), inp.sinks_shape).astype(dtype)
