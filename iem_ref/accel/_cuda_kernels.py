@@ -333,9 +333,11 @@ def _build(dtype_name, energy):
 
         ``S[r, k] == SENT`` marks a pair that does not take part: skipped, so
         its value (possibly NaN or inf) is never used.  ``limit`` (the
-        forward's values): a weight that is 0 in floating point (underflow,
-        or a finite key beside certain ones) stands for a positive one, so
-        an infinite value is added as itself, never as ``0 * inf``.
+        forward's values, the backward's ``dv``): a weight that is 0 in
+        floating point (underflow, or a finite key beside certain ones)
+        stands for a positive one, so an infinite value is added as itself,
+        never as ``0 * inf``.  Otherwise (``dX`` times ``k`` or ``q``) a zero
+        weight reads nothing: the backward's edge-case policy.
         """
         tid = ty * TX + tx
         for k0 in range(0, BC, KC):
@@ -351,14 +353,14 @@ def _build(dtype_name, energy):
                 for a in range(RS):
                     if S[US(ty * RS + a), US(k0 + kk)] != SENT:
                         w = W[US(ty * RS + a), US(k0 + kk)]
-                        if limit and w == ZERO:
+                        if w != ZERO:
+                            for o in range(OC):
+                                acc[a, o] += w * Xs[US(kk), US(tx + TX * o)]
+                        elif limit:
                             for o in range(OC):
                                 x = Xs[US(kk), US(tx + TX * o)]
                                 if x - x != ZERO:  # inf (or NaN): the limit of a positive weight
                                     acc[a, o] += x
-                        else:
-                            for o in range(OC):
-                                acc[a, o] += w * Xs[US(kk), US(tx + TX * o)]
             cuda.syncthreads()  # done with the chunk
 
     @cuda.jit(device=True, inline=True)
@@ -602,6 +604,27 @@ def _build(dtype_name, energy):
             return ONE / cnt if x == INF else ZERO
         return math.exp(x - lse)
 
+    @cuda.jit(device=True, inline=True)
+    def _dropped_or(bij, cij):
+        """V8: ``b_ij = c_ij <u_i, v_j>``, 0 by selection for a dropped pair (its ``v_j`` and ``u_i`` are not read)."""
+        return ZERO if cij == ZERO else bij * cij
+
+    @cuda.jit(device=True, inline=True)
+    def _routing(w, bij, dl, lse):
+        """``dLoss/dz_ij = r_ij (b_ij - Delta_i)`` with the backward's edge-case policy.
+
+        0 for a pair that takes no part (``SENT``) and in a certain row (``L =
+        +inf``: the output does not move under finite changes of the logits);
+        NaN for a NaN weight and where ``Delta_i = <u_i, a_i>`` is not finite.
+        """
+        if w == SENT:
+            return ZERO
+        if w != w or dl - dl != ZERO:
+            return NAN
+        if lse == INF:
+            return ZERO
+        return w * (bij - dl)
+
     @tiled
     def dq(prob, nqb, LSE, CNT, DEL, RSUM, DQ, DZ):
         """G4, dq_i = scale * sum_j dX_ij k_j with dX_ij = dZ_ij = r_ij (<u_i, v_j> - delta_i); block per 32 queries.
@@ -664,8 +687,8 @@ def _build(dtype_name, energy):
                         w = _weight(x, lse, cnt)
                         bij = bacc[a, c]
                         if take and prob.has_keep:
-                            bij = bij * _dropout_factor(prob, bq, i, j)  # V8: b_ij = c_ij <u_i, v_j>
-                        dz = ZERO if w == SENT else w * (bij - dl)
+                            bij = _dropped_or(bij, _dropout_factor(prob, bq, i, j))  # V8: b_ij = c_ij <u_i, v_j>
+                        dz = _routing(w, bij, dl, lse)
                         if DZ_IN_DQ and take and prob.has_bias and p == 0:
                             DZ[bq, i, j] = dz
                         S[US(ty * RS + a), US(tx + TX * c)] = w
@@ -766,7 +789,7 @@ def _build(dtype_name, energy):
                             w = SENT  # a dropped pair's upstream gradient is never read
                         S[US(ty * RS + a), US(tx + TX * c)] = w
                         if is_dk:
-                            dz = ZERO if w == SENT else w * (bacc[a, c] * cij - dl)
+                            dz = _routing(w, _dropped_or(bacc[a, c], cij), dl, lse)
                             if not DZ_IN_DQ and take and prob.has_bias and p == 0:
                                 DZ[bq, i, j] = dz
                             Wt[US(ty * RS + a), US(tx + TX * c)] = dz * factor
@@ -782,7 +805,7 @@ def _build(dtype_name, energy):
                 if is_dk:
                     _tile_accum(Wt, S, prob.q, b, g, c0, nr, p0, d, Xs, oacc, tx, ty, False)
                 else:
-                    _tile_accum(Wt, S, prob.u, b, g, c0, nr, p0, dv, Xs, oacc, tx, ty, False)
+                    _tile_accum(Wt, S, prob.u, b, g, c0, nr, p0, dv, Xs, oacc, tx, ty, True)
             cuda.syncthreads()  # rs_s final
             for a in range(RS):
                 r = ty * RS + a
