@@ -972,7 +972,7 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
 def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, energy="dot", mask=None, is_causal=False,
                          causal_alignment="top_left", bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False,
                          sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, dropout_p=0.0, dropout_mask=None, forward=None):
-    """The reference's ``(dq, dk, dv[, dbias][, dsinks])`` and the bounds of ``path`` against them (section 10), finite inputs.
+    """The reference's ``(dq, dk, dv[, dbias][, dsinks])`` and the bounds of ``path`` against them (section 10), at the finite entries.
 
     ``forward``: the path's :class:`ForwardBounds` for the same call (computed if None).  With the
     logits' variants (V1-V3) the path's side runs on ``dZ`` (``dX`` after a soft-cap) and the
@@ -1008,8 +1008,12 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
     q64, k64, v64 = (np.asarray(z, np.float64) for z in (inp.q, inp.k, inp.v))
     g64 = np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (inp.n, inp.dv))
     out = attention(q64, k64, v64, return_lse=True, return_responsibilities=True, sinks=inp.sinks, **kw)
-    a64, L64, r = out[:3]
-    r = np.asarray(r, np.float64)
+    # Special values: every intermediate is taken as 0 where it is not finite.  Under the backward's
+    # edge-case policy (README) such a term is either never read (a masked, excluded or dropped pair, a
+    # zero routing weight) or makes the gradient entry itself non-finite, where the pattern is compared
+    # and no bound applies; the finite entries are sums of finite terms only.
+    q64, k64, v64, g64 = (_finite(z) for z in (q64, k64, v64, g64))
+    a64, L64, r = (_finite(np.asarray(z, np.float64)) for z in out[:3])
     T = lambda z: np.swapaxes(z, -1, -2)  # noqa: E731
     b = g64 @ T(v64) if drop is None else drop * (g64 @ T(v64))
     delta = (g64 * a64).sum(-1)
@@ -1022,7 +1026,7 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
         z=x if comp is None or comp.x is None else -comp.e[..., : inp.m], softcap=inp.softcap, drop=drop,
         absg=np.abs(_finite(g64)), absv=np.abs(_finite(v64)), absq=np.abs(_finite(q64)), absk=np.abs(_finite(k64)),
         N=inp.n * inp.group, M=inp.m, Dv=inp.dv, sqeuclidean=energy == "sqeuclidean", absA=np.abs(A), absC=np.abs(C),
-        absdq=np.abs(np.asarray(refs[0], np.float64)), absdk=np.abs(dk_heads), absdv=np.abs(T(r if drop is None else r * drop) @ g64),
+        absdq=np.abs(_finite(np.asarray(refs[0], np.float64))), absdk=np.abs(dk_heads), absdv=np.abs(T(r if drop is None else r * drop) @ g64),
         rsink=None if inp.sinks is None else np.asarray(out[3], np.float64),
         sink=None if inp.sinks is None else inp.sinks[..., None], absAq=np.abs(dX @ k64),
     )

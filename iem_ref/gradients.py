@@ -174,6 +174,10 @@ def attention_vjp(
     moves = part & (dX != 0.0)
     dq = sc * weighted_sum(dX, kk, moves)  # sum_j dX_ij k_j
     dk = sc * weighted_sum(np.swapaxes(dX, -1, -2), qq, np.swapaxes(moves, -1, -2))  # sum_i dX_ij q_i
+    if energy == "sqeuclidean":
+        dk = dk - sc * np.where(np.isfinite(kk), kk, 0.0) * dX.sum(axis=-2)[..., :, None]
+        if inp.softcap is not None or inp.sinks is not None:
+            dq = dq - sc * np.where(np.isfinite(qq), qq, 0.0) * dX.sum(axis=-1)[..., :, None]
     dtype = result_dtype(inp.q, inp.k, inp.v, u_in)
     if inp.group > 1:  # V6: each key head's gradient is the sum over its group of query heads
         dk, dv = (_sum_groups(x, inp.group) for x in (dk, dv))
