@@ -890,6 +890,12 @@ def _with_sink_column(inp, x, S, take, v):
 
 
 # --- 10: backward ------------------------------------------------------------------------
+def _weighted(r, err):
+    """``r * err`` where ``r > 0``, else 0: a pair of zero weight adds no error, even where ``err`` overflowed to inf."""
+    with np.errstate(invalid="ignore"):
+        return np.where(r > 0, r * err, 0.0)
+
+
 def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
     """One side's bound on ``(dq, dk, dv)`` against the exact gradient (section 10).
 
@@ -924,10 +930,10 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
         rv = r * c["drop"]
     if side.kind == "reference":  # Delta = sum_j r_j b_j: its products and M-term sum
         absb = np.abs(b)
-        ddelta = (r * (phi * absb + db)).sum(-1) + gamma(M, U64) * (r * absb).sum(-1)
+        ddelta = _weighted(r, phi * absb + db).sum(-1) + gamma(M, U64) * (r * absb).sum(-1)
     else:  # Delta = <u, a> from the saved output
         ddelta = (absg * (a_err + gamma(Dv, u) * np.abs(c["a"]))).sum(-1)
-    ddS = r * (phi * np.abs(b - delta[..., None]) + db + ddelta[..., None]) + 2 * u * np.abs(dS)
+    ddS = _weighted(r, phi * np.abs(b - delta[..., None]) + db + ddelta[..., None]) + 2 * u * np.abs(dS)
     ddZ = ddS  # V1: dbias's terms
     if c["softcap"] is not None:  # V3: dX = dZ (1 - (s/c)^2), as section 12 (the factor from the path's x, then one product)
         eta = sig_path if side.kind != "reference" else sig_ref
@@ -1015,11 +1021,12 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
     q64, k64, v64, g64 = (_finite(z) for z in (q64, k64, v64, g64))
     a64, L64, r = (_finite(np.asarray(z, np.float64)) for z in out[:3])
     T = lambda z: np.swapaxes(z, -1, -2)  # noqa: E731
-    b = g64 @ T(v64) if drop is None else drop * (g64 @ T(v64))
-    delta = (g64 * a64).sum(-1)
-    dS = r * (b - delta[..., None])  # dZ with V1-V3
-    dX = dS if inp.softcap is None else dS * (1.0 - (_finite(comp.s) / inp.softcap) ** 2)  # V3
-    A, C = T(dX) @ q64, dX.sum(-2)  # sum_i dX_ij q_i and sum_i dX_ij
+    with np.errstate(over="ignore", invalid="ignore"):  # products of huge finite entries may overflow: also taken as 0
+        b = _finite(g64 @ T(v64) if drop is None else drop * (g64 @ T(v64)))
+        delta = _finite((g64 * a64).sum(-1))
+        dS = _finite(r * (b - delta[..., None]))  # dZ with V1-V3
+        dX = dS if inp.softcap is None else dS * (1.0 - (_finite(comp.s) / inp.softcap) ** 2)  # V3
+        A, C = _finite(T(dX) @ q64), _finite(dX.sum(-2))  # sum_i dX_ij q_i and sum_i dX_ij
     dk_heads = sc * (A - _finite(k64) * C[..., None]) if energy == "sqeuclidean" else sc * A
     ctx = dict(
         u=u, x=x, S=S, scale=sc, D=inp.q.shape[-1], L=L64, a=a64, r=r, b=b, delta=delta, dS=dS, dX=dX, comp=comp,
