@@ -195,7 +195,9 @@ def attention_vjp(
 
 
 def _sum_groups(x, group):
-    """``(B..., Hkv * g, M, .) -> (B..., Hkv, M, .)``, summing each group of ``g`` heads."""
+    """``(B..., Hkv * g, M, .) -> (B..., Hkv, M, .)``, summing each group of ``g`` heads (itself when ``g = 1``, any rank)."""
+    if group == 1:
+        return x
     shape = x.shape[:-3] + (x.shape[-3] // group, group) + x.shape[-2:]
     return x.reshape(shape).sum(axis=-3)
 
