@@ -1114,8 +1114,10 @@ def variant_vjp_error(q, k, v, grad_out, *, scale=None, energy="dot", **options)
     """Section 12: bounds on ``(dq, dk, dv[, dbias][, dsinks])`` of a float64 implementation of G4/G6.
 
     ``options``: the keywords of :func:`iem_ref.attention_vjp` (masks,
-    causality and the variants).  Finite inputs; the shapes of the gradients
-    :func:`iem_ref.attention_vjp` returns.
+    causality and the variants); the shapes of the gradients
+    :func:`iem_ref.attention_vjp` returns.  Special values: every
+    intermediate is taken as 0 where it is not finite, as in
+    :func:`attention_vjp_bounds` (the bound holds at the finite entries).
     """
     from .attention import Competition, prepare_attention
     from .competition import responsibilities
@@ -1127,9 +1129,10 @@ def variant_vjp_error(q, k, v, grad_out, *, scale=None, energy="dot", **options)
     M, N, D, Dv, g = inp.m, inp.n, inp.q.shape[-1], inp.dv, inp.group
     T = lambda z: np.swapaxes(z, -1, -2)  # noqa: E731
     part = ~np.isposinf(comp.e) if comp.take is None else comp.take & ~np.isposinf(comp.e)
-    P = np.where(part, responsibilities(comp.e, comp.tau, mask=comp.take), 0.0)
+    with np.errstate(invalid="ignore"):
+        P = _finite(np.where(part, responsibilities(comp.e, comp.tau, mask=comp.take), 0.0))
     q64, k64, v64 = (np.abs(_finite(x.astype(np.float64))) for x in (inp.q, inp.k, inp.v))
-    uu = np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (N, Dv))
+    uu = _finite(np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (N, Dv)))
     absu = np.abs(uu)
     S = score_sizes(inp.q, inp.k, energy, expanded=False)
     eta = logit_error(comp, inp.scale * gamma(D + 2, u) * S, u)
@@ -1137,16 +1140,17 @@ def variant_vjp_error(q, k, v, grad_out, *, scale=None, energy="dot", **options)
         eta = eta + u * np.abs(_finite(comp.d * inp.scale))  # the division by tau inside the exponent
     if inp.sinks is not None:
         eta = np.concatenate([eta, np.zeros(eta.shape[:-1] + (1,))], axis=-1)
-    eta = np.where(P > 0, eta, 0.0)
+    eta = np.where(P > 0, _finite(eta), 0.0)
     phi = np.where(P > 0, eta + (P * eta).sum(-1, keepdims=True) + 6 * u, 0.0)
     Pk, phik, partk = P[..., :M], phi[..., :M], part[..., :M]
     c = np.ones(partk.shape) if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)
-    b = np.where(partk, c * (uu @ T(inp.v.astype(np.float64))), 0.0)
-    db = gamma(Dv + 1, u) * c * (absu @ T(v64))
-    delta = (Pk * b).sum(-1, keepdims=True)
-    ddelta = (Pk * (phik * np.abs(b) + db)).sum(-1, keepdims=True) + gamma(M, u) * (Pk * np.abs(b)).sum(-1, keepdims=True)
-    dZ = Pk * (b - delta)
-    ddZ = Pk * (phik * np.abs(b - delta) + db + ddelta) + 2 * u * np.abs(dZ)
+    with np.errstate(over="ignore", invalid="ignore"):
+        b = _finite(np.where(partk, c * (uu @ T(_finite(inp.v.astype(np.float64)))), 0.0))
+        db = _finite(gamma(Dv + 1, u) * c * (absu @ T(v64)))
+        delta = _finite((Pk * b).sum(-1, keepdims=True))
+        ddelta = _weighted(Pk, phik * np.abs(b) + db).sum(-1, keepdims=True) + gamma(M, u) * (Pk * np.abs(b)).sum(-1, keepdims=True)
+        dZ = _finite(Pk * (b - delta))
+        ddZ = _weighted(Pk, phik * np.abs(b - delta) + db + ddelta) + 2 * u * np.abs(dZ)
     dX, ddX = dZ, ddZ
     if inp.softcap is not None:
         factor = 1.0 - (_finite(comp.s) / inp.softcap) ** 2

@@ -691,5 +691,8 @@ def assert_attention_vjp_close(
     worst = 0.0
     for name, got, exp, tol in zip(("dq", "dk", "dv"), grads, expected, tols):
         got = _check_shape(got, exp.shape, f"assert_attention_vjp_close ({name})")
+        tol = np.broadcast_to(tol, exp.shape)
+        if np.isnan(tol[np.isfinite(exp)]).any():  # a NaN tolerance would pass any value: never silently
+            raise RuntimeError(f"assert_attention_vjp_close: no tolerance derived for some finite {name} entries ({header})")
         worst = max(worst, _report_and_raise(name, got, exp, np.broadcast_to(tol, exp.shape), None, header, err_msg))
     return worst

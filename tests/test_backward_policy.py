@@ -246,3 +246,39 @@ def test_dropout_every_key_dropped_and_dropped_garbage(path):
     v_fin = v.copy()
     v_fin[1] = 0.0
     agrees(path, (dq, dk, dv), q, k, v_fin, g, dropout_p=0.25, dropout_mask=keep)
+
+
+# --- iem_ref.testing holds a kernel to the policy ---------------------------------------------------------------
+
+
+def special_cases():
+    q, k, v, g = problem()
+    q[:, 0] = [1.0, -1.0, 2.0, -0.5]
+    certain = (q, k.copy(), v, g, {})
+    certain[1][0] = [INF, 0.0, 0.0]
+    spoilt = (q, k, v.copy(), g, {})
+    spoilt[2][2, 1] = INF
+    dropped = (q, k, v.copy(), g, dict(dropout_p=0.25, dropout_mask=np.arange(20).reshape(4, 5) % 3 != 0))
+    dropped[2][0] = NAN  # dropped in rows 0 and 3 ... and read by rows 1 and 2
+    return {"certain": certain, "spoilt": spoilt, "dropped": dropped}
+
+
+@pytest.mark.parametrize("case", ["certain", "spoilt", "dropped"])
+def test_vjp_oracle_holds_kernels_to_the_policy(case):
+    from iem_ref.testing import assert_attention_vjp_close
+
+    q, k, v, g, kw = special_cases()[case]
+    with np.errstate(all="ignore"):
+        grads = [np.asarray(x) for x in iem_ref.attention_vjp(q, k, v, g, **kw)]
+    assert assert_attention_vjp_close(*grads, q, k, v, g, **kw) < 1
+    for which, name in enumerate(("dq", "dk", "dv")):  # each gradient's finite entries: the tolerance there is finite
+        finite = np.argwhere(np.isfinite(grads[which]))
+        if len(finite):
+            wrong_value = [x.copy() for x in grads]
+            wrong_value[which][tuple(finite[-1])] += 1.0
+            with pytest.raises(AssertionError, match=f"{name}: arrays are not close"):
+                assert_attention_vjp_close(*wrong_value, q, k, v, g, **kw)
+    wrong_pattern = [x.copy() for x in grads]  # NaN where the policy has a number, or a number where it has NaN
+    wrong_pattern[0][0, 0] = 0.0 if np.isnan(grads[0][0, 0]) else NAN
+    with pytest.raises(AssertionError, match="non-finite mismatch"):
+        assert_attention_vjp_close(*wrong_pattern, q, k, v, g, **kw)
