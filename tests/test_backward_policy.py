@@ -282,3 +282,66 @@ def test_vjp_oracle_holds_kernels_to_the_policy(case):
     wrong_pattern[0][0, 0] = 0.0 if np.isnan(grads[0][0, 0]) else NAN
     with pytest.raises(AssertionError, match="non-finite mismatch"):
         assert_attention_vjp_close(*wrong_pattern, q, k, v, g, **kw)
+
+
+# --- torch SDPA's backward in the same cases: the README's comparison column -----------------------------------
+
+
+def torch_vjp(q, k, v, g, **kw):
+    torch = pytest.importorskip("torch")
+    t = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+    kw = {key: torch.tensor(val) if isinstance(val, np.ndarray) else val for key, val in kw.items()}
+    torch.nn.functional.scaled_dot_product_attention(*t, **kw).backward(torch.tensor(g))
+    return [x.grad.numpy() for x in t]
+
+
+def test_torch_sdpa_backward_where_it_differs():
+    """What the README says torch SDPA (float64, CPU) does in the policy's cases, measured."""
+    q, k, v, g = problem()
+    mask = np.ones((4, 5), bool)
+    mask[1] = False
+    assert np.all(torch_vjp(q, k, v, g, attn_mask=mask)[0][1] == 0)  # empty row: zeros, as here
+    q, k, v, g = problem()
+    k[3], v[3] = NAN, NAN
+    mask = np.ones((4, 5), bool)
+    mask[:, 3] = False
+    dq, dk, dv = torch_vjp(q, k, v, g, attn_mask=mask)  # a masked key's NaN: leaks into every dq, and its own dk, dv
+    assert np.isnan(dq).any(axis=1).all() and np.isnan(dk[3]).all() and np.isnan(dv[3]).all()
+    q, k, v, g = problem()
+    q[:, 0] = [1.0, -1.0, 2.0, -0.5]
+    k[0] = [INF, 0.0, 0.0]
+    dq, dk, dv = torch_vjp(q, k, v, g)  # a certain key: NaN in every dk and dv (here: dq = 0 on its rows, dv_0 = u_0 + u_2)
+    assert np.isnan(dk).all() and np.isnan(dv).all() and np.isnan(dq[[0, 2]]).all()
+    q, k, v, g = problem()
+    bias = np.zeros((4, 5))
+    bias[2, 3] = INF
+    dq, dk, dv = torch_vjp(q, k, v, g, attn_mask=bias)  # a +inf bias: NaN in its row's dq and every dk, dv
+    assert np.isnan(dq[2]).all() and np.isfinite(dq[[0, 1, 3]]).all() and np.isnan(dk).all() and np.isnan(dv).all()
+    q, k, v, g = problem()
+    q[1, 2] = NAN
+    mask = np.ones((4, 5), bool)
+    mask[1, 3:] = False
+    dq, dk, dv = torch_vjp(q, k, v, g, attn_mask=mask)  # a NaN query: NaN also in the keys its row does not see
+    assert np.isnan(dk[3:]).all() and np.isnan(dv[3:]).all() and np.isfinite(dq[[0, 2, 3]]).all()
+    q, k, v, g = problem()
+    v[2, 1] = INF
+    dq, dk, dv = torch_vjp(q, k, v, g)  # an infinite value: NaN dq, dk, finite dv, as here
+    assert np.isnan(dq).all() and np.isnan(dk).all() and np.isfinite(dv).all()
+    q, k, v, g = problem()
+    dq, dk, _ = torch_vjp(q, k, v, g, scale=0.0)
+    assert np.all(dq == 0) and np.all(dk == 0)
+
+
+def test_flash_attention_2_arithmetic_where_it_differs():
+    """FlashAttention-2's backward arithmetic (``tests/flash_kernels.py``, step for step) in two of the policy's cases."""
+    from tests.flash_kernels import FlashKernel
+
+    q, k, v, g = problem(n=6, m=4)
+    dq, _, _ = FlashKernel(q, k, v, is_causal=True, causal_alignment="bottom_right").backward(g)
+    assert np.all(dq[:2] == 0)  # rows that see no key (bottom-right causal, N > M): zeros, as here
+    q, k, v, g = problem(n=5, m=5)
+    v[4, 0] = NAN  # seen by row 4 only (causal): dP = dO V^T is NaN in column 4 for every row, and P = 0 does not select
+    with np.errstate(invalid="ignore"):
+        dq, _, _ = FlashKernel(q, k, v, is_causal=True).backward(g)
+        dq_here = iem_ref.attention_vjp(q, k, v, g, is_causal=True)[0]
+    assert np.isnan(dq).all() and np.isfinite(dq_here[:4]).all() and np.isnan(dq_here[4]).all()
