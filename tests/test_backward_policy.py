@@ -288,7 +288,7 @@ def test_vjp_oracle_holds_kernels_to_the_policy(case):
 
 
 def torch_vjp(q, k, v, g, **kw):
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="optional peer torch is not installed")
     t = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
     kw = {key: torch.tensor(val) if isinstance(val, np.ndarray) else val for key, val in kw.items()}
     torch.nn.functional.scaled_dot_product_attention(*t, **kw).backward(torch.tensor(g))
