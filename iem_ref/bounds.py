@@ -923,17 +923,22 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
     absg, absv, absq, absk = c["absg"], c["absv"], c["absq"], c["absk"]
     M, N, Dv, sc = c["M"], c["N"], c["Dv"], c["scale"]
     phi = np.where(r > 0, phi, 0.0)
-    db = gamma(Dv, u) * (absg @ T(absv))
+    B = absg @ T(absv)  # sum_c |u_c v_jc|
     rv = r  # the weights of dv
     if c["drop"] is not None:  # V8: b = c <u, v> and dv = sum_i r c u: the factor's rounding and the product's
-        db = c["drop"] * db + 2 * u * np.abs(b)
+        B = c["drop"] * B
         rv = r * c["drop"]
-    if side.kind == "reference":  # Delta = sum_j r_j b_j: its products and M-term sum
-        absb = np.abs(b)
-        ddelta = _weighted(r, phi * absb + db).sum(-1) + gamma(M, U64) * (r * absb).sum(-1)
+    db = gamma(Dv, u) * B + (0.0 if c["drop"] is None else 2 * u * np.abs(b))
+    if side.kind == "reference":  # Delta = <u, a>, a = sum_j r_j c_j v_j: the weights' errors, the M- and Dv-term sums
+        ddelta = _weighted(r, (phi + gamma(M, U64) + gamma(Dv, U64)) * B).sum(-1)
     else:  # Delta = <u, a> from the saved output
         ddelta = (absg * (a_err + gamma(Dv, u) * np.abs(c["a"]))).sum(-1)
     ddS = _weighted(r, phi * np.abs(b - delta[..., None]) + db + ddelta[..., None]) + 2 * u * np.abs(dS)
+    # A row whose weights the first-order terms do not bound (a score error above 1/2 at a key it weighs: huge
+    # entries, or the expanded squared distance's cancellation in float32): each weight it takes part with is
+    # only known to lie in [0, 1], so |dS_path - dS| <= |b| + db + |Delta| + ddelta + |dS| and |r_path - r| <= 1.
+    loose = (phi.max(axis=-1, keepdims=True, initial=0.0) > 0.5) & c["part"]
+    ddS = np.where(loose, np.abs(b) + db + np.abs(delta)[..., None] + ddelta[..., None] + np.abs(dS), ddS)
     ddZ = ddS  # V1: dbias's terms
     if c["softcap"] is not None:  # V3: dX = dZ (1 - (s/c)^2), as section 12 (the factor from the path's x, then one product)
         eta = sig_path if side.kind != "reference" else sig_ref
@@ -971,7 +976,9 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
               + (us + store) * c["absdk"])
     else:
         bk = bk + (u_scale + us + store) * c["absdk"]
-    bv = T(rv * (phi + Gq + (0.0 if c["drop"] is None else 2 * u))) @ absg + store * c["absdv"]
+    wv = rv * (phi + Gq + (0.0 if c["drop"] is None else 2 * u))
+    wv = np.where(loose, (1.0 if c["drop"] is None else c["drop"]) * (1.0 + Gq + 2 * u), wv)
+    bv = T(wv) @ absg + store * c["absdv"]
     return bq, bk, bv, dsink, ddZ
 
 
@@ -1035,6 +1042,7 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
         N=inp.n * inp.group, M=inp.m, Dv=inp.dv, sqeuclidean=energy == "sqeuclidean", absA=np.abs(A), absC=np.abs(C),
         absdq=np.abs(_finite(np.asarray(refs[0], np.float64))), absdk=np.abs(dk_heads), absdv=np.abs(T(r if drop is None else r * drop) @ g64),
         rsink=None if inp.sinks is None else np.asarray(out[3], np.float64),
+        part=np.broadcast_to(True if take is None else take, x.shape) & ~np.isneginf(x),  # a superset of the pairs that take part
         sink=None if inp.sinks is None else inp.sinks[..., None], absAq=np.abs(dX @ k64),
     )
     mine = _side_vjp(path, u, dtype, ctx, forward.L_path, forward.a_path)
@@ -1148,7 +1156,8 @@ def variant_vjp_error(q, k, v, grad_out, *, scale=None, energy="dot", **options)
         b = _finite(np.where(partk, c * (uu @ T(_finite(inp.v.astype(np.float64)))), 0.0))
         db = _finite(gamma(Dv + 1, u) * c * (absu @ T(v64)))
         delta = _finite((Pk * b).sum(-1, keepdims=True))
-        ddelta = _weighted(Pk, phik * np.abs(b) + db).sum(-1, keepdims=True) + gamma(M, u) * (Pk * np.abs(b)).sum(-1, keepdims=True)
+        # Delta = <u, a>, a = sum_j P_j c_j v_j: the weights' errors and the M- and Dv-term sums, over sum_c |u_c c v_jc|
+        ddelta = _weighted(Pk, (phik + gamma(M, u) + gamma(Dv, u)) * _finite(c * (absu @ T(v64)))).sum(-1, keepdims=True)
         dZ = _finite(Pk * (b - delta))
         ddZ = _weighted(Pk, phik * np.abs(b - delta) + db + ddelta) + 2 * u * np.abs(dZ)
     dX, ddX = dZ, ddZ

@@ -156,17 +156,18 @@ def attention_vjp(
     certain = np.any(participates & np.isneginf(comp.e), axis=-1, keepdims=True)  # a key (or the sink) of score +inf
     c = None if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)  # V8
     read = part if c is None else part & inp.keep  # a dropped pair reads neither v_j nor u_i
-    with np.errstate(invalid="ignore"):
+    W = Pk if c is None else Pk * c  # the weights of the values
+    with np.errstate(invalid="ignore", over="ignore"):
         b = np.where(read, u @ np.swapaxes(comp.v[..., :M, :], -1, -2), 0.0)  # <u_i, v_j>, participating j only
         if c is not None:
             b = np.where(read, b * c, 0.0)
-        delta = (Pk * b).sum(axis=-1, keepdims=True)  # Delta_i = <u_i, a_i>
-        dZ = np.where(part, Pk * (b - delta), 0.0)  # dLoss/dz_ij
+        a = weighted_sum(W, comp.v[..., :M, :], read, limit=True)  # A4, as the forward
+        delta = (u * a).sum(axis=-1, keepdims=True)  # Delta_i = <u_i, a_i> (= sum_j P_ij b_ij), as every path forms it
+        dZ = np.where(part & (Pk != 0.0), Pk * (b - delta), 0.0)  # dLoss/dz_ij; a zero weight routes nothing
         dZ = np.where(certain, 0.0, dZ)  # a certain row's output stays put under every finite change of its logits
         spoilt = ~np.isfinite(delta)  # a non-finite <u_i, a_i>: its derivatives with respect to the logits are undefined
         dZ = np.where(spoilt & part, np.nan, dZ)
         dX = dZ if inp.softcap is None else dZ * (1.0 - (comp.s / inp.softcap) ** 2)  # V3
-    W = Pk if c is None else Pk * c
     # dv reads u_i as the forward reads v_j: an infinite u_i reaches dv_j as itself, whatever P_ij rounds to
     dv = weighted_sum(np.swapaxes(W, -1, -2), u, np.swapaxes(read, -1, -2), limit=True)
     sc = inp.scale

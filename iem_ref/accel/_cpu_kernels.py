@@ -992,8 +992,9 @@ def _p_ds_tile(S, Bt, bq, bk, saved, i0, part, keep_part):
     ``dLoss/ds = 0`` (the output does not move under finite changes of the
     logits).  A non-finite ``Delta_i`` (an infinite or NaN value the output
     reads, or a non-finite ``u_i``) makes ``dLoss/ds`` NaN on the keys that
-    take part.  A key that does not take part (score ``-inf``) gets ``r = 0``
-    and ``dLoss/ds = 0`` by selection, whatever its ``b``.
+    take part.  A key that does not take part (score ``-inf``), or whose
+    weight is 0, gets ``dLoss/ds = 0`` by selection, whatever its ``b`` (an
+    overflowed ``<u_i, v_j>`` of finite entries included).
     """
     ninf = -np.inf
     for r in range(bq):
@@ -1032,7 +1033,7 @@ def _p_ds_tile(S, Bt, bq, bk, saved, i0, part, keep_part):
                 s = srow[j]
                 p = fexp(s - Lt)  # exp(-inf) = 0 for keys that do not take part; clamped if a saved L is off
                 srow[j] = p
-                brow[j] = p * (brow[j] - dt) if s != ninf else zero
+                brow[j] = p * (brow[j] - dt) if p != zero else zero  # a zero weight routes nothing, whatever b holds
 
 
 @njit(**INNER)

@@ -613,15 +613,16 @@ def _build(dtype_name, energy):
     def _routing(w, bij, dl, lse):
         """``dLoss/dz_ij = r_ij (b_ij - Delta_i)`` with the backward's edge-case policy.
 
-        0 for a pair that takes no part (``SENT``) and in a certain row (``L =
-        +inf``: the output does not move under finite changes of the logits);
+        0 for a pair that takes no part (``SENT``) or has weight 0, and in a
+        certain row (``L = +inf``: the output does not move under finite
+        changes of the logits);
         NaN for a NaN weight and where ``Delta_i = <u_i, a_i>`` is not finite.
         """
         if w == SENT:
             return ZERO
         if w != w or dl - dl != ZERO:
             return NAN
-        if lse == INF:
+        if lse == INF or w == ZERO:  # a zero weight routes nothing, whatever b holds (an overflowed <u_i, v_j>)
             return ZERO
         return w * (bij - dl)
 
