@@ -187,10 +187,17 @@ Each side (the path and the reference) against the exact gradient, summed
 * ``Delta_i = <u_i, a_i>``: ``sum_c |u_ic| (da_ic + gamma_Dv |a_ic|)`` with
   ``da`` the path's forward bound on ``a`` (the CPU forms it in float64 and
   rounds it to the dtype: ``gamma_Dv(u64) + u <= gamma_Dv(u)``); the reference
-  forms ``sum_j r_ij b_ij``: ``sum_j r_ij (phi_ij |b_ij| + db_ij) +
-  gamma_M(u64) sum_j r_ij |b_ij|``.
+  forms it the same way from its own ``a = sum_j r_ij v_j``: ``sum_j r_ij
+  (phi_ij + gamma_M + gamma_Dv) B_ij`` with ``B_ij = sum_c |u_ic v_jc|``
+  (``|a_c| <= sum_j r_ij |v_jc|``).
 * ``dS_ij = r_ij (b_ij - Delta_i)``: ``|ddS| <= r (phi |b - Delta| + db +
-  dDelta) + 2u |dS|`` (the subtraction and the product).
+  dDelta) + 2u |dS|`` (the subtraction and the product).  These are first
+  order in ``phi``.  A row with ``phi_ij > 1/2`` at a key it weighs (huge
+  entries, or the expanded squared distance's cancellation in float32,
+  where a score's rounding exceeds the scores' spread) is bounded without
+  them: each weight it takes part with lies in ``[0, 1]``, so ``|ddS| <= |b|
+  + db + |Delta| + dDelta + |dS|`` and ``|dr| <= 1`` for ``dv``.  Pairs of
+  weight 0 add no error.
 * ``dq_i = scale sum_j dS_ij k_j``: ``scale sum_j (ddS_ij + G |dS_ij|) |k_j|``
   with ``G`` the sum over keys (section 8), plus ``(u_scale + u_s + store)
   |dq|`` (the scale, the product in the state precision, the rounding to
@@ -261,8 +268,8 @@ With ``P`` the responsibilities (sink last), ``eta`` the logits' error
 * ``P_ij`` relative ``phi_ij = eta_ij + sum_k P_ik eta_ik + 6 u`` (section 4,
   the logits' perturbation passed through the softmax);
 * ``b_ij = c_ij <u_i, v_j>``: ``db = gamma_{Dv+1} c sum |u v|``;
-  ``Delta_i = sum_j P_ij b_ij``: ``sum_j P_ij (phi_ij |b_ij| + db_ij) +
-  gamma_M sum_j P_ij |b_ij|``;
+  ``Delta_i = <u_i, a_i>`` with ``a_i = sum_j P_ij c_ij v_j``: ``sum_j P_ij
+  (phi_ij + gamma_M + gamma_Dv) c_ij sum_c |u_ic v_jc|``;
 * ``dZ_ij = P_ij (b_ij - Delta_i)``: ``P (phi |b - Delta| + db + dDelta) +
   2 u |dZ|``; with a soft-cap ``dX = dZ (1 - (s/c)^2)``: ``+ |dZ| (2 eta / c
   + 3 u)`` (``|s/c| <= 1``, ``s`` within ``eta``);
