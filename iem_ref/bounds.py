@@ -983,6 +983,8 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
               + (us + store) * c["absdk"])
     else:
         bk = bk + (u_scale + us + store) * c["absdk"]
+    if sc == 0.0:  # every term of dq and dk carries the scale: both are exactly 0 (no 0 * inf from an unbounded term)
+        bq, bk = np.zeros_like(bq), np.zeros_like(bk)
     wv = rv * (phi + Gq + (0.0 if c["drop"] is None else 2 * u))
     wv = np.where(loose, (1.0 if c["drop"] is None else c["drop"]) * (1.0 + Gq + 2 * u), wv)
     bv = T(wv) @ absg + store * c["absdv"]
@@ -1182,6 +1184,8 @@ def variant_vjp_error(q, k, v, grad_out, *, scale=None, energy="dot", **options)
         if inp.softcap is not None or inp.sinks is not None:
             dq = dq + sc * q64 * (ddX.sum(-1) + gamma(M, u) * adX.sum(-1))[..., :, None]
     dq = dq + 2 * u * sc * (adX @ k64)
+    if sc == 0.0:  # every term of dq and dk carries the scale: both are exactly 0
+        dq, dk = np.zeros_like(dq), np.zeros_like(dk)
     if g > 1:
         dk, dv = _sum_groups(dk, g), _sum_groups(dv, g)
     out = [dq, dk, dv]
