@@ -260,16 +260,26 @@ def special_cases():
     spoilt[2][2, 1] = INF
     dropped = (q, k, v.copy(), g, dict(dropout_p=0.25, dropout_mask=np.arange(20).reshape(4, 5) % 3 != 0))
     dropped[2][0] = NAN  # dropped in rows 0 and 3 ... and read by rows 1 and 2
-    return {"certain": certain, "spoilt": spoilt, "dropped": dropped}
+    masked = (q, k.copy(), v.copy(), g, dict(mask=np.arange(20).reshape(4, 5) % 5 != 3))
+    masked[1][3], masked[2][3] = NAN, INF
+    bias = np.zeros((4, 5))
+    bias[2, 3] = INF
+    capped = (q, certain[1], v, g, dict(softcap=5.0))
+    nan_query = (q.copy(), k, v, g, {})
+    nan_query[0][1, 2] = NAN
+    return {"certain": certain, "spoilt": spoilt, "dropped": dropped, "masked": masked,
+            "certain_bias": (q, k, v, g, dict(bias=bias)), "capped": capped, "sink": (q, k, v, g, dict(sinks=np.array([INF]))),
+            "scale0_certain": (q, certain[1], v, g, dict(scale=0.0)), "nan_query": nan_query}
 
 
-@pytest.mark.parametrize("case", ["certain", "spoilt", "dropped"])
+@pytest.mark.parametrize("case", ["certain", "spoilt", "dropped", "masked", "certain_bias", "capped", "sink", "scale0_certain",
+                                  "nan_query"])
 def test_vjp_oracle_holds_kernels_to_the_policy(case):
     from iem_ref.testing import assert_attention_vjp_close
 
     q, k, v, g, kw = special_cases()[case]
     with np.errstate(all="ignore"):
-        grads = [np.asarray(x) for x in iem_ref.attention_vjp(q, k, v, g, **kw)]
+        grads = [np.asarray(x) for x in iem_ref.attention_vjp(q, k, v, g, **kw)[:3]]
     assert assert_attention_vjp_close(*grads, q, k, v, g, **kw) < 1
     for which, name in enumerate(("dq", "dk", "dv")):  # each gradient's finite entries: the tolerance there is finite
         finite = np.argwhere(np.isfinite(grads[which]))
