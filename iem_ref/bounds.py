@@ -930,6 +930,12 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
     absg, absv, absq, absk = c["absg"], c["absv"], c["absq"], c["absk"]
     M, N, Dv, sc = c["M"], c["N"], c["Dv"], c["scale"]
     phi = np.where(r > 0, phi, 0.0)
+    # A row whose weights the first-order terms do not bound (a score error above 1/2 at a key it weighs: huge
+    # entries, or the expanded squared distance's cancellation in float32): each weight it takes part with is
+    # only known to lie in [0, 1], so |dS_path - dS| <= |b| + db + |Delta| + dDelta + |dS| and |r_path - r| <= 1.
+    loose_row = phi.max(axis=-1, keepdims=True, initial=0.0) > 0.5
+    loose = loose_row & c["part"]
+    phi = np.where(loose_row, 0.0, phi)  # the first-order terms, where they hold
     B = absg @ T(absv)  # sum_c |u_c v_jc|
     rv = r  # the weights of dv
     if c["drop"] is not None:  # V8: b = c <u, v> and dv = sum_i r c u: the factor's rounding and the product's
@@ -938,13 +944,11 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
     db = gamma(Dv, u) * B + (0.0 if c["drop"] is None else 2 * u * np.abs(b))
     if side.kind == "reference":  # Delta = <u, a>, a = sum_j r_j c_j v_j: the weights' errors, the M- and Dv-term sums
         ddelta = _weighted(r, (phi + gamma(M, U64) + gamma(Dv, U64)) * B).sum(-1)
+        # a loose row: both weight vectors sum to at most 1, so |da_c| <= 2 max_j |c_j v_jc|
+        ddelta = ddelta + np.where(loose_row[..., 0], 2 * np.where(c["part"], B, 0.0).max(axis=-1, initial=0.0), 0.0)
     else:  # Delta = <u, a> from the saved output
         ddelta = (absg * (a_err + gamma(Dv, u) * np.abs(c["a"]))).sum(-1)
     ddS = _weighted(r, phi * np.abs(b - delta[..., None]) + db + ddelta[..., None]) + 2 * u * np.abs(dS)
-    # A row whose weights the first-order terms do not bound (a score error above 1/2 at a key it weighs: huge
-    # entries, or the expanded squared distance's cancellation in float32): each weight it takes part with is
-    # only known to lie in [0, 1], so |dS_path - dS| <= |b| + db + |Delta| + ddelta + |dS| and |r_path - r| <= 1.
-    loose = (phi.max(axis=-1, keepdims=True, initial=0.0) > 0.5) & c["part"]
     ddS = np.where(loose, np.abs(b) + db + np.abs(delta)[..., None] + ddelta[..., None] + np.abs(dS), ddS)
     ddZ = ddS  # V1: dbias's terms
     if c["softcap"] is not None:  # V3: dX = dZ (1 - (s/c)^2), as section 12 (the factor from the path's x, then one product)

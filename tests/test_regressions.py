@@ -141,3 +141,43 @@ def test_streaming_partials_at_infinite_temperature_beside_a_minus_inf_energy():
         np.testing.assert_array_equal(a, expected[0])  # the two -inf keys share the mass: (1 + 3) / 2
         np.testing.assert_array_equal(L, expected[1])
     assert whole[0][0, 0] == 2.0
+
+
+def _vjp_case(q, k, v, g, **kw):
+    return dict(q=q, k=k, v=v, g=g, kw=kw, dtype=np.result_type(q, k, v, g), saved=False)
+
+
+def _special_vjp_cases():
+    rng = np.random.default_rng(11)
+    f32 = np.float32
+    # float32, squared distance with a 1e15 query: the expanded form's rounding (1e22) exceeds the
+    # scores' spread (1e14), and section 10's first-order terms gave a bound of 1e-28 where the
+    # weights may be anything in [0, 1]
+    yield "float32-expanded-sqeuclidean", _vjp_case(np.array([[1e15]], f32), np.array([[-0.06605243], [0.32021132]], f32),
+                                                    np.array([[0.10490011], [-0.5356694]], f32), np.array([[0.12573022]], f32),
+                                                    energy="sqeuclidean")
+    # a key of weight 0 whose <u_i, v_j> overflows (1e300 * 1e300): the reference formed Delta as sum_j P_ij b_ij
+    # (0 * inf = NaN) and spoilt the row; every path forms Delta = <u_i, a_i>, finite here
+    q, k, v = rng.normal(size=(1, 2)), rng.normal(size=(6, 2)), rng.normal(size=(6, 2))
+    q[0] = [0.97, -1.14]
+    k[3, 1], v[1, 1] = -1e300, -1e300
+    yield "overflowed-b-at-zero-weight", _vjp_case(q, k, v, np.array([[0.73, -1e300]]))
+    # scale 0 with a certain key (an infinite key entry) and 1e300 values: 0 * inf in the bound of dq
+    q, k, v = rng.normal(size=(1, 3)), rng.normal(size=(6, 3)), rng.normal(size=(6, 2))
+    q[0, 2] = -0.31
+    k[2, 2], v[1, 1] = -np.inf, 1e300
+    yield "scale-zero-certain", _vjp_case(q, k, v, np.array([[0.73, -1e300]]), scale=0.0)
+    # a 1e300 query beside keys of 1e300 and inf: two certain keys (1e600 overflows to inf), score errors of
+    # 1e284 at the finite ones; section 10's first-order terms overflowed and met the inf key's 0 size (0 * inf)
+    q, k, v = rng.normal(size=(2, 1)), rng.normal(size=(40, 1)), rng.normal(size=(40, 1))
+    q[0, 0], k[3, 0], k[7, 0] = 1e300, 1e300, np.inf
+    yield "huge-query-loose-row", _vjp_case(q, k, v, rng.normal(size=(2, 1)))
+
+
+@pytest.mark.equation("G4")
+@pytest.mark.parametrize("path", ["cpu", "cuda"])
+@pytest.mark.parametrize("case", [pytest.param(c, id=name) for name, c in _special_vjp_cases()])
+def test_vjp_bounds_hold_where_special_values_defeat_first_order_terms(path, case):
+    from tests.test_fuzz import check_vjp
+
+    check_vjp(path, case)
