@@ -484,7 +484,9 @@ def assert_attention_close(
     ``baseline="emulated"``: the peers' rule instead of the derived bound,
     ``max|actual - truth| <= factor max|emulated - truth| + u_o max|truth|``,
     ``emulated`` the output of :func:`iem_ref.lowp.attention` for the same
-    ``precision`` and ``truth`` the oracle's answer.
+    ``precision`` and ``truth`` the oracle's answer; ``lse`` by the same rule
+    (the emulated kernel's LSE, ``u_o`` its dtype's: float32, or float64 for
+    float64 scores).
 
     Returns the largest ratio of an element's error to its tolerance (the
     inverse of the slack): below 1 when the check passes.
@@ -536,9 +538,11 @@ def assert_attention_close(
     if baseline == "emulated":
         from . import lowp
 
-        emulated = np.asarray(lowp.attention(q, k, v, precision, **kw)).astype(np.float64)
+        emulated, emulated_L = (np.asarray(x).astype(np.float64) for x in lowp.attention(q, k, v, precision, return_lse=True, **kw))
         with np.errstate(invalid="ignore"):
             err_e = np.nanmax(np.where(np.isfinite(expected), np.abs(emulated - expected), 0.0), initial=0.0)
+            err_L = np.nanmax(np.where(np.isfinite(L), np.abs(emulated_L - L), 0.0), initial=0.0)
+        u_lse = unit_roundoff(np.float64 if precision.scores == np.float64 else np.float32)  # the LSE's dtype (lowp)
         tol = np.full(expected.shape, factor * err_e + u_out * float(ef.max(initial=0.0)))
         how = f"baseline: {factor:g} x the emulated kernel's worst error {err_e:.3g}"
     elif rtol is None and atol is None:
@@ -571,10 +575,13 @@ def assert_attention_close(
         if layout == "bshd" and lse_a.ndim >= 2:
             lse_a = np.swapaxes(lse_a, -1, -2)
         expected_L = L / math.log(base)
-        if rtol is None and atol is None and baseline is None:
-            tol_l = (tol_L / math.log(base) + 8 * U64 * np.abs(np.where(np.isfinite(expected_L), expected_L, 0.0))) * _SECOND_ORDER
+        Lf = np.abs(np.where(np.isfinite(expected_L), expected_L, 0.0))
+        if baseline == "emulated":  # the same rule for the LSE: factor x the emulated kernel's worst, plus its dtype's rounding
+            tol_l = np.full(expected_L.shape, factor * err_L / math.log(base) + u_lse * float(Lf.max(initial=0.0)))
+        elif rtol is None and atol is None:
+            tol_l = (tol_L / math.log(base) + 8 * U64 * Lf) * _SECOND_ORDER
         else:
-            tol_l = _explicit_tol(expected_L, rtol, atol) if baseline is None else np.full(expected_L.shape, np.inf)
+            tol_l = _explicit_tol(expected_L, rtol, atol)
         _check_shape(lse_a, expected_L.shape, "assert_attention_close (lse)")
         worst = max(worst, _report_and_raise(f"log-partition (base {base:g})", lse_a, expected_L, tol_l, row_info, header, err_msg))
     return worst

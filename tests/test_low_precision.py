@@ -183,6 +183,10 @@ def test_lse_in_base_2_and_the_emulated_baseline(rng):
     worse = round_to(out.astype(np.float64) * (1 + 2.0**-6), BF16)
     with pytest.raises(AssertionError, match="baseline"):
         assert_attention_close(worse, q, k, v, baseline="emulated")
+    # the baseline judges the LSE by the same rule: the emulation's own passes, one off by 2^-8 (a bf16 rounding) fails
+    assert assert_attention_close(out, q, k, v, lse=lse, baseline="emulated") <= 1
+    with pytest.raises(AssertionError, match="log-partition"):
+        assert_attention_close(out, q, k, v, lse=lse + 2.0**-8, baseline="emulated")
 
 
 def test_vjp_helper_catches_a_backward_without_delta(rng):
