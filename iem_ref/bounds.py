@@ -75,7 +75,8 @@ float64 results once to float32 (``u |a|``, ``u |L|``).
 ``x_ij = -d_ij / tau`` with ``tau`` the reference's temperature
 (``fl(1/scale)``; the bounds treat the reference's ``1/tau`` as the exact
 scale).  ``S_ij`` is the size of the dot product that forms the score:
-``sum_c |q_ic k_jc|`` (dot); for the squared Euclidean energy
+``sum_c |q_ic k_jc|`` (dot); ``sum_c |q_ic - k_jc|`` (Laplace, K4, in
+section 13 only: no path computes it); for the squared Euclidean energy
 ``(|q_i|^2 + |k_j|^2)/2 + sum_c |q_ic k_jc|`` where a path expands
 ``||q - k||^2`` into one GEMM and two norms (CPU), else ``|t_ij|`` (CUDA and
 the reference sum the squared differences directly; ``|t| <= S`` either way).
@@ -384,6 +385,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -405,6 +407,9 @@ __all__ = [
     "cpu",
     "cuda",
     "sum_bound",
+    "ScoreForm",
+    "SCORE_FORMS",
+    "score_form",
     "score_sizes",
     "score_squares",
     "score_error",
@@ -674,30 +679,65 @@ def _finite(x):
     return np.where(np.isfinite(x), x, 0.0)
 
 
+class ScoreForm(NamedTuple):
+    """How an energy's score is formed from ``D`` per-feature terms ``y_c`` (sections 5 and 13).
+
+    ``sizes(q, k)``: ``S = sum_c |y_c|``; ``squares(q, k)``: ``sum_c y_c^2``;
+    ``roundings``: how many roundings each term carries before the sum, as
+    multiples of ``y_c^2`` at the tree's level 0 (section 13's ``S2``).
+    """
+
+    sizes: Callable
+    squares: Callable
+    roundings: float
+
+
+def _pair_differences(q, k):
+    return q[..., :, None, :] - k[..., None, :, :]
+
+
+#: the energies whose score error is derived: dot ``y_c = q_c k_c`` (the product's rounding is the tree's
+#: level 0); squared Euclidean ``y_c = (q_c - k_c)^2 / 2`` (the difference, doubled by the square, and the
+#: square: 4 more); Laplace (K4, ``b = 1`` as attention calls it) ``y_c = |q_c - k_c|`` (the difference: 1 more)
+SCORE_FORMS = {
+    "dot": ScoreForm(lambda q, k: np.abs(q) @ np.swapaxes(np.abs(k), -1, -2),
+                     lambda q, k: q**2 @ np.swapaxes(k**2, -1, -2), 0.0),
+    "sqeuclidean": ScoreForm(lambda q, k: 0.5 * (_pair_differences(q, k) ** 2).sum(-1),
+                             lambda q, k: 0.25 * (_pair_differences(q, k) ** 4).sum(-1), 4.0),
+    "laplace": ScoreForm(lambda q, k: np.abs(_pair_differences(q, k)).sum(-1),
+                         lambda q, k: (_pair_differences(q, k) ** 2).sum(-1), 1.0),
+}
+
+
+def score_form(energy):
+    """The :class:`ScoreForm` of ``energy``; a ``ValueError`` naming it where no bound is derived (never another's)."""
+    if callable(energy):
+        raise ValueError("no error bound is derived for a callable energy (its arithmetic is unknown): "
+                         "pass rtol/atol, or use one of " + ", ".join(sorted(SCORE_FORMS)))
+    if energy not in SCORE_FORMS:
+        raise ValueError(f"no error bound is derived for energy {energy!r}: pass rtol/atol, or use one of "
+                         + ", ".join(sorted(SCORE_FORMS)))
+    return SCORE_FORMS[energy]
+
+
 def score_sizes(q, k, energy, expanded):
-    """``S_ij`` of section 5, ``(B..., N, M)`` float64 (non-finite entries count as 0)."""
+    """``S_ij`` of section 5, ``(B..., N, M)`` float64 (non-finite entries count as 0); ``expanded``: a path that expands ``||q - k||^2``."""
+    form = score_form(energy)
     q = _finite(np.asarray(q, np.float64))
     k = _finite(np.asarray(k, np.float64))
-    dot = np.abs(q) @ np.swapaxes(np.abs(k), -1, -2)
-    if energy == "dot":
-        return dot
-    if expanded:
+    if expanded and energy == "sqeuclidean":
+        dot = SCORE_FORMS["dot"].sizes(q, k)
         return dot + 0.5 * ((q**2).sum(-1)[..., :, None] + (k**2).sum(-1)[..., None, :])
-    diff = q[..., :, None, :] - k[..., None, :, :]
-    return 0.5 * (diff**2).sum(-1)
+    return form.sizes(q, k)
 
 
 def score_squares(q, k, energy):
-    """``sum_c y_c^2`` of the ``D`` terms ``y_c`` a score sums (``q_c k_c``; ``(q_c - k_c)^2 / 2``), ``(B..., N, M)``.
+    """``sum_c y_c^2`` of the ``D`` terms ``y_c`` a score sums (:data:`SCORE_FORMS`), ``(B..., N, M)``.
 
     With ``score_sizes``' ``S = sum_c |y_c|`` it gives :func:`tree_squares` of the score's sum.
     """
-    q = _finite(np.asarray(q, np.float64))
-    k = _finite(np.asarray(k, np.float64))
-    if energy == "dot":
-        return q**2 @ np.swapaxes(k**2, -1, -2)
-    diff = q[..., :, None, :] - k[..., None, :, :]
-    return 0.25 * (diff**4).sum(-1)
+    form = score_form(energy)
+    return form.squares(_finite(np.asarray(q, np.float64)), _finite(np.asarray(k, np.float64)))
 
 
 def score_error(path, u, S, x, scale, D):
@@ -1319,14 +1359,14 @@ class ErrorTerms:
 def _kernel_score_sizes(inp, x):
     """``(scale S, the score's tree_squares)`` of a kernel's scores ``x`` (sections 5 and 13).
 
-    The squared Euclidean energy rounds each term twice more before the tree
-    (the difference, doubled by the square, and the square): ``4 + 1`` times
-    its square at level 0.
+    Each term's own roundings before the tree (:data:`SCORE_FORMS`) add
+    that many times its square at level 0; an energy without a derived form
+    raises (:func:`score_form`).
     """
-    energy = inp.energy if isinstance(inp.energy, str) else "dot"
-    S = inp.scale * score_sizes(inp.q, inp.k, energy, False)
-    Q = inp.scale**2 * score_squares(inp.q, inp.k, energy)
-    S2 = tree_squares(S, Q, inp.q.shape[-1], total=x) + (4.0 * Q if energy == "sqeuclidean" else 0.0)
+    form = score_form(inp.energy)
+    S = inp.scale * score_sizes(inp.q, inp.k, inp.energy, False)
+    Q = inp.scale**2 * score_squares(inp.q, inp.k, inp.energy)
+    S2 = tree_squares(S, Q, inp.q.shape[-1], total=x) + form.roundings * Q
     return S, S2
 
 

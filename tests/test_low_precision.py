@@ -234,3 +234,31 @@ def test_gradient_blocks_add_the_stored_partials_to_the_backward_bound():
     for a, b in zip(plain, blocked):
         assert np.all(b >= a) and np.any(b > a)
     assert "every 16 queries / 16 keys" in blocked_model.describe()
+
+
+def _float32_laplace_attention(q, k, v, exp=np.exp):
+    d = np.abs(q[:, None, :] - k[None, :, :]).sum(-1)  # K4 in float32: each difference rounds, then the sum
+    s = -d * np.float32(q.shape[-1] ** -0.5)
+    p = exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+def test_laplace_energy_has_its_own_derived_bound(rng):
+    """The tolerance is derived for the Laplace score (sum_c |q_c - k_c|), not borrowed from another energy."""
+    q, k, v = (rng.normal(size=(256, 16)).astype(np.float32) for _ in range(3))
+    assert assert_attention_close(_float32_laplace_attention(q, k, v), q, k, v, energy="laplace") < 1
+    signs = np.where(rng.random((256, 256)) < 0.5, -1, 1).astype(np.float32)
+    bad = _float32_laplace_attention(q, k, v, exp=lambda x: np.exp(x) * (1 + np.float32(1e-4) * signs))
+    with pytest.raises(AssertionError, match="probabilistic"):
+        assert_attention_close(bad, q, k, v, energy="laplace")
+
+
+@pytest.mark.parametrize("energy", [pytest.param(name, id=name) for name in ("cosine", "student_t", "huber", "pseudo_huber")]
+                         + [pytest.param(lambda x, mu: -(x @ np.swapaxes(mu, -1, -2)), id="callable")])
+def test_energies_without_a_derived_bound_are_refused_by_name(rng, energy):
+    q, k, v = (rng.normal(size=(8, 4)).astype(np.float32) for _ in range(3))
+    out = np.asarray(R.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), energy=energy), np.float32)
+    name = "a callable energy" if callable(energy) else f"energy {energy!r}"
+    with pytest.raises(ValueError, match=f"no error bound is derived for {name}"):
+        assert_attention_close(out, q, k, v, energy=energy)
+    assert assert_attention_close(out, q, k, v, energy=energy, rtol=1e-5, atol=1e-6) < 1  # explicit tolerances still work
