@@ -740,11 +740,17 @@ def score_squares(q, k, energy):
     return form.squares(_finite(np.asarray(q, np.float64)), _finite(np.asarray(k, np.float64)))
 
 
+def _times_scale(scale, S):
+    """``scale S``, and 0 at scale 0 even where a size overflowed to inf: every score is then exactly 0."""
+    return np.zeros(np.shape(S)) if scale == 0 else scale * np.asarray(S, np.float64)
+
+
 def score_error(path, u, S, x, scale, D):
     """``(path's, reference's)`` score errors of section 5, elementwise."""
     ax = np.abs(_finite(x))
-    mine = scale * gamma(D + path.score_extra, u) * S + (u + scale_rounding(u)) * ax
-    ref = scale * gamma(D + 2, U64) * S
+    sS = _times_scale(scale, S)
+    mine = gamma(D + path.score_extra, u) * sS + (u + scale_rounding(u)) * ax
+    ref = gamma(D + 2, U64) * sS
     return mine, ref
 
 
@@ -1196,7 +1202,7 @@ def variant_vjp_error(q, k, v, grad_out, *, scale=None, energy="dot", **options)
     uu = _finite(np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (N, Dv)))
     absu = np.abs(uu)
     S = score_sizes(inp.q, inp.k, energy, expanded=False)
-    eta = logit_error(comp, inp.scale * gamma(D + 2, u) * S, u)
+    eta = logit_error(comp, gamma(D + 2, u) * _times_scale(inp.scale, S), u)
     if comp.x is None:
         eta = eta + u * np.abs(_finite(comp.d * inp.scale))  # the division by tau inside the exponent
     if inp.sinks is not None:
@@ -1364,8 +1370,8 @@ def _kernel_score_sizes(inp, x):
     raises (:func:`score_form`).
     """
     form = score_form(inp.energy)
-    S = inp.scale * score_sizes(inp.q, inp.k, inp.energy, False)
-    Q = inp.scale**2 * score_squares(inp.q, inp.k, inp.energy)
+    S = _times_scale(inp.scale, score_sizes(inp.q, inp.k, inp.energy, False))
+    Q = _times_scale(inp.scale**2, score_squares(inp.q, inp.k, inp.energy))
     S2 = tree_squares(S, Q, inp.q.shape[-1], total=x) + form.roundings * Q
     return S, S2
 

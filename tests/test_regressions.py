@@ -172,6 +172,10 @@ def _special_vjp_cases():
     q, k, v = rng.normal(size=(2, 1)), rng.normal(size=(40, 1)), rng.normal(size=(40, 1))
     q[0, 0], k[3, 0], k[7, 0] = 1e300, 1e300, np.inf
     yield "huge-query-loose-row", _vjp_case(q, k, v, rng.normal(size=(2, 1)))
+    # scale 0 with a 1e300 query and key: the score's size overflows (1e600), and 0 * inf made the bound NaN
+    q, k, v = rng.normal(size=(2, 1)), rng.normal(size=(40, 1)), rng.normal(size=(40, 1))
+    q[0, 0], k[5, 0] = 1e300, 1e300
+    yield "scale-zero-overflowed-size", _vjp_case(q, k, v, rng.normal(size=(2, 1)), scale=0.0)
 
 
 @pytest.mark.equation("G4")
