@@ -153,7 +153,8 @@ def attention_vjp(
     # keeps its NaN away from the keys it cannot see (NaN reaches affected rows only).
     P = np.where(participates, responsibilities(comp.e, comp.tau, mask=take), 0.0)  # (B..., N, M [+ sink])
     part, Pk = participates[..., :M], P[..., :M]
-    certain = np.any(participates & np.isneginf(comp.e), axis=-1, keepdims=True)  # a key (or the sink) of score +inf
+    spoilt_row = np.any(participates & np.isnan(comp.e), axis=-1, keepdims=True)  # a NaN energy: the row is NaN
+    certain = np.any(participates & np.isneginf(comp.e), axis=-1, keepdims=True) & ~spoilt_row  # a key (or sink) of score +inf
     c = None if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)  # V8
     read = part if c is None else part & inp.keep  # a dropped pair reads neither v_j nor u_i
     W = Pk if c is None else Pk * c  # the weights of the values

@@ -355,3 +355,18 @@ def test_flash_attention_2_arithmetic_where_it_differs():
         dq, _, _ = FlashKernel(q, k, v, is_causal=True).backward(g)
         dq_here = iem_ref.attention_vjp(q, k, v, g, is_causal=True)[0]
     assert np.isnan(dq).all() and np.isfinite(dq_here[:4]).all() and np.isnan(dq_here[4]).all()
+
+
+@pytest.mark.parametrize("dv", [pytest.param(2, id="values"), pytest.param(0, id="no-values")])
+def test_nan_energy_beside_certain_keys_spoils_the_row(path, dv):
+    q, k, v, g = problem(dv=dv)
+    q[:, 0] = np.abs(q[:, 0]) + 0.1
+    k[1] = [INF, 0.0, 0.0]  # certain in every row
+    k[3, 1] = NAN  # and a NaN energy in every row: NaN wins
+    mask = np.ones((4, 5), bool)
+    mask[2:, 3] = False  # rows 2 and 3 do not see the NaN key: they stay certain
+    dq, dk, dv_ = vjp(path, q, k, v, g, mask=mask)
+    assert np.isnan(dq[:2]).all() and np.all(dq[2:] == 0)
+    assert np.isnan(dk).all()  # rows 0 and 1 see every key
+    if dv:
+        assert np.isnan(dv_).all()
