@@ -43,7 +43,7 @@ from ._validation import (
     to_dtype,
 )
 from .competition import hard_responsibilities, responsibilities
-from .energies import ENERGIES
+from .energies import energy_of
 from ._accurate import weighted_sum
 from .summaries import _softmin_summary
 from .variants import (
@@ -118,8 +118,7 @@ class AttentionInputs:
             raise ValueError(f"q (..., N, D) and k (..., M, D) disagree on D: q has shape {q.shape}, k has shape {k.shape}")
         if k.shape[-2] != v.shape[-2]:
             raise ValueError(f"k (..., M, D) and v (..., M, Dv) disagree on M: k has shape {k.shape}, v has shape {v.shape}")
-        if not (callable(energy) or energy in ENERGIES):
-            raise ValueError(f"energy must be a callable or one of {sorted(ENERGIES)}; got {energy!r}")
+        energy_of(energy)  # a ValueError naming the energies for an unknown name
         if not isinstance(is_causal, (bool, np.bool_)):
             raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
         check_choice(causal_alignment, "causal_alignment", _ALIGN)
@@ -222,7 +221,7 @@ class AttentionInputs:
 
     def energies(self):
         """A1 / K: ``d (B..., N, M)`` in float64."""
-        fn = ENERGIES[self.energy] if isinstance(self.energy, str) else self.energy
+        fn = energy_of(self.energy).reference
         d = np.asarray(fn(self.q.astype(np.float64), self.k.astype(np.float64)), dtype=np.float64)
         if d.shape != self.batch + (self.n, self.m):
             raise ValueError(f"energy returned shape {d.shape}; expected (B..., N, M) = {self.batch + (self.n, self.m)}")

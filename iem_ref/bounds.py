@@ -385,7 +385,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -407,8 +406,6 @@ __all__ = [
     "cpu",
     "cuda",
     "sum_bound",
-    "ScoreForm",
-    "SCORE_FORMS",
     "score_form",
     "score_sizes",
     "score_squares",
@@ -679,45 +676,16 @@ def _finite(x):
     return np.where(np.isfinite(x), x, 0.0)
 
 
-class ScoreForm(NamedTuple):
-    """How an energy's score is formed from ``D`` per-feature terms ``y_c`` (sections 5 and 13).
-
-    ``sizes(q, k)``: ``S = sum_c |y_c|``; ``squares(q, k)``: ``sum_c y_c^2``;
-    ``roundings``: how many roundings each term carries before the sum, as
-    multiples of ``y_c^2`` at the tree's level 0 (section 13's ``S2``).
-    """
-
-    sizes: Callable
-    squares: Callable
-    roundings: float
-
-
-def _pair_differences(q, k):
-    return q[..., :, None, :] - k[..., None, :, :]
-
-
-#: the energies whose score error is derived: dot ``y_c = q_c k_c`` (the product's rounding is the tree's
-#: level 0); squared Euclidean ``y_c = (q_c - k_c)^2 / 2`` (the difference, doubled by the square, and the
-#: square: 4 more); Laplace (K4, ``b = 1`` as attention calls it) ``y_c = |q_c - k_c|`` (the difference: 1 more)
-SCORE_FORMS = {
-    "dot": ScoreForm(lambda q, k: np.abs(q) @ np.swapaxes(np.abs(k), -1, -2),
-                     lambda q, k: q**2 @ np.swapaxes(k**2, -1, -2), 0.0),
-    "sqeuclidean": ScoreForm(lambda q, k: 0.5 * (_pair_differences(q, k) ** 2).sum(-1),
-                             lambda q, k: 0.25 * (_pair_differences(q, k) ** 4).sum(-1), 4.0),
-    "laplace": ScoreForm(lambda q, k: np.abs(_pair_differences(q, k)).sum(-1),
-                         lambda q, k: (_pair_differences(q, k) ** 2).sum(-1), 1.0),
-}
-
-
 def score_form(energy):
-    """The :class:`ScoreForm` of ``energy``; a ``ValueError`` naming it where no bound is derived (never another's)."""
-    if callable(energy):
-        raise ValueError("no error bound is derived for a callable energy (its arithmetic is unknown): "
-                         "pass rtol/atol, or use one of " + ", ".join(sorted(SCORE_FORMS)))
-    if energy not in SCORE_FORMS:
-        raise ValueError(f"no error bound is derived for energy {energy!r}: pass rtol/atol, or use one of "
-                         + ", ".join(sorted(SCORE_FORMS)))
-    return SCORE_FORMS[energy]
+    """The :class:`~iem_ref.energies.ScoreTerms` of ``energy`` (its record's ``score``); a ``ValueError`` naming it where no bound is derived (never another's)."""
+    from .energies import ENERGY_RECORDS, energy_of
+
+    rec = energy_of(energy)
+    if not rec.has("score"):
+        derived = ", ".join(sorted(name for name, r in ENERGY_RECORDS.items() if r.has("score")))
+        what = "a callable energy (its arithmetic is unknown)" if callable(energy) else f"energy {energy!r}"
+        raise ValueError(f"no error bound is derived for {what}: pass rtol/atol, or use one of {derived}")
+    return rec.score
 
 
 def score_sizes(q, k, energy, expanded):
@@ -726,13 +694,13 @@ def score_sizes(q, k, energy, expanded):
     q = _finite(np.asarray(q, np.float64))
     k = _finite(np.asarray(k, np.float64))
     if expanded and energy == "sqeuclidean":
-        dot = SCORE_FORMS["dot"].sizes(q, k)
+        dot = score_form("dot").sizes(q, k)
         return dot + 0.5 * ((q**2).sum(-1)[..., :, None] + (k**2).sum(-1)[..., None, :])
     return form.sizes(q, k)
 
 
 def score_squares(q, k, energy):
-    """``sum_c y_c^2`` of the ``D`` terms ``y_c`` a score sums (:data:`SCORE_FORMS`), ``(B..., N, M)``.
+    """``sum_c y_c^2`` of the ``D`` terms ``y_c`` a score sums (the energy's :class:`~iem_ref.energies.ScoreTerms`), ``(B..., N, M)``.
 
     With ``score_sizes``' ``S = sum_c |y_c|`` it gives :func:`tree_squares` of the score's sum.
     """
@@ -1365,7 +1333,7 @@ class ErrorTerms:
 def _kernel_score_sizes(inp, x):
     """``(scale S, the score's tree_squares)`` of a kernel's scores ``x`` (sections 5 and 13).
 
-    Each term's own roundings before the tree (:data:`SCORE_FORMS`) add
+    Each term's own roundings before the tree (:class:`~iem_ref.energies.ScoreTerms`) add
     that many times its square at level 0; an energy without a derived form
     raises (:func:`score_form`).
     """

@@ -59,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - the extra is part of the test s
 
 from ._validation import check_choice, check_tau
 from .attention import prepare_attention
+from .energies import energy_of
 from .streaming import Partial, finalize_partial, merge_partials, partial_posterior
 
 __all__ = ["attention", "softmin_summary", "BACKENDS", "DEFAULT_CHUNK_BYTES"]
@@ -205,9 +206,7 @@ def _check_backend(backend, energy):
     if backend == "cpu":
         from .accel import cpu
 
-        if not (isinstance(energy, str) and energy in cpu.ENERGIES):
-            raise ValueError(f"backend='cpu' supports energy in {sorted(cpu.ENERGIES)}; got {energy!r} "
-                             "(backend='reference' computes the others)")
+        energy_of(energy).require("kernel", "backend='cpu' (backend='reference' computes every energy)")
 
 
 # --- the graph ------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ memory, which is the price of an oracle.
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple, Optional
+
 import numpy as np
 
 from ._validation import as_float_array, broadcast_batch, check_positive, need_ndim, result_dtype, to_dtype
@@ -37,6 +39,10 @@ __all__ = [
     "signed_gaussian_energies",
     "signed_linear_energies",
     "ENERGIES",
+    "ScoreTerms",
+    "Energy",
+    "ENERGY_RECORDS",
+    "energy_of",
 ]
 
 #: S1: the two hypotheses of a scalar unit, in the order used on the last axis.
@@ -297,13 +303,94 @@ def signed_linear_energies(z, alpha=1.0):
     return d.astype(z.dtype, copy=False)
 
 
-#: Vector kernels selectable by name in :func:`iem_ref.attention` (``energy=``).
-ENERGIES = {
-    "dot": dot_energy,
-    "sqeuclidean": sqeuclidean_energy,
-    "laplace": laplace_energy,
-    "cosine": cosine_energy,
-    "student_t": student_t_energy,
-    "huber": huber_energy,
-    "pseudo_huber": pseudo_huber_energy,
+class ScoreTerms(NamedTuple):
+    """How a kernel forms an energy's score from ``D`` per-feature terms ``y_c`` (:mod:`iem_ref.bounds`, sections 5 and 13).
+
+    ``sizes(q, k)``: ``S = sum_c |y_c|``; ``squares(q, k)``: ``sum_c y_c^2``
+    (both ``(..., N, M)`` from finite float64 ``q (..., N, D)``, ``k (..., M, D)``);
+    ``roundings``: the roundings each term carries before the sum, as
+    multiples of ``y_c^2`` at the sum's level 0.
+    """
+
+    sizes: Callable
+    squares: Callable
+    roundings: float
+
+
+class Energy(NamedTuple):
+    """One energy and its view on every tier, in one record (as :class:`~iem_ref.precision.Precision` is for rounding).
+
+    ``reference``: the NumPy form ``(x, mu) -> d``; ``exact``: the exact
+    tier forms it; ``kernel``: its code in the accelerated kernels
+    (:mod:`iem_ref.accel`), None where they do not compute it; ``gradient``:
+    :func:`iem_ref.attention_vjp` differentiates it; ``score``: its score's
+    terms for the derived tolerances, None where no bound is derived.  A
+    tier that lacks a view says so by name (:meth:`require`).
+    """
+
+    name: str
+    reference: Callable
+    exact: bool = False
+    kernel: Optional[int] = None
+    gradient: bool = False
+    score: Optional[ScoreTerms] = None
+
+    def require(self, view, tier):
+        """This record if it has ``view`` (a field name); else a ``ValueError`` naming ``tier`` and the energies it supports."""
+        if not self.has(view):
+            names = sorted(name for name, rec in ENERGY_RECORDS.items() if rec.has(view))
+            raise ValueError(f"{tier} supports energy in {names}; got {self.label}")
+        return self
+
+    @property
+    def label(self):
+        """The name as a message gives it: quoted for a named energy."""
+        return repr(self.name) if self.name in ENERGY_RECORDS else self.name
+
+    def has(self, view):
+        """Whether the record has ``view`` (a field set to something other than None or False; a kernel code may be 0)."""
+        value = getattr(self, view)
+        return value is not None and value is not False
+
+
+def _differences64(q, k):
+    return q[..., :, None, :] - k[..., None, :, :]
+
+
+#: The vector kernels selectable by name (``energy=``), each with its views.  Score terms: dot ``y_c = q_c k_c``
+#: (the product's rounding is the sum's level 0); squared Euclidean ``y_c = (q_c - k_c)^2 / 2`` (the difference,
+#: doubled by the square, and the square: 4 more); Laplace (``b = 1``, as attention calls it) ``y_c = |q_c - k_c|``
+#: (the difference: 1 more).
+ENERGY_RECORDS = {
+    "dot": Energy("dot", dot_energy, exact=True, kernel=0, gradient=True,
+                  score=ScoreTerms(lambda q, k: np.abs(q) @ np.swapaxes(np.abs(k), -1, -2),
+                                   lambda q, k: q**2 @ np.swapaxes(k**2, -1, -2), 0.0)),
+    "sqeuclidean": Energy("sqeuclidean", sqeuclidean_energy, exact=True, kernel=1, gradient=True,
+                          score=ScoreTerms(lambda q, k: 0.5 * (_differences64(q, k) ** 2).sum(-1),
+                                           lambda q, k: 0.25 * (_differences64(q, k) ** 4).sum(-1), 4.0)),
+    "laplace": Energy("laplace", laplace_energy,
+                      score=ScoreTerms(lambda q, k: np.abs(_differences64(q, k)).sum(-1),
+                                       lambda q, k: (_differences64(q, k) ** 2).sum(-1), 1.0)),
+    "cosine": Energy("cosine", cosine_energy),
+    "student_t": Energy("student_t", student_t_energy),
+    "huber": Energy("huber", huber_energy),
+    "pseudo_huber": Energy("pseudo_huber", pseudo_huber_energy),
 }
+
+#: Vector kernels selectable by name in :func:`iem_ref.attention` (``energy=``): their NumPy forms.
+ENERGIES = {name: rec.reference for name, rec in ENERGY_RECORDS.items()}
+
+
+def energy_of(energy):
+    """The :class:`Energy` record of ``energy``: a name of :data:`ENERGY_RECORDS`, or a callable (the reference view only).
+
+    Examples
+    --------
+    >>> energy_of("dot").kernel, energy_of("cosine").score is None
+    (0, True)
+    """
+    if callable(energy):
+        return Energy(f"a callable ({getattr(energy, '__name__', type(energy).__name__)})", energy)
+    if isinstance(energy, str) and energy in ENERGY_RECORDS:
+        return ENERGY_RECORDS[energy]
+    raise ValueError(f"energy must be a callable or one of {sorted(ENERGY_RECORDS)}; got {energy!r}")

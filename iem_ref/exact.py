@@ -70,6 +70,7 @@ import numpy as np
 
 from ._validation import as_float_array, as_mask, check_axis, check_choice, check_tau, need_ndim
 from .attention import prepare_attention
+from .energies import energy_of
 from .precision import LOW_PRECISION, is_low_precision, low_precision_dtype, round_to
 
 __all__ = [
@@ -751,8 +752,7 @@ def attention(
     array([[0.4223188]])
     """
     check_choice(empty, "empty", {"zero", "nan"})
-    if energy not in ("dot", "sqeuclidean"):
-        raise ValueError(f"the exact tier supports energy='dot' or 'sqeuclidean'; got {energy!r}")
+    energy_of(energy).require("exact", "the exact tier")
     inp = prepare_attention(
         q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy,
         bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window, sinks=sinks, enable_gqa=enable_gqa,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_choice, check_grad_out, result_dtype, to_dtype
+from ._validation import check_grad_out, result_dtype, to_dtype
 from .attention import Competition, prepare_attention
+from .energies import energy_of
 from .competition import responsibilities
 from ._accurate import weighted_sum
 
@@ -136,7 +137,7 @@ def attention_vjp(
     array([[0.5],
            [0.5]])
     """
-    check_choice(energy, "energy", {"dot", "sqeuclidean"})
+    energy_of(energy).require("gradient", "attention_vjp")
     inp = prepare_attention(
         q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy,
         bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window, sinks=sinks, enable_gqa=enable_gqa,

@@ -16,6 +16,7 @@ import scipy.stats
 from scipy.spatial.distance import cdist
 
 import iem_ref as R
+from iem_ref import energies as E
 from tests.conftest import U32, U64
 from tests.tolerances import assert_within
 
@@ -228,3 +229,58 @@ def test_scalar_kernels_float32(rng):
     assert R.logistic_energy(z, np.array([0.0, 1.0], np.float32)).dtype == np.float32
     assert R.signed_gaussian_energies(z).dtype == np.float32
     assert R.signed_linear_energies(z).dtype == np.float32
+
+
+# --- one record per energy: every tier does what the record says, and names what it lacks -----------------------
+
+
+def _tier_calls():
+    """``view -> (call(name, q, k, v, g), the tier's name in its message)``."""
+    from iem_ref import exact, testing
+    from iem_ref.accel import cpu
+
+    return {
+        "exact": (lambda name, q, k, v, g: exact.attention(q, k, v, energy=name), "the exact tier"),
+        "kernel": (lambda name, q, k, v, g: cpu.attention(q, k, v, energy=name), r"iem_ref\.accel\.cpu"),
+        "gradient": (lambda name, q, k, v, g: R.attention_vjp(q, k, v, g, energy=name), "attention_vjp"),
+        "score": (lambda name, q, k, v, g: testing.assert_attention_close(R.attention(q, k, v, energy=name), q, k, v, energy=name),
+                  "no error bound is derived for"),
+    }
+
+
+@pytest.mark.parametrize("view", ["exact", "kernel", "gradient", "score"])
+@pytest.mark.parametrize("name", sorted(E.ENERGY_RECORDS))
+def test_every_tier_supports_exactly_what_the_energy_record_says(name, view):
+    rec = E.ENERGY_RECORDS[name]
+    rng = np.random.default_rng(3)
+    q, k, v, g = rng.normal(size=(3, 2)), rng.normal(size=(4, 2)), rng.normal(size=(4, 2)), rng.normal(size=(3, 2))
+    call, tier = _tier_calls()[view]
+    if rec.has(view):
+        call(name, q, k, v, g)
+    else:
+        with pytest.raises(ValueError, match=f"{tier}.*'{name}'"):
+            call(name, q, k, v, g)
+
+
+@pytest.mark.parametrize("path", ["cpu", "cuda"])
+@pytest.mark.parametrize("name", [n for n, rec in sorted(E.ENERGY_RECORDS.items()) if rec.has("kernel")])
+def test_a_kernel_energy_agrees_on_the_accelerated_paths(name, path):
+    import importlib
+
+    from iem_ref import bounds
+
+    rng = np.random.default_rng(4)
+    q, k, v = rng.normal(size=(3, 2)), rng.normal(size=(4, 2)), rng.normal(size=(4, 2))
+    a = R.attention(q, k, v, energy=name)
+    np.testing.assert_array_equal(a, R.attention(q, k, v, energy=E.ENERGY_RECORDS[name].reference))
+    _, _, fb = bounds.attention_bounds(getattr(bounds, path)(), q, k, v, np.float64, energy=name)
+    assert_within(importlib.import_module(f"iem_ref.accel.{path}").attention(q, k, v, energy=name), a, fb.a, f"{path} {name}")
+
+
+def test_a_callable_energy_is_the_reference_view_alone():
+    rec = E.energy_of(lambda x, mu: -(x @ np.swapaxes(mu, -1, -2)))
+    assert not any(rec.has(view) for view in ("exact", "kernel", "gradient", "score"))
+    with pytest.raises(ValueError, match="iem_ref.accel.cpu.* supports energy in .*; got a callable"):
+        rec.require("kernel", "iem_ref.accel.cpu")
+    with pytest.raises(ValueError, match="energy must be a callable or one of"):
+        E.energy_of("euclid")

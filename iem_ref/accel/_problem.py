@@ -41,6 +41,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, types
 
+from ..energies import ENERGY_RECORDS
 from ._compile import INNER
 
 __all__ = [
@@ -70,10 +71,11 @@ __all__ = [
     "sink_routing",
 ]
 
-#: energy codes (``Problem.energy``): one spelling for every path
-DOT, SQEUCLIDEAN, PRECOMPUTED = 0, 1, 2
-#: the energies a caller may name (precomputed energies come through ``softmin_summary``)
-ENERGY_CODES = {"dot": DOT, "sqeuclidean": SQEUCLIDEAN}
+#: energy codes (``Problem.energy``): the records' ``kernel`` view (:data:`iem_ref.energies.ENERGY_RECORDS`), one spelling
+#: for every path; precomputed energies (``softmin_summary``) have the next code
+ENERGY_CODES = {name: rec.kernel for name, rec in ENERGY_RECORDS.items() if rec.has("kernel")}
+DOT, SQEUCLIDEAN = ENERGY_CODES["dot"], ENERGY_CODES["sqeuclidean"]
+PRECOMPUTED = max(ENERGY_CODES.values()) + 1
 #: a side of the band without a limit: farther than any sequence, small enough that ``i + offset + UNBOUNDED`` fits an int64
 UNBOUNDED = 2**40
 

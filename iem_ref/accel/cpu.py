@@ -73,6 +73,7 @@ from .._validation import (
     kernel_dtype,
 )
 from ..attention import prepare_attention
+from ..energies import energy_of
 from ..gradients import _sum_to_shape
 from . import _cpu_kernels as _k
 from ._compile import CompilationNotice, _in_cache, cache_dir, compile_kernel
@@ -523,8 +524,7 @@ def _run_forward(pm, batch, n, m, dv, nsplit=None):
 
 # --- public API ---------------------------------------------------------------------
 def _check_energy(energy):
-    if not (isinstance(energy, str) and energy in ENERGIES):
-        raise ValueError(f"iem_ref.accel.cpu supports energy in {sorted(ENERGIES)}; got {energy!r} (use iem_ref.attention for the others)")
+    energy_of(energy).require("kernel", "iem_ref.accel.cpu (iem_ref.attention computes every energy)")
 
 
 def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, nsplit=None, **variants):
@@ -647,7 +647,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     array([[0.5],
            [0.5]])
     """
-    check_choice(energy, "energy", {"dot", "sqeuclidean"})
+    energy_of(energy).require("kernel", "iem_ref.accel.cpu").require("gradient", "iem_ref.accel.cpu's attention_vjp")
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
                             energy=energy, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window,
                             enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,

@@ -60,6 +60,7 @@ from .._validation import (
     kernel_dtype,
 )
 from ..attention import prepare_attention
+from ..energies import energy_of
 from ..gradients import _sum_to_shape
 from . import _cuda_kernels as _k
 from ._problem import (
@@ -259,11 +260,7 @@ def _finish(arrays, shapes, device):
 
 
 def _check_energy(energy):
-    if callable(energy) or energy not in ENERGY_CODES:
-        raise ValueError(
-            f"iem_ref.accel.cuda supports energy in {list(SUPPORTED_ENERGIES)}; got {energy!r} "
-            "(iem_ref.attention computes every kernel of iem_ref.energies)"
-        )
+    energy_of(energy).require("kernel", "iem_ref.accel.cuda (iem_ref.attention computes every energy)")
 
 
 def _scale_value(scale, tau, dtype):
@@ -544,7 +541,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     array([[0.5],
            [0.5]])
     """
-    check_choice(energy, "energy", {"dot", "sqeuclidean"})
+    energy_of(energy).require("kernel", "iem_ref.accel.cuda").require("gradient", "iem_ref.accel.cuda's attention_vjp")
     inp = _prepare(
         q, k, v, mask, scale=scale, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, bias=bias,
         alibi_slopes=alibi_slopes, softcap=softcap, window=window, enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q,
