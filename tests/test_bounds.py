@@ -21,9 +21,21 @@ import iem_ref.bounds as B
 from tests.conftest import U32, U64
 
 
-def test_docstring_examples_run():
-    result = doctest.testmod(B, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 10 and result.failed == 0
+@pytest.mark.parametrize("name", ("__init__",) + B.MODULES)
+def test_docstring_examples_run(name):
+    import importlib
+
+    module = B if name == "__init__" else importlib.import_module(f"iem_ref.bounds.{name}")
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+
+
+def test_docstring_examples_cover_the_package():
+    import importlib
+
+    modules = [B] + [importlib.import_module(f"iem_ref.bounds.{name}") for name in B.MODULES]
+    attempted = sum(doctest.testmod(m, optionflags=doctest.NORMALIZE_WHITESPACE).attempted for m in modules)
+    assert attempted >= 10
 
 
 @pytest.mark.parametrize("dtype, u", [(np.float16, 2.0**-11), (np.float32, 2.0**-24), (np.float64, 2.0**-53)])

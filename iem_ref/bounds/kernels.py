@@ -1,0 +1,405 @@
+"""A kernel under test, by its precision model: forward and backward (sections 13 and 14).
+
+13. A kernel under test, by its precision model (forward)
+--------------------------------------------------------
+:func:`kernel_forward_bounds` bounds ``|a^ - a|`` and ``|L^ - L|`` of a
+kernel described by an :class:`iem_ref.precision.Precision`: ``u_s`` the
+unit roundoff of its scores (the ``q k^T`` accumulator and the softmax
+arithmetic), ``u_p`` of the probabilities it rounds before the value GEMM,
+``u_a`` of its accumulator, ``u_o`` of its output; inputs are taken as
+given (they are the kernel's inputs, already rounded).  Every sum is a
+tree of depth ``lg = ceil(log2 n)`` (pairwise or blocked; any order
+inside it).  Each error is a list of terms (:class:`ErrorTerms`), each a
+sum ``sum_k c_k delta_k`` of roundings ``|delta_k| <= u``:
+
+* a key's own roundings: as in section 9 a relative error ``e_j`` of key
+  ``j``'s weight, the same in the numerator and the row sum, moves the
+  output by ``sum_j r_j e_j (c_j v_j - a)`` and ``L`` by ``sum_j r_j e_j``.
+  ``e_j``: the score's products and additions (rigorously ``gamma_D scale
+  S_j``, section 5; squared magnitudes :func:`tree_squares` of its ``D``
+  terms), its product by the scale (``|x_j|``), the subtraction of the row
+  maximum (``t_j = |x_j - m|``), the ``exp`` (``2 p``, ``p = exp_ulps``)
+  and the variants' steps (section 11);
+* the scale's own rounding, one for every key: ``u_s sum_j r_j |x_j|
+  |c_j v_j - a|``;
+* the probabilities rounded to ``u_p`` (numerator only): ``sum_j r_j c_j
+  delta_j v_j``;
+* the row sum of the weights (relative to itself, moving ``a`` by
+  ``|a|`` times it) and the value GEMM, each a tree: rigorously ``lg u_s
+  |a|`` and ``lg u_a sum_j r_j c_j |v_j|``;
+* the division and the output, ``(u_a + u_o) |a|``; for ``L`` the log, the
+  addition of the maximum and the store, ``u_s (log M + 2 |L| + 2)``.
+
+* ``bound="rigorous"``: every rounding at its worst, ``R = u sum_k
+  |c_k|``; the bound is the sum of the terms' ``R``.
+* ``bound="probabilistic"`` (the default of :mod:`iem_ref.testing`): the
+  roundings are independent, mean-zero, bounded variables (the model of
+  Higham and Mary, SIAM J. Sci. Comput. 41, 2019), so a term is
+  sub-Gaussian with scale ``sigma = u sqrt(sum_k c_k^2)`` and independent
+  terms' scales add in squares; by Hoeffding's inequality the sum exceeds
+  ``lambda sqrt(sum sigma^2)`` with probability at most ``2 exp(-lambda^2 /
+  2)``.  A tree's roundings multiply its partial sums; the nodes of one
+  level are disjoint and hold at most ``2^l`` terms, so by Cauchy-Schwarz
+  their squares add to at most ``min(S^2, 2^l Q)`` (``S = sum |y|``, ``Q =
+  sum y^2``; :func:`tree_squares`): a spread row of ``M`` keys gains about
+  ``sqrt(M)`` over the rigorous bound.  A term whose ``R`` is below
+  ``lambda sigma`` (one key holding the mass, one rounding) is counted by
+  its ``R`` instead (:meth:`ErrorTerms.bound`; the choice depends on the
+  data, not on the roundings, so the bound keeps its probability).
+  ``LAMBDA = 6.8``: one event per element, ``2 exp(-6.8^2 / 2) = 1.9e-10 <
+  1e-9``, the chance that a correct kernel fails one element.
+
+14. A kernel under test, by its precision model (backward)
+---------------------------------------------------------
+:func:`kernel_vjp_bounds` bounds ``dq, dk, dv`` of a FlashAttention-style
+backward: ``P`` recomputed from the saved log-partition, ``dP = dO v^T``,
+``Delta = rowsum(dO * O)`` from the stored (rounded) output, ``dS = P (dP -
+Delta)`` rounded to the input dtype for the two GEMMs, ``dv = P^T dO`` with
+``P`` rounded to the input dtype, float32 (``u_a``) accumulators, results
+rounded to the input dtype (``u_in``).  The terms, with ``eta_ij`` a
+score's error:
+
+* ``P_ij``'s own roundings (relative): ``eta_ij + u_s |x_ij - L_i| + 2 p
+  u_s`` (the score, the subtraction, the exp);
+* ``b_ij = <u_i, v_j>``: ``db = lg_Dv u_a sum_c |u_ic v_jc|``;
+* the row's ``L_i`` (section 13's terms) and ``Delta_i``: the output's
+  bound per column plus the row sum's tree, rigorously; its scale from the
+  output's roundings, those that every column shares entering through
+  ``sum_c u_c (c_j v_jc - a_c) = b_ij - Delta_i``.  Both are made of the
+  forward's roundings, so their scales add linearly; rows are independent;
+* ``dS_ij``: ``P (own |b - Delta| + db) + (2 u_s + u_in) |dS|`` (the
+  subtraction, the product, the rounding for the GEMM), plus the row's
+  ``P (dL |b - Delta| + dDelta)``; a soft-cap's factor ``1 - (s/c)^2`` adds
+  ``|dS| (2 eta / c + 3 u_s)``;
+* ``dq_i = scale sum_j dS_ij k_j``: each of those summed with ``|k_j|``,
+  the accumulation's tree over ``M`` terms, ``(u_a + u_in) |dq_i|`` for the
+  scale's product and the store; the row's errors move all of its ``dS_ij``
+  together, so they enter exactly: ``dL_i |dq_i| + dDelta_i scale |sum_j
+  P_ij f_ij k_j|`` (``f`` the soft-cap's factor).  ``dk`` alike over the
+  ``N g`` query rows (a group's heads independent); ``dv_j = sum_i P_ij
+  c_ij u_i``: ``P c (own + u_in + dL) |u_i|`` and its tree.  The roundings
+  to ``u_in`` count only where the input dtype is coarser than the one the
+  value was formed in.
+* a backward that stores its gradients in the input dtype between blocks
+  (``Precision.gradient_blocks``, torch's CPU kernel) rounds each partial
+  sum ``S_k`` it stores: ``u_in sum_k |S_k|``, scale ``u_in sqrt(sum_k
+  S_k^2)``, from the exact partial sums block by block.
+
+Each is an :class:`ErrorTerms` bounded as in section 13.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .primitives import _finite, gamma, tree_depth, tree_squares
+from .scores import _times_scale, logit_error, score_form, score_sizes, score_squares
+
+
+#: Hoeffding's multiplier of the probabilistic bounds (section 13): one event per element,
+#: failing with probability at most 2 exp(-LAMBDA^2 / 2) = 1.9e-10.
+LAMBDA = 6.8
+
+
+class ErrorTerms:
+    """The error of one quantity as a list of terms, each a rigorous bound ``R`` and a scale ``sigma`` (section 13).
+
+    A term is a sum of roundings ``sum_k c_k delta_k`` (``|delta_k| <= u``):
+    ``R = u sum_k |c_k|`` always holds, and under the probabilistic model the
+    term is sub-Gaussian with scale ``sigma = u sqrt(sum_k c_k^2)``.  A term
+    that is one rounding, or whose roundings are not independent, has
+    ``sigma = R``.  Terms made of different roundings are independent, so
+    their scales add in squares.
+
+    Examples
+    --------
+    >>> t = ErrorTerms(); t.add(1.0); t.add(10.0, 1.0)
+    >>> float(t.bound("rigorous")), float(t.bound("probabilistic"))  # the first by its R, the second by LAMBDA sigma
+    (11.0, 7.8)
+    """
+
+    def __init__(self):
+        self.R, self.sigma = [], []
+
+    def add(self, R, sigma=None):
+        self.R.append(R)
+        self.sigma.append(R if sigma is None else sigma)
+
+    def map(self, f, g=None):
+        """A copy with ``f`` applied to every ``R`` and ``g`` (default ``f``) to every ``sigma**2``."""
+        out = ErrorTerms()
+        for R, s in zip(self.R, self.sigma):
+            out.add(f(R), np.sqrt((g or f)(np.square(s))))
+        return out
+
+    def scale(self):
+        """The scale of the whole sum: ``sqrt(sum sigma^2)``."""
+        return np.sqrt(sum(np.square(s) for s in self.sigma))
+
+    def bound(self, kind):
+        """``sum R`` (rigorous), or the best split: some terms by their ``R``, the rest by ``LAMBDA sqrt(sum
+        sigma^2)`` (Hoeffding), the split chosen per element among all ``2^terms`` (it depends on the data only,
+        not on the roundings, so the chosen bound keeps its probability)."""
+        if kind == "rigorous":
+            return sum(self.R)
+        R = np.broadcast_arrays(*self.R, *self.sigma)
+        R, var = R[: len(self.R)], [np.square(s) for s in R[len(self.R):]]
+        best = None
+        for split in range(1 << len(R)):
+            kept, rest = 0.0, 0.0
+            for i, (r, v) in enumerate(zip(R, var)):
+                if split >> i & 1:
+                    kept = kept + r
+                else:
+                    rest = rest + v
+            b = kept + LAMBDA * np.sqrt(rest)
+            best = b if best is None else np.minimum(best, b)
+        return best
+
+
+def _kernel_score_sizes(inp, x):
+    """``(scale S, the score's tree_squares)`` of a kernel's scores ``x`` (sections 5 and 13).
+
+    Each term's own roundings before the tree (:class:`~iem_ref.energies.ScoreTerms`) add
+    that many times its square at level 0; an energy without a derived form
+    raises (:func:`score_form`).
+    """
+    form = score_form(inp.energy)
+    S = _times_scale(inp.scale, score_sizes(inp.q, inp.k, inp.energy, False))
+    Q = _times_scale(inp.scale**2, score_squares(inp.q, inp.k, inp.energy))
+    S2 = tree_squares(S, Q, inp.q.shape[-1], total=x) + form.roundings * Q
+    return S, S2
+
+
+class _Forward:
+    """The forward's roundings of section 13, kept for the backward (section 14)."""
+
+
+def _forward_terms(comp, r, a, L, precision):
+    """Section 13's terms: ``(ErrorTerms of a, ErrorTerms of L, _Forward context)``."""
+    from ..precision import unit_roundoff as unit
+
+    inp = comp.inp
+    M, D = inp.m, inp.q.shape[-1]
+    f = _Forward()
+    f.u_s, f.u_p, f.u_a, f.u_o = (unit(getattr(precision, n)) for n in ("scores", "probs", "accumulator", "output"))
+    u_s, u_p, u_a, u_o = f.u_s, f.u_p, f.u_a, f.u_o
+    p = precision.exp_ulps
+    f.x = x = _finite(comp.x if comp.x is not None else inp.scaled_scores(comp.d))  # the scaled scores
+    z_all = -comp.e if comp.x is not None else -comp.e * inp.scale  # the logits, the sink's last
+    f.S, f.S2 = S, S2 = _kernel_score_sizes(inp, x)
+    extra = logit_error(comp, np.zeros(x.shape), u_s) / u_s if comp.x is not None else 0.0  # the variants' steps
+    f.r_all = r_all = np.where(np.isfinite(r), r, 0.0)
+    f.rr = rr = r_all[..., :M]
+    part_all = r_all > 0
+    m = np.where(part_all & np.isfinite(z_all), z_all, -np.inf).max(axis=-1, keepdims=True, initial=-np.inf)
+    t = np.where(rr > 0, _finite(np.abs(z_all[..., :M] - np.where(np.isfinite(m), m, 0.0))), 0.0)
+    f.v = v = _finite(inp.v.astype(np.float64))
+    f.c = c = np.ones(rr.shape) if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)
+    f.a = af = _finite(np.asarray(a, np.float64))
+    A, absv, ax = np.abs(af), np.abs(v), np.abs(x)
+    n_all = r_all.shape[-1]
+    f.e = e = gamma(D, u_s) * f.S + u_s * (ax + t + 2 * p + extra)  # a key's own roundings, rigorous
+    f.sq = sq = S2 + x**2 + t**2 + 4 * p * p + extra**2  # their squared magnitudes
+    f.rc = rc = rr * c
+    rc_v = rc @ absv
+    f.sum_tree = tree_squares(r_all.sum(-1), (r_all**2).sum(-1), n_all)  # the row sum, relative to itself
+    ta = ErrorTerms()
+    # a relative error e_j of key j's weight moves a by r_j e_j (c_j v_j - a)
+    w = rr**2 * sq
+    spread = (w * c * c) @ v**2 - 2 * af * ((w * c) @ v) + af**2 * w.sum(-1, keepdims=True)
+    ta.add((rr * e * c) @ absv + A * (rr * e).sum(-1, keepdims=True), u_s * np.sqrt(np.maximum(spread, 0.0)))
+    ta.add(u_s * ((rr * ax * c) @ absv + A * (rr * ax).sum(-1, keepdims=True)))  # the scale's rounding, every key alike
+    if u_p > u_s:  # the probabilities rounded before the value GEMM
+        ta.add(u_p * rc_v, u_p * np.sqrt(rc**2 @ v**2))
+    ta.add(tree_depth(n_all) * u_s * A, u_s * A * np.sqrt(f.sum_tree)[..., None])  # the row sum's tree
+    ta.add(tree_depth(M) * u_a * rc_v, u_a * np.sqrt(tree_squares(rc_v, rc**2 @ v**2, M, total=rc @ v)))  # the value GEMM's tree
+    if inp.keep is not None:
+        ta.add(2 * u_a * rc_v)  # V8: c_j rounded and multiplied
+    ta.add((u_a + u_o) * A, math.hypot(u_a, u_o) * A)  # the division, the output
+    tL = ErrorTerms()
+    tL.add((rr * e).sum(-1), u_s * np.sqrt((rr**2 * sq).sum(-1)))
+    tL.add(u_s * (rr * ax).sum(-1))  # the scale's rounding
+    tL.add(tree_depth(n_all) * u_s * r_all.sum(-1), u_s * np.sqrt(f.sum_tree))  # the row sum's tree
+    f.L = Lf = np.abs(_finite(np.asarray(L, np.float64)))
+    logM = math.log(max(M, 1))
+    # the log (its result, at most log M, and its own 2 ulps), the addition of the maximum and the store
+    tL.add(u_s * (logM + 2 * Lf + 2), u_s * np.sqrt(logM**2 + 2 * Lf**2 + 4))
+    return ta, tL, f
+
+
+def kernel_forward_bounds(comp, r, a, L, precision, bound="probabilistic"):
+    """Section 13: ``(tol_a (B..., N, Dv), tol_L (B..., N))`` for a kernel of ``precision``.
+
+    ``comp``: the :class:`iem_ref.attention.Competition` of the inputs;
+    ``r (B..., N, M [+ 1])`` the oracle's responsibilities (the sink's last),
+    ``a``, ``L`` its output and log-partition (float64).  First order; the
+    caller adds the oracle's own error and floors.  With dropout (V8) the
+    value of key ``j`` for query ``i`` is ``c_ij v_j``, ``c = keep / (1 - p)``.
+    Memory ``O(B N M)``: the sums over keys are matrix products (the
+    probabilistic ``sum_j w_j (c_j v_j - a)^2`` expanded into three).
+    """
+    if bound not in ("probabilistic", "rigorous"):
+        raise ValueError(f"bound must be 'probabilistic' or 'rigorous'; got {bound!r}")
+    with np.errstate(invalid="ignore", over="ignore"):
+        ta, tL, _ = _forward_terms(comp, r, a, L, precision)
+        return ta.bound(bound), tL.bound(bound)
+
+
+def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
+    """Section 14: ``(tol_dq, tol_dk, tol_dv)`` for a FlashAttention-style backward of ``precision``.
+
+    ``comp``: the :class:`iem_ref.attention.Competition` of the inputs (dot
+    or squared Euclidean energy), ``grad_out`` the upstream gradient
+    (broadcast to ``(B..., N, Dv)``).  Shapes as :func:`iem_ref.attention_vjp`
+    returns them (``Hkv`` heads with grouped-query heads).
+    """
+    from ..competition import responsibilities
+    from ..gradients import _sum_groups
+    from ..precision import unit_roundoff as unit
+
+    if bound not in ("probabilistic", "rigorous"):
+        raise ValueError(f"bound must be 'probabilistic' or 'rigorous'; got {bound!r}")
+    inp = comp.inp
+    M, N, D, Dv, g = inp.m, inp.n, inp.q.shape[-1], inp.dv, inp.group
+    u_in = unit(precision.inputs)
+    pe = precision.exp_ulps
+    T = lambda z: np.swapaxes(z, -1, -2)  # noqa: E731
+    with np.errstate(invalid="ignore", over="ignore"):
+        part = ~np.isposinf(comp.e) if comp.take is None else comp.take & ~np.isposinf(comp.e)
+        P_all = np.where(part, responsibilities(comp.e, comp.tau, mask=comp.take), 0.0)
+        P_all = np.where(np.isfinite(P_all), P_all, 0.0)
+        P = P_all[..., :M]
+        a, L, _ = comp.summary("zero")  # the reference's output and log-partition
+        L = _finite(L)  # an empty row has no weight: its terms vanish with P
+        ta, tL, f = _forward_terms(comp, P_all, a, L, precision)
+        u_s, u_a = f.u_s, f.u_a
+        z_all = -comp.e if comp.x is not None else -comp.e * inp.scale
+        x, S, v64, c = f.x, f.S, f.v, f.c
+        eta = gamma(D, u_s) * S + u_s * np.abs(x)
+        eta = logit_error(comp, eta, u_s) if comp.x is not None else eta
+        tz = _finite(np.abs(z_all[..., :M] - L[..., None]))
+        # P_ij recomputed as exp(z_ij - L_i): a key's own roundings (its score, the subtraction, the exp)
+        own = eta + u_s * tz + 2 * pe * u_s
+        var = logit_error(comp, np.zeros(x.shape), u_s) if comp.x is not None else 0.0
+        own_s = u_s * np.sqrt(f.S2 + x**2 + tz**2 + 4 * pe * pe) + var
+        u = _finite(np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (N, Dv)))
+        absu, absv = np.abs(u), np.abs(v64)
+        b = np.where(part[..., :M], c * (u @ T(v64)), 0.0)  # dP_ij, with dropout's c
+        uv = c * (absu @ T(absv))
+        db, db_s = tree_depth(Dv) * u_a * uv, u_a * np.sqrt(tree_squares(uv, c**2 * (u**2 @ T(v64**2)), Dv, total=b))
+        delta = (u * a).sum(-1, keepdims=True)
+        sL, RL = tL.scale()[..., None], tL.bound("rigorous")[..., None]  # the row's log-partition
+        RD, sD = _delta_terms(ta, f, a, u, b, delta, Dv)  # the row's Delta
+        dZ = P * (b - delta)
+        fcap = 1.0 if inp.softcap is None else 1.0 - (_finite(comp.s) / inp.softcap) ** 2
+        dX = dZ * fcap  # a soft-cap's factor (V3)
+        bd, adX = np.abs(b - delta), np.abs(dX)
+        u_cast = u_in if u_in > u_s else 0.0  # dS and P rounded to the input dtype for the GEMMs
+        # dS's own roundings: the subtraction, the product, the cast; the soft-cap's factor
+        ds = (2 * u_s + u_cast) * adX + (0.0 if inp.softcap is None else np.abs(dZ) * (2 * eta / inp.softcap + 3 * u_s))
+        kf, qf = _finite(inp.k.astype(np.float64)), _finite(inp.q.astype(np.float64))
+        absk, absq = np.abs(kf), np.abs(qf)
+        sq_e = inp.energy == "sqeuclidean"
+        u_store = u_in if u_in > u_a else 0.0  # the accumulator's result rounded to the input dtype
+
+        def gemm(vals, signed, n, transpose, rows=None):
+            """The terms of ``sum_i dX_ij vals_i`` (``transpose``) or ``sum_j dX_ij vals_j``: per element
+            ``(i, j)`` the key's own roundings, dP's, dS's, and the accumulation's tree over ``n`` terms; and
+            the row's ``L_i`` and ``Delta_i``, independent across rows (``rows``: dq's, one row, summed exactly)."""
+            tr = T if transpose else (lambda z: z)
+            t = ErrorTerms()
+
+            def per_element(R, s):
+                t.add(tr(R) @ vals, np.sqrt(tr(s) ** 2 @ vals**2))
+
+            per_element(P * own * bd, P * own_s * bd)
+            per_element(P * db, P * db_s)
+            per_element(ds, ds)
+            acc = tr(adX) @ vals
+            t.add(tree_depth(n) * u_a * acc, u_a * np.sqrt(tree_squares(acc, tr(adX**2) @ vals**2, n, total=tr(dX) @ signed)))
+            # the row's L_i and Delta_i, both made of the forward's roundings (their scales add linearly)
+            if rows is None:
+                per_element(P * (RL * bd + RD), P * (sL * bd + sD))
+            else:  # L_i moves every dS_ij of the row by the same relative amount, Delta_i by P_ij times it
+                dq_exact, Pk = rows
+                t.add(RL * dq_exact + RD * Pk, sL * dq_exact + sD * Pk)
+            return t
+
+        def squared_euclidean_rows(t, vals, n, axis):
+            """``-dS`` summed over the row (or column) times ``q_i`` (``k_j``): its terms, rigorous."""
+            loc = P * (own * bd + db + RL * bd + RD) + ds
+            t.add(vals * (loc.sum(axis) + tree_depth(n) * u_a * adX.sum(axis))[..., None])
+
+        if sq_e:
+            Pk = np.abs((P * fcap) @ kf - (P * fcap).sum(-1, keepdims=True) * qf)
+            dq_exact = np.abs(dX @ kf - dX.sum(-1, keepdims=True) * qf)
+        else:
+            Pk, dq_exact = np.abs((P * fcap) @ kf), np.abs(dX @ kf)
+        tq = gemm(absk, kf, M, False, rows=(dq_exact, Pk))
+        tk = gemm(absq, qf, N * g, True)
+        if sq_e:
+            squared_euclidean_rows(tk, absk, N * g, -2)
+            if inp.softcap is not None or inp.sinks is not None:
+                squared_euclidean_rows(tq, absq, M, -1)
+        tq.add((u_a + u_store) * np.abs(dX @ kf))  # the scale's product, the store
+        tk.add((u_a + u_store) * np.abs(T(dX) @ qf))
+        Pc = P * c
+        tv = ErrorTerms()
+        for R, s in ((own + u_cast, own_s + u_cast), (RL, sL)):
+            tv.add(T(Pc * R) @ absu, np.sqrt(T(Pc * s) ** 2 @ absu**2))
+        Pu = T(Pc) @ absu
+        tv.add(tree_depth(N * g) * u_a * Pu, u_a * np.sqrt(tree_squares(Pu, T(Pc**2) @ absu**2, N * g, total=T(Pc) @ u)))
+        tv.add(u_store * np.abs(T(Pc) @ u))
+        blocks = precision.gradient_blocks
+        if blocks is not None and u_in > u_a:  # partial sums stored in the input dtype between blocks
+            tq.add(*_stored_partials(dX, kf, blocks[1], u_in))
+            tk.add(*_stored_partials(T(dX), qf, blocks[0], u_in))
+            tv.add(*_stored_partials(T(Pc), u, blocks[0], u_in))
+        if g > 1:  # a group's heads: different roundings, independent
+            tk, tv = (t.map(lambda z: _sum_groups(z, g)) for t in (tk, tv))
+        dq, dk, dv = (inp.scale * tq.bound(bound), inp.scale * tk.bound(bound), tv.bound(bound))
+    return dq, dk, dv
+
+
+def _stored_partials(W, X, block, u):
+    """``(R, sigma)`` of ``W @ X`` summed a ``block`` of terms at a time into a result stored in unit roundoff
+    ``u`` (section 14): each intermediate store rounds the partial sum ``S_k`` so far (the last store is the
+    result's own rounding, counted apart): ``u sum_k |S_k|`` and ``u sqrt(sum_k S_k^2)``."""
+    n = W.shape[-1]
+    S, R, V = 0.0, 0.0, 0.0
+    for s in range(0, n - block, block):
+        S = S + W[..., s : s + block] @ X[..., s : s + block, :]
+        R, V = R + np.abs(S), V + np.square(S)
+    return u * R, u * np.sqrt(V)
+
+
+def _delta_terms(ta, f, a, u, b, delta, Dv):
+    """``(R, sigma)`` of ``Delta_i = sum_c u_ic a_ic`` formed from the kernel's stored output (section 14).
+
+    Rigorous: the output's bound per column (section 13) and the row sum's
+    tree.  Scale: the output's roundings that every column shares enter
+    ``Delta`` through ``sum_c u_c (c_j v_jc - a_c) = b_ij - Delta_i``; the
+    value GEMM's, the division's and the output's own roundings are
+    independent across columns.
+    """
+    u_s, u_p, u_a, u_o = f.u_s, f.u_p, f.u_a, f.u_o
+    absu = np.abs(u)
+    ua = np.abs(u * a)
+    R = (absu * ta.bound("rigorous")).sum(-1, keepdims=True) + tree_depth(Dv) * u_a * ua.sum(-1, keepdims=True) + u_o * ua.sum(-1, keepdims=True)
+    rr, rc, sq, ax, v = f.rr, f.rc, f.sq, np.abs(f.x), f.v
+    bD = np.abs(b - delta)
+    var = u_s**2 * (rr**2 * sq * bD**2).sum(-1, keepdims=True)  # a key's own roundings
+    var = var + (u_s * (rr * ax * bD).sum(-1, keepdims=True)) ** 2  # the scale's rounding
+    if u_p > u_s:
+        var = var + u_p**2 * (rr**2 * b**2).sum(-1, keepdims=True)
+    var = var + u_s**2 * delta**2 * f.sum_tree[..., None]  # the row sum's tree
+    rc_v, rc_v2 = rc @ np.abs(v), rc**2 @ v**2
+    var = var + u_a**2 * (u**2 * tree_squares(rc_v, rc_v2, rr.shape[-1], total=a)).sum(-1, keepdims=True)  # the value GEMM
+    var = var + (u_a**2 + 2 * u_o**2) * (ua**2).sum(-1, keepdims=True)  # the division, the output, its product by u
+    var = var + u_a**2 * tree_squares(ua.sum(-1, keepdims=True), (ua**2).sum(-1, keepdims=True), Dv, total=delta)  # Delta's row sum
+    if f.c is not None and not np.all(f.c == 1.0):
+        var = var + (2 * u_a * (absu * rc_v).sum(-1, keepdims=True)) ** 2  # V8
+    return R, np.sqrt(var)
