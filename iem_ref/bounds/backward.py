@@ -73,6 +73,8 @@ Each side (the path and the reference) against the exact gradient, summed
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 
 from .forward import _attention_setup, _has_logits, attention_bounds
@@ -93,6 +95,44 @@ from .primitives import (
 from .scores import logit_error, score_error
 
 
+class _Quantities(NamedTuple):
+    """The reference's quantities both sides of section 10 are evaluated with (non-finite entries taken as 0)."""
+
+    D: Any  # the feature size
+    Dv: Any  # the value size
+    L: Any  # the log-partition (0 where not finite)
+    M: Any  # the keys
+    N: Any  # the query rows (``N g``)
+    S: Any  # the scores' sizes (section 5)
+    a: Any  # the output
+    absA: Any  # ``|sum_i dS_ij q_i|``
+    absAq: Any  # ``|sum_j dX_ij k_j|``
+    absC: Any  # ``|sum_i dS_ij|``
+    absdk: Any  # ``|dk|`` per query head
+    absdq: Any  # ``|dq|``
+    absdv: Any  # ``|dv|`` per query head
+    absg: Any  # ``|u|``
+    absk: Any  # ``|k|``
+    absq: Any  # ``|q|``
+    absv: Any  # ``|v|``
+    b: Any  # ``<u_i, v_j>`` (times dropout's ``c``)
+    comp: Any  # the :class:`~iem_ref.attention.Competition` with the variants (None without)
+    dS: Any  # ``dZ``
+    dX: Any  # ``dZ`` after a soft-cap's factor
+    delta: Any  # ``<u_i, a_i>``
+    drop: Any  # dropout's factors ``c`` (V8) or None
+    part: Any  # a superset of the pairs that take part
+    r: Any  # the responsibilities
+    rsink: Any  # the sink's responsibilities (V5) or None
+    scale: Any  # the reference's scale
+    sink: Any  # the sinks' logits or None
+    softcap: Any  # the soft-cap (V3) or None
+    sqeuclidean: Any  # the squared Euclidean energy
+    u: Any  # the path's unit roundoff
+    x: Any  # the reference's scores
+    z: Any  # the logits
+
+
 def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
     """One side's bound on ``(dq, dk, dv)`` against the exact gradient (section 10).
 
@@ -102,86 +142,86 @@ def _side_vjp(side, u, dtype, ctx, L_err=None, a_err=None):
     c = ctx
     T = lambda z: np.swapaxes(z, -1, -2)  # noqa: E731
     us = side.state_u(u)
-    sig_path, sig_ref = score_error(side, u, c["S"], c["x"], c["scale"], c["D"])
-    if c["comp"] is not None:  # V1-V3: the logits' errors (section 11)
-        sig_path, sig_ref = logit_error(c["comp"], sig_path, u), logit_error(c["comp"], sig_ref, U64)
+    sig_path, sig_ref = score_error(side, u, c.S, c.x, c.scale, c.D)
+    if c.comp is not None:  # V1-V3: the logits' errors (section 11)
+        sig_path, sig_ref = logit_error(c.comp, sig_path, u), logit_error(c.comp, sig_ref, U64)
     if side.kind == "reference":
         phi = sig_ref + ulps(REFERENCE_R_ULPS, U64)  # its r within 3 ulps of its energies' r
         u_scale = U64  # its fl(1/tau)
-        store = c["u"] if c["u"] > U64 else 0.0  # its float32 rounding of the float64 gradients
+        store = c.u if c.u > U64 else 0.0  # its float32 rounding of the float64 gradients
     else:
         with np.errstate(invalid="ignore"):
-            shift = u * np.abs(_finite(c["z"] - c["L"][..., None]))
+            shift = u * np.abs(_finite(c.z - c.L[..., None]))
         phi = sig_path + L_err[..., None] + shift + ulps(side.exp_ulps, u)
         u_scale = scale_rounding(u)
         store = _store(u, us)
-    r, b, delta, dS = c["r"], c["b"], c["delta"], c["dS"]
-    rsink = c["rsink"]
-    absg, absv, absq, absk = c["absg"], c["absv"], c["absq"], c["absk"]
-    M, N, Dv, sc = c["M"], c["N"], c["Dv"], c["scale"]
+    r, b, delta, dS = c.r, c.b, c.delta, c.dS
+    rsink = c.rsink
+    absg, absv, absq, absk = c.absg, c.absv, c.absq, c.absk
+    M, N, Dv, sc = c.M, c.N, c.Dv, c.scale
     phi = np.where(r > 0, phi, 0.0)
     # A row whose weights the first-order terms do not bound (a score error above 1/2 at a key it weighs: huge
     # entries, or the expanded squared distance's cancellation in float32): each weight it takes part with is
     # only known to lie in [0, 1], so |dS_path - dS| <= |b| + db + |Delta| + dDelta + |dS| and |r_path - r| <= 1.
     loose_row = phi.max(axis=-1, keepdims=True, initial=0.0) > 0.5
-    loose = loose_row & c["part"]
+    loose = loose_row & c.part
     phi = np.where(loose_row, 0.0, phi)  # the first-order terms, where they hold
     B = absg @ T(absv)  # sum_c |u_c v_jc|
     rv = r  # the weights of dv
-    if c["drop"] is not None:  # V8: b = c <u, v> and dv = sum_i r c u: the factor's rounding and the product's
-        B = c["drop"] * B
-        rv = r * c["drop"]
-    db = gamma(Dv, u) * B + (0.0 if c["drop"] is None else 2 * u * np.abs(b))
+    if c.drop is not None:  # V8: b = c <u, v> and dv = sum_i r c u: the factor's rounding and the product's
+        B = c.drop * B
+        rv = r * c.drop
+    db = gamma(Dv, u) * B + (0.0 if c.drop is None else 2 * u * np.abs(b))
     if side.kind == "reference":  # Delta = <u, a>, a = sum_j r_j c_j v_j: the weights' errors, the M- and Dv-term sums
         ddelta = _weighted(r, (phi + gamma(M, U64) + gamma(Dv, U64)) * B).sum(-1)
         # a loose row: both weight vectors sum to at most 1, so |da_c| <= 2 max_j |c_j v_jc|
-        ddelta = ddelta + np.where(loose_row[..., 0], 2 * np.where(c["part"], B, 0.0).max(axis=-1, initial=0.0), 0.0)
+        ddelta = ddelta + np.where(loose_row[..., 0], 2 * np.where(c.part, B, 0.0).max(axis=-1, initial=0.0), 0.0)
     else:  # Delta = <u, a> from the saved output
-        ddelta = (absg * (a_err + gamma(Dv, u) * np.abs(c["a"]))).sum(-1)
+        ddelta = (absg * (a_err + gamma(Dv, u) * np.abs(c.a))).sum(-1)
     ddS = _weighted(r, phi * np.abs(b - delta[..., None]) + db + ddelta[..., None]) + 2 * u * np.abs(dS)
     ddS = np.where(loose, np.abs(b) + db + np.abs(delta)[..., None] + ddelta[..., None] + np.abs(dS), ddS)
     ddZ = ddS  # V1: dbias's terms
-    if c["softcap"] is not None:  # V3: dX = dZ (1 - (s/c)^2), as section 12 (the factor from the path's x, then one product)
+    if c.softcap is not None:  # V3: dX = dZ (1 - (s/c)^2), as section 12 (the factor from the path's x, then one product)
         eta = sig_path if side.kind != "reference" else sig_ref
-        ddS = ddS + np.abs(dS) * (2 * eta / c["softcap"] + 3 * u)
-        dS = c["dX"]
+        ddS = ddS + np.abs(dS) * (2 * eta / c.softcap + 3 * u)
+        dS = c.dX
     absdS = np.abs(dS)
     Gk = sum_bound(side, side.key_sum(M, dtype, N, backward=True), u)
     Gq = sum_bound(side, side.query_sum(N, dtype), u)
-    bq = sc * ((ddS + Gk * absdS) @ absk) + (u_scale + us + store) * c["absdq"]
+    bq = sc * ((ddS + Gk * absdS) @ absk) + (u_scale + us + store) * c.absdq
     dsink = None
-    if c["softcap"] is not None and c["sqeuclidean"]:  # dq_i -= scale q_i C_i, C_i = sum_j dX_ij summed in float64 by the path
+    if c.softcap is not None and c.sqeuclidean:  # dq_i -= scale q_i C_i, C_i = sum_j dX_ij summed in float64 by the path
         dC = ddS.sum(-1) + gamma(M, U64) * absdS.sum(-1)
         absC = np.abs(dS.sum(-1))
-        bq = (sc * ((ddS + Gk * absdS) @ absk) + sc * absq * dC[..., None] + (u_scale + us) * sc * c["absAq"]
-              + (u_scale + 3 * us) * sc * absq * absC[..., None] + (us + store) * c["absdq"])
+        bq = (sc * ((ddS + Gk * absdS) @ absk) + sc * absq * dC[..., None] + (u_scale + us) * sc * c.absAq
+              + (u_scale + 3 * us) * sc * absq * absC[..., None] + (us + store) * c.absdq)
     if rsink is not None:  # V5: C_i = sum_j dS_ij = Delta_i r_sink,i = -dLoss/dsink_i
         absC = np.abs(rsink * delta)
         if side.kind == "reference":  # its P_sink within its ulps of the exact, its Delta as above
             phi_s = ulps(REFERENCE_R_ULPS, U64)
         else:  # r_sink = exp(sink - L) in float64 from the path's L: L's error, the subtraction, the exp
             with np.errstate(invalid="ignore"):
-                phi_s = L_err + U64 * np.abs(_finite(c["sink"] - c["L"])) + 2 * U64
+                phi_s = L_err + U64 * np.abs(_finite(c.sink - c.L)) + 2 * U64
         dC = np.where(rsink > 0, rsink * (phi_s * np.abs(delta) + ddelta), 0.0) + U64 * absC
         dsink = dC  # per row; summed to the sinks' shape by the caller
-        if c["sqeuclidean"] and c["softcap"] is None:  # dq_i -= scale q_i C_i: C's error, two products, the subtraction (as dk's)
+        if c.sqeuclidean and c.softcap is None:  # dq_i -= scale q_i C_i: C's error, two products, the subtraction (as dk's)
             if side.kind == "reference":  # it sums dS over the keys itself
                 dC = ddS.sum(-1) + gamma(M, U64) * absdS.sum(-1)
-            bq = (sc * ((ddS + Gk * absdS) @ absk) + sc * absq * dC[..., None] + (u_scale + us) * sc * c["absAq"]
-                  + (u_scale + 3 * us) * sc * absq * absC[..., None] + (us + store) * c["absdq"])
+            bq = (sc * ((ddS + Gk * absdS) @ absk) + sc * absq * dC[..., None] + (u_scale + us) * sc * c.absAq
+                  + (u_scale + 3 * us) * sc * absq * absC[..., None] + (us + store) * c.absdq)
     bk = sc * (T(ddS + Gq * absdS) @ absq)
-    if c["sqeuclidean"]:  # dk_j -= scale k_j C_j: C's sum, two products, the subtraction
+    if c.sqeuclidean:  # dk_j -= scale k_j C_j: C's sum, two products, the subtraction
         Gc = sum_bound(side, side.column_sum(N, dtype), u)
         bk = (bk + sc * absk * (T(ddS).sum(-1) + Gc * absdS.sum(-2))[..., None]
-              + (u_scale + us) * sc * c["absA"] + (u_scale + 2 * us) * sc * absk * c["absC"][..., None]
-              + (us + store) * c["absdk"])
+              + (u_scale + us) * sc * c.absA + (u_scale + 2 * us) * sc * absk * c.absC[..., None]
+              + (us + store) * c.absdk)
     else:
-        bk = bk + (u_scale + us + store) * c["absdk"]
+        bk = bk + (u_scale + us + store) * c.absdk
     if sc == 0.0:  # every term of dq and dk carries the scale: both are exactly 0 (no 0 * inf from an unbounded term)
         bq, bk = np.zeros_like(bq), np.zeros_like(bk)
-    wv = rv * (phi + Gq + (0.0 if c["drop"] is None else 2 * u))
-    wv = np.where(loose, (1.0 if c["drop"] is None else c["drop"]) * (1.0 + Gq + 2 * u), wv)
-    bv = T(wv) @ absg + store * c["absdv"]
+    wv = rv * (phi + Gq + (0.0 if c.drop is None else 2 * u))
+    wv = np.where(loose, (1.0 if c.drop is None else c.drop) * (1.0 + Gq + 2 * u), wv)
+    bv = T(wv) @ absg + store * c.absdv
     return bq, bk, bv, dsink, ddZ
 
 
@@ -238,7 +278,7 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
         dX = dS if inp.softcap is None else dS * (1.0 - (_finite(comp.s) / inp.softcap) ** 2)  # V3
         A, C = _finite(T(dX) @ q64), _finite(dX.sum(-2))  # sum_i dX_ij q_i and sum_i dX_ij
     dk_heads = sc * (A - _finite(k64) * C[..., None]) if energy == "sqeuclidean" else sc * A
-    ctx = dict(
+    ctx = _Quantities(
         u=u, x=x, S=S, scale=sc, D=inp.q.shape[-1], L=L64, a=a64, r=r, b=b, delta=delta, dS=dS, dX=dX, comp=comp,
         z=x if comp is None or comp.x is None else -comp.e[..., : inp.m], softcap=inp.softcap, drop=drop,
         absg=np.abs(_finite(g64)), absv=np.abs(_finite(v64)), absq=np.abs(_finite(q64)), absk=np.abs(_finite(k64)),
@@ -267,7 +307,7 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
         if inp.sinks is not None:
             rows = np.prod(inp.batch + (inp.n,), dtype=np.int64) // max(1, int(np.prod(inp.sinks_shape, dtype=np.int64)))
             absd = np.abs(_finite(np.asarray(refs[-1], np.float64)))
-            per_row = _finite(mine[3]) + gamma(int(rows), U64) * np.abs(_finite(ctx["rsink"] * delta))
+            per_row = _finite(mine[3]) + gamma(int(rows), U64) * np.abs(_finite(ctx.rsink * delta))
             total.append(_sum_to_shape(per_row.sum(axis=-1), inp.sinks_shape) + _store(u, U64) * absd + rest[0])
         return refs, _with_floor(total, floor, inp)
     ref = _side_vjp(REFERENCE, U64, dtype, ctx)
@@ -277,7 +317,7 @@ def attention_vjp_bounds(path, q, k, v, grad_out, dtype=None, *, scale=None, ene
     if inp.sinks is not None:  # the rows' bounds summed as the rows are, then each side's float64 sum and rounding
         rows = np.prod(inp.batch + (inp.n,), dtype=np.int64) // max(1, int(np.prod(inp.sinks_shape, dtype=np.int64)))
         absd = np.abs(_finite(np.asarray(refs[3], np.float64)))
-        per_row = _finite(mine[3] + ref[3]) + 2 * gamma(int(rows), U64) * np.abs(_finite(ctx["rsink"] * delta))
+        per_row = _finite(mine[3] + ref[3]) + 2 * gamma(int(rows), U64) * np.abs(_finite(ctx.rsink * delta))
         total.append(_sum_to_shape(per_row.sum(axis=-1), inp.sinks_shape) + 2 * _store(u, U64) * absd)  # both round to the dtype
     return refs, _with_floor(total, floor, inp)
 
