@@ -92,6 +92,9 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from .primitives import _finite, gamma, tree_depth, tree_squares
@@ -173,8 +176,27 @@ def _kernel_score_sizes(inp, x):
     return S, S2
 
 
+@dataclass
 class _Forward:
-    """The forward's roundings of section 13, kept for the backward (section 14)."""
+    """The forward's quantities of section 13 that the backward reuses (section 14), filled as section 13 forms them."""
+
+    u_s: float = 0.0  # unit roundoffs: scores, probabilities, accumulator, output
+    u_p: float = 0.0
+    u_a: float = 0.0
+    u_o: float = 0.0
+    x: Any = None  # the scaled scores
+    S: Any = None  # their sizes (section 5) and their tree's squares
+    S2: Any = None
+    r_all: Any = None  # the responsibilities, the sink's last; rr the keys', rc times dropout's c
+    rr: Any = None
+    rc: Any = None
+    v: Any = None  # the values and dropout's factors c
+    c: Any = None
+    e: Any = None  # a key's own roundings (rigorous) and their squared magnitudes
+    sq: Any = None
+    sum_tree: Any = None  # the row sum's tree squares, relative to itself
+    a: Any = None  # the output and |L|, the log-partition's magnitude
+    L: Any = None
 
 
 def _forward_terms(comp, r, a, L, precision):
