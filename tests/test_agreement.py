@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
@@ -153,6 +154,28 @@ def agrees_forward(path, q, k, v, dtype, what, **kw):
     return a, L, fb
 
 
+class Case(NamedTuple):
+    """One case of a variant suite: ``kw(s)`` the call's keywords from the shape's set-up ``s`` (the test's own
+    record of its shape, inputs and random masks); ``simulator_backward``: its backward runs under the CUDA
+    simulator too (about 10 s each there: every other case)."""
+
+    kw: Callable
+    simulator_backward: bool = True
+
+
+def cases(*items):
+    """``@cases(("id", kw, simulator_backward), ...)``: one test per case, named by its id (one failure hides no other)."""
+    return pytest.mark.parametrize("case", [pytest.param(Case(kw, sb), id=name) for name, kw, sb in items])
+
+
+def agree_on_case(path, case, q, k, v, gout, dtype, what, energy, **kw):
+    """The forward, and the backward unless the simulator skips it for this case; returns the forward's results."""
+    fwd = agrees_forward(path, q, k, v, dtype, what, energy=energy, **kw)
+    if case.simulator_backward or not path.small:
+        agrees_backward(path, q, k, v, gout, dtype, fwd, what, energy=energy, **kw)
+    return fwd
+
+
 def agrees_backward(path, q, k, v, gout, dtype, forward, what, **kw):
     """The path's gradients from the saved ``forward = (a, L, bounds)`` within their bounds: ``dq, dk, dv``, then ``dbias`` and ``dsinks`` when given."""
     a, L, fb = forward
@@ -244,9 +267,22 @@ def test_attention_masks_and_causal(path, rng, dtype, energy):
     assert np.isnan(a_nan[0, 1]).all() and not np.isnan(np.delete(a_nan.reshape(-1, a_nan.shape[-1]), 1, axis=0)).any()
 
 
+class WindowSetup(NamedTuple):
+    N: int
+    M: int
+    w: int
+    mask: np.ndarray
+
+
 @pytest.mark.equation("V4", "G4")
 @runs
-def test_attention_window(path, rng, dtype, energy, size):
+@cases(("left", lambda s: dict(window=(s.w, 0)), True),
+       ("both-bottom-right", lambda s: dict(window=(s.w, s.w // 2), causal_alignment="bottom_right"), False),
+       ("right-only", lambda s: dict(window=(None, 1)), True),
+       ("causal-masked", lambda s: dict(window=(2 * s.w, s.w), is_causal=True, mask=s.mask), False),
+       ("zero-width", lambda s: dict(window=(0, 0)), True),
+       ("zero-width-bottom-right", lambda s: dict(window=(0, 0), causal_alignment="bottom_right"), False))  # N > M: rows see no key
+def test_attention_window(path, rng, dtype, energy, size, case):
     """The sliding window (V4), alone, with causality and a mask, both alignments, forward and backward.
 
     The shapes cross many of the path's tiles (the CPU's 256-512 keys, the
@@ -263,20 +299,23 @@ def test_attention_window(path, rng, dtype, energy, size):
         N, M = shape[3], shape[4]
         gout = rand(rng, np.broadcast_shapes(shape[0], shape[1], shape[2]) + (N, shape[6]), dtype)
         w = 3 if path.small else {"small": 12, "large": 300}[size]
-        cases = [dict(window=(w, 0)), dict(window=(w, w // 2), causal_alignment="bottom_right"), dict(window=(None, 1)),
-                 dict(window=(2 * w, w), is_causal=True, mask=rng.random((N, M)) < 0.8), dict(window=(0, 0)),
-                 dict(window=(0, 0), causal_alignment="bottom_right")]  # N > M: the first N - M rows see no key
-        for n_case, kw in enumerate(cases):
-            what = f"{shape} {sorted(kw)}"
-            fwd = agrees_forward(path, q, k, v, dtype, what, energy=energy, **kw)
-            if path.small and n_case % 2:
-                continue  # the simulator: about 10 s per backward here
-            agrees_backward(path, q, k, v, gout, dtype, fwd, what, energy=energy, **kw)
+        kw = case.kw(WindowSetup(N, M, w, rng.random((N, M)) < 0.8))
+        agree_on_case(path, case, q, k, v, gout, dtype, f"{shape} {sorted(kw)}", energy, **kw)
+
+
+class GroupSetup(NamedTuple):
+    w: int
+    shared_mask: np.ndarray
+    head_mask: np.ndarray
 
 
 @pytest.mark.equation("V6", "G4")
 @runs
-def test_attention_grouped_query_heads(path, rng, dtype, energy, size):
+@cases(("plain", lambda s: dict(), True), ("causal", lambda s: dict(is_causal=True), False),
+       ("window-bottom-right", lambda s: dict(window=(s.w, s.w // 2), causal_alignment="bottom_right"), True),
+       ("mask-shared-by-heads", lambda s: dict(mask=s.shared_mask), False),
+       ("mask-per-head-causal", lambda s: dict(mask=s.head_mask, is_causal=True), True))
+def test_attention_grouped_query_heads(path, rng, dtype, energy, size, case):
     """Grouped-query heads (V6): ``Hq = g Hkv`` query heads over ``Hkv`` key/value heads, forward and backward.
 
     ``dk, dv`` come back per key/value head, summed over the group.  Cases:
@@ -295,20 +334,33 @@ def test_attention_grouped_query_heads(path, rng, dtype, energy, size):
         k, v = rand(rng, (B, hkv, M, D), dtype, spread), rand(rng, (B, hkv, M, Dv), dtype)
         gout = rand(rng, (B, hq, N, Dv), dtype)
         w = 3 if path.small else {"small": 12, "large": 200}[size]
-        cases = [dict(), dict(is_causal=True), dict(window=(w, w // 2), causal_alignment="bottom_right"),
-                 dict(mask=rng.random((B, 1, N, M)) < 0.7),
-                 dict(mask=rng.random((B, hq, N, M)) < 0.7, is_causal=True)]
-        for n_case, kw in enumerate(cases):
-            what = f"{hq}/{hkv} {sorted(kw)}"
-            fwd = agrees_forward(path, q, k, v, dtype, what, energy=energy, enable_gqa=True, **kw)
-            if path.small and n_case % 2:
-                continue  # the simulator: about 10 s per backward here
-            agrees_backward(path, q, k, v, gout, dtype, fwd, what, energy=energy, enable_gqa=True, **kw)
+        kw = case.kw(GroupSetup(w, rng.random((B, 1, N, M)) < 0.7, rng.random((B, hq, N, M)) < 0.7))
+        agree_on_case(path, case, q, k, v, gout, dtype, f"{hq}/{hkv} {sorted(kw)}", energy, enable_gqa=True, **kw)
+
+
+class LogitSetup(NamedTuple):
+    N: int
+    H: int
+    per_head: np.ndarray
+    shared: np.ndarray
+    per_key: np.ndarray
+    slopes: np.ndarray
+    w: int
+    seg: dict
 
 
 @pytest.mark.equation("V1", "V2", "V3", "G4")
 @runs
-def test_attention_logits(path, rng, dtype, energy, size):
+@cases(("bias-per-head", lambda s: dict(bias=s.per_head), True),
+       ("bias-shared-causal-bottom-right", lambda s: dict(bias=s.shared, is_causal=True, causal_alignment="bottom_right"), False),
+       ("softcap", lambda s: dict(softcap=1.5), True),
+       ("alibi", lambda s: dict(alibi_slopes=s.slopes), False),
+       ("alibi-causal", lambda s: dict(alibi_slopes=s.slopes, is_causal=True), True),
+       ("all-with-window-and-sinks", lambda s: dict(bias=s.per_key, alibi_slopes=s.slopes, softcap=2.0, window=(s.w, s.w),
+                                                     sinks=np.ones(s.H)), False),
+       ("alibi-per-segment", lambda s: None if s.N == 1 else dict(alibi_slopes=np.stack([s.slopes, 2 * s.slopes]), softcap=3.0,
+                                                                    is_causal=True, **s.seg), True))
+def test_attention_logits(path, rng, dtype, energy, size, case):
     """The logits' variants: a bias (V1), ALiBi (V2) and a soft-cap (V3), alone and together, forward and backward.
 
     The backward returns ``dbias`` (the bias's shape) after ``dq, dk, dv``.
@@ -333,24 +385,26 @@ def test_attention_logits(path, rng, dtype, energy, size):
         slopes = 2.0 ** -np.arange(1, H + 1)
         w = 2 if path.small else {"small": 10, "large": 100}[size]
         seg = dict(cu_seqlens_q=np.array([0, N // 2, N]), cu_seqlens_k=np.array([0, M // 3, M]))
-        cases = [dict(bias=per_head), dict(bias=shared, is_causal=True, causal_alignment="bottom_right"),
-                 dict(softcap=1.5), dict(alibi_slopes=slopes), dict(alibi_slopes=slopes, is_causal=True),
-                 dict(bias=per_key, alibi_slopes=slopes, softcap=2.0, window=(w, w), sinks=np.ones(H))]
-        if N > 1:
-            cases.append(dict(alibi_slopes=np.stack([slopes, 2 * slopes]), softcap=3.0, is_causal=True, **seg))
-        if hkv != H:
-            cases = [dict(c, enable_gqa=True) for c in cases]
-        for n_case, kw in enumerate(cases):
-            what = f"{H}/{hkv} {sorted(kw)}"
-            fwd = agrees_forward(path, q, k, v, dtype, what, energy=energy, **kw)
-            if path.small and n_case % 2:
-                continue  # the simulator: about 10 s per backward here
-            agrees_backward(path, q, k, v, gout, dtype, fwd, what, energy=energy, **kw)
+        kw = case.kw(LogitSetup(N, H, per_head, shared, per_key, slopes, w, seg))
+        if kw is None:  # segments need more than one query
+            continue
+        kw = dict(kw, enable_gqa=True) if hkv != H else kw
+        agree_on_case(path, case, q, k, v, gout, dtype, f"{H}/{hkv} {sorted(kw)}", energy, **kw)
+
+
+class DropoutSetup(NamedTuple):
+    H: int
+    per_head: np.ndarray
+    shared: np.ndarray
+    bias: np.ndarray
 
 
 @pytest.mark.equation("V8", "G4")
 @runs
-def test_attention_dropout(path, rng, dtype, energy, size):
+@cases(("per-head", lambda s: dict(dropout_p=0.3, dropout_mask=s.per_head), True),
+       ("shared-causal-rows-dropped", lambda s: dict(dropout_p=0.5, dropout_mask=s.shared, is_causal=True), False),
+       ("with-bias-and-sinks", lambda s: dict(dropout_p=0.2, dropout_mask=s.per_head, bias=s.bias, sinks=np.ones(s.H)), True))
+def test_attention_dropout(path, rng, dtype, energy, size, case):
     """Dropout with an explicit mask (V8): the dropped pairs leave the mean, not the normaliser, forward and backward.
 
     ``L`` is the one without dropout; ``a = sum_j r_ij keep_ij v_j / (1 - p)``;
@@ -370,17 +424,15 @@ def test_attention_dropout(path, rng, dtype, energy, size):
         per_head = rng.random((H, N, M)) >= 0.3
         shared = rng.random((1, N, M)) >= 0.5
         shared[:, : max(1, N // 4)] = False  # these rows keep nothing: a = 0, L as without dropout
-        cases = [dict(dropout_p=0.3, dropout_mask=per_head), dict(dropout_p=0.5, dropout_mask=shared, is_causal=True),
-                 dict(dropout_p=0.2, dropout_mask=per_head, bias=rand(rng, (1, N, M), dtype), sinks=np.ones(H))]
-        if hkv != H:
-            cases = [dict(c, enable_gqa=True) for c in cases]
-        for n_case, kw in enumerate(cases):
-            what = f"{H}/{hkv} {sorted(kw)}"
-            fwd = agrees_forward(path, q, k, v, dtype, what, energy=energy, **kw)
-            if path.small and n_case % 2:
-                continue  # the simulator: about 10 s per backward here
-            agrees_backward(path, q, k, v, gout, dtype, fwd, what, energy=energy, **kw)
-    q, k, v = make_inputs(rng, ((), (), (), 3, 5, 2, 2), dtype)
+        kw = case.kw(DropoutSetup(H, per_head, shared, rand(rng, (1, N, M), dtype)))
+        kw = dict(kw, enable_gqa=True) if hkv != H else kw
+        agree_on_case(path, case, q, k, v, gout, dtype, f"{H}/{hkv} {sorted(kw)}", energy, **kw)
+
+
+@pytest.mark.equation("V8")
+def test_dropped_values_are_never_read(path, rng):
+    """A key dropped in every row: its NaN value is never read, and the result is the one with a finite value there."""
+    q, k, v = make_inputs(rng, ((), (), (), 3, 5, 2, 2), np.float64)
     keep = np.ones((3, 5), bool)
     keep[:, 1] = False
     v_nan = v.copy()
@@ -427,9 +479,17 @@ def _cumulative(rng, total, segments, empty=()):
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
+class SegmentSetup(NamedTuple):
+    w: int
+    mask: np.ndarray
+
+
 @pytest.mark.equation("V7", "G4")
 @runs
-def test_attention_packed_segments(path, rng, dtype, energy, size):
+@cases(("plain", lambda s: dict(), True), ("causal", lambda s: dict(is_causal=True), False),
+       ("causal-bottom-right", lambda s: dict(is_causal=True, causal_alignment="bottom_right"), True),
+       ("window-masked", lambda s: dict(window=(s.w, s.w // 2), mask=s.mask), False))
+def test_attention_packed_segments(path, rng, dtype, energy, size, case):
     """Packed variable-length sequences (V7): each query competes over its own segment's keys only, forward and backward.
 
     Segments of random lengths, one of them empty, queries and keys cut
@@ -447,22 +507,24 @@ def test_attention_packed_segments(path, rng, dtype, energy, size):
         gout = rand(rng, (H, N, Dv), dtype)
         seg = dict(cu_seqlens_q=_cumulative(rng, N, nseg, empty=[1]), cu_seqlens_k=_cumulative(rng, M, nseg, empty=[1]))
         w = 2 if path.small else {"small": 10, "large": 100}[size]
-        cases = [dict(), dict(is_causal=True), dict(is_causal=True, causal_alignment="bottom_right"),
-                 dict(window=(w, w // 2), mask=rng.random((N, M)) < 0.8)]
-        if hkv != H:
-            cases = [dict(c, enable_gqa=True) for c in cases]
-        for n_case, kw in enumerate(cases):
-            kw.update(seg)
-            what = f"{H}/{hkv} {sorted(kw)}"
-            fwd = agrees_forward(path, q, k, v, dtype, what, energy=energy, **kw)
-            if path.small and n_case % 2:
-                continue  # the simulator: about 10 s per backward here
-            agrees_backward(path, q, k, v, gout, dtype, fwd, what, energy=energy, **kw)
+        kw = dict(case.kw(SegmentSetup(w, rng.random((N, M)) < 0.8)), **seg)
+        kw = dict(kw, enable_gqa=True) if hkv != H else kw
+        agree_on_case(path, case, q, k, v, gout, dtype, f"{H}/{hkv} {sorted(kw)}", energy, **kw)
+
+
+class SinkSetup(NamedTuple):
+    sinks: np.ndarray
+    no_head: np.ndarray
+    w: int
+    empty: np.ndarray
 
 
 @pytest.mark.equation("V5", "G6")
 @runs
-def test_attention_sinks(path, rng, dtype, energy, size):
+@cases(("plain", lambda s: dict(sinks=s.sinks), True), ("causal", lambda s: dict(sinks=s.sinks, is_causal=True), False),
+       ("window-no-sink-on-a-head", lambda s: dict(sinks=s.no_head, window=(s.w, s.w // 2)), True),
+       ("rows-without-keys", lambda s: dict(sinks=s.sinks, mask=s.empty), False))
+def test_attention_sinks(path, rng, dtype, energy, size, case):
     """Attention sinks (V5): one more hypothesis per row with a per-head logit and value 0, forward and backward.
 
     The backward returns ``dsinks`` (the sinks' shape) after ``dq, dk, dv``;
@@ -486,19 +548,12 @@ def test_attention_sinks(path, rng, dtype, energy, size):
         empty = rng.random((N, M)) < 0.5
         empty[: max(1, N // 3)] = False  # these rows see no key: the sink takes all their mass
         w = 3 if path.small else {"small": 12, "large": 200}[size]
-        cases = [dict(sinks=sinks), dict(sinks=sinks, is_causal=True), dict(sinks=no_head, window=(w, w // 2)),
-                 dict(sinks=sinks, mask=empty)]
-        if hkv != H:
-            cases = [dict(c, enable_gqa=True) for c in cases]
-        for n_case, kw in enumerate(cases):
-            what = f"{H}/{hkv} {sorted(kw)}"
-            fwd = agrees_forward(path, q, k, v, dtype, what, energy=energy, **kw)
-            if "mask" in kw:  # rows without a key: output 0, log-partition = the sink's logit
-                a, L, gone = fwd[0], fwd[1], ~empty.any(axis=-1)
-                assert (a[:, gone] == 0).all() and np.array_equal(L[:, gone], np.broadcast_to(sinks.astype(dtype)[:, None], L[:, gone].shape))
-            if path.small and n_case % 2:
-                continue  # the simulator: about 10 s per backward here
-            agrees_backward(path, q, k, v, gout, dtype, fwd, what, energy=energy, **kw)
+        kw = case.kw(SinkSetup(sinks, no_head, w, empty))
+        kw = dict(kw, enable_gqa=True) if hkv != H else kw
+        a, L, *_ = agree_on_case(path, case, q, k, v, gout, dtype, f"{H}/{hkv} {sorted(kw)}", energy, **kw)
+        if "mask" in kw:  # rows without a key: output 0, log-partition = the sink's logit
+            gone = ~empty.any(axis=-1)
+            assert (a[:, gone] == 0).all() and np.array_equal(L[:, gone], np.broadcast_to(sinks.astype(dtype)[:, None], L[:, gone].shape))
 
 
 @pytest.mark.equation("V5")
