@@ -355,6 +355,13 @@ def test_flash_attention_2_arithmetic_where_it_differs():
         dq, _, _ = FlashKernel(q, k, v, is_causal=True).backward(g)
         dq_here = iem_ref.attention_vjp(q, k, v, g, is_causal=True)[0]
     assert np.isnan(dq).all() and np.isfinite(dq_here[:4]).all() and np.isnan(dq_here[4]).all()
+    q, k, v, g = problem(n=4, m=5)
+    q[:, 0] = np.abs(q[:, 0]) + 0.1
+    k[0] = [INF, 0.0, 0.0]  # a certain key: its score is +inf, and exp(inf - inf) is NaN in the online softmax
+    with np.errstate(invalid="ignore"):
+        out, _, _ = FlashKernel(q, k, v).forward()
+        dq, dk, dv = FlashKernel(q, k, v).backward(g)
+    assert np.isnan(out).all() and np.isnan(dq).all() and np.isnan(dk).all() and np.all(dv == 0)  # its P = 0 where L is not finite
 
 
 @pytest.mark.parametrize("dv", [pytest.param(2, id="values"), pytest.param(0, id="no-values")])
