@@ -34,7 +34,7 @@ from tests.tolerances import assert_within
 # --- the paths ------------------------------------------------------------------------
 #: The CPU's tiling in this suite: a kernel's code does not depend on its tile sizes (they are arguments), so
 #: problems of tens to a few hundred queries and keys cross as many query blocks, key tiles, few-row blocks
-#: and key splits as the default tiling does at thousands; the bounds read the same tiling (bounds.cpu() asks
+#: and key splits as the default tiling does at thousands; the bounds read the same tiling (cpu.arithmetic() asks
 #: cpu.plan).  The slow tier reruns the variants at the default tiling and large shapes (``size="large"``).
 SMALL_TILING = dict(forward64=(32, 16), forward32=(32, 32), backward64=(16, 16), backward32=(32, 32), min_blocks=4,
                     target_items=16, min_split_keys=40, small_block=8, decode_keys=40)
@@ -46,7 +46,7 @@ class Path:
     def __init__(self, name, mod):
         self.name = name
         self.mod = mod
-        self.arith = getattr(bounds, name)()  # bounds.cpu() / bounds.cuda(): tiles read from the path's own layout
+        self.arith = mod.arithmetic()  # the path's own description: tiles read from its plan or layout
         self.small = name == "cuda" and CUDA_SIMULATED  # the simulator: tens of queries and keys at most
 
 

@@ -18,7 +18,12 @@ import numpy as np
 import pytest
 
 import iem_ref.bounds as B
+from iem_ref.accel import cpu as _cpu, cuda as _cuda  # noqa: E402  (conftest chose the CUDA backend)
 from tests.conftest import U32, U64
+
+#: each path describes its own arithmetic
+CPU = _cpu.arithmetic()
+cuda_arith = _cuda.arithmetic
 
 
 @pytest.mark.parametrize("name", ("__init__",) + B.MODULES)
@@ -89,37 +94,37 @@ def test_cpu_sum_bound_is_gamma_n_for_one_tile():
         u = B.unit_roundoff(dtype)
         bk = plan(1, 100, 10**6, dtype)[1]
         for n in (1, 7, bk):
-            assert B.CPU.key_sum(n, dtype, 100) == (n, 0)
-            assert B.sum_bound(B.CPU, B.CPU.key_sum(n, dtype, 100), u) == B.gamma(n, u)
-            assert B.CPU.rescales(n, dtype, 100) == 0
+            assert CPU.key_sum(n, dtype, 100) == (n, 0)
+            assert B.sum_bound(CPU, CPU.key_sum(n, dtype, 100), u) == B.gamma(n, u)
+            assert CPU.rescales(n, dtype, 100) == 0
         # three tiles: the third tile's terms enter float64 by one addition, the first tile's see two
         # rescaled additions (multiply + add each): 2 (tiles - 1) forward, tiles - 1 in the backward
         n = 2 * bk + 5
-        assert B.CPU.key_sum(n, dtype, 100) == (bk, 4)
-        assert B.sum_bound(B.CPU, (bk, 4), u) == B.gamma(bk, u) + B.gamma(4, U64)
-        assert B.CPU.rescales(n, dtype, 100) == 2
+        assert CPU.key_sum(n, dtype, 100) == (bk, 4)
+        assert B.sum_bound(CPU, (bk, 4), u) == B.gamma(bk, u) + B.gamma(4, U64)
+        assert CPU.rescales(n, dtype, 100) == 2
         bkb = plan(1, 100, n, dtype, backward=True)[1]
-        assert B.CPU.key_sum(n, dtype, 100, backward=True) == (min(n, bkb), -(-n // bkb) - 1)
+        assert CPU.key_sum(n, dtype, 100, backward=True) == (min(n, bkb), -(-n // bkb) - 1)
         bq = plan(1, 1000, 1, dtype, backward=True)[0]
-        assert B.CPU.query_sum(1000, dtype) == (min(1000, bq), -(-1000 // bq) - 1)
-        assert B.CPU.column_sum(1000, dtype) == (0, 999)
+        assert CPU.query_sum(1000, dtype) == (min(1000, bq), -(-1000 // bq) - 1)
+        assert CPU.column_sum(1000, dtype) == (0, 999)
 
 
 def test_cuda_counts_follow_the_layout():
     from iem_ref.accel import _cuda_kernels as K
 
     bc = K.LAYOUT["BC"]
-    assert B.cuda().rescales(bc, np.float32) == 0 and B.cuda().rescales(bc + 1, np.float32) == 1
-    assert B.cuda().rescales(10 * bc, np.float32) == 9
-    gpu = B.cuda("gpu")
-    assert gpu.tile_width == K.LAYOUTS["gpu"]["BC"] == 32 and gpu.rescales(35, np.float64) == 1
-    assert B.cuda("simulator").rescales(35, np.float64) == 4
+    assert cuda_arith().rescales(bc, np.float32) == 0 and cuda_arith().rescales(bc + 1, np.float32) == 1
+    assert cuda_arith().rescales(10 * bc, np.float32) == 9
+    gpu = cuda_arith("gpu")
+    assert gpu.tiles(1, 1, np.float64, False)[1] == K.LAYOUTS["gpu"]["BC"] == 32 and gpu.rescales(35, np.float64) == 1
+    assert cuda_arith("simulator").rescales(35, np.float64) == 4
     # one accumulator in the dtype: a product, n - 1 additions and the rescaling multiplies
-    assert B.cuda().key_sum(3 * bc, np.float32) == (3 * bc + 2, 0)
-    assert B.cuda().key_sum(3 * bc, np.float32, backward=True) == (3 * bc, 0)
+    assert cuda_arith().key_sum(3 * bc, np.float32) == (3 * bc + 2, 0)
+    assert cuda_arith().key_sum(3 * bc, np.float32, backward=True) == (3 * bc, 0)
     u = U32
-    assert B.sum_bound(B.cuda(), B.cuda().key_sum(5, np.float32, backward=True), u) == B.gamma(5, u)
-    assert B.cuda().column_sum(9, np.float32) == (8, 0)
+    assert B.sum_bound(cuda_arith(), cuda_arith().key_sum(5, np.float32, backward=True), u) == B.gamma(5, u)
+    assert cuda_arith().column_sum(9, np.float32) == (8, 0)
 
 
 def test_reference_sums_are_gamma_n_in_float64():
@@ -137,7 +142,7 @@ def test_forward_bound_of_one_key_by_hand():
     a_ref = np.array([[2.0]])
     L_ref = np.array([0.0])
     v = np.array([[2.0]])
-    fb = B.forward_bounds(B.CPU, np.float64, x, S, 1.0, 1, v, a_ref, L_ref)
+    fb = B.forward_bounds(CPU, np.float64, x, S, 1.0, 1, v, a_ref, L_ref)
     E = B.gamma(1 + 3, u) + B.gamma(1 + 2, u) + 4 * u  # path's and reference's scores, exp within 2 ulps
     G = B.gamma(1, u)  # one term in one tile: its product
     # W = sum_j r_j |v_j - a| = 0 (one key: a weight error cannot move a), P = |a| = 2
@@ -149,7 +154,7 @@ def test_forward_bound_of_one_key_by_hand():
     assert fb.a_path[0, 0] < fb.a[0, 0] and fb.L_path[0] < fb.L[0]
     # two keys, equal scores: W = |v_1 - v_2| / 2 carries E; the rescale term is bounded by W too
     x2, v2 = np.zeros((1, 2)), np.array([[1.0], [3.0]])
-    fb2 = B.forward_bounds(B.CPU, np.float64, x2, np.ones((1, 2)), 1.0, 1, v2, np.array([[2.0]]), np.array([math.log(2)]))
+    fb2 = B.forward_bounds(CPU, np.float64, x2, np.ones((1, 2)), 1.0, 1, v2, np.array([[2.0]]), np.array([math.log(2)]))
     G2 = B.gamma(2, u)
     assert fb2.a[0, 0] == pytest.approx(E * 1.0 + G2 * (2 + 2) + (6 * u + B.gamma(2, u)) * 2 + u * 2, rel=1e-12)
 
@@ -181,7 +186,7 @@ def test_the_suites_and_helpers_use_these_bounds(monkeypatch):
 
     monkeypatch.setattr(B, "attention_bounds", fake_forward)
     monkeypatch.setattr(B, "attention_vjp_bounds", fake_vjp)
-    cpu_path = TA.Path("cpu", None)
+    cpu_path = TA.Path("cpu", _cpu)
     assert TA.attention_bounds(cpu_path, 1, 2, 3, np.float32)[2].a == "ba"
     assert TA.vjp_bounds(cpu_path, 1, 2, 3, 4, np.float32, None) == ("refs", ("bq", "bk", "bv"))
     assert TC.forward_bounds(1, 2, 3, np.float64, mask=True) == ("a", "L", "ba", "bL")

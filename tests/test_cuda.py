@@ -46,13 +46,13 @@ def forward_bounds(q, k, v, dtype, *, layout=None, **kw):
     """``(a_ref, L_ref, bound_a, bound_L)``: the reference's results for ``attention(q, k, v, **kw)`` and the
     CUDA path's bounds against them (:func:`iem_ref.bounds.attention_bounds`; ``layout``: the one that ran,
     default the current one)."""
-    a_ref, L_ref, fb = _bounds.attention_bounds(_bounds.cuda(layout), q, k, v, dtype, **kw)
+    a_ref, L_ref, fb = _bounds.attention_bounds(C.arithmetic(layout), q, k, v, dtype, **kw)
     return a_ref, L_ref, fb.a, fb.L
 
 
 def backward_bounds(q, k, v, g, dtype, *, layout=None, **kw):
     """The bounds on ``(dq, dk, dv)`` against the reference (:func:`iem_ref.bounds.attention_vjp_bounds`)."""
-    return _bounds.attention_vjp_bounds(_bounds.cuda(layout), q, k, v, g, dtype, **kw)[1]
+    return _bounds.attention_vjp_bounds(C.arithmetic(layout), q, k, v, g, dtype, **kw)[1]
 
 
 def _host(x):

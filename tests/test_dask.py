@@ -44,6 +44,13 @@ from iem_ref.accel import cpu
 from iem_ref.streaming import finalize_partial, merge_partials, partial_posterior
 from tests.conftest import REPO
 
+
+def cpu_arithmetic():
+    """The CPU path's own arithmetic (:func:`iem_ref.accel.cpu.arithmetic`), imported when a bound is formed."""
+    from iem_ref.accel import cpu
+
+    return cpu.arithmetic()
+
 U64 = bounds.U64
 
 
@@ -75,7 +82,7 @@ def _check_cpu(q, k, v, a, L, mchunks, **kw):
     """``backend="cpu"`` against the reference within the CPU path's bound plus the extra merge levels, and against
     the one-call kernel within ``2 a_path + da`` (each side against the exact result)."""
     dtype = np.result_type(q, k, v)
-    a_ref, L_ref, fb = bounds.attention_bounds(bounds.CPU, q, k, v, dtype, **kw)
+    a_ref, L_ref, fb = bounds.attention_bounds(cpu_arithmetic(), q, k, v, dtype, **kw)
     r = iem_ref.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), return_responsibilities=True,
                           **kw)[1]
     P, W, V = _spreads(r, v, a_ref)
@@ -170,7 +177,7 @@ def test_summary_cpu_backend_within_the_bound(rng):
                         scheduler="sync")
     a_ref, L_ref = iem_ref.softmin_summary(d, v, tau)
     x = -d / tau
-    fb = bounds.forward_bounds(bounds.CPU, np.float64, x, np.zeros_like(x), 1 / tau, 0, v, a_ref, L_ref)
+    fb = bounds.forward_bounds(cpu_arithmetic(), np.float64, x, np.zeros_like(x), 1 / tau, 0, v, a_ref, L_ref)
     r = iem_ref.responsibilities(d, tau)
     P, W, V = _spreads(r, v, a_ref)
     bk = cpu.plan(2, N, M, np.float64)[1]

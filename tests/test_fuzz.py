@@ -211,7 +211,7 @@ def check_attention(path, case):
     assert a.dtype == a_ref.dtype and L.dtype == L_ref.dtype and a.shape == a_ref.shape and L.shape == L_ref.shape
     bkw = {key: val for key, val in kw.items() if key != "empty"}
     with np.errstate(all="ignore"):
-        _, _, fb = bounds.attention_bounds(getattr(bounds, path)(), q, k, v, a_ref.dtype, **bkw)
+        _, _, fb = bounds.attention_bounds(module(path).arithmetic(), q, k, v, a_ref.dtype, **bkw)
     assert_within(a, a_ref, fb.a, f"{path} attention a")
     assert_within(L, L_ref, fb.L, f"{path} attention L")
 
@@ -307,7 +307,7 @@ def check_vjp(path, case):
     if not same_failure(got, ref, f"{path} vjp"):
         return
     with np.errstate(all="ignore"):
-        _, bnds = bounds.attention_vjp_bounds(getattr(bounds, path)(), q, k, v, g, ref[1][0].dtype, **kw)
+        _, bnds = bounds.attention_vjp_bounds(module(path).arithmetic(), q, k, v, g, ref[1][0].dtype, **kw)
     for name, x, y, bd in zip(("dq", "dk", "dv"), got[1], ref[1], bnds):
         assert x.dtype == y.dtype and x.shape == y.shape, name
         assert_within(x, y, bd, f"{path} vjp {name}")
@@ -366,7 +366,7 @@ def check_summary(path, case):
         x = -np.asarray(d, np.float64) / tau
         x = np.where(np.isnan(x), np.nan, x)
         # the score is -d * (1/tau): no dot product (S = 0, D = 0), as in the agreement suite
-        fb = bounds.forward_bounds(getattr(bounds, path)(), a_ref.dtype, x, np.zeros_like(x), 1 / tau, 0, v, a_ref, L_ref,
+        fb = bounds.forward_bounds(module(path).arithmetic(), a_ref.dtype, x, np.zeros_like(x), 1 / tau, 0, v, a_ref, L_ref,
                                    take=kw.get("mask"))
     assert_within(a, a_ref, fb.a, f"{path} softmin_summary a")
     assert_within(L, L_ref, fb.L, f"{path} softmin_summary L")

@@ -36,7 +36,7 @@ def _flash(tile):
     (section 6) covers both, and the rescale factors alike (section 7).
     """
     return Arithmetic("cuda", exp_ulps=2, rescale_exp_ulps=2, state_float64=False, score_extra=2,
-                      expanded_sqeuclid=False, tile_width=tile)
+                      expanded_sqeuclid=False, tiles=lambda n_queries, n_keys, dtype, backward: (None, tile))
 
 
 def _inputs(rng, shape_q, shape_k, dv, dtype=np.float64):

@@ -93,6 +93,7 @@ from ._problem import (
 from ._scalar import sign_mean, signed_gaussian_mean, softplus_scalar
 
 __all__ = [
+    "arithmetic",
     "attention",
     "softmin_summary",
     "attention_vjp",
@@ -280,6 +281,21 @@ def _stack_mask(mask, batch, n, m):
     m3 = np.broadcast_to(mk, own + (n, m)).reshape((nb, n, m))
     idx = np.broadcast_to(np.arange(nb, dtype=np.int64).reshape(own), batch).reshape(-1)
     return _ro(m3), _ro(np.ascontiguousarray(idx)), True
+
+
+def _tiles(n_queries, n_keys, dtype, backward):
+    bq, bk, _ = plan(1, n_queries, n_keys, dtype, backward=backward)
+    return bq, bk
+
+
+def arithmetic():
+    """This path's :class:`iem_ref.bounds.Arithmetic`: ``exp`` within 2 ulps (the rescalings' 1 ulp, in float64),
+    running state in float64, the squared Euclidean score expanded into one GEMM and two norms (section 5's
+    ``c = 3``), and the tiles of :func:`plan` (read when a bound is formed, so :data:`TILING` counts)."""
+    from ..bounds import Arithmetic
+
+    return Arithmetic("cpu", exp_ulps=2, rescale_exp_ulps=1, state_float64=True, score_extra=3, expanded_sqeuclid=True,
+                      tiles=_tiles)
 
 
 def plan(B, N, M, dtype, backward=False, band=None):

@@ -78,6 +78,7 @@ from ._problem import (
 )
 
 __all__ = [
+    "arithmetic",
     "attention",
     "softmin_summary",
     "attention_vjp",
@@ -257,6 +258,20 @@ def _finish(arrays, shapes, device):
         else:
             out.append(a.copy_to_host().reshape(shape))
     return out
+
+
+def arithmetic(layout=None):
+    """This path's :class:`iem_ref.bounds.Arithmetic`: ``exp`` and the rescalings within 2 ulps, running state in
+    the dtype, squared differences summed directly (section 5's ``c = 2``), key tiles of ``BC`` keys: the layout
+    ``layout`` of ``_cuda_kernels.LAYOUTS``, or the current one when a bound is formed."""
+    from ..bounds import Arithmetic
+
+    def tiles(n_queries, n_keys, dtype, backward):
+        lay = _k.LAYOUT if layout is None else _k.LAYOUTS[layout]
+        return lay["BR"], lay["BC"]
+
+    return Arithmetic("cuda", exp_ulps=2, rescale_exp_ulps=2, state_float64=False, score_extra=2, expanded_sqeuclid=False,
+                      tiles=tiles)
 
 
 def _check_energy(energy):

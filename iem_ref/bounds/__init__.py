@@ -43,7 +43,7 @@ from .forward import ForwardBounds, attention_bounds, forward_bounds
 from .kernels import ErrorTerms, LAMBDA, kernel_forward_bounds, kernel_vjp_bounds
 from .merges import merge_bounds
 from .oracle import variant_vjp_error
-from .paths import Arithmetic, CPU, CUDA, REFERENCE, cpu, cuda, sum_bound
+from .paths import Arithmetic, REFERENCE, sum_bound
 from .primitives import (
     REFERENCE_R_ULPS,
     U32,
@@ -74,11 +74,7 @@ __all__ = [
     "tree_squares",
     "scale_rounding",
     "Arithmetic",
-    "CPU",
-    "CUDA",
     "REFERENCE",
-    "cpu",
-    "cuda",
     "sum_bound",
     "score_form",
     "score_sizes",

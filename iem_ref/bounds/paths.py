@@ -79,6 +79,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Callable
+
 import numpy as np
 
 from .primitives import U64, gamma
@@ -94,8 +96,12 @@ class Arithmetic:
     ``state_float64``: running maximum, sums and accumulators across tiles in
     float64 (CPU, reference) or in the dtype (CUDA); ``score_extra``: the
     ``c`` of section 5; ``expanded_sqeuclid``: the squared Euclidean score
-    through one GEMM and two norms; ``tile_width``: CUDA's key tile ``BC``
-    (``None``: the current layout's, read when a bound is formed).
+    through one GEMM and two norms; ``tiles``: the path's own tile plan,
+    ``(n_queries, n_keys, dtype, backward) -> (query block, key tile)``,
+    read when a bound is formed (a kind ``"cuda"`` path uses its key tile
+    only).  Each path describes itself: :func:`iem_ref.accel.cpu.arithmetic`,
+    :func:`iem_ref.accel.cuda.arithmetic`; the bounds import nothing from
+    the paths.
     """
 
     kind: str
@@ -104,7 +110,7 @@ class Arithmetic:
     state_float64: bool
     score_extra: int
     expanded_sqeuclid: bool
-    tile_width: int | None = None
+    tiles: Callable | None = None
 
     @property
     def name(self):
@@ -115,17 +121,11 @@ class Arithmetic:
         return U64 if self.state_float64 else float(u)
 
     def _cpu_tiles(self, n_queries, n_keys, dtype, backward):
-        from ..accel.cpu import plan  # imports Numba: only when a CPU bound is formed
-
-        bq, bk, _ = plan(1, max(int(n_queries), 1), max(int(n_keys), 1), np.dtype(dtype), backward=backward)
+        bq, bk = self.tiles(max(int(n_queries), 1), max(int(n_keys), 1), np.dtype(dtype), backward)
         return bq, bk
 
     def _cuda_tile(self):
-        if self.tile_width is not None:
-            return int(self.tile_width)
-        from ..accel import _cuda_kernels  # imports numba.cuda: only when a CUDA bound is formed
-
-        return int(_cuda_kernels.LAYOUT["BC"])
+        return int(self.tiles(1, 1, np.dtype(np.float64), False)[1])
 
     def rescales(self, n_keys, dtype, n_queries=1):
         """``R``: the most rescalings a weight sees in a row of ``n_keys`` keys (section 7)."""
@@ -170,26 +170,8 @@ class Arithmetic:
         return 0, n - 1
 
 
-#: the CPU path (:mod:`iem_ref.accel.cpu`)
-CPU = Arithmetic("cpu", exp_ulps=2, rescale_exp_ulps=1, state_float64=True, score_extra=3, expanded_sqeuclid=True)
-#: the CUDA path (:mod:`iem_ref.accel.cuda`), with the current layout's key tile
-CUDA = Arithmetic("cuda", exp_ulps=2, rescale_exp_ulps=2, state_float64=False, score_extra=2, expanded_sqeuclid=False)
 #: the float64 reference, for its own sums (section 8); its other terms are section 4's
 REFERENCE = Arithmetic("reference", exp_ulps=0, rescale_exp_ulps=0, state_float64=True, score_extra=2, expanded_sqeuclid=False)
-
-
-def cpu():
-    """The CPU path's :class:`Arithmetic` (tiles from :func:`iem_ref.accel.cpu.plan`)."""
-    return CPU
-
-
-def cuda(layout=None):
-    """The CUDA path's :class:`Arithmetic`; ``layout`` a name of ``_cuda_kernels.LAYOUTS`` (default: the current one)."""
-    if layout is None:
-        return CUDA
-    from ..accel import _cuda_kernels
-
-    return Arithmetic("cuda", 2, 2, False, 2, False, tile_width=_cuda_kernels.LAYOUTS[layout]["BC"])
 
 
 def sum_bound(path, roundings, u):
