@@ -26,6 +26,15 @@ per machine):
   where it is empty); ``tests/test_cpu_kernels.py`` checks that the helpers
   still compile into linked libraries and the kernels still agree with the
   reference.
+* **No overload compiled for a scratch buffer or a cast.**  ``np.empty``,
+  ``np.zeros`` and a float cast written as overloads have their
+  implementations compiled through Numba's whole pipeline once per type:
+  eight small functions per kernel.  The kernels allocate through
+  intrinsics (``_cpu_kernels.scratch``, ``zeros``: Numba's own
+  ``_empty_nd_impl``, a fourth internal) and cast with the intrinsic
+  ``_fastexp.like``: 41 compilations become 33 for the plain forward, and
+  the first calls 5-31% shorter in turns on the same Zen 4
+  (``bench/results/first_call.md``, "allocation intrinsics").
 * **Numba's cache** keeps each kernel instance's machine code (well under a
   second to load).  It lives in ``__pycache__`` beside the package's
   modules, or under ``NUMBA_CACHE_DIR`` when that variable is set (needed

@@ -72,7 +72,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.core.imputils import impl_ret_borrowed
+from numba.core.imputils import impl_ret_borrowed, impl_ret_new_ref
 from numba.extending import intrinsic, overload
 from numba.np.linalg import ensure_blas
 
@@ -355,6 +355,54 @@ def readonly(typingctx, x):
     return x.copy(readonly=True)(x), codegen
 
 
+def _element_type(dtype):
+    """The element type a ``dtype`` argument names in ``@njit`` code: ``x.dtype``, ``np.float64``, ``np.bool_``."""
+    if isinstance(dtype, types.DType):
+        return dtype.dtype
+    if isinstance(dtype, types.NumberClass):
+        return dtype.instance_type
+    return None
+
+
+def _allocate(zeroed):
+    """An ``@intrinsic`` ``(shape, dtype) -> C-contiguous array`` (``zeroed``: filled with 0), as ``np.empty``/``np.zeros``.
+
+    Why: ``np.empty`` and ``np.zeros`` are overloads, and Numba compiles each
+    overload's implementation through its whole pipeline once per shape and
+    dtype: six to eight small functions per kernel, about 0.5 s of a first
+    call.  An intrinsic emits the allocation directly (Numba's own
+    ``_empty_nd_impl``, a fourth internal the kernels lean on).
+    """
+
+    def allocate(typingctx, shape, dtype):
+        element = _element_type(dtype)
+        tuple_shape = isinstance(shape, types.BaseTuple)
+        if element is None or not (tuple_shape or isinstance(shape, types.Integer)):
+            return None
+        ndim = len(shape) if tuple_shape else 1
+        arrtype = types.Array(element, ndim, "C")
+
+        def codegen(context, builder, signature, args):
+            from numba.np.arrayobj import _empty_nd_impl
+
+            dims = cgutils.unpack_tuple(builder, args[0]) if tuple_shape else [args[0]]
+            dim_types = list(shape) if tuple_shape else [shape]
+            dims = [context.cast(builder, d, t, types.intp) for d, t in zip(dims, dim_types)]
+            ary = _empty_nd_impl(context, builder, arrtype, dims)
+            if zeroed:
+                cgutils.memset(builder, ary.data, builder.mul(ary.itemsize, ary.nitems), 0)
+            return impl_ret_new_ref(context, builder, arrtype, ary._getvalue())
+
+        return arrtype(shape, dtype), codegen
+
+    return intrinsic(allocate)
+
+
+#: ``np.empty`` and ``np.zeros`` for the kernels' scratch buffers, without an overload's compile each
+scratch = _allocate(False)
+zeros = _allocate(True)
+
+
 @njit(**INNER)
 def _prefetch_row(x, i):
     """:func:`prefetch` every cache line of row ``i`` of ``x`` (64-byte lines)."""
@@ -523,7 +571,7 @@ class Norms(NamedTuple):
 @njit(**INNER)
 def _norms(q, bq, bk):
     """:class:`Norms` scratch for query blocks of up to ``bq`` queries (of ``q``'s dtype) and key tiles of up to ``bk`` keys."""
-    return Norms(np.empty(bq, q.dtype), np.empty(bq, np.bool_), np.empty(bk, q.dtype), np.empty(bk, np.bool_))
+    return Norms(scratch(bq, q.dtype), scratch(bq, np.bool_), scratch(bk, q.dtype), scratch(bk, np.bool_))
 
 
 @template(**INNER)
@@ -805,13 +853,13 @@ def _forward_block(h, i0, i1, j0, j1, bk_max, acc):
     q, v = h.q, h.v
     bq = i1 - i0
     Dv = v.shape[1]
-    S = np.empty((bq, bk_max), dtype=q.dtype)
-    pv = np.empty((bq, Dv), dtype=q.dtype)
-    vt = np.empty((bk_max, Dv), dtype=q.dtype)
-    part = np.empty((bq, bk_max), dtype=np.bool_)
-    vbad = np.empty(bk_max, dtype=np.bool_)
-    rescale = np.empty(bq, dtype=np.float64)
-    F = np.empty((0, 0), dtype=q.dtype)  # the forward needs no soft-cap derivative
+    S = scratch((bq, bk_max), q.dtype)
+    pv = scratch((bq, Dv), q.dtype)
+    vt = scratch((bk_max, Dv), q.dtype)
+    part = scratch((bq, bk_max), np.bool_)
+    vbad = scratch(bk_max, np.bool_)
+    rescale = scratch(bq, np.float64)
+    F = scratch((0, 0), q.dtype)  # the forward needs no soft-cap derivative
     norms = _norms(h.q, bq, bk_max)
     _set_query_norms(h.q, norms, i0, i1)
     ninf = -np.inf
@@ -1060,8 +1108,8 @@ def _count_certain(h, i0, i1, bk_max, saved):
     if not any_certain:
         return
     M = h.k.shape[0]
-    S = np.empty((bq, bk_max), dtype=h.q.dtype)
-    F = np.empty((0, 0), dtype=h.q.dtype)
+    S = scratch((bq, bk_max), h.q.dtype)
+    F = scratch((0, 0), h.q.dtype)
     norms = _norms(h.q, bq, bk_max)
     _set_query_norms(h.q, norms, i0, i1)
     start, end = _key_tiles(h.keys, h.group, i0, i1, np.int64(0), M, bk_max)
@@ -1101,22 +1149,22 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
     bq_max = np.int64(0)
     for t in range(blocks.shape[0] - 1):
         bq_max = max(bq_max, blocks[t + 1] - blocks[t])
-    S = np.empty((bq_max, bk), dtype=q.dtype)
-    Bt = np.empty((bq_max, bk), dtype=q.dtype)
-    part = np.empty((bq_max, bk), dtype=np.bool_)
-    tk = np.empty((bk, D), dtype=q.dtype)
-    tv = np.empty((bk, Dv), dtype=q.dtype)
-    qfin = np.empty((bq_max, D), dtype=q.dtype)
-    ufin = np.empty((bq_max, Dv), dtype=q.dtype)
-    qflag = np.empty(bq_max, dtype=np.bool_)
-    uflag = np.empty(bq_max, dtype=np.bool_)
-    acc_k = np.zeros((bk, D), dtype=np.float64)
-    acc_v = np.zeros((bk, Dv), dtype=np.float64)
-    colsum = np.zeros(bk, dtype=np.float64)
-    F = np.empty((bq_max if h.softcap > 0.0 else 0, bk), dtype=q.dtype)
-    nodz = np.empty((0, 0), dtype=np.float64)
-    nopart = np.empty((0, 0), dtype=np.bool_)
-    part_kept = np.empty((bq_max if (VARIANTS and h.has_keep) else 0, bk), dtype=np.bool_)
+    S = scratch((bq_max, bk), q.dtype)
+    Bt = scratch((bq_max, bk), q.dtype)
+    part = scratch((bq_max, bk), np.bool_)
+    tk = scratch((bk, D), q.dtype)
+    tv = scratch((bk, Dv), q.dtype)
+    qfin = scratch((bq_max, D), q.dtype)
+    ufin = scratch((bq_max, Dv), q.dtype)
+    qflag = scratch(bq_max, np.bool_)
+    uflag = scratch(bq_max, np.bool_)
+    acc_k = zeros((bk, D), np.float64)
+    acc_v = zeros((bk, Dv), np.float64)
+    colsum = zeros(bk, np.float64)
+    F = scratch((bq_max if h.softcap > 0.0 else 0, bk), q.dtype)
+    nodz = scratch((0, 0), np.float64)
+    nopart = scratch((0, 0), np.bool_)
+    part_kept = scratch((bq_max if (VARIANTS and h.has_keep) else 0, bk), np.bool_)
     norms = _norms(h.q, bq_max, bk)
     # the queries that see a key of [j0, j1) (causality, window, segments), in the query blocks of the forward
     i_start = min(N, _first_position_above(h.keys, np.int64(1), j0) * h.group)
@@ -1198,18 +1246,18 @@ def _backward_queries(h, i0, i1, bk_max, saved, dq, dz):
     M = k.shape[0]
     D = q.shape[1]
     Dv = v.shape[1]
-    S = np.empty((bq, bk_max), dtype=q.dtype)
-    Bt = np.empty((bq, bk_max), dtype=q.dtype)
-    part = np.empty((bq, bk_max), dtype=np.bool_)
-    tq = np.empty((bq, D), dtype=q.dtype)
-    kfin = np.empty((bk_max, D), dtype=q.dtype)
-    kflag = np.empty(bk_max, dtype=np.bool_)
+    S = scratch((bq, bk_max), q.dtype)
+    Bt = scratch((bq, bk_max), q.dtype)
+    part = scratch((bq, bk_max), np.bool_)
+    tq = scratch((bq, D), q.dtype)
+    kfin = scratch((bk_max, D), q.dtype)
+    kflag = scratch(bk_max, np.bool_)
     norms = _norms(h.q, bq, bk_max)
     _set_query_norms(h.q, norms, i0, i1)
-    acc = np.zeros((bq, D), dtype=np.float64)
-    F = np.empty((bq if h.softcap > 0.0 else 0, bk_max), dtype=q.dtype)
-    xsum = np.zeros(bq, dtype=np.float64)  # sum_j dX_ij, for K2 with a soft-cap
-    nopart = np.empty((0, 0), dtype=np.bool_)
+    acc = zeros((bq, D), np.float64)
+    F = scratch((bq if h.softcap > 0.0 else 0, bk_max), q.dtype)
+    xsum = zeros(bq, np.float64)  # sum_j dX_ij, for K2 with a soft-cap
+    nopart = scratch((0, 0), np.bool_)
     start, end = _key_tiles(h.keys, h.group, i0, i1, np.int64(0), M, bk_max)
     for jb in range(start, end, bk_max):
         bk = min(bk_max, M - jb)

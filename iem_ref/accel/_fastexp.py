@@ -314,18 +314,20 @@ def _fexp_overload(x):
     return None
 
 
-def like(value, sample):
-    """``value`` converted to the float type of ``sample`` inside ``@njit`` code (typed constants: no promotion)."""
-    raise NotImplementedError("like is only callable from @njit code")
+@intrinsic
+def like(typingctx, value, sample):
+    """``value`` converted to the float type of ``sample`` inside ``@njit`` code (typed constants: no promotion).
 
+    An intrinsic, not an overload: an overload's implementation would be
+    compiled through Numba's whole pipeline once per pair of types.
+    """
+    if not isinstance(sample, types.Float) or not isinstance(value, (types.Number, types.Boolean)):
+        return None
 
-@overload(like)
-def _like_overload(value, sample):
-    if sample == types.float64:
-        return lambda value, sample: np.float64(value)
-    if sample == types.float32:
-        return lambda value, sample: np.float32(value)
-    return None
+    def codegen(context, builder, signature, args):
+        return context.cast(builder, args[0], value, sample)
+
+    return sample(value, sample), codegen
 
 
 def fexp_shifted(x):
