@@ -185,3 +185,15 @@ def test_vjp_bounds_hold_where_special_values_defeat_first_order_terms(path, cas
     from tests.test_fuzz import check_vjp
 
     check_vjp(path, case)
+
+
+@pytest.mark.equation("A4")
+@pytest.mark.parametrize("path", ["cpu", "cuda"])
+def test_forward_bound_holds_for_a_subnormal_output(path):
+    # Uniform weights over two values of 1e-310 (D = 0, scale 0): the reference's 0.5 * 1e-310 + 0.5 * 1e-310
+    # rounds in the subnormal range, one eta off the path's, and the forward bound, relative only, was 0 there.
+    from tests.test_fuzz import check_attention
+
+    v = np.array([[0.345584192, 1e-310], [0.345584192, 1e-310]])
+    check_attention(path, dict(q=np.zeros((1, 0)), k=np.zeros((2, 0)), v=v, kw=dict(energy="dot", scale=0.0),
+                               dtype=np.dtype(np.float64)))

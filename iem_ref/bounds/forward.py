@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .paths import sum_bound
-from .primitives import REFERENCE_R_ULPS, U64, _finite, _store, gamma, log_partition_error, ulps, unit_roundoff
+from .primitives import REFERENCE_R_ULPS, U64, _finite, _store, gamma, log_partition_error, ulps, underflow, unit_roundoff
 from .scores import logit_error, score_error, score_sizes
 
 
@@ -140,6 +140,10 @@ def forward_bounds(path, dtype, x, S, scale, D, v, a_ref, L_ref, take=None, rows
     log_term = 2 * us * math.log(max(M, 1))
     L_path = E_path + G + rho + log_term + (us + store) * La
     L = E + G + rho + log_term + (us + store) * La + log_partition_error(La, xmax) + out_ref * La
+    # section 3b: a subnormal result's roundings are absolute (the relative terms above vanish there)
+    vmax = float(np.abs(_finite(np.asarray(v, np.float64))).max(initial=0.0))
+    floor = underflow(dtype, M + D + 8, (1.0 + scale) * (1.0 + xmax.max(initial=0.0)) * (1.0 + vmax))
+    a_path, L_path, a, L = a_path + floor, L_path + floor, a + 2 * floor, L + 2 * floor
     return ForwardBounds(a=a, L=L, a_path=a_path, L_path=L_path, E=E)
 
 

@@ -36,7 +36,10 @@ The relative model above holds for normal results.  A result in the
 subnormal range is rounded to a multiple of ``eta``, the dtype's smallest
 subnormal (``2**-149`` in float32, ``2**-1074`` in float64), so each
 rounding may add ``eta / 2`` absolute besides its relative ``u``
-(Higham, section 2.1).  The backward forms each gradient element through a
+(Higham, section 2.1).  The forward (section 9) forms each output through
+at most ``M + D + 8`` roundings whose factors are at most ``(1 + scale)
+(1 + max |x|) (1 + max |v|)`` (``x`` the scores): ``n eta F`` per side.
+The backward forms each gradient element through a
 chain of at most ``M + N g + D + Dv + 8`` roundings (the exponential, the
 two dot products, the tile sums, the final scale and store) whose factors
 are at most ``F = (1 + scale) prod (1 + max |x|)`` over ``q, k, v`` and the
