@@ -204,8 +204,6 @@ def _offsets(chunks):
 def _check_backend(backend, energy):
     check_choice(backend, "backend", set(BACKENDS))
     if backend == "cpu":
-        from .accel import cpu
-
         energy_of(energy).require("kernel", "backend='cpu' (backend='reference' computes every energy)")
 
 

@@ -154,15 +154,15 @@ def attention_vjp(
     # keeps its NaN away from the keys it cannot see (NaN reaches affected rows only).
     P = np.where(participates, responsibilities(comp.e, comp.tau, mask=take), 0.0)  # (B..., N, M [+ sink])
     part, Pk = participates[..., :M], P[..., :M]
-    spoilt_row = np.any(participates & np.isnan(comp.e), axis=-1, keepdims=True)  # a NaN energy: the row is NaN
-    certain = np.any(participates & np.isneginf(comp.e), axis=-1, keepdims=True) & ~spoilt_row  # a key (or sink) of score +inf
+    nan_row = np.any(participates & np.isnan(comp.e), axis=-1, keepdims=True)  # a NaN energy: the row is NaN
+    certain = np.any(participates & np.isneginf(comp.e), axis=-1, keepdims=True) & ~nan_row  # a key (or sink) of score +inf
     c = None if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)  # V8
     read = part if c is None else part & inp.keep  # a dropped pair reads neither v_j nor u_i
     W = Pk if c is None else Pk * c  # the weights of the values
     with np.errstate(invalid="ignore", over="ignore"):
         b = np.where(read, u @ np.swapaxes(comp.v[..., :M, :], -1, -2), 0.0)  # <u_i, v_j>, participating j only
         if c is not None:
-            b = np.where(read, b * c, 0.0)
+            b = b * c  # 0 already wherever the pair is not read
         a = weighted_sum(W, comp.v[..., :M, :], read, limit=True)  # A4, as the forward
         delta = (u * a).sum(axis=-1, keepdims=True)  # Delta_i = <u_i, a_i> (= sum_j P_ij b_ij), as every path forms it
         dZ = np.where(part & (Pk != 0.0), Pk * (b - delta), 0.0)  # dLoss/dz_ij; a zero weight routes nothing

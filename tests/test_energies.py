@@ -267,8 +267,6 @@ def test_every_tier_supports_exactly_what_the_energy_record_says(name, view):
 @pytest.mark.parametrize("path", ["cpu", "cuda"])
 @pytest.mark.parametrize("name", [n for n, rec in sorted(E.ENERGY_RECORDS.items()) if rec.has("kernel")])
 def test_a_kernel_energy_agrees_on_the_accelerated_paths(name, path):
-    import importlib
-
     from iem_ref import bounds
 
     rng = np.random.default_rng(4)
