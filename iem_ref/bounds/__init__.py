@@ -40,7 +40,7 @@ import numpy as np  # noqa: F401 - the examples above use it
 
 from .backward import attention_vjp_bounds
 from .forward import ForwardBounds, attention_bounds, forward_bounds
-from .kernels import ErrorTerms, LAMBDA, kernel_forward_bounds, kernel_vjp_bounds
+from .kernels import ErrorTerms, ForwardSums, LAMBDA, forward_sums, forward_terms, kernel_forward_bounds, kernel_vjp_bounds, key_roundings
 from .merges import merge_bounds
 from .oracle import variant_vjp_error
 from .paths import Arithmetic, REFERENCE, sum_bound
@@ -90,6 +90,10 @@ __all__ = [
     "LAMBDA",
     "ErrorTerms",
     "kernel_forward_bounds",
+    "ForwardSums",
+    "forward_sums",
+    "forward_terms",
+    "key_roundings",
     "kernel_vjp_bounds",
     "underflow",
     "MODULES",

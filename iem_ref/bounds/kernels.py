@@ -92,8 +92,7 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -176,80 +175,135 @@ def _kernel_score_sizes(inp, x):
     return S, S2
 
 
-@dataclass
-class _Forward:
-    """The forward's quantities of section 13 that the backward reuses (section 14), filled as section 13 forms them."""
+class ForwardSums(NamedTuple):
+    """The sums over keys that section 13's terms read, per query row (float64; rows ``(B..., N)``, columns ``(B..., N, Dv)``).
 
-    u_s: float = 0.0  # unit roundoffs: scores, probabilities, accumulator, output
-    u_p: float = 0.0
-    u_a: float = 0.0
-    u_o: float = 0.0
-    x: Any = None  # the scaled scores
-    S: Any = None  # their sizes (section 5) and their tree's squares
-    S2: Any = None
-    r_all: Any = None  # the responsibilities, the sink's last; rr the keys', rc times dropout's c
-    rr: Any = None
-    rc: Any = None
-    v: Any = None  # the values and dropout's factors c
-    c: Any = None
-    e: Any = None  # a key's own roundings (rigorous) and their squared magnitudes
-    sq: Any = None
-    sum_tree: Any = None  # the row sum's tree squares, relative to itself
-    a: Any = None  # the output and |L|, the log-partition's magnitude
-    L: Any = None
+    With ``r_j`` the oracle's responsibilities (``rr`` the keys', the sink's
+    apart), ``c_j`` dropout's factors, ``e_j`` a key's own roundings and
+    ``w_j = r_j^2 sq_j`` their squared magnitudes (section 13):
+    ``re_v = sum r e c |v|``, ``rax_v = sum r |x| c |v|``, ``rc_v = sum r c
+    |v|``, ``rc2_v2 = sum (r c)^2 v^2``, ``wc2_v2 = sum w c^2 v^2``, ``wc_v =
+    sum w c v``; per row ``re = sum r e``, ``w = sum w``, ``rax = sum r
+    |x|``, and over every hypothesis (the sink included) ``r = sum r``, ``r2
+    = sum r^2``.  :func:`forward_sums` forms them from ``N x M`` arrays; the
+    tiled oracle (:mod:`iem_ref.accel.verdict`) tile by tile, in bounded
+    memory; :func:`forward_terms` turns either into the bound.
+    """
+
+    re_v: Any
+    rax_v: Any
+    rc_v: Any
+    rc2_v2: Any
+    wc2_v2: Any
+    wc_v: Any
+    re: Any
+    w: Any
+    rax: Any
+    r: Any
+    r2: Any
 
 
-def _forward_terms(comp, r, a, L, precision):
-    """Section 13's terms: ``(ErrorTerms of a, ErrorTerms of L, _Forward context)``."""
+def key_roundings(D, u_s, exp_ulps, S, S2, x, t, extra):
+    """A key's own roundings in section 13, ``(e, sq)``: rigorously ``e = gamma_D S + u_s (|x| + t + 2 p + extra)``
+    (the score, its product by the scale, the subtraction, the ``exp``, the variants' steps), in units of ``u_s``
+    their squared magnitudes ``sq``.  Elementwise; the tiled oracle's kernel evaluates the same expression per pair."""
+    p = exp_ulps
+    e = gamma(D, u_s) * S + u_s * (np.abs(x) + t + 2 * p + extra)
+    sq = S2 + x**2 + t**2 + 4 * p * p + extra**2
+    return e, sq
+
+
+class _Pairs(NamedTuple):
+    """Section 13's per-pair quantities as ``N x M`` arrays (:func:`_pairs`; section 14 reuses them)."""
+
+    x: Any  # the scaled scores (finite)
+    S: Any  # their sizes (section 5) and their tree's squares
+    S2: Any
+    r_all: Any  # the responsibilities, the sink's last; rr the keys'
+    rr: Any
+    c: Any  # dropout's factors (ones without)
+    v: Any  # the values (finite)
+    e: Any  # a key's own roundings (rigorous) and their squared magnitudes
+    sq: Any
+
+
+def _pairs(comp, r, L, precision):
+    """The :class:`_Pairs` of the competition ``comp``, its responsibilities ``r`` and log-partition ``L``.
+
+    ``t_j = L - z_j``, the distance of a participating logit from the
+    log-partition: it bounds its distance to whatever row maximum a kernel
+    subtracts, its running maxima included (``z_j <= m' <= max z <= L``),
+    so one bound covers every tiling.
+    """
     from ..precision import unit_roundoff as unit
 
     inp = comp.inp
     M, D = inp.m, inp.q.shape[-1]
-    f = _Forward()
-    f.u_s, f.u_p, f.u_a, f.u_o = (unit(getattr(precision, n)) for n in ("scores", "probs", "accumulator", "output"))
-    u_s, u_p, u_a, u_o = f.u_s, f.u_p, f.u_a, f.u_o
-    p = precision.exp_ulps
-    f.x = x = _finite(comp.x if comp.x is not None else inp.scaled_scores(comp.d))  # the scaled scores
-    z_all = -comp.e if comp.x is not None else -comp.e * inp.scale  # the logits, the sink's last
-    f.S, f.S2 = S, S2 = _kernel_score_sizes(inp, x)
+    u_s = unit(precision.scores)
+    x = _finite(comp.x if comp.x is not None else inp.scaled_scores(comp.d))
+    z = (-comp.e if comp.x is not None else -comp.e * inp.scale)[..., :M]  # the keys' logits
+    S, S2 = _kernel_score_sizes(inp, x)
     extra = logit_error(comp, np.zeros(x.shape), u_s) / u_s if comp.x is not None else 0.0  # the variants' steps
-    f.r_all = r_all = np.where(np.isfinite(r), r, 0.0)
-    f.rr = rr = r_all[..., :M]
-    part_all = r_all > 0
-    m = np.where(part_all & np.isfinite(z_all), z_all, -np.inf).max(axis=-1, keepdims=True, initial=-np.inf)
-    t = np.where(rr > 0, _finite(np.abs(z_all[..., :M] - np.where(np.isfinite(m), m, 0.0))), 0.0)
-    f.v = v = _finite(inp.v.astype(np.float64))
-    f.c = c = np.ones(rr.shape) if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)
-    f.a = af = _finite(np.asarray(a, np.float64))
-    A, absv, ax = np.abs(af), np.abs(v), np.abs(x)
-    n_all = r_all.shape[-1]
-    f.e = e = gamma(D, u_s) * f.S + u_s * (ax + t + 2 * p + extra)  # a key's own roundings, rigorous
-    f.sq = sq = S2 + x**2 + t**2 + 4 * p * p + extra**2  # their squared magnitudes
-    f.rc = rc = rr * c
-    rc_v = rc @ absv
-    f.sum_tree = tree_squares(r_all.sum(-1), (r_all**2).sum(-1), n_all)  # the row sum, relative to itself
+    r_all = np.where(np.isfinite(r), r, 0.0)
+    rr = r_all[..., :M]
+    Lf = np.where(np.isfinite(L), L, 0.0)[..., None]
+    t = np.where(rr > 0, _finite(np.abs(z - Lf)), 0.0)
+    c = np.ones(rr.shape) if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)
+    e, sq = key_roundings(D, u_s, precision.exp_ulps, S, S2, x, t, extra)
+    return _Pairs(x, S, S2, r_all, rr, c, _finite(inp.v.astype(np.float64)), e, sq)
+
+
+def forward_sums(comp, r, L, precision):
+    """:class:`ForwardSums` of the competition ``comp`` from ``N x M`` arrays (memory ``O(B N M)``).
+
+    ``r (B..., N, M [+ 1])`` the oracle's responsibilities (the sink's last),
+    ``L`` its log-partition (:func:`_pairs`).
+    """
+    f = _pairs(comp, r, L, precision)
+    rr, c, v, e = f.rr, f.c, f.v, f.e
+    absv, ax = np.abs(v), np.abs(f.x)
+    rc, w = rr * c, rr**2 * f.sq
+    return ForwardSums(re_v=(rr * e * c) @ absv, rax_v=(rr * ax * c) @ absv, rc_v=rc @ absv, rc2_v2=rc**2 @ v**2,
+                       wc2_v2=(w * c * c) @ v**2, wc_v=(w * c) @ v, re=(rr * e).sum(-1), w=w.sum(-1), rax=(rr * ax).sum(-1),
+                       r=f.r_all.sum(-1), r2=(f.r_all**2).sum(-1))
+
+
+def forward_terms(sums, a, L, precision, M, n_all, dropout):
+    """Section 13's terms from the :class:`ForwardSums` ``sums``: ``(ErrorTerms of a, ErrorTerms of L, sum_tree)``.
+
+    ``a``, ``L`` the oracle's output and log-partition (float64), ``M`` the
+    keys, ``n_all`` the hypotheses (``M + 1`` with a sink), ``dropout``:
+    whether V8's factors are applied.  ``sum_tree``: the row sum's tree
+    squares, relative to itself (section 14 reuses it).
+    """
+    from ..precision import unit_roundoff as unit
+
+    u_s, u_p, u_a, u_o = (unit(getattr(precision, n)) for n in ("scores", "probs", "accumulator", "output"))
+    af = _finite(np.asarray(a, np.float64))
+    A = np.abs(af)
+    row = lambda y: np.asarray(y)[..., None]  # noqa: E731 - a per-row sum beside the columns
+    sum_tree = tree_squares(sums.r, sums.r2, n_all)  # the row sum, relative to itself
     ta = ErrorTerms()
-    # a relative error e_j of key j's weight moves a by r_j e_j (c_j v_j - a)
-    w = rr**2 * sq
-    spread = (w * c * c) @ v**2 - 2 * af * ((w * c) @ v) + af**2 * w.sum(-1, keepdims=True)
-    ta.add((rr * e * c) @ absv + A * (rr * e).sum(-1, keepdims=True), u_s * np.sqrt(np.maximum(spread, 0.0)))
-    ta.add(u_s * ((rr * ax * c) @ absv + A * (rr * ax).sum(-1, keepdims=True)))  # the scale's rounding, every key alike
+    # a relative error e_j of key j's weight moves a by r_j e_j (c_j v_j - a); its scale, sum_j w_j (c_j v_j - a)^2, expanded
+    spread = sums.wc2_v2 - 2 * af * sums.wc_v + af**2 * row(sums.w)
+    ta.add(sums.re_v + A * row(sums.re), u_s * np.sqrt(np.maximum(spread, 0.0)))
+    ta.add(u_s * (sums.rax_v + A * row(sums.rax)))  # the scale's rounding, every key alike
     if u_p > u_s:  # the probabilities rounded before the value GEMM
-        ta.add(u_p * rc_v, u_p * np.sqrt(rc**2 @ v**2))
-    ta.add(tree_depth(n_all) * u_s * A, u_s * A * np.sqrt(f.sum_tree)[..., None])  # the row sum's tree
-    ta.add(tree_depth(M) * u_a * rc_v, u_a * np.sqrt(tree_squares(rc_v, rc**2 @ v**2, M, total=rc @ v)))  # the value GEMM's tree
-    if inp.keep is not None:
-        ta.add(2 * u_a * rc_v)  # V8: c_j rounded and multiplied
+        ta.add(u_p * sums.rc_v, u_p * np.sqrt(sums.rc2_v2))
+    ta.add(tree_depth(n_all) * u_s * A, u_s * A * np.sqrt(row(sum_tree)))  # the row sum's tree
+    ta.add(tree_depth(M) * u_a * sums.rc_v, u_a * np.sqrt(tree_squares(sums.rc_v, sums.rc2_v2, M, total=af)))  # the value GEMM's tree
+    if dropout:
+        ta.add(2 * u_a * sums.rc_v)  # V8: c_j rounded and multiplied
     ta.add((u_a + u_o) * A, math.hypot(u_a, u_o) * A)  # the division, the output
     tL = ErrorTerms()
-    tL.add((rr * e).sum(-1), u_s * np.sqrt((rr**2 * sq).sum(-1)))
-    tL.add(u_s * (rr * ax).sum(-1))  # the scale's rounding
-    tL.add(tree_depth(n_all) * u_s * r_all.sum(-1), u_s * np.sqrt(f.sum_tree))  # the row sum's tree
-    f.L = Lf = np.abs(_finite(np.asarray(L, np.float64)))
+    tL.add(sums.re, u_s * np.sqrt(sums.w))
+    tL.add(u_s * sums.rax)  # the scale's rounding
+    tL.add(tree_depth(n_all) * u_s * sums.r, u_s * np.sqrt(sum_tree))  # the row sum's tree
+    Lf = np.abs(_finite(np.asarray(L, np.float64)))
     logM = math.log(max(M, 1))
     # the log (its result, at most log M, and its own 2 ulps), the addition of the maximum and the store
     tL.add(u_s * (logM + 2 * Lf + 2), u_s * np.sqrt(logM**2 + 2 * Lf**2 + 4))
-    return ta, tL, f
+    return ta, tL, sum_tree
 
 
 def kernel_forward_bounds(comp, r, a, L, precision, bound="probabilistic"):
@@ -266,7 +320,8 @@ def kernel_forward_bounds(comp, r, a, L, precision, bound="probabilistic"):
     if bound not in ("probabilistic", "rigorous"):
         raise ValueError(f"bound must be 'probabilistic' or 'rigorous'; got {bound!r}")
     with np.errstate(invalid="ignore", over="ignore"):
-        ta, tL, _ = _forward_terms(comp, r, a, L, precision)
+        sums = forward_sums(comp, r, L, precision)
+        ta, tL, _ = forward_terms(sums, a, L, precision, comp.inp.m, np.shape(r)[-1], comp.inp.keep is not None)
         return ta.bound(bound), tL.bound(bound)
 
 
@@ -296,8 +351,10 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         P = P_all[..., :M]
         a, L, _ = comp.summary("zero")  # the reference's output and log-partition
         L = _finite(L)  # an empty row has no weight: its terms vanish with P
-        ta, tL, f = _forward_terms(comp, P_all, a, L, precision)
-        u_s, u_a = f.u_s, f.u_a
+        f = _pairs(comp, P_all, L, precision)
+        sums = forward_sums(comp, P_all, L, precision)
+        ta, tL, sum_tree = forward_terms(sums, a, L, precision, M, P_all.shape[-1], inp.keep is not None)
+        u_s, u_a = unit(precision.scores), unit(precision.accumulator)
         z_all = -comp.e if comp.x is not None else -comp.e * inp.scale
         x, S, v64, c = f.x, f.S, f.v, f.c
         eta = gamma(D, u_s) * S + u_s * np.abs(x)
@@ -314,7 +371,7 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         db, db_s = tree_depth(Dv) * u_a * uv, u_a * np.sqrt(tree_squares(uv, c**2 * (u**2 @ T(v64**2)), Dv, total=b))
         delta = (u * a).sum(-1, keepdims=True)
         sL, RL = tL.scale()[..., None], tL.bound("rigorous")[..., None]  # the row's log-partition
-        RD, sD = _delta_terms(ta, f, a, u, b, delta, Dv)  # the row's Delta
+        RD, sD = _delta_terms(ta, f, sum_tree, precision, a, u, b, delta, Dv, inp.keep is not None)  # the row's Delta
         dZ = P * (b - delta)
         fcap = 1.0 if inp.softcap is None else 1.0 - (_finite(comp.s) / inp.softcap) ** 2
         dX = dZ * fcap  # a soft-cap's factor (V3)
@@ -398,7 +455,7 @@ def _stored_partials(W, X, block, u):
     return u * R, u * np.sqrt(V)
 
 
-def _delta_terms(ta, f, a, u, b, delta, Dv):
+def _delta_terms(ta, f, sum_tree, precision, a, u, b, delta, Dv, dropout):
     """``(R, sigma)`` of ``Delta_i = sum_c u_ic a_ic`` formed from the kernel's stored output (section 14).
 
     Rigorous: the output's bound per column (section 13) and the row sum's
@@ -407,21 +464,24 @@ def _delta_terms(ta, f, a, u, b, delta, Dv):
     value GEMM's, the division's and the output's own roundings are
     independent across columns.
     """
-    u_s, u_p, u_a, u_o = f.u_s, f.u_p, f.u_a, f.u_o
+    from ..precision import unit_roundoff as unit
+
+    u_s, u_p, u_a, u_o = (unit(getattr(precision, n)) for n in ("scores", "probs", "accumulator", "output"))
     absu = np.abs(u)
     ua = np.abs(u * a)
     R = (absu * ta.bound("rigorous")).sum(-1, keepdims=True) + tree_depth(Dv) * u_a * ua.sum(-1, keepdims=True) + u_o * ua.sum(-1, keepdims=True)
-    rr, rc, sq, ax, v = f.rr, f.rc, f.sq, np.abs(f.x), f.v
+    rr, sq, ax, v = f.rr, f.sq, np.abs(f.x), f.v
+    rc = rr * f.c
     bD = np.abs(b - delta)
     var = u_s**2 * (rr**2 * sq * bD**2).sum(-1, keepdims=True)  # a key's own roundings
     var = var + (u_s * (rr * ax * bD).sum(-1, keepdims=True)) ** 2  # the scale's rounding
     if u_p > u_s:
         var = var + u_p**2 * (rr**2 * b**2).sum(-1, keepdims=True)
-    var = var + u_s**2 * delta**2 * f.sum_tree[..., None]  # the row sum's tree
+    var = var + u_s**2 * delta**2 * sum_tree[..., None]  # the row sum's tree
     rc_v, rc_v2 = rc @ np.abs(v), rc**2 @ v**2
     var = var + u_a**2 * (u**2 * tree_squares(rc_v, rc_v2, rr.shape[-1], total=a)).sum(-1, keepdims=True)  # the value GEMM
     var = var + (u_a**2 + 2 * u_o**2) * (ua**2).sum(-1, keepdims=True)  # the division, the output, its product by u
     var = var + u_a**2 * tree_squares(ua.sum(-1, keepdims=True), (ua**2).sum(-1, keepdims=True), Dv, total=delta)  # Delta's row sum
-    if f.c is not None and not np.all(f.c == 1.0):
+    if dropout:
         var = var + (2 * u_a * (absu * rc_v).sum(-1, keepdims=True)) ** 2  # V8
     return R, np.sqrt(var)
