@@ -177,53 +177,93 @@ def _fmt_index(idx):
     return "(" + ", ".join(str(int(i)) for i in idx) + ")" if len(idx) != 1 else f"({int(idx[0])},)"
 
 
+class _Mismatches:
+    """The comparison of ``actual`` with ``expected`` under a tolerance, fed part by part (:meth:`add`), reported once (:meth:`report`).
+
+    A part is a block of the whole array (the tiled oracle's few heads at a
+    time); ``offset`` is its first index along the whole array's first axis.
+    Kept: the mismatch counts, the first non-finite mismatch and the worst
+    finite element (largest error relative to its tolerance).
+    """
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+        self.bad = self.nan = self.inf = self.nonfinite = 0
+        self.first = None  # (index, actual, expected)
+        self.worst = None  # (ratio, index, actual, expected, tolerance)
+        self.largest = 0.0
+
+    def add(self, actual, expected, tol, offset=0):
+        a = np.asarray(actual, dtype=np.float64)
+        e = np.asarray(expected, dtype=np.float64)
+        tol = np.broadcast_to(tol, e.shape)
+        nonfinite_bad = _nonfinite_mismatch(a, e)
+        finite = np.isfinite(a) & np.isfinite(e)
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.where(finite, np.abs(a - e), 0.0)
+            ratio = np.where(finite, diff / np.maximum(tol, np.finfo(np.float64).tiny), 0.0)
+        over = finite & (diff > tol)
+        self.largest = max(self.largest, float(ratio.max(initial=0.0)))
+        self.bad += int((over | nonfinite_bad).sum())
+        shift = lambda idx: (int(idx[0]) + offset,) + tuple(int(i) for i in idx[1:]) if len(idx) else idx  # noqa: E731
+        if nonfinite_bad.any():
+            self.nonfinite += int(nonfinite_bad.sum())
+            self.nan += int((np.isnan(a) & ~np.isnan(e)).sum())
+            self.inf += int((np.isinf(a) & ~np.isinf(e) & ~np.isnan(e)).sum())
+            if self.first is None:
+                first = tuple(np.argwhere(nonfinite_bad)[0])
+                self.first = (shift(first), float(a[first]), float(e[first]))
+        if over.any():
+            worst = np.unravel_index(np.argmax(np.where(over, ratio, -1.0)), a.shape)
+            if self.worst is None or ratio[worst] > self.worst[0]:
+                self.worst = (float(ratio[worst]), shift(worst), float(a[worst]), float(e[worst]), float(tol[worst]))
+
+    def report(self, what, row_info, header, err_msg):
+        """Raise the ``AssertionError`` describing the failures, or return the largest error / tolerance."""
+        if not self.bad:
+            return self.largest
+        size = int(np.prod(self.shape, dtype=np.int64))
+        lines = [f"{what}: arrays are not close ({header})",
+                 f"  mismatched elements: {self.bad} / {size} ({100.0 * self.bad / max(size, 1):.3g}%)"]
+        if self.nonfinite:
+            kinds = []
+            if self.nan:
+                kinds.append(f"{self.nan} NaN where the oracle is not NaN (overflow or 0/0 in the kernel?)")
+            if self.inf:
+                kinds.append(f"{self.inf} inf where the oracle is finite (overflow?)")
+            rest = self.nonfinite - self.nan - self.inf
+            if rest:
+                kinds.append(f"{rest} finite/NaN where the oracle has NaN or inf (the edge-case policy: README)")
+            lines.append("  non-finite mismatch: " + "; ".join(kinds))
+            first, af, ef = self.first
+            lines.append(f"    first at index {_fmt_index(first)}: actual {af!r}, expected {ef!r}")
+            if row_info is not None:
+                lines.append("    " + row_info(first))
+        if self.worst is not None:
+            r, worst, ae, ee, t = self.worst
+            rel = abs(ae - ee) / abs(ee) if ee != 0 else np.inf
+            ulp = float(ulp_error(np.asarray(ae).astype(self.dtype), ee, self.dtype))
+            lines.append(f"  worst element (error / tolerance = {r:.3g}) at index {_fmt_index(worst)}:")
+            lines.append(f"    actual   {ae!r}")
+            lines.append(f"    expected {ee!r}")
+            lines.append(f"    abs err {abs(ae - ee):.3e}, rel err {rel:.3e}, {ulp:.4g} ulp ({self.dtype}); tolerance {t:.3e} (abs)")
+            if row_info is not None:
+                lines.append("    " + row_info(worst))
+        if err_msg:
+            lines.append("  " + err_msg)
+        raise AssertionError("\n".join(lines))
+
+
+def _float_dtype(actual):
+    dt = np.asarray(actual).dtype
+    return dt if dt.kind == "f" else np.dtype(np.float64)
+
+
 def _report_and_raise(what, actual, expected, tol, row_info, header, err_msg):
-    """Raise an AssertionError describing the failures (or return if none)."""
-    a = np.asarray(actual, dtype=np.float64)
-    e = np.asarray(expected, dtype=np.float64)
-    dtype = np.asarray(actual).dtype if np.asarray(actual).dtype.kind == "f" else np.dtype(np.float64)
-    lines = []
-    nonfinite_bad = _nonfinite_mismatch(a, e)
-    finite = np.isfinite(a) & np.isfinite(e)
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.where(finite, np.abs(a - e), 0.0)
-        ratio = np.where(finite, diff / np.maximum(tol, np.finfo(np.float64).tiny), 0.0)
-    bad = (finite & (diff > tol)) | nonfinite_bad
-    if not bad.any():
-        return float(ratio.max(initial=0.0))
-    lines.append(f"{what}: arrays are not close ({header})")
-    lines.append(f"  mismatched elements: {int(bad.sum())} / {bad.size} ({100.0 * bad.sum() / max(bad.size, 1):.3g}%)")
-    if nonfinite_bad.any():
-        idx = np.argwhere(nonfinite_bad)
-        first = tuple(idx[0])
-        kinds = []
-        n_nan = int((np.isnan(a) & ~np.isnan(e)).sum())
-        n_inf = int((np.isinf(a) & ~np.isinf(e) & ~np.isnan(e)).sum())
-        if n_nan:
-            kinds.append(f"{n_nan} NaN where the oracle is not NaN (overflow or 0/0 in the kernel?)")
-        if n_inf:
-            kinds.append(f"{n_inf} inf where the oracle is finite (overflow?)")
-        rest = int(nonfinite_bad.sum()) - n_nan - n_inf
-        if rest:
-            kinds.append(f"{rest} finite/NaN where the oracle has NaN or inf (the edge-case policy: README)")
-        lines.append("  non-finite mismatch: " + "; ".join(kinds))
-        lines.append(f"    first at index {_fmt_index(first)}: actual {float(a[first])!r}, expected {float(e[first])!r}")
-        if row_info is not None:
-            lines.append("    " + row_info(first))
-    if (finite & (diff > tol)).any():
-        worst = np.unravel_index(np.argmax(np.where(finite & (diff > tol), ratio, -1.0)), a.shape)
-        ae, ee, t = a[worst], e[worst], tol[worst]
-        rel = abs(ae - ee) / abs(ee) if ee != 0 else np.inf
-        ulp = float(ulp_error(np.asarray(actual)[worst], ee, dtype))
-        lines.append(f"  worst element (error / tolerance = {ratio[worst]:.3g}) at index {_fmt_index(worst)}:")
-        lines.append(f"    actual   {float(ae)!r}")
-        lines.append(f"    expected {float(ee)!r}")
-        lines.append(f"    abs err {abs(ae - ee):.3e}, rel err {rel:.3e}, {ulp:.4g} ulp ({dtype}); tolerance {t:.3e} (abs)")
-        if row_info is not None:
-            lines.append("    " + row_info(worst))
-    if err_msg:
-        lines.append("  " + err_msg)
-    raise AssertionError("\n".join(lines))
+    """Raise an AssertionError describing the failures (or return the largest error / tolerance)."""
+    m = _Mismatches(np.shape(expected), _float_dtype(actual))
+    m.add(actual, expected, np.asarray(tol, np.float64))
+    return m.report(what, row_info, header, err_msg)
 
 
 def _check_shape(actual, expected_shape, what):

@@ -657,12 +657,35 @@ def _dropout_factors(keep, keep_group, dropout_keep, W, bq, bk, i0, jb, part):
 def _scores(S, bq, bk, h, i0, jb, norms, F):
     """Fill the score tile ``S[:bq, :bk]`` with the logits ``z_ij``, ``-inf`` where key ``jb + j`` does not take part.
 
+    The scaled scores ``x`` (:func:`_scaled_scores`), then the variants'
+    logits (V1-V3), row by row.  ``h``: the batch element's
+    :class:`~iem_ref.accel._problem.Head`; ``F``: with a soft-cap and rows
+    to hold it (the backward), the factor ``dz/dx = 1 - tanh(x / c)^2`` of
+    each pair.
+    """
+    _scaled_scores(S, bq, bk, h, i0, jb, norms)
+    if VARIANTS and h.logits:  # V1-V3, pair by pair (an excluded pair's -inf stays -inf)
+        for r in range(bq):
+            i = i0 + r
+            row = S[r]
+            lo, hi = _band_in_tile(h.keys, h.group, i, jb, bk)
+            if h.softcap > 0.0 and F.shape[0] > 0:
+                for j in range(bk):
+                    F[r, j] = 1.0  # pairs that do not take part have dZ = 0: a finite factor keeps them 0
+                for j in range(lo, hi):
+                    t = math.tanh(np.float64(row[j]) / h.softcap)
+                    F[r, j] = 1.0 - t * t
+            for j in range(lo, hi):
+                row[j] = _pair_logit(h, row[j], i, jb + j)
+
+
+@template(fastmath=_FM, **INNER)
+def _scaled_scores(S, bq, bk, h, i0, jb, norms):
+    """Fill the score tile ``S[:bq, :bk]`` with the scaled scores ``x_ij`` (T1), ``-inf`` where key ``jb + j`` does not take part.
+
     One GEMM ``S = Q_b K_b^T`` (row stride of ``S``: its buffer width), then
-    the scale, the squared-Euclidean correction (A1 / K2 times ``scale``:
-    the scores ``x``), the variants' logits (V1-V3) and the selection, row
-    by row.  ``h``: the batch element's :class:`~iem_ref.accel._problem.Head`;
-    ``F``: with a soft-cap and rows to hold it (the backward), the factor
-    ``dz/dx = 1 - tanh(x / c)^2`` of each pair.
+    the scale, the squared-Euclidean correction (A1 / K2 times ``scale``)
+    and the selection, row by row.
     """
     ld = S.shape[1]
     q, k, scale = h.q, h.k, h.scale
@@ -718,15 +741,6 @@ def _scores(S, bq, bk, h, i0, jb, norms, F):
                 for j in range(lo, hi):
                     if norms.kbad[j]:
                         row[j] = _direct_sqeuclid_score(q, i, k, jb + j, scale)
-        if VARIANTS and h.logits:  # V1-V3, pair by pair
-            if h.softcap > 0.0 and F.shape[0] > 0:
-                for j in range(bk):
-                    F[r, j] = 1.0  # pairs that do not take part have dZ = 0: a finite factor keeps them 0
-                for j in range(lo, hi):
-                    t = math.tanh(np.float64(row[j]) / h.softcap)
-                    F[r, j] = 1.0 - t * t
-            for j in range(lo, hi):
-                row[j] = _pair_logit(h, row[j], i, jb + j)
         for j in range(lo):
             row[j] = ninf
         for j in range(hi, bk):

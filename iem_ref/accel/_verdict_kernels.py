@@ -1,0 +1,269 @@
+"""The tiled oracle's kernel: section 13's sums over keys, tile by tile, in float64 (:mod:`iem_ref.accel.verdict`).
+
+For each query block and each key tile it sees, the kernel forms the tile's
+scaled scores and logits as the forward kernel does (:func:`_scaled_scores`,
+the variants' :func:`_pair_logit`), the responsibilities from the forward's
+log-partition (``r_ij = exp(z_ij - L_i)``), each pair's own roundings
+(:func:`iem_ref.bounds.key_roundings`, written here for one pair) and six
+weight tiles, which three BLAS products per tile fold into the sums of
+:class:`iem_ref.bounds.ForwardSums`.  Memory: a few tiles per thread.
+
+A row whose log-partition is ``+inf`` holds certain keys (logits ``+inf``):
+they share its mass, ``r = 1 / n``; the kernel weighs them 1 and divides the
+row's sums by ``n`` (``n^2`` for the squared ones) once its keys are done.
+A row with a NaN or ``-inf`` log-partition (spoiled or empty) has no weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from ._compile import INNER, instantiate, template
+from . import _cpu_kernels
+from ._cpu_kernels import (_band_in_tile, _key_tiles, _norms, _own_at, _pair_logit, _scaled_scores, _set_query_norms, _NOTRANS,
+                           _TRANS, gemm, scratch)
+from ._problem import DOT, _head_of
+
+# compile-time constants, bound per instance (as in :mod:`._cpu_kernels`)
+ENERGY = DOT
+VARIANTS = False
+
+#: the per-row sums, in the order of the ``rows`` output's last axis
+ROW_SUMS = ("re", "w", "rax", "r", "r2", "emax", "xmax", "rz", "zmax", "zmin")
+_NROWS = len(ROW_SUMS)
+#: the per-column sums, in the order of the ``cols`` output's second axis
+COLUMN_SUMS = ("re_v", "rax_v", "rc_v", "rc2_v2", "wc2_v2", "wc_v")
+
+
+@njit(**INNER)
+def _tree_squares(S, Q, lg, total):
+    """:func:`iem_ref.bounds.tree_squares` of one sum of depth ``lg`` whose magnitude is ``total``."""
+    S2 = S * S
+    acc = total * total
+    level = 1.0
+    for _ in range(lg):
+        acc += min(S2, level * Q)
+        level *= 2.0
+    return acc
+
+
+@njit(**INNER)
+def _finite(x):
+    return x if np.isfinite(x) else 0.0
+
+
+@njit(**INNER)
+def _sqeuclid_sizes(q, i, k, j):
+    """``(S, Q)`` of the squared Euclidean score of the pair: ``sum (q - k)^2 / 2`` and ``sum (q - k)^4 / 4`` (finite operands)."""
+    S = 0.0
+    Q = 0.0
+    for c in range(q.shape[1]):
+        d = _finite(q[i, c]) - _finite(k[j, c])
+        d2 = d * d
+        S += d2
+        Q += d2 * d2
+    return 0.5 * S, 0.25 * Q
+
+
+@template(**INNER)
+def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
+    """Section 13's sums for queries ``[i0, i1)`` of one batch element ``h`` over every key tile they see.
+
+    ``L`` the rows' log-partitions (float64), ``consts``: ``(u_s, exp_ulps,
+    gamma_D(u_s), tree depth of D, roundings, gamma_{D+3}(u64), 1 where the
+    logits are not the scores (a bias, ALiBi, a soft-cap or sinks) else 0)``; ``cols
+    (6, rows, Dv)`` and ``rows (rows, 6)`` receive the sums (zeroed here).
+    """
+    q, k, v = h.q, h.k, h.v
+    bq = i1 - i0
+    D = q.shape[1]
+    Dv = v.shape[1]
+    M = k.shape[0]
+    u_s, p, gD, lg, roundings, g3 = consts[0], consts[1], consts[2], np.int64(consts[3]), consts[4], consts[5]
+    nonplain = consts[6] > 0.0
+    scale = h.scale
+    X = scratch((bq, bk_max), np.float64)
+    SA = scratch((bq, bk_max), np.float64)
+    SQ = scratch((bq, bk_max), np.float64)
+    W = scratch((6, bq, bk_max), np.float64)
+    qa = scratch((bq, D), np.float64)
+    q2 = scratch((bq, D), np.float64)
+    ka = scratch((bk_max, D), np.float64)
+    k2 = scratch((bk_max, D), np.float64)
+    va = scratch((bk_max, Dv), np.float64)
+    v2 = scratch((bk_max, Dv), np.float64)
+    vf = scratch((bk_max, Dv), np.float64)
+    certain = scratch(bq, np.float64)
+    norms = _norms(q, bq, bk_max)
+    _set_query_norms(q, norms, i0, i1)
+    for r in range(bq):
+        certain[r] = 0.0
+        for t in range(7):
+            rows[r, t] = 0.0
+        rows[r, 7] = 0.0
+        rows[r, 8] = -np.inf
+        rows[r, 9] = np.inf
+        for c in range(Dv):
+            for t in range(6):
+                cols[t, r, c] = 0.0
+        for c in range(D):
+            x = _finite(q[i0 + r, c])
+            qa[r, c] = abs(x)
+            q2[r, c] = x * x
+    jb, end = _key_tiles(h.keys, h.group, i0, i1, 0, M, bk_max)
+    while jb < end:
+        bk = min(bk_max, M - jb)
+        _scaled_scores(X, bq, bk, h, i0, jb, norms)
+        if ENERGY == DOT and D > 0:  # the sizes S = scale sum |q k| and squares scale^2 sum q^2 k^2 as two more products
+            for j in range(bk):
+                for c in range(D):
+                    x = _finite(k[jb + j, c])
+                    ka[j, c] = abs(x)
+                    k2[j, c] = x * x
+            gemm(_TRANS, _NOTRANS, bk, bq, D, scale, ka, np.int64(0), D, qa, np.int64(0), D, 0.0, SA, np.int64(0), bk_max)
+            gemm(_TRANS, _NOTRANS, bk, bq, D, scale * scale, k2, np.int64(0), D, q2, np.int64(0), D, 0.0, SQ, np.int64(0), bk_max)
+        for j in range(bk):
+            for c in range(Dv):
+                x = _finite(v[jb + j, c])
+                vf[j, c] = x
+                va[j, c] = abs(x)
+                v2[j, c] = x * x
+        for r in range(bq):
+            i = i0 + r
+            Li = L[r]
+            spoiled = not (Li == Li) or Li == -np.inf  # NaN or empty: no weight
+            cert = Li == np.inf
+            lo, hi = _band_in_tile(h.keys, h.group, i, jb, bk)
+            for t in range(6):
+                for j in range(bk):
+                    W[t, r, j] = 0.0
+            if spoiled:
+                continue
+            for j in range(lo, hi):
+                x = X[r, j]
+                if x == -np.inf:  # masked
+                    continue
+                z = x
+                s = x
+                alibi = 0.0
+                if VARIANTS and h.logits:
+                    z = _pair_logit(h, x, i, jb + j)
+                    if h.softcap > 0.0:
+                        s = h.softcap * math.tanh(x / h.softcap)
+                    if h.has_alibi:
+                        alibi = -h.slopes[i] * abs(h.keys[i // h.group, 2] - (jb + j))
+                if np.isfinite(z):  # the report's row statistics: the finite logits' range
+                    if z > rows[r, 8]:
+                        rows[r, 8] = z
+                    if z < rows[r, 9]:
+                        rows[r, 9] = z
+                if cert:
+                    rr = 1.0 if z == np.inf else 0.0
+                else:
+                    rr = math.exp(z - Li) if z > -np.inf else 0.0
+                if not (rr > 0.0):
+                    continue
+                c = 1.0
+                if VARIANTS and h.has_keep:
+                    c = 1.0 / h.dropout_keep if _own_at(h.keep, h.keep_group, i, jb + j) else 0.0
+                xf = _finite(x)
+                ax = abs(xf)
+                if ENERGY == DOT:
+                    S = SA[r, j]
+                    Q = SQ[r, j]
+                else:
+                    S, Q = _sqeuclid_sizes(q, i, k, jb + j)
+                    S = scale * S
+                    Q = scale * scale * Q
+                if scale == 0.0:
+                    S = 0.0
+                    Q = 0.0
+                S2 = _tree_squares(S, Q, lg, xf) + roundings * Q
+                extra = 0.0  # section 11: the variants' steps, in units of u_s
+                if VARIANTS and nonplain:  # the logits are formed apart from the scores: their product by the scale first
+                    az = abs(_finite(z))
+                    extra = ax
+                    if h.softcap > 0.0:
+                        a_s = abs(_finite(s))
+                        f = a_s / h.softcap
+                        extra = extra * (1.0 - f * f) + ax + 5.0 * a_s
+                    if h.has_bias:
+                        extra += az
+                    if h.has_alibi:
+                        extra += abs(alibi) + az
+                tt = 0.0 if cert else _finite(abs(z - Li))
+                e = gD * S + u_s * (ax + tt + 2.0 * p + extra)
+                sq = S2 + xf * xf + tt * tt + 4.0 * p * p + extra * extra
+                w = rr * rr * sq
+                W[0, r, j] = rr * e * c
+                W[1, r, j] = rr * ax * c
+                W[2, r, j] = rr * c
+                W[3, r, j] = rr * rr * c * c
+                W[4, r, j] = w * c * c
+                W[5, r, j] = w * c
+                rows[r, 0] += rr * e
+                rows[r, 1] += w
+                rows[r, 2] += rr * ax
+                rows[r, 3] += rr
+                rows[r, 4] += rr * rr
+                rows[r, 7] += rr * _finite(z)
+                # the tiled oracle's own score and logit error, for its own bound (section 9's E)
+                own = g3 * S + 1.1102230246251565e-16 * (2.0 * ax + tt + extra)
+                if own > rows[r, 5]:
+                    rows[r, 5] = own
+                if ax > rows[r, 6]:
+                    rows[r, 6] = ax
+                if cert and z == np.inf:
+                    certain[r] += 1.0
+        if Dv > 0:
+            for t in range(6):
+                V = va if t < 3 else (v2 if t < 5 else vf)
+                gemm(_NOTRANS, _NOTRANS, Dv, bq, bk, 1.0, V, np.int64(0), Dv, W[t], np.int64(0), bk_max, 1.0, cols[t],
+                     np.int64(0), Dv)
+        jb += bk
+    for r in range(bq):
+        n = certain[r]
+        if n > 0.0:  # certain keys share the row's mass: r = 1 / n
+            for t in (0, 2, 3, 7):
+                rows[r, t] /= n
+            for t in (1, 4):
+                rows[r, t] /= n * n
+            for c in range(Dv):
+                for t in range(3):
+                    cols[t, r, c] /= n
+                for t in range(3, 6):
+                    cols[t, r, c] /= n * n
+
+
+@template(cache=True, nogil=True, no_cfunc_wrapper=True)
+def verdict(stage, thread, nthreads, p, mask, blocks, bk, b0, lse, consts, cols, rows):
+    """Section 13's sums for the flat batch elements ``b0, b0 + 1, ...`` (as many as ``cols`` holds); this thread's share.
+
+    ``lse (B, N)`` the forward's log-partitions, ``cols (Bc, 6, N, Dv)``,
+    ``rows (Bc, N, 10)``; work items ``(batch element, query block)``, taken
+    ``thread, thread + nthreads, ...``.  The sink's term (V5) is the host's.
+    """
+    Bc = cols.shape[0]
+    nqb = blocks.shape[0] - 1
+    for w in range(thread, Bc * nqb, nthreads):
+        bl = w // nqb
+        i0 = blocks[w % nqb]
+        i1 = blocks[w % nqb + 1]
+        b = b0 + bl
+        _verdict_block(_head_of(p, mask, b), i0, i1, bk, lse[b, i0:i1], consts, cols[bl, :, i0:i1], rows[bl, i0:i1])
+
+
+_INSTANCES = {}
+
+
+def kernels(features):
+    """The instance of the verdict kernel (and the forward's helpers it calls) for ``features``."""
+    scope = _INSTANCES.get(features)
+    if scope is None:
+        namespace = dict(vars(_cpu_kernels))
+        namespace.update({name: value for name, value in globals().items() if not name.startswith("__")})
+        scope = _INSTANCES[features] = instantiate(namespace, features.constants(), "verdict_" + features.tag)
+    return scope
