@@ -88,7 +88,8 @@ import numpy as np
 from . import exact as _exact
 from ._validation import as_float_array, as_mask, check_axis, check_choice
 from .attention import _NO_VARIANTS, Competition, attention, prepare_attention
-from .bounds import U64, kernel_forward_bounds, tree_depth, unit_roundoff
+from .bounds import U64, forward_terms, kernel_forward_bounds, tree_depth, unit_roundoff
+from .energies import energy_of
 from .precision import LOW_PRECISION, Precision, infer_precision, round_to
 from .competition import log_partition, responsibilities
 
@@ -489,6 +490,7 @@ def assert_attention_close(
     rtol=None,
     atol=None,
     exact=False,
+    oracle=None,
     err_msg="",
     **variants,
 ):
@@ -528,6 +530,19 @@ def assert_attention_close(
     (the emulated kernel's LSE, ``u_o`` its dtype's: float32, or float64 for
     float64 scores).
 
+    ``oracle``: where the expected values and the tolerances' sums come
+    from.  ``"tiled"``: the float64 kernels of :mod:`iem_ref.accel.verdict`,
+    a few heads at a time, nothing of size ``N x M`` beyond a tile per
+    thread; its own error (a float64 FlashAttention forward, bounded
+    rigorously there) joins the tolerance.  ``"reference"``: the NumPy
+    reference (``8 u64``, memory ``O(B H N M)``).  ``None`` (default):
+    ``"tiled"`` for a kernel whose scores are below float64 and an energy
+    the CPU kernels compute (``"dot"``, ``"sqeuclidean"``), else
+    ``"reference"`` (beside a float64 kernel's tolerance the tiled oracle's
+    own error would not be small).  ``exact=True`` and
+    ``baseline="emulated"`` use the reference's pipeline.  The header of a
+    failure names the oracle.
+
     Returns the largest ratio of an element's error to its tolerance (the
     inverse of the slack): below 1 when the check passes.
 
@@ -544,6 +559,9 @@ def assert_attention_close(
     check_choice(layout, "layout", {"bhsd", "bshd"})
     check_choice(bound, "bound", {"probabilistic", "rigorous"})
     check_choice(baseline, "baseline", {None, "emulated"})
+    check_choice(oracle, "oracle", {None, "tiled", "reference"})
+    if oracle == "tiled" and (exact or baseline == "emulated"):
+        raise ValueError("oracle='tiled' judges by the derived bound or rtol/atol: not with exact=True or baseline='emulated'")
     q, k, v = _host(q), _host(k), _host(v)
     actual = _host(actual)
     if layout == "bshd":
@@ -556,6 +574,12 @@ def assert_attention_close(
         precision = infer_precision(*(x.dtype for x in (actual, q, k, v) if x.dtype.kind == "f" or x.dtype.name in LOW_PRECISION))
     elif not isinstance(precision, Precision):
         precision = Precision.of(precision)
+    if oracle is None and not exact and baseline is None:
+        rec = energy_of(energy)
+        oracle = "tiled" if rec.has("kernel") and rec.has("score") and unit_roundoff(precision.scores) > U64 else "reference"
+    if oracle == "tiled":
+        return _tiled_forward_check(actual, q, k, v, inp, kw, precision, bound, lse, lse_base, layout, empty, rtol, atol, err_msg,
+                                    variants)
     with_sink = inp.sinks is not None
     if exact:
         res = _exact.attention(q, k, v, empty=empty, return_lse=True, return_responsibilities=True, **kw)
@@ -624,6 +648,69 @@ def assert_attention_close(
             tol_l = _explicit_tol(expected_L, rtol, atol)
         _check_shape(lse_a, expected_L.shape, "assert_attention_close (lse)")
         worst = max(worst, _report_and_raise(f"log-partition (base {base:g})", lse_a, expected_L, tol_l, row_info, header, err_msg))
+    return worst
+
+
+def _header(precision, how, M, D, energy, variants, oracle):
+    active = [key for key, x in variants.items() if x is not None and x is not False and not (key == "dropout_p" and x == 0)]
+    return (f"kernel: {precision.describe()}; {how}; M = {M} keys, D = {D}, energy {energy!r}"
+            + (f", variants {', '.join(active)}" if active else "") + f", {oracle}")
+
+
+def _tiled_forward_check(actual, q, k, v, inp, kw, precision, bound, lse, lse_base, layout, empty, rtol, atol, err_msg, variants):
+    """:func:`assert_attention_close` with the tiled oracle: expected values, tolerances and the comparison a few heads at a time."""
+    from .accel.verdict import forward_chunks, own_error
+
+    M, N, D, Dv = inp.m, inp.n, inp.q.shape[-1], inp.dv
+    shape = inp.batch + (N, Dv)
+    a_act = _check_shape(actual, shape, "assert_attention_close")
+    B = max(1, int(np.prod(inp.batch, dtype=np.int64)))
+    a_act = a_act.reshape(B, N, Dv)
+    base = math.e if lse_base is None else float(lse_base)
+    lse_act = None
+    if lse is not None:
+        lse_act = _host(lse)
+        if layout == "bshd" and lse_act.ndim >= 2:
+            lse_act = np.swapaxes(lse_act, -1, -2)
+        lse_act = _check_shape(lse_act, inp.batch + (N,), "assert_attention_close (lse)").reshape(B, N)
+    vabs = np.abs(np.where(np.isfinite(inp.v_heads), inp.v_heads.astype(np.float64), 0.0)) if inp.v_heads.size else np.zeros(1)
+    vmax = float(vabs.max(initial=0.0))
+    floor = _floor(precision, M) * max(1.0, vmax)
+    n_all = M + (inp.sinks is not None)
+    dropout = inp.keep is not None
+    derived = rtol is None and atol is None
+    how = f"{bound} bound" if derived else "explicit rtol/atol"
+    out_m = _Mismatches((B, N, Dv), _float_dtype(a_act))
+    lse_m = _Mismatches((B, N), _float_dtype(lse_act)) if lse_act is not None else None
+    stats = np.zeros((3, B, N))
+    for ch in forward_chunks(q, k, v, precision, empty=empty, **kw):
+        e, L = ch.a, ch.L
+        ef = np.abs(np.where(np.isfinite(e), e, 0.0))
+        if derived:
+            with np.errstate(all="ignore"):
+                ta, tL, _ = forward_terms(ch.sums, e, L, precision, M, n_all, dropout)
+                own_a, own_L = own_error(ch, n_all, M, D, N * inp.group, inp.scale, vmax, dropout)
+                tol = (ta.bound(bound) + own_a) * _SECOND_ORDER + floor
+                tol_L = (tL.bound(bound) + own_L) * _SECOND_ORDER if lse_m is not None else None
+        else:
+            tol = _explicit_tol(e, rtol, atol)
+        out_m.add(a_act[ch.f0:ch.f1], e, tol, ch.f0)
+        if lse_m is not None:
+            eL = L / math.log(base)
+            tl = tol_L / math.log(base) if derived else _explicit_tol(eL, rtol, atol)
+            lse_m.add(lse_act[ch.f0:ch.f1], eL, tl, ch.f0)
+        stats[:, ch.f0:ch.f1] = ch.entropy, ch.spread, ch.cond
+
+    def row_info(idx):
+        b, i = int(idx[0]), int(idx[1])
+        where = np.unravel_index(b, inp.batch) + (i,) if inp.batch else (i,)
+        return (f"query {_fmt_index(where)}: entropy of r = {stats[0, b, i]:.4g} nats (max log M = {math.log(max(M, 1)):.4g}); "
+                f"max exponent spread t = {stats[1, b, i]:.4g}; worst weight condition 2|t_j| + 2 tbar = {stats[2, b, i]:.4g}")
+
+    header = _header(precision, how, M, D, kw["energy"], variants, "tiled float64 oracle")
+    worst = out_m.report("attention", row_info, header + "; indices (flat batch, query, column)", err_msg)
+    if lse_m is not None:
+        worst = max(worst, lse_m.report(f"log-partition (base {base:g})", row_info, header + "; indices (flat batch, query)", err_msg))
     return worst
 
 

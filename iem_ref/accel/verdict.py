@@ -123,9 +123,8 @@ def forward_chunks(q, k, v, precision, *, scale=None, mask=None, is_causal=False
         cols = np.empty((c1 - c0, 6, n, Dv))
         rows = np.empty((c1 - c0, n, len(_vk.ROW_SUMS)))
         _run_stages(fn, (0,), *pm, blocks, bk, c0, L, consts, cols, rows)
-        ac, Lc = groups.unstack(a[c0:c1]), groups.unstack(L[c0:c1])
-        cols = np.stack([groups.unstack(cols[:, t]) for t in range(6)], axis=1)
-        rows = groups.unstack(rows)
+        ac, Lc, rows = _unstack(a[c0:c1], g), _unstack(L[c0:c1], g), _unstack(rows, g)
+        cols = np.stack([_unstack(cols[:, t], g) for t in range(6)], axis=1)
         f0, f1 = c0 * g, c1 * g
         r_all, r2_all, rz, zmax, zmin = rows[..., 3], rows[..., 4], rows[..., 7], rows[..., 8], rows[..., 9]
         if sinks is not None:  # V5: the sink's responsibility exp(sink - L) joins the row's sums over every hypothesis
@@ -142,6 +141,15 @@ def forward_chunks(q, k, v, precision, *, scale=None, mask=None, is_causal=False
             tbar = np.where(np.isfinite(zmax), zmax * r_all - rz, 0.0)
             H = np.where(np.isfinite(Lc), Lc * r_all - rz, 0.0)
         yield Chunk(f0, f1, ac, Lc, sums, rows[..., 5], rows[..., 6], H, spread, 2 * spread + 2 * tbar)
+
+
+def _unstack(x, g):
+    """``(Bc, N g, ...)`` stacked rows (row ``i g + h`` is head ``h``'s query ``i``, V6) -> ``(Bc g, N, ...)``, flat query heads."""
+    if g == 1:
+        return x
+    Bc, rows = x.shape[:2]
+    y = x.reshape((Bc, rows // g, g) + x.shape[2:])
+    return np.ascontiguousarray(np.swapaxes(y, 1, 2)).reshape((Bc * g, rows // g) + x.shape[2:])
 
 
 def own_error(ch, n_all, M, D, n_rows, scale, vmax, dropout):
