@@ -90,7 +90,7 @@ from ._validation import as_float_array, as_mask, check_axis, check_choice
 from .attention import _NO_VARIANTS, Competition, attention, prepare_attention
 from .bounds import U64, forward_terms, kernel_forward_bounds, tree_depth, unit_roundoff
 from .energies import energy_of
-from .precision import LOW_PRECISION, Precision, infer_precision, round_to
+from .precision import LOW_PRECISION, Precision, infer_precision, low_precision_dtype
 from .competition import log_partition, responsibilities
 
 __all__ = [
@@ -121,8 +121,8 @@ def _host(x):
         if hasattr(x, "cpu"):
             x = x.cpu()
         name = str(x.dtype).replace("torch.", "")
-        if name in LOW_PRECISION and name != "float16":
-            return round_to(x.float().numpy().astype(np.float64), name)
+        if name in LOW_PRECISION and name != "float16":  # exact in float32, and exactly representable back
+            return x.float().numpy().astype(low_precision_dtype(name))
     return np.asarray(x)
 
 
@@ -664,7 +664,7 @@ def _tiled_forward_check(actual, q, k, v, inp, kw, precision, bound, lse, lse_ba
     M, N, D, Dv = inp.m, inp.n, inp.q.shape[-1], inp.dv
     shape = inp.batch + (N, Dv)
     a_act = _check_shape(actual, shape, "assert_attention_close")
-    B = max(1, int(np.prod(inp.batch, dtype=np.int64)))
+    B = int(np.prod(inp.batch, dtype=np.int64))
     a_act = a_act.reshape(B, N, Dv)
     base = math.e if lse_base is None else float(lse_base)
     lse_act = None
@@ -673,9 +673,6 @@ def _tiled_forward_check(actual, q, k, v, inp, kw, precision, bound, lse, lse_ba
         if layout == "bshd" and lse_act.ndim >= 2:
             lse_act = np.swapaxes(lse_act, -1, -2)
         lse_act = _check_shape(lse_act, inp.batch + (N,), "assert_attention_close (lse)").reshape(B, N)
-    vabs = np.abs(np.where(np.isfinite(inp.v_heads), inp.v_heads.astype(np.float64), 0.0)) if inp.v_heads.size else np.zeros(1)
-    vmax = float(vabs.max(initial=0.0))
-    floor = _floor(precision, M) * max(1.0, vmax)
     n_all = M + (inp.sinks is not None)
     dropout = inp.keep is not None
     derived = rtol is None and atol is None
@@ -684,7 +681,8 @@ def _tiled_forward_check(actual, q, k, v, inp, kw, precision, bound, lse, lse_ba
     lse_m = _Mismatches((B, N), _float_dtype(lse_act)) if lse_act is not None else None
     stats = np.zeros((3, B, N))
     for ch in forward_chunks(q, k, v, precision, empty=empty, **kw):
-        e, L = ch.a, ch.L
+        e, L, vmax = ch.a, ch.L, ch.vmax
+        floor = _floor(precision, M) * max(1.0, vmax)
         ef = np.abs(np.where(np.isfinite(e), e, 0.0))
         if derived:
             with np.errstate(all="ignore"):

@@ -25,7 +25,11 @@ from ._compile import INNER, instantiate, template
 from . import _cpu_kernels
 from ._cpu_kernels import (_band_in_tile, _key_tiles, _norms, _own_at, _pair_logit, _scaled_scores, _set_query_norms, _NOTRANS,
                            _TRANS, gemm, scratch)
+from ._fastexp import f64_bits, fexp
 from ._problem import DOT, _head_of
+
+# sums of tolerance terms in any order (no bit of a verdict depends on it); no finite-math flags: inf and NaN keep their meaning
+_SUMS_FM = {"contract", "reassoc"}
 
 # compile-time constants, bound per instance (as in :mod:`._cpu_kernels`)
 ENERGY = DOT
@@ -40,14 +44,16 @@ COLUMN_SUMS = ("re_v", "rax_v", "rc_v", "rc2_v2", "wc2_v2", "wc_v")
 
 @njit(**INNER)
 def _tree_squares(S, Q, lg, total):
-    """:func:`iem_ref.bounds.tree_squares` of one sum of depth ``lg`` whose magnitude is ``total``."""
+    """:func:`iem_ref.bounds.tree_squares` of one sum of depth ``lg`` whose magnitude is ``total``, in closed form.
+
+    ``min(S^2, 2^l Q)`` is ``2^l Q`` for the levels ``l < k``, ``k = floor(log2(S^2
+    / Q)) + 1`` (read from the exponent's bits; ``S^2 >= Q``), then ``S^2``:
+    ``(2^k - 1) Q + (lg - k) S^2``.  Branch-free, so the loops that call it vectorise.
+    """
     S2 = S * S
-    acc = total * total
-    level = 1.0
-    for _ in range(lg):
-        acc += min(S2, level * Q)
-        level *= 2.0
-    return acc
+    ex = ((f64_bits(S2 / Q) >> 52) & 0x7FF) - 1022  # floor(log2) + 1 of a normal ratio; 0 / 0 and x / 0 give lg
+    k = min(max(ex, 0), lg)
+    return (np.float64(np.int64(1) << k) - 1.0) * Q + np.float64(lg - k) * S2 + total * total
 
 
 @njit(**INNER)
@@ -66,6 +72,63 @@ def _sqeuclid_sizes(q, i, k, j):
         S += d2
         Q += d2 * d2
     return 0.5 * S, 0.25 * Q
+
+
+@njit(fastmath=_SUMS_FM, **INNER)
+def _plain_row(x, SA, SQ, lo, hi, Li, consts, lg, W, r, acc):
+    """Pairs ``[lo, hi)`` of one row of a dot-product call without the variants' logits or dropout (``r = exp(x - L)``;
+    a masked pair's ``x = -inf`` gives it weight 0): branch-free, so it vectorises.  ``acc``: the row's :data:`ROW_SUMS`."""
+    u_s, p, gD, roundings, g3 = consts[0], consts[1], consts[2], consts[4], consts[5]
+    re = 0.0
+    ww = 0.0
+    rax = 0.0
+    rs = 0.0
+    r2 = 0.0
+    rz = 0.0
+    emax = acc[5]
+    xmax = acc[6]
+    zmax = acc[8]
+    zmin = acc[9]
+    for j in range(lo, hi):
+        xj = x[j]
+        fin = np.isfinite(xj)
+        xf = xj if fin else 0.0
+        rr = fexp(xj - Li)
+        S = SA[j]
+        Q = SQ[j]
+        ax = abs(xf)
+        tt = abs(xj - Li) if fin else 0.0
+        e = gD * S + u_s * (ax + tt + 2.0 * p)
+        sq = _tree_squares(S, Q, lg, xf) + roundings * Q + xf * xf + tt * tt + 4.0 * p * p
+        w = rr * rr * sq
+        W[0, r, j] = rr * e
+        W[1, r, j] = rr * ax
+        W[2, r, j] = rr
+        W[3, r, j] = rr * rr
+        W[4, r, j] = w
+        W[5, r, j] = w
+        re += rr * e
+        ww += w
+        rax += rr * ax
+        rs += rr
+        r2 += rr * rr
+        rz += rr * xf
+        live = rr > 0.0
+        own = g3 * S + 1.1102230246251565e-16 * (2.0 * ax + tt) if live else 0.0
+        emax = max(emax, own)
+        xmax = max(xmax, ax if live else 0.0)
+        zmax = max(zmax, xj if fin else -np.inf)
+        zmin = min(zmin, xj if fin else np.inf)
+    acc[0] += re
+    acc[1] += ww
+    acc[2] += rax
+    acc[3] += rs
+    acc[4] += r2
+    acc[7] += rz
+    acc[5] = emax
+    acc[6] = xmax
+    acc[8] = zmax
+    acc[9] = zmin
 
 
 @template(**INNER)
@@ -137,6 +200,14 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
             spoiled = not (Li == Li) or Li == -np.inf  # NaN or empty: no weight
             cert = Li == np.inf
             lo, hi = _band_in_tile(h.keys, h.group, i, jb, bk)
+            if ENERGY == DOT and not cert and not spoiled and not (VARIANTS and (nonplain or h.has_keep)):
+                for t in range(6):
+                    for j in range(lo):
+                        W[t, r, j] = 0.0
+                    for j in range(hi, bk):
+                        W[t, r, j] = 0.0
+                _plain_row(X[r], SA[r], SQ[r], lo, hi, Li, consts, lg, W, r, rows[r])
+                continue
             for t in range(6):
                 for j in range(bk):
                     W[t, r, j] = 0.0
@@ -163,7 +234,7 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
                 if cert:
                     rr = 1.0 if z == np.inf else 0.0
                 else:
-                    rr = math.exp(z - Li) if z > -np.inf else 0.0
+                    rr = fexp(z - Li) if z > -np.inf else 0.0
                 if not (rr > 0.0):
                     continue
                 c = 1.0
@@ -181,7 +252,7 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
                 if scale == 0.0:
                     S = 0.0
                     Q = 0.0
-                S2 = _tree_squares(S, Q, lg, xf) + roundings * Q
+                S2 = _tree_squares(S, Q, lg, xf) + roundings * Q  # with the sum itself, its last level
                 extra = 0.0  # section 11: the variants' steps, in units of u_s
                 if VARIANTS and nonplain:  # the logits are formed apart from the scores: their product by the scale first
                     az = abs(_finite(z))
@@ -239,8 +310,8 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
 
 
 @template(cache=True, nogil=True, no_cfunc_wrapper=True)
-def verdict(stage, thread, nthreads, p, mask, blocks, bk, b0, lse, consts, cols, rows):
-    """Section 13's sums for the flat batch elements ``b0, b0 + 1, ...`` (as many as ``cols`` holds); this thread's share.
+def verdict(stage, thread, nthreads, p, mask, blocks, bk, lse, consts, cols, rows):
+    """Section 13's sums for the flat batch elements of ``p``; this thread's share.
 
     ``lse (B, N)`` the forward's log-partitions, ``cols (Bc, 6, N, Dv)``,
     ``rows (Bc, N, 10)``; work items ``(batch element, query block)``, taken
@@ -252,8 +323,7 @@ def verdict(stage, thread, nthreads, p, mask, blocks, bk, b0, lse, consts, cols,
         bl = w // nqb
         i0 = blocks[w % nqb]
         i1 = blocks[w % nqb + 1]
-        b = b0 + bl
-        _verdict_block(_head_of(p, mask, b), i0, i1, bk, lse[b, i0:i1], consts, cols[bl, :, i0:i1], rows[bl, i0:i1])
+        _verdict_block(_head_of(p, mask, bl), i0, i1, bk, lse[bl, i0:i1], consts, cols[bl, :, i0:i1], rows[bl, i0:i1])
 
 
 _INSTANCES = {}

@@ -46,7 +46,7 @@ from .cpu import (ENERGIES, _Groups, _arr, _blocks, _band_width, _problem, _run_
 __all__ = ["Chunk", "forward_chunks", "own_error"]
 
 #: bytes of sums per chunk by default
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 48 * 2**20
 
 
 class Chunk(NamedTuple):
@@ -68,12 +68,13 @@ class Chunk(NamedTuple):
     entropy: np.ndarray  # the report's row statistics: the entropy of r, the logits' spread, the worst weight condition
     spread: np.ndarray
     cond: np.ndarray
+    vmax: float  # the largest finite |v| of the whole call
 
 
 def _signature():
     f64, i64 = types.float64, types.int64
-    return types.void(i64, i64, i64, problem_type(f64), MASK_TYPE, _arr(i64, 1), i64, i64,
-                      _arr(f64, 2), _arr(f64, 1), _arr(f64, 4, readonly=False), _arr(f64, 3, readonly=False))
+    return types.void(i64, i64, i64, problem_type(f64), MASK_TYPE, _arr(i64, 1), i64,
+                      _arr(f64, 2, readonly=False), _arr(f64, 1), _arr(f64, 4, readonly=False), _arr(f64, 3, readonly=False))
 
 
 _COMPILED = {}
@@ -100,15 +101,18 @@ def forward_chunks(q, k, v, precision, *, scale=None, mask=None, is_causal=False
     rec.require("score", "the tiled oracle")
     groups = _Groups(inp)
     dt = np.dtype(np.float64)
-    q64 = as_float_array(q, "q").astype(np.float64) if groups.g == 1 else groups.stack(inp.q.astype(np.float64))
-    pm = _problem(dt, groups.batch, groups.rows, inp.m, q=q64, k=as_float_array(k, "k").astype(np.float64),
-                  v=as_float_array(v, "v").astype(np.float64), mask=groups.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau),
+    f64 = lambda x, name: as_float_array(x, name).astype(np.float64, copy=False)  # noqa: E731 - one float64 copy at most
+    q64 = f64(q, "q") if groups.g == 1 else groups.stack(inp.q.astype(np.float64, copy=False))
+    v64 = f64(v, "v")
+    pm = _problem(dt, groups.batch, groups.rows, inp.m, q=q64, k=f64(k, "k"), v=v64, mask=groups.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau),
                   offset=inp.causal_offset, is_causal=inp.is_causal, window=inp.window, inp=inp, empty=empty, groups=groups,
                   sinks=inp.sinks)
-    B = max(1, int(np.prod(groups.batch, dtype=np.int64))) if groups.batch else 1
+    B = int(np.prod(groups.batch, dtype=np.int64))
     n, M, Dv, D, g = groups.rows, inp.m, inp.dv, inp.q.shape[-1], groups.g
-    a, L = _run_forward(pm, groups.batch, n, M, Dv)
-    a, L = a.reshape(B, n, Dv), L.reshape(B, n)
+    vmax = 0.0  # the largest finite |v|, one batch element at a time
+    for x in pm[0].v:
+        fin = np.abs(x[np.isfinite(x)])
+        vmax = max(vmax, float(fin.max(initial=0.0)))
     u_s = unit_roundoff(precision.scores)
     consts = np.array([u_s, precision.exp_ulps, gamma(D, u_s), tree_depth(D), rec.score.roundings, gamma(D + 3, U64),
                        0.0 if inp.plain_scores else 1.0])
@@ -120,11 +124,14 @@ def forward_chunks(q, k, v, precision, *, scale=None, mask=None, is_causal=False
     sinks = None if inp.sinks is None else np.broadcast_to(inp.sinks, inp.batch).reshape(-1)
     for c0 in range(0, B if n else 0, step):
         c1 = min(B, c0 + step)
+        part = (_batch_range(pm[0], c0, c1), pm[1])
+        a, L = _run_forward(part, (c1 - c0,), n, M, Dv)  # the expected output and log-partition of these elements
         cols = np.empty((c1 - c0, 6, n, Dv))
         rows = np.empty((c1 - c0, n, len(_vk.ROW_SUMS)))
-        _run_stages(fn, (0,), *pm, blocks, bk, c0, L, consts, cols, rows)
-        ac, Lc, rows = _unstack(a[c0:c1], g), _unstack(L[c0:c1], g), _unstack(rows, g)
-        cols = np.stack([_unstack(cols[:, t], g) for t in range(6)], axis=1)
+        _run_stages(fn, (0,), *part, blocks, bk, L, consts, cols, rows)
+        ac, Lc, rows = _unstack(a, g), _unstack(L, g), _unstack(rows, g)
+        if g > 1:
+            cols = np.stack([_unstack(cols[:, t], g) for t in range(6)], axis=1)
         f0, f1 = c0 * g, c1 * g
         r_all, r2_all, rz, zmax, zmin = rows[..., 3], rows[..., 4], rows[..., 7], rows[..., 8], rows[..., 9]
         if sinks is not None:  # V5: the sink's responsibility exp(sink - L) joins the row's sums over every hypothesis
@@ -140,7 +147,14 @@ def forward_chunks(q, k, v, precision, *, scale=None, mask=None, is_causal=False
             spread = np.where(np.isfinite(zmax), zmax - zmin, 0.0)
             tbar = np.where(np.isfinite(zmax), zmax * r_all - rz, 0.0)
             H = np.where(np.isfinite(Lc), Lc * r_all - rz, 0.0)
-        yield Chunk(f0, f1, ac, Lc, sums, rows[..., 5], rows[..., 6], H, spread, 2 * spread + 2 * tbar)
+        yield Chunk(f0, f1, ac, Lc, sums, rows[..., 5], rows[..., 6], H, spread, 2 * spread + 2 * tbar, vmax)
+
+
+def _batch_range(p, c0, c1):
+    """The :class:`~iem_ref.accel._problem.Problem` ``p`` restricted to its flat batch elements ``[c0, c1)`` (its maps sliced; no copy)."""
+    return p._replace(qmap=p.qmap[c0:c1], kmap=p.kmap[c0:c1], vmap=p.vmap[c0:c1], umap=p.umap[c0:c1], dmap=p.dmap[c0:c1],
+                      mmap=p.mmap[c0:c1], sinks=p.sinks[c0:c1], bias_map=p.bias_map[c0:c1], slopes=p.slopes[c0:c1],
+                      keep_map=p.keep_map[c0:c1])
 
 
 def _unstack(x, g):

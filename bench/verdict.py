@@ -1,0 +1,194 @@
+"""What a verdict costs: ``iem_ref.testing`` against the float64 torch composition people write instead.
+
+The kernel under test is torch's SDPA (bf16 or float32, causal or not) at
+``B, H, N = M, D``; its output (forward) or its gradients (backward, for a
+random ``grad_out``) are computed first and not timed.  Then one of:
+
+* ``composition``: the check people write: upcast to float64, materialise
+  ``softmax(q k^T scale) v`` (with autograd for the backward) and compare
+  with a rule-of-thumb tolerance;
+* ``tiled``: ``assert_attention_close`` / ``assert_attention_vjp_close``
+  with the default oracle (the tiled float64 oracle for these kernels);
+* ``reference``: the same with ``oracle="reference"`` (NumPy, ``N x M``
+  float64 temporaries), where ``--reference`` asks for it.
+
+Each measurement runs in its own process (a fresh interpreter, kernels
+loaded from Numba's cache, which a warm-up process fills first); the paths
+take turns, ``--runs`` times, and the table gives the median time and the
+peak resident memory beyond what the process held before the check (the
+inputs and the kernel's results).  Results go to
+``bench/results/verdict.json`` (one record per machine and size) and
+``verdict.md``.
+
+    python bench/verdict.py [--size 2 16 4096 128] [--runs 3] [--passes forward backward] [--reference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+_CHILD = r"""
+import resource, sys, time, warnings
+warnings.simplefilter("ignore")
+import numpy as np, torch
+B, H, N, D, dtype, causal, pass_, path = {args!r}
+torch.manual_seed(0)
+dt = getattr(torch, dtype)
+q, k, v = (torch.randn(B, H, N, D).to(dt) for _ in range(3))
+F = torch.nn.functional
+if pass_ == "forward":
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+else:
+    g = torch.randn(B, H, N, D).to(dt)
+    qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+    F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal).backward(g)
+    grads = (qq.grad, kk.grad, vv.grad)
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def composition():
+    q6, k6, v6 = (x.double() for x in (q, k, v))
+    if pass_ == "backward":
+        q6, k6, v6 = (x.requires_grad_() for x in (q6, k6, v6))
+    s = (q6 @ k6.transpose(-1, -2)) * D**-0.5
+    if causal:
+        s = s.masked_fill(~torch.ones(N, N, dtype=torch.bool).tril(), -float("inf"))
+    o = torch.softmax(s, -1) @ v6
+    if pass_ == "forward":
+        torch.testing.assert_close(out.double(), o, rtol=2e-2, atol=2e-2)
+    else:
+        o.backward(g.double())
+        for mine, ref in zip(grads, (q6.grad, k6.grad, v6.grad)):
+            torch.testing.assert_close(mine.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def verdict(oracle):
+    from iem_ref.testing import assert_attention_close, assert_attention_vjp_close
+    if pass_ == "forward":
+        assert_attention_close(out, q, k, v, is_causal=causal, oracle=oracle)
+    else:
+        assert_attention_vjp_close(*grads, q, k, v, g, is_causal=causal, oracle=oracle)
+
+
+before = rss()
+t0 = time.perf_counter()
+if path == "composition":
+    composition()
+else:
+    verdict(None if path == "tiled" else "reference")
+elapsed = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(elapsed, max(0, peak - before), before)
+"""
+
+
+def _child(args, env=None):
+    out = subprocess.run([sys.executable, "-c", _CHILD.format(args=args)], check=True, capture_output=True, text=True, env=env)
+    t, extra, before = out.stdout.split()
+    return float(t), int(extra), int(before)
+
+
+def machine():
+    from iem_ref.accel.machine import describe
+    import numpy as np
+    import platform
+
+    info = describe()
+    rec = dict(cpu=info["cpu"], vector=info["vector"], cores=info["cores"], python=platform.python_version(), numpy=np.__version__)
+    try:
+        import torch
+
+        rec["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return rec
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, nargs=4, default=[2, 16, 4096, 128], metavar=("B", "H", "N", "D"))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--causal", nargs="+", default=["0", "1"])
+    ap.add_argument("--passes", nargs="+", default=["forward", "backward"])
+    ap.add_argument("--reference", action="store_true", help="also time oracle='reference' (N x M float64 temporaries)")
+    ap.add_argument("--no-save", action="store_true")
+    a = ap.parse_args(argv)
+    B, H, N, D = a.size
+    paths = ["composition", "tiled"] + (["reference"] if a.reference else [])
+    rows = []
+    for pass_ in a.passes:
+        for dtype in a.dtypes:
+            for causal in (c == "1" for c in a.causal):
+                _child((B, H, min(N, 256), D, dtype, causal, pass_, "tiled"))  # fill Numba's cache for this case
+                times = {p: [] for p in paths}
+                extra = {p: [] for p in paths}
+                held = []
+                for _ in range(a.runs):
+                    for p in paths:  # the paths take turns
+                        t, x, before = _child((B, H, N, D, dtype, causal, pass_, p))
+                        times[p].append(t)
+                        extra[p].append(x)
+                        held.append(before)
+                row = dict(pass_=pass_, dtype=dtype, causal=causal, B=B, H=H, N=N, D=D, held_gb=max(held) / 1e9)
+                for p in paths:
+                    row[f"{p}_s"] = statistics.median(times[p])
+                    row[f"{p}_runs"] = times[p]
+                    row[f"{p}_extra_gb"] = max(extra[p]) / 1e9
+                row["ratio"] = row["tiled_s"] / row["composition_s"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if a.no_save:
+        return
+    path = RESULTS / "verdict.json"
+    records = json.loads(path.read_text()) if path.exists() else []
+    mach = machine()
+    records = [r for r in records if not (r["machine"]["cpu"] == mach["cpu"] and r["size"] == a.size
+                                         and r.get("passes") == a.passes)]
+    records.append(dict(machine=mach, size=a.size, passes=a.passes, runs=a.runs, rows=rows))
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    _write_md(records)
+
+
+def _write_md(records):
+    lines = ["# What a verdict costs", "",
+             "`python bench/verdict.py`: torch SDPA is the kernel under test; each check in its own process, the paths taking",
+             "turns; median of the runs.  *composition*: upcast to float64, materialise, `torch.testing.assert_close` (what",
+             "people write instead); *tiled*: `iem_ref.testing` with its default oracle; *reference*: `oracle=\"reference\"`.",
+             "Memory: peak resident beyond what the process held before the check (inputs and the kernel's results, *held*).", ""]
+    for rec in records:
+        m = rec["machine"]
+        B, H, N, D = rec["size"]
+        lines += [f"## {m['cpu']} ({m['vector']}, {m['cores']} cores), B = {B}, H = {H}, N = M = {N}, D = {D}", "",
+                  f"torch {m.get('torch', '-')}, numpy {m['numpy']}, {rec['runs']} runs.", ""]
+        ref = any("reference_s" in r for r in rec["rows"])
+        head = "| pass | dtype | causal | composition | tiled | tiled / composition |" + (" reference |" if ref else "")
+        head += " held | extra: composition | extra: tiled |" + (" extra: reference |" if ref else "")
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in rec["rows"]:
+            cells = [r["pass_"], r["dtype"], "yes" if r["causal"] else "no", f"{r['composition_s']:.2f} s", f"{r['tiled_s']:.2f} s",
+                     f"{r['ratio']:.2f}x"]
+            if ref:
+                cells.append(f"{r['reference_s']:.2f} s" if "reference_s" in r else "-")
+            cells += [f"{r['held_gb']:.2f} GB", f"{r['composition_extra_gb']:.2f} GB", f"{r['tiled_extra_gb']:.2f} GB"]
+            if ref:
+                cells.append(f"{r['reference_extra_gb']:.2f} GB" if "reference_extra_gb" in r else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    (RESULTS / "verdict.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
