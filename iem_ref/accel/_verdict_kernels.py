@@ -42,7 +42,7 @@ _NROWS = len(ROW_SUMS)
 COLUMN_SUMS = ("re_v", "rax_v", "rc_v", "rc2_v2", "wc2_v2", "wc_v")
 
 
-@njit(**INNER)
+@njit(error_model="numpy", **INNER)  # S^2 / 0: inf or NaN, whose exponent bits give the right k
 def _tree_squares(S, Q, lg, total):
     """:func:`iem_ref.bounds.tree_squares` of one sum of depth ``lg`` whose magnitude is ``total``, in closed form.
 

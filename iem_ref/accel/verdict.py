@@ -119,7 +119,7 @@ def forward_chunks(q, k, v, precision, *, scale=None, mask=None, is_causal=False
     bq, bk, _ = plan(B, n, M, dt, band=_band_width(pm[0]))
     blocks = _blocks(pm[0], bq)
     fn = _kernel(features_of(pm[0]))
-    per_element = 8 * n * (6 * Dv + len(_vk.ROW_SUMS)) * g  # bytes of sums per stacked batch element
+    per_element = max(1, 8 * n * (6 * Dv + len(_vk.ROW_SUMS)) * g)  # bytes of sums per stacked batch element
     step = max(1, CHUNK_BYTES // per_element if chunk is None else int(chunk) // g)
     sinks = None if inp.sinks is None else np.broadcast_to(inp.sinks, inp.batch).reshape(-1)
     for c0 in range(0, B if n else 0, step):
