@@ -54,7 +54,8 @@ def one(dtype_name, n, d, backward, seed=0):
     from iem_ref.attention import Competition, prepare_attention
     from iem_ref.bounds import kernel_forward_bounds, kernel_vjp_bounds
     from iem_ref.precision import Precision
-    from iem_ref.testing import _host
+    from iem_ref.accel.verdict import forward_chunks
+    from iem_ref.testing import _host, _tiled_tolerances
 
     tdt = getattr(torch, dtype_name)
     rng = np.random.default_rng(seed)
@@ -69,10 +70,15 @@ def one(dtype_name, n, d, backward, seed=0):
     rows = []
     err = np.abs(_host(out).astype(np.float64) - a)
     worst = np.unravel_index(np.argmax(err), err.shape)
+    chunks = list(forward_chunks(qn, kn, vn, prec)) if prec.scores != np.float64 else None
     for bound in ("probabilistic", "rigorous"):
         tol, _ = kernel_forward_bounds(comp, r, a, L, prec, bound)
         rows.append(dict(dtype=dtype_name, n=n, d=d, pass_="forward", bound=bound, worst_error=float(err.max()),
                          slack=float(tol[worst] / err[worst]), ratio=float((err / tol).max())))
+        if chunks is not None:  # the tiled oracle's tolerance (its own error, the floors and the second-order factor in)
+            tol = np.concatenate([_tiled_tolerances(ch, inp, prec, bound)[0] for ch in chunks]).reshape(err.shape)
+            rows.append(dict(dtype=dtype_name, n=n, d=d, pass_="forward (tiled oracle)", bound=bound,
+                             worst_error=float(err.max()), slack=float(tol[worst] / err[worst]), ratio=float((err / tol).max())))
     if backward:
         tg = torch.tensor(g).to(tdt)
         out.backward(tg)

@@ -89,7 +89,6 @@ from . import exact as _exact
 from ._validation import as_float_array, as_mask, check_axis, check_choice
 from .attention import _NO_VARIANTS, Competition, attention, prepare_attention
 from .bounds import U64, forward_terms, kernel_forward_bounds, tree_depth, unit_roundoff
-from .energies import energy_of
 from .precision import LOW_PRECISION, Precision, infer_precision, low_precision_dtype
 from .competition import log_partition, responsibilities
 
@@ -536,10 +535,11 @@ def assert_attention_close(
     thread; its own error (a float64 FlashAttention forward, bounded
     rigorously there) joins the tolerance.  ``"reference"``: the NumPy
     reference (``8 u64``, memory ``O(B H N M)``).  ``None`` (default):
-    ``"tiled"`` for a kernel whose scores are below float64 and an energy
-    the CPU kernels compute (``"dot"``, ``"sqeuclidean"``), else
-    ``"reference"`` (beside a float64 kernel's tolerance the tiled oracle's
-    own error would not be small).  ``exact=True`` and
+    ``"tiled"`` for a kernel whose scores are below float64 and the dot
+    energy, else ``"reference"`` (beside a float64 kernel's tolerance the
+    tiled oracle's own error would not be small; the tiled oracle expands
+    the squared Euclidean distance, whose cancellation the reference
+    avoids).  ``exact=True`` and
     ``baseline="emulated"`` use the reference's pipeline.  The header of a
     failure names the oracle.
 
@@ -576,8 +576,7 @@ def assert_attention_close(
     elif not isinstance(precision, Precision):
         precision = Precision.of(precision)
     if oracle is None and not exact and baseline is None:
-        rec = energy_of(energy)
-        oracle = "tiled" if rec.has("kernel") and rec.has("score") and unit_roundoff(precision.scores) > U64 else "reference"
+        oracle = "tiled" if isinstance(energy, str) and energy == "dot" and unit_roundoff(precision.scores) > U64 else "reference"
     if oracle == "tiled":
         return _tiled_forward_check(actual, q, k, v, inp, kw, precision, bound, lse, lse_base, layout, empty, rtol, atol, err_msg,
                                     variants)
@@ -658,9 +657,23 @@ def _header(precision, how, M, D, energy, variants, oracle):
             + (f", variants {', '.join(active)}" if active else "") + f", {oracle}")
 
 
+def _tiled_tolerances(ch, inp, precision, bound):
+    """The derived tolerances ``(on a, on L)`` of the tiled oracle's :class:`~iem_ref.accel.verdict.Chunk` ``ch``: section 13
+    from its sums, plus the oracle's own error (:func:`~iem_ref.accel.verdict.own_error`), the second-order factor and the floor."""
+    from .accel.verdict import own_error
+
+    M, D = inp.m, inp.q.shape[-1]
+    n_all, dropout = M + (inp.sinks is not None), inp.keep is not None
+    with np.errstate(all="ignore"):
+        ta, tL, _ = forward_terms(ch.sums, ch.a, ch.L, precision, M, n_all, dropout)
+        own_a, own_L = own_error(ch, n_all, M, D, inp.n * inp.group, inp.scale, ch.vmax, dropout)
+        return ((ta.bound(bound) + own_a) * _SECOND_ORDER + _floor(precision, M) * max(1.0, ch.vmax),
+                (tL.bound(bound) + own_L) * _SECOND_ORDER)
+
+
 def _tiled_forward_check(actual, q, k, v, inp, kw, precision, bound, lse, lse_base, layout, empty, rtol, atol, err_msg, variants):
     """:func:`assert_attention_close` with the tiled oracle: expected values, tolerances and the comparison a few heads at a time."""
-    from .accel.verdict import forward_chunks, own_error
+    from .accel.verdict import forward_chunks
 
     M, N, D, Dv = inp.m, inp.n, inp.q.shape[-1], inp.dv
     shape = inp.batch + (N, Dv)
@@ -674,23 +687,15 @@ def _tiled_forward_check(actual, q, k, v, inp, kw, precision, bound, lse, lse_ba
         if layout == "bshd" and lse_act.ndim >= 2:
             lse_act = np.swapaxes(lse_act, -1, -2)
         lse_act = _check_shape(lse_act, inp.batch + (N,), "assert_attention_close (lse)").reshape(B, N)
-    n_all = M + (inp.sinks is not None)
-    dropout = inp.keep is not None
     derived = rtol is None and atol is None
     how = f"{bound} bound" if derived else "explicit rtol/atol"
     out_m = _Mismatches((B, N, Dv), _float_dtype(a_act))
     lse_m = _Mismatches((B, N), _float_dtype(lse_act)) if lse_act is not None else None
     stats = np.zeros((3, B, N))
     for ch in forward_chunks(q, k, v, precision, empty=empty, **kw):
-        e, L, vmax = ch.a, ch.L, ch.vmax
-        floor = _floor(precision, M) * max(1.0, vmax)
-        ef = np.abs(np.where(np.isfinite(e), e, 0.0))
+        e, L = ch.a, ch.L
         if derived:
-            with np.errstate(all="ignore"):
-                ta, tL, _ = forward_terms(ch.sums, e, L, precision, M, n_all, dropout)
-                own_a, own_L = own_error(ch, n_all, M, D, N * inp.group, inp.scale, vmax, dropout)
-                tol = (ta.bound(bound) + own_a) * _SECOND_ORDER + floor
-                tol_L = (tL.bound(bound) + own_L) * _SECOND_ORDER if lse_m is not None else None
+            tol, tol_L = _tiled_tolerances(ch, inp, precision, bound)
         else:
             tol = _explicit_tol(e, rtol, atol)
         out_m.add(a_act[ch.f0:ch.f1], e, tol, ch.f0)

@@ -66,7 +66,7 @@ LONG = settings.get_profile("fuzz-long")
 
 #: examples per test and path in CI (the simulator runs each CUDA thread in Python: fewer there)
 BUDGET = {"attention": {"cpu": 150, "cuda": 40}, "vjp": {"cpu": 80, "cuda": 12}, "summary": {"cpu": 80, "cuda": 25},
-          "scalar": {"cpu": 40, "cuda": 15}, "exact": 60, "bad": 60}
+          "scalar": {"cpu": 40, "cuda": 15}, "exact": 60, "bad": 60, "oracles": 120}
 LONG_FACTOR = 10
 
 
@@ -271,6 +271,56 @@ def _attention_exact(case):
 
 
 test_fuzz_attention_exact, test_fuzz_attention_exact_long = _attention_exact
+
+
+# --- the two oracles of iem_ref.testing ------------------------------------------------------------------
+def verdict(fn):
+    """``("pass", ratio)``, ``("fail", mismatch count)`` or ``("error", exception class)``."""
+    try:
+        return "pass", fn()
+    except AssertionError as exc:
+        line = next(t for t in str(exc).splitlines() if "mismatched elements" in t)
+        return "fail", int(line.split(":")[1].split("/")[0])
+    except Exception as exc:  # noqa: BLE001 - the class is what is compared
+        return "error", type(exc)
+
+
+@fuzz_tests(attention_cases(), BUDGET["oracles"])
+def _oracles(case):
+    """A float32 kernel (the CPU path) judged by the tiled oracle and by the reference: the same verdict (pass, or
+    the same number of mismatched elements, or the same error class), and where both pass, the worst ratios within
+    ``1e-6 + 4 u64 zmax`` of each other: the two tolerances differ by the oracles' own errors, and so do their
+    expected values, each a few ulps of float64 (``1e-8`` of a float32 tolerance at most); and each evaluates a
+    key's ``t = L - z`` in float64 from its own ``L``, within ``2 u64 (|L| + |z|) <= 4 u64 zmax`` (``zmax`` a bound
+    on the logits' magnitude) of the other's, where a weight's own error is at least ``2 p u_s`` with ``p >= 1``.
+    Special values in the inputs reach both: the tiled oracle's non-finite handling against the reference's."""
+    from iem_ref.accel import cpu
+    from iem_ref.testing import assert_attention_close
+
+    q, k, v, kw = case["q"], case["k"], case["v"], case["kw"]
+    if case["dtype"] != np.float32 or kw["energy"] != "dot":  # the tiled oracle's kernels: below float64, dot products
+        return
+    before = snapshot([q, k, v, kw.get("mask")])
+    with np.errstate(all="ignore"):
+        out = outcome(lambda: cpu.attention(q, k, v, return_lse=True, **kw))
+        if out[0] != "ok":
+            return
+        a, lse = out[1]
+        check = dict(kw, precision="float32")
+        ref = verdict(lambda: assert_attention_close(a, q, k, v, lse=lse, oracle="reference", **check))
+        tiled = verdict(lambda: assert_attention_close(a, q, k, v, lse=lse, oracle="tiled", **check))
+    assert snapshot([q, k, v, kw.get("mask")]) == before, "the oracles changed their inputs"
+    assert tiled[0] == ref[0], f"tiled {tiled} where the reference gave {ref}"
+    if ref[0] == "pass":
+        qf, kf = (np.abs(np.where(np.isfinite(x), x, 0.0)).max(initial=0.0) for x in (q, k))
+        scale = kw.get("scale", 1.0 / math.sqrt(max(q.shape[-1], 1)))
+        zmax = scale * q.shape[-1] * float(qf) * float(kf)
+        assert tiled[1] == pytest.approx(ref[1], rel=1e-6 + 4 * U64 * zmax, abs=1e-6), (tiled, ref)
+    else:
+        assert tiled[1] == ref[1], (tiled, ref)
+
+
+test_fuzz_oracles_agree, test_fuzz_oracles_agree_long = _oracles
 
 
 # --- attention_vjp ----------------------------------------------------------------------------------------

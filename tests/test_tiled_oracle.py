@@ -46,7 +46,6 @@ def _variants(rng):
         pytest.param(dict(dropout_p=0.25, dropout_mask=keep), id="dropout"),
         pytest.param(dict(enable_gqa=True, is_causal=True), id="gqa"),
         pytest.param(dict(cu_seqlens_q=[0, 20, 45], cu_seqlens_k=[0, 60, 140], is_causal=True), id="segments"),
-        pytest.param(dict(energy="sqeuclidean"), id="sqeuclidean"),
         pytest.param(dict(scale=0.0), id="scale-0"),
     ]
 
@@ -81,7 +80,7 @@ def test_sums_agree_with_the_reference(rng, kw):
     np.testing.assert_allclose(a_t, a, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("kw", [p for p in CASES if p.id != "sqeuclidean"])
+@pytest.mark.parametrize("kw", CASES)
 def test_verdicts_agree_with_the_reference(rng, kw):
     """An emulated bf16 kernel's worst error / tolerance under both oracles: their tolerances differ by the oracles' own
     errors (``8 u64 |a|`` against the tiled oracle's, both below ``1e-12`` relative), so the ratios agree to ``1e-6``."""
@@ -121,9 +120,10 @@ def test_a_defective_kernel_gets_the_same_report(rng):
     pytest.param(np.float32, "dot", "tiled float64 oracle", id="float32-tiled"),
     pytest.param(np.float64, "dot", "float64 reference", id="float64-reference"),
     pytest.param(np.float32, "laplace", "float64 reference", id="laplace-reference"),
+    pytest.param(np.float32, "sqeuclidean", "float64 reference", id="sqeuclidean-reference"),
 ])
 def test_the_default_oracle(rng, dtype, energy, expected):
-    """Below float64 scores and for the CPU kernels' energies: tiled; a float64 kernel, or another energy: the reference."""
+    """Below float64 scores and for the dot energy: tiled; a float64 kernel, or another energy: the reference."""
     q, k, v = (x.astype(dtype) for x in _operands(rng))
     out = np.zeros((B, H, N, DV), dtype)  # wrong on purpose: the report names the oracle
     with pytest.raises(AssertionError, match=expected):
@@ -137,8 +137,13 @@ def test_the_oracle_argument_is_checked(rng):
         assert_attention_close(out, q, k, v, oracle="fast")
     with pytest.raises(ValueError, match="exact=True"):
         assert_attention_close(out, q, k, v, oracle="tiled", exact=True)
-    with pytest.raises(ValueError, match="laplace"):
-        assert_attention_close(out, q, k, v, oracle="tiled", energy="laplace")
+
+
+@pytest.mark.parametrize("energy", ["laplace", "sqeuclidean"])
+def test_the_tiled_oracle_names_the_energies_it_judges(rng, energy):
+    q, k, v = (x.astype(np.float32) for x in _operands(rng))
+    with pytest.raises(ValueError, match=f"supports energy 'dot'; got '{energy}'"):
+        assert_attention_close(np.zeros((B, H, N, DV), np.float32), q, k, v, oracle="tiled", energy=energy)
 
 
 def test_memory_stays_below_one_score_matrix(rng):

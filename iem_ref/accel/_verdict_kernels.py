@@ -31,7 +31,7 @@ from ._problem import DOT, _head_of
 # sums of tolerance terms in any order (no bit of a verdict depends on it); no finite-math flags: inf and NaN keep their meaning
 _SUMS_FM = {"contract", "reassoc"}
 
-# compile-time constants, bound per instance (as in :mod:`._cpu_kernels`)
+# compile-time constants, bound per instance (as in :mod:`._cpu_kernels`); the oracle's energy is the dot product
 ENERGY = DOT
 VARIANTS = False
 
@@ -59,19 +59,6 @@ def _tree_squares(S, Q, lg, total):
 @njit(**INNER)
 def _finite(x):
     return x if np.isfinite(x) else 0.0
-
-
-@njit(**INNER)
-def _sqeuclid_sizes(q, i, k, j):
-    """``(S, Q)`` of the squared Euclidean score of the pair: ``sum (q - k)^2 / 2`` and ``sum (q - k)^4 / 4`` (finite operands)."""
-    S = 0.0
-    Q = 0.0
-    for c in range(q.shape[1]):
-        d = _finite(q[i, c]) - _finite(k[j, c])
-        d2 = d * d
-        S += d2
-        Q += d2 * d2
-    return 0.5 * S, 0.25 * Q
 
 
 @njit(fastmath=_SUMS_FM, **INNER)
@@ -180,7 +167,7 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
     while jb < end:
         bk = min(bk_max, M - jb)
         _scaled_scores(X, bq, bk, h, i0, jb, norms)
-        if ENERGY == DOT and D > 0:  # the sizes S = scale sum |q k| and squares scale^2 sum q^2 k^2 as two more products
+        if D > 0:  # the sizes S = scale sum |q k| and squares scale^2 sum q^2 k^2 as two more products
             for j in range(bk):
                 for c in range(D):
                     x = _finite(k[jb + j, c])
@@ -188,6 +175,11 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
                     k2[j, c] = x * x
             gemm(_TRANS, _NOTRANS, bk, bq, D, scale, ka, np.int64(0), D, qa, np.int64(0), D, 0.0, SA, np.int64(0), bk_max)
             gemm(_TRANS, _NOTRANS, bk, bq, D, scale * scale, k2, np.int64(0), D, q2, np.int64(0), D, 0.0, SQ, np.int64(0), bk_max)
+        else:  # D = 0: every score is an empty sum
+            for r in range(bq):
+                for j in range(bk):
+                    SA[r, j] = 0.0
+                    SQ[r, j] = 0.0
         for j in range(bk):
             for c in range(Dv):
                 x = _finite(v[jb + j, c])
@@ -200,7 +192,7 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
             spoiled = not (Li == Li) or Li == -np.inf  # NaN or empty: no weight
             cert = Li == np.inf
             lo, hi = _band_in_tile(h.keys, h.group, i, jb, bk)
-            if ENERGY == DOT and not cert and not spoiled and not (VARIANTS and (nonplain or h.has_keep)):
+            if not cert and not spoiled and not (VARIANTS and (nonplain or h.has_keep)):
                 for t in range(6):
                     for j in range(lo):
                         W[t, r, j] = 0.0
@@ -242,16 +234,8 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
                     c = 1.0 / h.dropout_keep if _own_at(h.keep, h.keep_group, i, jb + j) else 0.0
                 xf = _finite(x)
                 ax = abs(xf)
-                if ENERGY == DOT:
-                    S = SA[r, j]
-                    Q = SQ[r, j]
-                else:
-                    S, Q = _sqeuclid_sizes(q, i, k, jb + j)
-                    S = scale * S
-                    Q = scale * scale * Q
-                if scale == 0.0:
-                    S = 0.0
-                    Q = 0.0
+                S = SA[r, j]
+                Q = SQ[r, j]
                 S2 = _tree_squares(S, Q, lg, xf) + roundings * Q  # with the sum itself, its last level
                 extra = 0.0  # section 11: the variants' steps, in units of u_s
                 if VARIANTS and nonplain:  # the logits are formed apart from the scores: their product by the scale first
