@@ -40,9 +40,16 @@ dt = np.dtype({dtype!r})
 q = np.linspace(-1, 1, 48).reshape(16, 3).astype(dt)
 v = q[:, :2].copy()
 kw = dict(bias=np.zeros((16, 16), dt)) if {kind!r} == "variants" else dict()
+if {op!r} == "verdict":  # a kernel's output checked by iem_ref.testing (its default oracle); the kernel is NumPy's
+    from iem_ref.testing import assert_attention_close
+    s = q @ q.T / np.sqrt(3.0).astype(dt) + kw.get("bias", 0)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    out = (e / e.sum(-1, keepdims=True)) @ v
 t0 = time.perf_counter()
 if {op!r} == "forward":
     cpu.attention(q, q, v, **kw)
+elif {op!r} == "verdict":
+    assert_attention_close(out, q, q, v, **kw)
 else:
     cpu.attention_vjp(q, q, v, v, out=v, lse=np.zeros(16, dt), **kw)
 print(time.perf_counter() - t0)
@@ -116,14 +123,17 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--kinds", nargs="+", default=["plain", "variants"], choices=["plain", "variants"])
     p.add_argument("--baseline", help="another checkout of this repository, timed in turns with this one")
+    p.add_argument("--ops", nargs="+", default=["forward", "backward"], choices=["forward", "backward", "verdict"],
+                   help="verdict: iem_ref.testing.assert_attention_close on a NumPy kernel's output (its default oracle)")
+    p.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
     p.add_argument("--out", default=os.path.join(HERE, "results", "first_call.json"))
     args = p.parse_args()
     from bench_cpu import machine
 
     rows = []
     for kind in args.kinds:
-        for op in ("forward", "backward"):
-            for dtype in ("float64", "float32"):
+        for op in args.ops:
+            for dtype in args.dtypes:
                 row = measure(op, dtype, kind, args.runs, args.baseline)
                 rows.append(row)
                 base = f", baseline {row['baseline']['fresh']['call_s']:6.2f} s" if args.baseline else ""

@@ -7,10 +7,12 @@ random ``grad_out``) are computed first and not timed.  Then one of:
 * ``composition``: the check people write: upcast to float64, materialise
   ``softmax(q k^T scale) v`` (with autograd for the backward) and compare
   with a rule-of-thumb tolerance;
-* ``tiled``: ``assert_attention_close`` / ``assert_attention_vjp_close``
-  with the default oracle (the tiled float64 oracle for these kernels);
-* ``reference``: the same with ``oracle="reference"`` (NumPy, ``N x M``
-  float64 temporaries), where ``--reference`` asks for it.
+* ``tiled``: ``assert_attention_close`` with the default oracle (the tiled
+  float64 oracle for these kernels);
+* ``reference``: the NumPy reference's pipeline (``N x M`` float64
+  temporaries): ``assert_attention_close(..., oracle="reference")``, and
+  ``assert_attention_vjp_close`` (the backward has no tiled oracle), where
+  ``--reference`` asks for it (always for the backward).
 
 Each measurement runs in its own process (a fresh interpreter, kernels
 loaded from Numba's cache, which a warm-up process fills first); the paths
@@ -78,7 +80,7 @@ def verdict(oracle):
     if pass_ == "forward":
         assert_attention_close(out, q, k, v, is_causal=causal, oracle=oracle)
     else:
-        assert_attention_vjp_close(*grads, q, k, v, g, is_causal=causal, oracle=oracle)
+        assert_attention_vjp_close(*grads, q, k, v, g, is_causal=causal)
 
 
 before = rss()
@@ -106,6 +108,12 @@ def machine():
 
     info = describe()
     rec = dict(cpu=info["cpu"], vector=info["vector"], cores=info["cores"], python=platform.python_version(), numpy=np.__version__)
+    fields = {}
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, val = line.partition(":")
+            fields.setdefault(key.strip(), val.strip())
+    rec["family_model"] = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
     try:
         import torch
 
@@ -126,12 +134,12 @@ def main(argv=None):
     ap.add_argument("--no-save", action="store_true")
     a = ap.parse_args(argv)
     B, H, N, D = a.size
-    paths = ["composition", "tiled"] + (["reference"] if a.reference else [])
     rows = []
     for pass_ in a.passes:
+        paths = ["composition"] + (["tiled"] if pass_ == "forward" else []) + (["reference"] if a.reference or pass_ == "backward" else [])
         for dtype in a.dtypes:
             for causal in (c == "1" for c in a.causal):
-                _child((B, H, min(N, 256), D, dtype, causal, pass_, "tiled"))  # fill Numba's cache for this case
+                _child((B, H, min(N, 256), D, dtype, causal, pass_, paths[-1]))  # fill Numba's cache for this case
                 times = {p: [] for p in paths}
                 extra = {p: [] for p in paths}
                 held = []
@@ -146,7 +154,8 @@ def main(argv=None):
                     row[f"{p}_s"] = statistics.median(times[p])
                     row[f"{p}_runs"] = times[p]
                     row[f"{p}_extra_gb"] = max(extra[p]) / 1e9
-                row["ratio"] = row["tiled_s"] / row["composition_s"]
+                for p in paths[1:]:
+                    row[f"{p}_ratio"] = row[f"{p}_s"] / row["composition_s"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if a.no_save:
@@ -170,21 +179,18 @@ def _write_md(records):
     for rec in records:
         m = rec["machine"]
         B, H, N, D = rec["size"]
-        lines += [f"## {m['cpu']} ({m['vector']}, {m['cores']} cores), B = {B}, H = {H}, N = M = {N}, D = {D}", "",
+        lines += [f"## {m['cpu']} (family/model {m.get('family_model', '?')}, {m['vector']}, {m['cores']} cores), "
+                  f"B = {B}, H = {H}, N = M = {N}, D = {D}", "",
                   f"torch {m.get('torch', '-')}, numpy {m['numpy']}, {rec['runs']} runs.", ""]
-        ref = any("reference_s" in r for r in rec["rows"])
-        head = "| pass | dtype | causal | composition | tiled | tiled / composition |" + (" reference |" if ref else "")
-        head += " held | extra: composition | extra: tiled |" + (" extra: reference |" if ref else "")
-        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        lines += ["| pass | dtype | causal | composition | tiled | tiled / composition | reference | reference / composition "
+                  "| held | extra: composition | extra: tiled | extra: reference |", "|" + "---|" * 12]
+        cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else "-"  # noqa: E731
         for r in rec["rows"]:
-            cells = [r["pass_"], r["dtype"], "yes" if r["causal"] else "no", f"{r['composition_s']:.2f} s", f"{r['tiled_s']:.2f} s",
-                     f"{r['ratio']:.2f}x"]
-            if ref:
-                cells.append(f"{r['reference_s']:.2f} s" if "reference_s" in r else "-")
-            cells += [f"{r['held_gb']:.2f} GB", f"{r['composition_extra_gb']:.2f} GB", f"{r['tiled_extra_gb']:.2f} GB"]
-            if ref:
-                cells.append(f"{r['reference_extra_gb']:.2f} GB" if "reference_extra_gb" in r else "-")
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join([
+                r["pass_"], r["dtype"], "yes" if r["causal"] else "no", cell(r, "composition_s", "{:.2f} s"),
+                cell(r, "tiled_s", "{:.2f} s"), cell(r, "tiled_ratio", "{:.2f}x"), cell(r, "reference_s", "{:.2f} s"),
+                cell(r, "reference_ratio", "{:.1f}x"), f"{r['held_gb']:.2f} GB", cell(r, "composition_extra_gb", "{:.2f} GB"),
+                cell(r, "tiled_extra_gb", "{:.2f} GB"), cell(r, "reference_extra_gb", "{:.2f} GB")]) + " |")
         lines.append("")
     (RESULTS / "verdict.md").write_text("\n".join(lines))
 
