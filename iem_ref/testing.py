@@ -104,6 +104,7 @@ __all__ = [
     "assert_log_partition_close",
     "assert_attention_close",
     "assert_attention_vjp_close",
+    "TILED_PAIRS",
 ]
 
 # Decimal arithmetic on exact results such as 1e-203619766 needs the full exponent range.
@@ -462,6 +463,10 @@ def assert_log_partition_close(actual, d, tau=1.0, axis=-1, mask=None, *, base=N
 
 _VARIANT_KEYS = tuple(_NO_VARIANTS)  # the variants' keywords, as prepare_attention knows them
 
+#: the size (``B H N M`` query-key pairs) from which ``assert_attention_close`` judges with the tiled oracle by default:
+#: there the reference's ``N x M`` float64 temporaries pass 32 MB each and a verdict about a second (2-core Zen 4)
+TILED_PAIRS = 2**22
+
 
 def _bshd(x):
     """FlashAttention's ``(B, N, H, D)`` layout to the library's ``(B, H, N, D)``."""
@@ -541,10 +546,12 @@ def assert_attention_close(
     rigorously there) joins the tolerance.  ``"reference"``: the NumPy
     reference (``8 u64``, memory ``O(B H N M)``).  ``None`` (default):
     ``"tiled"`` for a kernel whose scores are below float64 and the dot
-    energy, else ``"reference"`` (beside a float64 kernel's tolerance the
-    tiled oracle's own error would not be small; the tiled oracle expands
-    the squared Euclidean distance, whose cancellation the reference
-    avoids).  ``exact=True`` and
+    energy, from :data:`TILED_PAIRS` query-key pairs on, else
+    ``"reference"`` (beside a float64 kernel's tolerance the tiled oracle's
+    own error would not be small; the tiled oracle expands the squared
+    Euclidean distance, whose cancellation the reference avoids; below that
+    size the reference takes about a second or less, and needs no kernel
+    compiled on a first call).  ``exact=True`` and
     ``baseline="emulated"`` use the reference's pipeline.  The header of a
     failure names the oracle.
 
@@ -581,7 +588,9 @@ def assert_attention_close(
     elif not isinstance(precision, Precision):
         precision = Precision.of(precision)
     if oracle is None and not exact and baseline is None:
-        oracle = "tiled" if isinstance(energy, str) and energy == "dot" and unit_roundoff(precision.scores) > U64 else "reference"
+        pairs = int(np.prod(inp.batch, dtype=np.int64)) * inp.n * inp.m
+        tiled = isinstance(energy, str) and energy == "dot" and unit_roundoff(precision.scores) > U64
+        oracle = "tiled" if tiled and pairs >= TILED_PAIRS else "reference"
     if oracle == "tiled":
         return _tiled_forward_check(actual, q, k, v, inp, kw, precision, bound, lse, lse_base, layout, empty, rtol, atol, err_msg,
                                     variants)

@@ -166,4 +166,5 @@ def test_docstring_examples_run_and_every_public_function_has_one():
 
     tests = _run_doctests(T)
     with_examples = {t.name.rsplit(".", 1)[-1] for t in tests if t.examples}
-    assert set(T.__all__) - {"assert_softmin_close"} <= with_examples
+    functions = {name for name in T.__all__ if callable(getattr(T, name))}
+    assert functions - {"assert_softmin_close"} <= with_examples

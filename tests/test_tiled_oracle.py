@@ -18,7 +18,7 @@ from iem_ref.accel.verdict import forward_chunks
 from iem_ref.attention import Competition, prepare_attention
 from iem_ref.bounds import U64, forward_sums
 from iem_ref.precision import Precision, round_to
-from iem_ref.testing import assert_attention_close
+from iem_ref.testing import TILED_PAIRS, assert_attention_close
 
 B, H, N, M, D, DV = 2, 3, 45, 140, 16, 8
 BF16 = Precision.of("bfloat16")
@@ -116,16 +116,18 @@ def test_a_defective_kernel_gets_the_same_report(rng):
         assert_attention_close(bad, q, k, v, precision=BF16, oracle="tiled")
 
 
-@pytest.mark.parametrize("dtype, energy, expected", [
-    pytest.param(np.float32, "dot", "tiled float64 oracle", id="float32-tiled"),
-    pytest.param(np.float64, "dot", "float64 reference", id="float64-reference"),
-    pytest.param(np.float32, "laplace", "float64 reference", id="laplace-reference"),
-    pytest.param(np.float32, "sqeuclidean", "float64 reference", id="sqeuclidean-reference"),
+@pytest.mark.parametrize("dtype, energy, n, expected", [
+    pytest.param(np.float32, "dot", 2048, "tiled float64 oracle", id="float32-tiled"),
+    pytest.param(np.float32, "dot", 2047, "float64 reference", id="float32-below-the-size"),
+    pytest.param(np.float64, "dot", 2048, "float64 reference", id="float64-reference"),
+    pytest.param(np.float32, "laplace", 2048, "float64 reference", id="laplace-reference"),
+    pytest.param(np.float32, "sqeuclidean", 2048, "float64 reference", id="sqeuclidean-reference"),
 ])
-def test_the_default_oracle(rng, dtype, energy, expected):
-    """Below float64 scores and for the dot energy: tiled; a float64 kernel, or another energy: the reference."""
-    q, k, v = (x.astype(dtype) for x in _operands(rng))
-    out = np.zeros((B, H, N, DV), dtype)  # wrong on purpose: the report names the oracle
+def test_the_default_oracle(rng, dtype, energy, n, expected):
+    """From TILED_PAIRS pairs on, below float64 scores and for the dot energy: tiled; else the reference."""
+    assert TILED_PAIRS == 2048 * 2048
+    q, k, v = (rng.normal(size=(1, 1, size, 2)).astype(dtype) for size in (n, 2048, 2048))
+    out = np.zeros((1, 1, n, 2), dtype)  # wrong on purpose: the report names the oracle
     with pytest.raises(AssertionError, match=expected):
         assert_attention_close(out, q, k, v, energy=energy)
 
@@ -152,10 +154,10 @@ def test_memory_stays_below_one_score_matrix(rng):
     n, d = 4096, 16
     q, k, v = (rng.normal(size=(1, 1, n, d)).astype(np.float32) for _ in range(3))
     out = cpu.attention(q, k, v, is_causal=True)
-    assert_attention_close(out, q, k, v, is_causal=True)  # compile and warm first
+    assert_attention_close(out, q, k, v, is_causal=True, oracle="tiled")  # compile and warm first
     tracemalloc.start()
     try:
-        assert_attention_close(out, q, k, v, is_causal=True)
+        assert_attention_close(out, q, k, v, is_causal=True, oracle="tiled")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
