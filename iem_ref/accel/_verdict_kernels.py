@@ -57,6 +57,17 @@ def _tree_squares(S, Q, lg, total):
 
 
 @njit(**INNER)
+def _key_roundings(S, Q, x, t, extra, u_s, p, gD, lg, roundings):
+    """:func:`iem_ref.bounds.key_roundings` for one pair: ``(e, sq)`` from the score's size ``S`` and squares ``Q``, the
+    finite scaled score ``x``, ``t = L - z`` and the variants' ``extra``; ``S2`` the score's tree squares (the sum
+    itself its last level) plus its terms' own roundings."""
+    S2 = _tree_squares(S, Q, lg, x) + roundings * Q
+    e = gD * S + u_s * (abs(x) + t + 2.0 * p + extra)
+    sq = S2 + x * x + t * t + 4.0 * p * p + extra * extra
+    return e, sq
+
+
+@njit(**INNER)
 def _finite(x):
     return x if np.isfinite(x) else 0.0
 
@@ -85,8 +96,7 @@ def _plain_row(x, SA, SQ, lo, hi, Li, consts, lg, W, r, acc):
         Q = SQ[j]
         ax = abs(xf)
         tt = abs(xj - Li) if fin else 0.0
-        e = gD * S + u_s * (ax + tt + 2.0 * p)
-        sq = _tree_squares(S, Q, lg, xf) + roundings * Q + xf * xf + tt * tt + 4.0 * p * p
+        e, sq = _key_roundings(S, Q, xf, tt, 0.0, u_s, p, gD, lg, roundings)
         w = rr * rr * sq
         W[0, r, j] = rr * e
         W[1, r, j] = rr * ax
@@ -236,7 +246,6 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
                 ax = abs(xf)
                 S = SA[r, j]
                 Q = SQ[r, j]
-                S2 = _tree_squares(S, Q, lg, xf) + roundings * Q  # with the sum itself, its last level
                 extra = 0.0  # section 11: the variants' steps, in units of u_s
                 if VARIANTS and nonplain:  # the logits are formed apart from the scores: their product by the scale first
                     az = abs(_finite(z))
@@ -250,8 +259,7 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
                     if h.has_alibi:
                         extra += abs(alibi) + az
                 tt = 0.0 if cert else _finite(abs(z - Li))
-                e = gD * S + u_s * (ax + tt + 2.0 * p + extra)
-                sq = S2 + xf * xf + tt * tt + 4.0 * p * p + extra * extra
+                e, sq = _key_roundings(S, Q, xf, tt, extra, u_s, p, gD, lg, roundings)
                 w = rr * rr * sq
                 W[0, r, j] = rr * e * c
                 W[1, r, j] = rr * ax * c

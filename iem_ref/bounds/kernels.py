@@ -18,8 +18,10 @@ sum ``sum_k c_k delta_k`` of roundings ``|delta_k| <= u``:
   ``e_j``: the score's products and additions (rigorously ``gamma_D scale
   S_j``, section 5; squared magnitudes :func:`tree_squares` of its ``D``
   terms), its product by the scale (``|x_j|``), the subtraction of the row
-  maximum (``t_j = |x_j - m|``), the ``exp`` (``2 p``, ``p = exp_ulps``)
-  and the variants' steps (section 11);
+  maximum (``t_j = L - z_j``: a tiled kernel subtracts a running maximum
+  ``m'``, and ``z_j <= m' <= max z <= L``, so ``|z_j - m'| <= t_j`` for
+  every tiling), the ``exp`` (``2 p``, ``p = exp_ulps``) and the variants'
+  steps (section 11);
 * the scale's own rounding, one for every key: ``u_s sum_j r_j |x_j|
   |c_j v_j - a|``;
 * the probabilities rounded to ``u_p`` (numerator only): ``sum_j r_j c_j
@@ -86,6 +88,13 @@ score's error:
   S_k^2)``, from the exact partial sums block by block.
 
 Each is an :class:`ErrorTerms` bounded as in section 13.
+
+Evaluation.  Section 13's terms read sums over keys only
+(:class:`ForwardSums`): :func:`forward_sums` forms them from ``N x M``
+arrays, the tiled oracle (:mod:`iem_ref.accel.verdict`) tile by tile, and
+:func:`forward_terms` turns either into the bound.  The probabilistic
+bound's best split (:meth:`ErrorTerms.bound`) considers only the terms
+worth keeping (``R < LAMBDA sigma``), which reaches the same minimum.
 """
 
 from __future__ import annotations
