@@ -93,7 +93,8 @@ def main(argv=None):
                                         "from Numba's cache. Default: the plain kernels (no bias, ALiBi, soft-cap, sinks or dropout) "
                                         "of the dot energy, forward and backward, float64 and float32.")
     p_warm.add_argument("--dtype", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
-    p_warm.add_argument("--ops", nargs="+", default=["forward", "backward"], choices=["forward", "backward"])
+    p_warm.add_argument("--ops", nargs="+", default=["forward", "backward"], choices=["forward", "backward", "verdict"],
+                        help="verdict: the tiled oracle of iem_ref.testing (float64, dot products)")
     p_warm.add_argument("--energy", nargs="+", default=["dot"], choices=["dot", "sqeuclidean", "precomputed"],
                         help="precomputed: softmin_summary's kernel (forward only)")
     p_warm.add_argument("--variants", choices=["none", "only", "both"], default="none",

@@ -17,6 +17,7 @@ A row with a NaN or ``-inf`` log-partition (spoiled or empty) has no weight.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 from numba import njit
@@ -319,13 +320,15 @@ def verdict(stage, thread, nthreads, p, mask, blocks, bk, lse, consts, cols, row
 
 
 _INSTANCES = {}
+_INSTANCES_LOCK = threading.Lock()
 
 
 def kernels(features):
-    """The instance of the verdict kernel (and the forward's helpers it calls) for ``features``."""
-    scope = _INSTANCES.get(features)
-    if scope is None:
-        namespace = dict(vars(_cpu_kernels))
-        namespace.update({name: value for name, value in globals().items() if not name.startswith("__")})
-        scope = _INSTANCES[features] = instantiate(namespace, features.constants(), "verdict_" + features.tag)
-    return scope
+    """The instance of the verdict kernel (and the forward's helpers it calls) for ``features``, built once per process."""
+    with _INSTANCES_LOCK:
+        scope = _INSTANCES.get(features)
+        if scope is None:
+            namespace = dict(vars(_cpu_kernels))
+            namespace.update({name: value for name, value in globals().items() if not name.startswith("__")})
+            scope = _INSTANCES[features] = instantiate(namespace, features.constants(), "verdict_" + features.tag)
+        return scope

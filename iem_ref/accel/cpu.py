@@ -804,7 +804,8 @@ def warmup(dtypes=("float64", "float32"), ops=("forward", "backward"), energies=
     """Compile (or load from Numba's cache) the chosen CPU kernels ahead of time; returns ``{kernel: seconds}``.
 
     One kernel per combination of ``dtypes`` (``"float64"``, ``"float32"``),
-    ``ops`` (``"forward"``, ``"backward"``), ``energies`` (``"dot"``,
+    ``ops`` (``"forward"``, ``"backward"``, and ``"verdict"``: the tiled
+    oracle of :mod:`iem_ref.testing`, float64 and dot only), ``energies`` (``"dot"``,
     ``"sqeuclidean"``, ``"precomputed"``: :func:`softmin_summary`'s, forward
     only) and ``variants`` (False: the plain kernel; True: the one that
     calls with a bias, ALiBi, a soft-cap, sinks or dropout run).  The
@@ -819,7 +820,7 @@ def warmup(dtypes=("float64", "float32"), ops=("forward", "backward"), energies=
     >>> list(times)
     ['forward f64_dot']
     """
-    for name, given, allowed in (("dtypes", dtypes, {"float64", "float32"}), ("ops", ops, set(_SIGNATURES)),
+    for name, given, allowed in (("dtypes", dtypes, {"float64", "float32"}), ("ops", ops, set(_SIGNATURES) | {"verdict"}),
                                  ("energies", energies, set(WARMUP_ENERGIES))):
         bad = sorted({str(x) for x in given} - allowed)
         if bad or isinstance(given, str):
@@ -832,13 +833,22 @@ def warmup(dtypes=("float64", "float32"), ops=("forward", "backward"), energies=
                 for op in ops:
                     if op == "backward" and energy == "precomputed":
                         continue  # softmin_summary has no backward kernel
+                    if op == "verdict" and (dtype != "float64" or energy != "dot"):
+                        continue  # the tiled oracle computes in float64, dot products only
                     for with_variants in variants:
                         features = _k.Features(np.dtype(dtype).name, WARMUP_ENERGIES[energy], bool(with_variants))
                         name = f"{op} {features.tag}"
                         t = types.float64 if features.dtype == "float64" else types.float32
-                        cached = _in_cache(_k.kernels(features)[op], _SIGNATURES[op](t))
-                        t0 = time.perf_counter()
-                        last = _kernel(op, features)
+                        if op == "verdict":
+                            from . import verdict as _verdict
+
+                            cached = _in_cache(_verdict._vk.kernels(features)["verdict"], _verdict._signature())
+                            t0 = time.perf_counter()
+                            last = _verdict._kernel(features)
+                        else:
+                            cached = _in_cache(_k.kernels(features)[op], _SIGNATURES[op](t))
+                            t0 = time.perf_counter()
+                            last = _kernel(op, features)
                         times[name] = time.perf_counter() - t0
                         report(f"{name:40s} {times[name]:6.2f} s   {'from the cache' if cached else 'compiled'}")
         if activations:

@@ -28,6 +28,7 @@ float64 kernels with the NumPy reference.
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -78,12 +79,17 @@ def _signature():
 
 
 _COMPILED = {}
+_COMPILED_LOCK = threading.Lock()
 
 
 def _kernel(features):
+    """The verdict kernel for ``features``, compiled on first use (or loaded from Numba's cache), once per process."""
     fn = _COMPILED.get(features)
     if fn is None:
-        fn = _COMPILED[features] = compile_kernel(_vk.kernels(features)["verdict"], _signature(), f"verdict ({features.tag})")
+        with _COMPILED_LOCK:
+            fn = _COMPILED.get(features)
+            if fn is None:
+                fn = _COMPILED[features] = compile_kernel(_vk.kernels(features)["verdict"], _signature(), f"verdict ({features.tag})")
     return fn
 
 
