@@ -69,7 +69,8 @@ def _key_roundings(S, Q, x, t, extra, u_s, p, gD, lg, roundings):
 
 
 @njit(**INNER)
-def _finite(x):
+def _or_zero(x):
+    """``x``, or 0 where it is not finite."""
     return x if np.isfinite(x) else 0.0
 
 
@@ -171,7 +172,7 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
             for t in range(6):
                 cols[t, r, c] = 0.0
         for c in range(D):
-            x = _finite(q[i0 + r, c])
+            x = _or_zero(q[i0 + r, c])
             qa[r, c] = abs(x)
             q2[r, c] = x * x
     jb, end = _key_tiles(h.keys, h.group, i0, i1, 0, M, bk_max)
@@ -181,7 +182,7 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
         if D > 0:  # the sizes S = scale sum |q k| and squares scale^2 sum q^2 k^2 as two more products
             for j in range(bk):
                 for c in range(D):
-                    x = _finite(k[jb + j, c])
+                    x = _or_zero(k[jb + j, c])
                     ka[j, c] = abs(x)
                     k2[j, c] = x * x
             gemm(_TRANS, _NOTRANS, bk, bq, D, scale, ka, np.int64(0), D, qa, np.int64(0), D, 0.0, SA, np.int64(0), bk_max)
@@ -193,7 +194,7 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
                     SQ[r, j] = 0.0
         for j in range(bk):
             for c in range(Dv):
-                x = _finite(v[jb + j, c])
+                x = _or_zero(v[jb + j, c])
                 vf[j, c] = x
                 va[j, c] = abs(x)
                 v2[j, c] = x * x
@@ -243,23 +244,23 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
                 c = 1.0
                 if VARIANTS and h.has_keep:
                     c = 1.0 / h.dropout_keep if _own_at(h.keep, h.keep_group, i, jb + j) else 0.0
-                xf = _finite(x)
+                xf = _or_zero(x)
                 ax = abs(xf)
                 S = SA[r, j]
                 Q = SQ[r, j]
                 extra = 0.0  # section 11: the variants' steps, in units of u_s
                 if VARIANTS and nonplain:  # the logits are formed apart from the scores: their product by the scale first
-                    az = abs(_finite(z))
+                    az = abs(_or_zero(z))
                     extra = ax
                     if h.softcap > 0.0:
-                        a_s = abs(_finite(s))
+                        a_s = abs(_or_zero(s))
                         f = a_s / h.softcap
                         extra = extra * (1.0 - f * f) + ax + 5.0 * a_s
                     if h.has_bias:
                         extra += az
                     if h.has_alibi:
                         extra += abs(alibi) + az
-                tt = 0.0 if cert else _finite(abs(z - Li))
+                tt = 0.0 if cert else _or_zero(abs(z - Li))
                 e, sq = _key_roundings(S, Q, xf, tt, extra, u_s, p, gD, lg, roundings)
                 w = rr * rr * sq
                 W[0, r, j] = rr * e * c
@@ -273,7 +274,7 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
                 rows[r, 2] += rr * ax
                 rows[r, 3] += rr
                 rows[r, 4] += rr * rr
-                rows[r, 7] += rr * _finite(z)
+                rows[r, 7] += rr * _or_zero(z)
                 # the tiled oracle's own score and logit error, for its own bound (section 9's E)
                 own = g3 * S + 1.1102230246251565e-16 * (2.0 * ax + tt + extra)
                 if own > rows[r, 5]:
