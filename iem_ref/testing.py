@@ -577,8 +577,11 @@ def assert_attention_close(
         raise ValueError("oracle='tiled' judges by the derived bound or rtol/atol: not with exact=True or baseline='emulated'")
     q, k, v = _host(q), _host(k), _host(v)
     actual = _host(actual)
+    lse_a = None if lse is None else _host(lse)
     if layout == "bshd":
         q, k, v, actual = _bshd(q), _bshd(k), _bshd(v), _bshd(actual)
+        if lse_a is not None and lse_a.ndim >= 2:
+            lse_a = np.swapaxes(lse_a, -1, -2)
     variants = {key: _host(x) if hasattr(x, "__array__") or hasattr(x, "detach") else x for key, x in variants.items()}
     mask = None if mask is None else _host(mask)
     kw = dict(scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy, **variants)
@@ -592,8 +595,7 @@ def assert_attention_close(
         tiled = isinstance(energy, str) and energy == "dot" and unit_roundoff(precision.scores) > U64
         oracle = "tiled" if tiled and pairs >= TILED_PAIRS else "reference"
     if oracle == "tiled":
-        return _tiled_forward_check(actual, q, k, v, inp, kw, precision, bound, lse, lse_base, layout, empty, rtol, atol, err_msg,
-                                    variants)
+        return _tiled_forward_check(actual, q, k, v, inp, kw, precision, bound, lse_a, lse_base, empty, rtol, atol, err_msg, variants)
     with_sink = inp.sinks is not None
     if exact:
         res = _exact.attention(q, k, v, empty=empty, return_lse=True, return_responsibilities=True, **kw)
@@ -640,18 +642,10 @@ def assert_attention_close(
             f"max exponent spread t = {np.max(t[row], initial=0.0):.4g}; worst weight condition 2|t_j| + 2 tbar = {cond[row]:.4g}"
         )
 
-    active = [key for key, x in variants.items() if x is not None and x is not False and not (key == "dropout_p" and x == 0)]
-    header = (
-        f"kernel: {precision.describe()}; {how}; M = {M} keys, D = {D}, energy {energy!r}"
-        + (f", variants {', '.join(active)}" if active else "")
-        + f", {'exact tier' if exact else 'float64 reference'}"
-    )
+    header = _header(precision, how, M, D, energy, variants, "exact tier" if exact else "float64 reference")
     worst = _report_and_raise("attention", a, expected, tol, row_info, header, err_msg)
-    if lse is not None:
+    if lse_a is not None:
         base = math.e if lse_base is None else float(lse_base)
-        lse_a = _host(lse)
-        if layout == "bshd" and lse_a.ndim >= 2:
-            lse_a = np.swapaxes(lse_a, -1, -2)
         expected_L = L / math.log(base)
         Lf = np.abs(np.where(np.isfinite(expected_L), expected_L, 0.0))
         if baseline == "emulated":  # the same rule for the LSE: factor x the emulated kernel's worst, plus its dtype's rounding
@@ -666,6 +660,7 @@ def assert_attention_close(
 
 
 def _header(precision, how, M, D, energy, variants, oracle):
+    """The first line of an attention report: the kernel's model, how its tolerance is formed, the call and the oracle."""
     active = [key for key, x in variants.items() if x is not None and x is not False and not (key == "dropout_p" and x == 0)]
     return (f"kernel: {precision.describe()}; {how}; M = {M} keys, D = {D}, energy {energy!r}"
             + (f", variants {', '.join(active)}" if active else "") + f", {oracle}")
@@ -685,7 +680,7 @@ def _tiled_tolerances(ch, inp, precision, bound):
                 (tL.bound(bound) + own_L) * _SECOND_ORDER)
 
 
-def _tiled_forward_check(actual, q, k, v, inp, kw, precision, bound, lse, lse_base, layout, empty, rtol, atol, err_msg, variants):
+def _tiled_forward_check(actual, q, k, v, inp, kw, precision, bound, lse, lse_base, empty, rtol, atol, err_msg, variants):
     """:func:`assert_attention_close` with the tiled oracle: expected values, tolerances and the comparison a few heads at a time."""
     from .accel.verdict import forward_chunks
 
@@ -695,12 +690,7 @@ def _tiled_forward_check(actual, q, k, v, inp, kw, precision, bound, lse, lse_ba
     B = int(np.prod(inp.batch, dtype=np.int64))
     a_act = a_act.reshape(B, N, Dv)
     base = math.e if lse_base is None else float(lse_base)
-    lse_act = None
-    if lse is not None:
-        lse_act = _host(lse)
-        if layout == "bshd" and lse_act.ndim >= 2:
-            lse_act = np.swapaxes(lse_act, -1, -2)
-        lse_act = _check_shape(lse_act, inp.batch + (N,), "assert_attention_close (lse)").reshape(B, N)
+    lse_act = None if lse is None else _check_shape(lse, inp.batch + (N,), "assert_attention_close (lse)").reshape(B, N)
     derived = rtol is None and atol is None
     how = f"{bound} bound" if derived else "explicit rtol/atol"
     out_m = _Mismatches((B, N, Dv), _float_dtype(a_act))

@@ -509,13 +509,17 @@ class _Groups:
 
     def unstack(self, x):
         """The inverse of :meth:`stack` (``(B..., Hkv, N g[, C])``; without ``C`` for the log-partition)."""
-        if self.g == 1:
-            return x
-        if x.ndim == len(self.batch) + 1:
-            return self.unstack(x[..., None])[..., 0]
-        *lead, h, rows, c = x.shape
-        heads = np.swapaxes(x.reshape((*lead, h, rows // self.g, self.g, c)), -3, -2)
-        return np.ascontiguousarray(heads).reshape((*lead, h * self.g, rows // self.g, c))
+        return unstack_rows(x, self.g, len(self.batch) - 1)
+
+
+def unstack_rows(x, g, axis):
+    """Stacked rows back to query heads (V6): ``x`` with ``Hkv`` heads on ``axis`` and their ``N g`` rows next to it
+    (row ``i g + h`` is head ``h``'s query ``i``) -> ``Hkv g`` heads of ``N`` rows; the axes before and after stay."""
+    if g == 1:
+        return x
+    lead, (h, rows), rest = x.shape[:axis], x.shape[axis:axis + 2], x.shape[axis + 2:]
+    heads = np.swapaxes(x.reshape(lead + (h, rows // g, g) + rest), axis + 1, axis + 2)
+    return np.ascontiguousarray(heads).reshape(lead + (h * g, rows // g) + rest)
 
 
 def _new_partials(B, nsplit, n, dv):

@@ -42,7 +42,7 @@ from . import _verdict_kernels as _vk
 from ._compile import compile_kernel
 from ._problem import MASK_TYPE, problem_type
 from .cpu import (ENERGIES, _Groups, _arr, _blocks, _band_width, _problem, _run_forward, _run_stages, _scale_of, arithmetic,
-                  features_of, plan)
+                  features_of, plan, unstack_rows)
 
 __all__ = ["Chunk", "forward_chunks", "own_error"]
 
@@ -138,9 +138,9 @@ def forward_chunks(q, k, v, precision, *, scale=None, mask=None, is_causal=False
         cols = np.empty((c1 - c0, 6, n, Dv))
         rows = np.empty((c1 - c0, n, len(_vk.ROW_SUMS)))
         _run_stages(fn, (0,), *part, blocks, bk, L, consts, cols, rows)
-        ac, Lc, rows = _unstack(a, g), _unstack(L, g), _unstack(rows, g)
-        if g > 1:
-            cols = np.stack([_unstack(cols[:, t], g) for t in range(6)], axis=1)
+        # grouped-query heads (V6): the stacked rows back to query heads, the chunk's flat axis holding the key heads
+        ac, Lc, rows = unstack_rows(a, g, 0), unstack_rows(L, g, 0), unstack_rows(rows, g, 0)
+        cols = np.stack([unstack_rows(cols[:, t], g, 0) for t in range(6)], axis=1) if g > 1 else cols
         f0, f1 = c0 * g, c1 * g
         r_all, r2_all, rz, zmax, zmin = rows[..., 3], rows[..., 4], rows[..., 7], rows[..., 8], rows[..., 9]
         if sinks is not None:  # V5: the sink's responsibility exp(sink - L) joins the row's sums over every hypothesis
@@ -164,15 +164,6 @@ def _batch_range(p, c0, c1):
     return p._replace(qmap=p.qmap[c0:c1], kmap=p.kmap[c0:c1], vmap=p.vmap[c0:c1], umap=p.umap[c0:c1], dmap=p.dmap[c0:c1],
                       mmap=p.mmap[c0:c1], sinks=p.sinks[c0:c1], bias_map=p.bias_map[c0:c1], slopes=p.slopes[c0:c1],
                       keep_map=p.keep_map[c0:c1])
-
-
-def _unstack(x, g):
-    """``(Bc, N g, ...)`` stacked rows (row ``i g + h`` is head ``h``'s query ``i``, V6) -> ``(Bc g, N, ...)``, flat query heads."""
-    if g == 1:
-        return x
-    Bc, rows = x.shape[:2]
-    y = x.reshape((Bc, rows // g, g) + x.shape[2:])
-    return np.ascontiguousarray(np.swapaxes(y, 1, 2)).reshape((Bc * g, rows // g) + x.shape[2:])
 
 
 def own_error(ch, n_all, M, D, n_rows, scale, vmax, dropout):
