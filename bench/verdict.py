@@ -123,6 +123,8 @@ def machine():
             key, _, val = line.partition(":")
             fields.setdefault(key.strip(), val.strip())
     rec["family_model"] = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
+    blas = info["blas"] or {}
+    rec["blas"] = f"{blas.get('library', '?')} {blas.get('version', '?')} ({blas.get('kernels', '?')} kernels)"
     try:
         import torch
 
@@ -190,7 +192,7 @@ def _write_md(records):
         B, H, N, D = rec["size"]
         lines += [f"## {m['cpu']} (family/model {m.get('family_model', '?')}, {m['vector']}, {m['cores']} cores), "
                   f"B = {B}, H = {H}, N = M = {N}, D = {D}", "",
-                  f"torch {m.get('torch', '-')}, numpy {m['numpy']}, {rec['runs']} runs.", ""]
+                  f"BLAS {m.get('blas', '?')}, torch {m.get('torch', '-')}, numpy {m['numpy']}, {rec['runs']} runs.", ""]
         lines += ["| pass | dtype | causal | composition | tiled | tiled / composition | reference | reference / composition "
                   "| held | extra: composition | extra: tiled | extra: reference |", "|" + "---|" * 12]
         cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else "-"  # noqa: E731
