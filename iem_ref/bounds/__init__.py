@@ -40,7 +40,8 @@ import numpy as np  # noqa: F401 - the examples above use it
 
 from .backward import attention_vjp_bounds
 from .forward import ForwardBounds, attention_bounds, forward_bounds
-from .kernels import ErrorTerms, ForwardSums, LAMBDA, forward_sums, forward_terms, kernel_forward_bounds, kernel_vjp_bounds, key_roundings
+from .kernels import (BackwardSums, ErrorTerms, ForwardSums, LAMBDA, RowErrors, backward_terms, delta_sums, forward_sums, forward_terms,
+                      kernel_forward_bounds, kernel_vjp_bounds, key_roundings, pair_roundings, value_roundings)
 from .merges import merge_bounds
 from .oracle import variant_vjp_error
 from .paths import Arithmetic, REFERENCE, sum_bound
@@ -95,6 +96,12 @@ __all__ = [
     "forward_terms",
     "key_roundings",
     "kernel_vjp_bounds",
+    "BackwardSums",
+    "RowErrors",
+    "backward_terms",
+    "delta_sums",
+    "pair_roundings",
+    "value_roundings",
     "underflow",
     "MODULES",
 ]

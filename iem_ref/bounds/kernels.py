@@ -87,12 +87,22 @@ score's error:
   sum ``S_k`` it stores: ``u_in sum_k |S_k|``, scale ``u_in sqrt(sum_k
   S_k^2)``, from the exact partial sums block by block.
 
-Each is an :class:`ErrorTerms` bounded as in section 13.
+Each is an :class:`ErrorTerms` bounded as in section 13.  A pair's own
+roundings (its key's, ``dP``'s, ``dS``'s, and for ``dk``, ``dv`` its row's
+``L`` and ``Delta``) are different roundings: one term per pair holds them
+all (:func:`pair_roundings`, :func:`value_roundings`), its scale their
+squares' sum; the best split then chooses per pair, not per source, which
+can only raise the bound (at most 1.25x for bf16 ``dk`` in the tests'
+shapes).
 
 Evaluation.  Section 13's terms read sums over keys only
 (:class:`ForwardSums`): :func:`forward_sums` forms them from ``N x M``
 arrays, the tiled oracle (:mod:`iem_ref.accel.verdict`) tile by tile, and
-:func:`forward_terms` turns either into the bound.  The probabilistic
+:func:`forward_terms` turns either into the bound.  Section 14's read the
+per-row errors of ``L`` and ``Delta`` (:class:`RowErrors`; ``Delta``'s
+scale from the sums :func:`delta_sums`) and the sums over keys and over
+query rows of :class:`BackwardSums`; :func:`backward_terms` turns them into
+the bound.  The probabilistic
 bound's best split (:meth:`ErrorTerms.bound`) considers only the terms
 worth keeping (``R < LAMBDA sigma``), which reaches the same minimum.
 """
@@ -379,13 +389,120 @@ def kernel_forward_bounds(comp, r, a, L, precision, bound="probabilistic"):
         return ta.bound(bound), tL.bound(bound)
 
 
+class BackwardSums(NamedTuple):
+    """The sums that section 14's terms read: over keys per query row, over query rows per key (float64).
+
+    With, per pair, ``P`` the responsibility, ``f`` a soft-cap's factor (1
+    without), ``c`` dropout's, ``dX = P (b - Delta) f``, ``R`` and ``V`` the
+    rigorous part and the variance of its per-pair roundings (the key's own,
+    ``dP``'s, ``dS``'s; for ``dk`` and ``dv`` also the row's ``L`` and
+    ``Delta``): ``rq = sum_j Rq |k|``, ``vq = sum_j Vq k^2``, ``aq = sum_j
+    |dX| |k|``, ``a2q = sum_j dX^2 k^2``, ``dq = sum_j dX k``, ``pk = sum_j P
+    f k`` (per query row, ``D``); ``rk, vk, ak, a2k, dk`` alike over the query
+    rows with ``q`` (per key, ``D``); ``rv = sum_i Rv |u|``, ``vv = sum_i Vv
+    u^2``, ``pu = sum_i P c |u|``, ``p2u2 = sum_i (P c)^2 u^2``, ``dv = sum_i P
+    c u`` (per key, ``Dv``); ``dk_heads``, ``dv_heads``: ``sum_h |dk_h|``,
+    ``sum_h |dv_h|`` over a group's heads (V6; ``|dk|``, ``|dv|`` without), whose
+    results a kernel may round head by head.  A key's other sums run over
+    every query row that reads it: a group's heads are one sum over ``N g``
+    rows.
+    :func:`backward_sums` forms them from ``N x M`` arrays, the tiled oracle
+    tile by tile; :func:`backward_terms` turns either into the bound.
+    """
+
+    rq: Any
+    vq: Any
+    aq: Any
+    a2q: Any
+    dq: Any
+    pk: Any
+    rk: Any
+    vk: Any
+    ak: Any
+    a2k: Any
+    dk: Any
+    rv: Any
+    vv: Any
+    pu: Any
+    p2u2: Any
+    dv: Any
+    dk_heads: Any
+    dv_heads: Any
+
+
+class RowErrors(NamedTuple):
+    """A row's ``L_i`` and ``Delta_i`` as section 14 reads them: rigorous bounds ``RL``, ``RD`` and scales ``sL``, ``sD``."""
+
+    RL: Any
+    sL: Any
+    RD: Any
+    sD: Any
+
+
+def pair_roundings(R_own, s_own, bd, P, db, db_s, ds, rows):
+    """One pair's roundings in section 14, ``(Rq, Vq, Rk, Vk)``: for ``dq`` the key's own (``R_own``, scale ``s_own``,
+    relative, times ``P |b - Delta|``), ``dP``'s (``db``, ``db_s``, times ``P``) and ``dS``'s own (``ds``); for ``dk``
+    also the row's ``L`` and ``Delta`` (:class:`RowErrors` ``rows``, per row), which ``dq`` takes exactly
+    (:func:`backward_terms`).  Different roundings: the scales add in squares.  Elementwise; the tiled oracle's kernel
+    evaluates the same expression per pair."""
+    Rq = P * (R_own * bd + db) + ds
+    Vq = (P * s_own * bd) ** 2 + (P * db_s) ** 2 + ds**2
+    Rk = Rq + P * (rows.RL * bd + rows.RD)
+    Vk = Vq + (P * (rows.sL * bd + rows.sD)) ** 2
+    return Rq, Vq, Rk, Vk
+
+
+def value_roundings(Pc, R_own, s_own, u_cast, rows):
+    """One pair's roundings in ``dv`` (section 14), ``(Rv, Vv)``: the key's own and the cast of ``P`` (relative, times
+    ``P c``), and the row's ``L``.  Elementwise, as :func:`pair_roundings`."""
+    return Pc * (R_own + u_cast + rows.RL), (Pc * (s_own + u_cast)) ** 2 + (Pc * rows.sL) ** 2
+
+
+def delta_sums(rr, sq, ax, b, bd):
+    """The sums over keys that ``Delta_i``'s scale reads (:func:`_delta_terms`), ``(sum r^2 sq |b - Delta|^2, sum r |x|
+    |b - Delta|, sum r^2 b^2)`` with ``r`` the keys' responsibilities, ``sq`` a key's own squared roundings
+    (:func:`key_roundings`), ``x`` the scaled scores, ``b = dP``."""
+    return (rr**2 * sq * bd**2).sum(-1), (rr * ax * bd).sum(-1), (rr**2 * b**2).sum(-1)
+
+
+def backward_terms(sums, rows, precision, M, n_rows, dq_rows=None, pk_rows=None):
+    """Section 14's terms from the :class:`BackwardSums` ``sums`` and the :class:`RowErrors` ``rows``:
+    ``(ErrorTerms of dq / scale, of dk / scale, of dv)``.
+
+    ``M`` the keys, ``n_rows`` the query rows a key's sums run over (``N g``).
+    ``dq_rows``, ``pk_rows``: the sums that the row's ``L`` and ``Delta`` move
+    (default ``sums.dq``, ``sums.pk``; the squared Euclidean energy subtracts
+    its ``q_i`` terms from both).
+    """
+    from ..precision import unit_roundoff as unit
+
+    u_in, u_a = unit(precision.inputs), unit(precision.accumulator)
+    u_store = u_in if u_in > u_a else 0.0  # the accumulator's result rounded to the input dtype
+    dq_rows = np.abs(sums.dq if dq_rows is None else dq_rows)
+    pk_rows = np.abs(sums.pk if pk_rows is None else pk_rows)
+    col = lambda y: np.asarray(y)[..., None]  # noqa: E731 - a per-row quantity beside the columns
+    tq, tk, tv = ErrorTerms(), ErrorTerms(), ErrorTerms()
+    for t, R, V, A, A2, total, heads, n in ((tq, sums.rq, sums.vq, sums.aq, sums.a2q, sums.dq, np.abs(sums.dq), M),
+                                            (tk, sums.rk, sums.vk, sums.ak, sums.a2k, sums.dk, sums.dk_heads, n_rows)):
+        t.add(R, np.sqrt(V))  # each pair's roundings
+        t.add(tree_depth(n) * u_a * A, u_a * np.sqrt(tree_squares(A, A2, n, total=total)))  # the accumulation's tree
+        t.add((u_a + u_store) * heads)  # the scale's product, the store
+    # L_i moves every dS_ij of the row by the same relative amount, Delta_i by P_ij times it: dq takes them exactly
+    tq.add(col(rows.RL) * dq_rows + col(rows.RD) * pk_rows, col(rows.sL) * dq_rows + col(rows.sD) * pk_rows)
+    tv.add(sums.rv, np.sqrt(sums.vv))
+    tv.add(tree_depth(n_rows) * u_a * sums.pu, u_a * np.sqrt(tree_squares(sums.pu, sums.p2u2, n_rows, total=sums.dv)))
+    tv.add(u_store * sums.dv_heads)
+    return tq, tk, tv
+
+
 def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
     """Section 14: ``(tol_dq, tol_dk, tol_dv)`` for a FlashAttention-style backward of ``precision``.
 
     ``comp``: the :class:`iem_ref.attention.Competition` of the inputs (dot
     or squared Euclidean energy), ``grad_out`` the upstream gradient
     (broadcast to ``(B..., N, Dv)``).  Shapes as :func:`iem_ref.attention_vjp`
-    returns them (``Hkv`` heads with grouped-query heads).
+    returns them (``Hkv`` heads with grouped-query heads).  Memory ``O(B N
+    M)``: the sums of :class:`BackwardSums` are matrix products.
     """
     from ..competition import responsibilities
     from ..gradients import _sum_groups
@@ -406,8 +523,8 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         a, L, _ = comp.summary("zero")  # the reference's output and log-partition
         L = _finite(L)  # an empty row has no weight: its terms vanish with P
         f = _pairs(comp, P_all, L, precision)
-        sums = forward_sums(comp, P_all, L, precision)
-        ta, tL, sum_tree = forward_terms(sums, a, L, precision, M, P_all.shape[-1], inp.keep is not None)
+        fsums = forward_sums(comp, P_all, L, precision)
+        ta, tL, sum_tree = forward_terms(fsums, a, L, precision, M, P_all.shape[-1], inp.keep is not None)
         u_s, u_a = unit(precision.scores), unit(precision.accumulator)
         z_all = -comp.e if comp.x is not None else -comp.e * inp.scale
         x, S, v64, c = f.x, f.S, f.v, f.c
@@ -424,75 +541,44 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         uv = c * (absu @ T(absv))
         db, db_s = tree_depth(Dv) * u_a * uv, u_a * np.sqrt(tree_squares(uv, c**2 * (u**2 @ T(v64**2)), Dv, total=b))
         delta = (u * a).sum(-1, keepdims=True)
-        sL, RL = tL.scale()[..., None], tL.bound("rigorous")[..., None]  # the row's log-partition
-        RD, sD = _delta_terms(ta, f, sum_tree, precision, a, u, b, delta, Dv, inp.keep is not None)  # the row's Delta
+        bd = np.abs(b - delta)
+        RD, sD = _delta_terms(ta, precision, a, u, delta[..., 0], sum_tree, fsums, delta_sums(f.rr, f.sq, np.abs(x), b, bd), M,
+                              Dv, inp.keep is not None)  # the row's Delta
+        rows = RowErrors(tL.bound("rigorous"), tL.scale(), RD, sD)
+        at_pairs = RowErrors(*(y[..., None] for y in rows))
         dZ = P * (b - delta)
         fcap = 1.0 if inp.softcap is None else 1.0 - (_finite(comp.s) / inp.softcap) ** 2
         dX = dZ * fcap  # a soft-cap's factor (V3)
-        bd, adX = np.abs(b - delta), np.abs(dX)
+        adX = np.abs(dX)
         u_cast = u_in if u_in > u_s else 0.0  # dS and P rounded to the input dtype for the GEMMs
         # dS's own roundings: the subtraction, the product, the cast; the soft-cap's factor
         ds = (2 * u_s + u_cast) * adX + (0.0 if inp.softcap is None else np.abs(dZ) * (2 * eta / inp.softcap + 3 * u_s))
+        Rq, Vq, Rk, Vk = pair_roundings(own, own_s, bd, P, db, db_s, ds, at_pairs)
+        Pc = P * c
+        Rv, Vv = value_roundings(Pc, own, own_s, u_cast, at_pairs)
         kf, qf = _finite(inp.k.astype(np.float64)), _finite(inp.q.astype(np.float64))
         absk, absq = np.abs(kf), np.abs(qf)
-        sq_e = inp.energy == "sqeuclidean"
-        u_store = u_in if u_in > u_a else 0.0  # the accumulator's result rounded to the input dtype
-
-        def gemm(vals, signed, n, transpose, rows=None):
-            """The terms of ``sum_i dX_ij vals_i`` (``transpose``) or ``sum_j dX_ij vals_j``: per element
-            ``(i, j)`` the key's own roundings, dP's, dS's, and the accumulation's tree over ``n`` terms; and
-            the row's ``L_i`` and ``Delta_i``, independent across rows (``rows``: dq's, one row, summed exactly)."""
-            tr = T if transpose else (lambda z: z)
-            t = ErrorTerms()
-
-            def per_element(R, s):
-                t.add(tr(R) @ vals, np.sqrt(tr(s) ** 2 @ vals**2))
-
-            per_element(P * own * bd, P * own_s * bd)
-            per_element(P * db, P * db_s)
-            per_element(ds, ds)
-            acc = tr(adX) @ vals
-            t.add(tree_depth(n) * u_a * acc, u_a * np.sqrt(tree_squares(acc, tr(adX**2) @ vals**2, n, total=tr(dX) @ signed)))
-            # the row's L_i and Delta_i, both made of the forward's roundings (their scales add linearly)
-            if rows is None:
-                per_element(P * (RL * bd + RD), P * (sL * bd + sD))
-            else:  # L_i moves every dS_ij of the row by the same relative amount, Delta_i by P_ij times it
-                dq_exact, Pk = rows
-                t.add(RL * dq_exact + RD * Pk, sL * dq_exact + sD * Pk)
-            return t
-
-        def squared_euclidean_rows(t, vals, n, axis):
-            """``-dS`` summed over the row (or column) times ``q_i`` (``k_j``): its terms, rigorous."""
-            loc = P * (own * bd + db + RL * bd + RD) + ds
-            t.add(vals * (loc.sum(axis) + tree_depth(n) * u_a * adX.sum(axis))[..., None])
-
-        if sq_e:
-            Pk = np.abs((P * fcap) @ kf - (P * fcap).sum(-1, keepdims=True) * qf)
-            dq_exact = np.abs(dX @ kf - dX.sum(-1, keepdims=True) * qf)
-        else:
-            Pk, dq_exact = np.abs((P * fcap) @ kf), np.abs(dX @ kf)
-        tq = gemm(absk, kf, M, False, rows=(dq_exact, Pk))
-        tk = gemm(absq, qf, N * g, True)
-        if sq_e:
-            squared_euclidean_rows(tk, absk, N * g, -2)
+        PF = P * fcap
+        over_rows = lambda W, X: _sum_groups(T(W) @ X, g)  # noqa: E731 - over the N g query rows of a key's group (V6)
+        sums = BackwardSums(rq=Rq @ absk, vq=Vq @ kf**2, aq=adX @ absk, a2q=adX**2 @ kf**2, dq=dX @ kf, pk=PF @ kf,
+                            rk=over_rows(Rk, absq), vk=over_rows(Vk, qf**2), ak=over_rows(adX, absq), a2k=over_rows(adX**2, qf**2),
+                            dk=over_rows(dX, qf), rv=over_rows(Rv, absu), vv=over_rows(Vv, u**2), pu=over_rows(Pc, absu),
+                            p2u2=over_rows(Pc**2, u**2), dv=over_rows(Pc, u), dk_heads=_sum_groups(np.abs(T(dX) @ qf), g),
+                            dv_heads=_sum_groups(np.abs(T(Pc) @ u), g))
+        dq_rows = pk_rows = None
+        if inp.energy == "sqeuclidean":  # dq_i also subtracts q_i sum_j dS_ij
+            dq_rows = dX @ kf - dX.sum(-1, keepdims=True) * qf
+            pk_rows = PF @ kf - PF.sum(-1, keepdims=True) * qf
+        tq, tk, tv = backward_terms(sums, rows, precision, M, N * g, dq_rows, pk_rows)
+        if inp.energy == "sqeuclidean":  # -dS summed over the row (or column) times q_i (k_j): its terms, rigorous
+            tk.add(_sum_groups(absk * (Rk.sum(-2) + tree_depth(N * g) * u_a * adX.sum(-2))[..., None], g))
             if inp.softcap is not None or inp.sinks is not None:
-                squared_euclidean_rows(tq, absq, M, -1)
-        tq.add((u_a + u_store) * np.abs(dX @ kf))  # the scale's product, the store
-        tk.add((u_a + u_store) * np.abs(T(dX) @ qf))
-        Pc = P * c
-        tv = ErrorTerms()
-        for R, s in ((own + u_cast, own_s + u_cast), (RL, sL)):
-            tv.add(T(Pc * R) @ absu, np.sqrt(T(Pc * s) ** 2 @ absu**2))
-        Pu = T(Pc) @ absu
-        tv.add(tree_depth(N * g) * u_a * Pu, u_a * np.sqrt(tree_squares(Pu, T(Pc**2) @ absu**2, N * g, total=T(Pc) @ u)))
-        tv.add(u_store * np.abs(T(Pc) @ u))
+                tq.add(absq * (Rk.sum(-1) + tree_depth(M) * u_a * adX.sum(-1))[..., None])
         blocks = precision.gradient_blocks
         if blocks is not None and u_in > u_a:  # partial sums stored in the input dtype between blocks
             tq.add(*_stored_partials(dX, kf, blocks[1], u_in))
-            tk.add(*_stored_partials(T(dX), qf, blocks[0], u_in))
-            tv.add(*_stored_partials(T(Pc), u, blocks[0], u_in))
-        if g > 1:  # a group's heads: different roundings, independent
-            tk, tv = (t.map(lambda z: _sum_groups(z, g)) for t in (tk, tv))
+            tk.add(*(_sum_groups(y, g) for y in _stored_partials(T(dX), qf, blocks[0], u_in)))
+            tv.add(*(_sum_groups(y, g) for y in _stored_partials(T(Pc), u, blocks[0], u_in)))
         dq, dk, dv = (inp.scale * tq.bound(bound), inp.scale * tk.bound(bound), tv.bound(bound))
     return dq, dk, dv
 
@@ -509,33 +595,33 @@ def _stored_partials(W, X, block, u):
     return u * R, u * np.sqrt(V)
 
 
-def _delta_terms(ta, f, sum_tree, precision, a, u, b, delta, Dv, dropout):
-    """``(R, sigma)`` of ``Delta_i = sum_c u_ic a_ic`` formed from the kernel's stored output (section 14).
+def _delta_terms(ta, precision, a, u, delta, sum_tree, fsums, dsums, M, Dv, dropout):
+    """``(R, sigma)`` per row of ``Delta_i = sum_c u_ic a_ic`` formed from the kernel's stored output (section 14).
 
-    Rigorous: the output's bound per column (section 13) and the row sum's
-    tree.  Scale: the output's roundings that every column shares enter
-    ``Delta`` through ``sum_c u_c (c_j v_jc - a_c) = b_ij - Delta_i``; the
-    value GEMM's, the division's and the output's own roundings are
-    independent across columns.
+    Rigorous: the output's bound per column (section 13's terms ``ta``) and the
+    row sum's tree.  Scale: the output's roundings that every column shares
+    enter ``Delta`` through ``sum_c u_c (c_j v_jc - a_c) = b_ij - Delta_i``
+    (the sums :func:`delta_sums`, ``dsums``); the value GEMM's, the
+    division's and the output's own roundings are independent across
+    columns.  ``fsums``: the :class:`ForwardSums`, ``sum_tree`` the row sum's
+    tree squares (:func:`forward_terms`), ``M`` the keys.
     """
     from ..precision import unit_roundoff as unit
 
     u_s, u_p, u_a, u_o = (unit(getattr(precision, n)) for n in ("scores", "probs", "accumulator", "output"))
     absu = np.abs(u)
     ua = np.abs(u * a)
-    R = (absu * ta.bound("rigorous")).sum(-1, keepdims=True) + tree_depth(Dv) * u_a * ua.sum(-1, keepdims=True) + u_o * ua.sum(-1, keepdims=True)
-    rr, sq, ax, v = f.rr, f.sq, np.abs(f.x), f.v
-    rc = rr * f.c
-    bD = np.abs(b - delta)
-    var = u_s**2 * (rr**2 * sq * bD**2).sum(-1, keepdims=True)  # a key's own roundings
-    var = var + (u_s * (rr * ax * bD).sum(-1, keepdims=True)) ** 2  # the scale's rounding
+    S_ua = ua.sum(-1)
+    R = (absu * ta.bound("rigorous")).sum(-1) + (tree_depth(Dv) * u_a + u_o) * S_ua
+    sq_bd2, ax_bd, b2 = dsums
+    var = u_s**2 * sq_bd2  # a key's own roundings
+    var = var + (u_s * ax_bd) ** 2  # the scale's rounding
     if u_p > u_s:
-        var = var + u_p**2 * (rr**2 * b**2).sum(-1, keepdims=True)
-    var = var + u_s**2 * delta**2 * sum_tree[..., None]  # the row sum's tree
-    rc_v, rc_v2 = rc @ np.abs(v), rc**2 @ v**2
-    var = var + u_a**2 * (u**2 * tree_squares(rc_v, rc_v2, rr.shape[-1], total=a)).sum(-1, keepdims=True)  # the value GEMM
-    var = var + (u_a**2 + 2 * u_o**2) * (ua**2).sum(-1, keepdims=True)  # the division, the output, its product by u
-    var = var + u_a**2 * tree_squares(ua.sum(-1, keepdims=True), (ua**2).sum(-1, keepdims=True), Dv, total=delta)  # Delta's row sum
+        var = var + u_p**2 * b2
+    var = var + u_s**2 * delta**2 * sum_tree  # the row sum's tree
+    var = var + u_a**2 * (u**2 * tree_squares(fsums.rc_v, fsums.rc2_v2, M, total=a)).sum(-1)  # the value GEMM
+    var = var + (u_a**2 + 2 * u_o**2) * (ua**2).sum(-1)  # the division, the output, its product by u
+    var = var + u_a**2 * tree_squares(S_ua, (ua**2).sum(-1), Dv, total=delta)  # Delta's row sum
     if dropout:
-        var = var + (2 * u_a * (absu * rc_v).sum(-1, keepdims=True)) ** 2  # V8
+        var = var + (2 * u_a * (absu * fsums.rc_v).sum(-1)) ** 2  # V8
     return R, np.sqrt(var)
