@@ -773,6 +773,7 @@ def assert_attention_vjp_close(
     rtol=None,
     atol=None,
     err_msg="",
+    oracle=None,
     **variants,
 ):
     """Check a backward pass ``(dq, dk, dv)`` (G4, G6) computed by your kernel for ``grad_out = dLoss/da``.
@@ -790,6 +791,15 @@ def assert_attention_vjp_close(
     oracle's own error (:func:`iem_ref.bounds.variant_vjp_error`) and a floor
     of ``n tiny`` (``n`` the reduction length).  Returns the largest ratio of
     an element's error to its tolerance.
+
+    ``oracle``: ``"tiled"`` takes the expected gradients from the float64
+    CPU kernels and section 14's sums panel by panel
+    (:mod:`iem_ref.accel.verdict_vjp`: the same tolerance, in bounded
+    memory, a few heads at a time); ``"reference"`` the NumPy reference
+    above; ``None`` (default) the tiled oracle when the kernel's scores are
+    below float64, the call has at least ``TILED_PAIRS`` query-key pairs and
+    the tiled backward supports it (the dot energy; masks, causality,
+    windows, grouped-query heads; finite inputs), else the reference.
 
     Examples
     --------
@@ -819,6 +829,18 @@ def assert_attention_vjp_close(
         precision = infer_precision(*(x.dtype for x in grads + [q, k, v, u]))
     elif not isinstance(precision, Precision):
         precision = Precision.of(precision)
+    if oracle is not None:
+        check_choice(oracle, "oracle", {"tiled", "reference"})
+    if oracle != "reference":
+        from .accel.verdict_vjp import unsupported
+
+        inp = prepare_attention(q, k, v, **kw)
+        why = unsupported(inp, (q, k, v, u), precision)
+        if oracle == "tiled" and why is not None:
+            raise ValueError(f"oracle='tiled' cannot judge {why}; use oracle='reference'")
+        pairs = int(np.prod(inp.batch, dtype=np.int64)) * inp.n * inp.m
+        if oracle == "tiled" or (why is None and unit_roundoff(precision.scores) > U64 and pairs >= TILED_PAIRS):
+            return _tiled_vjp_check(grads, q, k, v, u, inp, kw, precision, bound, rtol, atol, err_msg, variants)
     q64, k64, v64, u64 = (x.astype(np.float64) for x in (q, k, v, u))
     expected = [np.asarray(x, np.float64) for x in attention_vjp(q64, k64, v64, u64, **kw)[:3]]
     inp = prepare_attention(q64, k64, v64, **kw)
@@ -841,4 +863,36 @@ def assert_attention_vjp_close(
         if np.isnan(tol[np.isfinite(exp)]).any():  # a NaN tolerance would pass any value: never silently
             raise RuntimeError(f"assert_attention_vjp_close: no tolerance derived for some finite {name} entries ({header})")
         worst = max(worst, _report_and_raise(name, got, exp, np.broadcast_to(tol, exp.shape), None, header, err_msg))
+    return worst
+
+
+def _tiled_vjp_check(grads, q, k, v, u, inp, kw, precision, bound, rtol, atol, err_msg, variants):
+    """:func:`assert_attention_vjp_close` with the tiled oracle: expected gradients, tolerances and the comparison a few heads at a time."""
+    from .accel.verdict_vjp import vjp_chunks
+
+    N, M, D, Dv, g = inp.n, inp.m, inp.q.shape[-1], inp.dv, inp.group
+    kv_batch = inp.batch[:-1] + (inp.batch[-1] // g,) if g > 1 else inp.batch
+    shapes = (inp.batch + (N, D), kv_batch + (M, D), kv_batch + (M, Dv))
+    Bq, Bk = int(np.prod(inp.batch, dtype=np.int64)), int(np.prod(kv_batch, dtype=np.int64))
+    flat = [_check_shape(x, s, f"assert_attention_vjp_close ({n})").reshape((B,) + s[-2:])
+            for x, s, n, B in zip(grads, shapes, ("dq", "dk", "dv"), (Bq, Bk, Bk))]
+    derived = rtol is None and atol is None
+    how = f"{bound} bound" if derived else "explicit rtol/atol"
+    found = [_Mismatches(x.shape, _float_dtype(x)) for x in flat]
+    floors = [_floor(precision, n, bound) for n in (M, N * g, N * g)]
+    opts = {n: kw[n] for n in ("scale", "mask", "is_causal", "causal_alignment")}
+    for ch in vjp_chunks(q, k, v, u, precision, window=variants.get("window"), enable_gqa=bool(variants.get("enable_gqa")), **opts):
+        expected = (ch.dq, ch.dk, ch.dv)
+        if derived:
+            with np.errstate(all="ignore"):
+                scales = (inp.scale, inp.scale, 1.0)
+                tols = [(s * t.bound(bound) + o) * _SECOND_ORDER + f for s, t, o, f in zip(scales, ch.terms, ch.own, floors)]
+        else:
+            tols = [_explicit_tol(e, rtol, atol) for e in expected]
+        for m, x, e, tol, first in zip(found, flat, expected, tols, (ch.h0 * g, ch.h0, ch.h0)):
+            m.add(x[first:first + len(e)], e, tol, first)
+    header = _header(precision, how, M, D, kw["energy"], variants, "tiled float64 oracle")
+    worst = 0.0
+    for name, m in zip(("dq", "dk", "dv"), found):
+        worst = max(worst, m.report(name, None, header + "; indices (flat batch, row, column)", err_msg))
     return worst

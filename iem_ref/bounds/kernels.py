@@ -542,8 +542,8 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         db, db_s = tree_depth(Dv) * u_a * uv, u_a * np.sqrt(tree_squares(uv, c**2 * (u**2 @ T(v64**2)), Dv, total=b))
         delta = (u * a).sum(-1, keepdims=True)
         bd = np.abs(b - delta)
-        RD, sD = _delta_terms(ta, precision, a, u, delta[..., 0], sum_tree, fsums, delta_sums(f.rr, f.sq, np.abs(x), b, bd), M,
-                              Dv, inp.keep is not None)  # the row's Delta
+        RD, sD = _delta_terms(ta.bound("rigorous"), precision, a, u, delta[..., 0], sum_tree, fsums.rc_v, fsums.rc2_v2,
+                              delta_sums(f.rr, f.sq, np.abs(x), b, bd), M, Dv, inp.keep is not None)  # the row's Delta
         rows = RowErrors(tL.bound("rigorous"), tL.scale(), RD, sD)
         at_pairs = RowErrors(*(y[..., None] for y in rows))
         dZ = P * (b - delta)
@@ -595,16 +595,17 @@ def _stored_partials(W, X, block, u):
     return u * R, u * np.sqrt(V)
 
 
-def _delta_terms(ta, precision, a, u, delta, sum_tree, fsums, dsums, M, Dv, dropout):
+def _delta_terms(ta_rig, precision, a, u, delta, sum_tree, rc_v, rc2_v2, dsums, M, Dv, dropout):
     """``(R, sigma)`` per row of ``Delta_i = sum_c u_ic a_ic`` formed from the kernel's stored output (section 14).
 
-    Rigorous: the output's bound per column (section 13's terms ``ta``) and the
-    row sum's tree.  Scale: the output's roundings that every column shares
+    Rigorous: the output's bound per column (``ta_rig``, section 13's rigorous
+    bound) and the row sum's tree.  Scale: the output's roundings that every column shares
     enter ``Delta`` through ``sum_c u_c (c_j v_jc - a_c) = b_ij - Delta_i``
     (the sums :func:`delta_sums`, ``dsums``); the value GEMM's, the
     division's and the output's own roundings are independent across
-    columns.  ``fsums``: the :class:`ForwardSums`, ``sum_tree`` the row sum's
-    tree squares (:func:`forward_terms`), ``M`` the keys.
+    columns.  ``rc_v``, ``rc2_v2``: those of :class:`ForwardSums`,
+    ``sum_tree`` the row sum's tree squares (:func:`forward_terms`), ``M``
+    the keys.
     """
     from ..precision import unit_roundoff as unit
 
@@ -612,16 +613,16 @@ def _delta_terms(ta, precision, a, u, delta, sum_tree, fsums, dsums, M, Dv, drop
     absu = np.abs(u)
     ua = np.abs(u * a)
     S_ua = ua.sum(-1)
-    R = (absu * ta.bound("rigorous")).sum(-1) + (tree_depth(Dv) * u_a + u_o) * S_ua
+    R = (absu * ta_rig).sum(-1) + (tree_depth(Dv) * u_a + u_o) * S_ua
     sq_bd2, ax_bd, b2 = dsums
     var = u_s**2 * sq_bd2  # a key's own roundings
     var = var + (u_s * ax_bd) ** 2  # the scale's rounding
     if u_p > u_s:
         var = var + u_p**2 * b2
     var = var + u_s**2 * delta**2 * sum_tree  # the row sum's tree
-    var = var + u_a**2 * (u**2 * tree_squares(fsums.rc_v, fsums.rc2_v2, M, total=a)).sum(-1)  # the value GEMM
+    var = var + u_a**2 * (u**2 * tree_squares(rc_v, rc2_v2, M, total=a)).sum(-1)  # the value GEMM
     var = var + (u_a**2 + 2 * u_o**2) * (ua**2).sum(-1)  # the division, the output, its product by u
     var = var + u_a**2 * tree_squares(S_ua, (ua**2).sum(-1), Dv, total=delta)  # Delta's row sum
     if dropout:
-        var = var + (2 * u_a * (absu * fsums.rc_v).sum(-1)) ** 2  # V8
+        var = var + (2 * u_a * (absu * rc_v).sum(-1)) ** 2  # V8
     return R, np.sqrt(var)
