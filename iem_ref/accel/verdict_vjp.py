@@ -17,8 +17,10 @@ query heads):
    holds at most ``PANEL_BYTES`` of float64 pair quantities.
 
 Supported: the dot energy with a mask, causality (both alignments), a
-window and grouped-query heads, finite inputs and gradient, a kernel that
-keeps its gradients in its accumulator (``Precision.gradient_blocks`` unset).
+window and grouped-query heads, finite inputs and gradient.  A kernel that
+stores its gradients' partial sums between blocks (``Precision.gradient_blocks``,
+torch's CPU backward) has them summed block by block in the panels, in
+row and key order, as the ``N x M`` path does.
 :func:`unsupported` names what is outside that; the NumPy reference judges it.
 
 The oracle's own error.  Its ``dq, dk, dv`` are section 10's float64 CPU
@@ -85,8 +87,6 @@ def unsupported(inp, arrays, precision):
         if getattr(inp, name, None) is not None:
             label = {"slopes": "alibi_slopes", "keep": "dropout", "cu_seqlens_q": "cu_seqlens_q/k"}.get(name, name)
             return f"the variant {label} (the tiled backward supports masks, causality, windows and grouped-query heads)"
-    if precision.gradient_blocks is not None:
-        return "Precision.gradient_blocks (partial sums stored between blocks)"
     for name, x in zip(("q", "k", "v", "grad_out"), arrays):
         if not np.isfinite(x).all():
             return f"non-finite entries in {name}"
@@ -146,6 +146,10 @@ def vjp_chunks(q, k, v, grad_out, precision, *, scale=None, mask=None, is_causal
     roundings = energy_of("dot").score.roundings  # each product's own rounding, before the tree
     step = CHUNK_HEADS if chunk is None else max(1, int(chunk))
     bq = max(1, min(N, PANEL_BYTES // max(1, 8 * 24 * M)))  # about 24 float64 pair quantities per pair at once
+    stored = precision.gradient_blocks is not None and u_in > u_a  # partial sums stored in the input dtype between blocks
+    if stored:
+        qb, kb = precision.gradient_blocks
+        bq = max(qb, bq // qb * qb)  # a panel holds whole query blocks
     for h0 in range(0, H if N * M else 0, step):
         h1 = min(H, h0 + step)
         f0, f1 = h0 * g, h1 * g  # their query heads
@@ -175,11 +179,14 @@ def vjp_chunks(q, k, v, grad_out, precision, *, scale=None, mask=None, is_causal
             sums[n] = np.zeros((h1 - h0, M, Dv))
         RD, sD = np.zeros((nh, N)), np.zeros((nh, N))
         cPU, cPD = np.zeros((h1 - h0, M)), np.zeros((h1 - h0, M))
+        st = {n: np.zeros(x.shape) for n, x in (("Rq", sums["dq"]), ("Vq", sums["dq"]), ("Rk", sums["dk"]), ("sk", sums["dk"]),
+                                                  ("Rv", sums["dv"]), ("sv", sums["dv"]))} if stored else None
         for f in range(nh):
             c = f // g
             K, V = kc[c], vc[c]
             absK, K2, absV, V2 = np.abs(K), K * K, np.abs(V), V * V
             dk_h, dv_h = np.zeros((M, D)), np.zeros((M, Dv))
+            Vk_h, Vv_h = np.zeros((M, D)), np.zeros((M, Dv))
             for i0 in range(0, N, bq):
                 rows = np.arange(i0, min(N, i0 + bq))
                 Q, U, L = qc[f, rows], uc[f, rows], ch.L[f, rows]
@@ -221,21 +228,43 @@ def vjp_chunks(q, k, v, grad_out, precision, *, scale=None, mask=None, is_causal
                 sums["vk"][c] += Vk.T @ Q2
                 sums["ak"][c] += adX.T @ absQ
                 sums["a2k"][c] += (adX * adX).T @ Q2
-                dk_h += dX.T @ Q
                 sums["rv"][c] += Rv.T @ absU
                 sums["vv"][c] += Vv.T @ U2
                 sums["pu"][c] += P.T @ absU
                 sums["p2u2"][c] += (P * P).T @ U2
-                dv_h += P.T @ U
+                if stored:  # the partial sums after each block but the last: over keys for dq, over query rows for dk, dv
+                    S = np.zeros((len(rows), D))
+                    for j0 in range(0, M - kb, kb):
+                        S += dX[:, j0:j0 + kb] @ K[j0:j0 + kb]
+                        st["Rq"][f, rows] += np.abs(S)
+                        st["Vq"][f, rows] += S * S
+                    for r0 in range(0, len(rows), qb):
+                        dk_h += dX[r0:r0 + qb].T @ Q[r0:r0 + qb]
+                        dv_h += P[r0:r0 + qb].T @ U[r0:r0 + qb]
+                        if rows[0] + r0 + qb < N:
+                            st["Rk"][c] += np.abs(dk_h)
+                            st["Rv"][c] += np.abs(dv_h)
+                            Vk_h += dk_h * dk_h
+                            Vv_h += dv_h * dv_h
+                else:
+                    dk_h += dX.T @ Q
+                    dv_h += P.T @ U
                 cPU[c] += P.T @ absU.sum(-1)
                 cPD[c] += P.T @ dDelta[f, rows]
             sums["dk"][c] += dk_h
             sums["dv"][c] += dv_h
             sums["dk_heads"][c] += np.abs(dk_h)
             sums["dv_heads"][c] += np.abs(dv_h)
+            if stored:  # a group's heads: their scales add (as the N x M path sums them)
+                st["sk"][c] += np.sqrt(Vk_h)
+                st["sv"][c] += np.sqrt(Vv_h)
         bs = BackwardSums(**sums)
         with np.errstate(invalid="ignore", over="ignore"):
             terms = backward_terms(bs, RowErrors(RL, sL, RD, sD), precision, M, N * g)
+            if stored:
+                terms[0].add(u_in * st["Rq"], u_in * np.sqrt(st["Vq"]))
+                terms[1].add(u_in * st["Rk"], u_in * st["sk"])
+                terms[2].add(u_in * st["Rv"], u_in * st["sv"])
             # the oracle's own error (module docstring)
             qmax = np.abs(qc).reshape(h1 - h0, g * N, D).max(axis=1, initial=0.0)[:, None, :]
             kmax = np.abs(kc).max(axis=1, initial=0.0)[:, None, :]
