@@ -7,12 +7,10 @@ random ``grad_out``) are computed first and not timed.  Then one of:
 * ``composition``: the check people write: upcast to float64, materialise
   ``softmax(q k^T scale) v`` (with autograd for the backward) and take the
   largest difference (which a rule-of-thumb tolerance then judges);
-* ``tiled``: ``assert_attention_close`` with the default oracle (the tiled
-  float64 oracle for these kernels);
+* ``tiled``: ``assert_attention_close`` / ``assert_attention_vjp_close``
+  with the default oracle (the tiled float64 oracles for these kernels);
 * ``reference``: the NumPy reference's pipeline (``N x M`` float64
-  temporaries): ``assert_attention_close(..., oracle="reference")``, and
-  ``assert_attention_vjp_close`` (the backward has no tiled oracle), where
-  ``--reference`` asks for it (always for the backward).
+  temporaries): ``oracle="reference"``, where ``--reference`` asks for it.
 
 Each measurement runs in its own process (a fresh interpreter, the modules
 imported before the clock starts, kernels loaded from Numba's cache, which
@@ -147,7 +145,7 @@ def main(argv=None):
     B, H, N, D = a.size
     rows = []
     for pass_ in a.passes:
-        paths = ["composition"] + (["tiled"] if pass_ == "forward" else []) + (["reference"] if a.reference or pass_ == "backward" else [])
+        paths = ["composition", "tiled"] + (["reference"] if a.reference else [])
         for dtype in a.dtypes:
             for causal in (c == "1" for c in a.causal):
                 _child((B, H, min(N, 256), D, dtype, causal, pass_, paths[-1]))  # fill Numba's cache for this case
