@@ -871,7 +871,7 @@ def _tiled_vjp_check(grads, q, k, v, u, inp, kw, precision, bound, rtol, atol, e
     from .accel.verdict_vjp import vjp_chunks
 
     N, M, D, Dv, g = inp.n, inp.m, inp.q.shape[-1], inp.dv, inp.group
-    kv_batch = inp.batch[:-1] + (inp.batch[-1] // g,) if g > 1 else inp.batch
+    kv_batch = inp.k_heads.shape[:-2]
     shapes = (inp.batch + (N, D), kv_batch + (M, D), kv_batch + (M, Dv))
     Bq, Bk = int(np.prod(inp.batch, dtype=np.int64)), int(np.prod(kv_batch, dtype=np.int64))
     flat = [_check_shape(x, s, f"assert_attention_vjp_close ({n})").reshape((B,) + s[-2:])

@@ -47,7 +47,7 @@ import numpy as np
 from ..attention import prepare_attention
 from ..bounds import (BackwardSums, RowErrors, U64, backward_terms, delta_sums, forward_terms, gamma, key_roundings, pair_roundings,
                       tree_depth, tree_squares, ulps, unit_roundoff, value_roundings)
-from ..bounds.kernels import _delta_terms
+from ..bounds.kernels import _delta_terms, _stored_partials
 from ..energies import energy_of
 from .verdict import forward_chunks, own_error
 
@@ -133,7 +133,7 @@ def vjp_chunks(q, k, v, grad_out, precision, *, scale=None, mask=None, is_causal
     if why is not None:
         raise ValueError(f"the tiled backward oracle cannot judge {why}; oracle='reference' judges it")
     N, M, D, Dv, g = inp.n, inp.m, inp.q.shape[-1], inp.dv, inp.group
-    kv_batch = inp.batch[:-1] + (inp.batch[-1] // g,) if g > 1 else inp.batch
+    kv_batch = inp.k_heads.shape[:-2]
     H = int(np.prod(kv_batch, dtype=np.int64))
     qf = _heads(np.asarray(q, np.float64), inp.batch, (N, D))
     uf = _heads(np.asarray(grad_out, np.float64), inp.batch, (N, Dv))
@@ -179,7 +179,7 @@ def vjp_chunks(q, k, v, grad_out, precision, *, scale=None, mask=None, is_causal
             sums[n] = np.zeros((h1 - h0, M, Dv))
         RD, sD = np.zeros((nh, N)), np.zeros((nh, N))
         cPU, cPD = np.zeros((h1 - h0, M)), np.zeros((h1 - h0, M))
-        st = {n: np.zeros(x.shape) for n, x in (("Rq", sums["dq"]), ("Vq", sums["dq"]), ("Rk", sums["dk"]), ("sk", sums["dk"]),
+        st = {n: np.zeros(x.shape) for n, x in (("Rq", sums["dq"]), ("sq", sums["dq"]), ("Rk", sums["dk"]), ("sk", sums["dk"]),
                                                   ("Rv", sums["dv"]), ("sv", sums["dv"]))} if stored else None
         for f in range(nh):
             c = f // g
@@ -233,11 +233,7 @@ def vjp_chunks(q, k, v, grad_out, precision, *, scale=None, mask=None, is_causal
                 sums["pu"][c] += P.T @ absU
                 sums["p2u2"][c] += (P * P).T @ U2
                 if stored:  # the partial sums after each block but the last: over keys for dq, over query rows for dk, dv
-                    S = np.zeros((len(rows), D))
-                    for j0 in range(0, M - kb, kb):
-                        S += dX[:, j0:j0 + kb] @ K[j0:j0 + kb]
-                        st["Rq"][f, rows] += np.abs(S)
-                        st["Vq"][f, rows] += S * S
+                    st["Rq"][f, rows], st["sq"][f, rows] = _stored_partials(dX, K, kb, 1.0)
                     for r0 in range(0, len(rows), qb):
                         dk_h += dX[r0:r0 + qb].T @ Q[r0:r0 + qb]
                         dv_h += P[r0:r0 + qb].T @ U[r0:r0 + qb]
@@ -262,7 +258,7 @@ def vjp_chunks(q, k, v, grad_out, precision, *, scale=None, mask=None, is_causal
         with np.errstate(invalid="ignore", over="ignore"):
             terms = backward_terms(bs, RowErrors(RL, sL, RD, sD), precision, M, N * g)
             if stored:
-                terms[0].add(u_in * st["Rq"], u_in * np.sqrt(st["Vq"]))
+                terms[0].add(u_in * st["Rq"], u_in * st["sq"])
                 terms[1].add(u_in * st["Rk"], u_in * st["sk"])
                 terms[2].add(u_in * st["Rv"], u_in * st["sv"])
             # the oracle's own error (module docstring)

@@ -324,7 +324,11 @@ def forward_sums(comp, r, L, precision):
     ``r (B..., N, M [+ 1])`` the oracle's responsibilities (the sink's last),
     ``L`` its log-partition (:func:`_pairs`).
     """
-    f = _pairs(comp, r, L, precision)
+    return _pair_sums(_pairs(comp, r, L, precision))
+
+
+def _pair_sums(f):
+    """:class:`ForwardSums` of the :class:`_Pairs` ``f`` (section 14 forms its pairs once and reads both)."""
     rr, c, v, e = f.rr, f.c, f.v, f.e
     absv, ax = np.abs(v), np.abs(f.x)
     rc, w = rr * c, rr**2 * f.sq
@@ -407,8 +411,9 @@ class BackwardSums(NamedTuple):
     results a kernel may round head by head.  A key's other sums run over
     every query row that reads it: a group's heads are one sum over ``N g``
     rows.
-    :func:`backward_sums` forms them from ``N x M`` arrays, the tiled oracle
-    tile by tile; :func:`backward_terms` turns either into the bound.
+    :func:`kernel_vjp_bounds` forms them from ``N x M`` arrays, the tiled
+    oracle (:mod:`iem_ref.accel.verdict_vjp`) panel by panel;
+    :func:`backward_terms` turns either into the bound.
     """
 
     rq: Any
@@ -524,7 +529,7 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         a, L, _ = comp.summary("zero")  # the reference's output and log-partition
         L = _finite(L)  # an empty row has no weight: its terms vanish with P
         f = _pairs(comp, P_all, L, precision)
-        fsums = forward_sums(comp, P_all, L, precision)
+        fsums = _pair_sums(f)
         ta, tL, sum_tree = forward_terms(fsums, a, L, precision, M, P_all.shape[-1], inp.keep is not None)
         u_s, u_a = unit(precision.scores), unit(precision.accumulator)
         z_all = -comp.e if comp.x is not None else -comp.e * inp.scale
