@@ -8,7 +8,8 @@ query heads):
    gives ``a``, ``L`` and section 13's sums, hence each row's errors of ``L``
    and (rigorously) of ``a``; the float64 backward of
    :mod:`iem_ref.accel.cpu` gives the expected ``dq, dk, dv``;
-2. a panel of query rows at a time, against every key, the pair quantities
+2. a panel of query rows at a time, against the keys its causality or
+   window leaves it (the others have weight 0), the pair quantities
    of section 14 are formed with the same functions as the ``N x M``
    reference path (:func:`~iem_ref.bounds.key_roundings`,
    :func:`~iem_ref.bounds.delta_sums`, :func:`~iem_ref.bounds.pair_roundings`,
@@ -98,15 +99,36 @@ def _heads(x, batch, extra):
     return np.broadcast_to(x, batch + extra).reshape((-1,) + extra)
 
 
-def _mask_of(inp, mask, f, rows, M):
-    """The participation of query head ``f`` (flat), rows ``rows``: the mask's rows, causality, the window (``(len(rows), M)`` bool)."""
-    take = np.ones((len(rows), M), dtype=bool)
-    if mask is not None:
-        idx = np.unravel_index(f, inp.batch) if inp.batch else ()
-        mb = np.broadcast_to(mask, inp.batch + (inp.n, M))
-        take &= mb[idx][rows]
+def _head_mask(inp, f):
+    """The mask of query head ``f`` (flat), ``(N, M)`` bool (a view of the broadcast mask), or None without one."""
+    if inp.mask is None:
+        return None
+    idx = np.unravel_index(f, inp.batch) if inp.batch else ()
+    return np.broadcast_to(inp.mask, inp.batch + (inp.n, inp.m))[idx]
+
+
+def _band(inp, i0, i1, align):
+    """The keys ``[lo, hi)`` that causality and the window leave to query rows ``[i0, i1)`` (every key outside has weight
+    0), widened to multiples of ``align`` keys (the blocks whose partial sums a kernel stores; 1 for none)."""
+    lo, hi, off = 0, inp.m, inp.causal_offset
+    if inp.is_causal:
+        hi = min(hi, i1 + off)
+    if inp.window is not None:
+        left, right = inp.window
+        if left is not None:
+            lo = max(lo, i0 + off - left)
+        if right is not None:
+            hi = min(hi, i1 + off + right)
+    lo = min(max(lo, 0), inp.m) // align * align
+    hi = min(inp.m, -(-max(hi, lo) // align) * align)
+    return lo, hi
+
+
+def _take(inp, head_mask, rows, lo, hi):
+    """The participation of ``rows`` against keys ``[lo, hi)``: the head's mask, causality, the window (bool)."""
+    take = np.ones((len(rows), hi - lo), dtype=bool) if head_mask is None else head_mask[rows, lo:hi].copy()
     if inp.is_causal or inp.window is not None:
-        rel = (rows[:, None] + inp.causal_offset) - np.arange(M)[None, :]  # i' - j, the aligned offset
+        rel = (rows[:, None] + inp.causal_offset) - np.arange(lo, hi)[None, :]  # i' - j, the aligned offset
         if inp.is_causal:
             take &= rel >= 0
         if inp.window is not None:
@@ -150,13 +172,13 @@ def vjp_chunks(q, k, v, grad_out, precision, *, scale=None, mask=None, is_causal
     if stored:
         qb, kb = precision.gradient_blocks
         bq = max(qb, bq // qb * qb)  # a panel holds whole query blocks
+    else:
+        kb = 1
     for h0 in range(0, H if N * M else 0, step):
         h1 = min(H, h0 + step)
         f0, f1 = h0 * g, h1 * g  # their query heads
         qc, uc, kc, vc = qf[f0:f1], uf[f0:f1], kf[h0:h1], vf[h0:h1]
-        mc = None
-        if mask is not None:
-            mc = np.stack([_mask_of(inp, inp.mask, f, np.arange(N), M) for f in range(f0, f1)])  # the chunk's own (bool)
+        mc = None if inp.mask is None else np.stack([_head_mask(inp, f) for f in range(f0, f1)])  # the chunk's own (bool)
         ck = dict(scale=scale, mask=mc, is_causal=is_causal, causal_alignment=causal_alignment, window=window)
         if g > 1:
             ck["enable_gqa"] = True
@@ -189,22 +211,24 @@ def vjp_chunks(q, k, v, grad_out, precision, *, scale=None, mask=None, is_causal
             Vk_h, Vv_h = np.zeros((M, D)), np.zeros((M, Dv))
             for i0 in range(0, N, bq):
                 rows = np.arange(i0, min(N, i0 + bq))
+                lo, hi = _band(inp, i0, rows[-1] + 1, kb if stored else 1)  # keys outside add nothing to any sum
                 Q, U, L = qc[f, rows], uc[f, rows], ch.L[f, rows]
-                take = mc[f][rows] if mc is not None else _mask_of(inp, None, f, rows, M)
+                Kb, Vb, absKb, K2b, absVb, V2b = (y[lo:hi] for y in (K, V, absK, K2, absV, V2))
+                take = _take(inp, None if mc is None else mc[f], rows, lo, hi)
                 with np.errstate(invalid="ignore", over="ignore"):
                     Lf = np.where(np.isfinite(L), L, 0.0)[:, None]
-                    x = sc * (Q @ K.T)
+                    x = sc * (Q @ Kb.T)
                     live = take & np.isfinite(L)[:, None]  # an empty row has no weight
                     P = np.where(live, np.exp(np.where(live, x, 0.0) - Lf), 0.0)
-                    S = sc * (np.abs(Q) @ absK.T)
-                    Qs = sc * sc * ((Q * Q) @ K2.T)
+                    S = sc * (np.abs(Q) @ absKb.T)
+                    Qs = sc * sc * ((Q * Q) @ K2b.T)
                     S2 = tree_squares(S, Qs, D, total=x) + roundings * Qs
                     t = np.where(live, np.abs(x - Lf), 0.0)
                     e, sq = key_roundings(D, u_s, pe, S, S2, x, t, 0.0)
-                    b = np.where(live, U @ V.T, 0.0)
-                    uv = np.abs(U) @ absV.T
+                    b = np.where(live, U @ Vb.T, 0.0)
+                    uv = np.abs(U) @ absVb.T
                     db = tree_depth(Dv) * u_a * uv
-                    db_s = u_a * np.sqrt(tree_squares(uv, (U * U) @ V2.T, Dv, total=b))
+                    db_s = u_a * np.sqrt(tree_squares(uv, (U * U) @ V2b.T, Dv, total=b))
                     dl = delta[f, rows][:, None]
                     bd = np.abs(b - dl)
                     rd, sd = _delta_terms(ta_rig[f, rows], precision, ch.a[f, rows], U, delta[f, rows], sum_tree[f, rows],
@@ -217,36 +241,42 @@ def vjp_chunks(q, k, v, grad_out, precision, *, scale=None, mask=None, is_causal
                     own_s = u_s * np.sqrt(sq)
                     Rq, Vq, Rk, Vk = pair_roundings(e, own_s, bd, P, db, db_s, ds, at)
                     Rv, Vv = value_roundings(P, e, own_s, u_cast, at)
-                sums["rq"][f, rows] = Rq @ absK
-                sums["vq"][f, rows] = Vq @ K2
-                sums["aq"][f, rows] = adX @ absK
-                sums["a2q"][f, rows] = (adX * adX) @ K2
-                sums["dq"][f, rows] = dX @ K
-                sums["pk"][f, rows] = P @ K
+                sums["rq"][f, rows] = Rq @ absKb
+                sums["vq"][f, rows] = Vq @ K2b
+                sums["aq"][f, rows] = adX @ absKb
+                sums["a2q"][f, rows] = (adX * adX) @ K2b
+                sums["dq"][f, rows] = dX @ Kb
+                sums["pk"][f, rows] = P @ Kb
                 absQ, Q2, absU, U2 = np.abs(Q), Q * Q, np.abs(U), U * U
-                sums["rk"][c] += Rk.T @ absQ
-                sums["vk"][c] += Vk.T @ Q2
-                sums["ak"][c] += adX.T @ absQ
-                sums["a2k"][c] += (adX * adX).T @ Q2
-                sums["rv"][c] += Rv.T @ absU
-                sums["vv"][c] += Vv.T @ U2
-                sums["pu"][c] += P.T @ absU
-                sums["p2u2"][c] += (P * P).T @ U2
+                band = slice(lo, hi)
+                sums["rk"][c, band] += Rk.T @ absQ
+                sums["vk"][c, band] += Vk.T @ Q2
+                sums["ak"][c, band] += adX.T @ absQ
+                sums["a2k"][c, band] += (adX * adX).T @ Q2
+                sums["rv"][c, band] += Rv.T @ absU
+                sums["vv"][c, band] += Vv.T @ U2
+                sums["pu"][c, band] += P.T @ absU
+                sums["p2u2"][c, band] += (P * P).T @ U2
                 if stored:  # the partial sums after each block but the last: over keys for dq, over query rows for dk, dv
-                    st["Rq"][f, rows], st["sq"][f, rows] = _stored_partials(dX, K, kb, 1.0)
+                    R_part, s_part = _stored_partials(dX, Kb, kb, 1.0)
+                    # the blocks ending at or after hi (a multiple of kb) hold the row's whole sum
+                    after = max(0, -(-M // kb) - hi // kb) if hi < M else 0
+                    total = sums["dq"][f, rows]
+                    st["Rq"][f, rows] = R_part + after * np.abs(total)
+                    st["sq"][f, rows] = np.sqrt(np.square(s_part) + after * total * total)
                     for r0 in range(0, len(rows), qb):
-                        dk_h += dX[r0:r0 + qb].T @ Q[r0:r0 + qb]
-                        dv_h += P[r0:r0 + qb].T @ U[r0:r0 + qb]
+                        dk_h[band] += dX[r0:r0 + qb].T @ Q[r0:r0 + qb]
+                        dv_h[band] += P[r0:r0 + qb].T @ U[r0:r0 + qb]
                         if rows[0] + r0 + qb < N:
                             st["Rk"][c] += np.abs(dk_h)
                             st["Rv"][c] += np.abs(dv_h)
                             Vk_h += dk_h * dk_h
                             Vv_h += dv_h * dv_h
                 else:
-                    dk_h += dX.T @ Q
-                    dv_h += P.T @ U
-                cPU[c] += P.T @ absU.sum(-1)
-                cPD[c] += P.T @ dDelta[f, rows]
+                    dk_h[band] += dX.T @ Q
+                    dv_h[band] += P.T @ U
+                cPU[c, band] += P.T @ absU.sum(-1)
+                cPD[c, band] += P.T @ dDelta[f, rows]
             sums["dk"][c] += dk_h
             sums["dv"][c] += dv_h
             sums["dk_heads"][c] += np.abs(dk_h)
