@@ -85,7 +85,7 @@ def verdict(oracle):
         from iem_ref.precision import Precision
         blocks = (256 if N >= 768 else 64 if N >= 192 else 32, 512)
         prec = Precision.of(dtype, gradient_blocks=blocks) if dtype in ("bfloat16", "float16") else None
-        assert_attention_vjp_close(*grads, q, k, v, g, is_causal=causal, precision=prec)
+        assert_attention_vjp_close(*grads, q, k, v, g, is_causal=causal, precision=prec, oracle=oracle)
 
 
 before = rss()
@@ -101,7 +101,12 @@ print(elapsed, max(0, peak - before), before)
 
 
 def _child(args, env=None):
+    """``(seconds, extra bytes, held bytes)`` of one check in its own process; ``None`` where the process died (a
+    path that does not fit in memory is killed): the table says so rather than the run stopping."""
     out = subprocess.run([sys.executable, "-c", _CHILD.format(args=args)], capture_output=True, text=True, env=env)
+    if out.returncode < 0:
+        print(f"the check {args} was killed (signal {-out.returncode}: out of memory?)", file=sys.stderr, flush=True)
+        return None
     if out.returncode:
         raise RuntimeError(f"the check {args} failed:\n{out.stderr[-3000:]}")
     t, extra, before = out.stdout.split()
@@ -154,17 +159,23 @@ def main(argv=None):
                 held = []
                 for _ in range(a.runs):
                     for p in paths:  # the paths take turns
-                        t, x, before = _child((B, H, N, D, dtype, causal, pass_, p))
+                        res = _child((B, H, N, D, dtype, causal, pass_, p))
+                        if res is None:
+                            continue
+                        t, x, before = res
                         times[p].append(t)
                         extra[p].append(x)
                         held.append(before)
-                row = dict(pass_=pass_, dtype=dtype, causal=causal, B=B, H=H, N=N, D=D, held_gb=max(held) / 1e9)
+                row = dict(pass_=pass_, dtype=dtype, causal=causal, B=B, H=H, N=N, D=D, held_gb=max(held, default=0) / 1e9)
                 for p in paths:
-                    row[f"{p}_s"] = statistics.median(times[p])
                     row[f"{p}_runs"] = times[p]
-                    row[f"{p}_extra_gb"] = max(extra[p]) / 1e9
+                    row[f"{p}_killed"] = a.runs - len(times[p])
+                    if times[p]:
+                        row[f"{p}_s"] = statistics.median(times[p])
+                        row[f"{p}_extra_gb"] = max(extra[p]) / 1e9
                 for p in paths[1:]:
-                    row[f"{p}_ratio"] = row[f"{p}_s"] / row["composition_s"]
+                    if f"{p}_s" in row and "composition_s" in row:
+                        row[f"{p}_ratio"] = row[f"{p}_s"] / row["composition_s"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if a.no_save:
@@ -184,7 +195,8 @@ def _write_md(records):
              "`python bench/verdict.py`: torch SDPA is the kernel under test; each check in its own process, the paths taking",
              "turns; median of the runs.  *composition*: upcast to float64, materialise, the largest difference (what",
              "people write instead); *tiled*: `iem_ref.testing` with its default oracle; *reference*: `oracle=\"reference\"`.",
-             "Memory: peak resident beyond what the process held before the check (inputs and the kernel's results, *held*).", ""]
+             "Memory: peak resident beyond what the process held before the check (inputs and the kernel's results, *held*).",
+             "*killed*: every run of that path died (the kernel killed it: out of memory on this machine).", ""]
     for rec in records:
         m = rec["machine"]
         B, H, N, D = rec["size"]
@@ -193,7 +205,12 @@ def _write_md(records):
                   f"BLAS {m.get('blas', '?')}, torch {m.get('torch', '-')}, numpy {m['numpy']}, {rec['runs']} runs.", ""]
         lines += ["| pass | dtype | causal | composition | tiled | tiled / composition | reference | reference / composition "
                   "| held | extra: composition | extra: tiled | extra: reference |", "|" + "---|" * 12]
-        cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else "-"  # noqa: E731
+        def cell(r, key, fmt):
+            if key in r:
+                return fmt.format(r[key])
+            path = key.split("_")[0]
+            return "killed (out of memory)" if r.get(f"{path}_killed") else "-"
+
         for r in rec["rows"]:
             lines.append("| " + " | ".join([
                 r["pass_"], r["dtype"], "yes" if r["causal"] else "no", cell(r, "composition_s", "{:.2f} s"),
