@@ -157,10 +157,9 @@ def vjp_chunks(q, k, v, grad_out, precision, *, scale=None, mask=None, is_causal
     N, M, D, Dv, g = inp.n, inp.m, inp.q.shape[-1], inp.dv, inp.group
     kv_batch = inp.k_heads.shape[:-2]
     H = int(np.prod(kv_batch, dtype=np.int64))
-    qf = _heads(np.asarray(q, np.float64), inp.batch, (N, D))
-    uf = _heads(np.asarray(grad_out, np.float64), inp.batch, (N, Dv))
-    kf = _heads(np.asarray(k, np.float64), kv_batch, (M, D))
-    vf = _heads(np.asarray(v, np.float64), kv_batch, (M, Dv))
+    # in their own dtypes: each chunk takes its float64 copy
+    qf, uf = _heads(np.asarray(q), inp.batch, (N, D)), _heads(np.asarray(grad_out), inp.batch, (N, Dv))
+    kf, vf = _heads(np.asarray(k), kv_batch, (M, D)), _heads(np.asarray(v), kv_batch, (M, Dv))
     sc = inp.scale
     u_s, u_a, u_in = (unit_roundoff(getattr(precision, n)) for n in ("scores", "accumulator", "inputs"))
     u_cast = u_in if u_in > u_s else 0.0
@@ -177,7 +176,7 @@ def vjp_chunks(q, k, v, grad_out, precision, *, scale=None, mask=None, is_causal
     for h0 in range(0, H if N * M else 0, step):
         h1 = min(H, h0 + step)
         f0, f1 = h0 * g, h1 * g  # their query heads
-        qc, uc, kc, vc = qf[f0:f1], uf[f0:f1], kf[h0:h1], vf[h0:h1]
+        qc, uc, kc, vc = (x.astype(np.float64) for x in (qf[f0:f1], uf[f0:f1], kf[h0:h1], vf[h0:h1]))
         mc = None if inp.mask is None else np.stack([_head_mask(inp, f) for f in range(f0, f1)])  # the chunk's own (bool)
         ck = dict(scale=scale, mask=mc, is_causal=is_causal, causal_alignment=causal_alignment, window=window)
         if g > 1:
