@@ -1043,6 +1043,18 @@ class Grads(NamedTuple):
     dz: np.ndarray
 
 
+class Splits(NamedTuple):
+    """The key splits' float64 partial sums of ``dq``: ``dq (B, S, N, D)``; ``x (B, S, N)`` the row sums of ``dX`` (K2 with a soft-cap, else ``(B, S, 0)``).
+
+    Split ``s`` holds the terms of the key blocks ``s, s + S, s + 2 S, ...``
+    (interleaved, so that a causal problem gives every split about the same
+    work).
+    """
+
+    dq: np.ndarray
+    x: np.ndarray
+
+
 @njit(fastmath=_FM, **INNER)
 def _p_ds_tile(S, Bt, bq, bk, saved, i0, part, keep_part):
     """Responsibilities and routing gradients of a tile, in place: ``S <- r_ij``, ``Bt <- dLoss/ds_ij = r_ij (b_ij - Delta_i)``.
@@ -1153,8 +1165,16 @@ def _logit_grads(h, Bt, F, bq, bk, i0, jb, dz):
 
 
 @template(fastmath=_FM, **INNER)
-def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
-    """G4, keys ``[j0, j1)``: ``dv_j = sum_i r_ij u_i`` and ``dk_j = scale sum_i dS_ij q_i`` (minus ``scale k_j sum_i dS_ij`` for K2), over all queries."""
+def _backward_keys(h, j0, j1, blocks, saved, dk, dv, dq_part, x_part, dz):
+    """G4, keys ``[j0, j1)``, over all queries: ``dv_j``, ``dk_j`` in full and these keys' terms of every ``dq_i``.
+
+    ``dv_j = sum_i r_ij u_i`` and ``dk_j = scale sum_i dS_ij q_i`` (minus
+    ``scale k_j sum_i dS_ij`` for K2) are written; ``dq_part[i] += sum_j dX_ij
+    k_j`` over these keys (float64, one tile product at a time), and
+    ``x_part[i] += sum_j dX_ij`` where K2 with a soft-cap needs it (``dX =
+    dZ = dS`` without a soft-cap, V3).  With a bias (V1) ``dz`` receives the
+    tile's ``dZ`` (``dbias``'s terms, summed by the host).
+    """
     q, k, v, u = h.q, h.k, h.v, h.u
     bk = j1 - j0
     N = q.shape[0]
@@ -1172,14 +1192,19 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
     ufin = scratch((bq_max, Dv), q.dtype)
     qflag = scratch(bq_max, np.bool_)
     uflag = scratch(bq_max, np.bool_)
+    tq = scratch((bq_max, D), q.dtype)
+    kfin = scratch((bk, D), q.dtype)
+    kflag = scratch(bk, np.bool_)
     acc_k = zeros((bk, D), np.float64)
     acc_v = zeros((bk, Dv), np.float64)
     colsum = zeros(bk, np.float64)
     F = scratch((bq_max if h.softcap > 0.0 else 0, bk), q.dtype)
-    nodz = scratch((0, 0), np.float64)
     nopart = scratch((0, 0), np.bool_)
     part_kept = scratch((bq_max if (VARIANTS and h.has_keep) else 0, bk), np.bool_)
     norms = _norms(h.q, bq_max, bk)
+    nk = _rows_flags(k, j0, bk, kflag) if ENERGY != PRECOMPUTED else 0
+    if nk > 0:
+        _finite_copy(k[j0:j1], kflag, kfin)
     # the queries that see a key of [j0, j1) (causality, window, segments), in the query blocks of the forward
     i_start = min(N, _first_position_above(h.keys, np.int64(1), j0) * h.group)
     i_end = min(N, _first_position_above(h.keys, np.int64(0), j1 - 1) * h.group)
@@ -1202,9 +1227,13 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
         nu = _rows_flags(u, i0, bq, uflag)
         if VARIANTS and h.has_keep:  # V8: b_ij = c_ij <u_i, v_j>
             _dropout_factors(h.keep, h.keep_group, h.dropout_keep, Bt, bq, bk, i0, j0, nopart)
-        _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nq + nu > 0)
+        _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nq + nu + nk > 0)
         if VARIANTS and h.logits:
-            _logit_grads(h, Bt, F, bq, bk, i0, j0, nodz)
+            _logit_grads(h, Bt, F, bq, bk, i0, j0, dz)
+            if h.softcap > 0.0 and ENERGY == SQEUCLIDEAN:
+                for r in range(bq):
+                    for j in range(bk):
+                        x_part[i0 + r] += np.float64(Bt[r, j])
         if Dv > 0:
             partv = part
             if VARIANTS and h.has_keep:  # dv_j = sum_i r_ij c_ij u_i, a dropped pair's u never read
@@ -1232,6 +1261,14 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
             for j in range(bk):
                 for c in range(D):
                     acc_k[j, c] += np.float64(tk[j, c])
+            if nk == 0:  # dq's terms: dX (bq, bk) @ k (bk, D)
+                gemm(_NOTRANS, _NOTRANS, D, bq, bk, 1.0, k, j0 * D, D, Bt, 0, bk, 0.0, tq, 0, D)
+            else:
+                gemm(_NOTRANS, _NOTRANS, D, bq, bk, 1.0, kfin, 0, D, Bt, 0, bk, 0.0, tq, 0, D)
+                _add_nonfinite(Bt, bq, bk, part, k[j0:j1], kflag, tq, False)
+            for r in range(bq):
+                for c in range(D):
+                    dq_part[i0 + r, c] += np.float64(tq[r, c])
         if ENERGY == SQEUCLIDEAN:
             for r in range(bq):
                 for j in range(bk):
@@ -1248,67 +1285,33 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv):
             dk[j0 + j, c] = g
 
 
-@template(fastmath=_FM, **INNER)
-def _backward_queries(h, i0, i1, bk_max, saved, dq, dz):
-    """G4, queries ``[i0, i1)``: ``dq_i = scale sum_j dX_ij k_j`` over all keys (for K2 minus ``scale q_i sum_j dX_ij``, nonzero with sinks or a soft-cap only).
+@template(**INNER)
+def _finish_dq(h, i0, i1, saved, dq_parts, x_parts, dq):
+    """G4, queries ``[i0, i1)``: ``dq_i = scale sum_s dq_parts[s, i]`` (for K2 minus ``scale q_i sum_j dX_ij``, nonzero with sinks or a soft-cap only).
 
-    ``dX = dZ = dS`` without a soft-cap (V3); with a bias (V1) ``dz``
-    receives ``dZ`` of the rows (``dbias``'s terms, summed by the host).
+    The key splits' float64 partial sums are added in split order, so the
+    result depends on the number of splits (a function of the shapes), never
+    on which thread ran a split.
     """
-    q, k, v, u = h.q, h.k, h.v, h.u
-    bq = i1 - i0
-    M = k.shape[0]
+    q = h.q
     D = q.shape[1]
-    Dv = v.shape[1]
-    S = scratch((bq, bk_max), q.dtype)
-    Bt = scratch((bq, bk_max), q.dtype)
-    part = scratch((bq, bk_max), np.bool_)
-    tq = scratch((bq, D), q.dtype)
-    kfin = scratch((bk_max, D), q.dtype)
-    kflag = scratch(bk_max, np.bool_)
-    norms = _norms(h.q, bq, bk_max)
-    _set_query_norms(h.q, norms, i0, i1)
-    acc = zeros((bq, D), np.float64)
-    F = scratch((bq if h.softcap > 0.0 else 0, bk_max), q.dtype)
-    xsum = zeros(bq, np.float64)  # sum_j dX_ij, for K2 with a soft-cap
-    nopart = scratch((0, 0), np.bool_)
-    start, end = _key_tiles(h.keys, h.group, i0, i1, np.int64(0), M, bk_max)
-    for jb in range(start, end, bk_max):
-        bk = min(bk_max, M - jb)
-        _scores(S, bq, bk, h, i0, jb, norms, F)
-        if Dv > 0:
-            gemm(_TRANS, _NOTRANS, bk, bq, Dv, 1.0, v, jb * Dv, Dv, u, i0 * Dv, Dv, 0.0, Bt, 0, bk_max)
-        else:
-            Bt[:, :] = 0.0
-        nk = _rows_flags(k, jb, bk, kflag) if ENERGY != PRECOMPUTED else 0
-        if VARIANTS and h.has_keep:  # V8: b_ij = c_ij <u_i, v_j>
-            _dropout_factors(h.keep, h.keep_group, h.dropout_keep, Bt, bq, bk, i0, jb, nopart)
-        _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nk > 0)
-        if VARIANTS and h.logits:
-            _logit_grads(h, Bt, F, bq, bk, i0, jb, dz)
-            if h.softcap > 0.0 and ENERGY == SQEUCLIDEAN:
-                for r in range(bq):
-                    for j in range(bk):
-                        xsum[r] += np.float64(Bt[r, j])
-        if D > 0 and ENERGY != PRECOMPUTED:
-            if nk == 0:
-                gemm(_NOTRANS, _NOTRANS, D, bq, bk, 1.0, k, jb * D, D, Bt, 0, bk_max, 0.0, tq, 0, D)
-            else:
-                _finite_copy(k[jb : jb + bk], kflag, kfin)
-                gemm(_NOTRANS, _NOTRANS, D, bq, bk, 1.0, kfin, 0, D, Bt, 0, bk_max, 0.0, tq, 0, D)
-                _add_nonfinite(Bt, bq, bk, part, k[jb : jb + bk], kflag, tq, False)
-            for r in range(bq):
-                for c in range(D):
-                    acc[r, c] += np.float64(tq[r, c])
+    ns = dq_parts.shape[0]
     sc = np.float64(h.scale)
-    for r in range(bq):
-        rowsum = xsum[r] if h.softcap > 0.0 else saved.rowsum[i0 + r]
+    for i in range(i0, i1):
+        rowsum = saved.rowsum[i]
+        if VARIANTS and h.softcap > 0.0 and ENERGY == SQEUCLIDEAN:
+            rowsum = 0.0
+            for s in range(ns):
+                rowsum += x_parts[s, i]
         for c in range(D):
-            g = sc * acc[r, c]
+            acc = 0.0
+            for s in range(ns):
+                acc += dq_parts[s, i, c]
+            g = sc * acc
             if ENERGY == SQEUCLIDEAN and rowsum != 0.0:
-                qi = np.float64(q[i0 + r, c])
+                qi = np.float64(q[i, c])
                 g -= sc * (qi if np.isfinite(qi) else 0.0) * rowsum
-            dq[i0 + r, c] = g
+            dq[i, c] = g
 
 
 @njit(**INNER)
@@ -1317,34 +1320,43 @@ def _saved_at(saved, b):
 
 
 @template(cache=True, nogil=True, no_cfunc_wrapper=True)
-def backward(stage, thread, nthreads, p, mask, blocks, bk, saved, grads):
+def backward(stage, thread, nthreads, p, mask, blocks, bk, saved, grads, splits):
     """G4 over the flattened batch of the :class:`~iem_ref.accel._problem.Problem` ``p`` (and its ``mask``), into the :class:`Grads` ``grads``.
 
     ``saved``: :class:`Saved` (``L``, ``Delta = <u_i, a_i>``, float64).
     This thread's share (items ``thread, thread + nthreads, ...``) of one
     stage, as :func:`forward`.  Stage 0: per query block, ``cnt``, the number
-    of keys with score ``+inf`` of each certain row.  Then two stages free of
-    races: stage 1 over key blocks (``dk``, ``dv``: sums over queries), stage
-    2 over query blocks (``dq``: sums over keys).  Each recomputes the score
-    tile and ``b = U V^T``: 7 GEMMs per tile pair instead of 5, in exchange
-    for ``O((N + M) D)`` memory, no atomics and a fixed summation order.
+    of keys with score ``+inf`` of each certain row.  Stage 1: per batch
+    element and key split (:class:`Splits`), the split's key blocks one after
+    the other, each against every query block that sees it: the score tile,
+    ``b = U V^T``, ``dS``, then ``dv``, ``dk`` (written, the block's own) and
+    the block's terms of ``dq`` (into the split's partial sums).  Five GEMMs
+    per tile pair and one exponential per score; no two items write the same
+    element, so no atomics.  Stage 2: per query block, ``dq`` from the
+    splits' partial sums, in split order.
     A template: :mod:`iem_ref.accel.cpu` compiles an instance of it per feature set.
     """
     B = grads.dq.shape[0]
     M = grads.dk.shape[1]
     nqb = blocks.shape[0] - 1
     nkb = (M + bk - 1) // bk
+    ns = splits.dq.shape[1]
     if stage == 0:
         for w in range(thread, B * nqb, nthreads):
             b = w // nqb
             _count_certain(_head_of(p, mask, b), blocks[w % nqb], blocks[w % nqb + 1], bk, _saved_at(saved, b))
     elif stage == 1:
-        for w in range(thread, B * nkb, nthreads):
-            b = w // nkb
-            j0 = (w % nkb) * bk
-            _backward_keys(_head_of(p, mask, b), j0, min(M, j0 + bk), blocks, _saved_at(saved, b), grads.dk[b], grads.dv[b])
+        for w in range(thread, B * ns, nthreads):
+            b = w // ns
+            s = w % ns
+            h = _head_of(p, mask, b)
+            sv = _saved_at(saved, b)
+            for kb in range(s, nkb, ns):
+                j0 = kb * bk
+                _backward_keys(h, j0, min(M, j0 + bk), blocks, sv, grads.dk[b], grads.dv[b], splits.dq[b, s], splits.x[b, s],
+                               grads.dz[b])
     else:
         for w in range(thread, B * nqb, nthreads):
             b = w // nqb
-            _backward_queries(_head_of(p, mask, b), blocks[w % nqb], blocks[w % nqb + 1], bk, _saved_at(saved, b), grads.dq[b],
-                              grads.dz[b])
+            _finish_dq(_head_of(p, mask, b), blocks[w % nqb], blocks[w % nqb + 1], _saved_at(saved, b), splits.dq[b],
+                       splits.x[b], grads.dq[b])

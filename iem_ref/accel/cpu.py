@@ -81,6 +81,7 @@ from ._problem import (
     ENERGY_CODES,
     MASK_TYPE,
     PRECOMPUTED,
+    SQEUCLIDEAN,
     Problem,
     band,
     key_ranges,
@@ -133,6 +134,7 @@ class Tiling(NamedTuple):
     min_split_keys: int = 8192  # fewest keys per split
     small_block: int = 64  # query blocks smaller than this get key tiles of decode_keys
     decode_keys: int = 2048
+    split_bytes: int = 128 * 2**20  # the backward's key splits hold at most this many bytes of dq partial sums (float64)
 
     def tiles(self, dtype, backward):
         """``(bq, bk)`` for ``dtype``, forward or backward."""
@@ -170,8 +172,9 @@ def _backward_sig(t):
     fields = [_arr(t, 3, readonly=False)] * 3 + [_arr(f64, 3, readonly=False)]
     # Numba types a tuple of one field type as a "uni" tuple (float64 here): the signature must say the same
     grads = types.NamedUniTuple(fields[0], 4, _k.Grads) if t == f64 else types.NamedTuple(fields, _k.Grads)
+    splits = types.NamedTuple([_arr(f64, 4, readonly=False), _arr(f64, 3, readonly=False)], _k.Splits)
     # stage, thread, thread count, problem, mask, the query blocks' row boundaries, bk
-    return types.void(i64, i64, i64, problem_type(t), MASK_TYPE, _arr(i64, 1), i64, saved, grads)
+    return types.void(i64, i64, i64, problem_type(t), MASK_TYPE, _arr(i64, 1), i64, saved, grads, splits)
 
 
 _COMPILED = {}
@@ -298,7 +301,7 @@ def arithmetic():
                       tiles=_tiles)
 
 
-def plan(B, N, M, dtype, backward=False, band=None):
+def plan(B, N, M, dtype, backward=False, band=None, row_values=1):
     """Tile shape and key splits ``(bq, bk, nsplit)``, from the shapes and dtype only (never the thread count).
 
     The sizes come from :data:`TILING`.  Query blocks hold at most
@@ -315,7 +318,11 @@ def plan(B, N, M, dtype, backward=False, band=None):
     band, stay valid.  Keys are split (and the partials merged
     by M2) only when there are fewer than ``target_items`` (16) query blocks
     in the whole batch and at least ``min_split_keys`` (8192) keys per split:
-    decoding then uses every core.  A
+    decoding then uses every core.  The backward always splits its keys
+    (:class:`~iem_ref.accel._cpu_kernels.Splits`: each split sums its own
+    terms of ``dq``): into ``target_items / B`` splits, at most one per key
+    tile, and no more than ``split_bytes`` of partial sums hold (``B * nsplit
+    * N * row_values`` float64, ``row_values`` = D).  A
     query's own reduction order depends on ``bk`` and ``nsplit`` only.
 
     Examples
@@ -330,6 +337,8 @@ def plan(B, N, M, dtype, backward=False, band=None):
     (288, 256, 1)
     >>> plan(1, 16384, 16384, np.float32, band=257)
     (288, 288, 1)
+    >>> plan(1, 4096, 4096, np.float64, backward=True, row_values=64)  # 16 key splits of dq's sums, 32 MiB
+    (128, 256, 16)
     """
     t = TILING
     bq, bk = t.tiles(dtype, backward)
@@ -347,6 +356,9 @@ def plan(B, N, M, dtype, backward=False, band=None):
     bq = max(1, min(bq, N))
     if bq < t.small_block:  # few queries (decoding): longer key tiles amortise the per-tile BLAS calls
         bk = t.decode_keys
+    if backward:
+        fit = t.split_bytes // max(1, 8 * B * N * row_values)
+        return bq, bk, int(max(1, min(-(-t.target_items // max(1, B)), -(-M // bk), fit)))
     nqb = max(1, -(-N // bq))
     want = -(-t.target_items // max(1, B * nqb))
     nsplit = int(max(1, min(want, M // t.min_split_keys)))
@@ -714,18 +726,21 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     with np.errstate(invalid="ignore", over="ignore"):
         delta = _ro(np.ascontiguousarray(np.einsum("bnc,bnc->bn", u64, a64)))  # Delta_i = <u_i, a_i> = sum_j r_ij b_ij
     del a64, u64
-    bq, bk, _ = plan(B, n, m, dtype, backward=True, band=_band_width(pm[0]))
+    bq, bk, nsplit = plan(B, n, m, dtype, backward=True, band=_band_width(pm[0]), row_values=D)
     blocks = _blocks(pm[0], bq)
+    x_rows = n if (pm[0].softcap > 0.0 and pm[0].energy == SQEUCLIDEAN) else 0  # K2's sum_j dX_ij with a soft-cap
+    splits = _k.Splits(np.zeros((B, nsplit, n, D)), np.zeros((B, nsplit, x_rows)))
     rowsum = np.zeros((B, n))
     saved = _k.Saved(L64, delta, np.zeros((B, n)), _ro(rowsum))  # rowsum is filled below, through its own name
     if inp.sinks is not None:
-        _run_stages(_kernel("backward", features_of(pm[0])), (0,), *pm, blocks, bk, saved, _k.Grads(dq, dk, dv, dz))  # the certain-key counts
+        _run_stages(_kernel("backward", features_of(pm[0])), (0,), *pm, blocks, bk, saved, _k.Grads(dq, dk, dv, dz),
+                    splits)  # the certain-key counts
         sink = np.tile(pm[0].sinks, (1, n // groups.g))  # row i of element b: sinks[b, i % g]
         rowsum[...] = sink_routing(sink, L64, saved.cnt, delta)  # sum_j dS_ij = Delta_i r_sink,i: dLoss/dsink_i = -that
         per_head = groups.unstack(-rowsum.reshape(batch + (n,)))
         dsinks[...] = _sum_to_shape(per_head.sum(axis=-1), inp.sinks_shape)
     _run_stages(_kernel("backward", features_of(pm[0])), (0, 1, 2) if inp.sinks is None else (1, 2), *pm, blocks, bk, saved,
-                _k.Grads(dq, dk, dv, dz))
+                _k.Grads(dq, dk, dv, dz), splits)
     return shaped()
 
 
