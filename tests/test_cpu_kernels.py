@@ -29,7 +29,7 @@ from tests.conftest import U32, U64
 import numba
 import threadpoolctl
 
-from iem_ref.accel import _cpu_kernels as _k, _fastexp, cpu
+from iem_ref.accel import _fastexp, cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +86,7 @@ def test_plan_depends_on_shapes_only():
 @pytest.mark.parametrize("N", [1, 16, 63, 64, 200, 255, 256, 600, 1024, 2047, 4096, 16384])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_plan_gives_every_core_work(N, dtype):
-    """Query blocks: at most the dtype's tile height, at least 64 rows (or all N), and at least 4 blocks once N allows it; long key tiles only for blocks off the GEMMs."""
+    """Query blocks: at most the dtype's tile height, at least 64 rows (or all N), and at least 4 blocks once N allows it."""
     bq, bk, _ = cpu.plan(1, N, 4096, dtype)
     t = cpu.TILING
     tile_bq, tile_bk = t.tiles(dtype, False)
@@ -95,7 +95,7 @@ def test_plan_gives_every_core_work(N, dtype):
     assert bq >= min(N, t.small_block)
     if N >= t.min_blocks * t.small_block:
         assert nqb >= t.min_blocks
-    assert bk == (t.decode_keys if bq * np.dtype(dtype).itemsize <= _k._FEW_ROW_BYTES else tile_bk)
+    assert bk == (tile_bk if bq >= t.small_block else t.decode_keys)
     assert cpu.plan(1, N, 4096, dtype, backward=True)[0] <= t.tiles(dtype, True)[0]
 
 

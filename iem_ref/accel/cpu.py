@@ -132,8 +132,8 @@ class Tiling(NamedTuple):
     min_blocks: int = 4  # query blocks are shortened (to multiples of 32) so that there are at least this many
     target_items: int = 16  # work items wanted before keys are split (decoding)
     min_split_keys: int = 8192  # fewest keys per split
-    small_block: int = 64  # fewest queries per block (unless N is smaller), and the shortest window cut
-    decode_keys: int = 2048  # keys per tile for blocks of one or a few queries (GEMV, the few-row loops)
+    small_block: int = 64  # query blocks smaller than this get key tiles of decode_keys
+    decode_keys: int = 2048
     split_bytes: int = 128 * 2**20  # the backward's key splits hold at most this many bytes of dq partial sums (float64)
 
     def tiles(self, dtype, backward):
@@ -354,10 +354,7 @@ def plan(B, N, M, dtype, backward=False, band=None, row_values=1):
         elif short < bq and -(-(band - 1) // short) + 1 <= -(-N // bq):
             bq = short
     bq = max(1, min(bq, N))
-    if bq * np.dtype(dtype).itemsize <= _k._FEW_ROW_BYTES:
-        # a block on GEMV or the few-row loops (decoding): nothing packs the key tile, longer tiles amortise the per-tile
-        # work; a GEMM block of a few tens of queries keeps the dtype's tile (float32, 16 queries: 151 ms at 512 keys,
-        # 188 ms at 2048, on a 2-core Zen of family 23; float64 within 2%)
+    if bq < t.small_block:  # few queries (decoding): longer key tiles amortise the per-tile BLAS calls
         bk = t.decode_keys
     if backward:
         fit = t.split_bytes // max(1, 8 * B * N * row_values)
