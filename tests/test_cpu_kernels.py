@@ -83,6 +83,22 @@ def test_plan_depends_on_shapes_only():
     assert plans[0][0][2] > 1  # decoding splits the keys
 
 
+@pytest.mark.parametrize("B, N, M, D", [
+    pytest.param(1, 4096, 4096, 64, id="one-head"),
+    pytest.param(1, 16384, 16384, 128, id="one-long-head"),
+    pytest.param(64, 4096, 4096, 128, id="many-heads"),
+    pytest.param(1, 4096, 300, 64, id="two-key-tiles"),
+])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_backward_key_splits_within_their_memory(B, N, M, D, dtype):
+    """The backward's key splits: enough work items for the cores, at most one per key tile, their dq sums within split_bytes."""
+    t = cpu.TILING
+    _, bk, ns = cpu.plan(B, N, M, dtype, backward=True, row_values=D)
+    assert 1 <= ns <= -(-M // bk)
+    assert ns == 1 or B * ns * N * D * 8 <= t.split_bytes
+    assert B * ns >= min(t.target_items, B * -(-M // bk), max(B, t.split_bytes // (8 * N * D)))
+
+
 @pytest.mark.parametrize("N", [1, 16, 63, 64, 200, 255, 256, 600, 1024, 2047, 4096, 16384])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_plan_gives_every_core_work(N, dtype):
