@@ -12,7 +12,8 @@ Tiers: this package's NumPy functions are the float64 reference;
 signatures.  The attention variants (bias, ALiBi, softcap, windows, sinks,
 grouped-query heads, packed segments, dropout; V1-V8) are keywords of
 :func:`attention` and :func:`attention_vjp`, their equations in
-:mod:`iem_ref.variants`.  Importing ``iem_ref`` needs only NumPy (and SciPy for some
+:mod:`iem_ref.variants`; so are FlexAttention's ``score_mod`` and
+``mask_mod`` (F1-F3, :mod:`iem_ref.flex`).  Importing ``iem_ref`` needs only NumPy (and SciPy for some
 checks): Numba is imported by the ``accel`` modules alone.
 """
 
@@ -56,6 +57,6 @@ from .gradients import attention_vjp, log_partition_gradient, neg_log_softmin_ja
 from .mixtures import mixture_energies, mixture_responsibilities
 from .streaming import Partial, finalize_partial, merge_partials, partial_posterior
 from .summaries import posterior_entropy, posterior_mean, posterior_mode, posterior_variance, softmin_summary
-from . import variants
+from . import flex, variants
 
 __version__ = "0.1.0"

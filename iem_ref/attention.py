@@ -44,6 +44,7 @@ from ._validation import (
 )
 from .competition import hard_responsibilities, responsibilities
 from .energies import energy_of
+from .flex import as_score_mod, check_mask_mod, flex_indices, mod_mask, modified_scores, score_mod_slope
 from ._accurate import weighted_sum
 from .summaries import _softmin_summary
 from .variants import (
@@ -177,6 +178,19 @@ class AttentionInputs:
             self.sinks_shape = np.shape(var["sinks"])
             self.sinks = as_head_param(var["sinks"], "sinks", self.batch, None)
         self.dropout_p, self.keep = check_dropout(var["dropout_p"], var["dropout_mask"], rows)
+        self.score_mod = as_score_mod(var["score_mod"])  # F1, F3
+        self.mask_mod = check_mask_mod(var["mask_mod"])  # F2
+
+    def refuse_flex(self, tier):
+        """A ValueError naming ``tier`` when the call has a ``score_mod`` or ``mask_mod`` (F1, F2), which only some tiers run."""
+        given = [name for name in ("score_mod", "mask_mod") if getattr(self, name) is not None]
+        if given:
+            raise ValueError(f"{tier} does not run {' or '.join(given)}; the NumPy reference (iem_ref.attention, "
+                             "iem_ref.attention_vjp) and iem_ref.testing's reference oracle do")
+
+    def flex_index(self):
+        """The indices ``(b, h, q_idx, kv_idx)`` that score_mod and mask_mod read (:func:`iem_ref.flex.flex_indices`)."""
+        return flex_indices(self.batch, self.n, self.m)
 
     @property
     def k(self):
@@ -195,17 +209,20 @@ class AttentionInputs:
 
     @property
     def plain_scores(self):
-        """True when the softmin runs on the energies at ``tau`` (no V1, V2, V3, V5)."""
-        return self.bias is None and self.slopes is None and self.softcap is None and self.sinks is None
+        """True when the softmin runs on the energies at ``tau`` (no V1, V2, V3, V5, F1)."""
+        return self.bias is None and self.slopes is None and self.softcap is None and self.sinks is None and self.score_mod is None
 
     def relative_positions(self):
         """``i' - j (N, M)``: the aligned offsets of causality, windows and ALiBi (within segments)."""
         return relative_positions(self.n, self.m, self.causal_alignment, self.cu_seqlens_q, self.cu_seqlens_k)
 
     def takes_part(self):
-        """The structural participation ``(B..., N, M)``: mask, causal, window (V4), segments (V7); None when all keys take part."""
+        """The structural participation ``(B..., N, M)``: mask, causal, window (V4), segments (V7), mask_mod (F2); None when all keys take part."""
         take = self.mask
         structure = None
+        if self.mask_mod is not None:  # F2
+            by_rule = mod_mask(self.mask_mod, self.flex_index(), self.batch + (self.n, self.m))
+            take = by_rule if take is None else take & by_rule
         if self.is_causal or self.window is not None:
             rel = self.relative_positions()
             structure = rel >= 0 if self.is_causal else None
@@ -242,14 +259,18 @@ class AttentionInputs:
         with np.errstate(invalid="ignore"):
             return np.where(np.isinf(d), -d, -d * self.scale)
 
+    def modified_scores(self, x):
+        """F1: ``y = score_mod(x, b, h, i, j)``, or ``x`` itself without a score_mod."""
+        return x if self.score_mod is None else modified_scores(self.score_mod, x, self.flex_index())
+
     def scores(self, d):
-        """The logits ``z (B..., N, M)``: T1, then softcap (V3), then the log priors bias (V1) and ALiBi (V2)."""
-        x = self.scaled_scores(d)
-        s = x if self.softcap is None else softcap(x, self.softcap)  # V3
+        """The logits ``z (B..., N, M)``: T1, then the score_mod (F1), softcap (V3), then the log priors bias (V1) and ALiBi (V2)."""
+        y = self.modified_scores(self.scaled_scores(d))  # F1
+        s = y if self.softcap is None else softcap(y, self.softcap)  # V3
         for prior in (self.bias, self.alibi()):
             if prior is not None:
                 s = log_prior_scores(s, prior)  # V1, V2
-        return np.where(np.isneginf(x), -np.inf, s)  # a +inf energy stays excluded under softcap too
+        return np.where(np.isneginf(y), -np.inf, s)  # an excluded key (a +inf energy, a -inf score_mod) stays excluded under softcap too
 
 
 _NO_VARIANTS = dict(
@@ -263,6 +284,8 @@ _NO_VARIANTS = dict(
     cu_seqlens_k=None,
     dropout_p=0.0,
     dropout_mask=None,
+    score_mod=None,
+    mask_mod=None,
 )
 
 
@@ -312,8 +335,9 @@ class Competition:
     ``e`` energies and ``tau`` (the plain energies at ``1/scale``, or ``-z`` at
     1 when V1-V3 or V5 change the logits), ``take`` the structural
     participation, ``v`` the values; with sinks (V5) one more key, the last,
-    with value 0.  ``x`` and ``s`` the scaled and soft-capped scores (None on
-    the plain path), ``keep`` the dropout mask (sink column False).
+    with value 0.  ``x``, ``y`` and ``s`` the scaled, modified (F1) and
+    soft-capped scores (None on the plain path), ``keep`` the dropout mask
+    (sink column False).
     """
 
     def __init__(self, inp):
@@ -322,19 +346,36 @@ class Competition:
         self.v = inp.v.astype(np.float64)
         self.take = inp.takes_part()  # mask, causal, window (V4), segments (V7)
         self.keep = inp.keep
-        self.x = self.s = None
+        self.x = self.y = self.s = self._mod_slope = None
         if inp.plain_scores:
             self.e, self.tau = self.d, inp.tau  # T1: the softmin of d at tau = 1/scale
             return
         self.x = inp.scaled_scores(self.d)
-        self.s = self.x if inp.softcap is None else softcap(self.x, inp.softcap)
-        z = inp.scores(self.d)  # V1-V3
+        self.y = inp.modified_scores(self.x)  # F1
+        self.s = self.y if inp.softcap is None else softcap(self.y, inp.softcap)
+        z = inp.scores(self.d)  # F1, V1-V3
         if inp.sinks is not None:
             z, self.v, self.take = with_sink(z, self.v, self.take, inp.sinks)  # V5: the null hypothesis
             if self.keep is not None:
                 rows = inp.batch + (inp.n, 1)
                 self.keep = np.concatenate([self.keep, np.zeros(rows, dtype=bool)], axis=-1)
         self.e, self.tau = -z, 1.0  # the softmax of z is the softmin of -z
+
+    def logit_slope(self):
+        """``dz/dx (B..., N, M)``: V3's ``1 - (s/c)^2`` times F1's ``score_mod'(x)`` (F3); None where it is 1 (neither)."""
+        inp = self.inp
+        if inp.softcap is None and inp.score_mod is None:
+            return None
+        slope = 1.0 if inp.softcap is None else 1.0 - (self.s / inp.softcap) ** 2  # V3
+        return slope if inp.score_mod is None else slope * self.score_mod_slope()
+
+    def score_mod_slope(self):
+        """F3: ``score_mod'(x) (B..., N, M)``, formed once (:func:`iem_ref.flex.score_mod_slope`); None without a score_mod."""
+        if self.inp.score_mod is None:
+            return None
+        if self._mod_slope is None:
+            self._mod_slope = score_mod_slope(self.inp.score_mod, self.x, self.inp.flex_index())
+        return self._mod_slope
 
     def summary(self, empty):
         """A3 + A4 (V8 with dropout): ``(a, L, r)``, ``r`` with the sink's column last when V5."""
@@ -362,6 +403,8 @@ def attention(
     cu_seqlens_k=None,
     dropout_p=0.0,
     dropout_mask=None,
+    score_mod=None,
+    mask_mod=None,
     return_lse=False,
     return_responsibilities=False,
 ):
@@ -425,6 +468,14 @@ def attention(
     dropout_mask : array_like of bool, broadcast to (B..., N, M), optional
         V8: ``a_i = sum_j r_ij keep_ij v_j / (1 - dropout_p)``; the
         responsibilities and the log-partition are those before dropout.
+    score_mod : callable or iem_ref.flex.ScoreMod, optional
+        F1, FlexAttention's: ``score_mod(score, b, h, q_idx, kv_idx)`` on
+        the scaled scores (float64 arrays, indices that broadcast), before
+        the soft-cap and the priors; ``-inf`` excludes the key
+        (:mod:`iem_ref.flex`).
+    mask_mod : callable, optional
+        F2, FlexAttention's: ``mask_mod(b, h, q_idx, kv_idx) -> bool``, True
+        = the key takes part; combines with ``mask`` and the rest by AND.
     return_lse : bool
         Also return the log-partition ``L_i = log sum_j exp(z_ij)`` (with the
         sink's ``exp(sink)``; FlashAttention's LSE of the scaled scores):
@@ -471,8 +522,9 @@ def attention(
         q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy,
         bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window, sinks=sinks, enable_gqa=enable_gqa,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p, dropout_mask=dropout_mask,
+        score_mod=score_mod, mask_mod=mask_mod,
     )
-    # A1 (energies), T1 (tau = 1/scale), V1-V5 (logits, participation, sink), then A3 + A4 (V8) in one softmin pass
+    # A1 (energies), T1 (tau = 1/scale), F1, V1-V5 (logits), F2 (participation), the sink, then A3 + A4 (V8) in one pass
     a, lse, r = Competition(inp).summary(empty)
     out = [to_dtype(a, inp.dtype)]
     if return_lse:

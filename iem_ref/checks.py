@@ -520,6 +520,41 @@ def _g6():
     return "central difference in bias and sinks", err, FD_TOL
 
 
+def _f_mod(score, b, h, q_idx, kv_idx):
+    """The checks' score_mod: a curved, head- and position-dependent modification (a bounded energy plus a prior)."""
+    return 1.5 * np.tanh(score / 1.5) + 0.1 * (h + 1) * (kv_idx - q_idx)
+
+
+@check("F1")
+def _f1():
+    q, k, v, _ = _variant_case()
+    i, j, h = np.arange(4)[:, None], np.arange(5)[None, :], np.arange(2)[:, None, None]
+    z = _f_mod(0.5 * q @ k[0].T, 0, h, i, j)
+    a = R.attention(q, k, v, scale=0.5, score_mod=_f_mod, enable_gqa=True)
+    return "softmax(score_mod(scale q k^T)) v", _abs(a, _softmax_rows(z, v[0])[0]), _VTOL
+
+
+@check("F2")
+def _f2():
+    q, k, v, _ = _variant_case()
+    i, j = np.arange(4)[:, None], np.arange(5)[None, :]
+    keep = (j % 2 == 0) | (j <= i)  # a rule on the indices
+    a = R.attention(q, k, v, scale=0.5, mask_mod=lambda b, h, q_idx, kv_idx: (kv_idx % 2 == 0) | (kv_idx <= q_idx), enable_gqa=True)
+    return "softmax over the keys the rule keeps", _abs(a, _softmax_rows(np.where(keep, 0.5 * q @ k[0].T, -np.inf), v[0])[0]), _VTOL
+
+
+@check("F3")
+def _f3():
+    q, k, v, _ = _variant_case()
+    u = np.random.default_rng(6).normal(size=(2, 4, 2))
+    kw = dict(scale=0.5, score_mod=_f_mod, enable_gqa=True, is_causal=True)
+    dq, dk, dv = R.attention_vjp(q, k, v, u, **kw)
+    loss = lambda q_, k_: np.array(float((u * R.attention(q_, k_, v, **kw)).sum()))  # noqa: E731
+    err = max(_abs(dq, _central_difference(lambda x: loss(x, k), q, FD_STEP)),
+              _abs(dk, _central_difference(lambda x: loss(q, x), k, FD_STEP)))
+    return "central difference in q and k (complex-step slope)", err, FD_TOL
+
+
 def run_checks():
     """Run every check; return a list of rows (id, functions, against, error, tolerance, ok)."""
     from .equations import REGISTRY

@@ -1,6 +1,6 @@
 """The equation registry: every equation ID -> its functions, derivation and tests.
 
-IDs follow ``derivations/README.md`` (groups A, T, H, S, P, K, G, M, V).  The
+IDs follow ``derivations/README.md`` (groups A, T, H, S, P, K, G, M, V, F).  The
 registry is data; ``tests/test_registry.py`` fails when an ID lacks a
 function that resolves, a derivation section or a test, and ``iem-ref
 equations`` prints it.
@@ -32,6 +32,7 @@ GROUPS = {
     "G": ("Responsibilities are gradients", "derivations/G_gradients.md"),
     "M": ("Streaming and merging", "derivations/M_streaming.md"),
     "V": ("Attention variants as implicit EM", "derivations/V_variants.md"),
+    "F": ("FlexAttention's score_mod and mask_mod", "derivations/F_flex.md"),
 }
 
 
@@ -98,6 +99,9 @@ REGISTRY = {
         _E("V6", "grouped-query heads: query head h reads key head h // g", ("variants.repeat_kv_heads",)),
         _E("V7", "packed segments: keys compete only inside their segment (block-diagonal)", ("variants.segment_mask", "variants.relative_positions")),
         _E("V8", "dropout: a = sum_j r_j keep_j v_j / (1 - p), r and L before dropout", ("variants.dropout_mean",)),
+        _E("F1", "score_mod: y_ij = f(x_ij, b, h, i, j) on the scaled scores, before softcap and priors; -inf excludes", ("flex.modified_scores", "attention.attention")),
+        _E("F2", "mask_mod: take_ij &= m(b, h, i, j), a hypothesis set given by a rule on the indices", ("flex.mod_mask",)),
+        _E("F3", "score_mod backward: dX = dY f'(x), f' by the complex step Im f(x + ih) / h (or given)", ("flex.score_mod_slope", "gradients.attention_vjp")),
     ]
 }
 

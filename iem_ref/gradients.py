@@ -89,6 +89,8 @@ def attention_vjp(
     cu_seqlens_k=None,
     dropout_p=0.0,
     dropout_mask=None,
+    score_mod=None,
+    mask_mod=None,
     out=None,
     lse=None,
 ):
@@ -103,12 +105,15 @@ def attention_vjp(
         dLoss/dz_ij = P_ij (b_ij - Delta_i)                    (the "advantage" routing gradient)
         dLoss/dsink = -P_i,sink Delta_i                         (V5: one more column, value 0)
         dLoss/dx_ij = dLoss/dz_ij (1 - (s_ij / softcap)^2)      (V3: the tanh's derivative)
+                      * score_mod'(x_ij)                       (F3, with a score_mod)
         dq_i = sum_j dLoss/dx_ij dx_ij/dq_i,  dk_j = sum_i dLoss/dx_ij dx_ij/dk_j
 
     For ``energy="dot"`` ``dx_ij/dq_i = scale k_j``; for ``"sqeuclidean"``
     (``d = ||q - k||^2/2``) ``dx_ij/dq_i = -scale (q_i - k_j)``; the term
-    ``-scale q_i sum_j dLoss/dx_ij`` vanishes without sinks and softcap
-    (``sum_j dLoss/dz_ij = Delta_i P_i,sink``) and is formed only with them.
+    ``-scale q_i sum_j dLoss/dx_ij`` vanishes without sinks, softcap and
+    score_mod (``sum_j dLoss/dz_ij = Delta_i P_i,sink``) and is formed only
+    with them.  A score_mod's derivative is its ``grad`` or the complex step
+    (:func:`iem_ref.flex.score_mod_slope`).
     ``dbias = dLoss/dz`` summed to the shape of ``bias``; ``dsinks`` summed to
     the shape of ``sinks``; with V6 ``dk, dv`` are summed over each group of
     query heads, at ``Hkv`` heads.
@@ -142,6 +147,7 @@ def attention_vjp(
         q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment, energy=energy,
         bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window, sinks=sinks, enable_gqa=enable_gqa,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p, dropout_mask=dropout_mask,
+        score_mod=score_mod, mask_mod=mask_mod,
     )
     u_in = check_grad_out(grad_out, inp.batch, inp.n, inp.dv)
     u = np.broadcast_to(u_in, inp.batch + (inp.n, inp.dv)).astype(np.float64)
@@ -169,7 +175,8 @@ def attention_vjp(
         dZ = np.where(certain, 0.0, dZ)  # a certain row's output stays put under every finite change of its logits
         spoilt = ~np.isfinite(delta)  # a non-finite <u_i, a_i>: its derivatives with respect to the logits are undefined
         dZ = np.where(spoilt & part, np.nan, dZ)
-        dX = dZ if inp.softcap is None else dZ * (1.0 - (comp.s / inp.softcap) ** 2)  # V3
+        slope = comp.logit_slope()  # V3's 1 - (s/c)^2, F3's score_mod'(x)
+        dX = dZ if slope is None else np.where(dZ == 0.0, 0.0, dZ * slope)  # a pair that routes nothing reads no slope
     # dv reads u_i as the forward reads v_j: an infinite u_i reaches dv_j as itself, whatever P_ij rounds to
     dv = weighted_sum(np.swapaxes(W, -1, -2), u, np.swapaxes(read, -1, -2), limit=True)
     sc = inp.scale
@@ -179,7 +186,7 @@ def attention_vjp(
     dk = sc * weighted_sum(np.swapaxes(dX, -1, -2), qq, np.swapaxes(moves, -1, -2))  # sum_i dX_ij q_i
     if energy == "sqeuclidean":
         dk = dk - sc * np.where(np.isfinite(kk), kk, 0.0) * dX.sum(axis=-2)[..., :, None]
-        if inp.softcap is not None or inp.sinks is not None:
+        if inp.softcap is not None or inp.sinks is not None or inp.score_mod is not None:
             dq = dq - sc * np.where(np.isfinite(qq), qq, 0.0) * dX.sum(axis=-1)[..., :, None]
     dtype = result_dtype(inp.q, inp.k, inp.v, u_in)
     if inp.group > 1:  # V6: each key head's gradient is the sum over its group of query heads

@@ -134,6 +134,7 @@ class _Kernel:
         q64, k64, v64 = (self.fl_in(_upcast(x, n)) for x, n in ((q, "q"), (k, "k"), (v, "v")))
         self.inp = inp = prepare_attention(q64, k64, v64, scale=scale, mask=mask, is_causal=is_causal,
                                            causal_alignment=causal_alignment, **variants)
+        inp.refuse_flex("iem_ref.lowp")
         self.q, self.k, self.v = inp.q, inp.k, inp.v  # float64, batch broadcast, GQA heads repeated
         self.scale = float(self.fl_s(np.float64(inp.scale)))
         self.take = inp.takes_part()

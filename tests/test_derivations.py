@@ -128,6 +128,11 @@ def test_derivation_V_variants():
     run_derivation("V_variants.md")
 
 
+@pytest.mark.equation("F1", "F2", "F3")
+def test_derivation_F_flex():
+    run_derivation("F_flex.md")
+
+
 def test_derivation_readme():
     run_derivation("README.md")
 
@@ -142,6 +147,7 @@ _COVERED = {
     "G_gradients.md",
     "M_streaming.md",
     "V_variants.md",
+    "F_flex.md",
     "README.md",
 }
 

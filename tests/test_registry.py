@@ -13,6 +13,7 @@ EXPECTED = (
     [f"A{i}" for i in range(1, 5)] + [f"T{i}" for i in range(1, 4)] + [f"H{i}" for i in range(1, 4)]
     + [f"S{i}" for i in range(1, 6)] + [f"P{i}" for i in range(1, 6)] + [f"K{i}" for i in range(1, 9)]
     + [f"G{i}" for i in range(1, 7)] + [f"M{i}" for i in range(1, 3)] + [f"V{i}" for i in range(1, 9)]
+    + [f"F{i}" for i in range(1, 4)]
 )
 
 

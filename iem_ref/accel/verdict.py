@@ -105,6 +105,7 @@ def forward_chunks(q, k, v, precision, *, scale=None, mask=None, is_causal=False
     """
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
                             energy=energy, **variants)
+    inp.refuse_flex("the tiled oracle (oracle='tiled'; oracle='reference' judges it)")
     rec = energy_of(energy)
     if energy != "dot":
         raise ValueError(f"the tiled oracle supports energy 'dot'; got {rec.label} (oracle='reference' judges it)")

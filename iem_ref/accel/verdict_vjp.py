@@ -84,6 +84,9 @@ def unsupported(inp, arrays, precision):
     """
     if inp.energy != "dot":
         return f"energy {inp.energy!r} (the tiled oracle supports 'dot')"
+    for name in ("score_mod", "mask_mod"):
+        if getattr(inp, name) is not None:
+            return f"a {name} (the NumPy reference's alone)"
     for name in ("bias", "slopes", "softcap", "sinks", "keep", "cu_seqlens_q"):
         if getattr(inp, name, None) is not None:
             label = {"slopes": "alibi_slopes", "keep": "dropout", "cu_seqlens_q": "cu_seqlens_q/k"}.get(name, name)

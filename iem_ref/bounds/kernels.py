@@ -119,7 +119,7 @@ import numpy as np
 from numba import njit
 
 from .primitives import _finite, gamma, tree_depth, tree_squares
-from .scores import _times_scale, logit_error, score_form, score_sizes, score_squares
+from .scores import _times_scale, logit_error, score_form, score_sizes, score_squares, slope_error
 
 
 #: Hoeffding's multiplier of the probabilistic bounds (section 13): one event per element,
@@ -292,6 +292,12 @@ class _Pairs(NamedTuple):
     sq: Any
 
 
+def _mod_gain(comp):
+    """``|score_mod'(x)|`` (F1's slope, section 11), by which a score's own errors reach the logits; 1 without a score_mod."""
+    g = comp.score_mod_slope()
+    return 1.0 if g is None else np.abs(_finite(g))
+
+
 def _pairs(comp, r, L, precision):
     """The :class:`_Pairs` of the competition ``comp``, its responsibilities ``r`` and log-partition ``L``.
 
@@ -309,12 +315,13 @@ def _pairs(comp, r, L, precision):
     z = (-comp.e if comp.x is not None else -comp.e * inp.scale)[..., :M]  # the keys' logits
     S, S2 = _kernel_score_sizes(inp, x)
     extra = logit_error(comp, np.zeros(x.shape), u_s) / u_s if comp.x is not None else 0.0  # the variants' steps
+    g = _mod_gain(comp)  # F1 scales the score's errors (the sum's and the scale's product) by its slope (section 11)
     r_all = np.where(np.isfinite(r), r, 0.0)
     rr = r_all[..., :M]
     Lf = np.where(np.isfinite(L), L, 0.0)[..., None]
     t = np.where(rr > 0, _finite(np.abs(z - Lf)), 0.0)
     c = np.ones(rr.shape) if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)
-    e, sq = key_roundings(D, u_s, precision.exp_ulps, S, S2, x, t, extra)
+    e, sq = key_roundings(D, u_s, precision.exp_ulps, g * S, g * g * S2, g * x, t, extra)
     return _Pairs(x, S, S2, r_all, rr, c, _finite(inp.v.astype(np.float64)), e, sq)
 
 
@@ -534,13 +541,14 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         u_s, u_a = unit(precision.scores), unit(precision.accumulator)
         z_all = -comp.e if comp.x is not None else -comp.e * inp.scale
         x, S, v64, c = f.x, f.S, f.v, f.c
-        eta = gamma(D, u_s) * S + u_s * np.abs(x)
-        eta = logit_error(comp, eta, u_s) if comp.x is not None else eta
+        eta_x = gamma(D, u_s) * S + u_s * np.abs(x)
+        eta = logit_error(comp, eta_x, u_s) if comp.x is not None else eta_x
         tz = _finite(np.abs(z_all[..., :M] - L[..., None]))
         # P_ij recomputed as exp(z_ij - L_i): a key's own roundings (its score, the subtraction, the exp)
         own = eta + u_s * tz + 2 * pe * u_s
         var = logit_error(comp, np.zeros(x.shape), u_s) if comp.x is not None else 0.0
-        own_s = u_s * np.sqrt(f.S2 + x**2 + tz**2 + 4 * pe * pe) + var
+        gain = _mod_gain(comp)
+        own_s = u_s * np.sqrt(gain**2 * (f.S2 + x**2) + tz**2 + 4 * pe * pe) + var
         u = _finite(np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (N, Dv)))
         absu, absv = np.abs(u), np.abs(v64)
         b = np.where(part[..., :M], c * (u @ T(v64)), 0.0)  # dP_ij, with dropout's c
@@ -553,12 +561,13 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         rows = RowErrors(tL.bound("rigorous"), tL.scale(), RD, sD)
         at_pairs = RowErrors(*(y[..., None] for y in rows))
         dZ = P * (b - delta)
-        fcap = 1.0 if inp.softcap is None else 1.0 - (_finite(comp.s) / inp.softcap) ** 2
-        dX = dZ * fcap  # a soft-cap's factor (V3)
+        slope = comp.logit_slope()
+        fcap = 1.0 if slope is None else _finite(slope)
+        dX = dZ * fcap  # the slope dz/dx: a soft-cap's factor (V3), a score_mod's derivative (F3)
         adX = np.abs(dX)
         u_cast = u_in if u_in > u_s else 0.0  # dS and P rounded to the input dtype for the GEMMs
-        # dS's own roundings: the subtraction, the product, the cast; the soft-cap's factor
-        ds = (2 * u_s + u_cast) * adX + (0.0 if inp.softcap is None else np.abs(dZ) * (2 * eta / inp.softcap + 3 * u_s))
+        # dS's own roundings: the subtraction, the product, the cast; the slope's (section 11)
+        ds = (2 * u_s + u_cast) * adX + np.abs(dZ) * slope_error(comp, eta_x, eta, u_s)
         Rq, Vq, Rk, Vk = pair_roundings(own, own_s, bd, P, db, db_s, ds, at_pairs)
         Pc = P * c
         Rv, Vv = value_roundings(Pc, own, own_s, u_cast, at_pairs)
@@ -578,7 +587,7 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         tq, tk, tv = backward_terms(sums, rows, precision, M, N * g, dq_rows, pk_rows)
         if inp.energy == "sqeuclidean":  # -dS summed over the row (or column) times q_i (k_j): its terms, rigorous
             tk.add(_sum_groups(absk * (Rk.sum(-2) + tree_depth(N * g) * u_a * adX.sum(-2))[..., None], g))
-            if inp.softcap is not None or inp.sinks is not None:
+            if inp.softcap is not None or inp.sinks is not None or inp.score_mod is not None:
                 tq.add(absq * (Rk.sum(-1) + tree_depth(M) * u_a * adX.sum(-1))[..., None])
         blocks = precision.gradient_blocks
         if blocks is not None and u_in > u_a:  # partial sums stored in the input dtype between blocks

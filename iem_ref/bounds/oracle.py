@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from .primitives import U64, _finite, _weighted, gamma
-from .scores import _times_scale, logit_error, score_sizes
+from .scores import _times_scale, logit_error, score_sizes, slope_error
 
 
 def variant_vjp_error(q, k, v, grad_out, *, scale=None, energy="dot", **options):
@@ -59,7 +59,8 @@ def variant_vjp_error(q, k, v, grad_out, *, scale=None, energy="dot", **options)
     uu = _finite(np.broadcast_to(np.asarray(grad_out, np.float64), inp.batch + (N, Dv)))
     absu = np.abs(uu)
     S = score_sizes(inp.q, inp.k, energy, expanded=False)
-    eta = logit_error(comp, gamma(D + 2, u) * _times_scale(inp.scale, S), u)
+    eta_x = gamma(D + 2, u) * _times_scale(inp.scale, S)
+    eta = logit_error(comp, eta_x, u)
     if comp.x is None:
         eta = eta + u * np.abs(_finite(comp.d * inp.scale))  # the division by tau inside the exponent
     if inp.sinks is not None:
@@ -77,10 +78,11 @@ def variant_vjp_error(q, k, v, grad_out, *, scale=None, energy="dot", **options)
         dZ = _finite(Pk * (b - delta))
         ddZ = _weighted(Pk, phik * np.abs(b - delta) + db + ddelta) + 2 * u * np.abs(dZ)
     dX, ddX = dZ, ddZ
-    if inp.softcap is not None:
-        factor = 1.0 - (_finite(comp.s) / inp.softcap) ** 2
-        dX = dZ * factor
-        ddX = ddZ + np.abs(dZ) * (2 * eta[..., :M] / inp.softcap + 3 * u)
+    slope = comp.logit_slope()
+    if slope is not None:  # V3's factor, F3's derivative (section 11)
+        dX = dZ * _finite(slope)
+        gain = 1.0 if inp.score_mod is None else np.abs(_finite(comp.score_mod_slope()))  # V3's factor is at most 1
+        ddX = gain * ddZ + np.abs(dZ) * slope_error(comp, eta_x, eta[..., :M], u)
     adX = np.abs(dX)
     sc = inp.scale
     dq = sc * (ddX + gamma(M, u) * adX) @ k64
@@ -88,7 +90,7 @@ def variant_vjp_error(q, k, v, grad_out, *, scale=None, energy="dot", **options)
     dv = T(Pk * c * (phik + gamma(N * g, u))) @ absu
     if energy == "sqeuclidean":
         dk = dk + sc * k64 * (ddX.sum(-2) + gamma(N * g, u) * adX.sum(-2))[..., :, None]
-        if inp.softcap is not None or inp.sinks is not None:
+        if inp.softcap is not None or inp.sinks is not None or inp.score_mod is not None:
             dq = dq + sc * q64 * (ddX.sum(-1) + gamma(M, u) * adX.sum(-1))[..., :, None]
     dq = dq + 2 * u * sc * (adX @ k64)
     if sc == 0.0:  # every term of dq and dk carries the scale: both are exactly 0

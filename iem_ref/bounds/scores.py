@@ -39,6 +39,23 @@ by ``c`` (``u |x|`` after the derivative), a ``tanh`` within 2 ulps
 once, ``u |z|``; ALiBi's ``-slope |i' - j|`` is one product more,
 ``u |alibi|``.  Sinks are exact logits; dropout acts after the softmax
 (one more rounding of the output, ``u |a|``).
+
+A score_mod (F1, ``y = f(x, b, h, i, j)``, before the soft-cap, which then
+reads ``y`` for ``x``) scales the error of its argument by its slope
+``|f'(x)|`` (first order, as every term here) and adds its own evaluation,
+``ulps u (|x| + |y|)`` (``ScoreMod.ulps``, 5 by default: an added bias is
+``u |y|``, a product ``u |y|``, the soft-cap's own steps ``u (|x| + 5
+|s|)``, so each built-in step written as a score_mod is covered).  The
+slope is ``f'`` at the reference's ``x``: the complex step gives it to the
+rounding of ``f`` itself (F3), so it adds nothing beside ``u``.
+
+The slope ``dz/dx`` a backward forms (:func:`slope_error`): V3's factor
+``1 - (s/c)^2`` from its own ``s`` is within ``2 eta / c + 2 u`` (its
+derivative in ``s`` is at most ``2 / c``; a square and a subtraction);
+F1's ``f'`` from its own ``x`` within ``|f'(x + e) - f'(x)|`` over ``|e| <=
+eta_x`` (taken at the two ends, first order) plus ``ulps u |f'|``; their
+product rounds once more, ``u |dz/dx|``.  Alone, V3's gives section 12's
+``2 eta / c + 3 u``.
 """
 
 from __future__ import annotations
@@ -46,6 +63,34 @@ from __future__ import annotations
 import numpy as np
 
 from .primitives import U64, _finite, gamma, scale_rounding
+
+
+def slope_error(comp, score, eta, u):
+    """Section 11: the error of the slope ``dz/dx`` (V3, F3) a path forms from its own scores and logits; 0 without V3 and F1.
+
+    ``score`` the error of the scaled scores ``x`` (section 5, their product by the scale included), ``eta`` of
+    the logits (:func:`logit_error`, which bounds the soft-capped scores'),
+    both ``(B..., N, M)``; ``u`` the path's unit roundoff.
+    """
+    inp = comp.inp
+    if inp.softcap is None and inp.score_mod is None:
+        return 0.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        f_cap, e_cap = 1.0, 0.0
+        if inp.softcap is not None:  # V3's factor from the path's s
+            f_cap = 1.0 - (_finite(comp.s) / inp.softcap) ** 2
+            e_cap = 2 * eta / inp.softcap + 2 * u
+        g, e_g = 1.0, 0.0
+        if inp.score_mod is not None:  # F3: f' from the path's x, at the ends of its error interval, and its evaluation
+            from ..flex import score_mod_slope
+
+            g = _finite(comp.score_mod_slope())
+            x, e_x = comp.x, _finite(score)
+            idx = inp.flex_index()
+            moved = np.maximum(np.abs(_finite(score_mod_slope(inp.score_mod, x + e_x, idx)) - g),
+                               np.abs(_finite(score_mod_slope(inp.score_mod, x - e_x, idx)) - g))
+            e_g = moved + inp.score_mod.ulps * u * np.abs(g)
+        return _finite(np.abs(g) * e_cap + np.abs(f_cap) * e_g + u * np.abs(f_cap * g))
 
 
 def score_form(energy):
@@ -110,9 +155,13 @@ def logit_error(comp, score, u):
     with np.errstate(invalid="ignore"):
         ax, az = _finite(np.abs(comp.x)), _finite(np.abs(comp.e[..., :M]))
         eta = score + u * ax  # the product by the scale
+        ay = ax
+        if inp.score_mod is not None:  # F1: its slope times its argument's error, and its own evaluation
+            ay = _finite(np.abs(comp.y))
+            eta = np.abs(comp.score_mod_slope()) * eta + inp.score_mod.ulps * u * (ax + ay)
         if inp.softcap is not None:
             a_s = _finite(np.abs(comp.s))
-            eta = eta * (1.0 - (a_s / inp.softcap) ** 2) + u * (ax + 5 * a_s)
+            eta = eta * (1.0 - (a_s / inp.softcap) ** 2) + u * (ay + 5 * a_s)
         if inp.bias is not None:
             eta = eta + u * az
         alibi = inp.alibi()
