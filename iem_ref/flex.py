@@ -33,11 +33,14 @@ The backward (F3) needs ``score_mod'(x) = dy/dx``.  Give it as
 complex step ``f'(x) = Im f(x + i h) / h``: no difference of two close
 values is formed, so the result is as accurate as ``f`` itself at any
 ``h``, and with ``h = 2**-100`` the truncation ``h^2 |f'''| / 6`` is far
-below float64's rounding (derivations/F_flex.md, F3).  That needs ``fn`` to
-be holomorphic in ``score`` as written: sums, products, ``exp``, ``tanh``,
-``np.where`` on the indices.  Code that reads the score through ``abs``,
-``maximum``, ``sign`` or a comparison of the score is not (the complex step
-returns 0 or fails there): give ``grad`` for it.
+below float64's rounding (derivations/F_flex.md, F3).  That needs ``fn``
+written with operations that extend to complex scores: sums, products,
+``exp``, ``tanh``, ``np.where`` (NumPy orders complex numbers by their real
+part first, so comparisons of the score and ``np.maximum`` choose the same
+branch as at the real score).  ``np.abs`` and ``np.sign`` do not extend
+(the modulus has no imaginary part: the slope would come out 0; write
+``np.where(score < 0, -score, score)``), and ``np.floor`` or ``np.round``
+have no complex form (a TypeError): give ``grad`` for such a score_mod.
 
 The bounds (:mod:`iem_ref.bounds`, section 11) take F1's evaluation as a
 few roundings of the path's precision relative to ``|x| + |y|``:
@@ -155,10 +158,17 @@ def flex_indices(batch, n, m):
     return FlexIndex(b, h, np.arange(n, dtype=np.int64)[:, None], np.arange(m, dtype=np.int64)[None, :])
 
 
+def _read_only(x):
+    """A view of ``x`` that a user's function cannot write to (the scores and indices are the caller's, used again after the call)."""
+    view = np.asarray(x).view()
+    view.flags.writeable = False
+    return view
+
+
 def _evaluate(fn, what, args, shape, kinds):
     """``fn(*args)`` broadcast to ``shape``: a TypeError unless its dtype kind is one of ``kinds``, a ValueError unless it broadcasts."""
     with np.errstate(all="ignore"):
-        out = np.asarray(fn(*args))
+        out = np.asarray(fn(*(_read_only(a) for a in args)))
     if out.dtype.kind not in kinds:
         raise TypeError(f"{what} must return {'booleans (True = the key takes part)' if kinds == 'b' else 'real numbers'}; "
                         f"got dtype {out.dtype}")
@@ -205,7 +215,7 @@ def score_mod_slope(mod, x, idx):
     else:
         try:
             with np.errstate(all="ignore"):
-                y = np.asarray(mod.fn(xf + 1j * COMPLEX_STEP, *idx))
+                y = np.asarray(mod.fn(xf + 1j * COMPLEX_STEP, *(_read_only(a) for a in idx)))
         except TypeError as exc:  # e.g. a comparison of complex scores
             raise TypeError(
                 f"score_mod cannot be evaluated at complex scores for its derivative (the complex step, F3): {exc}; "

@@ -6,8 +6,9 @@ is one changed line): key tiles of ``block_k`` keys, the online softmax with
 its rescalings, ``P`` rounded to ``precision.probs`` before the value GEMM,
 FlashAttention-2's backward from the saved output and LSE.  With no bug it
 equals :mod:`iem_ref.lowp` bit for bit (``tests/test_mutations.py`` checks
-it).  Masking is structural only (causal, sliding window); variants: GQA,
-softcap, bias.
+it).  Masking is structural only (causal, sliding window, a mask_mod);
+variants: GQA, softcap, bias, a score_mod (FlexAttention's: applied to the
+scaled scores in the scores' precision, its derivative in the backward).
 
 :data:`BUGS` names the mutations; each is a line of a real kernel gone wrong.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from iem_ref.flex import as_score_mod, flex_indices, score_mod_slope
 from iem_ref.precision import Precision, round_to
 
 LOG2E = 1.0 / np.log(2.0)
@@ -36,6 +38,9 @@ BUGS = {
     "round_before_max": "the logits rounded to the probabilities' dtype before the maximum is subtracted",
     "exp_1e-4": "an exp with a relative error of 1e-4 (oscillating: a poor polynomial)",
     "p_bf16": "P rounded to bfloat16 before the value GEMM (in a float32 kernel)",
+    "score_mod_unscaled": "the score_mod applied to the unscaled q k^T, the scale after it",
+    "score_mod_no_slope": "backward: the score_mod's derivative left out of dS",
+    "mask_mod_transposed": "the mask_mod called with q_idx and kv_idx swapped",
 }
 
 
@@ -60,7 +65,7 @@ class FlashKernel:
     """One call's inputs (rounded to ``precision.inputs``), its logits per tile, forward and backward."""
 
     def __init__(self, q, k, v, precision=None, *, scale=None, is_causal=False, causal_alignment="top_left",
-                 window=None, softcap=None, bias=None, enable_gqa=False, block_k=64, bugs=()):
+                 window=None, softcap=None, bias=None, enable_gqa=False, score_mod=None, mask_mod=None, block_k=64, bugs=()):
         self.bugs = frozenset(bugs)
         unknown = self.bugs - set(BUGS)
         if unknown:
@@ -84,6 +89,8 @@ class FlashKernel:
             self.scale = float(self.fl_s(np.float64(self.scale * LOG2E)))
         self.softcap, self.bias = softcap, None if bias is None else self.fl_s(np.asarray(bias, np.float64))
         self.is_causal, self.window, self.block_k = is_causal, window, block_k
+        self.score_mod, self.mask_mod = as_score_mod(score_mod), mask_mod
+        self.idx = flex_indices(self.batch, self.n, self.m)
         align = "top_left" if "causal_top_left" in self.bugs else causal_alignment
         self.offset = 0 if align == "top_left" else self.m - self.n
 
@@ -99,7 +106,15 @@ class FlashKernel:
             left, right = self.window
             take &= (rel < left) if "window_off_by_one" in self.bugs else (rel <= left)
             take &= rel >= -right
+        if self.mask_mod is not None:
+            b, h, qi, ki = self.idx
+            ki = ki[:, cs]
+            take = take & (self.mask_mod(b, h, ki, qi) if "mask_mod_transposed" in self.bugs else self.mask_mod(b, h, qi, ki))
         return take
+
+    def _tile_index(self, cs):
+        b, h, qi, ki = self.idx
+        return b, h, qi, ki[:, cs]
 
     def logits(self, cs):
         fl = self.fl_s
@@ -110,6 +125,17 @@ class FlashKernel:
             z = fl(fl(self.softcap * t) * self.scale)
         else:
             z = fl(S * self.scale)
+        self.slope = None
+        if self.score_mod is not None:  # F1 on the scaled scores, rounded as the kernel's scores; its slope for F3
+            idx = self._tile_index(cs)
+            with np.errstate(all="ignore"):
+                if "score_mod_unscaled" in self.bugs:
+                    z = fl(fl(self.score_mod.fn(S, *idx)) * self.scale)
+                else:
+                    self.slope = fl(score_mod_slope(self.score_mod, z, idx))
+                    z = fl(self.score_mod.fn(z, *idx))
+            if self.slope is None:
+                self.slope = fl(score_mod_slope(self.score_mod, S, idx))
         if "softcap_after_bias" in self.bugs and self.bias is not None:
             z = fl(z + self.bias[..., cs])
         if self.softcap is not None and "scale_after_softcap" not in self.bugs:
@@ -136,7 +162,7 @@ class FlashKernel:
         tiles_seen = np.zeros(self.n, int)
         for cs in self.tiles():
             z, _ = self.logits(cs)
-            tiles_seen += self.take(cs).any(axis=-1)
+            tiles_seen = tiles_seen + self.take(cs).any(axis=-1)
             m_new = np.maximum(m, z.max(axis=-1))
             seen = np.isfinite(m_new)
             m_safe = np.where(seen, m_new, 0.0)
@@ -154,7 +180,7 @@ class FlashKernel:
         with np.errstate(invalid="ignore", divide="ignore"):
             o = fl_a(acc / np.where(has, l, 1.0)[..., None])
             if "no_division_single_tile" in self.bugs:
-                o = np.where((tiles_seen == 1)[:, None], acc, o)
+                o = np.where((tiles_seen == 1)[..., None], acc, o)
             o = np.where(has[..., None], o, 0.0)
             if "lse_base2" in self.bugs:
                 lse = fl_s(fl_s(m * LOG2E) + fl_s(np.log2(np.where(has, l, 1.0))))
@@ -192,6 +218,8 @@ class FlashKernel:
             dS = fl_s(P * dP) if "no_delta" in self.bugs else fl_s(P * fl_s(dP - delta[..., None]))
             if t is not None:
                 dS = fl_s(dS * fl_s(1.0 - fl_s(t * t)))
+            if self.slope is not None and "score_mod_no_slope" not in self.bugs:
+                dS = fl_s(dS * self.slope)
             dS_in, P_in = fl_in(dS), fl_in(P)
             dq = stored(fl_a(dq + dS_in @ self.k[..., cs, :]), cs.stop, bk)
             dk_t = np.zeros(self.batch + (cs.stop - cs.start, self.d))

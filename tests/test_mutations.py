@@ -36,6 +36,7 @@ import pytest
 ml_dtypes = pytest.importorskip("ml_dtypes", reason="optional peer ml_dtypes absent")
 
 from iem_ref import lowp  # noqa: E402
+from iem_ref.flex import prefix_lm  # noqa: E402
 from iem_ref.testing import assert_attention_close  # noqa: E402
 
 from .flash_kernels import BUGS, FlashKernel  # noqa: E402
@@ -54,7 +55,12 @@ CONFIGS = {
     "gqa": (dict(enable_gqa=True), (4, 2), 1),
     "softcap": (dict(softcap=2.0), (1, 1), 1),
     "softcap_bias": (dict(softcap=2.0, bias="random"), (1, 1), 1),
+    # FlexAttention's: a curved score_mod that reads the positions, a prefix-LM mask_mod (not symmetric in i, j)
+    "flex_score": (dict(score_mod=lambda s, b, h, qi, ki: 3.0 * np.tanh(s / 3.0) + 0.01 * (ki - qi)), (1, 1), 1),
+    "flex_mask": (dict(mask_mod=prefix_lm(40)), (1, 1), 1),
 }
+#: the configurations iem_ref.lowp emulates (it runs no score_mod or mask_mod)
+EMULATED = sorted(c for c in CONFIGS if not c.startswith("flex"))
 
 #: bug -> (configuration that exercises it, passes it breaks)
 BUG_CASES = {
@@ -73,6 +79,9 @@ BUG_CASES = {
     "round_before_max": ("plain", ("forward",)),
     "exp_1e-4": ("plain", ("forward", "backward")),
     "p_bf16": ("plain", ("forward",)),
+    "score_mod_unscaled": ("flex_score", ("forward", "backward")),
+    "score_mod_no_slope": ("flex_score", ("backward",)),
+    "mask_mod_transposed": ("flex_mask", ("forward", "backward")),
 }
 FLOAT32_ONLY = {"exp_1e-4", "p_bf16"}
 assert set(BUG_CASES) | {"delta_unrounded_o"} == set(BUGS)
@@ -157,7 +166,7 @@ def test_delta_from_the_unrounded_output_is_not_an_accuracy_bug(dtype):
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("config", EMULATED)
 def test_correct_kernel_is_the_emulation(config, dtype):
     """Without bugs the kernel computes what iem_ref.lowp computes, bit for bit (the same model, the same order)."""
     q, k, v, g, kw = _problem(config, (128, 16), dtype)

@@ -1,0 +1,286 @@
+"""FlexAttention's score_mod and mask_mod (F1-F3): the documented examples against the built-in variants, the
+index conventions, the edge-case policy, validation, the derivative, and the tiers that refuse them.
+
+Tolerances: where a built-in variant and its score_mod are the same arithmetic in the same order (masks, an added
+bias, ALiBi, the soft-cap's ``c tanh(x / c)``) the results are equal bit for bit, and the tests say so; where the
+paths round differently (the soft-cap's slope ``1 - (s/c)^2`` against the complex step) the tolerance is the sum
+of the two float64 computations' own derived bounds (``iem_ref.bounds.variant_vjp_error``, section 12).
+"""
+
+import numpy as np
+import pytest
+
+import iem_ref as R
+from iem_ref import flex
+from iem_ref.bounds import variant_vjp_error
+from iem_ref.testing import assert_attention_close, assert_attention_vjp_close
+
+from .conftest import U64
+
+B, H, N, M, D, DV = 2, 3, 7, 9, 4, 3
+SLOPES = np.array([0.5, 0.25, 0.125])
+DOCS = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2])  # three documents packed on N = M = 9 tokens
+CU = np.array([0, 3, 7, 9])
+
+
+def _case(seed=0, n=N, m=M):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(B, H, n, D)), rng.normal(size=(B, H, m, D)), rng.normal(size=(B, H, m, DV)),
+            rng.normal(size=(B, H, n, DV)))
+
+
+#: FlexAttention's documented examples and the built-in call each one equals: (flex keywords, built-in keywords, n)
+EXAMPLES = [
+    pytest.param(dict(mask_mod=flex.causal), dict(is_causal=True), N, id="causal"),
+    pytest.param(dict(mask_mod=flex.sliding_window(2)), dict(window=(2, 0), is_causal=True), N, id="sliding_window"),
+    pytest.param(dict(mask_mod=flex.prefix_lm(3)), dict(mask=(np.arange(M)[None, :] < 3) | (np.arange(M)[None, :] <= np.arange(N)[:, None])),
+                 N, id="prefix_lm"),
+    pytest.param(dict(mask_mod=flex.document(DOCS)), dict(cu_seqlens_q=CU, cu_seqlens_k=CU), M, id="document"),
+    pytest.param(dict(mask_mod=flex.document(DOCS, causal=True)), dict(cu_seqlens_q=CU, cu_seqlens_k=CU, is_causal=True), M,
+                 id="document_causal"),
+    pytest.param(dict(score_mod=flex.relative_position), dict(bias=(np.arange(N)[:, None] - np.arange(M)[None, :]).astype(float)), N,
+                 id="relative_position"),
+    pytest.param(dict(score_mod=flex.alibi(SLOPES), mask_mod=flex.causal), dict(alibi_slopes=SLOPES, is_causal=True), N, id="alibi"),
+    pytest.param(dict(score_mod=flex.softcap(2.0)), dict(softcap=2.0), N, id="softcap"),
+]
+
+
+@pytest.mark.equation("F1", "F2")
+@pytest.mark.parametrize("mods,builtin,n", EXAMPLES)
+def test_flexattention_examples_equal_the_builtin_variants_forward(mods, builtin, n):
+    q, k, v, _ = _case(n=n)
+    a, L = R.attention(q, k, v, return_lse=True, **mods)
+    a0, L0 = R.attention(q, k, v, return_lse=True, **builtin)
+    # the same arithmetic in the same order: the same numbers
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(L, L0)
+
+
+@pytest.mark.equation("F3")
+@pytest.mark.parametrize("mods,builtin,n", EXAMPLES)
+def test_flexattention_examples_equal_the_builtin_variants_backward(mods, builtin, n):
+    q, k, v, u = _case(n=n)
+    got = R.attention_vjp(q, k, v, u, **mods)
+    want = R.attention_vjp(q, k, v, u, **builtin)[:3]
+    if "softcap" not in builtin:  # masks and added priors: slope exactly 1 (the complex step of x + c is h / h)
+        for x, y in zip(got, want):
+            np.testing.assert_array_equal(x, y)
+        return
+    # V3's slope 1 - (s/c)^2 against the complex step's: each computation within its own bound of the truth
+    tols = [a + b for a, b in zip(variant_vjp_error(q, k, v, u, **mods)[:3], variant_vjp_error(q, k, v, u, **builtin)[:3])]
+    for x, y, tol in zip(got, want, tols):
+        assert np.all(np.abs(x - y) <= tol)
+
+
+@pytest.mark.equation("F1", "F2")
+@pytest.mark.parametrize("batch", [pytest.param((), id="no-batch"), pytest.param((H,), id="heads"),
+                                   pytest.param((B, H), id="batch-heads"), pytest.param((2, B, H), id="two-batch-axes")])
+def test_indices_number_the_leading_batch_axes_and_the_heads(batch):
+    rng = np.random.default_rng(1)
+    q, k, v = rng.normal(size=batch + (3, 2)), rng.normal(size=batch + (4, 2)), rng.normal(size=batch + (4, 1))
+    seen = {}
+
+    def record(score, b, h, q_idx, kv_idx):
+        seen.update(b=np.broadcast_to(b, score.shape), h=np.broadcast_to(h, score.shape),
+                    q=np.broadcast_to(q_idx, score.shape), kv=np.broadcast_to(kv_idx, score.shape))
+        return score
+
+    R.attention(q, k, v, score_mod=record)
+    shape = batch + (3, 4)
+    heads = batch[-1] if batch else 1
+    lead = int(np.prod(batch[:-1], dtype=np.int64)) if batch else 1
+    np.testing.assert_array_equal(seen["h"], np.broadcast_to((np.arange(lead * heads) % heads).reshape(batch + (1, 1)), shape))
+    np.testing.assert_array_equal(seen["b"], np.broadcast_to((np.arange(lead * heads) // heads).reshape(batch + (1, 1)), shape))
+    np.testing.assert_array_equal(seen["q"], np.broadcast_to(np.arange(3)[:, None], shape))
+    np.testing.assert_array_equal(seen["kv"], np.broadcast_to(np.arange(4)[None, :], shape))
+
+
+def test_grouped_query_heads_give_the_query_head():
+    q, k, v, _ = _case()
+    kv = slice(0, 1)
+    per_head = lambda s, b, h, qi, ki: s + 0.3 * h  # noqa: E731
+    a = R.attention(q, k[:, kv], v[:, kv], enable_gqa=True, score_mod=per_head)
+    a0 = R.attention(q, np.repeat(k[:, kv], H, axis=1), np.repeat(v[:, kv], H, axis=1), score_mod=per_head)
+    np.testing.assert_array_equal(a, a0)
+
+
+# ------------------------------------------------------------------------------------- the edge-case policy
+def _drop_key(j):
+    return lambda s, b, h, qi, ki: np.where(ki == j, -np.inf, s)
+
+
+@pytest.mark.parametrize("empty", ["zero", "nan"])
+def test_minus_infinity_from_the_score_mod_excludes_the_key_as_a_mask_does(empty):
+    q, k, v, u = _case()
+    v = v.copy()
+    v[..., 2, :] = np.nan  # an excluded key's value is never read
+    mask = np.ones((N, M), bool)
+    mask[:, 2] = False
+    a = R.attention(q, k, v, score_mod=_drop_key(2), empty=empty)
+    a0 = R.attention(q, k, v, mask=mask, empty=empty)
+    assert np.isfinite(a).all()
+    # the logits' path (x = -d scale, then exp) against the plain path (exp(-(d - m) / tau)): a few ulps per
+    # weight on |v| < 5 over 8 keys: 2**8 u64 x 8 covers both sides
+    assert np.max(np.abs(a - a0)) <= 2**8 * U64 * 8
+    grads = R.attention_vjp(q, k, v, u, score_mod=_drop_key(2))
+    assert all(np.isfinite(g_).all() for g_ in grads[:2]) and np.all(grads[2][..., 2, :] == 0)
+
+
+@pytest.mark.parametrize("empty,expected", [pytest.param("zero", 0.0, id="zero"), pytest.param("nan", np.nan, id="nan")])
+def test_a_row_the_mods_leave_without_keys_is_empty(empty, expected):
+    q, k, v, _ = _case()
+    nothing = lambda b, h, qi, ki: (qi < 3) | (ki < 0)  # noqa: E731 - rows 3.. keep no key
+    a, L = R.attention(q, k, v, mask_mod=nothing, empty=empty, return_lse=True)
+    np.testing.assert_array_equal(a[..., 3:, :], np.full(a[..., 3:, :].shape, expected))
+    assert np.all(np.isneginf(L[..., 3:])) and np.isfinite(a[..., :3, :]).all()
+    a2 = R.attention(q, k, v, score_mod=lambda s, b, h, qi, ki: np.where(qi < 3, s, -np.inf), empty=empty)
+    np.testing.assert_array_equal(np.isnan(a2), np.isnan(a))
+
+
+def test_a_key_excluded_before_the_score_mod_stays_excluded():
+    q, k, v, _ = _case()
+    lift = lambda s, b, h, qi, ki: np.where(np.isneginf(s), 5.0, s)  # noqa: E731 - tries to revive excluded keys
+    bias = np.zeros((N, M))
+    bias[:, 4] = -np.inf  # a -inf bias comes after the score_mod: it excludes
+    a = R.attention(q, k, v, energy=lambda qq, kk: np.where(np.arange(M) == 4, np.inf, -qq @ np.swapaxes(kk, -1, -2)),
+                    score_mod=lift)
+    mask = np.ones((N, M), bool)
+    mask[:, 4] = False
+    assert np.max(np.abs(a - R.attention(q, k, v, mask=mask))) <= 2**8 * U64 * 8
+    np.testing.assert_array_equal(R.attention(q, k, v, bias=bias, score_mod=lift), R.attention(q, k, v, bias=bias))
+
+
+def test_nan_from_the_score_mod_spoils_its_row_only():
+    q, k, v, u = _case()
+    spoil = lambda s, b, h, qi, ki: np.where((qi == 1) & (ki == 0), np.nan, s)  # noqa: E731
+    a = R.attention(q, k, v, score_mod=spoil)
+    assert np.isnan(a[..., 1, :]).all() and np.isfinite(np.delete(a, 1, axis=-2)).all()
+    dq = R.attention_vjp(q, k, v, u, score_mod=spoil)[0]
+    assert np.isnan(dq[..., 1, :]).all() and np.isfinite(np.delete(dq, 1, axis=-2)).all()
+
+
+def test_the_inputs_and_the_scores_are_never_modified():
+    q, k, v, u = _case()
+    copies = [x.copy() for x in (q, k, v, u)]
+
+    def in_place(score, b, h, q_idx, kv_idx):
+        score += 1.0
+        return score
+
+    with pytest.raises(ValueError, match="read-only"):
+        R.attention(q, k, v, score_mod=in_place)
+    R.attention_vjp(q, k, v, u, score_mod=flex.softcap(2.0), mask_mod=flex.causal)
+    for x, c in zip((q, k, v, u), copies):
+        np.testing.assert_array_equal(x, c)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize("kw,error,match", [
+    pytest.param(dict(score_mod=3.0), TypeError, "score_mod must be a callable", id="score_mod-not-callable"),
+    pytest.param(dict(mask_mod="causal"), TypeError, "mask_mod must be a callable", id="mask_mod-not-callable"),
+    pytest.param(dict(score_mod=flex.ScoreMod(flex.relative_position, ulps=-1.0)), ValueError, "ulps", id="negative-ulps"),
+    pytest.param(dict(score_mod=flex.ScoreMod(flex.relative_position, grad=1.0)), TypeError, "grad", id="grad-not-callable"),
+    pytest.param(dict(mask_mod=lambda b, h, qi, ki: qi - ki), TypeError, "booleans", id="mask_mod-not-bool"),
+    pytest.param(dict(score_mod=lambda s, b, h, qi, ki: s > 0), TypeError, "real numbers", id="score_mod-bool"),
+    pytest.param(dict(score_mod=lambda s, b, h, qi, ki: s[..., :2]), ValueError, "broadcast", id="score_mod-shape"),
+    pytest.param(dict(mask_mod=lambda b, h, qi, ki: np.ones((2, 2), bool)), ValueError, "broadcast", id="mask_mod-shape"),
+])
+def test_bad_mods_are_refused_by_name(kw, error, match):
+    q, k, v, _ = _case()
+    with pytest.raises(error, match=match):
+        R.attention(q, k, v, **kw)
+
+
+# --------------------------------------------------------------------------------------------- the derivative
+def _leaky(score, b, h, q_idx, kv_idx):
+    return np.where(score > 0, score, 0.5 * score)  # NumPy orders complex numbers by their real part first
+
+
+def _leaky_grad(score, b, h, q_idx, kv_idx):
+    return np.where(score > 0, 1.0, 0.5)
+
+
+def _quantised(score, b, h, q_idx, kv_idx):
+    return np.floor(4.0 * score) / 4.0  # floor has no complex form
+
+
+@pytest.mark.equation("F3")
+@pytest.mark.parametrize("mod", [pytest.param(_leaky, id="complex-step"),
+                                 pytest.param(flex.ScoreMod(_leaky, grad=_leaky_grad), id="given-grad")])
+def test_a_piecewise_score_mod_against_central_differences(mod):
+    q, k, v, u = _case()
+    dq = R.attention_vjp(q, k, v, u, score_mod=mod)[0]
+    # central difference in q[1, 2, 3, 0]: the step 1e-6 moves the row's scores x = q k^T / 2 by at most
+    # 1e-6 |k_j0| / 2, less than any |x_j| of the row, so each stays on its side of 0, where the map is linear in
+    # the scores: truncation ~ (second derivative of the softmax, O(1)) 1e-12, rounding ~ 4 u |loss| / 2e-6 < 1e-8
+    x_row = k[1, 2] @ q[1, 2, 3] / 2.0
+    assert np.min(np.abs(x_row)) > 1e-6 * np.max(np.abs(k[1, 2, :, 0])) / 2.0
+    loss = lambda qq: float((u * R.attention(qq, k, v, score_mod=_leaky)).sum())  # noqa: E731
+    e = np.zeros_like(q)
+    e[1, 2, 3, 0] = 1e-6
+    assert abs(dq[1, 2, 3, 0] - (loss(q + e) - loss(q - e)) / 2e-6) < 1e-8
+
+
+def test_a_score_mod_without_a_complex_form_needs_its_derivative():
+    q, k, v, u = _case()
+    assert np.isfinite(R.attention(q, k, v, score_mod=_quantised)).all()  # the forward needs no derivative
+    with pytest.raises(TypeError, match="grad="):
+        R.attention_vjp(q, k, v, u, score_mod=_quantised)
+    flat = flex.ScoreMod(_quantised, grad=lambda s, b, h, qi, ki: np.zeros_like(s))  # a step function: slope 0
+    dq, dk, dv = R.attention_vjp(q, k, v, u, score_mod=flat)
+    assert not dq.any() and not dk.any() and np.isfinite(dv).all()
+
+
+@pytest.mark.equation("F3")
+def test_the_complex_step_is_as_accurate_as_the_function():
+    # tanh's slope sech^2 x = 1 / cosh^2 x (three roundings and cosh's ulp: within 4 ulps) and the complex step's
+    # Im tanh(x + i h) / h (numpy's complex tanh to a few ulps; h^2 |f'''| / 6 < 2**-200 relative): 8 u between
+    # them, relative, where 1 - tanh^2 x would have lost every digit to cancellation for |x| > 19
+    x = np.linspace(-20.0, 20.0, 401)[None, :]
+    idx = flex.flex_indices((), 1, x.shape[-1])
+    g = flex.score_mod_slope(lambda s, b, h, qi, ki: np.tanh(s), x, idx)
+    np.testing.assert_allclose(g, (1.0 / np.cosh(x)) ** 2, rtol=8 * U64, atol=0)
+    # infinite scores have slope 0
+    inf = np.array([[np.inf, -np.inf, 1.0]])
+    assert flex.score_mod_slope(flex.relative_position, inf, flex.flex_indices((), 1, 3)).tolist() == [[0.0, 0.0, 1.0]]
+
+
+# -------------------------------------------------------------------------------------- the tiers that refuse
+def test_other_tiers_refuse_the_mods_by_name():
+    q, k, v, u = _case()
+    from iem_ref import exact, lowp
+
+    with pytest.raises(TypeError, match="score_mod"):
+        exact.attention(q[0, 0, :2], k[0, 0, :3], v[0, 0, :3], score_mod=flex.relative_position)
+    with pytest.raises(ValueError, match="iem_ref.lowp does not run score_mod"):
+        lowp.attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), score_mod=flex.relative_position)
+    a = R.attention(q, k, v, score_mod=flex.relative_position)
+    with pytest.raises(ValueError, match="exact tier"):
+        assert_attention_close(a, q, k, v, exact=True, score_mod=flex.relative_position)
+    with pytest.raises(ValueError, match="tiled oracle"):
+        assert_attention_close(a.astype(np.float32), *(x.astype(np.float32) for x in (q, k, v)), oracle="tiled",
+                               mask_mod=flex.causal)
+    grads = R.attention_vjp(q, k, v, u, mask_mod=flex.causal)
+    with pytest.raises(ValueError, match="mask_mod"):
+        assert_attention_vjp_close(*(g.astype(np.float32) for g in grads), *(x.astype(np.float32) for x in (q, k, v, u)),
+                                   oracle="tiled", mask_mod=flex.causal)
+
+
+def test_accel_cpu_refuses_the_mods_by_name():
+    pytest.importorskip("numba")
+    from iem_ref.accel import cpu
+
+    q, k, v, _ = _case()
+    with pytest.raises(TypeError, match="score_mod"):
+        cpu.attention(q, k, v, score_mod=flex.relative_position)
+
+
+def test_the_oracle_judges_a_float32_kernel_with_mods_by_default():
+    """At sizes where a plain call would go to the tiled oracle, a call with mods is judged by the reference."""
+    q, k, v, u = (x.astype(np.float32) for x in _case())
+    kw = dict(score_mod=flex.softcap(2.0), mask_mod=flex.causal)
+    a = R.attention(q, k, v, **kw)
+    assert assert_attention_close(a, q, k, v, **kw) < 1
+    assert assert_attention_vjp_close(*R.attention_vjp(q, k, v, u, **kw), q, k, v, u, **kw) < 1
+    with pytest.raises(AssertionError):  # the same output judged without the score_mod
+        assert_attention_close(a, q, k, v, mask_mod=flex.causal)
