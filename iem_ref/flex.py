@@ -101,7 +101,13 @@ class ScoreMod(NamedTuple):
 
 
 def as_score_mod(mod):
-    """``None``, a :class:`ScoreMod`, or a callable (a :class:`ScoreMod` with the defaults); anything else is a TypeError."""
+    """``None``, a :class:`ScoreMod`, or a callable (a :class:`ScoreMod` with the defaults); anything else is a TypeError.
+
+    Examples
+    --------
+    >>> as_score_mod(relative_position).ulps
+    5.0
+    """
     if mod is None:
         return None
     if isinstance(mod, ScoreMod):
@@ -118,7 +124,13 @@ def as_score_mod(mod):
 
 
 def check_mask_mod(mod):
-    """``None`` or a callable ``mask_mod(b, h, q_idx, kv_idx) -> bool``; anything else is a TypeError."""
+    """``None`` or a callable ``mask_mod(b, h, q_idx, kv_idx) -> bool``; anything else is a TypeError.
+
+    Examples
+    --------
+    >>> check_mask_mod(causal) is causal
+    True
+    """
     if mod is not None and not callable(mod):
         raise TypeError(f"mask_mod must be a callable f(b, h, q_idx, kv_idx) -> bool; got {type(mod).__name__}")
     return mod
@@ -239,12 +251,27 @@ def mod_mask(mod, idx, shape):
 
 # --- FlexAttention's documented examples ----------------------------------------------------------
 def causal(b, h, q_idx, kv_idx):
-    """mask_mod: query ``i`` sees the keys ``j <= i`` (top-left causality)."""
+    """mask_mod: query ``i`` sees the keys ``j <= i`` (top-left causality).
+
+    Examples
+    --------
+    >>> causal(0, 0, np.arange(2)[:, None], np.arange(2)[None, :]).astype(int)
+    array([[1, 0],
+           [1, 1]])
+    """
     return q_idx >= kv_idx
 
 
 def sliding_window(size):
-    """mask_mod: causal, and query ``i`` sees the keys ``i - size <= j`` (V4's ``window=(size, 0)`` with ``is_causal``)."""
+    """mask_mod: causal, and query ``i`` sees the keys ``i - size <= j`` (V4's ``window=(size, 0)`` with ``is_causal``).
+
+    Examples
+    --------
+    >>> sliding_window(1)(0, 0, np.arange(3)[:, None], np.arange(3)[None, :]).astype(int)
+    array([[1, 0, 0],
+           [1, 1, 0],
+           [0, 1, 1]])
+    """
 
     def sliding_window_mask(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (q_idx - kv_idx <= size)
@@ -253,7 +280,15 @@ def sliding_window(size):
 
 
 def prefix_lm(prefix_length):
-    """mask_mod: every query sees the first ``prefix_length`` keys (bidirectional prefix), and causally beyond them."""
+    """mask_mod: every query sees the first ``prefix_length`` keys (bidirectional prefix), and causally beyond them.
+
+    Examples
+    --------
+    >>> prefix_lm(2)(0, 0, np.arange(3)[:, None], np.arange(3)[None, :]).astype(int)
+    array([[1, 1, 0],
+           [1, 1, 0],
+           [1, 1, 1]])
+    """
 
     def prefix_lm_mask(b, h, q_idx, kv_idx):
         return (kv_idx < prefix_length) | (q_idx >= kv_idx)
@@ -266,6 +301,14 @@ def document(document_id, causal=False):
 
     With ``causal``, only the keys at or before the query (positions on the
     packed axis, so within a document as V7's top-left alignment).
+    
+
+    Examples
+    --------
+    >>> document([0, 0, 1])(0, 0, np.arange(3)[:, None], np.arange(3)[None, :]).astype(int)
+    array([[1, 1, 0],
+           [1, 1, 0],
+           [0, 0, 1]])
     """
     ids = np.asarray(document_id)
 
@@ -277,12 +320,24 @@ def document(document_id, causal=False):
 
 
 def relative_position(score, b, h, q_idx, kv_idx):
-    """score_mod: adds the signed distance ``i - j`` (FlexAttention's relative position example)."""
+    """score_mod: adds the signed distance ``i - j`` (FlexAttention's relative position example).
+
+    Examples
+    --------
+    >>> relative_position(np.zeros((1, 3)), 0, 0, np.array([[1]]), np.arange(3)[None, :])
+    array([[ 1.,  0., -1.]])
+    """
     return score + (q_idx - kv_idx)
 
 
 def alibi(slopes):
-    """score_mod: ALiBi as FlexAttention writes it, ``score + slope_h (j - i)``: V2's ``-slope |i - j|`` where causal."""
+    """score_mod: ALiBi as FlexAttention writes it, ``score + slope_h (j - i)``: V2's ``-slope |i - j|`` where causal.
+
+    Examples
+    --------
+    >>> alibi([0.5])(np.zeros((1, 2)), 0, np.zeros((1, 1), int), np.array([[1]]), np.arange(2)[None, :])
+    array([[-0.5,  0. ]])
+    """
     s = np.asarray(slopes, dtype=np.float64)
 
     def alibi_mod(score, b, h, q_idx, kv_idx):
@@ -292,7 +347,13 @@ def alibi(slopes):
 
 
 def softcap(cap):
-    """score_mod: ``cap tanh(score / cap)``, V3 as a score_mod."""
+    """score_mod: ``cap tanh(score / cap)``, V3 as a score_mod.
+
+    Examples
+    --------
+    >>> softcap(2.0)(np.array([0.0, 100.0]), 0, 0, 0, 0)
+    array([0., 2.])
+    """
 
     def softcap_mod(score, b, h, q_idx, kv_idx):
         return cap * np.tanh(score / cap)

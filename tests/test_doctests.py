@@ -11,7 +11,7 @@ import inspect
 
 import pytest
 
-MODULES = ["competition", "energies", "summaries", "attention", "activations", "gradients", "mixtures", "streaming"]
+MODULES = ["competition", "energies", "summaries", "attention", "activations", "gradients", "mixtures", "streaming", "flex"]
 
 
 def _module(name):
