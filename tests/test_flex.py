@@ -284,3 +284,60 @@ def test_the_oracle_judges_a_float32_kernel_with_mods_by_default():
     assert assert_attention_vjp_close(*R.attention_vjp(q, k, v, u, **kw), q, k, v, u, **kw) < 1
     with pytest.raises(AssertionError):  # the same output judged without the score_mod
         assert_attention_close(a, q, k, v, mask_mod=flex.causal)
+
+
+# ------------------------------------------------------------------------------------------------ fuzzing
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tests.test_fuzz import BUDGET, CI, attention_cases  # noqa: E402
+
+
+@st.composite
+def _table_cases(draw):
+    """A fuzz case (special values, masks, causality, both energies and dtypes) with a random boolean and a finite float table."""
+    case = draw(attention_cases(tiny=True))
+    n, m = case["q"].shape[-2], case["k"].shape[-2]
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    keep = rng.random((n, m)) < draw(st.sampled_from([0.0, 0.5, 0.9, 1.0]))
+    prior = np.round(rng.normal(size=(n, m)) * 4.0, 2)
+    return case, keep, prior
+
+
+@pytest.mark.equation("F1", "F2", "F3")
+@settings(CI, max_examples=BUDGET["oracles"] // 2)
+@given(_table_cases())
+def test_fuzz_table_mods_equal_the_mask_and_bias_they_encode(drawn):
+    """A mask_mod that reads a boolean table is that mask, and a score_mod that adds a finite table is that bias: the
+    same numbers, the same NaN and inf pattern, forward and backward, through every special value of the fuzz cases."""
+    case, keep, prior = drawn
+    q, k, v, kw = case["q"], case["k"], case["v"], dict(case["kw"])
+    base = kw.pop("mask", None)
+    mask = keep if base is None else base & keep
+    mods = dict(mask_mod=lambda b, h, qi, ki: keep[qi, ki], score_mod=lambda s, b, h, qi, ki: s + prior[qi, ki],
+                **({} if base is None else dict(mask=base)))
+    try:
+        a0, L0 = R.attention(q, k, v, return_lse=True, mask=mask, bias=prior, **kw)
+    except (TypeError, ValueError) as exc:  # bad input (scale=None with D = 0): the same error class
+        with pytest.raises(type(exc)):
+            R.attention(q, k, v, return_lse=True, **mods, **kw)
+        return
+    a, L = R.attention(q, k, v, return_lse=True, **mods, **kw)
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(L, L0)
+    kw.pop("empty", None)
+    g = np.random.default_rng(0).normal(size=a.shape).astype(a.dtype)
+    grads = R.attention_vjp(q, k, v, g, **mods, **kw)
+    grads0 = R.attention_vjp(q, k, v, g, mask=mask, bias=prior, **kw)[:3]
+    if kw["energy"] == "dot":  # the slope of s + c is exactly 1 (the complex step's h / h): the same sums
+        for x, y in zip(grads, grads0):
+            np.testing.assert_array_equal(x, y)
+        return
+    # squared Euclidean: with a score_mod dq also subtracts scale q_i sum_j dX_ij, which is 0 in exact arithmetic
+    # here (no sink) and rounds to a few ulps of its terms: each side within its own float64 bound (section 12)
+    tols = [t0 + t1 for t0, t1 in zip(variant_vjp_error(q, k, v, g, **mods, **kw)[:3],
+                                      variant_vjp_error(q, k, v, g, mask=mask, bias=prior, **kw)[:3])]
+    for x, y, tol in zip(grads, grads0, tols):
+        np.testing.assert_array_equal(np.isnan(x), np.isnan(y))
+        with np.errstate(invalid="ignore"):
+            assert np.all((x == y) | np.isnan(x) | (np.abs(x - y) <= tol))
