@@ -188,6 +188,13 @@ class AttentionInputs:
             raise ValueError(f"{tier} does not run {' or '.join(given)}; the NumPy reference (iem_ref.attention, "
                              "iem_ref.attention_vjp) and iem_ref.testing's reference oracle do")
 
+    def given_mask(self):
+        """The pairs the call lets take part by mask and by rule: ``mask`` AND ``mask_mod`` (F2), a boolean ``(B..., N, M)`` view; None for neither."""
+        if self.mask_mod is None:
+            return self.mask
+        by_rule = mod_mask(self.mask_mod, self.flex_index(), self.batch + (self.n, self.m))
+        return by_rule if self.mask is None else self.mask & by_rule
+
     def flex_index(self):
         """The indices ``(b, h, q_idx, kv_idx)`` that score_mod and mask_mod read (:func:`iem_ref.flex.flex_indices`)."""
         return flex_indices(self.batch, self.n, self.m)
@@ -218,11 +225,8 @@ class AttentionInputs:
 
     def takes_part(self):
         """The structural participation ``(B..., N, M)``: mask, causal, window (V4), segments (V7), mask_mod (F2); None when all keys take part."""
-        take = self.mask
+        take = self.given_mask()
         structure = None
-        if self.mask_mod is not None:  # F2
-            by_rule = mod_mask(self.mask_mod, self.flex_index(), self.batch + (self.n, self.m))
-            take = by_rule if take is None else take & by_rule
         if self.is_causal or self.window is not None:
             rel = self.relative_positions()
             structure = rel >= 0 if self.is_causal else None

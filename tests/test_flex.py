@@ -266,13 +266,13 @@ def test_other_tiers_refuse_the_mods_by_name():
                                    oracle="tiled", mask_mod=flex.causal)
 
 
-def test_accel_cpu_refuses_the_mods_by_name():
+def test_accel_cuda_refuses_the_mods_by_name():
     pytest.importorskip("numba")
-    from iem_ref.accel import cpu
+    from iem_ref.accel import cuda
 
     q, k, v, _ = _case()
     with pytest.raises(TypeError, match="score_mod"):
-        cpu.attention(q, k, v, score_mod=flex.relative_position)
+        cuda.attention(q, k, v, score_mod=flex.relative_position)
 
 
 def test_the_oracle_judges_a_float32_kernel_with_mods_by_default():
@@ -284,6 +284,117 @@ def test_the_oracle_judges_a_float32_kernel_with_mods_by_default():
     assert assert_attention_vjp_close(*R.attention_vjp(q, k, v, u, **kw), q, k, v, u, **kw) < 1
     with pytest.raises(AssertionError):  # the same output judged without the score_mod
         assert_attention_close(a, q, k, v, mask_mod=flex.causal)
+
+
+# ------------------------------------------------------------------------------------------------ accel.cpu
+# Each score_mod compiles kernels of its own (a few seconds each): the default tier runs float32, where the kernel's
+# scores round to a coarser dtype than its float64 score_mod, and the slow tier float64 too.
+DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float64, id="f64", marks=pytest.mark.slow)]
+
+
+@pytest.mark.equation("F1", "F2")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mods,builtin,n", EXAMPLES)
+def test_accel_cpu_runs_the_examples_as_its_builtin_variants(mods, builtin, n, dtype):
+    """The kernel compiles the score_mod in and evaluates it in float64 where it evaluates V1-V3, and takes the
+    mask_mod as a mask: the same numbers as its own built-in variants, forward; backward where the slope is 1."""
+    pytest.importorskip("numba")
+    from iem_ref.accel import cpu
+
+    q, k, v, u = (x.astype(dtype) for x in _case(n=n))
+    a, L = cpu.attention(q, k, v, return_lse=True, **mods)
+    if "cu_seqlens_q" in builtin:  # packed segments cut the query blocks at their starts: another order, judged
+        assert assert_attention_close(a, q, k, v, lse=L, **mods) < 1
+        assert assert_attention_vjp_close(*cpu.attention_vjp(q, k, v, u, **mods), q, k, v, u, **mods) < 1
+        return
+    a0, L0 = cpu.attention(q, k, v, return_lse=True, **builtin)
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(L, L0)
+    grads = cpu.attention_vjp(q, k, v, u, **mods)
+    if "softcap" in builtin:  # the slopes round differently: judged as a kernel by the oracle
+        assert assert_attention_vjp_close(*grads, q, k, v, u, **mods) < 1
+        return
+    for x, y in zip(grads, cpu.attention_vjp(q, k, v, u, **builtin)[:3]):
+        np.testing.assert_array_equal(x, y)
+
+
+def _plain_python(x):
+    return x  # not compiled by Numba: a score_mod that calls it cannot be
+
+
+def _curved(s, b, h, q_idx, kv_idx):
+    """A score_mod that reads every index: a cap, a per-head positional slope, a per-batch shift."""
+    return 3.0 * np.tanh(s / 3.0) + 0.01 * (h + 1) * (kv_idx - q_idx) + 0.1 * b
+
+
+@pytest.mark.equation("F1", "F2", "F3")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("extra", [
+    pytest.param(dict(enable_gqa=True, mask_mod=flex.prefix_lm(40)), id="gqa-prefix_lm"),
+    pytest.param(dict(cu_seqlens_q=[0, 80, 200], cu_seqlens_k=[0, 250, 600], is_causal=True), id="segments-causal"),
+    pytest.param(dict(softcap=2.0, bias="random", sinks=[0.5, -1.0, 0.0, 2.0]), id="softcap-bias-sinks"),
+    pytest.param(dict(energy="sqeuclidean", window=(64, 16)), id="sqeuclidean-window"),
+])
+def test_accel_cpu_with_a_score_mod_is_judged_correct_by_the_oracle(extra, dtype):
+    """Two key tiles and key splits (N = 200, M = 600), every index read by the score_mod, with the variants
+    it combines with: accel.cpu judged as a kernel by iem_ref.testing (the reference oracle, derived tolerances)."""
+    pytest.importorskip("numba")
+    from iem_ref.accel import cpu
+
+    rng = np.random.default_rng(5)
+    heads_kv = 2 if extra.get("enable_gqa") else 4
+    q, k, v, u = (rng.normal(size=s).astype(dtype) for s in ((2, 4, 200, 16), (2, heads_kv, 600, 16), (2, heads_kv, 600, 5), (2, 4, 200, 5)))
+    kw = dict(extra, score_mod=_curved)
+    if kw.get("bias") == "random":
+        kw["bias"] = rng.normal(size=(4, 200, 600))
+    a, lse = cpu.attention(q, k, v, return_lse=True, **kw)
+    assert assert_attention_close(a, q, k, v, lse=lse, **kw) < 1
+    grads = cpu.attention_vjp(q, k, v, u, out=a, lse=lse, **kw)
+    assert assert_attention_vjp_close(*grads[:3], q, k, v, u, **kw) < 1
+
+
+@pytest.mark.parametrize("mod,match", [
+    pytest.param(lambda s, b, h, qi, ki: _plain_python(s), "did not compile", id="calls-plain-python"),
+    pytest.param(_quantised, "slope", id="no-complex-form"),
+])
+def test_accel_cpu_names_a_score_mod_it_cannot_compile(mod, match):
+    pytest.importorskip("numba")
+    from iem_ref.accel import cpu
+
+    q, k, v, _ = _case()
+    with pytest.raises(TypeError, match=match):
+        cpu.attention(q, k, v, score_mod=mod)
+
+
+def test_accel_cpu_takes_the_derivative_when_given():
+    pytest.importorskip("numba")
+    from iem_ref.accel import cpu
+
+    q, k, v, u = _case()
+    flat = flex.ScoreMod(_quantised, grad=lambda s, b, h, qi, ki: 0.0)
+    dq, dk, dv = cpu.attention_vjp(q, k, v, u, score_mod=flat)
+    assert not dq.any() and not dk.any()
+    np.testing.assert_allclose(dv, R.attention_vjp(q, k, v, u, score_mod=flat)[2], rtol=0, atol=2**8 * U64 * 8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_accel_cpu_keeps_the_policy_with_mods(dtype):
+    """-inf from the score_mod excludes (its NaN value never read), NaN spoils its row, a row left without keys is
+    empty: the oracle compares the NaN and inf patterns exactly."""
+    pytest.importorskip("numba")
+    from iem_ref.accel import cpu
+
+    q, k, v, u = (x.astype(dtype) for x in _case())
+    v[..., 2, :] = np.nan
+    mod = lambda s, b, h, qi, ki: np.where(ki == 2, -np.inf, np.where((qi == 1) & (ki == 0), np.nan, s))  # noqa: E731
+    scalar = lambda s, b, h, qi, ki: -np.inf if ki == 2 else (np.nan if (qi == 1 and ki == 0) else s)  # noqa: E731
+    rule = lambda b, h, qi, ki: (qi != 4) | (ki < 0)  # noqa: E731 - row 4 keeps no key
+    for empty in ("zero", "nan"):
+        a, lse = cpu.attention(q, k, v, score_mod=scalar, mask_mod=rule, empty=empty, return_lse=True)
+        assert assert_attention_close(a, q, k, v, lse=lse, score_mod=mod, mask_mod=rule, empty=empty) < 1
+        assert np.isnan(a[..., 1, :]).all()
+    grads = cpu.attention_vjp(q, k, v, u, score_mod=scalar, mask_mod=rule)
+    assert assert_attention_vjp_close(*grads, q, k, v, u, score_mod=mod, mask_mod=rule) < 1
 
 
 # ------------------------------------------------------------------------------------------------ fuzzing

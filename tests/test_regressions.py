@@ -197,3 +197,20 @@ def test_forward_bound_holds_for_a_subnormal_output(path):
     v = np.array([[0.345584192, 1e-310], [0.345584192, 1e-310]])
     check_attention(path, dict(q=np.zeros((1, 0)), k=np.zeros((2, 0)), v=v, kw=dict(energy="dot", scale=0.0),
                                dtype=np.dtype(np.float64)))
+
+
+@pytest.mark.equation("G6")
+def test_vjp_oracle_tolerance_is_finite_beside_a_nan_row_at_an_excluded_key():
+    # A NaN row (a NaN bias entry) beside a key excluded by a -inf bias whose value is NaN: the expected dk, dv of
+    # that key are finite (no weight reaches it), but the kernel model's Delta of the NaN row (NaN) times the
+    # pair's weight (0) made its tolerance NaN, and assert_attention_vjp_close raised instead of judging.
+    from iem_ref.testing import assert_attention_vjp_close
+
+    rng = np.random.default_rng(7)
+    q, k, v, u = rng.normal(size=(5, 3)), rng.normal(size=(6, 3)), rng.normal(size=(6, 2)), rng.normal(size=(5, 2))
+    v[2] = np.nan
+    bias = np.zeros((5, 6))
+    bias[1, 0], bias[:, 2] = np.nan, -np.inf
+    grads = R.attention_vjp(q, k, v, u, bias=bias)[:3]
+    assert np.isfinite(grads[1][2]).all() and np.isnan(grads[0][1]).all()
+    assert assert_attention_vjp_close(*grads, q, k, v, u, bias=bias) < 1

@@ -167,7 +167,7 @@ def template(**options):
     return mark
 
 
-def instantiate(namespace, constants, tag):
+def instantiate(namespace, constants, tag, cache=True):
     """Every :class:`Template` of ``namespace`` (a module's globals) compiled with the compile-time ``constants``.
 
     Returns the instance's namespace: ``namespace`` with ``constants`` bound
@@ -178,7 +178,9 @@ def instantiate(namespace, constants, tag):
     Numba's cache keys a function by its name, its bytecode and its
     signature, identical across instances, so the name keeps each instance's
     cache entry its own.  Compilation happens when an instance is first called
-    (or :func:`compile_kernel` asks for it).
+    (or :func:`compile_kernel` asks for it).  ``cache=False``: no instance
+    goes to Numba's on-disk cache (one that calls a user's function, whose
+    changes the cache would not see).
     """
     scope = dict(namespace)
     scope.update(constants)
@@ -189,7 +191,8 @@ def instantiate(namespace, constants, tag):
             fn.__qualname__ = f"{py.__qualname__}__{tag}"
             fn.__module__ = py.__module__
             fn.__doc__ = py.__doc__
-            scope[name] = njit(**value.options)(fn)
+            options = dict(value.options, cache=False) if not cache and "cache" in value.options else value.options
+            scope[name] = njit(**options)(fn)
     return scope
 
 
@@ -238,10 +241,12 @@ def compile_kernel(disp, sig, label):
         with _NOTICE_LOCK:
             if not _NOTICED:
                 _NOTICED = True
+                persistent = type(getattr(disp, "_cache", None)).__name__ != "NullCache"
+                where = (f"cached in {cache_dir(disp)} for later processes (set NUMBA_CACHE_DIR to move it; "
+                         f"`iem-ref warmup` compiles kernels ahead of time)" if persistent
+                         else "kept for this process only: it calls a user's function")
                 warnings.warn(
-                    f"iem_ref.accel.cpu: compiling the {label} kernel (seconds, once per kernel, dtype and variant set); "
-                    f"cached in {cache_dir(disp)} for later processes (set NUMBA_CACHE_DIR to move it; "
-                    f"`iem-ref warmup` compiles kernels ahead of time)",
+                    f"iem_ref.accel.cpu: compiling the {label} kernel (seconds, once per kernel, dtype and variant set); {where}",
                     CompilationNotice,
                     stacklevel=_caller_level(),
                 )

@@ -234,22 +234,47 @@ class Features(NamedTuple):
     dtype: str  # "float64" or "float32"
     energy: int  # DOT, SQEUCLIDEAN or PRECOMPUTED (:mod:`._problem`)
     variants: bool  # V1-V3, V5, V8: logits, sinks, dropout
+    score_mod: object = None  # F1, F3: a :class:`KernelMod` (the user's score_mod and its slope, compiled), or None
 
     @property
     def tag(self):
         """A short name of the instance (its functions' names end with it, and so do their cache files)."""
         return "_".join(["f64" if self.dtype == "float64" else "f32", ("dot", "sqeuclidean", "precomputed")[self.energy]]
-                        + (["variants"] if self.variants else []))
+                        + (["variants"] if self.variants else []) + ([f"mod{self.score_mod.serial}"] if self.score_mod else []))
+
+    @property
+    def cached(self):
+        """Whether the instance may live in Numba's on-disk cache: not with a user's score_mod, whose code the cache cannot see change."""
+        return self.score_mod is None
 
     def constants(self):
         """The names the templates read, bound to this feature set."""
-        return {"ENERGY": self.energy, "VARIANTS": self.variants}
+        mod = self.score_mod
+        return {"ENERGY": self.energy, "VARIANTS": self.variants, "FLEX": mod is not None,
+                "SCORE_MOD": _no_mod if mod is None else mod.fn, "SCORE_SLOPE": _no_mod if mod is None else mod.slope}
+
+
+class KernelMod(NamedTuple):
+    """A score_mod as the kernels call it (F1, F3): ``fn`` and ``slope``, Numba dispatchers of ``(x, b, h, q_idx, kv_idx)``
+    (float64, four int64), and the serial number that names the instance (:mod:`iem_ref.accel.cpu` makes them)."""
+
+    fn: object
+    slope: object
+    serial: int
+
+
+@njit
+def _no_mod(x, b, h, q_idx, kv_idx):
+    """The score_mod of an instance without one (never called: ``FLEX`` prunes its branch)."""
+    return x
 
 
 # The templates below (@template) read these names as compile-time constants; each instance binds them
 # (Features.constants).  The values here only give the names a definition: a template never runs with them.
 ENERGY = DOT
 VARIANTS = False
+FLEX = False
+SCORE_MOD = SCORE_SLOPE = _no_mod
 
 _INSTANCES = {}
 _INSTANCES_LOCK = threading.Lock()
@@ -264,7 +289,7 @@ def kernels(features):
     with _INSTANCES_LOCK:
         scope = _INSTANCES.get(features)
         if scope is None:
-            scope = _INSTANCES[features] = instantiate(globals(), features.constants(), features.tag)
+            scope = _INSTANCES[features] = instantiate(globals(), features.constants(), features.tag, cache=features.cached)
         return scope
 
 
@@ -664,19 +689,30 @@ def _scores(S, bq, bk, h, i0, jb, norms, F):
     each pair.
     """
     _scaled_scores(S, bq, bk, h, i0, jb, norms)
-    if VARIANTS and h.logits:  # V1-V3, pair by pair (an excluded pair's -inf stays -inf)
+    if VARIANTS and (h.logits or FLEX):  # F1, then V1-V3, pair by pair (an excluded pair's -inf stays -inf)
+        slopes = F.shape[0] > 0
         for r in range(bq):
             i = i0 + r
             row = S[r]
             lo, hi = _band_in_tile(h.keys, h.group, i, jb, bk)
-            if h.softcap > 0.0 and F.shape[0] > 0:
+            if slopes:
                 for j in range(bk):
                     F[r, j] = 1.0  # pairs that do not take part have dZ = 0: a finite factor keeps them 0
+            if FLEX:  # F1 on the scaled score in float64, and its slope (F3; 0 at a non-finite score, as the reference)
+                pos, head = i // h.group, h.flex_h + i % h.group
+                for j in range(lo, hi):
+                    x = np.float64(row[j])
+                    if x != -np.inf:
+                        if slopes:
+                            F[r, j] = SCORE_SLOPE(x, h.flex_b, head, pos, jb + j) if math.isfinite(x) else 0.0
+                        row[j] = SCORE_MOD(x, h.flex_b, head, pos, jb + j)
+            if h.softcap > 0.0 and slopes:
                 for j in range(lo, hi):
                     t = math.tanh(np.float64(row[j]) / h.softcap)
-                    F[r, j] = 1.0 - t * t
-            for j in range(lo, hi):
-                row[j] = _pair_logit(h, row[j], i, jb + j)
+                    F[r, j] = F[r, j] * (1.0 - t * t) if FLEX else 1.0 - t * t
+            if h.logits:
+                for j in range(lo, hi):
+                    row[j] = _pair_logit(h, row[j], i, jb + j)
 
 
 @template(fastmath=_FM, **INNER)
@@ -1151,14 +1187,15 @@ def _count_certain(h, i0, i1, bk_max, saved):
                 saved.cnt[i0 + r] += 1.0
 
 
-@njit(fastmath=_FM, **INNER)
+@template(fastmath=_FM, **INNER)
 def _logit_grads(h, Bt, F, bq, bk, i0, jb, dz):
-    """The variants' chain rule on a tile of ``Bt = dZ`` (V1, V3): ``dz[i0 + r, jb + j] = dZ`` (``dbias``'s terms) when ``dz`` has rows, then ``Bt <- dX = dZ (1 - tanh(x / c)^2)``."""
+    """The variants' chain rule on a tile of ``Bt = dZ`` (V1, V3, F3): ``dz[i0 + r, jb + j] = dZ`` (``dbias``'s terms) when ``dz`` has rows,
+    then ``Bt <- dX = dZ dz/dx`` (``F``: ``1 - tanh(y / c)^2`` times the score_mod's slope)."""
     if h.has_bias and dz.shape[0] > 0:
         for r in range(bq):
             for j in range(bk):
                 dz[i0 + r, jb + j] = Bt[r, j]
-    if h.softcap > 0.0:
+    if h.softcap > 0.0 or FLEX:
         for r in range(bq):
             for j in range(bk):
                 Bt[r, j] = Bt[r, j] * F[r, j]
@@ -1198,7 +1235,7 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv, dq_part, x_part, dz):
     acc_k = zeros((bk, D), np.float64)
     acc_v = zeros((bk, Dv), np.float64)
     colsum = zeros(bk, np.float64)
-    F = scratch((bq_max if h.softcap > 0.0 else 0, bk), q.dtype)
+    F = scratch((bq_max if (h.softcap > 0.0 or FLEX) else 0, bk), q.dtype)
     nopart = scratch((0, 0), np.bool_)
     part_kept = scratch((bq_max if (VARIANTS and h.has_keep) else 0, bk), np.bool_)
     norms = _norms(h.q, bq_max, bk)
@@ -1228,9 +1265,9 @@ def _backward_keys(h, j0, j1, blocks, saved, dk, dv, dq_part, x_part, dz):
         if VARIANTS and h.has_keep:  # V8: b_ij = c_ij <u_i, v_j>
             _dropout_factors(h.keep, h.keep_group, h.dropout_keep, Bt, bq, bk, i0, j0, nopart)
         _p_ds_tile(S, Bt, bq, bk, saved, i0, part, nq + nu + nk > 0)
-        if VARIANTS and h.logits:
+        if VARIANTS and (h.logits or FLEX):
             _logit_grads(h, Bt, F, bq, bk, i0, j0, dz)
-            if h.softcap > 0.0 and ENERGY == SQEUCLIDEAN:
+            if (h.softcap > 0.0 or FLEX) and ENERGY == SQEUCLIDEAN:
                 for r in range(bq):
                     for j in range(bk):
                         x_part[i0 + r] += np.float64(Bt[r, j])
@@ -1299,7 +1336,7 @@ def _finish_dq(h, i0, i1, saved, dq_parts, x_parts, dq):
     sc = np.float64(h.scale)
     for i in range(i0, i1):
         rowsum = saved.rowsum[i]
-        if VARIANTS and h.softcap > 0.0 and ENERGY == SQEUCLIDEAN:
+        if VARIANTS and (h.softcap > 0.0 or FLEX) and ENERGY == SQEUCLIDEAN:
             rowsum = 0.0
             for s in range(ns):
                 rowsum += x_parts[s, i]

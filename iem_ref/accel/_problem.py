@@ -229,6 +229,7 @@ class Problem(NamedTuple):
     keep_group: int
     has_keep: bool
     dropout_keep: float  # 1 - p (float64): the kept weights are divided by it
+    flex_bh: np.ndarray  # (B, 2) int64: a score_mod's (F1) b and the query head of row 0 of each flat batch element ((B, 0) without)
 
 
 class Head(NamedTuple):
@@ -258,6 +259,8 @@ class Head(NamedTuple):
     keep_group: int
     has_keep: bool
     dropout_keep: float
+    flex_b: int  # F1's b of this element, and the query head of its row 0 (row i's head: flex_h + i % group)
+    flex_h: int
 
 
 @njit(**INNER)
@@ -266,7 +269,8 @@ def _head_of(p, mask, b):
     return Head(p.q[p.qmap[b]], p.k[p.kmap[b]], p.v[p.vmap[b]], p.u[p.umap[b]], p.d[p.dmap[b]], mask[p.mmap[b]],
                 p.energy, p.scale, p.keys, p.group, p.has_mask, p.mask_group, p.sinks[b],
                 p.logits, p.softcap, p.bias[p.bias_map[b]], p.bias_group, p.has_bias, p.slopes[b], p.has_alibi,
-                p.keep[p.keep_map[b]], p.keep_group, p.has_keep, p.dropout_keep)
+                p.keep[p.keep_map[b]], p.keep_group, p.has_keep, p.dropout_keep,
+                p.flex_bh[b, 0] if p.flex_bh.shape[1] > 0 else 0, p.flex_bh[b, 1] if p.flex_bh.shape[1] > 0 else 0)
 
 
 def problem_type(t):
@@ -279,7 +283,7 @@ def problem_type(t):
     b3 = types.Array(types.float64, 3, "C", readonly=True)
     return types.NamedTuple([f3, f3, f3, f3, f3, i1, i1, i1, i1, i1, i1, i64, t, i2, i1, i64, b1, i64, b1, f2,
                              b1, types.float64, b3, i1, i64, b1, f2, b1,
-                             types.Array(types.boolean, 3, "C", readonly=True), i1, i64, b1, types.float64], Problem)
+                             types.Array(types.boolean, 3, "C", readonly=True), i1, i64, b1, types.float64, i2], Problem)
 
 
 #: the Numba type of the mask argument beside the record

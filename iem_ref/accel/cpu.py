@@ -182,14 +182,64 @@ _COMPILED_LOCK = threading.Lock()
 _SIGNATURES = {"forward": _forward_sig, "backward": _backward_sig}
 
 
-def features_of(p):
+def features_of(p, mod=None):
     """The :class:`~iem_ref.accel._cpu_kernels.Features` of the :class:`~iem_ref.accel._problem.Problem` ``p``: what its kernel must handle.
 
     A sink of ``-inf`` is no sink (the plain kernel gives the same bits), so
-    sinks count when one of them is not ``-inf``.
+    sinks count when one of them is not ``-inf``.  ``mod``: the call's
+    score_mod as a :class:`~iem_ref.accel._cpu_kernels.KernelMod` (:func:`kernel_mod`), or None.
     """
     sinks = bool(np.any(p.sinks != -np.inf))
-    return _k.Features(p.v.dtype.name, int(p.energy), bool(p.logits or sinks or p.has_keep))
+    return _k.Features(p.v.dtype.name, int(p.energy), bool(p.logits or sinks or p.has_keep or mod is not None), mod)
+
+
+_MODS = {}
+_MODS_LOCK = threading.Lock()
+_MOD_SIG = (types.float64, types.int64, types.int64, types.int64, types.int64)
+
+
+def kernel_mod(score_mod):
+    """A :class:`~iem_ref.flex.ScoreMod` as the kernels call it (F1, F3): a :class:`~iem_ref.accel._cpu_kernels.KernelMod`, or None.
+
+    ``fn`` (and ``grad``) compiled by ``numba.njit`` as scalar functions of
+    ``(x: float64, b, h, q_idx, kv_idx: int64)``; without ``grad`` the slope
+    is the complex step ``Im fn(x + i h) / h`` (:data:`iem_ref.flex.COMPLEX_STEP`),
+    the reference's, so ``fn`` must also compile for a complex ``x``.  Made
+    once per function (the kernels compiled with it are kept per process,
+    never in Numba's on-disk cache).  A function Numba cannot compile is a
+    TypeError naming the score_mod.
+    """
+    if score_mod is None:
+        return None
+    key = (score_mod.fn, score_mod.grad)
+    with _MODS_LOCK:
+        km = _MODS.get(key)
+        if km is None:
+            km = _MODS[key] = _compile_mod(score_mod, len(_MODS))
+    return km
+
+
+def _compile_mod(score_mod, serial):
+    from ..flex import COMPLEX_STEP
+
+    def jitted(f):
+        return f if isinstance(f, numba.core.registry.CPUDispatcher) else njit(f)
+
+    fn = jitted(score_mod.fn)
+    if score_mod.grad is not None:
+        slope = jitted(score_mod.grad)
+    else:
+        @njit
+        def slope(x, b, h, q_idx, kv_idx):
+            return fn(complex(x, COMPLEX_STEP), b, h, q_idx, kv_idx).imag / COMPLEX_STEP
+    for what, f in (("score_mod", fn), ("its slope (the complex step, or grad)", slope)):
+        try:
+            f.compile(_MOD_SIG)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TypeError(f"iem_ref.accel.cpu compiles score_mod with numba.njit as a scalar function "
+                            f"f(score: float64, b, h, q_idx, kv_idx: int64); {what} did not compile: {first}") from None
+    return _k.KernelMod(fn, slope, serial)
 
 
 def _kernel(name, features):
@@ -430,8 +480,20 @@ def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=Non
     p = Problem(ops["q"][0], ops["k"][0], ops["v"][0], ops["u"][0], ops["d"][0],
                 ops["q"][1], ops["k"][1], ops["v"][1], ops["u"][1], ops["d"][1], mmap,
                 int(energy), dtype.type(scale), _ro(keys), _ro(np.asarray(starts, np.int64)), int(group), has_mask, int(mask_group),
-                empty == "nan", _ro(sink_rows), *_logit_fields(inp, groups, batch, n, m), *_dropout_fields(inp, groups, batch))
+                empty == "nan", _ro(sink_rows), *_logit_fields(inp, groups, batch, n, m), *_dropout_fields(inp, groups, batch),
+                _flex_field(inp, batch, group))
     return p, mask3
+
+
+def _flex_field(inp, batch, group):
+    """The :class:`Problem`'s ``flex_bh (B, 2)``: for each flat batch element, F1's ``b`` (the leading batch axes) and the
+    query head of its row 0 (row ``i``'s head is that plus ``i % group``, V6); ``(B, 0)`` without a score_mod."""
+    B = max(1, int(np.prod(batch, dtype=np.int64)))
+    if inp is None or inp.score_mod is None:
+        return _ro(np.zeros((B, 0), np.int64))
+    heads = batch[-1] if batch else 1
+    e = np.arange(B, dtype=np.int64)
+    return _ro(np.ascontiguousarray(np.stack([e // heads, (e % heads) * group], axis=1)))
 
 
 def _dropout_fields(inp, groups, batch):
@@ -497,7 +559,8 @@ class _Groups:
         g = self.g = inp.group
         self.batch = inp.batch if g == 1 else inp.batch[:-1] + (inp.batch[-1] // g,)
         self.rows = inp.n * g
-        self.mask, self.mask_group = (None, 1) if inp.mask is None else self.rows_of(inp.mask)
+        given = inp.given_mask()  # mask AND mask_mod (F2)
+        self.mask, self.mask_group = (None, 1) if given is None else self.rows_of(given)
 
     def rows_of(self, x):
         """A per-row array ``x (B..., Hq, N, M)`` (mask, bias) as the kernels read it, and its row group.
@@ -539,7 +602,7 @@ def _new_partials(B, nsplit, n, dv):
                        np.empty((B, nsplit, n), np.bool_))
 
 
-def _run_forward(pm, batch, n, m, dv, nsplit=None):
+def _run_forward(pm, batch, n, m, dv, nsplit=None, mod=None):
     dtype = pm[0].v.dtype
     B = int(np.prod(batch, dtype=np.int64))
     out = np.empty((B, n, dv), dtype)
@@ -549,7 +612,7 @@ def _run_forward(pm, batch, n, m, dv, nsplit=None):
     bq, bk, ns = plan(B, n, m, dtype, band=_band_width(pm[0]))
     if nsplit is not None:
         ns = nsplit
-    _run_stages(_kernel("forward", features_of(pm[0])), (0, 1) if ns > 1 else (0,), *pm, _blocks(pm[0], bq), bk, ns, _new_partials(B, ns, n, dv),
+    _run_stages(_kernel("forward", features_of(pm[0], mod)), (0, 1) if ns > 1 else (0,), *pm, _blocks(pm[0], bq), bk, ns, _new_partials(B, ns, n, dv),
                 out, lse)
     return out.reshape(batch + (n, dv)), lse.reshape(batch + (n,))
 
@@ -570,13 +633,13 @@ def _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy
     pm = _problem(dtype, groups.batch, groups.rows, inp.m, q=qs, k=as_float_array(k, "k"), v=as_float_array(v, "v"),
                   mask=groups.mask, energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=inp.causal_offset,
                   is_causal=inp.is_causal, window=inp.window, inp=inp, empty=empty, groups=groups, sinks=inp.sinks)
-    a, lse = _run_forward(pm, groups.batch, groups.rows, inp.m, inp.dv, nsplit)
+    a, lse = _run_forward(pm, groups.batch, groups.rows, inp.m, inp.dv, nsplit, kernel_mod(inp.score_mod))
     return (groups.unstack(a), groups.unstack(lse)), inp
 
 
 def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot", empty="zero",
               bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None,
-              cu_seqlens_k=None, dropout_p=0.0, dropout_mask=None, return_lse=False):
+              cu_seqlens_k=None, dropout_p=0.0, dropout_mask=None, score_mod=None, mask_mod=None, return_lse=False):
     """A1-A4 fused (M1-M2): ``a_i = sum_j softmin_j(d_ij * scale) v_j`` in one pass, as :func:`iem_ref.attention`.
 
     Parameters and edge cases as the reference; ``energy`` is ``"dot"`` or
@@ -595,7 +658,11 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     cut to its segment, so tiles across segments are never computed;
     ``dropout_p, dropout_mask``: dropout with an explicit mask (V8), the
     dropped pairs' weights left out of the value product (their values never
-    read), the mean divided by ``1 - p``.
+    read), the mean divided by ``1 - p``;
+    ``score_mod``: FlexAttention's (F1, :mod:`iem_ref.flex`), compiled into
+    the kernel (:func:`kernel_mod`: ``numba.njit`` of a scalar function,
+    called on each pair's scaled score in float64 before V1-V3);
+    ``mask_mod`` (F2): evaluated into the boolean mask, with NumPy.
     No ``return_responsibilities``: that is the ``N x M`` array this path
     avoids.
 
@@ -614,7 +681,7 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     (a, lse), _ = _forward_attention(q, k, v, scale, mask, is_causal, causal_alignment, energy, empty, bias=bias,
                                      alibi_slopes=alibi_slopes, softcap=softcap, window=window, enable_gqa=enable_gqa,
                                      sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p,
-                                     dropout_mask=dropout_mask)
+                                     dropout_mask=dropout_mask, score_mod=score_mod, mask_mod=mask_mod)
     return (a, lse) if return_lse else a
 
 
@@ -648,7 +715,7 @@ def softmin_summary(d, v, tau=1.0, *, mask=None, empty="zero"):
 
 def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, causal_alignment="top_left", energy="dot",
                   bias=None, alibi_slopes=None, softcap=None, window=None, enable_gqa=False, sinks=None, cu_seqlens_q=None,
-                  cu_seqlens_k=None, dropout_p=0.0, dropout_mask=None, out=None, lse=None):
+                  cu_seqlens_k=None, dropout_p=0.0, dropout_mask=None, score_mod=None, mask_mod=None, out=None, lse=None):
     """G4: ``(dq, dk, dv[, dbias][, dsinks])`` for the upstream gradient ``u = grad_out``, as :func:`iem_ref.attention_vjp`.
 
     With ``r_ij = exp(s_ij - L_i)`` rebuilt tile by tile from the saved
@@ -664,7 +731,8 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     logits' variants (V1-V3) ``dS`` is ``dZ = dLoss/dz``; a soft-cap
     multiplies it by ``1 - tanh(x / c)^2`` before ``dq, dk`` (``dX``, whose
     row sums the squared-Euclidean ``dq`` then needs, summed in the
-    kernel); ``dbias`` is ``dZ`` summed to the bias's shape.  With dropout
+    kernel); a score_mod's slope (F3, :func:`kernel_mod`) multiplies it
+    too; ``dbias`` is ``dZ`` summed to the bias's shape.  With dropout
     (V8) ``b_ij = c_ij <u_i, v_j>`` and ``dv_j = sum_i r_ij c_ij u_i``,
     ``c = keep / (1 - p)``.  When ``out``
     or ``lse`` is missing both are recomputed by :func:`attention`.  No
@@ -683,8 +751,9 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
                             energy=energy, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, window=window,
                             enable_gqa=enable_gqa, sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                            dropout_p=dropout_p, dropout_mask=dropout_mask)
+                            dropout_p=dropout_p, dropout_mask=dropout_mask, score_mod=score_mod, mask_mod=mask_mod)
     u = check_grad_out(grad_out, inp.batch, inp.n, inp.dv)
+    mod = kernel_mod(inp.score_mod)
     dtype = kernel_dtype(q=inp.q, k=inp.k_heads, v=inp.v_heads, grad_out=u)
     groups = _Groups(inp)
     batch, n, m, dv_ = groups.batch, groups.rows, inp.m, inp.dv
@@ -712,7 +781,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
                   energy=ENERGIES[energy], scale=_scale_of(inp.tau), offset=inp.causal_offset, is_causal=inp.is_causal,
                   window=inp.window, inp=inp, groups=groups, sinks=inp.sinks)
     if out is None or lse is None:
-        a, L = _run_forward(pm, batch, n, m, dv_)
+        a, L = _run_forward(pm, batch, n, m, dv_, mod=mod)
     else:
         a = as_float_array(out, "out")
         L = as_float_array(lse, "lse")
@@ -728,18 +797,18 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     del a64, u64
     bq, bk, nsplit = plan(B, n, m, dtype, backward=True, band=_band_width(pm[0]), row_values=D)
     blocks = _blocks(pm[0], bq)
-    x_rows = n if (pm[0].softcap > 0.0 and pm[0].energy == SQEUCLIDEAN) else 0  # K2's sum_j dX_ij with a soft-cap
+    x_rows = n if ((pm[0].softcap > 0.0 or mod is not None) and pm[0].energy == SQEUCLIDEAN) else 0  # K2's sum_j dX_ij (V3, F3)
     splits = _k.Splits(np.zeros((B, nsplit, n, D)), np.zeros((B, nsplit, x_rows)))
     rowsum = np.zeros((B, n))
     saved = _k.Saved(L64, delta, np.zeros((B, n)), _ro(rowsum))  # rowsum is filled below, through its own name
     if inp.sinks is not None:
-        _run_stages(_kernel("backward", features_of(pm[0])), (0,), *pm, blocks, bk, saved, _k.Grads(dq, dk, dv, dz),
+        _run_stages(_kernel("backward", features_of(pm[0], mod)), (0,), *pm, blocks, bk, saved, _k.Grads(dq, dk, dv, dz),
                     splits)  # the certain-key counts
         sink = np.tile(pm[0].sinks, (1, n // groups.g))  # row i of element b: sinks[b, i % g]
         rowsum[...] = sink_routing(sink, L64, saved.cnt, delta)  # sum_j dS_ij = Delta_i r_sink,i: dLoss/dsink_i = -that
         per_head = groups.unstack(-rowsum.reshape(batch + (n,)))
         dsinks[...] = _sum_to_shape(per_head.sum(axis=-1), inp.sinks_shape)
-    _run_stages(_kernel("backward", features_of(pm[0])), (0, 1, 2) if inp.sinks is None else (1, 2), *pm, blocks, bk, saved,
+    _run_stages(_kernel("backward", features_of(pm[0], mod)), (0, 1, 2) if inp.sinks is None else (1, 2), *pm, blocks, bk, saved,
                 _k.Grads(dq, dk, dv, dz), splits)
     return shaped()
 

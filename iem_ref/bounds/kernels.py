@@ -535,6 +535,9 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         P = P_all[..., :M]
         a, L, _ = comp.summary("zero")  # the reference's output and log-partition
         L = _finite(L)  # an empty row has no weight: its terms vanish with P
+        # a NaN row's output is NaN: its terms reach only its own (NaN) gradients and pairs of weight 0, whose
+        # routing is 0 (an excluded key's dk, dv stay finite): taken as 0, as every non-finite intermediate here
+        a = _finite(a)
         f = _pairs(comp, P_all, L, precision)
         fsums = _pair_sums(f)
         ta, tL, sum_tree = forward_terms(fsums, a, L, precision, M, P_all.shape[-1], inp.keep is not None)
