@@ -12,6 +12,10 @@ that path's alone):
   :mod:`iem_ref.accel.cpu` of another checkout of this repository (``DIR``,
   e.g. ``git worktree add /tmp/before HEAD~3``), so that a change's before
   and after are timed side by side in one run;
+- ``flex`` (with ``--softcap C``): :mod:`iem_ref.accel.cpu` with the same
+  soft-cap as FlexAttention's ``score_mod`` (``iem_ref.flex.softcap(C)``,
+  compiled into its own kernel), against ``cpu`` with ``softcap=C``: what a
+  user's score_mod costs beside the built-in variant;
 - ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` with 4-D
   ``(B, H, N, D) = (1, 1, N, D)`` inputs, which reach its flash CPU kernel
   (backward: autograd through it, ``.backward`` timed alone), if torch is installed;
@@ -42,7 +46,11 @@ Usage::
     python bench/bench_cpu.py --full             # N = M in {1024, 4096, 16384}, D in {64, 128}, forward and backward; decoding M = 2**22 (tens of minutes)
     python bench/bench_cpu.py --full --out bench/results/cpu_full.json
     python bench/bench_cpu.py --quick --kinds forward backward decode --paths cpu baseline --baseline /tmp/before
+    python bench/bench_cpu.py --quick --kinds forward backward --softcap 20 --paths cpu flex baseline --baseline /tmp/before
     python bench/bench_cpu.py --table bench/results/cpu.json   # the Markdown table
+
+``--softcap C``: every path but torch and the roof runs with ``softcap=C``
+(V3: the logits' kernel), and ``flex`` with the same as a score_mod.
 
 The machine (CPU model, cores, memory, library versions) and ``/proc/loadavg``
 before and after every case are recorded in the JSON: other processes on the
@@ -137,16 +145,18 @@ def _make_call(case, path, q, k, v, u):
     if path == "reference":
         import iem_ref
 
+        kw = _variant_kw(case, path)
         if kind == "backward":
-            return lambda: iem_ref.attention_vjp(q, k, v, u), "iem_ref.attention_vjp (recomputes r)"
-        return lambda: iem_ref.attention(q, k, v), "iem_ref.attention"
-    if path in ("cpu", "baseline"):
+            return lambda: iem_ref.attention_vjp(q, k, v, u, **kw), "iem_ref.attention_vjp (recomputes r)"
+        return lambda: iem_ref.attention(q, k, v, **kw), "iem_ref.attention"
+    if path in ("cpu", "baseline", "flex"):
         from iem_ref.accel import cpu
 
+        kw = _variant_kw(case, path)
         if kind == "backward":
-            a, L = cpu.attention(q, k, v, return_lse=True)
-            return lambda: cpu.attention_vjp(q, k, v, u, out=a, lse=L), "accel.cpu.attention_vjp(out=, lse=)"
-        return lambda: cpu.attention(q, k, v, return_lse=True), "accel.cpu.attention(return_lse=True)"
+            a, L = cpu.attention(q, k, v, return_lse=True, **kw)
+            return lambda: cpu.attention_vjp(q, k, v, u, out=a, lse=L, **kw), f"accel.cpu.attention_vjp(out=, lse=, {_kw_text(kw)})"
+        return lambda: cpu.attention(q, k, v, return_lse=True, **kw), f"accel.cpu.attention(return_lse=True, {_kw_text(kw)})"
     if path == "torch":
         import torch
         import torch.nn.functional as F
@@ -199,6 +209,22 @@ def _make_call(case, path, q, k, v, u):
     raise ValueError(path)
 
 
+def _variant_kw(case, path):
+    """The call's variant keywords: ``softcap=C`` with ``--softcap``; for ``flex`` the same soft-cap as a score_mod."""
+    c = case.get("softcap")
+    if c is None:
+        return {}
+    if path == "flex":
+        from iem_ref import flex
+
+        return {"score_mod": flex.softcap(c)}
+    return {"softcap": c}
+
+
+def _kw_text(kw):
+    return ", ".join(f"{k}={'flex.softcap(C)' if k == 'score_mod' else v}" for k, v in kw.items()) or "no variant"
+
+
 def _time(fn, repeats):
     t0 = time.perf_counter()
     fn()
@@ -215,13 +241,14 @@ def worker(case, path, repeats):
     q, k, v, u = _inputs(case)
     res = {"path": path}
     t0 = time.perf_counter()
-    if path in ("cpu", "baseline", "roof"):  # compile or load the kernels on a tiny problem first
+    if path in ("cpu", "baseline", "roof", "flex"):  # compile or load the kernels on a tiny problem first
         from iem_ref.accel import cpu
 
         small = [x[:4] for x in (q, k, v, u)]
-        cpu.attention(*small[:3], return_lse=True)
+        kw = {} if path == "roof" else _variant_kw(case, path)
+        cpu.attention(*small[:3], return_lse=True, **kw)
         if case["kind"] == "backward":
-            cpu.attention_vjp(*small)
+            cpu.attention_vjp(*small, **kw)
         res["compile_or_load_s"] = time.perf_counter() - t0
     fn, desc = _make_call(case, path, q, k, v, u)
     res["what"] = desc
@@ -240,7 +267,7 @@ def worker(case, path, repeats):
         res.update(first_s=first, times_s=times)
     if can_peak:
         res["peak_extra_mb"] = (_status("VmHWM:") - base) / 2**20
-    if path in ("cpu", "baseline", "roof"):
+    if path in ("cpu", "baseline", "roof", "flex"):
         res["blas"] = kernels_blas()
     res["inputs_mb"] = sum(x.nbytes for x in (q, k, v, u)) / 2**20
     return res
@@ -417,7 +444,11 @@ def run(args):
     envs = {path: env for path in paths}
     if args.baseline:
         envs["baseline"] = dict(base_env, PYTHONPATH=os.path.abspath(args.baseline) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if "flex" in paths and args.softcap is None:
+        raise SystemExit("--paths flex needs --softcap C (the score_mod it times is that soft-cap)")
     for case in cases(args.quick, args.kinds):
+        if args.softcap is not None:
+            case = dict(case, softcap=args.softcap)
         entry = dict(case, loadavg_before=_loadavg(), results={})
         got = {path: [] for path in paths}
         for rnd in range(args.rounds):
@@ -447,7 +478,7 @@ def run(args):
         entry["loadavg_after"] = _loadavg()
         res = entry["results"]
         if "median_s" in res.get("cpu", {}):
-            for other in ("torch", "roof", "reference", "baseline"):
+            for other in ("torch", "roof", "reference", "baseline", "flex"):
                 if "median_s" in res.get(other, {}):
                     entry[f"{other}_over_cpu"] = res[other]["median_s"] / res["cpu"]["median_s"]
             if "gemm_median_s" in res.get("roof", {}):
@@ -498,7 +529,11 @@ def table(result):
         lines.append(f"Baseline: the same calls to the checkout `{b.get('commit') or b['dir']}` (column \"baseline\").")
     lines.append("")
     base = any("baseline" in c["results"] for c in result["cases"])
-    hdr = "| case | N | M | D | dtype | reference | accel.cpu |" + (" baseline | baseline / cpu |" if base else "") + " torch SDPA 4-D | roof (GEMMs + exp) | torch / cpu | cpu / GEMMs (decode: / roof) | peak extra MB (ref / cpu / torch) | load before-after |"
+    flex = any("flex" in c["results"] for c in result["cases"])
+    if any(c.get("softcap") is not None for c in result["cases"]):
+        lines.insert(-1, f"Variant: `softcap={result['cases'][0]['softcap']:g}` on every path but torch and the roof"
+                     + ("; `flex`: accel.cpu with the same soft-cap as a score_mod (`iem_ref.flex.softcap`)." if flex else "."))
+    hdr = "| case | N | M | D | dtype | reference | accel.cpu |" + (" baseline | baseline / cpu |" if base else "") + (" flex | flex / cpu |" if flex else "") + " torch SDPA 4-D | roof (GEMMs + exp) | torch / cpu | cpu / GEMMs (decode: / roof) | peak extra MB (ref / cpu / torch) | load before-after |"
     lines.append(hdr)
     lines.append("|" + "---|" * (hdr.count("|") - 1))
     def ms(r):
@@ -522,7 +557,8 @@ def table(result):
             roof_s += " est."
         lines.append(
             f"| {c['kind']} | {c['N']} | {c['M']} | {c['D']} | {c['dtype']} | {ms(R.get('reference', {}))} | {ms(R.get('cpu', {}))} | "
-            + (f"{ms(R.get('baseline', {}))} | {ratio(c, 'baseline_over_cpu')} | " if base else "") +
+            + (f"{ms(R.get('baseline', {}))} | {ratio(c, 'baseline_over_cpu')} | " if base else "")
+            + (f"{ms(R.get('flex', {}))} | {ratio(c, 'flex_over_cpu')} | " if flex else "") +
             f"{ms(R.get('torch', {}))} | {roof_s} | {ratio(c, 'torch_over_cpu')} | "
             f"{ratio(c, 'cpu_over_gemms')} | {mb(R.get('reference', {}))} / {mb(R.get('cpu', {}))} / {mb(R.get('torch', {}))} | "
             f"{c['loadavg_before'][0]}-{c['loadavg_after'][0]} |"
@@ -537,7 +573,8 @@ def main(argv=None):
     g.add_argument("--quick", action="store_true", help="N = M in {1024, 4096}, D = 64, forward, decoding with M = 2**20")
     g.add_argument("--full", action="store_true", help="N = M in {1024, 4096, 16384}, D in {64, 128}, forward and backward, and decoding (default)")
     p.add_argument("--paths", nargs="+", default=["reference", "cpu", "torch", "roof"],
-                   choices=["reference", "cpu", "baseline", "torch", "roof"])
+                   choices=["reference", "cpu", "baseline", "flex", "torch", "roof"])
+    p.add_argument("--softcap", type=float, help="run every path but torch and the roof with softcap=C (V3), and 'flex' with it as a score_mod")
     p.add_argument("--kinds", nargs="+", choices=["forward", "backward", "decode"],
                    help="which cases (default: forward and decode with --quick, all with --full)")
     p.add_argument("--baseline", metavar="DIR", help="another checkout of this repository, timed as the path 'baseline'")

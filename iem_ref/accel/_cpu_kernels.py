@@ -643,15 +643,22 @@ def _own_at(x, group, i, j):
 
 
 @njit(**INNER)
-def _pair_logit(h, x, i, j):
-    """V1-V3 for query row ``i`` and key ``j`` of the head ``h``: :func:`~iem_ref.accel._problem.logit` with the pair's bias and ALiBi prior."""
-    bias = 0.0
-    if h.has_bias:
-        bias = _own_at(h.bias, h.bias_group, i, j)
-    alibi = 0.0
-    if h.has_alibi:
-        alibi = -h.slopes[i] * abs(h.keys[i // h.group, 2] - j)  # -slope |i' - j|
-    return _logit(np.float64(x), h.softcap, bias, alibi)
+def _row_logits(h, row, i, jb, lo, hi):
+    """V1-V3 on the keys ``jb + lo .. jb + hi - 1`` of query row ``i``: ``row[j] <- logit(row[j], softcap, bias, alibi)`` in place.
+
+    One call per row, the loop inside: the head record crosses a call once
+    per row, not once per pair (a call that takes it copies its arrays'
+    references; per pair that cost 16x the logits themselves).
+    """
+    softcap = h.softcap
+    has_bias, has_alibi = h.has_bias, h.has_alibi
+    bias_rows, bias_group = h.bias, h.bias_group
+    slope = -h.slopes[i] if has_alibi else 0.0
+    pos = h.keys[i // h.group, 2]
+    for j in range(lo, hi):
+        bias = _own_at(bias_rows, bias_group, i, jb + j) if has_bias else 0.0
+        alibi = slope * abs(pos - (jb + j)) if has_alibi else 0.0  # -slope |i' - j|
+        row[j] = _logit(np.float64(row[j]), softcap, bias, alibi)
 
 
 @njit(**INNER)
@@ -711,8 +718,7 @@ def _scores(S, bq, bk, h, i0, jb, norms, F):
                     t = math.tanh(np.float64(row[j]) / h.softcap)
                     F[r, j] = F[r, j] * (1.0 - t * t) if FLEX else 1.0 - t * t
             if h.logits:
-                for j in range(lo, hi):
-                    row[j] = _pair_logit(h, row[j], i, jb + j)
+                _row_logits(h, row, i, jb, lo, hi)
 
 
 @template(fastmath=_FM, **INNER)

@@ -2,7 +2,7 @@
 
 For each query block and each key tile it sees, the kernel forms the tile's
 scaled scores and logits as the forward kernel does (:func:`_scaled_scores`,
-the variants' :func:`_pair_logit`), the responsibilities from the forward's
+the variants' logits as :func:`_row_logits` forms them), the responsibilities from the forward's
 log-partition (``r_ij = exp(z_ij - L_i)``), each pair's own roundings
 (:func:`iem_ref.bounds.key_roundings`, written here for one pair) and six
 weight tiles, which three BLAS products per tile fold into the sums of
@@ -24,7 +24,7 @@ from numba import njit
 
 from ._compile import INNER, instantiate, template
 from . import _cpu_kernels
-from ._cpu_kernels import (_band_in_tile, _key_tiles, _norms, _own_at, _pair_logit, _scaled_scores, _set_query_norms, _NOTRANS,
+from ._cpu_kernels import (_band_in_tile, _key_tiles, _norms, _logit, _own_at, _scaled_scores, _set_query_norms, _NOTRANS,
                            _TRANS, gemm, scratch)
 from ._fastexp import f64_bits, fexp
 from ._problem import DOT, _head_of
@@ -224,12 +224,13 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
                 z = x
                 s = x
                 alibi = 0.0
-                if VARIANTS and h.logits:
-                    z = _pair_logit(h, x, i, jb + j)
-                    if h.softcap > 0.0:
-                        s = h.softcap * math.tanh(x / h.softcap)
+                if VARIANTS and h.logits:  # V1-V3 as the kernels form them (_row_logits), the head read here, not passed per pair
+                    bias = _own_at(h.bias, h.bias_group, i, jb + j) if h.has_bias else 0.0
                     if h.has_alibi:
                         alibi = -h.slopes[i] * abs(h.keys[i // h.group, 2] - (jb + j))
+                    z = _logit(np.float64(x), h.softcap, bias, alibi)
+                    if h.softcap > 0.0:
+                        s = h.softcap * math.tanh(x / h.softcap)
                 if np.isfinite(z):  # the report's row statistics: the finite logits' range
                     if z > rows[r, 8]:
                         rows[r, 8] = z

@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import types as types_
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -211,12 +212,26 @@ def kernel_mod(score_mod):
     """
     if score_mod is None:
         return None
-    key = (score_mod.fn, score_mod.grad)
+    key = (_function_key(score_mod.fn), _function_key(score_mod.grad))
     with _MODS_LOCK:
         km = _MODS.get(key)
         if km is None:
             km = _MODS[key] = _compile_mod(score_mod, len(_MODS))
     return km
+
+
+def _function_key(f):
+    """What decides a score_mod's compiled code: its code object and the numbers it closes over, so that
+    ``flex.softcap(20.0)`` made twice compiles once; any other closed-over value (an array) by identity, the
+    function kept alive by the cache beside its key."""
+    if f is None or not isinstance(f, types_.FunctionType):
+        return f
+    cells = []
+    for cell in f.__closure__ or ():
+        value = cell.cell_contents
+        scalar = isinstance(value, (bool, int, float, complex, str, np.number)) or value is None
+        cells.append((type(value).__name__, value) if scalar else ("object", id(value)))
+    return (f.__code__, id(f.__globals__), tuple(cells), f if not all(c[0] != "object" for c in cells) else None)
 
 
 def _compile_mod(score_mod, serial):
