@@ -452,3 +452,27 @@ def test_fuzz_table_mods_equal_the_mask_and_bias_they_encode(drawn):
         np.testing.assert_array_equal(np.isnan(x), np.isnan(y))
         with np.errstate(invalid="ignore"):
             assert np.all((x == y) | np.isnan(x) | (np.abs(x - y) <= tol))
+
+
+@pytest.mark.parametrize("mod,builtin", [
+    pytest.param(flex.causal, dict(left=None, right=0), id="causal"),
+    pytest.param(flex.sliding_window(3), dict(left=3, right=0), id="sliding_window"),
+    pytest.param(flex.document(DOCS), dict(left=None, right=None, cu_seqlens=(CU, CU)), id="document"),
+])
+def test_a_mask_mod_narrows_the_kernels_key_ranges_as_the_builtin_structure_does(mod, builtin):
+    """accel.cpu skips the key tiles a mask_mod masks wholly: its key ranges become those of the built-in structure."""
+    from iem_ref.accel._problem import UNBOUNDED, key_ranges, mask_key_ranges
+
+    mask = flex.mod_mask(mod, flex.flex_indices((), M, M), (M, M))[None]
+    left = UNBOUNDED if builtin["left"] is None else builtin["left"]
+    right = UNBOUNDED if builtin["right"] is None else builtin["right"]
+    expected = key_ranges(M, M, left, right, cu_seqlens=builtin.get("cu_seqlens"))
+    np.testing.assert_array_equal(mask_key_ranges(key_ranges(M, M), mask), expected)
+
+
+def test_a_mask_mod_of_no_interval_shape_keeps_every_key_range():
+    from iem_ref.accel._problem import key_ranges, mask_key_ranges
+
+    stripes = flex.mod_mask(lambda b, h, qi, ki: (qi + ki) % 3 != 0, flex.flex_indices((), N, M), (N, M))[None]
+    keys = key_ranges(N, M)
+    np.testing.assert_array_equal(mask_key_ranges(keys, stripes), keys)

@@ -131,6 +131,45 @@ def key_ranges(n, m, left=UNBOUNDED, right=UNBOUNDED, offset=0, cu_seqlens=None,
     return np.ascontiguousarray(np.stack([lo, hi, at], axis=-1).reshape(n, 3))
 
 
+def mask_key_ranges(keys, mask, group=1, mask_group=1):
+    """``keys`` narrowed to the keys a boolean ``mask (Bm, R, M)`` lets each query position see, or ``keys`` itself.
+
+    For FlexAttention's ``mask_mod`` (F2): position ``i``'s interval is cut
+    to ``[first, last]`` of the keys its mask rows let take part (over every
+    batch element and every head of its group), so that the kernels skip the
+    key tiles no row of a query block sees, as they do for a window.  Rows
+    ``R`` are positions when ``mask_group == group`` (a mask shared by a
+    group's heads), else the ``N g`` stacked rows (V6).  The kernels need
+    both ends non-decreasing in ``i``; a mask whose intervals are not (an
+    arbitrary pattern) leaves ``keys`` as they are: every tile is still
+    computed and the mask still selects, so only the speed differs.
+
+    Examples
+    --------
+    >>> causal = np.tril(np.ones((3, 3), bool))[None]
+    >>> mask_key_ranges(key_ranges(3, 3), causal)[:, :2].tolist()
+    [[0, 1], [0, 2], [0, 3]]
+    >>> mask_key_ranges(key_ranges(2, 2), np.array([[[False, True], [True, False]]]))[:, :2].tolist()  # not monotone
+    [[0, 2], [0, 2]]
+    """
+    n, m = keys.shape[0], mask.shape[-1]
+    if n == 0 or m == 0:
+        return keys
+    seen = mask.any(axis=-1)
+    first = np.where(seen, mask.argmax(axis=-1), m).min(axis=0)
+    past = np.where(seen, m - mask[..., ::-1].argmax(axis=-1), 0).max(axis=0)
+    if first.shape[0] != n:  # stacked rows of a group's heads: a position sees what any of its heads sees
+        first, past = first.reshape(n, -1).min(axis=1), past.reshape(n, -1).max(axis=1)
+    empty = past <= first
+    past = np.where(empty, np.maximum.accumulate(np.where(empty, 0, past)), past)  # an empty row: at the last end so far
+    first = np.where(empty, past, first)
+    if np.any(np.diff(first) < 0) or np.any(np.diff(past) < 0):
+        return keys
+    lo = np.maximum(keys[:, 0], first)
+    hi = np.maximum(np.minimum(keys[:, 1], past), lo)
+    return np.ascontiguousarray(np.stack([lo, hi, keys[:, 2]], axis=-1))
+
+
 def own_data(x):
     """The data a broadcast view ``x`` holds: each axis of stride 0 cut to length 1 (a view; the kernels read such an axis at index 0).
 

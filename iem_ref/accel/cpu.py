@@ -86,6 +86,7 @@ from ._problem import (
     Problem,
     band,
     key_ranges,
+    mask_key_ranges,
     own_data,
     problem_type,
     segment_args,
@@ -491,6 +492,8 @@ def _problem(dtype, batch, n, m, *, energy, scale, q=None, k=None, v=None, u=Non
             ops[name] = _stack(x, batch, dtype)
     mask3, mmap, has_mask = _stack_mask(mask, batch, n // mask_group, m)
     keys = key_ranges(n // group, m, *band(is_causal, window), offset=offset, **segment_args(inp))
+    if inp is not None and inp.mask_mod is not None and has_mask:  # F2: skip the key tiles its rule masks wholly
+        keys = mask_key_ranges(keys, mask3, group, mask_group)
     starts = [0, n] if inp is None or inp.cu_seqlens_q is None else inp.cu_seqlens_q * group
     p = Problem(ops["q"][0], ops["k"][0], ops["v"][0], ops["u"][0], ops["d"][0],
                 ops["q"][1], ops["k"][1], ops["v"][1], ops["u"][1], ops["d"][1], mmap,
