@@ -15,6 +15,7 @@ all ``M`` keys when ``block_k`` is None), ``fl_T`` a rounding to dtype
 
     S   = fl_s(q k^T)                       # a GEMM with a wide accumulator: one rounding
     x   = fl_s(S * fl_s(scale))             # then, in this order, each op rounded to s:
+    x   = fl_s(score_mod(x, b, h, i, j))    #   a score_mod (F1), evaluated in float64
     x   = fl_s(c fl_s(tanh(fl_s(x / c))))   #   softcap (V3)
     z   = fl_s(x + fl_s(bias)) ...          #   bias (V1), ALiBi (V2); excluded keys -inf
     m'  = max(m, max_j z_j)                 # exact
@@ -39,7 +40,8 @@ The backward (:func:`attention_vjp`) is FlashAttention-2's: ``P`` recomputed
 from the saved LSE, ``P = fl_s(exp(fl_s(z - lse)))``; ``dP = fl_s(dO v^T)``
 (a GEMM from the rounded inputs); ``delta = fl_a(rowsum(dO * O))`` with ``O``
 the stored, rounded output; ``dS = fl_s(P fl_s(dP - delta))`` (with a
-softcap times ``fl_s(1 - fl_s(t^2))``, ``t`` the recomputed tanh); then
+softcap times ``fl_s(1 - fl_s(t^2))``, ``t`` the recomputed tanh; with a
+score_mod times its slope ``fl_s(f'(x))``, F3); then
 ``dS`` and ``P`` rounded to the input dtype before the GEMMs ``dQ = dS K``,
 ``dK = dS^T Q``, ``dV = P^T dO``, accumulated in ``precision.accumulator``
 (one rounding per key tile for ``dQ``, per query tile of ``block_k`` rows for
@@ -49,10 +51,11 @@ dtype.
 Supported: masks, causality (both alignments), ``bias`` (V1),
 ``alibi_slopes`` (V2), ``softcap`` (V3), ``window`` (V4), ``sinks`` (V5),
 ``enable_gqa`` (V6; ``dk, dv`` summed over each group in the accumulator),
-``cu_seqlens_q/k`` (V7) and ``dropout_mask``/``dropout_p`` (V8: the kept
+``cu_seqlens_q/k`` (V7), ``dropout_mask``/``dropout_p`` (V8: the kept
 ``fl_p(P~)`` enter the value GEMM, the output is multiplied by
-``fl_a(1 / (1 - p))``); the dot-product energy only (``energy`` other than
-``"dot"`` raises ``ValueError``).
+``fl_a(1 / (1 - p))``) and FlexAttention's ``score_mod`` and ``mask_mod``
+(F1-F3, :mod:`iem_ref.flex`); the dot-product energy only (``energy``
+other than ``"dot"`` raises ``ValueError``).
 
 Examples
 --------
@@ -69,6 +72,7 @@ from __future__ import annotations
 import numpy as np
 
 from .attention import prepare_attention
+from .flex import modified_scores, score_mod_slope
 from .precision import Precision, round_to
 
 __all__ = ["attention", "attention_vjp"]
@@ -134,7 +138,6 @@ class _Kernel:
         q64, k64, v64 = (self.fl_in(_upcast(x, n)) for x, n in ((q, "q"), (k, "k"), (v, "v")))
         self.inp = inp = prepare_attention(q64, k64, v64, scale=scale, mask=mask, is_causal=is_causal,
                                            causal_alignment=causal_alignment, **variants)
-        inp.refuse_flex("iem_ref.lowp")
         self.q, self.k, self.v = inp.q, inp.k, inp.v  # float64, batch broadcast, GQA heads repeated
         self.scale = float(self.fl_s(np.float64(inp.scale)))
         self.take = inp.takes_part()
@@ -148,11 +151,17 @@ class _Kernel:
         self.row_chunk = max(1, _CHUNK_ELEMENTS // max(1, int(np.prod(inp.batch, dtype=np.int64)) * max(inp.m, 1)))
 
     def logits(self, rs, cs):
-        """``z`` for query rows ``rs`` and key columns ``cs`` (``-inf`` where the key takes no part), and the softcap's ``t``."""
+        """``z`` for query rows ``rs`` and key columns ``cs`` (``-inf`` where the key takes no part), the softcap's ``t``
+        and the score_mod's slope ``fl_s(f'(x))`` (F3; None without one)."""
         fl = self.fl_s
         S = fl(self.q[..., rs, :] @ np.swapaxes(self.k[..., cs, :], -1, -2))
         z = fl(S * self.scale)
-        t = None
+        t = slope = None
+        if self.inp.score_mod is not None:  # F1 on the scaled scores, evaluated in float64 and rounded to the scores' dtype
+            b, h, qi, ki = self.inp.flex_index()
+            idx = (b, h, qi[rs], ki[:, cs])
+            slope = fl(score_mod_slope(self.inp.score_mod, z, idx))
+            z = fl(modified_scores(self.inp.score_mod, z, idx))
         if self.softcap is not None:
             t = fl(np.tanh(fl(z / self.softcap)))
             z = fl(self.softcap * t)
@@ -162,7 +171,7 @@ class _Kernel:
                     z = fl(z + prior[..., rs, cs])
         if self.take is not None:
             z = np.where(self.take[..., rs, cs], z, -np.inf)
-        return z, t
+        return z, t, slope
 
     def forward(self):
         inp, fl_s, fl_a = self.inp, self.fl_s, self.fl_a
@@ -176,7 +185,7 @@ class _Kernel:
                 m, l = np.broadcast_to(self.sinks[..., None], rows).copy(), np.ones(rows)
             acc = np.zeros(rows + (inp.dv,))
             for cs in _tiles(inp.m, self.block_k):
-                z, _ = self.logits(rs, cs)
+                z, _, _ = self.logits(rs, cs)
                 m_new = np.maximum(m, z.max(axis=-1, initial=-np.inf))
                 seen = np.isfinite(m_new)
                 m_safe = np.where(seen, m_new, 0.0)
@@ -222,7 +231,7 @@ class _Kernel:
             dk_t = np.zeros(B + (cs.stop - cs.start, d))
             dv_t = np.zeros(B + (cs.stop - cs.start, dv))
             for rs in q_tiles:
-                z, t = self.logits(rs, cs)
+                z, t, slope = self.logits(rs, cs)
                 Lr = L[..., rs, None]
                 live = np.isfinite(Lr)
                 with np.errstate(invalid="ignore"):
@@ -237,6 +246,8 @@ class _Kernel:
                 dS = fl_s(P * fl_s(dP - delta[..., rs, None]))
                 if t is not None:
                     dS = fl_s(dS * fl_s(1.0 - fl_s(t * t)))
+                if slope is not None:
+                    dS = fl_s(dS * slope)
                 dS_in, P_in = fl_in(dS), fl_in(Pv)
                 dq[..., rs, :] = fl_a(dq[..., rs, :] + dS_in @ self.k[..., cs, :])
                 dk_t = between(dk_t + np.swapaxes(dS_in, -1, -2) @ self.q[..., rs, :])

@@ -248,12 +248,10 @@ def test_the_complex_step_is_as_accurate_as_the_function():
 # -------------------------------------------------------------------------------------- the tiers that refuse
 def test_other_tiers_refuse_the_mods_by_name():
     q, k, v, u = _case()
-    from iem_ref import exact, lowp
+    from iem_ref import exact
 
     with pytest.raises(TypeError, match="score_mod"):
         exact.attention(q[0, 0, :2], k[0, 0, :3], v[0, 0, :3], score_mod=flex.relative_position)
-    with pytest.raises(ValueError, match="iem_ref.lowp does not run score_mod"):
-        lowp.attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), score_mod=flex.relative_position)
     a = R.attention(q, k, v, score_mod=flex.relative_position)
     with pytest.raises(ValueError, match="exact tier"):
         assert_attention_close(a, q, k, v, exact=True, score_mod=flex.relative_position)
@@ -273,6 +271,20 @@ def test_accel_cuda_refuses_the_mods_by_name():
     q, k, v, _ = _case()
     with pytest.raises(TypeError, match="score_mod"):
         cuda.attention(q, k, v, score_mod=flex.relative_position)
+
+
+def test_the_emulated_baseline_runs_the_mods():
+    """baseline="emulated" judges a kernel by iem_ref.lowp's emulation, which runs the mods as the kernel model says."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from iem_ref import lowp
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    q, k, v, _ = (x.astype(bf16) for x in _case())
+    kw = dict(score_mod=_curved, mask_mod=flex.prefix_lm(3))
+    out = lowp.attention(q, k, v, **kw)
+    assert assert_attention_close(out, q, k, v, baseline="emulated", **kw) <= 1
+    with pytest.raises(AssertionError):  # the emulation without its score_mod is another kernel
+        assert_attention_close(lowp.attention(q, k, v, mask_mod=flex.prefix_lm(3)), q, k, v, baseline="emulated", **kw)
 
 
 def test_the_oracle_judges_a_float32_kernel_with_mods_by_default():

@@ -59,8 +59,7 @@ CONFIGS = {
     "flex_score": (dict(score_mod=lambda s, b, h, qi, ki: 3.0 * np.tanh(s / 3.0) + 0.01 * (ki - qi)), (1, 1), 1),
     "flex_mask": (dict(mask_mod=prefix_lm(40)), (1, 1), 1),
 }
-#: the configurations iem_ref.lowp emulates (it runs no score_mod or mask_mod)
-EMULATED = sorted(c for c in CONFIGS if not c.startswith("flex"))
+
 
 #: bug -> (configuration that exercises it, passes it breaks)
 BUG_CASES = {
@@ -166,7 +165,7 @@ def test_delta_from_the_unrounded_output_is_not_an_accuracy_bug(dtype):
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("config", EMULATED)
+@pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_correct_kernel_is_the_emulation(config, dtype):
     """Without bugs the kernel computes what iem_ref.lowp computes, bit for bit (the same model, the same order)."""
     q, k, v, g, kw = _problem(config, (128, 16), dtype)

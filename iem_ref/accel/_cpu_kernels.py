@@ -689,11 +689,12 @@ def _dropout_factors(keep, keep_group, dropout_keep, W, bq, bk, i0, jb, part):
 def _scores(S, bq, bk, h, i0, jb, norms, F):
     """Fill the score tile ``S[:bq, :bk]`` with the logits ``z_ij``, ``-inf`` where key ``jb + j`` does not take part.
 
-    The scaled scores ``x`` (:func:`_scaled_scores`), then the variants'
+    The scaled scores ``x`` (:func:`_scaled_scores`), then a score_mod
+    (F1: ``SCORE_MOD`` in float64, an instance's constant) and the variants'
     logits (V1-V3), row by row.  ``h``: the batch element's
-    :class:`~iem_ref.accel._problem.Head`; ``F``: with a soft-cap and rows
-    to hold it (the backward), the factor ``dz/dx = 1 - tanh(x / c)^2`` of
-    each pair.
+    :class:`~iem_ref.accel._problem.Head`; ``F``: with a soft-cap or a
+    score_mod and rows to hold it (the backward), the slope ``dz/dx`` of each
+    pair: ``1 - tanh(y / c)^2`` times the score_mod's ``SCORE_SLOPE`` (F3).
     """
     _scaled_scores(S, bq, bk, h, i0, jb, norms)
     if VARIANTS and (h.logits or FLEX):  # F1, then V1-V3, pair by pair (an excluded pair's -inf stays -inf)
