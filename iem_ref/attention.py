@@ -186,7 +186,8 @@ class AttentionInputs:
         given = [name for name in ("score_mod", "mask_mod") if getattr(self, name) is not None]
         if given:
             raise ValueError(f"{tier} does not run {' or '.join(given)}; the NumPy reference (iem_ref.attention, "
-                             "iem_ref.attention_vjp), iem_ref.testing's reference oracle, iem_ref.lowp and iem_ref.accel.cpu do")
+                             "iem_ref.attention_vjp), iem_ref.testing's reference and tiled forward oracles, iem_ref.lowp and "
+                             "iem_ref.accel.cpu do")
 
     def given_mask(self):
         """The pairs the call lets take part by mask and by rule: ``mask`` AND ``mask_mod`` (F2), a boolean ``(B..., N, M)`` view; None for neither."""

@@ -51,12 +51,14 @@ A score_mod that cancels (``x + 1e8 - 1e8``) needs a larger ``ulps``.
 Which tiers run them: the NumPy reference (:func:`iem_ref.attention`,
 :func:`iem_ref.attention_vjp`), :mod:`iem_ref.testing`'s reference oracle
 with its emulated baseline (:mod:`iem_ref.lowp`, which rounds F1 and its
-slope to the scores' dtype) and :mod:`iem_ref.accel.cpu` (the score_mod
+slope to the scores' dtype), :mod:`iem_ref.accel.cpu` (the score_mod
 compiled into its kernel by ``numba.njit`` as a scalar function, so it must
 compile there; the mask_mod evaluated into its mask, its wholly masked key
-tiles skipped where the rule gives each position an interval of keys).  The
-exact tier, the tiled oracles, :mod:`iem_ref.dask` and
-:mod:`iem_ref.accel.cuda` refuse them by name.
+tiles skipped where the rule gives each position an interval of keys) and,
+built on it, the tiled forward oracle (``oracle="tiled"``, asked for by
+name: the default for a call with mods is the reference, which needs no
+compilation).  The exact tier, the tiled backward oracle,
+:mod:`iem_ref.dask` and :mod:`iem_ref.accel.cuda` refuse them by name.
 
 FlexAttention's documented examples, as ready-made mods: :func:`causal`,
 :func:`sliding_window`, :func:`prefix_lm`, :func:`document`,

@@ -551,7 +551,9 @@ def assert_attention_close(
     own error would not be small; the tiled oracle expands the squared
     Euclidean distance, whose cancellation the reference avoids; below that
     size the reference takes about a second or less, and needs no kernel
-    compiled on a first call).  ``exact=True`` and
+    compiled on a first call); a call with a ``score_mod`` or ``mask_mod``
+    (F1, F2) gets ``"reference"`` unless ``"tiled"`` is asked for, which
+    compiles the score_mod into its kernels.  ``exact=True`` and
     ``baseline="emulated"`` use the reference's pipeline.  The header of a
     failure names the oracle.
 
@@ -592,7 +594,7 @@ def assert_attention_close(
         precision = Precision.of(precision)
     if oracle is None and not exact and baseline is None:
         pairs = int(np.prod(inp.batch, dtype=np.int64)) * inp.n * inp.m
-        flex = inp.score_mod is not None or inp.mask_mod is not None  # F1, F2: the reference's alone
+        flex = inp.score_mod is not None or inp.mask_mod is not None  # F1, F2: tiled only when asked (it compiles the score_mod)
         tiled = isinstance(energy, str) and energy == "dot" and unit_roundoff(precision.scores) > U64 and not flex
         oracle = "tiled" if tiled and pairs >= TILED_PAIRS else "reference"
     if oracle == "tiled":

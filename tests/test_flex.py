@@ -255,9 +255,6 @@ def test_other_tiers_refuse_the_mods_by_name():
     a = R.attention(q, k, v, score_mod=flex.relative_position)
     with pytest.raises(ValueError, match="exact tier"):
         assert_attention_close(a, q, k, v, exact=True, score_mod=flex.relative_position)
-    with pytest.raises(ValueError, match="tiled oracle"):
-        assert_attention_close(a.astype(np.float32), *(x.astype(np.float32) for x in (q, k, v)), oracle="tiled",
-                               mask_mod=flex.causal)
     grads = R.attention_vjp(q, k, v, u, mask_mod=flex.causal)
     with pytest.raises(ValueError, match="mask_mod"):
         assert_attention_vjp_close(*(g.astype(np.float32) for g in grads), *(x.astype(np.float32) for x in (q, k, v, u)),

@@ -12,7 +12,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from iem_ref import lowp
+from iem_ref import flex, lowp
 from iem_ref.accel import cpu
 from iem_ref.accel.verdict import forward_chunks
 from iem_ref.attention import Competition, prepare_attention
@@ -47,7 +47,13 @@ def _variants(rng):
         pytest.param(dict(enable_gqa=True, is_causal=True), id="gqa"),
         pytest.param(dict(cu_seqlens_q=[0, 20, 45], cu_seqlens_k=[0, 60, 140], is_causal=True), id="segments"),
         pytest.param(dict(scale=0.0), id="scale-0"),
+        pytest.param(dict(score_mod=_curved, mask_mod=flex.prefix_lm(50)), id="flex"),
     ]
+
+
+def _curved(s, b, h, q_idx, kv_idx):
+    """FlexAttention's score_mod (F1) reading every index: compiled into the tiled oracle's kernels."""
+    return 3.0 * np.tanh(s / 3.0) + 0.01 * (h + 1) * (kv_idx - q_idx) + 0.1 * b
 
 
 CASES = _variants(np.random.default_rng(7))

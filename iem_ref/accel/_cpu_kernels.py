@@ -251,16 +251,19 @@ class Features(NamedTuple):
         """The names the templates read, bound to this feature set."""
         mod = self.score_mod
         return {"ENERGY": self.energy, "VARIANTS": self.variants, "FLEX": mod is not None,
-                "SCORE_MOD": _no_mod if mod is None else mod.fn, "SCORE_SLOPE": _no_mod if mod is None else mod.slope}
+                "SCORE_MOD": _no_mod if mod is None else mod.fn, "SCORE_SLOPE": _no_mod if mod is None else mod.slope,
+                "SCORE_ULPS": 0.0 if mod is None else mod.ulps}
 
 
 class KernelMod(NamedTuple):
     """A score_mod as the kernels call it (F1, F3): ``fn`` and ``slope``, Numba dispatchers of ``(x, b, h, q_idx, kv_idx)``
-    (float64, four int64), and the serial number that names the instance (:mod:`iem_ref.accel.cpu` makes them)."""
+    (float64, four int64), the serial number that names the instance (:mod:`iem_ref.accel.cpu` makes them) and its
+    evaluation's roundings for the tiled oracle's bound (``ScoreMod.ulps``, section 11)."""
 
     fn: object
     slope: object
     serial: int
+    ulps: float
 
 
 @njit
@@ -275,6 +278,7 @@ ENERGY = DOT
 VARIANTS = False
 FLEX = False
 SCORE_MOD = SCORE_SLOPE = _no_mod
+SCORE_ULPS = 0.0
 
 _INSTANCES = {}
 _INSTANCES_LOCK = threading.Lock()

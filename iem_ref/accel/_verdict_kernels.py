@@ -24,8 +24,8 @@ from numba import njit
 
 from ._compile import INNER, instantiate, template
 from . import _cpu_kernels
-from ._cpu_kernels import (_band_in_tile, _key_tiles, _norms, _logit, _own_at, _scaled_scores, _set_query_norms, _NOTRANS,
-                           _TRANS, gemm, scratch)
+from ._cpu_kernels import (_band_in_tile, _key_tiles, _norms, _logit, _no_mod, _own_at, _scaled_scores, _set_query_norms,
+                           _NOTRANS, _TRANS, gemm, scratch)
 from ._fastexp import f64_bits, fexp
 from ._problem import DOT, _head_of
 
@@ -35,6 +35,9 @@ _SUMS_FM = {"contract", "reassoc"}
 # compile-time constants, bound per instance (as in :mod:`._cpu_kernels`); the oracle's energy is the dot product
 ENERGY = DOT
 VARIANTS = False
+FLEX = False
+SCORE_MOD = SCORE_SLOPE = _no_mod
+SCORE_ULPS = 0.0
 
 #: the per-row sums, in the order of the ``rows`` output's last axis
 ROW_SUMS = ("re", "w", "rax", "r", "r2", "emax", "xmax", "rz", "zmax", "zmin")
@@ -221,16 +224,22 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
                 x = X[r, j]
                 if x == -np.inf:  # masked
                     continue
-                z = x
-                s = x
+                y = x
+                gain = 1.0
+                if FLEX:  # F1 as the kernels apply it (_scores), and its slope, which scales the score's own errors
+                    pos, head = i // h.group, h.flex_h + i % h.group
+                    y = SCORE_MOD(np.float64(x), h.flex_b, head, pos, jb + j)
+                    gain = abs(SCORE_SLOPE(np.float64(x), h.flex_b, head, pos, jb + j)) if math.isfinite(x) else 0.0
+                z = y
+                s = y
                 alibi = 0.0
                 if VARIANTS and h.logits:  # V1-V3 as the kernels form them (_row_logits), the head read here, not passed per pair
                     bias = _own_at(h.bias, h.bias_group, i, jb + j) if h.has_bias else 0.0
                     if h.has_alibi:
                         alibi = -h.slopes[i] * abs(h.keys[i // h.group, 2] - (jb + j))
-                    z = _logit(np.float64(x), h.softcap, bias, alibi)
+                    z = _logit(np.float64(y), h.softcap, bias, alibi)
                     if h.softcap > 0.0:
-                        s = h.softcap * math.tanh(x / h.softcap)
+                        s = h.softcap * math.tanh(y / h.softcap)
                 if np.isfinite(z):  # the report's row statistics: the finite logits' range
                     if z > rows[r, 8]:
                         rows[r, 8] = z
@@ -253,15 +262,21 @@ def _verdict_block(h, i0, i1, bk_max, L, consts, cols, rows):
                 if VARIANTS and nonplain:  # the logits are formed apart from the scores: their product by the scale first
                     az = abs(_or_zero(z))
                     extra = ax
+                    ay = ax
+                    if FLEX:  # F1: its slope times its argument's error, and its own evaluation
+                        ay = abs(_or_zero(y))
+                        extra = gain * extra + SCORE_ULPS * (ax + ay)
                     if h.softcap > 0.0:
                         a_s = abs(_or_zero(s))
                         f = a_s / h.softcap
-                        extra = extra * (1.0 - f * f) + ax + 5.0 * a_s
+                        extra = extra * (1.0 - f * f) + ay + 5.0 * a_s
                     if h.has_bias:
                         extra += az
                     if h.has_alibi:
                         extra += abs(alibi) + az
                 tt = 0.0 if cert else _or_zero(abs(z - Li))
+                if FLEX:  # the score's sum and its product by the scale reach the logit times the slope (section 11)
+                    S, Q, xf, ax = gain * S, gain * gain * Q, gain * xf, gain * ax
                 e, sq = _key_roundings(S, Q, xf, tt, extra, u_s, p, gD, lg, roundings)
                 w = rr * rr * sq
                 W[0, r, j] = rr * e * c
@@ -332,5 +347,6 @@ def kernels(features):
         if scope is None:
             namespace = dict(vars(_cpu_kernels))
             namespace.update({name: value for name, value in globals().items() if not name.startswith("__")})
-            scope = _INSTANCES[features] = instantiate(namespace, features.constants(), "verdict_" + features.tag)
+            scope = _INSTANCES[features] = instantiate(namespace, features.constants(), "verdict_" + features.tag,
+                                                      cache=features.cached)
         return scope

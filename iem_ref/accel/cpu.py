@@ -213,7 +213,7 @@ def kernel_mod(score_mod):
     """
     if score_mod is None:
         return None
-    key = (_function_key(score_mod.fn), _function_key(score_mod.grad))
+    key = (_function_key(score_mod.fn), _function_key(score_mod.grad), float(score_mod.ulps))
     with _MODS_LOCK:
         km = _MODS.get(key)
         if km is None:
@@ -255,7 +255,7 @@ def _compile_mod(score_mod, serial):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TypeError(f"iem_ref.accel.cpu compiles score_mod with numba.njit as a scalar function "
                             f"f(score: float64, b, h, q_idx, kv_idx: int64); {what} did not compile: {first}") from None
-    return _k.KernelMod(fn, slope, serial)
+    return _k.KernelMod(fn, slope, serial, float(score_mod.ulps))
 
 
 def _kernel(name, features):

@@ -42,7 +42,7 @@ from . import _verdict_kernels as _vk
 from ._compile import compile_kernel
 from ._problem import MASK_TYPE, problem_type
 from .cpu import (ENERGIES, _Groups, _arr, _blocks, _band_width, _problem, _run_forward, _run_stages, _scale_of, arithmetic,
-                  features_of, plan, unstack_rows)
+                  features_of, kernel_mod, plan, unstack_rows)
 
 __all__ = ["Chunk", "forward_chunks", "own_error"]
 
@@ -105,7 +105,6 @@ def forward_chunks(q, k, v, precision, *, scale=None, mask=None, is_causal=False
     """
     inp = prepare_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal, causal_alignment=causal_alignment,
                             energy=energy, **variants)
-    inp.refuse_flex("the tiled oracle (oracle='tiled'; oracle='reference' judges it)")
     rec = energy_of(energy)
     if energy != "dot":
         raise ValueError(f"the tiled oracle supports energy 'dot'; got {rec.label} (oracle='reference' judges it)")
@@ -128,14 +127,15 @@ def forward_chunks(q, k, v, precision, *, scale=None, mask=None, is_causal=False
                        0.0 if inp.plain_scores else 1.0])
     bq, bk, _ = plan(B, n, M, dt, band=_band_width(pm[0]))
     blocks = _blocks(pm[0], bq)
-    fn = _kernel(features_of(pm[0]))
+    mod = kernel_mod(inp.score_mod)  # F1: compiled into the forward and the verdict kernels alike
+    fn = _kernel(features_of(pm[0], mod))
     per_element = max(1, 8 * n * (6 * Dv + len(_vk.ROW_SUMS)) * g)  # bytes of sums per stacked batch element
     step = max(1, CHUNK_BYTES // per_element if chunk is None else int(chunk) // g)
     sinks = None if inp.sinks is None else np.broadcast_to(inp.sinks, inp.batch).reshape(-1)
     for c0 in range(0, B if n else 0, step):
         c1 = min(B, c0 + step)
         part = (_batch_range(pm[0], c0, c1), pm[1])
-        a, L = _run_forward(part, (c1 - c0,), n, M, Dv)  # the expected output and log-partition of these elements
+        a, L = _run_forward(part, (c1 - c0,), n, M, Dv, mod=mod)  # the expected output and log-partition of these elements
         cols = np.empty((c1 - c0, 6, n, Dv))
         rows = np.empty((c1 - c0, n, len(_vk.ROW_SUMS)))
         _run_stages(fn, (0,), *part, blocks, bk, L, consts, cols, rows)
@@ -164,7 +164,7 @@ def _batch_range(p, c0, c1):
     """The :class:`~iem_ref.accel._problem.Problem` ``p`` restricted to its flat batch elements ``[c0, c1)`` (its maps sliced; no copy)."""
     return p._replace(qmap=p.qmap[c0:c1], kmap=p.kmap[c0:c1], vmap=p.vmap[c0:c1], umap=p.umap[c0:c1], dmap=p.dmap[c0:c1],
                       mmap=p.mmap[c0:c1], sinks=p.sinks[c0:c1], bias_map=p.bias_map[c0:c1], slopes=p.slopes[c0:c1],
-                      keep_map=p.keep_map[c0:c1])
+                      keep_map=p.keep_map[c0:c1], flex_bh=p.flex_bh[c0:c1])
 
 
 def own_error(ch, n_all, M, D, n_rows, scale, vmax, dropout):

@@ -290,6 +290,7 @@ class _Pairs(NamedTuple):
     v: Any  # the values (finite)
     e: Any  # a key's own roundings (rigorous) and their squared magnitudes
     sq: Any
+    ax: Any  # |x| times a score_mod's slope |f'(x)| (F1): how the scale's one rounding moves the logit
 
 
 def _mod_gain(comp):
@@ -322,7 +323,7 @@ def _pairs(comp, r, L, precision):
     t = np.where(rr > 0, _finite(np.abs(z - Lf)), 0.0)
     c = np.ones(rr.shape) if inp.keep is None else np.where(inp.keep, 1.0 / (1.0 - inp.dropout_p), 0.0)
     e, sq = key_roundings(D, u_s, precision.exp_ulps, g * S, g * g * S2, g * x, t, extra)
-    return _Pairs(x, S, S2, r_all, rr, c, _finite(inp.v.astype(np.float64)), e, sq)
+    return _Pairs(x, S, S2, r_all, rr, c, _finite(inp.v.astype(np.float64)), e, sq, g * np.abs(x))
 
 
 def forward_sums(comp, r, L, precision):
@@ -337,7 +338,7 @@ def forward_sums(comp, r, L, precision):
 def _pair_sums(f):
     """:class:`ForwardSums` of the :class:`_Pairs` ``f`` (section 14 forms its pairs once and reads both)."""
     rr, c, v, e = f.rr, f.c, f.v, f.e
-    absv, ax = np.abs(v), np.abs(f.x)
+    absv, ax = np.abs(v), f.ax
     rc, w = rr * c, rr**2 * f.sq
     return ForwardSums(re_v=(rr * e * c) @ absv, rax_v=(rr * ax * c) @ absv, rc_v=rc @ absv, rc2_v2=rc**2 @ v**2,
                        wc2_v2=(w * c * c) @ v**2, wc_v=(w * c) @ v, re=(rr * e).sum(-1), w=w.sum(-1), rax=(rr * ax).sum(-1),
@@ -560,7 +561,7 @@ def kernel_vjp_bounds(comp, grad_out, precision, bound="probabilistic"):
         delta = (u * a).sum(-1, keepdims=True)
         bd = np.abs(b - delta)
         RD, sD = _delta_terms(ta.bound("rigorous"), precision, a, u, delta[..., 0], sum_tree, fsums.rc_v, fsums.rc2_v2,
-                              delta_sums(f.rr, f.sq, np.abs(x), b, bd), M, Dv, inp.keep is not None)  # the row's Delta
+                              delta_sums(f.rr, f.sq, f.ax, b, bd), M, Dv, inp.keep is not None)  # the row's Delta
         rows = RowErrors(tL.bound("rigorous"), tL.scale(), RD, sD)
         at_pairs = RowErrors(*(y[..., None] for y in rows))
         dZ = P * (b - delta)
