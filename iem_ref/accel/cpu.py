@@ -53,7 +53,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-import types as types_
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -78,6 +77,7 @@ from ..energies import energy_of
 from ..gradients import _sum_to_shape
 from . import _cpu_kernels as _k
 from ._compile import CompilationNotice, _in_cache, cache_dir, compile_kernel
+from ._kernel_mods import kernel_mod
 from ._problem import (
     ENERGY_CODES,
     MASK_TYPE,
@@ -189,73 +189,10 @@ def features_of(p, mod=None):
 
     A sink of ``-inf`` is no sink (the plain kernel gives the same bits), so
     sinks count when one of them is not ``-inf``.  ``mod``: the call's
-    score_mod as a :class:`~iem_ref.accel._cpu_kernels.KernelMod` (:func:`kernel_mod`), or None.
+    score_mod as a :class:`~iem_ref.accel._cpu_kernels.KernelMod` (:func:`~iem_ref.accel._kernel_mods.kernel_mod`), or None.
     """
     sinks = bool(np.any(p.sinks != -np.inf))
     return _k.Features(p.v.dtype.name, int(p.energy), bool(p.logits or sinks or p.has_keep or mod is not None), mod)
-
-
-_MODS = {}
-_MODS_LOCK = threading.Lock()
-_MOD_SIG = (types.float64, types.int64, types.int64, types.int64, types.int64)
-
-
-def kernel_mod(score_mod):
-    """A :class:`~iem_ref.flex.ScoreMod` as the kernels call it (F1, F3): a :class:`~iem_ref.accel._cpu_kernels.KernelMod`, or None.
-
-    ``fn`` (and ``grad``) compiled by ``numba.njit`` as scalar functions of
-    ``(x: float64, b, h, q_idx, kv_idx: int64)``; without ``grad`` the slope
-    is the complex step ``Im fn(x + i h) / h`` (:data:`iem_ref.flex.COMPLEX_STEP`),
-    the reference's, so ``fn`` must also compile for a complex ``x``.  Made
-    once per function (the kernels compiled with it are kept per process,
-    never in Numba's on-disk cache).  A function Numba cannot compile is a
-    TypeError naming the score_mod.
-    """
-    if score_mod is None:
-        return None
-    key = (_function_key(score_mod.fn), _function_key(score_mod.grad), float(score_mod.ulps))
-    with _MODS_LOCK:
-        km = _MODS.get(key)
-        if km is None:
-            km = _MODS[key] = _compile_mod(score_mod, len(_MODS))
-    return km
-
-
-def _function_key(f):
-    """What decides a score_mod's compiled code: its code object and the numbers it closes over, so that
-    ``flex.softcap(20.0)`` made twice compiles once; any other closed-over value (an array) by identity, the
-    function kept alive by the cache beside its key."""
-    if f is None or not isinstance(f, types_.FunctionType):
-        return f
-    cells = []
-    for cell in f.__closure__ or ():
-        value = cell.cell_contents
-        scalar = isinstance(value, (bool, int, float, complex, str, np.number)) or value is None
-        cells.append((type(value).__name__, value) if scalar else ("object", id(value)))
-    return (f.__code__, id(f.__globals__), tuple(cells), f if not all(c[0] != "object" for c in cells) else None)
-
-
-def _compile_mod(score_mod, serial):
-    from ..flex import COMPLEX_STEP
-
-    def jitted(f):
-        return f if isinstance(f, numba.core.registry.CPUDispatcher) else njit(f)
-
-    fn = jitted(score_mod.fn)
-    if score_mod.grad is not None:
-        slope = jitted(score_mod.grad)
-    else:
-        @njit
-        def slope(x, b, h, q_idx, kv_idx):
-            return fn(complex(x, COMPLEX_STEP), b, h, q_idx, kv_idx).imag / COMPLEX_STEP
-    for what, f in (("score_mod", fn), ("its slope (the complex step, or grad)", slope)):
-        try:
-            f.compile(_MOD_SIG)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TypeError(f"iem_ref.accel.cpu compiles score_mod with numba.njit as a scalar function "
-                            f"f(score: float64, b, h, q_idx, kv_idx: int64); {what} did not compile: {first}") from None
-    return _k.KernelMod(fn, slope, serial, float(score_mod.ulps))
 
 
 def _kernel(name, features):
@@ -678,7 +615,7 @@ def attention(q, k, v, *, scale=None, mask=None, is_causal=False, causal_alignme
     dropped pairs' weights left out of the value product (their values never
     read), the mean divided by ``1 - p``;
     ``score_mod``: FlexAttention's (F1, :mod:`iem_ref.flex`), compiled into
-    the kernel (:func:`kernel_mod`: ``numba.njit`` of a scalar function,
+    the kernel (:func:`~iem_ref.accel._kernel_mods.kernel_mod`: ``numba.njit`` of a scalar function,
     called on each pair's scaled score in float64 before V1-V3);
     ``mask_mod`` (F2): evaluated into the boolean mask, with NumPy.
     No ``return_responsibilities``: that is the ``N x M`` array this path
@@ -749,7 +686,7 @@ def attention_vjp(q, k, v, grad_out, *, scale=None, mask=None, is_causal=False, 
     logits' variants (V1-V3) ``dS`` is ``dZ = dLoss/dz``; a soft-cap
     multiplies it by ``1 - tanh(x / c)^2`` before ``dq, dk`` (``dX``, whose
     row sums the squared-Euclidean ``dq`` then needs, summed in the
-    kernel); a score_mod's slope (F3, :func:`kernel_mod`) multiplies it
+    kernel); a score_mod's slope (F3, :func:`~iem_ref.accel._kernel_mods.kernel_mod`) multiplies it
     too; ``dbias`` is ``dZ`` summed to the bias's shape.  With dropout
     (V8) ``b_ij = c_ij <u_i, v_j>`` and ``dv_j = sum_i r_ij c_ij u_i``,
     ``c = keep / (1 - p)``.  When ``out``

@@ -42,7 +42,8 @@ from . import _verdict_kernels as _vk
 from ._compile import compile_kernel
 from ._problem import MASK_TYPE, problem_type
 from .cpu import (ENERGIES, _Groups, _arr, _blocks, _band_width, _problem, _run_forward, _run_stages, _scale_of, arithmetic,
-                  features_of, kernel_mod, plan, unstack_rows)
+                  features_of, plan, unstack_rows)
+from ._kernel_mods import kernel_mod
 
 __all__ = ["Chunk", "forward_chunks", "own_error"]
 
