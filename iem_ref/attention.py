@@ -268,10 +268,8 @@ class AttentionInputs:
         """F1: ``y = score_mod(x, b, h, i, j)``, or ``x`` itself without a score_mod."""
         return x if self.score_mod is None else modified_scores(self.score_mod, x, self.flex_index())
 
-    def scores(self, d):
-        """The logits ``z (B..., N, M)``: T1, then the score_mod (F1), softcap (V3), then the log priors bias (V1) and ALiBi (V2)."""
-        y = self.modified_scores(self.scaled_scores(d))  # F1
-        s = y if self.softcap is None else softcap(y, self.softcap)  # V3
+    def logits(self, y, s):
+        """The logits ``z (B..., N, M)`` from the modified scores ``y`` (F1) and their soft-capped ``s`` (V3): the log priors bias (V1) and ALiBi (V2) added."""
         for prior in (self.bias, self.alibi()):
             if prior is not None:
                 s = log_prior_scores(s, prior)  # V1, V2
@@ -357,8 +355,8 @@ class Competition:
             return
         self.x = inp.scaled_scores(self.d)
         self.y = inp.modified_scores(self.x)  # F1
-        self.s = self.y if inp.softcap is None else softcap(self.y, inp.softcap)
-        z = inp.scores(self.d)  # F1, V1-V3
+        self.s = self.y if inp.softcap is None else softcap(self.y, inp.softcap)  # V3
+        z = inp.logits(self.y, self.s)  # V1, V2
         if inp.sinks is not None:
             z, self.v, self.take = with_sink(z, self.v, self.take, inp.sinks)  # V5: the null hypothesis
             if self.keep is not None:

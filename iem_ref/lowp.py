@@ -141,6 +141,7 @@ class _Kernel:
         self.q, self.k, self.v = inp.q, inp.k, inp.v  # float64, batch broadcast, GQA heads repeated
         self.scale = float(self.fl_s(np.float64(inp.scale)))
         self.take = inp.takes_part()
+        self.flex_index = inp.flex_index()  # F1's (b, h, q_idx, kv_idx), sliced per tile
         self.alibi = inp.alibi()
         self.bias = None if inp.bias is None else self.fl_s(inp.bias)
         self.alibi = None if self.alibi is None else self.fl_s(self.alibi)
@@ -158,7 +159,7 @@ class _Kernel:
         z = fl(S * self.scale)
         t = slope = None
         if self.inp.score_mod is not None:  # F1 on the scaled scores, evaluated in float64 and rounded to the scores' dtype
-            b, h, qi, ki = self.inp.flex_index()
+            b, h, qi, ki = self.flex_index
             idx = (b, h, qi[rs], ki[:, cs])
             slope = fl(score_mod_slope(self.inp.score_mod, z, idx))
             z = fl(modified_scores(self.inp.score_mod, z, idx))

@@ -49,17 +49,14 @@ def kernel_mod(score_mod):
 
 def _function_key(f):
     """What decides a score_mod's compiled code: its code object and the numbers it closes over, so that
-    ``flex.softcap(20.0)`` made twice compiles once; any other closed-over value (an array) by identity, the
-    function kept alive by the cache beside its key."""
-    if f is None or not isinstance(f, types.FunctionType):
+    ``flex.softcap(20.0)`` made twice compiles once; a function closing over anything else (an array) is its own
+    key (by identity, kept alive by the cache)."""
+    if not isinstance(f, types.FunctionType):
         return f
-    cells = []
-    for cell in f.__closure__ or ():
-        value = cell.cell_contents
-        scalar = isinstance(value, (bool, int, float, complex, str, np.number)) or value is None
-        cells.append((type(value).__name__, value) if scalar else ("object", id(value)))
-    holds_object = any(kind == "object" for kind, _ in cells)
-    return (f.__code__, id(f.__globals__), tuple(cells), f if holds_object else None)
+    cells = [cell.cell_contents for cell in f.__closure__ or ()]
+    if not all(isinstance(c, (bool, int, float, complex, str, np.number)) or c is None for c in cells):
+        return f
+    return (f.__code__, id(f.__globals__), tuple((type(c).__name__, c) for c in cells))
 
 
 def _compile_mod(score_mod, serial):

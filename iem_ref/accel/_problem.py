@@ -435,7 +435,7 @@ def merge_sink(m, l, sink):
 def logit(x, softcap, bias, alibi):
     """V1-V3 for one pair, in float64: the scaled score ``x`` (T1) -> ``z = softcap(x) + bias + alibi``.
 
-    The order and roundings of :meth:`iem_ref.attention.AttentionInputs.scores`:
+    The order and roundings of :class:`iem_ref.attention.Competition` (its ``s`` and ``AttentionInputs.logits``):
     ``s = c tanh(x / c)`` (``softcap = 0``: none), then ``+ bias``, then
     ``+ alibi`` (``0`` for none: adding it changes nothing).  Selection,
     never arithmetic: an excluded score (``-inf``) or a ``-inf`` bias gives
